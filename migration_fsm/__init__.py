@@ -1,0 +1,74 @@
+"""migration-fsm: move a running backend from an old task manager to a new task queue
+through a persisted, resumable, journaled state machine."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import Settings as Settings
+from .config import StepSpec as StepSpec
+from .config import load_settings as load_settings
+from .context import Context as Context
+from .context import GuardResult as GuardResult
+from .engine import Engine as Engine
+from .engine import Outcome as Outcome
+from .exceptions import BadInput as BadInput
+from .exceptions import ConcurrentChange as ConcurrentChange
+from .exceptions import ConfigError as ConfigError
+from .exceptions import Conflict as Conflict
+from .exceptions import DatabaseUnavailable as DatabaseUnavailable
+from .exceptions import EnvironmentProblem as EnvironmentProblem
+from .exceptions import JournalCorrupt as JournalCorrupt
+from .exceptions import LeaseHeld as LeaseHeld
+from .exceptions import MigrationFSMError as MigrationFSMError
+from .exceptions import Refused as Refused
+from .exceptions import SchemaNotCurrent as SchemaNotCurrent
+from .exceptions import StepFailed as StepFailed
+from .exceptions import TransitionInterrupted as TransitionInterrupted
+from .exceptions import TriggerNotAllowed as TriggerNotAllowed
+from .exceptions import UnknownMigration as UnknownMigration
+from .fsm import Phase as Phase
+from .fsm import Routing as Routing
+from .fsm import Trigger as Trigger
+from .fsm import bucket as bucket
+from .fsm import routing_for as routing_for
+from .store import JournalEntry as JournalEntry
+from .store import MigrationState as MigrationState
+from .store import Store as Store
+
+try:
+    __version__ = version("migration-fsm")
+except PackageNotFoundError:  # running from a checkout that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "BadInput",
+    "ConcurrentChange",
+    "ConfigError",
+    "Conflict",
+    "Context",
+    "DatabaseUnavailable",
+    "Engine",
+    "EnvironmentProblem",
+    "GuardResult",
+    "JournalCorrupt",
+    "JournalEntry",
+    "LeaseHeld",
+    "MigrationFSMError",
+    "MigrationState",
+    "Outcome",
+    "Phase",
+    "Refused",
+    "Routing",
+    "SchemaNotCurrent",
+    "Settings",
+    "StepFailed",
+    "StepSpec",
+    "Store",
+    "TransitionInterrupted",
+    "Trigger",
+    "TriggerNotAllowed",
+    "UnknownMigration",
+    "__version__",
+    "bucket",
+    "load_settings",
+    "routing_for",
+]

@@ -1,0 +1,5 @@
+"""`python -m migration_fsm`."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,94 @@
+"""Built-in guards and steps, and the resolution of configured names to callables.
+
+A configured name is either a built-in (`percent_is_100`) or an import path
+(`"package.module:callable"`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+from .context import Context, GuardFn, GuardResult, StepFn
+from .exceptions import ConfigError
+from .fsm import Phase
+from .store import utcnow
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+
+def percent_is_100(ctx: Context) -> GuardResult:
+    """Cutover may end only when every key reads from the new side."""
+    if ctx.state.phase is Phase.CUTOVER and ctx.state.percent != 100:
+        return GuardResult(False, f"percent is {ctx.state.percent}: run `migration-fsm ramp 100` first")
+    return GuardResult(True, f"percent is {ctx.state.percent}")
+
+
+def min_soak(ctx: Context) -> GuardResult:
+    """The current phase has run for at least `min_soak_seconds`."""
+    soaked = (utcnow() - ctx.state.phase_entered_at).total_seconds()
+    needed = ctx.settings.min_soak_seconds
+    verdict = "ok" if soaked >= needed else f"wait {needed - soaked:.0f} s more"
+    return GuardResult(
+        soaked >= needed,
+        f"{soaked:.0f} s in {ctx.state.phase}, need {needed:.0f} s: {verdict}",
+    )
+
+
+BUILTIN_GUARDS: Final[dict[str, GuardFn]] = {
+    "percent_is_100": percent_is_100,
+    "min_soak": min_soak,
+}
+BUILTIN_STEPS: Final[dict[str, StepFn]] = {}
+#: Compensations of built-in steps, run by `abort`.
+BUILTIN_UNDO: Final[dict[str, str]] = {}
+
+
+def resolve(
+    name: str, builtins: Mapping[str, Callable[..., Any]], kind: str, where: str
+) -> Callable[..., Any]:
+    """The callable a configured `name` stands for; `ConfigError` naming `where` if none."""
+    if ":" not in name:
+        try:
+            return builtins[name]
+        except KeyError:
+            known = ", ".join(sorted(builtins)) or "none yet"
+            raise ConfigError(
+                f"{where}: unknown {kind} '{name}' (built-in {kind}s: {known};"
+                " or give an import path 'package.module:callable')"
+            ) from None
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{where}: cannot import module '{module_name}' for {kind} '{name}': {exc}"
+        ) from exc
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ConfigError(f"{where}: module '{module_name}' has no '{attr}' for {kind} '{name}'")
+    if not callable(target):
+        raise ConfigError(f"{where}: {kind} '{name}' is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def resolve_guard(name: str, where: str) -> GuardFn:
+    """The guard function for a configured name."""
+    return resolve(name, BUILTIN_GUARDS, "guard", where)
+
+
+def resolve_step(name: str, where: str) -> StepFn:
+    """The step function for a configured name."""
+    return resolve(name, BUILTIN_STEPS, "step", where)
+
+
+def as_guard_result(value: object, name: str) -> GuardResult:
+    """Accept `bool` or `GuardResult` from a guard; anything else is a programming error."""
+    if isinstance(value, GuardResult):
+        return value
+    if isinstance(value, bool):
+        return GuardResult(value, "passed" if value else "failed")
+    raise TypeError(f"guard {name} returned {type(value).__name__}, not bool or GuardResult")

@@ -1,0 +1,345 @@
+"""The `migration-fsm` command line: parses, calls `commands`, prints, maps errors to exit codes.
+
+stdout carries only the command's output (one JSON document with `--json`); logs and
+errors go to stderr. This is the only module that configures logging.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from . import commands, log
+from .config import Settings, load_settings
+from .exceptions import BadInput, MigrationFSMError
+from .fsm import PHASES, Phase
+
+if TYPE_CHECKING:
+    from .engine import GuardOutcome, Outcome
+    from .store import JournalEntry, Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console(soft_wrap=False, highlight=False)
+
+
+def common_options(func: F) -> F:
+    """`-m/--migration`, `--db`, `--config`, `--actor` on every command, after its name."""
+
+    @click.option("-m", "--migration", default="default", show_default=True, help="Migration name.")
+    @click.option(
+        "--db", "database_url", metavar="URL", help="Database URL [env MIGRATION_FSM_DATABASE_URL]."
+    )
+    @click.option(
+        "--config",
+        "config_path",
+        metavar="PATH",
+        envvar="MIGRATION_FSM_CONFIG",
+        help="TOML config file [env MIGRATION_FSM_CONFIG].",
+    )
+    @click.option(
+        "--actor", metavar="NAME", help="Who is acting [env MIGRATION_FSM_ACTOR; default user@host]."
+    )
+    @functools.wraps(func)
+    def wrapper(
+        migration: str, database_url: str | None, config_path: str | None, actor: str | None, **kwargs: Any
+    ) -> Any:
+        settings = load_settings(config_path, database_url=database_url, actor=actor)
+        return func(settings, migration, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="migration-fsm")
+def cli() -> None:
+    """Move a running backend from its old task manager to a new task queue, phase by phase."""
+
+
+@cli.group()
+def db() -> None:
+    """The migration database's schema."""
+
+
+@db.command("upgrade")
+@common_options
+def db_upgrade(settings: Settings, migration: str) -> int:
+    """Create or upgrade the schema to the newest revision (idempotent)."""
+    before, after = commands.db_upgrade(settings)
+    at = ", ".join(sorted(after))
+    if before == after:
+        out.print(f"schema already at {at}")
+    else:
+        out.print(f"schema upgraded from {', '.join(sorted(before)) or 'nothing'} to {at}")
+    return 0
+
+
+@cli.command()
+@common_options
+def init(settings: Settings, migration: str) -> int:
+    """Create the migration in `preparation`."""
+    state = commands.init(settings, migration)
+    out.print(f"migration '{state.name}' created in {state.phase}")
+    return 0
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--watch", is_flag=True, help="Redraw every second until interrupted.")
+def status(settings: Settings, migration: str, as_json: bool, watch: bool) -> int:
+    """Phase, version, percent, routing, interrupted transition, allowed triggers."""
+    if watch:
+        return _watch(settings, migration)
+    report = commands.status(settings, migration)
+    if as_json:
+        _print_json(report.as_json())
+    else:
+        out.print(_status_view(report))
+    return 0
+
+
+def _watch(settings: Settings, migration: str) -> int:
+    with commands.open_store(settings) as store, Live(console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(_watch_view(settings, migration, store), refresh=True)
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _watch_view(settings: Settings, migration: str, store: Store) -> Any:
+    try:
+        view: Any = _status_view(commands.status(settings, migration, store))
+    except MigrationFSMError as exc:  # keep watching through an outage
+        view = f"[red]{exc}[/red]"
+    return Group(view, f"[dim]{time.strftime('%H:%M:%S')}  (Ctrl-C to stop)[/dim]")
+
+
+def _status_view(report: commands.Status) -> Table:
+    data = report.as_json()
+    state = report.state
+    table = Table(title=f"migration '{state.name}'", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "phase", " -> ".join(f"[reverse]{p}[/reverse]" if p is state.phase else str(p) for p in PHASES)
+    )
+    table.add_row("version", str(state.version))
+    table.add_row("percent", f"{state.percent}%")
+    table.add_row("routing", ", ".join(f"{k}={v}" for k, v in data["routing"].items()))
+    table.add_row("phase entered", state.phase_entered_at.strftime("%Y-%m-%d %H:%M:%S UTC"))
+    if report.interrupted is not None:
+        entry = report.interrupted
+        step = data["interrupted"]["step"]
+        lease = (
+            f"held by {state.lease_holder} until {state.lease_expires_at:%H:%M:%S} UTC"
+            if state.lease_live()
+            else "free: run `migration-fsm resume` or `abort --reason TEXT`"
+        )
+        table.add_row(
+            "[red]interrupted[/red]",
+            f"#{entry.seq} {entry.trigger} {entry.source}->{entry.dest}"
+            f" at step {step or '(commit)'}; lease {lease}",
+        )
+        if entry.error:
+            table.add_row("[red]error[/red]", entry.error)
+    table.add_row("allowed", ", ".join(data["allowed"]) or "(none)")
+    return table
+
+
+@cli.command()
+@common_options
+@click.option("--dry-run", is_flag=True, help="Evaluate the guards and print the plan; change nothing.")
+@click.option("--force", is_flag=True, help="Override failing guards (needs --reason).")
+@click.option("--reason", metavar="TEXT", help="Why (journaled).")
+def advance(settings: Settings, migration: str, dry_run: bool, force: bool, reason: str | None) -> int:
+    """Take the next edge."""
+    outcome = commands.advance(settings, migration, dry_run=dry_run, force=force, reason=reason)
+    return _print_outcomes([outcome], force=force)
+
+
+@cli.command()
+@common_options
+@click.option("--reason", metavar="TEXT", required=True, help="Why (journaled).")
+@click.option("--to", "to", metavar="PHASE", help="Roll back edge by edge down to PHASE.")
+@click.option("--dry-run", is_flag=True, help="Evaluate the guards and print the plan; change nothing.")
+def rollback(settings: Settings, migration: str, reason: str, to: str | None, dry_run: bool) -> int:
+    """Go back one edge (or edge by edge to PHASE)."""
+    target = _phase(to) if to is not None else None
+    outcomes = commands.rollback(settings, migration, reason=reason, to=target, dry_run=dry_run)
+    return _print_outcomes(outcomes, force=False)
+
+
+@cli.command()
+@common_options
+@click.argument("percent", metavar="PERCENT")
+@click.option("--reason", metavar="TEXT", help="Why (journaled).")
+def ramp(settings: Settings, migration: str, percent: str, reason: str | None) -> int:
+    """Set the cutover percent (0..100)."""
+    try:
+        value = int(percent)
+    except ValueError:
+        raise BadInput(f"percent must be a whole number from 0 to 100, not '{percent}'") from None
+    return _print_outcomes([commands.ramp(settings, migration, value, reason=reason)], force=False)
+
+
+@cli.command()
+@common_options
+@click.option("--steal", is_flag=True, help="Take the lease now, even if its holder's has not expired.")
+def resume(settings: Settings, migration: str, steal: bool) -> int:
+    """Finish an interrupted transition."""
+    return _print_outcomes([commands.resume(settings, migration, steal=steal)], force=False)
+
+
+@cli.command()
+@common_options
+@click.option("--reason", metavar="TEXT", required=True, help="Why (journaled).")
+def abort(settings: Settings, migration: str, reason: str) -> int:
+    """Undo the done steps of an interrupted transition; stay in the source phase."""
+    return _print_outcomes([commands.abort(settings, migration, reason=reason)], force=False)
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
+def history(settings: Settings, migration: str, as_json: bool) -> int:
+    """The journal, oldest first."""
+    entries = commands.history(settings, migration)
+    if as_json:
+        _print_json(commands.history_json(entries))
+    else:
+        out.print(_history_table(migration, entries))
+    return 0
+
+
+def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
+    table = Table(title=f"journal of '{migration}'", title_justify="left")
+    for column in ("seq", "when (UTC)", "trigger", "edge", "status", "actor", "reason", "guards", "steps"):
+        table.add_column(column)
+    colour = {"committed": "green", "refused": "yellow", "aborted": "magenta", "intent": "red"}
+    for e in entries:
+        guards = " ".join(f"{'✓' if g['passed'] else '✗'}{g['name']}" for g in e.guards)
+        steps = " ".join(f"{s.name}:{s.status}" for s in e.steps)
+        note = e.reason or ""
+        if e.forced:
+            note = f"[bold]FORCED[/bold] {note}"
+        if e.error:
+            note = f"{note} [red]{e.error}[/red]".strip()
+        table.add_row(
+            str(e.seq),
+            f"{e.started_at:%Y-%m-%d %H:%M:%S}",
+            str(e.trigger),
+            f"{e.source or ''}->{e.dest}",
+            f"[{colour.get(e.status, 'white')}]{e.status}[/]",
+            e.actor,
+            note,
+            guards,
+            steps,
+        )
+    return table
+
+
+@cli.command()
+@common_options
+def verify(settings: Settings, migration: str) -> int:
+    """Check the hash chain and that replaying the journal gives the stored phase."""
+    result = commands.verify(settings, migration)
+    out.print(
+        f"journal of '{result.migration}' verified: {result.rows} rows,"
+        f" replay gives {result.phase} at {result.percent}%, head {(result.head_hash or '')[:12]}"
+    )
+    return 0
+
+
+@cli.command()
+def diagram() -> int:
+    """Print the state machine as a Mermaid stateDiagram-v2."""
+    click.echo(commands.diagram(), nl=False)
+    return 0
+
+
+def _phase(value: str) -> Phase:
+    try:
+        return Phase(value)
+    except ValueError:
+        raise BadInput(f"unknown phase '{value}' (phases: {', '.join(PHASES)})") from None
+
+
+def _print_outcomes(outcomes: Sequence[Outcome], *, force: bool) -> int:
+    code = 0
+    for outcome in outcomes:
+        edge = outcome.edge
+        if outcome.status == "planned":
+            refusing = [g for g in outcome.guards if not g.passed and not (force and g.forceable)]
+            verdict = "[red]would be refused[/red]" if refusing else "[green]would be taken[/green]"
+            out.print(f"plan: {edge.trigger} {edge.source} -> {edge.dest} ({outcome.percent}%): {verdict}")
+            _print_guards(outcome.guards)
+            out.print(f"steps: {', '.join(outcome.steps) or '(none)'}")
+            code = max(code, 1 if refusing else 0)
+            continue
+        if outcome.guards:
+            _print_guards(outcome.guards)
+        state = outcome.state
+        version = f", version {state.version}" if state is not None else ""
+        forced = " [bold](forced)[/bold]" if outcome.forced else ""
+        out.print(
+            f"{outcome.status} #{outcome.seq}: {edge.trigger} {edge.source} -> {edge.dest}"
+            f" ({outcome.percent}%){version}{forced}"
+        )
+    return code
+
+
+def _print_guards(guards: list[GuardOutcome]) -> None:
+    if not guards:
+        out.print("guards: (none)")
+        return
+    table = Table("guard", "result", "detail", "ms")
+    for g in guards:
+        result = "[green]pass[/green]" if g.passed else "[red]FAIL[/red]"
+        table.add_row(g.name + ("" if g.forceable else " (always on)"), result, g.detail, str(g.duration_ms))
+    out.print(table)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code instead of exiting (see `__main__`)."""
+    log.configure()
+    try:
+        code = cli.main(
+            args=list(argv) if argv is not None else None, prog_name="migration-fsm", standalone_mode=False
+        )
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
+        return exc.exit_code
+    except MigrationFSMError as exc:
+        click.echo(f"error: {_one_line(str(exc))}", err=True)
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

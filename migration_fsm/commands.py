@@ -1,0 +1,225 @@
+"""One plain function per operator verb. They take settings, do the work and return data;
+`cli` only parses arguments and prints what they return."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .engine import Engine, Outcome
+from .exceptions import JournalCorrupt
+from .fsm import Phase, Trigger, allowed_triggers, mermaid, replay, routing_for
+from .store import JournalEntry, MigrationState, Store, chain_hash, make_engine
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .config import Settings
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[Store]:
+    """The migration database, checked to be at the schema head."""
+    store = Store.open(settings.database_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def open_engine(settings: Settings, migration: str) -> Iterator[Engine]:
+    with open_store(settings) as store:
+        yield Engine(store, settings, migration)
+
+
+def db_upgrade(settings: Settings) -> tuple[set[str], set[str]]:
+    """Create or upgrade the schema to the Alembic head; (revisions before, after)."""
+    store = Store(settings.database_url, engine=make_engine(settings.database_url, create=True))
+    try:
+        return store.upgrade()
+    finally:
+        store.close()
+
+
+def init(settings: Settings, migration: str) -> MigrationState:
+    """Create the migration in `preparation`."""
+    with open_engine(settings, migration) as engine:
+        return engine.init()
+
+
+def advance(
+    settings: Settings,
+    migration: str,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    reason: str | None = None,
+) -> Outcome:
+    """Take the next edge."""
+    with open_engine(settings, migration) as engine:
+        return engine.advance(reason=reason, force=force, dry_run=dry_run)
+
+
+def rollback(
+    settings: Settings, migration: str, *, reason: str, to: Phase | None = None, dry_run: bool = False
+) -> list[Outcome]:
+    """Go back one edge, or edge by edge to `to`."""
+    with open_engine(settings, migration) as engine:
+        return engine.rollback(reason=reason, to=to, dry_run=dry_run)
+
+
+def ramp(settings: Settings, migration: str, percent: int, *, reason: str | None = None) -> Outcome:
+    """Set the cutover percent."""
+    with open_engine(settings, migration) as engine:
+        return engine.ramp(percent, reason=reason)
+
+
+def resume(settings: Settings, migration: str, *, steal: bool = False) -> Outcome:
+    """Finish the interrupted transition."""
+    with open_engine(settings, migration) as engine:
+        return engine.resume(steal=steal)
+
+
+def abort(settings: Settings, migration: str, *, reason: str) -> Outcome:
+    """Undo the interrupted transition's done steps and stay in its source phase."""
+    with open_engine(settings, migration) as engine:
+        return engine.abort(reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What `status` shows: the `status --json` object plus details for people."""
+
+    state: MigrationState
+    interrupted: JournalEntry | None
+
+    def as_json(self) -> dict[str, Any]:
+        interrupted = None
+        if self.interrupted is not None:
+            entry = self.interrupted
+            interrupted = {
+                "seq": entry.seq,
+                "trigger": str(entry.trigger),
+                "source": None if entry.source is None else str(entry.source),
+                "dest": str(entry.dest),
+                "step": next((s.name for s in entry.steps if s.status != "done"), None),
+            }
+        state = self.state
+        return {
+            "migration": state.name,
+            "phase": str(state.phase),
+            "version": state.version,
+            "percent": state.percent,
+            "routing": routing_for(state.phase, state.percent).as_dict(),
+            "interrupted": interrupted,
+            "allowed": [] if interrupted else allowed_triggers(state.phase),
+        }
+
+
+def status(settings: Settings, migration: str, store: Store | None = None) -> Status:
+    """Where the migration stands (reusing `store` when given, as `status --watch` does)."""
+    if store is None:
+        with open_store(settings) as opened:
+            return status(settings, migration, opened)
+    state = store.get(migration)
+    entry = None if state.in_progress_seq is None else store.entry(state, state.in_progress_seq)
+    return Status(state, entry)
+
+
+def history(settings: Settings, migration: str) -> list[JournalEntry]:
+    """The journal, oldest first."""
+    with open_store(settings) as store:
+        return store.journal(store.get(migration))
+
+
+def history_json(entries: list[JournalEntry]) -> list[dict[str, Any]]:
+    """The `history --json` list."""
+    return [
+        {
+            "seq": e.seq,
+            "trigger": str(e.trigger),
+            "source": None if e.source is None else str(e.source),
+            "dest": str(e.dest),
+            "status": e.status,
+            "actor": e.actor,
+            "reason": e.reason,
+            "forced": e.forced,
+            "started_at": e.started_at.isoformat(),
+            "finished_at": None if e.finished_at is None else e.finished_at.isoformat(),
+            "guards": [{"name": g["name"], "passed": g["passed"], "detail": g["detail"]} for g in e.guards],
+            "steps": [{"name": s.name, "status": s.status, "attempts": s.attempts} for s in e.steps],
+            "error": e.error,
+        }
+        for e in entries
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A journal that checked out."""
+
+    migration: str
+    rows: int
+    head_hash: str | None
+    phase: Phase
+    percent: int
+
+
+def verify(settings: Settings, migration: str) -> Verified:
+    """Check the hash chain and that replaying the journal gives the stored phase and percent.
+
+    Raises `JournalCorrupt` (exit 4) saying which row is wrong.
+    """
+    with open_store(settings) as store:
+        state = store.get(migration)
+        entries = store.journal(state, with_steps=False)
+    return verify_entries(state, entries)
+
+
+def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verified:
+    """`verify` on rows already read."""
+    name = state.name
+
+    def corrupt(why: str) -> JournalCorrupt:
+        return JournalCorrupt(f"journal of migration '{name}' does not verify: {why}")
+
+    prev: str | None = None
+    committed: list[tuple[Trigger, Phase | None, Phase, int]] = []
+    for index, entry in enumerate(entries, start=1):
+        if entry.seq != index:
+            raise corrupt(f"row #{index} is missing (found #{entry.seq} in its place)")
+        if entry.status == "intent":
+            if index != len(entries) or state.in_progress_seq != entry.seq:
+                raise corrupt(
+                    f"row #{entry.seq} is an unfinished intent that is not the interrupted transition"
+                )
+            continue
+        if entry.prev_hash != prev or entry.hash != chain_hash(prev, name, entry):
+            raise corrupt(f"row #{entry.seq} was altered, or a row before it was")
+        prev = entry.hash
+        if entry.status == "committed":
+            committed.append((entry.trigger, entry.source, entry.dest, entry.percent))
+    if state.in_progress_seq is not None and (not entries or entries[-1].status != "intent"):
+        raise corrupt(f"the interrupted transition #{state.in_progress_seq} has no intent row")
+    if state.head_hash != prev:
+        raise corrupt("the last row(s) were deleted or altered (the head hash does not match)")
+    if state.last_seq != len(entries):
+        raise corrupt(f"the journal has {len(entries)} rows, the migration counts {state.last_seq}")
+    try:
+        phase, percent = replay(committed)
+    except (ValueError, Exception) as exc:
+        raise corrupt(f"replaying it fails: {exc}") from exc
+    if (phase, percent) != (state.phase, state.percent):
+        raise corrupt(
+            f"replaying it gives {phase} at {percent}%, the stored state is {state.phase} at {state.percent}%"
+        )
+    if state.version != len(committed):
+        raise corrupt(f"it has {len(committed)} committed rows, the stored version is {state.version}")
+    return Verified(name, len(entries), prev, phase, percent)
+
+
+def diagram() -> str:
+    """The state machine as Mermaid, from the definition the engine uses."""
+    return mermaid()

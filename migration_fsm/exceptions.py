@@ -1,0 +1,103 @@
+"""Every error migration-fsm raises, each carrying the CLI exit code it maps to.
+
+This module is a leaf: it imports nothing from the package.
+
+::
+
+    MigrationFSMError                 exit 1 unless a subclass says otherwise
+    ├── Refused                       1  a guard refused the edge
+    ├── StepFailed                    1  a step raised; the transition is interrupted
+    ├── BadInput                      2  nothing was written
+    │   ├── ConfigError               2  malformed config (names the key)
+    │   ├── UnknownMigration          2
+    │   └── TriggerNotAllowed         2  trigger not allowed from the current phase
+    ├── Conflict                      3  nothing was written
+    │   ├── LeaseHeld                 3  another operator holds the lease or lock
+    │   ├── ConcurrentChange          3  the migration moved under us
+    │   └── TransitionInterrupted     3  `resume` or `abort` first
+    └── EnvironmentProblem            4
+        ├── DatabaseUnavailable       4
+        ├── SchemaNotCurrent          4  run `migration-fsm db upgrade`
+        └── JournalCorrupt            4  `verify` failed
+"""
+
+from __future__ import annotations
+
+
+class MigrationFSMError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Refused(MigrationFSMError):
+    """A guard refused the transition (journaled as `refused`)."""
+
+    exit_code = 1
+
+
+class StepFailed(MigrationFSMError):
+    """A step raised: the transition is left interrupted with the error recorded."""
+
+    exit_code = 1
+
+
+class BadInput(MigrationFSMError):
+    """The request itself is wrong; nothing was written."""
+
+    exit_code = 2
+
+
+class ConfigError(BadInput):
+    """The configuration is malformed; the message names the key."""
+
+
+class UnknownMigration(BadInput):
+    """No migration of that name exists in this database."""
+
+
+class TriggerNotAllowed(BadInput):
+    """The trigger has no edge from the current phase."""
+
+
+class Conflict(MigrationFSMError):
+    """Another operator, or an unfinished transition, is in the way."""
+
+    exit_code = 3
+
+
+class LeaseHeld(Conflict):
+    """Another operator holds the lease (or the PostgreSQL advisory lock)."""
+
+
+class ConcurrentChange(Conflict):
+    """The migration row changed between our read and our write."""
+
+
+class TransitionInterrupted(Conflict):
+    """A transition is interrupted; only `resume` or `abort` may act."""
+
+
+class EnvironmentProblem(MigrationFSMError):
+    """The database or its schema is not usable."""
+
+    exit_code = 4
+
+
+class DatabaseUnavailable(EnvironmentProblem):
+    """The database cannot be reached or opened."""
+
+
+class SchemaNotCurrent(EnvironmentProblem):
+    """The schema is missing or behind the Alembic head."""
+
+
+class JournalCorrupt(EnvironmentProblem):
+    """The journal's hash chain or replay does not match the stored state."""

@@ -1,0 +1,279 @@
+"""Phases, edges and the routing table, as data, checked when imported.
+
+This module is pure (no I/O) and is the only user of ``transitions``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Final, Literal
+
+from transitions import Machine, MachineError
+
+from .exceptions import TriggerNotAllowed
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+class Phase(StrEnum):
+    """The migration's phases, in order."""
+
+    PREPARATION = "preparation"
+    DUAL_WRITE = "dual_write"
+    CUTOVER = "cutover"
+    CLEANUP = "cleanup"
+    COMPLETE = "complete"
+
+
+class Trigger(StrEnum):
+    """What an operator can ask of the machine (`init` only starts it)."""
+
+    INIT = "init"
+    ADVANCE = "advance"
+    ROLLBACK = "rollback"
+    RAMP = "ramp"
+
+
+PHASES: Final[tuple[Phase, ...]] = tuple(Phase)
+INITIAL: Final = Phase.PREPARATION
+FINAL: Final[frozenset[Phase]] = frozenset({Phase.COMPLETE})
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """One edge of the machine: `trigger` takes `source` to `dest`."""
+
+    trigger: Trigger
+    source: Phase
+    dest: Phase
+
+    @property
+    def key(self) -> str:
+        """The name config uses for this edge, e.g. ``"dual_write->cutover"``."""
+        return f"{self.source}->{self.dest}"
+
+
+EDGES: Final[tuple[Edge, ...]] = (
+    Edge(Trigger.ADVANCE, Phase.PREPARATION, Phase.DUAL_WRITE),
+    Edge(Trigger.ADVANCE, Phase.DUAL_WRITE, Phase.CUTOVER),
+    Edge(Trigger.ADVANCE, Phase.CUTOVER, Phase.CLEANUP),
+    Edge(Trigger.ADVANCE, Phase.CLEANUP, Phase.COMPLETE),
+    Edge(Trigger.ROLLBACK, Phase.DUAL_WRITE, Phase.PREPARATION),
+    Edge(Trigger.ROLLBACK, Phase.CUTOVER, Phase.DUAL_WRITE),
+    Edge(Trigger.ROLLBACK, Phase.CLEANUP, Phase.CUTOVER),
+    Edge(Trigger.RAMP, Phase.CUTOVER, Phase.CUTOVER),
+)
+EDGES_BY_KEY: Final[Mapping[str, Edge]] = {edge.key: edge for edge in EDGES}
+
+#: Guards that run on an edge whatever the config says, and that `--force` cannot override.
+ALWAYS_ON_GUARDS: Final[Mapping[str, tuple[str, ...]]] = {
+    "cutover->cleanup": ("percent_is_100",),
+}
+
+Side = Literal["old", "new"]
+ReadFrom = Literal["old", "new", "split"]
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """What a backend does in a phase: where to write, read and consume."""
+
+    write_old: bool
+    write_new: bool
+    authoritative: Side
+    read_from: ReadFrom
+    read_fallback: Side | None
+    consume_from: Side
+
+    def as_dict(self) -> dict[str, object]:
+        """The `routing` object of `status --json`."""
+        return {
+            "write_old": self.write_old,
+            "write_new": self.write_new,
+            "authoritative": self.authoritative,
+            "read_from": self.read_from,
+            "read_fallback": self.read_fallback,
+            "consume_from": self.consume_from,
+        }
+
+
+#: DESIGN.md section 2; the cutover row's `read_from` is refined by `routing_for`.
+ROUTING: Final[Mapping[Phase, Routing]] = {
+    Phase.PREPARATION: Routing(True, False, "old", "old", None, "old"),
+    Phase.DUAL_WRITE: Routing(True, True, "old", "old", None, "old"),
+    Phase.CUTOVER: Routing(True, True, "new", "split", "old", "new"),
+    Phase.CLEANUP: Routing(False, True, "new", "new", "old", "new"),
+    Phase.COMPLETE: Routing(False, True, "new", "new", None, "new"),
+}
+_CUTOVER_BY_READ: Final[Mapping[ReadFrom, Routing]] = {
+    read: Routing(True, True, "new", read, "old", "new") for read in ("old", "new", "split")
+}
+
+
+def bucket(key: str) -> int:
+    """The key's percent bucket, 0..99, the same on every process and Python version."""
+    return zlib.crc32(key.encode("utf-8")) % 100
+
+
+def routing_for(phase: Phase, percent: int, key: str | None = None) -> Routing:
+    """The routing of `phase` at `percent`, for one key or (key None) for the whole migration."""
+    if phase is not Phase.CUTOVER:
+        return ROUTING[phase]
+    if key is not None:
+        return _CUTOVER_BY_READ["new" if bucket(key) < percent else "old"]
+    if percent >= 100:
+        return _CUTOVER_BY_READ["new"]
+    if percent <= 0:
+        return _CUTOVER_BY_READ["old"]
+    return _CUTOVER_BY_READ["split"]
+
+
+def percent_after(edge: Edge, percent: int, requested: int | None = None) -> int:
+    """The cutover percent once `edge` is taken from a phase at `percent`."""
+    if edge.trigger is Trigger.RAMP:
+        if requested is None:
+            raise ValueError("ramp needs a percent")
+        return requested
+    if edge.dest is Phase.CUTOVER:
+        return 100 if edge.source is Phase.CLEANUP else 0
+    return 100 if edge.dest in (Phase.CLEANUP, Phase.COMPLETE) else 0
+
+
+class _PhaseModel:
+    """A throw-away model that `transitions` moves between phases."""
+
+    state: str
+
+    if TYPE_CHECKING:  # added by transitions.Machine.add_model
+
+        def trigger(self, name: str) -> bool: ...
+
+
+_MACHINE: Final = Machine(
+    model=None,
+    states=[phase.value for phase in PHASES],
+    transitions=[
+        {
+            "trigger": edge.trigger.value,
+            "source": edge.source.value,
+            # An internal transition keeps the state without exit/enter callbacks.
+            "dest": None if edge.source == edge.dest else edge.dest.value,
+        }
+        for edge in EDGES
+    ],
+    initial=INITIAL.value,
+    auto_transitions=False,
+)
+
+
+def fire(source: Phase, trigger: Trigger) -> Edge:
+    """The edge that `trigger` takes from `source`, fired on a `transitions` machine.
+
+    Raises `TriggerNotAllowed` when the phase has no such edge.
+    """
+    model = _PhaseModel()
+    _MACHINE.add_model(model, initial=source.value)
+    try:
+        model.trigger(trigger.value)
+    except MachineError as exc:
+        raise TriggerNotAllowed(
+            f"'{trigger}' is not allowed from phase '{source}'"
+            f" (allowed: {', '.join(allowed_triggers(source)) or 'none, the phase is final'})"
+        ) from exc
+    finally:
+        _MACHINE.remove_model(model)
+    return edge_for(source, trigger, Phase(model.state))
+
+
+def edge_for(source: Phase, trigger: Trigger, dest: Phase | None = None) -> Edge:
+    """The edge of `trigger` from `source` (and to `dest`, when given)."""
+    for edge in EDGES:
+        if edge.source is source and edge.trigger is trigger and dest in (None, edge.dest):
+            return edge
+    raise TriggerNotAllowed(f"'{trigger}' is not allowed from phase '{source}'")
+
+
+def allowed_triggers(phase: Phase) -> list[str]:
+    """The triggers with an edge out of `phase`, in table order."""
+    seen: list[str] = []
+    for edge in EDGES:
+        if edge.source is phase and edge.trigger.value not in seen:
+            seen.append(edge.trigger.value)
+    return seen
+
+
+def rollback_path(source: Phase, target: Phase) -> list[Edge]:
+    """The rollback edges, one by one, from `source` back to `target`."""
+    path: list[Edge] = []
+    phase, target = Phase(source), Phase(target)
+    while phase != target:
+        try:
+            edge = edge_for(phase, Trigger.ROLLBACK)
+        except TriggerNotAllowed:
+            raise TriggerNotAllowed(
+                f"cannot roll back from '{source}' to '{target}':"
+                f" '{target}' is not an earlier phase reachable by rollback"
+            ) from None
+        path.append(edge)
+        phase = edge.dest
+    if not path:
+        raise TriggerNotAllowed(f"the migration is already in '{target}'")
+    return path
+
+
+def replay(edges: list[tuple[Trigger, Phase | None, Phase, int]]) -> tuple[Phase, int]:
+    """The phase and percent reached by committed (trigger, source, dest, percent) rows."""
+    phase: Phase | None = None
+    percent = 0
+    for trigger, source, dest, row_percent in edges:
+        if trigger is Trigger.INIT:
+            if phase is not None or dest is not INITIAL:
+                raise ValueError(f"unexpected init to {dest}")
+        else:
+            if phase is None or source is not phase:
+                raise ValueError(f"{trigger} from {source} while the phase was {phase}")
+            edge = fire(phase, trigger)
+            if edge.dest is not dest:
+                raise ValueError(f"{trigger} from {source} leads to {edge.dest}, not {dest}")
+        phase, percent = dest, row_percent
+    if phase is None:
+        raise ValueError("no init row")
+    return phase, percent
+
+
+def mermaid() -> str:
+    """The machine as a Mermaid `stateDiagram-v2`, generated from `EDGES`."""
+    lines = ["stateDiagram-v2", f"    [*] --> {INITIAL}"]
+    lines += [f"    {edge.source} --> {edge.dest}: {edge.trigger}" for edge in EDGES]
+    lines += [f"    {phase} --> [*]" for phase in PHASES if phase in FINAL]
+    return "\n".join(lines) + "\n"
+
+
+def check_graph(edges: tuple[Edge, ...], initial: Phase, final: frozenset[Phase]) -> None:
+    """Raise ValueError unless every phase is reachable, only final phases are dead ends,
+    and nothing leaves a final phase."""
+    outgoing: dict[Phase, set[Phase]] = {phase: set() for phase in PHASES}
+    for edge in edges:
+        outgoing[edge.source].add(edge.dest)
+    reached = {initial}
+    frontier = [initial]
+    while frontier:
+        for dest in outgoing[frontier.pop()]:
+            if dest not in reached:
+                reached.add(dest)
+                frontier.append(dest)
+    if unreachable := set(PHASES) - reached:
+        raise ValueError(f"unreachable phases: {sorted(unreachable)}")
+    for phase in PHASES:
+        if phase in final and outgoing[phase]:
+            raise ValueError(f"final phase {phase} has outgoing edges")
+        if phase not in final and not outgoing[phase] - {phase}:
+            raise ValueError(f"phase {phase} is a dead end")
+    if set(ROUTING) != set(PHASES):
+        raise ValueError("the routing table does not cover every phase")
+
+
+check_graph(EDGES, INITIAL, FINAL)
