@@ -178,7 +178,7 @@ def fire(source: Phase, trigger: Trigger) -> Edge:
     _MACHINE.add_model(model, initial=source.value)
     try:
         model.trigger(trigger.value)
-    except MachineError as exc:
+    except (MachineError, AttributeError) as exc:  # AttributeError: a trigger with no edge at all
         raise TriggerNotAllowed(
             f"'{trigger}' is not allowed from phase '{source}'"
             f" (allowed: {', '.join(allowed_triggers(source)) or 'none, the phase is final'})"
