@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -362,9 +362,9 @@ class Engine:
             else:
                 hint = "fix the cause, or use --force --reason TEXT"
             raise Refused(f"{edge.trigger} {edge.key} refused by {names}: {hint}")
-        seq = self.store.claim(state, entry, plan.steps, self.holder, self.settings.lease_seconds)
+        entry = self.store.claim(state, entry, plan.steps, self.holder, self.settings.lease_seconds)
+        seq = entry.seq
         self.log.info("claim", seq=seq, trigger=str(edge.trigger), edge=edge.key, forced=forced)
-        entry = self.store.entry(state, seq)
         outcome = self._run_and_commit(state, entry, started)
         return Outcome(
             outcome.status,
@@ -385,7 +385,8 @@ class Engine:
         seq = entry.seq
         edge = _edge_of(entry)
         fns = self._resolve_steps(entry.steps, entry)
-        with self._heartbeat(state.id, seq):
+        pending = any(step.status != "done" for step in entry.steps)
+        with self._heartbeat(state.id, seq) if pending else nullcontext():
             for step, fn in zip(entry.steps, fns, strict=True):
                 if step.status == "done":
                     continue

@@ -7,6 +7,7 @@ Transactions are short: no transaction is held open while a step runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS: Final = 15_000
+_Record = TypeVar("_Record", "JournalEntry", "MigrationState")
 
 
 def utcnow() -> datetime:
@@ -287,7 +289,7 @@ def safe_url(url: str) -> str:
     """The URL with its password masked, for any message a person may see."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a non-numeric port
         return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
 
@@ -295,7 +297,7 @@ def _scrub(message: str, url: str) -> str:
     """Remove the password of `url` from a driver message, and keep its first line."""
     try:
         password = make_url(url).password
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         password = None
     first = message.strip().splitlines()[0] if message.strip() else message
     if password:
@@ -319,7 +321,7 @@ def make_engine(url: str, *, create: bool = False) -> Engine:
     `create`."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
         raise ConfigError(f"database URL '{safe_url(url)}' is not a valid SQLAlchemy URL") from exc
     sqlite_file = _sqlite_file(url)
     if sqlite_file is not None and not create and not sqlite_file.exists():
@@ -334,7 +336,6 @@ def make_engine(url: str, *, create: bool = False) -> Engine:
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
-        kwargs["pool_pre_ping"] = True
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, NoSuchModuleError) as exc:
@@ -356,7 +357,8 @@ def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> No
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    readonly = conn.get_execution_options().get("mfsm_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
 def _lock_key(name: str) -> int:
@@ -411,11 +413,15 @@ class Store:
         )
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """One short transaction; driver errors become our errors."""
+    def transaction(self, *, readonly: bool = False) -> Iterator[Connection]:
+        """One short transaction; driver errors become our errors. On SQLite a write
+        transaction takes the write lock up front (`BEGIN IMMEDIATE`), a read-only one does not."""
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            with self.engine.connect() as conn:
+                if readonly:
+                    conn.execution_options(mfsm_readonly=True)
+                with conn.begin():
+                    yield conn
         except IntegrityError as exc:
             raise ConcurrentChange(
                 "another operator changed this migration at the same moment: run `status` and retry"
@@ -433,7 +439,7 @@ class Store:
         """The Alembic revision(s) the database is at (empty when it has no schema)."""
         from alembic.runtime.migration import MigrationContext
 
-        with self.transaction() as conn:
+        with self.transaction(readonly=True) as conn:
             return set(MigrationContext.configure(conn).get_current_heads())
 
     def check_schema(self) -> None:
@@ -475,11 +481,12 @@ class Store:
             raise self._unavailable(exc) from exc
         params = {"c": _LOCK_CLASS, "k": _lock_key(name)}
         try:
-            conn.execute(
-                text("SELECT set_config('application_name', :n, false)"),
-                {"n": f"migration-fsm {holder}"[:63]},
-            )
-            if not conn.execute(text("SELECT pg_try_advisory_lock(:c, :k)"), params).scalar():
+            # The application name lets a refused operator see who holds the lock.
+            got = conn.execute(
+                text("SELECT pg_try_advisory_lock(:c, :k), set_config('application_name', :n, false)"),
+                {**params, "n": f"migration-fsm {holder}"[:63]},
+            ).scalar()
+            if not got:
                 other = conn.execute(
                     text(
                         "SELECT a.application_name FROM pg_locks l"
@@ -506,8 +513,10 @@ class Store:
             yield
         finally:
             try:
-                conn.execute(text("SELECT pg_advisory_unlock(:c, :k)"), params)
-                conn.execute(text("RESET application_name"))
+                conn.execute(
+                    text("SELECT pg_advisory_unlock(:c, :k), set_config('application_name', '', false)"),
+                    params,
+                )
             except DBAPIError:
                 conn.invalidate()  # a broken connection's session lock is already gone
             conn.close()
@@ -516,7 +525,7 @@ class Store:
 
     def get(self, name: str) -> MigrationState:
         """The migration named `name`, or `UnknownMigration`."""
-        with self.transaction() as conn:
+        with self.transaction(readonly=True) as conn:
             return self._get(conn, name)
 
     def _get(self, conn: Connection, name: str) -> MigrationState:
@@ -529,7 +538,7 @@ class Store:
 
     def names(self) -> list[str]:
         """Every migration in this database, by name."""
-        with self.transaction() as conn:
+        with self.transaction(readonly=True) as conn:
             return list(
                 conn.execute(select(migrations_table.c.name).order_by(migrations_table.c.name))
                 .scalars()
@@ -538,7 +547,7 @@ class Store:
 
     def journal(self, migration: MigrationState, *, with_steps: bool = True) -> list[JournalEntry]:
         """The journal, oldest first, with each entry's steps."""
-        with self.transaction() as conn:
+        with self.transaction(readonly=True) as conn:
             rows = (
                 conn.execute(
                     select(journal_table)
@@ -560,7 +569,7 @@ class Store:
 
     def entry(self, migration: MigrationState, seq: int) -> JournalEntry:
         """One journal entry with its steps."""
-        with self.transaction() as conn:
+        with self.transaction(readonly=True) as conn:
             return self._entry(conn, migration.id, seq)
 
     def _entry(self, conn: Connection, migration_id: int, seq: int) -> JournalEntry:
@@ -666,11 +675,20 @@ class Store:
         steps: Sequence[tuple[str, str | None]],
         holder: str,
         lease_seconds: float,
-    ) -> int:
+    ) -> JournalEntry:
         """Compare-and-set the migration row, take the lease, journal `intent` and the planned
-        steps, all in one transaction. Returns the new seq; `Conflict` if someone else won."""
+        steps, all in one transaction. Returns the intent row; `Conflict` if someone else won."""
         now = utcnow()
         seq = seen.last_seq + 1
+        entry = _replace(
+            entry,
+            seq=seq,
+            status="intent",
+            steps=[
+                StepRecord(position, name, undo, "pending", 0, None, None, None, None)
+                for position, (name, undo) in enumerate(steps)
+            ],
+        )
         with self.transaction() as conn:
             updated = conn.execute(
                 update(migrations_table)
@@ -690,12 +708,7 @@ class Store:
             ).rowcount
             if updated != 1:
                 raise self._conflict(conn, seen)
-            conn.execute(
-                insert(journal_table).values(
-                    migration_id=seen.id,
-                    **_entry_values(_replace(entry, seq=seq, status="intent")),
-                )
-            )
+            conn.execute(insert(journal_table).values(migration_id=seen.id, **_entry_values(entry)))
             if steps:
                 conn.execute(
                     insert(steps_table),
@@ -712,7 +725,7 @@ class Store:
                         for position, (name, undo) in enumerate(steps)
                     ],
                 )
-        return seq
+        return entry
 
     def _conflict(self, conn: Connection, seen: MigrationState) -> Conflict:
         now = self._get(conn, seen.name)
@@ -859,10 +872,7 @@ class Store:
             .one()
         )
         if row["in_progress_seq"] != seq or row["lease_holder"] != holder:
-            raise LeaseHeld(
-                f"the lease on transition #{seq} of migration '{row['name']}' was taken over by"
-                f" {row['lease_holder'] or 'nobody'}: this command stops here"
-            )
+            raise _lease_lost(_migration_from_row(row), seq)
 
     def fail(self, migration_id: int, seq: int, holder: str, error: str) -> None:
         """Record a step's error on the journal row and release the lease (row stays `intent`)."""
@@ -887,60 +897,81 @@ class Store:
         move) or `aborted` (they stay); chain its hash; release the lease. One transaction."""
         now = utcnow()
         with self.transaction() as conn:
-            self._assert_holder(conn, migration_id, seq, holder)
             current = _migration_from_row(
                 conn.execute(select(migrations_table).where(migrations_table.c.id == migration_id))
                 .mappings()
                 .one()
             )
-            entry = self._entry(conn, migration_id, seq)
-            error = None if status == "committed" else entry.error
+            if current.in_progress_seq != seq or current.lease_holder != holder:
+                raise _lease_lost(current, seq)
+            row = (
+                conn.execute(
+                    select(journal_table).where(
+                        journal_table.c.migration_id == migration_id, journal_table.c.seq == seq
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            entry = _entry_from_row(row, [])
             entry = _replace(
                 entry,
                 status=status,
                 finished_at=now,
                 prev_hash=current.head_hash,
-                error=error,
+                error=None if status == "committed" else entry.error,
             )
             digest = chain_hash(current.head_hash, current.name, entry)
-            values: dict[str, Any] = {
-                "in_progress_seq": None,
-                "lease_holder": None,
-                "lease_expires_at": None,
-                "head_hash": digest,
-                "updated_at": now,
-            }
+            after = _replace(
+                current,
+                in_progress_seq=None,
+                lease_holder=None,
+                lease_expires_at=None,
+                head_hash=digest,
+                updated_at=now,
+            )
             if status == "committed":
-                values.update(phase=entry.dest.value, percent=entry.percent)
-                values["version"] = migrations_table.c.version + 1
-                if entry.dest is not current.phase:
-                    values["phase_entered_at"] = now
+                after = _replace(
+                    after,
+                    phase=entry.dest,
+                    percent=entry.percent,
+                    version=current.version + 1,
+                    phase_entered_at=now if entry.dest is not current.phase else current.phase_entered_at,
+                )
             updated = conn.execute(
                 update(migrations_table)
                 .where(
                     migrations_table.c.id == migration_id,
+                    migrations_table.c.version == current.version,
                     migrations_table.c.in_progress_seq == seq,
                     migrations_table.c.lease_holder == holder,
                 )
-                .values(**values)
+                .values(
+                    phase=after.phase.value,
+                    percent=after.percent,
+                    version=after.version,
+                    phase_entered_at=after.phase_entered_at,
+                    in_progress_seq=None,
+                    lease_holder=None,
+                    lease_expires_at=None,
+                    head_hash=digest,
+                    updated_at=now,
+                )
             ).rowcount
             if updated != 1:
                 raise self._conflict(conn, current)
             conn.execute(
                 update(journal_table)
-                .where(
-                    journal_table.c.migration_id == migration_id,
-                    journal_table.c.seq == seq,
-                )
+                .where(journal_table.c.migration_id == migration_id, journal_table.c.seq == seq)
                 .values(
                     status=status,
                     finished_at=now,
                     prev_hash=current.head_hash,
                     hash=digest,
-                    error=error,
+                    error=entry.error,
                 )
             )
-            return self._get(conn, current.name)
+            return after
 
 
 def lease_held_error(migration: MigrationState) -> LeaseHeld:
@@ -954,14 +985,19 @@ def lease_held_error(migration: MigrationState) -> LeaseHeld:
     )
 
 
+def _lease_lost(migration: MigrationState, seq: int) -> LeaseHeld:
+    return LeaseHeld(
+        f"the lease on transition #{seq} of migration '{migration.name}' was taken over by"
+        f" {migration.lease_holder or 'nobody'}: this command stops here"
+    )
+
+
 def _iso_short(value: datetime | None) -> str:
     return "?" if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _replace(entry: JournalEntry, **changes: Any) -> JournalEntry:
-    from dataclasses import replace
-
-    return replace(entry, **changes)
+def _replace(record: _Record, **changes: Any) -> _Record:
+    return dataclasses.replace(record, **changes)
 
 
 def _entry_values(entry: JournalEntry) -> dict[str, Any]:
