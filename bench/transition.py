@@ -65,7 +65,7 @@ def measure(url: str, rounds: int) -> dict[str, Any]:
         conn.execute(text("DROP TABLE bench_baseline"))
         conn.commit()
     store.close()
-    result = {"advance": summary(advance), "baseline_single_update_commit": summary(baseline)}
+    result: dict[str, Any] = {"advance": summary(advance), "baseline_single_update_commit": summary(baseline)}
     result["advance_over_baseline"] = round(
         result["advance"]["median_ms"] / max(result["baseline_single_update_commit"]["median_ms"], 1e-9), 2
     )
