@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(soft_wrap=False, highlight=False)
+# Piped output is not cut at 80 columns: a log file or a pager can hold wide tables.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def common_options(func: F) -> F:
@@ -225,8 +226,19 @@ def history(settings: Settings, migration: str, as_json: bool) -> int:
 
 def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
     table = Table(title=f"journal of '{migration}'", title_justify="left")
-    for column in ("seq", "when (UTC)", "trigger", "edge", "status", "actor", "reason", "guards", "steps"):
-        table.add_column(column)
+    for column in (
+        "seq",
+        "started (UTC)",
+        "trigger",
+        "edge",
+        "%",
+        "status",
+        "actor",
+        "reason",
+        "guards",
+        "steps",
+    ):
+        table.add_column(column, no_wrap=column in ("started (UTC)", "edge", "status"))
     colour = {"committed": "green", "refused": "yellow", "aborted": "magenta", "intent": "red"}
     for e in entries:
         guards = " ".join(f"{'✓' if g['passed'] else '✗'}{g['name']}" for g in e.guards)
@@ -241,6 +253,7 @@ def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
             f"{e.started_at:%Y-%m-%d %H:%M:%S}",
             str(e.trigger),
             f"{e.source or ''}->{e.dest}",
+            str(e.percent),
             f"[{colour.get(e.status, 'white')}]{e.status}[/]",
             e.actor,
             note,
