@@ -9,9 +9,9 @@ import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,6 +45,53 @@ class StepSpec(BaseModel):
     undo: str | None = None
 
 
+TASK_FIELDS = ("key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata")
+TASK_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+
+
+class StoreConfig(BaseModel):
+    """One side's task store: `[stores.old]` or `[stores.new]` (DESIGN.md section 6).
+
+    `kind` is "sql", "memory" or "package.module:factory"; only a factory's table may hold
+    keys of its own (they are passed to it as keyword arguments)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str
+    url: str | None = None
+    table: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    status_map: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def is_factory(self) -> bool:
+        return ":" in self.kind
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keys a factory receives."""
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreConfig:
+        if not self.is_factory:
+            if self.kind not in ("sql", "memory"):
+                raise ValueError(f"kind '{self.kind}' is not 'sql', 'memory' or 'package.module:factory'")
+            if self.model_extra:
+                raise ValueError(f"unknown key '{next(iter(self.model_extra))}' for kind '{self.kind}'")
+        if self.kind == "sql" and (not self.url or not self.table):
+            raise ValueError("a 'sql' store needs 'url' and 'table'")
+        for field in self.columns:
+            if field not in TASK_FIELDS:
+                raise ValueError(f"columns: '{field}' is not a task field ({', '.join(TASK_FIELDS)})")
+        for stored, status in self.status_map.items():
+            if status not in TASK_STATUSES:
+                raise ValueError(
+                    f"status_map: '{stored}' maps to '{status}', not one of {', '.join(TASK_STATUSES)}"
+                )
+        return self
+
+
 def _check_edge_keys(value: dict[str, Any]) -> dict[str, Any]:
     for key in value:
         if key not in EDGES_BY_KEY:
@@ -67,6 +114,12 @@ class Settings(BaseSettings):
     max_failure_rate: float = Field(default=0.01, ge=0, le=1)
     guards: dict[str, list[str]] = Field(default_factory=dict)
     steps: dict[str, list[str | StepSpec]] = Field(default_factory=dict)
+    stores: dict[Literal["old", "new"], StoreConfig] = Field(default_factory=dict)
+    backfill_batch_size: int = Field(default=1000, gt=0)
+    drain_timeout_seconds: float = Field(default=300.0, ge=0)
+    drain_policy: Literal["requeue", "fail"] = "requeue"
+    validate_sample_size: int = Field(default=20, ge=0)
+    backup_path: str | None = None
 
     _check_guards = field_validator("guards")(_check_edge_keys)
     _check_steps = field_validator("steps")(_check_edge_keys)

@@ -155,6 +155,24 @@ steps_table = Table(
 )
 
 
+repair_log_table = Table(
+    "mfsm_repair_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("migration", String(200), nullable=False),
+    Column("key", String(400), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("resolved_at", UTCDateTime, nullable=True),
+)
+
+#: PostgreSQL channel every committed transition NOTIFYs (payload: the migration name).
+NOTIFY_CHANNEL: Final = "migration_fsm"
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationState:
     """One row of `mfsm_migrations`: where a migration stands."""
@@ -971,6 +989,12 @@ class Store:
                     error=entry.error,
                 )
             )
+            if status == "committed" and self.dialect == "postgresql":
+                # Delivered at commit: PhaseClients listening see the change at once.
+                conn.execute(
+                    text("SELECT pg_notify(:channel, :name)"),
+                    {"channel": NOTIFY_CHANNEL, "name": current.name},
+                )
             return after
 
 

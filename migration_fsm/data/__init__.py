@@ -1,0 +1,1 @@
+"""Data tools: the task record, the store protocol and its adapters."""
