@@ -13,11 +13,23 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .client import AsyncDualWriter as AsyncDualWriter
+    from .client import AsyncFallbackReader as AsyncFallbackReader
+    from .client import DualWriteError as DualWriteError
+    from .client import DualWriter as DualWriter
+    from .client import FallbackReader as FallbackReader
+    from .client import PhaseClient as PhaseClient
+    from .client import RepairLog as RepairLog
+    from .client import Snapshot as Snapshot
     from .config import Settings as Settings
     from .config import StepSpec as StepSpec
     from .config import load_settings as load_settings
     from .context import Context as Context
     from .context import GuardResult as GuardResult
+    from .data.memory import MemoryTaskStore as MemoryTaskStore
+    from .data.records import TaskRecord as TaskRecord
+    from .data.records import TaskStatus as TaskStatus
+    from .data.records import TaskStore as TaskStore
     from .engine import Engine as Engine
     from .engine import Outcome as Outcome
     from .exceptions import BadInput as BadInput
@@ -45,6 +57,18 @@ if TYPE_CHECKING:
     from .store import Store as Store
 
 _EXPORTS: dict[str, str] = {
+    "AsyncDualWriter": "client",
+    "AsyncFallbackReader": "client",
+    "DualWriteError": "client",
+    "DualWriter": "client",
+    "FallbackReader": "client",
+    "MemoryTaskStore": "data.memory",
+    "PhaseClient": "client",
+    "RepairLog": "client",
+    "Snapshot": "client",
+    "TaskRecord": "data.records",
+    "TaskStatus": "data.records",
+    "TaskStore": "data.records",
     "BadInput": "exceptions",
     "ConcurrentChange": "exceptions",
     "ConfigError": "exceptions",
@@ -97,29 +121,41 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AsyncDualWriter",
+    "AsyncFallbackReader",
     "BadInput",
     "ConcurrentChange",
     "ConfigError",
     "Conflict",
     "Context",
     "DatabaseUnavailable",
+    "DualWriteError",
+    "DualWriter",
     "Engine",
     "EnvironmentProblem",
+    "FallbackReader",
     "GuardResult",
     "JournalCorrupt",
     "JournalEntry",
     "LeaseHeld",
+    "MemoryTaskStore",
     "MigrationFSMError",
     "MigrationState",
     "Outcome",
     "Phase",
+    "PhaseClient",
     "Refused",
+    "RepairLog",
     "Routing",
     "SchemaNotCurrent",
     "Settings",
+    "Snapshot",
     "StepFailed",
     "StepSpec",
     "Store",
+    "TaskRecord",
+    "TaskStatus",
+    "TaskStore",
     "TransitionInterrupted",
     "Trigger",
     "TriggerNotAllowed",

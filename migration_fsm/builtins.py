@@ -36,9 +36,20 @@ def min_soak(ctx: Context) -> GuardResult:
     )
 
 
+def repair_log_empty(ctx: Context) -> GuardResult:
+    """No dual write is waiting in the repair log (run `migration-fsm reconcile`)."""
+    from .data.reconcile import open_entries
+
+    waiting = open_entries(ctx.store, ctx.migration)
+    if waiting:
+        return GuardResult(False, f"{waiting} open repair entries: run `migration-fsm reconcile`")
+    return GuardResult(True, "repair log is empty")
+
+
 BUILTIN_GUARDS: Final[dict[str, GuardFn]] = {
     "percent_is_100": percent_is_100,
     "min_soak": min_soak,
+    "repair_log_empty": repair_log_empty,
 }
 BUILTIN_STEPS: Final[dict[str, StepFn]] = {}
 #: Compensations of built-in steps, run by `abort`.

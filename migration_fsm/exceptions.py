@@ -7,6 +7,7 @@ This module is a leaf: it imports nothing from the package.
     MigrationFSMError                 exit 1 unless a subclass says otherwise
     ├── Refused                       1  a guard refused the edge
     ├── StepFailed                    1  a step raised; the transition is interrupted
+    ├── DataError                     1  the tasks are wrong (bad record, duplicate key, bad archive)
     ├── BadInput                      2  nothing was written
     │   ├── ConfigError               2  malformed config (names the key)
     │   ├── UnknownMigration          2
@@ -45,6 +46,13 @@ class Refused(MigrationFSMError):
 
 class StepFailed(MigrationFSMError):
     """A step raised: the transition is left interrupted with the error recorded."""
+
+    exit_code = 1
+
+
+class DataError(MigrationFSMError):
+    """The tasks themselves are wrong: a bad record, a duplicate or unordered key, an archive
+    that does not verify. The message names the store and the key; no batch is half-written."""
 
     exit_code = 1
 

@@ -990,10 +990,18 @@ class Store:
                 )
             )
             if status == "committed" and self.dialect == "postgresql":
-                # Delivered at commit: PhaseClients listening see the change at once.
+                # Delivered at commit, carrying the new state: PhaseClients apply it without a query.
+                payload = json.dumps(
+                    {
+                        "migration": after.name,
+                        "phase": after.phase.value,
+                        "percent": after.percent,
+                        "version": after.version,
+                    }
+                )
                 conn.execute(
-                    text("SELECT pg_notify(:channel, :name)"),
-                    {"channel": NOTIFY_CHANNEL, "name": current.name},
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": NOTIFY_CHANNEL, "payload": payload},
                 )
             return after
 
