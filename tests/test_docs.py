@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from migration_fsm.fsm import mermaid
 from tests.conftest import ROOT
@@ -28,3 +32,36 @@ def test_example_config_loads() -> None:
 
     settings = load_settings(ROOT / "config" / "migration-fsm.toml")
     assert 30 == settings.lease_seconds
+
+
+def test_readme_backend_examples_run(tmp_path: Path) -> None:
+    """The sync and asyncio examples of "Using it from your backend" run as written."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Using it from your backend", 1)[1].split("\n## ", 1)[0]
+    blocks = [
+        b for b in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL) if "prometheus" not in b
+    ]
+    assert 2 == len(blocks)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
+    for args in (["db", "upgrade"], ["init"]):
+        subprocess.run(
+            [sys.executable, "-m", "migration_fsm", *args],
+            cwd=tmp_path,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", block],
+            cwd=tmp_path,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        for block in blocks
+    ]
+    assert "preparation old True" == outputs[0].strip()
+    assert "{'old'} True" == outputs[1].strip()
