@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("migration_fsm.client")
 
 _QUERY: Final = "SELECT phase, percent, version FROM mfsm_migrations WHERE name = "
+_CUTOVER: Final = Phase.CUTOVER  # a module constant: Enum attribute lookup is slow on 3.11
 _TO_NEW: Final = routing_for(Phase.CUTOVER, 100)
 _TO_OLD: Final = routing_for(Phase.CUTOVER, 0)
 
@@ -119,7 +120,7 @@ class PhaseClient:
     def routing(self, key: str | None = None) -> Routing:
         """Where to write, read and consume; per key during a partial cutover (from memory)."""
         snap = self._snapshot
-        if key is None or snap.phase is not Phase.CUTOVER:
+        if key is None or snap.phase is not _CUTOVER:
             return snap.routing
         return _TO_NEW if zlib.crc32(key.encode()) % 100 < snap.percent else _TO_OLD
 
@@ -181,28 +182,37 @@ class PhaseClient:
                 return
 
     def _apply_notification(self, payload: str) -> None:
+        """Apply a notification's state; anything unexpected in it is ignored (and the next
+        poll reads the truth), so no payload can stop the refresher."""
         try:
             data = json.loads(payload)
-        except ValueError:
-            return
-        if data.get("migration") != self.migration:
+            if not isinstance(data, dict) or data.get("migration") != self.migration:
+                return
+            state = (Phase(data["phase"]), int(data["percent"]), int(data["version"]))
+        except (ValueError, KeyError, TypeError):
+            log.debug("ignored a malformed notification: %.200s", payload)
             return
         with self._counters_lock:
             self._counters["notifications"] += 1
-        self._install(Phase(data["phase"]), int(data["percent"]), int(data["version"]))
+        self._install(*state)
 
     def _refresh(self) -> None:
         try:
             row = self._read_sqlite() if self._backend == "sqlite" else self._read_postgres()
         except Exception as exc:  # noqa: BLE001 - any failure to read means "keep the last snapshot"
-            self._failed(exc)
+            self._failed(exc, reconnect=True)
             return
         with self._counters_lock:
             self._counters["refreshes"] += 1
-        if row is None:
-            self._failed(LookupError(f"no migration named '{self.migration}'"))
+        try:
+            if row is None:
+                raise LookupError(f"no migration named '{self.migration}' (yet)")
+            state = (Phase(row[0]), int(row[1]), int(row[2]))
+        except (LookupError, ValueError, TypeError) as exc:
+            # The connection is fine, the row is not (yet) usable: keep listening.
+            self._failed(exc, reconnect=False)
             return
-        self._install(Phase(row[0]), int(row[1]), int(row[2]))
+        self._install(*state)
 
     def _read_sqlite(self) -> tuple[Any, ...] | None:
         # Read-only, opened per refresh: it never creates the file and never holds a lock.
@@ -255,8 +265,9 @@ class PhaseClient:
                         extra={"migration": self.migration, "phase": phase.value, "version": version},
                     )
 
-    def _failed(self, exc: BaseException) -> None:
-        self._close_conn()
+    def _failed(self, exc: BaseException, *, reconnect: bool = True) -> None:
+        if reconnect:
+            self._close_conn()
         current = self._snapshot
         with self._counters_lock:
             self._counters["refresh_errors"] += 1

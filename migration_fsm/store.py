@@ -169,7 +169,8 @@ repair_log_table = Table(
     Column("resolved_at", UTCDateTime, nullable=True),
 )
 
-#: PostgreSQL channel every committed transition NOTIFYs (payload: the migration name).
+#: PostgreSQL channel every committed transition NOTIFYs; the payload is a JSON object
+#: with the migration's name and its new phase, percent and version.
 NOTIFY_CHANNEL: Final = "migration_fsm"
 
 

@@ -412,3 +412,43 @@ def test_client_is_safe_from_many_threads(engine: Engine, client: PhaseClient) -
 
 def settings_unused(_: Settings) -> None:  # keeps the Settings import honest for mypy
     return None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_malformed_notifications_do_not_stop_the_client(engine: Engine, upgraded_url: str) -> None:
+    """Junk on the NOTIFY channel is ignored; the client keeps following real commits."""
+    from sqlalchemy import text
+
+    with PhaseClient(upgraded_url, ttl=30) as phase_client:
+        with engine.store.engine.connect() as conn:
+            for payload in (
+                "1",
+                "not json",
+                '{"migration": "default", "phase": "canary"}',
+                '{"migration": "default"}',
+            ):
+                conn.execute(text("SELECT pg_notify('migration_fsm', :p)"), {"p": payload})
+            conn.commit()
+        engine.advance()
+        assert wait_for(lambda: phase_client.phase is Phase.DUAL_WRITE, timeout=10)
+        assert 1 == phase_client.counters()["notifications"]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_client_started_before_init_keeps_one_connection(upgraded_url: str, store: Store) -> None:
+    """A client waiting for `init` stays stale without reconnecting on every poll, then follows."""
+    with PhaseClient(upgraded_url, migration="later", ttl=0.05) as phase_client:
+        time.sleep(0.3)
+        assert (Phase.PREPARATION, True) == (phase_client.phase, phase_client.snapshot().stale)
+        from sqlalchemy import text
+
+        with store.engine.connect() as conn:
+            sessions = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migration-fsm client'"
+                    " AND datname = current_database()"
+                )
+            ).scalar()
+        assert 1 == sessions
+        store.create("later", "tester")
+        assert wait_for(lambda: not phase_client.snapshot().stale)
