@@ -334,10 +334,10 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(database)
 
 
-def make_engine(url: str, *, create: bool = False) -> Engine:
-    """An engine for `url`. SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` transactions
-    (so two writers queue instead of deadlocking); a missing SQLite file is an error unless
-    `create`."""
+def make_engine(url: str, *, create: bool = False, wal: bool = True) -> Engine:
+    """An engine for `url`. SQLite gets a busy timeout, `BEGIN IMMEDIATE` transactions (so two
+    writers queue instead of deadlocking) and, when `wal`, the WAL journal; a missing SQLite
+    file is an error unless `create`."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
@@ -360,7 +360,7 @@ def make_engine(url: str, *, create: bool = False) -> Engine:
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"database URL '{safe_url(url)}' is not usable: {exc}") from exc
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "connect", _sqlite_on_connect_wal if wal else _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
     return engine
 
@@ -370,8 +370,16 @@ def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> No
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_on_connect_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    # WAL lets PhaseClients read while an operator writes; only for our own database
+    # (a user's task database keeps whatever journal mode it has).
+    _sqlite_on_connect(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode = WAL")
     cursor.close()
 
 

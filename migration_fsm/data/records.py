@@ -40,7 +40,7 @@ def to_utc(value: datetime) -> datetime:
 
 def utc_text(value: datetime) -> str:
     """The canonical text of a timestamp: UTC, microseconds, `Z`."""
-    return to_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return to_utc(value).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def canonical_json(value: Any) -> str:
