@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .builtins import BUILTIN_UNDO, as_guard_result, resolve_guard, resolve_step
 from .config import Settings, StepSpec
 from .context import Context, GuardResult
+from .data.defaults import guards_for, steps_for
 from .exceptions import (
     BadInput,
     Refused,
@@ -98,9 +99,9 @@ class Outcome:
 
 
 def edge_steps(settings: Settings, edge: Edge) -> list[tuple[str, str | None]]:
-    """The configured (step, undo) pairs of an edge."""
+    """The configured (step, undo) pairs of an edge (its defaults when stores are configured)."""
     pairs: list[tuple[str, str | None]] = []
-    for spec in settings.steps.get(edge.key, []):
+    for spec in steps_for(settings, edge.key):
         if isinstance(spec, StepSpec):
             pairs.append((spec.do, spec.undo))
         else:
@@ -109,10 +110,11 @@ def edge_steps(settings: Settings, edge: Edge) -> list[tuple[str, str | None]]:
 
 
 def edge_guards(settings: Settings, edge: Edge) -> list[tuple[str, bool]]:
-    """The (guard, forceable) pairs of an edge: always-on guards first, then configured ones."""
+    """The (guard, forceable) pairs of an edge: always-on guards first, then configured ones
+    (its defaults when stores are configured)."""
     always = ALWAYS_ON_GUARDS.get(edge.key, ())
     names = [(name, False) for name in always]
-    names += [(name, True) for name in settings.guards.get(edge.key, []) if name not in always]
+    names += [(name, True) for name in guards_for(settings, edge.key) if name not in always]
     return names
 
 
@@ -170,7 +172,7 @@ class Engine:
 
     def resume(self, *, steal: bool = False) -> Outcome:
         """Finish the interrupted transition from its first unfinished step."""
-        with self.store.operator_lock(self.migration, self.holder):
+        with self.store.operator_lock(self.migration, self.holder, steal=steal):
             state = self.store.get(self.migration)
             if state.in_progress_seq is None:
                 raise BadInput(

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -495,9 +496,11 @@ class Store:
     # -- operator lock (PostgreSQL) -----------------------------------------------------
 
     @contextmanager
-    def operator_lock(self, name: str, holder: str) -> Iterator[None]:
+    def operator_lock(self, name: str, holder: str, *, steal: bool = False) -> Iterator[None]:
         """Hold a session advisory lock on PostgreSQL for the duration of a command, so two
         commands never interleave and a dead operator's lock vanishes with its connection.
+        With `steal` (`resume --steal`), a session that still holds the lock (a hung
+        operator) is terminated first, so its command cannot write any more.
         On SQLite the `BEGIN IMMEDIATE` transactions and the lease are enough."""
         if self.dialect != "postgresql":
             yield
@@ -508,32 +511,12 @@ class Store:
             raise self._unavailable(exc) from exc
         params = {"c": _LOCK_CLASS, "k": _lock_key(name)}
         try:
-            # The application name lets a refused operator see who holds the lock.
-            got = conn.execute(
-                text("SELECT pg_try_advisory_lock(:c, :k), set_config('application_name', :n, false)"),
-                {**params, "n": f"migration-fsm {holder}"[:63]},
-            ).scalar()
-            if not got:
-                other = conn.execute(
-                    text(
-                        "SELECT a.application_name FROM pg_locks l"
-                        " JOIN pg_stat_activity a ON a.pid = l.pid"
-                        " WHERE l.locktype = 'advisory' AND l.granted"
-                        " AND l.classid = :c AND l.objid = :k AND l.objsubid = 2"
-                    ),
-                    params,
-                ).scalar()
-                who = str(other).removeprefix("migration-fsm ") if other else "another operator"
-                raise LeaseHeld(
-                    f"migration '{name}' is being changed by {who} right now"
-                    " (PostgreSQL advisory lock held): wait for that command to finish"
-                )
+            self._acquire(conn, name, holder, params, steal=steal)
         except DBAPIError as exc:
             conn.invalidate()
             conn.close()
             raise self._unavailable(exc) from exc
         except BaseException:
-            conn.execute(text("RESET application_name"))
             conn.close()
             raise
         try:
@@ -547,6 +530,39 @@ class Store:
             except DBAPIError:
                 conn.invalidate()  # a broken connection's session lock is already gone
             conn.close()
+
+    def _acquire(
+        self, conn: Connection, name: str, holder: str, params: dict[str, int], *, steal: bool
+    ) -> None:
+        # The application name lets a refused operator see who holds the lock.
+        try_lock = text("SELECT pg_try_advisory_lock(:c, :k), set_config('application_name', :n, false)")
+        values = {**params, "n": f"migration-fsm {holder}"[:63]}
+        if conn.execute(try_lock, values).scalar():
+            return
+        who_sql = text(
+            "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
+            "   SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.classid = :c AND l.objid = :k AND l.objsubid = 2"
+        )
+        row = conn.execute(who_sql, params).first()
+        who = str(row[1]).removeprefix("migration-fsm ") if row and row[1] else "another operator"
+        if steal and row is not None:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": row[0]})
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if conn.execute(try_lock, values).scalar():
+                    return
+                time.sleep(0.05)
+            raise LeaseHeld(
+                f"migration '{name}': could not end the session of {who} that holds the PostgreSQL"
+                " advisory lock: ask a database administrator to terminate it"
+            )
+        raise LeaseHeld(
+            f"migration '{name}' is being changed by {who} right now"
+            " (PostgreSQL advisory lock held): wait for that command to finish, or if it hangs,"
+            " run `migration-fsm resume --steal`"
+        )
 
     # -- reads ------------------------------------------------------------------------
 
@@ -1022,7 +1038,8 @@ def lease_held_error(migration: MigrationState) -> LeaseHeld:
     return LeaseHeld(
         f"migration '{migration.name}' transition #{migration.in_progress_seq} is held by"
         f" {migration.lease_holder} until {_iso_short(expires)}{left}: wait for it, or if that"
-        " operator is gone, run `migration-fsm resume --steal`"
+        " operator is gone, run `migration-fsm resume --steal` (or `abort --reason TEXT` once"
+        " the lease has expired)"
     )
 
 
