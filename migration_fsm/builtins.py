@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Final
 
 from .context import Context, GuardFn, GuardResult, StepFn
+from .data.defaults import register as _register_data_tools
 from .exceptions import ConfigError
 from .fsm import Phase
 from .store import utcnow
@@ -54,6 +55,9 @@ BUILTIN_GUARDS: Final[dict[str, GuardFn]] = {
 BUILTIN_STEPS: Final[dict[str, StepFn]] = {}
 #: Compensations of built-in steps, run by `abort`.
 BUILTIN_UNDO: Final[dict[str, str]] = {}
+
+# The data tools' guards and steps (backfill, drain, transfer, validation checks).
+_register_data_tools(BUILTIN_GUARDS, BUILTIN_STEPS)
 
 
 def resolve(

@@ -24,6 +24,7 @@ from .exceptions import BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
 
 if TYPE_CHECKING:
+    from .data.runs import ValidationRun
     from .engine import GuardOutcome, Outcome
     from .store import JournalEntry, Store
 
@@ -221,7 +222,26 @@ def history(settings: Settings, migration: str, as_json: bool) -> int:
         _print_json(commands.history_json(entries))
     else:
         out.print(_history_table(migration, entries))
+        checks = commands.validation_runs(settings, migration)
+        if checks:
+            out.print(_validation_runs_table(checks))
     return 0
+
+
+def _validation_runs_table(checks: list[ValidationRun]) -> Table:
+    figures = ("old_count", "new_count", "missing", "mismatched", "extra", "status_differs")
+    table = Table(title="validate runs", title_justify="left")
+    for column in ("id", "started (UTC)", "phase", "result", *figures):
+        table.add_column(column, no_wrap=column == "started (UTC)")
+    for run in checks:
+        table.add_row(
+            str(run.id),
+            f"{run.started_at:%Y-%m-%d %H:%M:%S}",
+            run.phase or "",
+            "[green]ok[/green]" if run.ok else "[red]NOT OK[/red]",
+            *(str(run.summary[k]) for k in figures),
+        )
+    return table
 
 
 def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
@@ -271,6 +291,102 @@ def verify(settings: Settings, migration: str) -> int:
     out.print(
         f"journal of '{result.migration}' verified: {result.rows} rows,"
         f" replay gives {result.phase} at {result.percent}%, head {(result.head_hash or '')[:12]}"
+    )
+    return 0
+
+
+@cli.command()
+@common_options
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="N", help="Tasks per batch [config].")
+@click.option(
+    "--max-rate", type=click.FloatRange(min=0, min_open=True), metavar="N", help="At most N tasks a second."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def backfill(
+    settings: Settings, migration: str, batch_size: int | None, max_rate: float | None, as_json: bool
+) -> int:
+    """Copy the old side's tasks to the new side (continues from the last checkpoint)."""
+    from .data.progress import for_stderr
+
+    progress = for_stderr("backfill", "backfill_progress")
+    result = commands.backfill(
+        settings, migration, batch_size=batch_size, max_rate=max_rate, progress=progress
+    )
+    if as_json:
+        _print_json(result.as_json())
+    else:
+        after = f" after key '{result.resumed_from}'" if result.resumed_from is not None else ""
+        out.print(
+            f"backfill done: copied {result.copied} tasks{after} in {result.seconds:.1f} s"
+            f" ({result.rows_per_second:,.0f}/s); the new side holds {result.total}"
+        )
+    return 0
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def validate(settings: Settings, migration: str, as_json: bool) -> int:
+    """Compare both sides key by key; exit 1 when tasks are missing or mismatched."""
+    report = commands.validate(settings, migration)
+    if as_json:
+        _print_json(report.as_json())
+    else:
+        out.print(_validation_view(report.as_json()))
+    return 0 if report.ok else 1
+
+
+def _validation_view(data: dict[str, Any]) -> Group:
+    verdict = "[green]ok[/green]" if data["ok"] else "[red]NOT OK[/red]"
+    table = Table(title=f"validation: {verdict}", title_justify="left")
+    table.add_column("")
+    table.add_column("old", justify="right")
+    table.add_column("new", justify="right")
+    table.add_row("[bold]tasks[/bold]", str(data["old_count"]), str(data["new_count"]))
+    for status_name, count in data["counts_by_status"]["old"].items():
+        table.add_row(f"  {status_name}", str(count), str(data["counts_by_status"]["new"][status_name]))
+    found = Table(show_header=True)
+    found.add_column("difference")
+    found.add_column("count", justify="right")
+    found.add_column("first keys")
+    samples = data["samples"]
+    mismatched = [f"{m['key']} ({', '.join(m['fields'])})" for m in samples["mismatched"]]
+    for kind, why, keys in (
+        ("missing", "on old, not on new", samples["missing"]),
+        ("mismatched", "identity differs", mismatched),
+        ("extra", "on new, not on old", samples["extra"]),
+        ("status_differs", "other status or attempts", []),
+    ):
+        count = data[kind]
+        style = "red" if count and kind in ("missing", "mismatched") else "white"
+        found.add_row(f"{kind} ({why})", f"[{style}]{count}[/]", ", ".join(keys))
+    return Group(table, found)
+
+
+@cli.command()
+@common_options
+@click.option("--side", type=click.Choice(["old", "new"]), required=True, help="Which store to export.")
+@click.option("--out", "out_path", metavar="FILE", required=True, help="JSON Lines file (.gz: gzip).")
+def export(settings: Settings, migration: str, side: str, out_path: str) -> int:
+    """Write every task of one side to a file, with a verifiable summary line."""
+    summary = commands.export(settings, side=side, out=out_path)
+    out.print(
+        f"exported {summary.count} tasks of the {side} side ('{summary.store}') to {out_path}"
+        f" (digest {summary.digest[:16]})"
+    )
+    return 0
+
+
+@cli.command("import")
+@common_options
+@click.option("--side", type=click.Choice(["old", "new"]), required=True, help="Which store to load.")
+@click.option("--in", "in_path", metavar="FILE", required=True, help="A file written by `export`.")
+def import_(settings: Settings, migration: str, side: str, in_path: str) -> int:
+    """Verify an export, then load its tasks into one side (idempotent)."""
+    result = commands.import_(settings, side=side, path=in_path)
+    out.print(
+        f"verified {in_path} ({result.summary.count} tasks exported from the {result.summary.side}"
+        f" side) and loaded {result.loaded} tasks into the {side} side"
     )
     return 0
 

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from .config import Settings
+    from .data.archive import ArchiveSummary, Imported
+    from .data.backfill import BackfillResult
+    from .data.progress import Progress
+    from .data.runs import ValidationRun
+    from .data.validate import ValidationReport
 
 
 @contextmanager
@@ -134,6 +139,14 @@ def history(settings: Settings, migration: str) -> list[JournalEntry]:
         return store.journal(store.get(migration))
 
 
+def validation_runs(settings: Settings, migration: str) -> list[ValidationRun]:
+    """The stored `validate` runs of the migration, oldest first (shown by `history`)."""
+    from .data.runs import validation_runs as stored_runs
+
+    with open_store(settings) as store:
+        return list(reversed(stored_runs(store, migration)))
+
+
 def history_json(entries: list[JournalEntry]) -> list[dict[str, Any]]:
     """The `history --json` list."""
     return [
@@ -218,6 +231,50 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
     if state.version != len(committed):
         raise corrupt(f"it has {len(committed)} committed rows, the stored version is {state.version}")
     return Verified(name, len(entries), prev, phase, percent)
+
+
+def backfill(
+    settings: Settings,
+    migration: str,
+    *,
+    batch_size: int | None = None,
+    max_rate: float | None = None,
+    progress: Progress | None = None,
+) -> BackfillResult:
+    """Copy the old side's tasks to the new side, continuing an unfinished backfill."""
+    from .data.backfill import backfill_migration
+
+    with open_store(settings) as store:
+        return backfill_migration(
+            store, settings, migration, batch_size=batch_size, max_rate=max_rate, progress=progress
+        )
+
+
+def validate(settings: Settings, migration: str) -> ValidationReport:
+    """Compare the two sides key by key and record the run (the guards read it)."""
+    from .data.validate import validate_migration
+
+    with open_store(settings) as store:
+        return validate_migration(store, settings, migration)[1]
+
+
+def export(settings: Settings, *, side: str, out: str) -> ArchiveSummary:
+    """Write every task of one side to a JSON Lines file (gzip for .gz) with a summary line."""
+    from .data.archive import export_tasks
+    from .data.sides import open_side, side_name
+
+    chosen = side_name(side)
+    with open_side(settings, chosen) as store:
+        return export_tasks(store, out, side=chosen, batch_size=settings.backfill_batch_size)
+
+
+def import_(settings: Settings, *, side: str, path: str) -> Imported:
+    """Verify an export, then load it into one side in batches of idempotent upserts."""
+    from .data.archive import import_tasks
+    from .data.sides import open_side, side_name
+
+    with open_side(settings, side_name(side)) as store:
+        return import_tasks(store, path, batch_size=settings.backfill_batch_size)
 
 
 def diagram() -> str:

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     )
 
     database_url: str = DEFAULT_DATABASE_URL
-    actor: str = Field(default_factory=default_actor, min_length=1)
+    actor: str = Field(default_factory=default_actor, min_length=1, max_length=200)  # journal column
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float | None = Field(default=None, gt=0)
     min_soak_seconds: float = Field(default=0.0, ge=0)

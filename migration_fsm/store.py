@@ -640,6 +640,8 @@ class Store:
 
     def create(self, name: str, actor: str) -> MigrationState:
         """Create `name` in `preparation` with its first journal row (trigger `init`)."""
+        if not 1 <= len(name) <= 200:  # the column's width, checked here so every backend agrees
+            raise BadInput(f"a migration name has 1 to 200 characters, not {len(name)}")
         now = utcnow()
         entry = JournalEntry(
             seq=1,

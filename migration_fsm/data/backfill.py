@@ -1,0 +1,137 @@
+"""Backfill: copy every task from the old side to the new side in keyset batches.
+
+Each batch is one `put_many` (an idempotent upsert, one transaction on a SQL store) followed
+by a checkpoint of its last key. The batch and its checkpoint live in different databases,
+so after a crash the next run starts after the last checkpoint and may write one batch a
+second time, which the upsert makes harmless: the result is the same as an uninterrupted run.
+Memory stays bounded by one batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import runs
+from .progress import NoProgress, Progress
+from .scan import pages
+from .sides import open_sides
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..config import Settings
+    from ..store import Store
+    from .records import TaskStore
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillResult:
+    """What one backfill run did: the `backfill --json` object."""
+
+    copied: int  # rows written by this run
+    total: int  # rows on the new side afterwards
+    seconds: float
+    rows_per_second: float
+    resumed_from: str | None  # the checkpoint key this run started after; None for a fresh start
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "copied": self.copied,
+            "total": self.total,
+            "seconds": self.seconds,
+            "rows_per_second": self.rows_per_second,
+            "resumed_from": self.resumed_from,
+        }
+
+
+def total_of(store: TaskStore) -> int:
+    """How many tasks `store` holds."""
+    return sum(store.count_by_status().values())
+
+
+def copy_tasks(
+    old: TaskStore,
+    new: TaskStore,
+    *,
+    batch_size: int,
+    after: str | None = None,
+    checkpoint: Callable[[str, int], None] | None = None,
+    max_rate: float | None = None,
+    progress: Progress | None = None,
+    done_before: int = 0,
+) -> BackfillResult:
+    """Copy the tasks of `old` with keys > `after` into `new`, `batch_size` at a time.
+
+    After each batch `checkpoint(last_key, copied_so_far)` is called. `max_rate` caps the
+    rows per second (the run sleeps between batches), so the copy never starves the
+    database it reads. `done_before` is what earlier runs copied (for the progress ETA)."""
+    progress = progress or NoProgress()
+    if max_rate is not None:
+        # Smaller batches keep the pace even instead of bursty.
+        batch_size = max(1, min(batch_size, int(max_rate)))
+    started = time.monotonic()
+    progress.start(total_of(old), done_before)
+    copied = 0
+    try:
+        for page in pages(old, batch_size, after):
+            new.put_many(page)
+            copied += len(page)
+            cursor = page[-1].key
+            if checkpoint is not None:
+                checkpoint(cursor, copied)
+            progress.advance(len(page), cursor)
+            if max_rate is not None:
+                ahead = started + copied / max_rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+    finally:
+        progress.finish()
+    seconds = time.monotonic() - started
+    return BackfillResult(
+        copied=copied,
+        total=total_of(new),
+        seconds=round(seconds, 3),
+        rows_per_second=round(copied / seconds, 1) if seconds > 0 else 0.0,
+        resumed_from=after,
+    )
+
+
+def backfill_migration(
+    store: Store,
+    settings: Settings,
+    migration: str,
+    *,
+    batch_size: int | None = None,
+    max_rate: float | None = None,
+    progress: Progress | None = None,
+) -> BackfillResult:
+    """`migration-fsm backfill`: continue the migration's unfinished backfill from its
+    checkpoint (in `mfsm_backfill`), or start a fresh one when the last one finished."""
+    with open_sides(settings) as (old, new):
+        store.get(migration)  # an unknown migration is bad input, before anything is copied
+        previous = runs.backfill_progress(store, migration)
+        if previous is not None and not previous.done:
+            after, before = previous.cursor, previous.copied
+        else:
+            runs.start_backfill(store, migration)
+            after, before = None, 0
+
+        def checkpoint(cursor: str, copied: int) -> None:
+            runs.save_backfill(store, migration, cursor=cursor, copied=before + copied)
+
+        result = copy_tasks(
+            old,
+            new,
+            batch_size=batch_size or settings.backfill_batch_size,
+            after=after,
+            checkpoint=checkpoint,
+            max_rate=max_rate,
+            progress=progress,
+            done_before=before,
+        )
+        final = runs.backfill_progress(store, migration)
+        cursor = final.cursor if final is not None else after
+        runs.save_backfill(store, migration, cursor=cursor, copied=before + result.copied, done=True)
+        return result

@@ -1,0 +1,76 @@
+"""The data tools' built-in guards and steps, and the guards and steps an edge gets when
+both stores are configured and the config names none for it (DESIGN.md section 6).
+
+An edge that the config names, even with an empty list, gets exactly what it names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from .sides import stores_configured
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ..config import Settings, StepSpec
+    from ..context import GuardFn, StepFn
+
+DEFAULT_GUARDS: Final[Mapping[str, tuple[str, ...]]] = {
+    "preparation->dual_write": ("stores_reachable",),
+    "dual_write->cutover": ("backfill_complete", "repair_log_empty", "checksums_match"),
+    "cutover->cleanup": ("percent_is_100", "old_drained", "checksums_match"),
+    "cleanup->complete": ("repair_log_empty",),
+    "cutover->dual_write": ("stores_reachable",),
+    "cleanup->cutover": ("stores_reachable",),
+}
+DEFAULT_STEPS: Final[Mapping[str, tuple[str, ...]]] = {
+    "dual_write->cutover": ("drain_old", "transfer_state"),
+    "cutover->dual_write": ("drain_new", "reverse_sync"),
+    "cleanup->cutover": ("reverse_sync",),
+}
+
+
+def guards_for(settings: Settings, edge_key: str) -> list[str]:
+    """The guard names configured for an edge, else its defaults when stores are configured."""
+    if edge_key in settings.guards:
+        return list(settings.guards[edge_key])
+    if stores_configured(settings):
+        return list(DEFAULT_GUARDS.get(edge_key, ()))
+    return []
+
+
+def steps_for(settings: Settings, edge_key: str) -> list[str | StepSpec]:
+    """The steps configured for an edge, else its defaults when stores are configured."""
+    if edge_key in settings.steps:
+        return list(settings.steps[edge_key])
+    if stores_configured(settings):
+        return list(DEFAULT_STEPS.get(edge_key, ()))
+    return []
+
+
+def register(guards: dict[str, GuardFn], steps: dict[str, StepFn]) -> None:
+    """Add the data tools' guards and steps to the built-in tables."""
+    from . import guards as g
+    from . import steps as s
+
+    guards.update(
+        {
+            "stores_reachable": g.stores_reachable,
+            "backfill_complete": g.backfill_complete,
+            "counts_match": g.counts_match,
+            "checksums_match": g.checksums_match,
+            "old_drained": g.old_drained,
+            "backup_exists": g.backup_exists,
+            "failure_rate_ok": g.failure_rate_ok,
+        }
+    )
+    steps.update(
+        {
+            "backfill": s.backfill,
+            "drain_old": s.drain_old,
+            "transfer_state": s.transfer_state,
+            "drain_new": s.drain_new,
+            "reverse_sync": s.reverse_sync,
+        }
+    )

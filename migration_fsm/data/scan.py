@@ -1,0 +1,63 @@
+"""Streaming reads of a task store: keyset pages, and the merge of two key-ordered scans.
+
+Memory stays bounded by one page per side, whatever the size of the stores.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..exceptions import DataError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from .records import TaskRecord, TaskStore
+
+
+def pages(store: TaskStore, batch_size: int, after: str | None = None) -> Iterator[Sequence[TaskRecord]]:
+    """Keyset pages of `store` with keys > `after`, each checked to be strictly ascending.
+
+    Raises `DataError` naming the store and the key when a key repeats or goes backwards
+    (a duplicate key, or a collation that is not Python's string order)."""
+    last = after
+    while True:
+        page = store.scan(last, batch_size)
+        for record in page:
+            if last is not None and not record.key > last:
+                raise DataError(
+                    f"store '{store.name}' returned key '{record.key}' after '{last}': keys must be"
+                    " unique and ascending in Python string order (a duplicate key, or a collation"
+                    " that is not binary)"
+                )
+            last = record.key
+        if page:
+            yield page
+        if len(page) < batch_size:
+            return
+
+
+def records(store: TaskStore, batch_size: int, after: str | None = None) -> Iterator[TaskRecord]:
+    """Every record of `store` with key > `after`, in key order, one page in memory at a time."""
+    for page in pages(store, batch_size, after):
+        yield from page
+
+
+def merge(
+    left: Iterator[TaskRecord], right: Iterator[TaskRecord]
+) -> Iterator[tuple[TaskRecord | None, TaskRecord | None]]:
+    """Pairs of records with the same key from two key-ordered streams; None for a side
+    that lacks the key. Yields in key order."""
+    a = next(left, None)
+    b = next(right, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a.key < b.key):
+            yield a, None
+            a = next(left, None)
+        elif a is None or b.key < a.key:
+            yield None, b
+            b = next(right, None)
+        else:
+            yield a, b
+            a = next(left, None)
+            b = next(right, None)
