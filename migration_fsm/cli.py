@@ -392,6 +392,22 @@ def import_(settings: Settings, migration: str, side: str, in_path: str) -> int:
 
 
 @cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def reconcile(settings: Settings, migration: str, as_json: bool) -> int:
+    """Replay failed dual writes (the repair log) from the side that has them."""
+    result = commands.reconcile(settings, migration)
+    if as_json:
+        _print_json(result.as_json())
+    else:
+        out.print(
+            f"reconciled: {result.replayed} replayed, {result.already_current} already current,"
+            f" {result.absent} absent on both sides, {result.failed} failed; {result.open} still open"
+        )
+    return 1 if result.failed else 0
+
+
+@cli.command()
 def diagram() -> int:
     """Print the state machine as a Mermaid stateDiagram-v2."""
     click.echo(commands.diagram(), nl=False)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .data.archive import ArchiveSummary, Imported
     from .data.backfill import BackfillResult
     from .data.progress import Progress
+    from .data.reconcile import Reconciled
     from .data.runs import ValidationRun
     from .data.validate import ValidationReport
 
@@ -275,6 +276,17 @@ def import_(settings: Settings, *, side: str, path: str) -> Imported:
 
     with open_side(settings, side_name(side)) as store:
         return import_tasks(store, path, batch_size=settings.backfill_batch_size)
+
+
+def reconcile(settings: Settings, migration: str) -> Reconciled:
+    """Replay the open dual-write repair entries from the side that took each write."""
+    from .data.reconcile import reconcile as replay_repairs
+    from .data.sides import open_sides
+
+    with open_store(settings) as store:
+        store.get(migration)  # an unknown migration is bad input, before any store is opened
+        with open_sides(settings) as (old, new):
+            return replay_repairs(store, migration, old, new, batch=settings.backfill_batch_size)
 
 
 def diagram() -> str:
