@@ -27,19 +27,14 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Until the end-to-end demo lands, `make demo` walks every phase through the real CLI on a
-# throw-away SQLite file, including a refused edge, a ramp, a rollback and the journal check.
+# The end-to-end demo on SQLite files in a temporary folder (see `migration-fsm demo --help`).
 demo: $(STAMP)
-	@set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
-	export MIGRATION_FSM_DATABASE_URL="sqlite:///$$dir/demo.db" MIGRATION_FSM_ACTOR=demo; \
-	fsm() { echo "\$$ migration-fsm $$*"; $(BIN)/migration-fsm "$$@" 2>/dev/null; }; \
-	fsm db upgrade; fsm init; fsm advance; fsm advance; fsm ramp 10; fsm ramp 50; \
-	fsm advance || echo "(refused as expected: cutover needs 100% before cleanup)"; \
-	fsm ramp 100; fsm advance; fsm rollback --reason "demo: back to cutover"; \
-	fsm advance; fsm advance; fsm status; fsm history; fsm verify
+	$(BIN)/migration-fsm demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/transition.py
+	$(BIN)/python bench/routing.py
+	$(BIN)/python bench/pollers.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build

@@ -1,0 +1,1 @@
+"""`migration-fsm demo`: a whole migration under live traffic, on SQLite files."""
