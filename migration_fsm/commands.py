@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, Outcome
-from .exceptions import JournalCorrupt
+from .exceptions import JournalCorrupt, TriggerNotAllowed
 from .fsm import Phase, Trigger, allowed_triggers, mermaid, replay, routing_for
 from .store import JournalEntry, MigrationState, Store, chain_hash, make_engine
 
@@ -223,7 +223,7 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
         raise corrupt(f"the journal has {len(entries)} rows, the migration counts {state.last_seq}")
     try:
         phase, percent = replay(committed)
-    except (ValueError, Exception) as exc:
+    except (ValueError, TriggerNotAllowed) as exc:
         raise corrupt(f"replaying it fails: {exc}") from exc
     if (phase, percent) != (state.phase, state.percent):
         raise corrupt(
