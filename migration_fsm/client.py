@@ -18,10 +18,10 @@ import random
 import sqlite3
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
+from zlib import crc32  # the same hash as fsm.bucket, bound here: routing(key) is the hot path
 
 from .exceptions import MigrationFSMError
 from .fsm import ROUTING, Phase, Routing, routing_for
@@ -122,7 +122,7 @@ class PhaseClient:
         snap = self._snapshot
         if key is None or snap.phase is not _CUTOVER:
             return snap.routing
-        return _TO_NEW if zlib.crc32(key.encode()) % 100 < snap.percent else _TO_OLD
+        return _TO_NEW if crc32(key.encode()) % 100 < snap.percent else _TO_OLD
 
     @property
     def phase(self) -> Phase:
