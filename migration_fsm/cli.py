@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from . import commands, log
@@ -146,7 +147,7 @@ def _status_view(report: commands.Status) -> Table:
         entry = report.interrupted
         step = data["interrupted"]["step"]
         lease = (
-            f"held by {state.lease_holder} until {state.lease_expires_at:%H:%M:%S} UTC"
+            f"held by {escape(state.lease_holder or '')} until {state.lease_expires_at:%H:%M:%S} UTC"
             if state.lease_live()
             else "free: run `migration-fsm resume` or `abort --reason TEXT`"
         )
@@ -156,7 +157,7 @@ def _status_view(report: commands.Status) -> Table:
             f" at step {step or '(commit)'}; lease {lease}",
         )
         if entry.error:
-            table.add_row("[red]error[/red]", entry.error)
+            table.add_row("[red]error[/red]", escape(entry.error))
     table.add_row("allowed", ", ".join(data["allowed"]) or "(none)")
     return table
 
@@ -262,13 +263,17 @@ def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
         table.add_column(column, no_wrap=column in ("started (UTC)", "edge", "status"))
     colour = {"committed": "green", "refused": "yellow", "aborted": "magenta", "intent": "red"}
     for e in entries:
-        guards = " ".join(f"{'✓' if g['passed'] else '✗'}{g['name']}" for g in e.guards)
-        steps = " ".join(f"{s.name}:{s.status}" for s in e.steps)
-        note = e.reason or ""
+        # Text from the database is escaped: a reason like "[drill] go" is not markup.
+        guards = " ".join(f"{'✓' if g['passed'] else '✗'}{escape(g['name'])}" for g in e.guards)
+        steps = " ".join(f"{escape(s.name)}:{s.status}" for s in e.steps)
+        note = escape(e.reason or "")
         if e.forced:
             note = f"[bold]FORCED[/bold] {note}"
+        for takeover in e.takeovers:
+            how = "stolen by" if takeover.get("stolen") else "taken over by"
+            note = f"{note} ({takeover.get('command')}: {how} {escape(str(takeover.get('actor')))})".strip()
         if e.error:
-            note = f"{note} [red]{e.error}[/red]".strip()
+            note = f"{note} [red]{escape(e.error)}[/red]".strip()
         table.add_row(
             str(e.seq),
             f"{e.started_at:%Y-%m-%d %H:%M:%S}",
@@ -276,7 +281,7 @@ def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
             f"{e.source or ''}->{e.dest}",
             str(e.percent),
             f"[{colour.get(e.status, 'white')}]{e.status}[/]",
-            e.actor,
+            escape(e.actor),
             note,
             guards,
             steps,
@@ -539,7 +544,8 @@ def _print_guards(guards: list[GuardOutcome]) -> None:
     table = Table("guard", "result", "detail", "ms")
     for g in guards:
         result = "[green]pass[/green]" if g.passed else "[red]FAIL[/red]"
-        table.add_row(g.name + ("" if g.forceable else " (always on)"), result, g.detail, str(g.duration_ms))
+        name = escape(g.name) + ("" if g.forceable else " (always on)")
+        table.add_row(name, result, escape(g.detail), str(g.duration_ms))
     out.print(table)
 
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -19,6 +19,7 @@ from migration_fsm.cli import cli
 from migration_fsm.config import load_settings
 from migration_fsm.data import runs
 from migration_fsm.data.backfill import backfill_migration, copy_tasks
+from migration_fsm.data.factory import build_store
 from migration_fsm.data.memory import MemoryTaskStore
 from migration_fsm.data.records import TaskRecord
 from migration_fsm.data.sql import SqlTaskStore
@@ -26,7 +27,7 @@ from migration_fsm.data.validate import validate
 from migration_fsm.engine import Engine
 from migration_fsm.exceptions import ConfigError, DataError
 from migration_fsm.store import Store, make_engine
-from tests.conftest import ROOT
+from tests.conftest import ROOT, CliResult
 from tests.datatools import (
     MEMORY,
     create_task_table,
@@ -281,3 +282,24 @@ def test_backfill_bad_input_exits_2_and_bad_data_exits_1_writing_nothing(
         backfill(config)
     assert 1 == bad_row.value.exit_code
     assert (0, 0) == row_counts(upgraded_url, "new_tasks")
+
+
+def test_backfill_refuses_once_new_is_authoritative(
+    engine: Engine, upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """From cutover on, backfill exits 2 and copies nothing (it would undo finished work)."""
+    for table in ("old_tasks", "new_tasks"):
+        create_task_table(upgraded_url, table)
+    config = write_stores_config(tmp_path / "c.toml", sql_stores(upgraded_url))
+    settings = load_settings(config, database_url=upgraded_url)
+    old = build_store(settings.stores["old"], "old")
+    old.put_many(tasks(5))
+    for _ in range(2):
+        engine.advance()
+    result = cli("backfill", "--db", upgraded_url, "--config", config)
+    assert 2 == result.code
+    assert "roll back to dual_write" in result.error_line
+    new = build_store(settings.stores["new"], "new")
+    assert [] == list(new.scan(None, 10))
+    for opened in (old, new):
+        getattr(opened, "close", lambda: None)()
