@@ -6,15 +6,16 @@ An edge that the config names, even with an empty list, gets exactly what it nam
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+import importlib
+from typing import TYPE_CHECKING, Any, Final
 
 from .sides import stores_configured
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from ..config import Settings, StepSpec
-    from ..context import GuardFn, StepFn
+    from ..context import Context, GuardFn, StepFn
 
 DEFAULT_GUARDS: Final[Mapping[str, tuple[str, ...]]] = {
     "preparation->dual_write": ("stores_reachable",),
@@ -49,28 +50,30 @@ def steps_for(settings: Settings, edge_key: str) -> list[str | StepSpec]:
     return []
 
 
+GUARD_NAMES: Final = (
+    "stores_reachable",
+    "backfill_complete",
+    "counts_match",
+    "checksums_match",
+    "old_drained",
+    "backup_exists",
+    "failure_rate_ok",
+)
+STEP_NAMES: Final = ("backfill", "drain_old", "transfer_state", "drain_new", "reverse_sync")
+
+
+def _lazy(module: str, name: str) -> Callable[[Context], Any]:
+    """`module.name`, imported on first call: the data tools (SQLAlchemy reflection, pydantic
+    records) stay off the start-up path of every CLI command that does not use them."""
+
+    def call(ctx: Context) -> Any:
+        return getattr(importlib.import_module(module, __package__), name)(ctx)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
 def register(guards: dict[str, GuardFn], steps: dict[str, StepFn]) -> None:
     """Add the data tools' guards and steps to the built-in tables."""
-    from . import guards as g
-    from . import steps as s
-
-    guards.update(
-        {
-            "stores_reachable": g.stores_reachable,
-            "backfill_complete": g.backfill_complete,
-            "counts_match": g.counts_match,
-            "checksums_match": g.checksums_match,
-            "old_drained": g.old_drained,
-            "backup_exists": g.backup_exists,
-            "failure_rate_ok": g.failure_rate_ok,
-        }
-    )
-    steps.update(
-        {
-            "backfill": s.backfill,
-            "drain_old": s.drain_old,
-            "transfer_state": s.transfer_state,
-            "drain_new": s.drain_new,
-            "reverse_sync": s.reverse_sync,
-        }
-    )
+    guards.update({name: _lazy(".guards", name) for name in GUARD_NAMES})
+    steps.update({name: _lazy(".steps", name) for name in STEP_NAMES})
