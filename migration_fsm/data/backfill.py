@@ -111,14 +111,14 @@ def backfill_migration(
 ) -> BackfillResult:
     """`migration-fsm backfill`: continue the migration's unfinished backfill from its
     checkpoint (in `mfsm_backfill`), or start a fresh one when the last one finished."""
-    state = store.get(migration)  # an unknown migration is bad input, before anything is copied
-    if state.phase not in (Phase.PREPARATION, Phase.DUAL_WRITE):
-        # From cutover on, new is authoritative: copying old over it would undo finished work.
-        raise BadInput(
-            f"backfill copies the old side over the new one, which is only safe in preparation or"
-            f" dual_write; migration '{migration}' is in {state.phase}: roll back to dual_write first"
-        )
     with open_sides(settings) as (old, new):
+        state = store.get(migration)  # an unknown migration is bad input, before anything is copied
+        if state.phase not in (Phase.PREPARATION, Phase.DUAL_WRITE):
+            # From cutover on, new is authoritative: copying old over it would undo finished work.
+            raise BadInput(
+                f"backfill copies the old side over the new one, which is only safe in preparation or"
+                f" dual_write; migration '{migration}' is in {state.phase}: roll back to dual_write first"
+            )
         previous = runs.backfill_progress(store, migration)
         if previous is not None and not previous.done:
             after, before = previous.cursor, previous.copied
