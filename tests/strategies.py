@@ -236,7 +236,7 @@ def guard_modes() -> st.SearchStrategy[GuardMode]:
 
 
 def reasons() -> st.SearchStrategy[str]:
-    """A reason an operator gives (blank ones are tried by `request_that_changes_nothing`)."""
+    """A reason an operator gives (blank ones are tried by `bad_input`)."""
     return st.sampled_from(("rollout looks bad", "ticket OPS-1", "error rate up"))
 
 

@@ -1,11 +1,13 @@
 """The real engine, on a real store, against a tiny in-memory model of DESIGN.md sections 2-4.
 
-Hypothesis drives random operator sessions (advance, forced advance, ramp, rollback,
-resume, abort, a dry run, the lease running out) with guards that refuse and steps that
-fail or crash at any fault point (see `tests/strategies.py`). After a crash the store is
-closed and reopened from scratch and a new engine, for a new operator, carries on. After
+Hypothesis starts each example in a phase of its choice and then drives an operator
+session: advance, forced advance, ramp, rollback (one edge or `--to`), a transition that
+breaks, resume (with or without `--steal`), abort, the lease running out, a dry run, bad
+input and commands the state does not allow. Guards refuse, raise or crash; steps fail or
+crash at any fault point (see `tests/strategies.py`). After a crash the store is closed
+and opened again from scratch and a new engine, for a new operator, carries on. After
 every rule the stored state, the journal (its hash chain and its replay, through
-`verify_entries`) and `status` must agree with the model.
+`verify_entries`), every step run and `status` must agree with the model.
 """
 
 from __future__ import annotations
@@ -79,16 +81,11 @@ EXIT_CODES: Final[dict[type[MigrationFSMError], int]] = {
 
 Expected = type[BaseException] | None
 
-#: What `request_that_changes_nothing` tries (each adapted to the state it finds).
-REQUESTS: Final = (
-    "dry run",
+BAD_INPUT: Final = (
     "force without reason",
     "rollback without reason",
     "abort without reason",
     "ramp out of range",
-    "trigger not allowed",
-    "nothing to resume or abort",
-    "command while interrupted",
 )
 
 # -- the model ------------------------------------------------------------------------------
@@ -533,7 +530,7 @@ class EngineVersusModel(RuleBasedStateMachine):
         if start is Phase.CUTOVER and percent:
             self._call(self.model.ramp(percent, fault=None), lambda: self.engine.ramp(percent))
 
-    @precondition(lambda self: self.model.phase is not Phase.COMPLETE and not self.model.interrupted)
+    @precondition(lambda self: self.model.interrupted is None)
     @rule(guard=guard_modes(), fault=faults())
     def advance(self, guard: GuardMode, fault: Fault | None) -> None:
         expected = self.model.advance(force=False, reason=None, guard=guard, fault=fault)
@@ -542,7 +539,7 @@ class EngineVersusModel(RuleBasedStateMachine):
             self._check_committed(outcome)
             assert self.model.entries[-1].forced is outcome.forced is False
 
-    @precondition(lambda self: self.model.phase is not Phase.COMPLETE and not self.model.interrupted)
+    @precondition(lambda self: self.model.interrupted is None)
     @rule(guard=guard_modes(), fault=faults(), reason=reasons())
     def forced_advance(self, guard: GuardMode, fault: Fault | None, reason: str) -> None:
         expected = self.model.advance(force=True, reason=reason, guard=guard, fault=fault)
@@ -613,20 +610,20 @@ class EngineVersusModel(RuleBasedStateMachine):
             assert outcome.state is not None
             assert ("aborted", self.model.phase) == (outcome.status, outcome.state.phase)
 
-    @rule(request=st.sampled_from(REQUESTS), blank=st.sampled_from(("", "   ")), steal=st.booleans())
-    def request_that_changes_nothing(self, request: str, blank: str, steal: bool) -> None:
-        """A dry run, bad input (exit 2), a trigger the phase has no edge for (exit 2), nothing
-        to resume or abort (exit 2), a command other than resume or abort while a transition is
-        interrupted (exit 3)."""
+    @rule(guard=guard_modes())
+    def dry_run_advance(self, guard: GuardMode) -> None:
+        expected, verdicts = self.model.dry_run_advance(guard)
+        outcome = self._call(expected, lambda: self.engine.advance(dry_run=True), guard=guard)
+        if outcome is not None:
+            assert isinstance(outcome, Outcome)
+            assert ("planned", None) == (outcome.status, outcome.seq)
+            assert verdicts == [g.passed for g in outcome.guards]
+
+    @rule(request=st.sampled_from(BAD_INPUT), blank=st.sampled_from(("", "   ")))
+    def bad_input(self, request: str, blank: str) -> None:
+        """A missing reason or a percent outside 0..100: exit 2, whatever the state."""
         model, engine = self.model, self.engine
-        not_allowed = [t for t in ("advance", "rollback", "ramp") if t not in ALLOWED[model.phase]]
-        if request == "trigger not allowed" and (model.interrupted or not not_allowed):
-            request = "dry run"
-        if request in ("nothing to resume or abort", "command while interrupted"):
-            request = "command while interrupted" if model.interrupted else "nothing to resume or abort"
         match request:
-            case "dry run":
-                self._dry_run("pass" if blank else "fail")
             case "force without reason":
                 expected = model.advance(force=True, reason=blank, guard="pass", fault=None)
                 self._call(expected, lambda: engine.advance(force=True, reason=blank))
@@ -635,16 +632,24 @@ class EngineVersusModel(RuleBasedStateMachine):
                 self._call(expected, lambda: engine.rollback(reason=blank))
             case "abort without reason":
                 self._call(model.abort(reason=blank, fault=None), lambda: engine.abort(reason=blank))
-            case "ramp out of range":
+            case _:
                 percent = -1 if blank else 101
                 self._call(model.ramp(percent, fault=None), lambda: engine.ramp(percent))
-            case "trigger not allowed":
-                self._trigger(not_allowed[(bool(blank) + steal) % len(not_allowed)])
-            case "nothing to resume or abort":
-                self._call(model.resume(steal=steal, fault=None), lambda: engine.resume(steal=steal))
-                self._call(model.abort(reason="r", fault=None), lambda: engine.abort(reason="r"))
-            case _:
-                self._trigger(("advance", "rollback", "ramp")[bool(blank) + steal])
+
+    @rule(which=st.integers(0, 2))
+    def command_not_possible_now(self, which: int) -> None:
+        """A trigger the phase has no edge for, nothing to resume or abort (exit 2), or a
+        command other than resume and abort while a transition is interrupted (exit 3)."""
+        model, engine = self.model, self.engine
+        if model.interrupted is not None:
+            self._trigger(("advance", "rollback", "ramp")[which])
+            return
+        not_allowed = [t for t in ("advance", "rollback", "ramp") if t not in ALLOWED[model.phase]]
+        if not_allowed and which:
+            self._trigger(not_allowed[which % len(not_allowed)])
+            return
+        self._call(model.resume(steal=which == 1, fault=None), lambda: engine.resume(steal=which == 1))
+        self._call(model.abort(reason="r", fault=None), lambda: engine.abort(reason="r"))
 
     def _trigger(self, trigger: str) -> None:
         """Fire `trigger` with everything valid, predicting the outcome from the model."""
@@ -658,14 +663,6 @@ class EngineVersusModel(RuleBasedStateMachine):
                 self._call(expected, lambda: engine.rollback(reason="r"))
             case _:
                 self._call(model.ramp(50, fault=None), lambda: engine.ramp(50))
-
-    def _dry_run(self, guard: GuardMode) -> None:
-        expected, verdicts = self.model.dry_run_advance(guard)
-        outcome = self._call(expected, lambda: self.engine.advance(dry_run=True), guard=guard)
-        if outcome is not None:
-            assert isinstance(outcome, Outcome)
-            assert ("planned", None) == (outcome.status, outcome.seq)
-            assert verdicts == [g.passed for g in outcome.guards]
 
     @precondition(lambda self: self.model.lease == "live")
     @rule()
