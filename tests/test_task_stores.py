@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 
 from migration_fsm.config import StoreConfig, load_settings
 from migration_fsm.data.factory import build_store
+from migration_fsm.data.identity import BulkGet
 from migration_fsm.data.memory import MemoryTaskStore
 from migration_fsm.data.records import TaskRecord, TaskStatus, TaskStore
 from migration_fsm.data.sql import SqlTaskStore
@@ -384,6 +385,21 @@ def test_get_unknown_key_is_none(case: StoreCase) -> None:
     case.store.put_many(make_records(["a"], metadata=case.keeps_metadata))
     assert case.store.get("b") is None
     assert case.store.get("A") is None
+
+
+def test_get_many_reads_what_get_reads(case: StoreCase) -> None:
+    """`get_many` (validation's batched re-read) answers as one `get` per key would: absent
+    keys are left out, and lists longer than one `IN (...)` chunk are read whole."""
+    keys = [*TRICKY_KEYS, *(f"bulk-{i:04d}" for i in range(1200))]
+    records = make_records(keys, metadata=case.keeps_metadata)
+    case.store.put_many(records)
+    assert isinstance(case.store, BulkGet)
+    asked = [*keys[::2], "never-written", "A-not-there"]
+    found = case.store.get_many(asked)
+    assert set(found) == set(keys[::2])
+    for key in keys[::2]:
+        assert found[key] == case.store.get(key)
+    assert case.store.get_many([]) == {}
 
 
 # -- SQL specifics ------------------------------------------------------------------------

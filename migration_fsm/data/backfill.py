@@ -5,6 +5,11 @@ by a checkpoint of its last key. The batch and its checkpoint live in different 
 so after a crash the next run starts after the last checkpoint and may write one batch a
 second time, which the upsert makes harmless: the result is the same as an uninterrupted run.
 Memory stays bounded by one batch.
+
+Between two SQL stores of one kind of database the batches are copied as rows (`RowCopy`):
+the source database reads each field in the target column's form and checks it, so no
+record is decoded and encoded again; a batch with a row that needs converting goes the
+record path.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from ..exceptions import BadInput
 from ..fsm import Phase
 from . import runs
 from .progress import NoProgress, Progress
-from .scan import pages
+from .scan import page
 from .sides import open_sides
+from .sql import RowCopy, SqlTaskStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -50,6 +56,8 @@ class BackfillResult:
 
 def total_of(store: TaskStore) -> int:
     """How many tasks `store` holds."""
+    if isinstance(store, SqlTaskStore):
+        return store.count()
     return sum(store.count_by_status().values())
 
 
@@ -75,19 +83,25 @@ def copy_tasks(
         batch_size = max(1, min(batch_size, int(max_rate)))
     started = time.monotonic()
     progress.start(total_of(old), done_before)
+    rows = RowCopy.between(old, new)
     copied = 0
+    cursor = after
     try:
-        for page in pages(old, batch_size, after):
-            new.put_many(page)
-            copied += len(page)
-            cursor = page[-1].key
+        while True:
+            written, last = _copy_batch(old, new, rows, cursor, batch_size)
+            if last is None:
+                break
+            copied += written
+            cursor = last
             if checkpoint is not None:
                 checkpoint(cursor, copied)
-            progress.advance(len(page), cursor)
+            progress.advance(written, cursor)
             if max_rate is not None:
                 ahead = started + copied / max_rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
+            if written < batch_size:
+                break
     finally:
         progress.finish()
     seconds = time.monotonic() - started
@@ -98,6 +112,20 @@ def copy_tasks(
         rows_per_second=round(copied / seconds, 1) if seconds > 0 else 0.0,
         resumed_from=after,
     )
+
+
+def _copy_batch(
+    old: TaskStore, new: TaskStore, rows: RowCopy | None, after: str | None, batch_size: int
+) -> tuple[int, str | None]:
+    """Copy the next batch after `after`: as rows when the two stores allow it, else as
+    records. Returns (tasks written, the batch's last key or None when there was none)."""
+    if rows is not None:
+        copied = rows.copy_batch(after, batch_size)
+        if copied is not None:
+            return copied
+    records = page(old, batch_size, after)  # also the rows' fallback: it converts or names the bad row
+    new.put_many(records)
+    return len(records), records[-1].key if records else None
 
 
 def backfill_migration(
@@ -111,7 +139,7 @@ def backfill_migration(
 ) -> BackfillResult:
     """`migration-fsm backfill`: continue the migration's unfinished backfill from its
     checkpoint (in `mfsm_backfill`), or start a fresh one when the last one finished."""
-    with open_sides(settings) as (old, new):
+    with open_sides(settings) as (old, new):  # no stores configured: ConfigError, first
         state = store.get(migration)  # an unknown migration is bad input, before anything is copied
         if state.phase not in (Phase.PREPARATION, Phase.DUAL_WRITE):
             # From cutover on, new is authoritative: copying old over it would undo finished work.

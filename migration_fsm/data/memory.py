@@ -31,6 +31,10 @@ class MemoryTaskStore:
         with self._lock:
             return self._records.get(key)
 
+    def get_many(self, keys: Sequence[str]) -> dict[str, TaskRecord]:
+        with self._lock:
+            return {key: self._records[key] for key in keys if key in self._records}
+
     def put(self, record: TaskRecord) -> None:
         self.put_many([record])
 

@@ -8,7 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, Integer, String, Table, Text, insert, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Integer,
+    String,
+    Table,
+    Text,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 
 from ..store import UTCDateTime, metadata, utcnow
 
@@ -156,15 +169,35 @@ def start_backfill(store: Store, migration: str) -> BackfillProgress:
     return BackfillProgress(migration, None, 0, False, now, now)
 
 
+#: The checkpoint's UPDATE, built once: a backfill saves one per batch.
+_SAVE_BACKFILL = (
+    update(backfill_table)
+    .where(backfill_table.c.migration == bindparam("mfsm_migration"))
+    .values(
+        cursor=bindparam("mfsm_cursor"),
+        copied=bindparam("mfsm_copied"),
+        done=bindparam("mfsm_done"),
+        updated_at=bindparam("mfsm_updated_at"),
+    )
+)
+
+
 def save_backfill(
     store: Store, migration: str, *, cursor: str | None, copied: int, done: bool = False
 ) -> None:
     """Move the backfill checkpoint of `migration` to `cursor` (the last key copied)."""
     now = utcnow()
-    values = {"cursor": cursor, "copied": copied, "done": done, "updated_at": now}
     with store.transaction() as conn:
         updated = conn.execute(
-            update(backfill_table).where(backfill_table.c.migration == migration).values(**values)
+            _SAVE_BACKFILL,
+            {
+                "mfsm_migration": migration,
+                "mfsm_cursor": cursor,
+                "mfsm_copied": copied,
+                "mfsm_done": done,
+                "mfsm_updated_at": now,
+            },
         ).rowcount
         if updated == 0:
+            values = {"cursor": cursor, "copied": copied, "done": done, "updated_at": now}
             conn.execute(insert(backfill_table).values(migration=migration, started_at=now, **values))

@@ -22,25 +22,34 @@ def pages(store: TaskStore, batch_size: int, after: str | None = None) -> Iterat
     (a duplicate key, or a collation that is not Python's string order)."""
     last = after
     while True:
-        page = store.scan(last, batch_size)
-        for record in page:
-            if last is not None and not record.key > last:
-                raise DataError(
-                    f"store '{store.name}' returned key '{record.key}' after '{last}': keys must be"
-                    " unique and ascending in Python string order (a duplicate key, or a collation"
-                    " that is not binary)"
-                )
-            last = record.key
-        if page:
-            yield page
-        if len(page) < batch_size:
+        found = page(store, batch_size, last)
+        if found:
+            last = found[-1].key
+            yield found
+        if len(found) < batch_size:
             return
+
+
+def page(store: TaskStore, batch_size: int, after: str | None = None) -> Sequence[TaskRecord]:
+    """One keyset page of `store`: up to `batch_size` records with keys > `after`, checked as
+    `pages` checks them."""
+    found = store.scan(after, batch_size)
+    last = after
+    for record in found:
+        if last is not None and not record.key > last:
+            raise DataError(
+                f"store '{store.name}' returned key '{record.key}' after '{last}': keys must be"
+                " unique and ascending in Python string order (a duplicate key, or a collation"
+                " that is not binary)"
+            )
+        last = record.key
+    return found
 
 
 def records(store: TaskStore, batch_size: int, after: str | None = None) -> Iterator[TaskRecord]:
     """Every record of `store` with key > `after`, in key order, one page in memory at a time."""
-    for page in pages(store, batch_size, after):
-        yield from page
+    for found in pages(store, batch_size, after):
+        yield from found
 
 
 def merge(
