@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import commands
 from ..client import DualWriter, FallbackReader, PhaseClient
@@ -36,14 +36,14 @@ MIGRATION = "demo"
 HOOKS = "migration_fsm.demo.hooks"
 
 
-def demo_settings(directory: Path) -> Settings:
-    """The demo's configuration: two SQL stores over its own tables, the default guards,
-    and operator hooks around the built-in drain and sync steps."""
-    old = StoreConfig(**{**OLD_STORE, "url": f"sqlite:///{directory / 'old.db'}"})
-    new = StoreConfig(**{**NEW_STORE, "url": f"sqlite:///{directory / 'new.db'}"})
+def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = "demo-operator") -> Settings:
+    """The walk's configuration over any databases: two SQL stores over the demo systems'
+    tables, the default guards, and operator hooks around the built-in drain and sync steps."""
+    old = StoreConfig(**{**OLD_STORE, "url": old_url})
+    new = StoreConfig(**{**NEW_STORE, "url": new_url})
     return Settings(
-        database_url=f"sqlite:///{directory / 'control.db'}",
-        actor="demo-operator",
+        database_url=control_url,
+        actor=actor,
         lease_seconds=5,
         heartbeat_seconds=1,
         drain_timeout_seconds=30,
@@ -66,6 +66,15 @@ def demo_settings(directory: Path) -> Settings:
                 f"{HOOKS}:start_old_workers",
             ],
         },
+    )
+
+
+def demo_settings(directory: Path) -> Settings:
+    """The demo's configuration (`walk_settings`) on SQLite files in `directory`."""
+    return walk_settings(
+        f"sqlite:///{directory / 'control.db'}",
+        f"sqlite:///{directory / 'old.db'}",
+        f"sqlite:///{directory / 'new.db'}",
     )
 
 
@@ -201,7 +210,7 @@ def _demo_world(directory: Path, workers: int) -> Iterator[dict[str, Any]]:
         hooks.RUNTIME.clear()
 
 
-def run_demo(  # noqa: PLR0915 - the story reads best as one script, top to bottom
+def run_demo(
     *,
     tasks: int = 2000,
     rate: float = 100.0,
@@ -220,102 +229,168 @@ def run_demo(  # noqa: PLR0915 - the story reads best as one script, top to bott
     started = time.monotonic()
     report = Report()
     with _demo_world(directory, workers) as world:
-        settings: Settings = world["settings"]
         client: PhaseClient = world["client"]
         producer = Producer(world["writer"], world["reader"], rate, tasks)
-        phase_started: dict[str, Any] = {"phase": Phase.PREPARATION.value, "at": time.monotonic()}
 
-        def note_phase() -> None:
-            phase = commands.status(settings, MIGRATION).state.phase.value
-            if phase != phase_started["phase"]:
-                now = time.monotonic()
-                previous = phase_started["phase"]
-                report.phases[previous] = report.phases.get(previous, 0.0) + now - phase_started["at"]
-                phase_started.update(phase=phase, at=now)
-            while client.snapshot().phase.value != phase:  # let the backends see it
-                time.sleep(0.01)
-
-        def soak_for(seconds: float) -> None:
-            deadline = time.monotonic() + seconds
+        def soak_for(units: float) -> None:
+            deadline = time.monotonic() + units * soak
             while time.monotonic() < deadline:
                 if view is not None:
                     view(_live_state(world, producer))
                 time.sleep(0.25)
 
-        def step(message: str, action: Callable[[], object]) -> None:
-            say(f"demo: {message}")
-            action()
-            report.transitions += 1
-            note_phase()
-
-        def check(label: str) -> None:
-            done = commands.reconcile(settings, MIGRATION)
-            validation = commands.validate(settings, MIGRATION)
-            report.validations.append(validation.ok)
-            say(
-                f"demo: {label}: reconcile replayed {done.replayed}; validate ok={validation.ok}"
-                f" missing={validation.missing} mismatched={validation.mismatched}"
-                f" status_differs={validation.status_differs} extra={validation.extra}"
-            )
+        def seen(version: int) -> None:
+            while client.snapshot().version < version:  # let the backends see it
+                time.sleep(0.01)
 
         world["old_pool"].start()
         world["new_pool"].start()
         producer.start()
         say(f"demo: producing {tasks} tasks at {rate:.0f}/s through DualWriter; old workers consume")
-        soak_for(soak)
-        step("advance: preparation -> dual_write", lambda: commands.advance(settings, MIGRATION))
-        soak_for(soak)
-        result = commands.backfill(settings, MIGRATION)
-        say(f"demo: backfill copied {result.copied} tasks old -> new ({result.rows_per_second:,.0f}/s)")
-        check("before cutover")
-        step(
-            "advance: dual_write -> cutover (stop old workers, drain_old, transfer_state)",
-            lambda: commands.advance(settings, MIGRATION),
-        )
-        for percent in (10, 50, 100):
-            soak_for(soak / 2)
-            step(f"ramp {percent}%", functools.partial(commands.ramp, settings, MIGRATION, percent))
-        soak_for(soak / 2)
-        check("before cleanup")
-        say("demo: advance: cutover -> cleanup, with a crash injected inside its step")
-        try:
-            commands.advance(settings, MIGRATION)
-        except hooks.SimulatedCrash as crash:
-            say(f"demo: crashed: {crash}; a second operator runs `resume --steal`")
-            second = settings.model_copy(update={"actor": "demo-operator-2"})
-            step("resume --steal", lambda: commands.resume(second, MIGRATION, steal=True))
-            report.crash_resumed = True
-        soak_for(soak)
-        step(
-            "rollback: cleanup -> cutover (reverse_sync)",
-            lambda: commands.rollback(settings, MIGRATION, reason="demo: error rate up in cleanup"),
-        )
-        step(
-            "rollback: cutover -> dual_write (stop new workers, drain_new, reverse_sync, old workers back)",
-            lambda: commands.rollback(settings, MIGRATION, reason="demo: back to dual writes"),
-        )
-        report.rollbacks = 2
-        soak_for(soak)
-        check("before the second cutover")
-        step("advance: dual_write -> cutover", lambda: commands.advance(settings, MIGRATION))
-        step("ramp 100%", lambda: commands.ramp(settings, MIGRATION, 100))
-        soak_for(soak / 2)
-        check("before the second cleanup")
-        step("advance: cutover -> cleanup", lambda: commands.advance(settings, MIGRATION))
-        soak_for(soak)
-        producer.stop()
-        commands.reconcile(settings, MIGRATION)
-        step("advance: cleanup -> complete", lambda: commands.advance(settings, MIGRATION))
+        walk = OperatorWalk(world["settings"], MIGRATION, report, soak=soak_for, seen=seen, say=say)
+        walk.run(stop_traffic=producer.stop)
         _wait_until_executed(world, producer, timeout=max(30.0, tasks / 50))
-        now = time.monotonic()
-        report.phases[phase_started["phase"]] = (
-            report.phases.get(phase_started["phase"], 0.0) + now - phase_started["at"]
-        )
-        report.journal_verified = commands.verify(settings, MIGRATION).rows > 0
+        walk.finish()
+        report.journal_verified = commands.verify(world["settings"], MIGRATION).rows > 0
         _fill(report, world, producer)
-    report.phases = {p.value: report.phases.get(p.value, 0.0) for p in PHASES}
     report.seconds = time.monotonic() - started
     return report
+
+
+class OperatorWalk:
+    """The operator's part of the story, through `commands` (the code paths of the CLI):
+    preparation -> dual_write, backfill, validate, cutover (stop old workers, drain_old,
+    transfer_state), ramp 10 -> 50 -> 100, cleanup with a crash inside its step finished by
+    `resume --steal`, rollback cleanup -> cutover -> dual_write, forward again, complete.
+
+    Shared by the demo and the load run (`bench/load.py`). `soak(units)` lets the traffic
+    run between steps (`run_demo(soak=...)` seconds per unit; 7.5 units in all); `seen(version)`
+    returns once the backends follow that version; `say` narrates, each line starting with
+    `label`. `report` collects the transitions, validations and seconds per phase. While a
+    command runs, `doing` says which and since when (`time.monotonic()`), for a watchdog.
+    """
+
+    #: Units of `soak` the walk spends in all.
+    SOAK_UNITS: Final = 7.5
+
+    def __init__(
+        self,
+        settings: Settings,
+        migration: str,
+        report: Report,
+        *,
+        soak: Callable[[float], None],
+        seen: Callable[[int], None],
+        say: Callable[[str], None],
+        label: str = "demo",
+    ) -> None:
+        self.label = label
+        self.settings = settings
+        self.migration = migration
+        self.report = report
+        self.soak = soak
+        self.seen = seen
+        self.say = say
+        self._phase = Phase.PREPARATION.value
+        self._phase_at = time.monotonic()
+        self.doing: tuple[str, float] | None = None
+
+    def run(self, *, stop_traffic: Callable[[], None]) -> None:
+        """Walk every phase; `stop_traffic()` is called before the final `complete`."""
+        settings, migration, soak, say = self.settings, self.migration, self.soak, self.say
+        soak(1)
+        self.step("advance: preparation -> dual_write", lambda: commands.advance(settings, migration))
+        soak(1)
+        with self._doing("backfill"):
+            result = commands.backfill(settings, migration)
+        speed = f"{result.rows_per_second:,.0f}/s"
+        say(f"{self.label}: backfill copied {result.copied} tasks old -> new ({speed})")
+        self.check("before cutover")
+        self.step(
+            "advance: dual_write -> cutover (stop old workers, drain_old, transfer_state)",
+            lambda: commands.advance(settings, migration),
+        )
+        for percent in (10, 50, 100):
+            soak(0.5)
+            self.step(f"ramp {percent}%", functools.partial(commands.ramp, settings, migration, percent))
+        soak(0.5)
+        self.check("before cleanup")
+        say(f"{self.label}: advance: cutover -> cleanup, with a crash injected inside its step")
+        try:
+            with self._doing("advance: cutover -> cleanup"):
+                commands.advance(settings, migration)
+        except hooks.SimulatedCrash as crash:
+            say(f"{self.label}: crashed: {crash}; a second operator runs `resume --steal`")
+            second = settings.model_copy(update={"actor": f"{settings.actor}-2"})
+            self.step("resume --steal", lambda: commands.resume(second, migration, steal=True))
+            self.report.crash_resumed = True
+        soak(1)
+        self.step(
+            "rollback: cleanup -> cutover (reverse_sync)",
+            lambda: commands.rollback(settings, migration, reason=f"{self.label}: error rate up in cleanup"),
+        )
+        self.step(
+            "rollback: cutover -> dual_write (stop new workers, drain_new, reverse_sync, old workers back)",
+            lambda: commands.rollback(settings, migration, reason=f"{self.label}: back to dual writes"),
+        )
+        self.report.rollbacks = 2
+        soak(1)
+        self.check("before the second cutover")
+        self.step("advance: dual_write -> cutover", lambda: commands.advance(settings, migration))
+        self.step("ramp 100%", lambda: commands.ramp(settings, migration, 100))
+        soak(0.5)
+        self.check("before the second cleanup")
+        self.step("advance: cutover -> cleanup", lambda: commands.advance(settings, migration))
+        soak(1)
+        stop_traffic()
+        with self._doing("reconcile"):
+            commands.reconcile(settings, migration)
+        self.step("advance: cleanup -> complete", lambda: commands.advance(settings, migration))
+
+    def step(self, message: str, action: Callable[[], object]) -> None:
+        """Run one operator command, then wait until the backends follow it."""
+        self.say(f"{self.label}: {message}")
+        with self._doing(message):
+            action()
+        self.report.transitions += 1
+        state = commands.status(self.settings, self.migration).state
+        self._enter(state.phase.value)
+        self.seen(state.version)
+
+    def check(self, label: str) -> None:
+        """`reconcile` then `validate`, as the runbook says before an advance."""
+        with self._doing(f"reconcile {label}"):
+            done = commands.reconcile(self.settings, self.migration)
+        with self._doing(f"validate {label}"):
+            validation = commands.validate(self.settings, self.migration)
+        self.report.validations.append(validation.ok)
+        self.say(
+            f"{self.label}: {label}: reconcile replayed {done.replayed}; validate ok={validation.ok}"
+            f" missing={validation.missing} mismatched={validation.mismatched}"
+            f" status_differs={validation.status_differs} extra={validation.extra}"
+        )
+
+    @contextmanager
+    def _doing(self, what: str) -> Iterator[None]:
+        self.doing = (what, time.monotonic())
+        try:
+            yield
+        finally:
+            self.doing = None
+
+    def finish(self) -> None:
+        """Close the time of the last phase; `report.phases` then lists every phase in order."""
+        self._enter(None)
+        self.report.phases = {p.value: self.report.phases.get(p.value, 0.0) for p in PHASES}
+
+    def _enter(self, phase: str | None) -> None:
+        if phase == self._phase:
+            return
+        now = time.monotonic()
+        phases = self.report.phases
+        phases[self._phase] = phases.get(self._phase, 0.0) + now - self._phase_at
+        if phase is not None:
+            self._phase, self._phase_at = phase, now
 
 
 def _wait_until_executed(world: dict[str, Any], producer: Producer, timeout: float) -> None:

@@ -1,10 +1,17 @@
-"""The demo's two task systems, small but real: each has its own SQLite table, schema and
-status vocabulary, and its own workers that claim, run and complete tasks.
+"""The demo's two task systems, small but real: each has its own table, schema and status
+vocabulary, and its own workers that claim, run and complete tasks.
 
 - the old task manager (`runs` table): states queued/running/done/error/cancelled;
 - the new queue (`jobs` table): claimed with a lease, statuses pending/running/completed/...
 
 A shared ledger records every execution, so the demo can count tasks lost or run twice.
+
+Each lives in a SQLite file (the demo) or a PostgreSQL database (the load run,
+`bench/load.py`): `SqliteDatabase` and `PostgresDatabase` are the small dialect switch.
+On PostgreSQL the tables are the same but for the types a server has (`BIGSERIAL`, `DOUBLE
+PRECISION`), keys that sort by code point (`COLLATE "C"`, as `SqlTaskStore.scan` wants) and
+partial indexes for the claims, and a claim is one `UPDATE ... WHERE id = (SELECT ... FOR
+UPDATE SKIP LOCKED)`, so any number of workers claim side by side, each row exactly once.
 """
 
 from __future__ import annotations
@@ -13,11 +20,14 @@ import sqlite3
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
+
+#: A DB-API connection in autocommit mode: `sqlite3.Connection` or `psycopg.Connection`.
+Connection = Any
 
 OLD_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -48,6 +58,61 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (idempotency_key)"""
 
 LEDGER_SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS executions (key TEXT NOT NULL, side TEXT NOT NULL, at REAL NOT NULL)"
+)
+
+# The same tables on PostgreSQL. Partial indexes keep a claim one short index probe however
+# many finished rows pile up behind it; keys sort by code point, as `SqlTaskStore.scan` wants.
+OLD_SCHEMA_PG: Final = """
+CREATE TABLE IF NOT EXISTS runs (
+    id BIGSERIAL PRIMARY KEY,
+    run_id TEXT COLLATE "C" NOT NULL UNIQUE,
+    task_name TEXT NOT NULL,
+    args TEXT NOT NULL,
+    state TEXT NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 0,
+    enqueued_at TEXT NOT NULL,
+    modified_at TEXT NOT NULL,
+    worker TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_queued ON runs (id) WHERE state = 'queued'"""
+
+NEW_SCHEMA_PG: Final = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id BIGSERIAL PRIMARY KEY,
+    idempotency_key TEXT COLLATE "C" NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_until DOUBLE PRECISION,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (job_id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE status = 'running'"""
+
+LEDGER_SCHEMA_PG: Final = (
+    "CREATE TABLE IF NOT EXISTS executions"
+    " (key TEXT NOT NULL, side TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)"
+)
+
+# A claim on PostgreSQL: one statement, the row locked by the subquery and skipped by every
+# other worker. Expired leases first (a short partial index, almost always empty), then the
+# oldest pending job: two index probes, where one `pending OR expired` query would scan.
+CLAIM_OLD_PG: Final = (
+    "UPDATE runs SET state = 'running', tries = tries + 1, worker = %s, modified_at = %s"
+    " WHERE id = (SELECT id FROM runs WHERE state = 'queued' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+    " RETURNING run_id"
+)
+CLAIM_EXPIRED_PG: Final = (
+    "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_until = %s, updated = %s"
+    " WHERE job_id = (SELECT job_id FROM jobs WHERE status = 'running' AND lease_until < %s"
+    " ORDER BY lease_until LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING idempotency_key"
+)
+CLAIM_PENDING_PG: Final = (
+    "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_until = %s, updated = %s"
+    " WHERE job_id = (SELECT job_id FROM jobs WHERE status = 'pending'"
+    " ORDER BY job_id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING idempotency_key"
 )
 
 #: How the migration sees each system (the `[stores.*]` config of the demo).
@@ -102,16 +167,90 @@ def create(path: Path, schema: str) -> None:
     conn.close()
 
 
+class SqliteDatabase:
+    """A task system's SQLite file (the demo's)."""
+
+    dialect: Final = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def connect(self) -> Connection:
+        return connect(self.path)
+
+    def create(self, schema: str) -> None:
+        create(self.path, schema)
+
+    def sql(self, statement: str) -> str:
+        """`statement` (written with `?` placeholders) in this driver's paramstyle."""
+        return statement
+
+
+class PostgresDatabase:
+    """A task system's PostgreSQL database (the load run's), by SQLAlchemy or libpq URL.
+
+    `synchronous_commit=False` makes this process's commits return before their WAL is
+    flushed (`SET synchronous_commit = off`, per session; a crash may lose the last few, which
+    no one reads): for bookkeeping such as the ledger, never for the systems under test.
+    """
+
+    dialect: Final = "postgresql"
+
+    def __init__(self, url: str, *, synchronous_commit: bool = True) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.url = url
+        self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.synchronous_commit = synchronous_commit
+
+    def connect(self) -> Connection:
+        import psycopg
+
+        conn = psycopg.connect(self.conninfo, autocommit=True, application_name="migration-fsm demo")
+        if not self.synchronous_commit:
+            conn.execute("SET synchronous_commit = off")
+        return conn
+
+    def create(self, schema: str) -> None:
+        with self.connect() as conn:
+            for statement in schema.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    def sql(self, statement: str) -> str:
+        """`statement` (written with `?` placeholders) in this driver's paramstyle."""
+        return statement.replace("?", "%s")
+
+
+TaskDatabase = SqliteDatabase | PostgresDatabase
+
+
+def as_database(where: Path | TaskDatabase) -> TaskDatabase:
+    """A path is a SQLite file (how the demo names its databases)."""
+    return SqliteDatabase(where) if isinstance(where, Path) else where
+
+
+def _schema(database: TaskDatabase, sqlite: str, postgresql: str) -> str:
+    return sqlite if database.dialect == "sqlite" else postgresql
+
+
 class OldTaskManager:
     """The system being left: a `runs` table worked by in-process threads."""
 
     side = "old"
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        create(path, OLD_SCHEMA)
+    def __init__(self, where: Path | TaskDatabase) -> None:
+        self.database = as_database(where)
+        self.database.create(_schema(self.database, OLD_SCHEMA, OLD_SCHEMA_PG))
+        self._complete = self.database.sql(
+            "UPDATE runs SET state = 'done', modified_at = ? WHERE run_id = ? AND state = 'running'"
+        )
 
-    def claim(self, conn: sqlite3.Connection, worker: str) -> str | None:
+    def claim(self, conn: Connection, worker: str) -> str | None:
+        """Mark the oldest queued run `running` for `worker`; its key, or None."""
+        if self.database.dialect == "postgresql":
+            row = conn.execute(CLAIM_OLD_PG, (worker, _now_text())).fetchone()
+            return None if row is None else str(row[0])
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute(
@@ -129,11 +268,8 @@ class OldTaskManager:
             raise
         return None if row is None else str(row[0])
 
-    def complete(self, conn: sqlite3.Connection, key: str) -> None:
-        conn.execute(
-            "UPDATE runs SET state = 'done', modified_at = ? WHERE run_id = ? AND state = 'running'",
-            (_now_text(), key),
-        )
+    def complete(self, conn: Connection, key: str) -> None:
+        conn.execute(self._complete, (_now_text(), key))
 
 
 class NewQueue:
@@ -142,12 +278,19 @@ class NewQueue:
     side = "new"
     lease_seconds = 30.0
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        create(path, NEW_SCHEMA)
+    def __init__(self, where: Path | TaskDatabase) -> None:
+        self.database = as_database(where)
+        self.database.create(_schema(self.database, NEW_SCHEMA, NEW_SCHEMA_PG))
+        self._complete = self.database.sql(
+            "UPDATE jobs SET status = 'completed', lease_until = NULL, updated = ?"
+            " WHERE idempotency_key = ? AND status = 'running'"
+        )
 
-    def claim(self, conn: sqlite3.Connection, worker: str) -> str | None:
+    def claim(self, conn: Connection, worker: str) -> str | None:
+        """Lease the oldest pending job (or one whose lease expired); its key, or None."""
         now = time.time()
+        if self.database.dialect == "postgresql":
+            return self._claim_postgres(conn, now)
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute(
@@ -168,26 +311,45 @@ class NewQueue:
             raise
         return None if row is None else str(row[1])
 
-    def complete(self, conn: sqlite3.Connection, key: str) -> None:
-        conn.execute(
-            "UPDATE jobs SET status = 'completed', lease_until = NULL, updated = ?"
-            " WHERE idempotency_key = ? AND status = 'running'",
-            (_now_text(), key),
-        )
+    def _claim_postgres(self, conn: Connection, now: float) -> str | None:
+        lease = (now + self.lease_seconds, _now_text())
+        row = conn.execute(CLAIM_EXPIRED_PG, (*lease, now)).fetchone()
+        if row is None:
+            row = conn.execute(CLAIM_PENDING_PG, lease).fetchone()
+        return None if row is None else str(row[0])
+
+    def complete(self, conn: Connection, key: str) -> None:
+        conn.execute(self._complete, (_now_text(), key))
 
 
 class Ledger:
-    """Every execution of every task, on either side."""
+    """Every execution of every task, on either side.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        create(path, LEDGER_SCHEMA)
-        self._conn = connect(path)
+    On SQLite one connection records for every worker (SQLite has one writer anyway); on
+    PostgreSQL each worker thread records through a connection of its own, so recording
+    never queues workers behind one another.
+    """
+
+    def __init__(self, where: Path | TaskDatabase) -> None:
+        self.database = as_database(where)
+        self.database.create(_schema(self.database, LEDGER_SCHEMA, LEDGER_SCHEMA_PG))
+        self._insert = self.database.sql("INSERT INTO executions VALUES (?, ?, ?)")
+        self._conn = self.database.connect()
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._thread_connections: list[Connection] = []
 
     def record(self, key: str, side: str) -> None:
-        with self._lock:
-            self._conn.execute("INSERT INTO executions VALUES (?, ?, ?)", (key, side, time.time()))
+        if self.database.dialect == "sqlite":
+            with self._lock:
+                self._conn.execute(self._insert, (key, side, time.time()))
+            return
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.database.connect()
+            with self._lock:
+                self._thread_connections.append(conn)
+        conn.execute(self._insert, (key, side, time.time()))
 
     def executions(self) -> dict[str, int]:
         """How many times each key ran."""
@@ -201,6 +363,10 @@ class Ledger:
         return {str(side): int(count) for side, count in rows}
 
     def close(self) -> None:
+        with self._lock:
+            connections, self._thread_connections = self._thread_connections, []
+        for conn in connections:
+            conn.close()
         self._conn.close()
 
 
@@ -208,7 +374,8 @@ class WorkerPool:
     """Threads that claim and run tasks of one system while `allowed()` says they may.
 
     `pause()` returns only once no worker can start a new claim, which is what the
-    migration's "stop old workers" hook needs before it drains the in-flight tasks.
+    migration's "stop old workers" hook needs before it drains the in-flight tasks. A worker
+    that finds nothing to claim looks again after `idle_seconds`.
     """
 
     def __init__(
@@ -219,15 +386,18 @@ class WorkerPool:
         *,
         workers: int = 2,
         work_seconds: float = 0.01,
+        idle_seconds: float = 0.02,
     ) -> None:
         self.system = system
         self.ledger = ledger
         self.allowed = allowed
         self.work_seconds = work_seconds
+        self.idle_seconds = idle_seconds
         self._claim_lock = threading.Lock()
         self._paused = False
         self._stop = threading.Event()
         self.executed = 0
+        self.errors: list[str] = []
         self._threads = [
             threading.Thread(target=self._work, args=(f"{system.side}-{i}",), daemon=True)
             for i in range(workers)
@@ -255,17 +425,20 @@ class WorkerPool:
             thread.join(timeout=10)
 
     def _work(self, name: str) -> None:
-        conn = connect(self.system.path)
+        conn = self.system.database.connect()
         try:
             while not self._stop.is_set():
                 with self._claim_lock:
                     key = None if self._paused or not self.allowed() else self.system.claim(conn, name)
                 if key is None:
-                    self._stop.wait(0.02)
+                    self._stop.wait(self.idle_seconds)
                     continue
                 self.ledger.record(key, self.system.side)
                 time.sleep(self.work_seconds)
                 self.system.complete(conn, key)
                 self.executed += 1
+        except Exception as exc:
+            self.errors.append(f"{name}: {exc}")  # a dead worker shows in the report, not only in stderr
+            raise
         finally:
             conn.close()
