@@ -24,17 +24,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The tests run in PYTEST_WORKERS processes (pytest-xdist); PYTEST_WORKERS=0 runs them in this one.
+PYTEST_WORKERS ?= 2
+
 pytest: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The end-to-end demo on SQLite files in a temporary folder (see `migration-fsm demo --help`).
 demo: $(STAMP)
 	$(BIN)/migration-fsm demo
 
+# Every benchmark at sizes that finish in a few minutes, and one table (docs/PERFORMANCE.md).
 bench: $(STAMP)
-	$(BIN)/python bench/transition.py
-	$(BIN)/python bench/routing.py
-	$(BIN)/python bench/pollers.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build
