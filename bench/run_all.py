@@ -1,0 +1,344 @@
+"""`make bench`: every benchmark under bench/, at sizes that finish in a few minutes, and one table.
+
+Runs each benchmark as its own process (its JSON on stdout, its progress on stderr), then
+prints one table: per figure, what we measured, the baseline measured in the same run,
+their ratio and the goal. `--json FILE` also writes every benchmark's whole JSON object
+there; `--only NAME` (repeatable) runs a subset. The full-size runs and their figures are
+in docs/PERFORMANCE.md.
+
+    .venv/bin/python bench/run_all.py [--only NAME]... [--json FILE] [--n N] [--load-seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    benchmark: str
+    figure: str
+    ours: str
+    baseline: str
+    ratio: str
+    goal: str
+    met: bool | None  # None: a figure with no goal
+
+
+Rows = list[Row]
+
+
+def fmt(value: float, unit: str = "") -> str:
+    if value >= 1000:
+        return f"{value:,.0f}{unit}"
+    return f"{value:.3g}{unit}"
+
+
+def _plain(value: float | None) -> float | None:
+    """A figure without the sign of a negative zero."""
+    return None if value is None else round(value, 1) + 0.0
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x" if theirs else "-"
+
+
+def transition_rows(r: dict[str, Any]) -> Rows:
+    rows = []
+    goal = r["goal_median_ms"]
+    for db in ("sqlite", "postgresql"):
+        if db not in r:
+            continue
+        ours, base = r[db]["advance"], r[db]["baseline_single_update_commit"]
+        rows.append(
+            Row(
+                "transition",
+                f"advance median, {db} (p99 {ours['p99_ms']:.3g} ms)",
+                fmt(ours["median_ms"], " ms"),
+                f"{fmt(base['median_ms'], ' ms')} one UPDATE+COMMIT",
+                ratio(ours["median_ms"], base["median_ms"]),
+                f"< {goal} ms",
+                ours["median_ms"] < goal,
+            )
+        )
+    return rows
+
+
+def routing_rows(r: dict[str, Any]) -> Rows:
+    res, goal = r["results"], r["goal"]
+    ours, base = res["routing_key"]["median_ns"], res["attribute_read"]["median_ns"]
+    return [
+        Row(
+            "routing",
+            "routing(key) from the cache, median",
+            fmt(ours, " ns"),
+            f"{fmt(base, ' ns')} attribute read",
+            ratio(ours, base),
+            f"< {goal['routing_key_median_ns_under']} ns, < {goal['ratio_to_attribute_read_under']}x",
+            bool(goal["median_met"] and goal["ratio_met"]),
+        )
+    ]
+
+
+def pollers_rows(r: dict[str, Any]) -> Rows:
+    steady, prop, goal = r["steady"], r["propagation"], r["goal"]
+    advance = prop["advance_all_clients_after_commit"]
+    bare = prop["baseline_bare_listen_after_commit"]
+    return [
+        Row(
+            "pollers",
+            f"queries per client per ttl, {r['clients']} clients",
+            f"{steady['queries_per_client_per_ttl']:.3g}",
+            "-",
+            "-",
+            f"<= {goal['queries_per_client_per_ttl_at_most']}",
+            bool(goal["queries_met"]),
+        ),
+        Row(
+            "pollers",
+            "transition seen by every client, max",
+            fmt(advance["max_ms"], " ms"),
+            f"{fmt(bare['max_ms'], ' ms')} bare LISTEN",
+            ratio(advance["max_ms"], bare["max_ms"]),
+            f"< {goal['propagation_max_ms_under']} ms",
+            bool(goal["propagation_met"]),
+        ),
+        Row(
+            "pollers",
+            "extra queries after a change (herd), median",
+            f"{_plain(r['herd']['server_extra_poll_queries_median'])}",
+            f"noise {[_plain(x) for x in r['herd']['noise_no_change_windows_min_max']]}",
+            "-",
+            "about 0",
+            None,
+        ),
+    ]
+
+
+def backfill_rows(r: dict[str, Any]) -> Rows:
+    s = r["sqlite"]
+    n = f"N={r['n']:,}"
+    rows = [
+        Row(
+            "backfill",
+            f"SQLite tasks/s, {n}",
+            fmt(s["backfill"]["tasks_per_second"], "/s"),
+            f"{fmt(s['plain_sqlite3_copy']['tasks_per_second'], '/s')} plain sqlite3 copy",
+            f"{s['vs_plain_copy']['ratio']:.2f}x",
+            f">= {s['vs_plain_copy']['goal']}x",
+            bool(s["vs_plain_copy"]["met"]),
+        ),
+        Row(
+            "backfill",
+            "SQLite, against a per-task put loop",
+            fmt(s["backfill"]["tasks_per_second"], "/s"),
+            f"{fmt(s['put_loop']['tasks_per_second'], '/s')} put loop",
+            f"{s['vs_put_loop']['ratio']:.1f}x",
+            f">= {s['vs_put_loop']['goal']}x",
+            bool(s["vs_put_loop"]["met"]),
+        ),
+        Row(
+            "backfill",
+            "SQLite peak resident memory",
+            fmt(s["peak_rss"]["mb"], " MB"),
+            "-",
+            "-",
+            f"< {s['peak_rss']['goal_mb']} MB",
+            bool(s["peak_rss"]["met"]),
+        ),
+    ]
+    if "postgresql" in r:
+        p = r["postgresql"]
+        rows.append(
+            Row(
+                "backfill",
+                f"PostgreSQL tasks/s, {n}",
+                fmt(p["backfill"]["tasks_per_second"], "/s"),
+                f"{fmt(p['copy']['tasks_per_second'], '/s')} COPY",
+                f"{p['vs_copy']['ratio']:.2f}x",
+                f">= {p['vs_copy']['goal']}x",
+                bool(p["vs_copy"]["met"]),
+            )
+        )
+    return rows
+
+
+def validate_rows(r: dict[str, Any]) -> Rows:
+    s = r["sqlite"]
+    n = f"N={r['n']:,}"
+    ours = s["validate"]["tasks_per_second"]
+    rows = [
+        Row(
+            "validate",
+            f"SQLite tasks/s, {n}",
+            fmt(ours, "/s"),
+            f"{fmt(s['scan_hash_merge']['tasks_per_second'], '/s')} scan+hash+merge",
+            f"{s['vs_scan_hash_merge']['ratio']:.2f}x",
+            f">= 1x; >= {s['tasks_per_second_goal']['goal']:,}/s",
+            bool(s["vs_scan_hash_merge"]["met"] and s["tasks_per_second_goal"]["met"]),
+        ),
+        Row(
+            "validate",
+            "SQLite peak resident memory",
+            fmt(s["peak_rss"]["mb"], " MB"),
+            "-",
+            "-",
+            f"< {s['peak_rss']['goal_mb']} MB",
+            bool(s["peak_rss"]["met"]),
+        ),
+    ]
+    if "postgresql" in r:
+        p = r["postgresql"]
+        rows.append(
+            Row(
+                "validate",
+                f"PostgreSQL tasks/s, {n}",
+                fmt(p["validate"]["tasks_per_second"], "/s"),
+                f"{fmt(p['scan_hash_merge']['tasks_per_second'], '/s')} scan+hash+merge",
+                f"{p['vs_scan_hash_merge']['ratio']:.2f}x",
+                "-",
+                None,
+            )
+        )
+    return rows
+
+
+def load_rows(r: dict[str, Any]) -> Rows:
+    floor = r["baseline"]["before"]["insert_commit_ms"]["p50"]
+    rows = [
+        Row(
+            "load",
+            f"scheduled {r['scheduled']:,}, lost / duplicated",
+            f"{r['lost']} / {r['duplicated']}",
+            "-",
+            "-",
+            "0 / 0",
+            r["lost"] == 0 and r["duplicated"] == 0,
+        ),
+        Row(
+            "load",
+            "achieved tasks/s through DualWriter",
+            fmt(r["achieved_rate"], "/s"),
+            f"{fmt(r['target_rate'], '/s')} target",
+            ratio(r["achieved_rate"], r["target_rate"]),
+            "-",
+            None,
+        ),
+    ]
+    for phase in ("dual_write", "cutover"):
+        latency = r["write_latency_ms"].get(phase, {})
+        if latency.get("n"):
+            rows.append(
+                Row(
+                    "load",
+                    f"write p50 (p99 {latency['p99']:.3g} ms), {phase}",
+                    fmt(latency["p50"], " ms"),
+                    f"{fmt(floor, ' ms')} one INSERT+COMMIT",
+                    ratio(latency["p50"], floor),
+                    "-",
+                    None,
+                )
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    argv: Callable[[argparse.Namespace], list[str]]
+    rows: Callable[[dict[str, Any]], Rows]
+
+
+BENCHES = (
+    Bench("transition", lambda a: ["transition.py", "--rounds", "200"], transition_rows),
+    Bench("routing", lambda a: ["routing.py", "--repeats", "9"], routing_rows),
+    Bench(
+        "pollers",
+        lambda a: ["pollers.py", "--clients", "100", "--seconds", "5", "--rounds", "3"],
+        pollers_rows,
+    ),
+    Bench(
+        "backfill", lambda a: ["backfill.py", str(a.n), "--repeat", "1", "--sample", "5000"], backfill_rows
+    ),
+    Bench("validate", lambda a: ["validate.py", str(a.n), "--repeat", "1"], validate_rows),
+    Bench(
+        "load",
+        lambda a: ["load.py", "--seconds", str(a.load_seconds), "--rate", "500", "--clients", "50"],
+        load_rows,
+    ),
+)
+
+
+def run(bench: Bench, args: argparse.Namespace) -> tuple[dict[str, Any] | None, float, str]:
+    """One benchmark: its JSON (None when it failed), seconds, and the failure's last line."""
+    argv = [sys.executable, str(HERE / bench.argv(args)[0]), *bench.argv(args)[1:]]
+    print(f"bench: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False, cwd=HERE.parent)
+    seconds = time.monotonic() - started
+    try:
+        result: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return None, seconds, f"exit {done.returncode}, no JSON on stdout"
+    return result, seconds, "" if done.returncode == 0 else f"exit {done.returncode}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    names = [bench.name for bench in BENCHES]
+    parser.add_argument("--only", action="append", choices=names, help="run this benchmark (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write every benchmark's JSON object here")
+    parser.add_argument("--n", type=int, default=200_000, help="tasks for backfill and validate")
+    parser.add_argument("--load-seconds", type=float, default=20.0, help="load.py --seconds")
+    args = parser.parse_args()
+    chosen = [bench for bench in BENCHES if not args.only or bench.name in args.only]
+    results: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    table = Table(title="make bench: ours next to a baseline measured in the same run")
+    for column in ("benchmark", "figure", "ours", "baseline (same run)", "ratio", "goal", "met"):
+        table.add_column(column, overflow="fold")
+    failed = []
+    for bench in chosen:
+        result, seconds, problem = run(bench, args)
+        results[bench.name] = result
+        if result is None:
+            failed.append(bench.name)
+            table.add_row(bench.name, f"failed: {problem}", "", "", "", "", "no")
+            continue
+        if problem:  # load.py exits 1 when a task was lost or ran twice; its rows say so
+            failed.append(bench.name)
+        for row in bench.rows(result):
+            met = "-" if row.met is None else ("yes" if row.met else "NO")
+            table.add_row(row.benchmark, row.figure, row.ours, row.baseline, row.ratio, row.goal, met)
+        table.add_row("", f"[dim]{seconds:.0f} s[/dim]", "", "", "", "", "", end_section=True)
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    Console(width=160).print(table)
+    print(
+        f"cpus {results['cpus']}, load average {results['load_average_at_start']} -> "
+        f"{results['load_average_at_end']}"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
