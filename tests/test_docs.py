@@ -65,3 +65,17 @@ def test_readme_backend_examples_run(tmp_path: Path) -> None:
     ]
     assert "preparation old True" == outputs[0].strip()
     assert "{'old'} True" == outputs[1].strip()
+
+
+def test_relative_links_in_the_docs_resolve() -> None:
+    """Every relative link in README.md, CHANGELOG.md and docs/ names a file that exists."""
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = [
+        f"{page.relative_to(ROOT)}: {target}"
+        for page in pages
+        for target in link.findall(page.read_text(encoding="utf-8"))
+        if "://" not in target and not (page.parent / target).exists()
+    ]
+    assert not broken
+    assert (ROOT / "docs" / "PERFORMANCE.md").exists()
