@@ -367,7 +367,13 @@ class _WriterBase:
         self.strict = strict
         self.repair = repair or RepairLog(client.url, client.migration)
         self._lock = threading.Lock()
-        self._counters = {"writes": 0, "second_writes": 0, "repair_entries": 0, "failed_writes": 0}
+        self._counters = {
+            "writes": 0,
+            "second_writes": 0,
+            "second_writes_behind": 0,
+            "repair_entries": 0,
+            "failed_writes": 0,
+        }
 
     def _plan(self, key: str) -> tuple[tuple[str, TaskStore], tuple[str, TaskStore] | None]:
         route = self.client.routing(key)
@@ -404,10 +410,21 @@ class _WriterBase:
         return _first_line(exc)
 
 
+def _second_put(store: Any) -> tuple[str, bool]:
+    """The method for a second write to `store`, and whether it says if it wrote: the store's
+    `put_forward` when it has one (`SqlTaskStore` and `MemoryTaskStore` do), else `put`."""
+    return ("put_forward", True) if callable(getattr(store, "put_forward", None)) else ("put", False)
+
+
 class DualWriter(_WriterBase):
     """Writes each task per the phase's routing: the authoritative side first (its failure
     raises and nothing is written to the other side), then the other side when the phase
-    writes both; a failed second write goes to the repair log (or raises when `strict`)."""
+    writes both; a failed second write goes to the repair log (or raises when `strict`).
+
+    The second write never moves a task back: through the store's `put_forward`, it leaves
+    alone a task the other side holds as running or finished (a write delayed past a state
+    transfer or a worker's claim there), so the task is not handed out a second time; such
+    writes are counted as `second_writes_behind`. A store without `put_forward` gets `put`."""
 
     def __init__(
         self,
@@ -432,8 +449,9 @@ class DualWriter(_WriterBase):
         if second is None:
             return first_name
         second_name, store = second
+        method, answers = _second_put(store)
         try:
-            store.put(record)
+            wrote = getattr(store, method)(record)
         except BaseException as exc:
             self.repair.record(record.key, second_name, self._describe(exc))
             self._count("repair_entries")
@@ -445,6 +463,8 @@ class DualWriter(_WriterBase):
                 raise
             return first_name
         self._count("second_writes")
+        if answers and not wrote:
+            self._count("second_writes_behind")
         return first_name
 
 
@@ -483,8 +503,9 @@ class AsyncDualWriter(_WriterBase):
         if second is None:
             return first_name
         second_name, store = second
+        method, answers = _second_put(store)
         try:
-            await _call(store, "put", record)
+            wrote = await _call(store, method, record)
         except BaseException as exc:
             # Shielded: recording the repair must survive the cancellation that caused it.
             await asyncio.shield(
@@ -499,6 +520,8 @@ class AsyncDualWriter(_WriterBase):
                 raise
             return first_name
         self._count("second_writes")
+        if answers and not wrote:
+            self._count("second_writes_behind")
         return first_name
 
 

@@ -29,10 +29,12 @@ from migration_fsm.config import Settings
 from migration_fsm.data.memory import MemoryTaskStore
 from migration_fsm.data.reconcile import open_entries, reconcile
 from migration_fsm.data.records import TaskRecord, TaskStatus
+from migration_fsm.data.sql import SqlTaskStore
 from migration_fsm.engine import Engine
 from migration_fsm.fsm import Phase, routing_for
 from migration_fsm.store import Store
 from tests.conftest import ROOT, CliResult
+from tests.datatools import create_task_table
 from tests.proxy import TcpProxy
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -73,6 +75,11 @@ class FlakyStore(MemoryTaskStore):
         if self.fail_puts:
             raise ConnectionError(f"{self.name} is down")
         super().put(record)
+
+    def put_forward(self, record: TaskRecord) -> bool:  # DualWriter's second write
+        if self.fail_puts:
+            raise ConnectionError(f"{self.name} is down")
+        return super().put_forward(record)
 
     def get(self, key: str) -> TaskRecord | None:
         if self.fail_gets:
@@ -240,9 +247,52 @@ def test_dual_writer_failure_points(engine: Engine, client: PhaseClient, store: 
     assert old.scan(None, 10) == new.scan(None, 10)
     again = reconcile(store, "default", old, new)
     assert (0, 0) == (again.replayed, again.open)
-    assert {"writes": 1, "second_writes": 0, "repair_entries": 1, "failed_writes": 1} == writer.counters()
+    assert {
+        "writes": 1,
+        "second_writes": 0,
+        "second_writes_behind": 0,
+        "repair_entries": 1,
+        "failed_writes": 1,
+    } == writer.counters()
     writer.close()
     strict.close()
+
+
+def test_a_late_second_write_does_not_hand_a_finished_task_back(
+    engine: Engine, client: PhaseClient, upgraded_url: str
+) -> None:
+    """The race behind "no task runs twice": in `dual_write` the old side takes a task and an
+    old worker finishes it while the write to the new side is held up; the cutover's state
+    transfer copies the finished task to new; then the held-up write lands. It must not put
+    the task back to pending on new (where new workers would run it again). Real SQL stores."""
+    create_task_table(upgraded_url, "old_tasks")
+    create_task_table(upgraded_url, "new_tasks")
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldUp(SqlTaskStore):
+        def put_forward(self, record: TaskRecord) -> bool:
+            entered.set()
+            assert release.wait(timeout=30)
+            return super().put_forward(record)
+
+    old = SqlTaskStore(upgraded_url, "old_tasks", name="old")
+    new = HeldUp(upgraded_url, "new_tasks", name="new")
+    move_to(engine, client, Phase.DUAL_WRITE)
+    with DualWriter(client, old, new) as writer:
+        late = threading.Thread(target=writer.write, args=(record("k1"),))
+        late.start()
+        assert entered.wait(timeout=30)
+        finished = record("k1", TaskStatus.COMPLETED, attempts=1)
+        old.put(finished)  # an old worker ran it
+        SqlTaskStore.put(new, finished)  # transfer_state copied it across
+        release.set()
+        late.join(timeout=30)
+        assert (finished, finished) == (old.get("k1"), new.get("k1"))
+        writer.write(record("k2"))  # an ordinary write still lands on both sides
+        assert record("k2") == new.get("k2")
+        assert (2, 1) == (writer.counters()["second_writes"], writer.counters()["second_writes_behind"])
+    old.close()
+    new.close()
 
 
 def test_reconcile_does_not_overwrite_a_newer_copy(engine: Engine, client: PhaseClient, store: Store) -> None:
@@ -273,8 +323,9 @@ def test_async_cancel_between_writes_leaves_a_repair_entry(
             gate.set()
 
     class Never(MemoryTaskStore):
-        async def put(self, rec: TaskRecord) -> None:  # type: ignore[override]
+        async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
             await asyncio.sleep(3600)
+            return True
 
     async def scenario() -> None:
         with AsyncDualWriter(client, Old("old"), Never("new")) as writer:
@@ -300,6 +351,10 @@ def test_async_writes_land_on_the_side_their_phase_made_authoritative(
         async def put(self, rec: TaskRecord) -> None:  # type: ignore[override]
             await asyncio.sleep(rng.random() * 0.02)
             MemoryTaskStore.put(self, rec)
+
+        async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
+            await asyncio.sleep(rng.random() * 0.02)
+            return MemoryTaskStore.put_forward(self, rec)
 
     old, new = Slow("old"), Slow("new")
     writer = AsyncDualWriter(client, old, new)

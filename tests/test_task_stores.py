@@ -387,6 +387,35 @@ def test_get_unknown_key_is_none(case: StoreCase) -> None:
     assert case.store.get("A") is None
 
 
+@pytest.mark.parametrize(
+    ("stored", "written", "writes"),
+    [
+        (None, TaskStatus.PENDING, True),
+        (TaskStatus.PENDING, TaskStatus.PENDING, True),
+        (TaskStatus.PENDING, TaskStatus.COMPLETED, True),
+        (TaskStatus.RUNNING, TaskStatus.PENDING, False),
+        (TaskStatus.COMPLETED, TaskStatus.PENDING, False),
+        (TaskStatus.FAILED, TaskStatus.RUNNING, False),
+        (TaskStatus.CANCELLED, TaskStatus.PENDING, False),
+        (TaskStatus.COMPLETED, TaskStatus.FAILED, True),
+        (TaskStatus.RUNNING, TaskStatus.COMPLETED, True),
+    ],
+)
+def test_put_forward_never_moves_a_task_back(
+    case: StoreCase, stored: TaskStatus | None, written: TaskStatus, writes: bool
+) -> None:
+    """`put_forward` (DualWriter's second write) writes like `put` unless the stored task is
+    further along; then it writes nothing and says so."""
+    [base] = make_records(["k"], metadata=case.keeps_metadata)
+    if stored is not None:
+        case.store.put(changed(base, status=stored, attempts=1))
+    before = case.store.get("k")
+    record = changed(base, status=written, payload={"changed": True})
+    assert isinstance(case.store, (SqlTaskStore, MemoryTaskStore))
+    assert writes is case.store.put_forward(record)
+    assert (record if writes else before) == case.store.get("k")
+
+
 def test_get_many_reads_what_get_reads(case: StoreCase) -> None:
     """`get_many` (validation's batched re-read) answers as one `get` per key would: absent
     keys are left out, and lists longer than one `IN (...)` chunk are read whole."""

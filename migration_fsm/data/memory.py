@@ -6,7 +6,7 @@ import bisect
 import threading
 from typing import TYPE_CHECKING
 
-from .records import TaskRecord, TaskStatus
+from .records import TaskRecord, TaskStatus, is_behind
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -37,6 +37,17 @@ class MemoryTaskStore:
 
     def put(self, record: TaskRecord) -> None:
         self.put_many([record])
+
+    def put_forward(self, record: TaskRecord) -> bool:
+        """`put`, unless the stored task of this key is further along (`SqlTaskStore.put_forward`)."""
+        with self._lock:
+            stored = self._records.get(record.key)
+            if stored is not None and is_behind(record.status, stored.status):
+                return False
+            if stored is None:
+                bisect.insort(self._keys, record.key)
+            self._records[record.key] = record
+            return True
 
     def put_many(self, records: Sequence[TaskRecord]) -> int:
         with self._lock:

@@ -27,6 +27,22 @@ class TaskStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+#: How far along a task is: pending, then running, then finished (any of the three ends).
+_PROGRESS_RANK: dict[TaskStatus, int] = {
+    TaskStatus.PENDING: 0,
+    TaskStatus.RUNNING: 1,
+    TaskStatus.COMPLETED: 2,
+    TaskStatus.FAILED: 2,
+    TaskStatus.CANCELLED: 2,
+}
+
+
+def is_behind(status: TaskStatus, stored: TaskStatus) -> bool:
+    """Whether writing a task in `status` over one stored in `stored` would move it back
+    (pending over running or finished, running over finished)."""
+    return _PROGRESS_RANK[status] < _PROGRESS_RANK[stored]
+
+
 #: Fields whose change means "a different task", not "the same task, further along".
 IDENTITY_FIELDS: tuple[str, ...] = ("key", "type", "payload", "created_at")
 #: Fields that move as the task runs.

@@ -64,7 +64,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.data.identity import IdentityRow, checksum_of
-from migration_fsm.data.records import TaskRecord, TaskStatus, TaskStore, to_utc
+from migration_fsm.data.records import TaskRecord, TaskStatus, TaskStore, is_behind, to_utc
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError, MigrationFSMError
 from migration_fsm.log import get_logger
 from migration_fsm.store import _scrub, make_engine, safe_url
@@ -813,6 +813,44 @@ class SqlTaskStore:
         keys = sorted(encoded)  # one lock order for every writer
         self._write(keys, [encoded[key] for key in keys])
         return len(records)
+
+    def put_forward(self, record: TaskRecord) -> bool:
+        """Insert or replace the record, unless the stored task of this key is further along
+        (`records.is_behind`: pending over running or finished, running over finished), in
+        one transaction that locks the key's row. Returns whether it wrote.
+
+        `DualWriter` writes the second side this way: a mirror write that arrives late (after
+        `transfer_state` or `reverse_sync` copied a finished task across, or after a worker
+        there picked it up) must not hand the task back to a worker as pending."""
+        encoded = [self._encode(record)]
+        key_column, status = self._key_column, self._by_name["status"]
+        stored_status = select(status.select).where(key_column == record.key).limit(2)
+        if self._dialect == "postgresql":
+            stored_status = stored_status.with_for_update()  # SQLite: BEGIN IMMEDIATE locked it all
+        for attempt in (1, 2):
+            try:
+                with self._connect() as conn:
+                    stored = conn.execute(stored_status).scalars().all()
+                    if len(stored) > 1:
+                        raise DataError(
+                            f"store '{self.name}': key {record.key!r} appears more than once in"
+                            f" column '{key_column.name}'"
+                        )
+                    if not stored:
+                        conn.exec_driver_sql(self._insert.sql, self._insert.params(encoded))
+                        return True
+                    if is_behind(record.status, status.read(stored[0], record.key)):
+                        return False
+                    conn.exec_driver_sql(self._update.sql, self._update.params(encoded))
+                    return True
+            except sa_exc.IntegrityError as exc:
+                if attempt == 1:
+                    continue  # another writer inserted this key first: read it again
+                raise DataError(
+                    f"store '{self.name}': table '{self.table_name}' refused task {record.key!r},"
+                    f" nothing was written: {self._scrub(exc)}"
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def put_rows(self, keys: list[str], rows: list[tuple[Any, ...]]) -> int:
         """Insert or replace rows already in this table's form (`RowCopy` makes them), in one
