@@ -51,6 +51,7 @@ from sqlalchemy import (
     insert,
     inspect,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -279,6 +280,7 @@ class SqlTaskStore:
         }
         # SQLite: a write that writes nothing, to take the write lock of this database alone.
         self._write_lock_sql = str(delete(self.table).where(false()).compile(dialect=dialect))
+        self._forward: dict[TaskStatus | None, _DriverStatement] = {}  # `put`'s and `put_forward`'s
         self._copy_sql: str | None = None
         if self._dialect == "postgresql" and dialect.driver == "psycopg":
             preparer = dialect.identifier_preparer
@@ -519,6 +521,11 @@ class SqlTaskStore:
             return False
 
     # -- readers and writers ----------------------------------------------------------
+
+    def _duplicate(self, key: str) -> DataError:
+        return DataError(
+            f"store '{self.name}': key {key!r} appears more than once in column '{self._key_column.name}'"
+        )
 
     def _bad(self, key: str, column: Column[Any], what: str) -> DataError:
         return DataError(f"store '{self.name}': key {key!r}: column '{column.name}' {what}")
@@ -761,9 +768,7 @@ class SqlTaskStore:
             if previous is not None and isinstance(key, str) and not previous < key:
                 column = self._key_column.name
                 if previous == key:
-                    raise DataError(
-                        f"store '{self.name}': key {key!r} appears more than once in column '{column}'"
-                    )
+                    raise self._duplicate(key)
                 raise DataError(
                     f"store '{self.name}': the database returned key {key!r} after {previous!r}:"
                     f" column '{column}' does not sort in code point order"
@@ -776,9 +781,7 @@ class SqlTaskStore:
         with self._connect(readonly=True) as conn:
             rows = conn.execute(self._select.where(self._key_column == key).limit(2)).all()
         if len(rows) > 1:
-            raise DataError(
-                f"store '{self.name}': key {key!r} appears more than once in column '{self._key_column.name}'"
-            )
+            raise self._duplicate(key)
         return self._decode(rows[0]) if rows else None
 
     def get_many(self, keys: Sequence[str]) -> dict[str, TaskRecord]:
@@ -793,16 +796,19 @@ class SqlTaskStore:
                 for row in conn.execute(self._select.where(column.in_(chunk))).all():
                     record = self._decode(row)
                     if record.key in found:
-                        raise DataError(
-                            f"store '{self.name}': key {record.key!r} appears more than once"
-                            f" in column '{column.name}'"
-                        )
+                        raise self._duplicate(record.key)
                     found[record.key] = record
         return found
 
     def put(self, record: TaskRecord) -> None:
         """Insert or replace the record with this key (idempotent)."""
-        self.put_many([record])
+        one_statement = self._forward_statement(None)
+        if one_statement is None:
+            self.put_many([record])
+            return
+        params = one_statement.params([self._encode(record)])[0]
+        with self._connect() as conn:  # the key is unique on its own: INSERT ... ON CONFLICT
+            conn.exec_driver_sql(one_statement.sql, params)
 
     def put_many(self, records: Sequence[TaskRecord]) -> int:
         """Insert or replace each record by key in one transaction (all or nothing); the
@@ -823,6 +829,12 @@ class SqlTaskStore:
         `transfer_state` or `reverse_sync` copied a finished task across, or after a worker
         there picked it up) must not hand the task back to a worker as pending."""
         encoded = [self._encode(record)]
+        one_statement = self._forward_statement(record.status)
+        if one_statement is not None:  # the key is unique on its own: INSERT ... ON CONFLICT
+            params = one_statement.params(encoded)[0]
+            with self._connect() as conn:
+                written = conn.exec_driver_sql(one_statement.sql, params).rowcount
+            return bool(written)
         key_column, status = self._key_column, self._by_name["status"]
         stored_status = select(status.select).where(key_column == record.key).limit(2)
         if self._dialect == "postgresql":
@@ -832,10 +844,7 @@ class SqlTaskStore:
                 with self._connect() as conn:
                     stored = conn.execute(stored_status).scalars().all()
                     if len(stored) > 1:
-                        raise DataError(
-                            f"store '{self.name}': key {record.key!r} appears more than once in"
-                            f" column '{key_column.name}'"
-                        )
+                        raise self._duplicate(record.key)
                     if not stored:
                         conn.exec_driver_sql(self._insert.sql, self._insert.params(encoded))
                         return True
@@ -851,6 +860,40 @@ class SqlTaskStore:
                     f" nothing was written: {self._scrub(exc)}"
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _forward_statement(self, status: TaskStatus | None) -> _DriverStatement | None:
+        """`put_forward` of a task in `status` as one statement, `INSERT ... ON CONFLICT (key)
+        DO UPDATE ... WHERE` the stored status is not one further along (written into the
+        statement from the status map); with None, `put`'s (no WHERE). None when no unique
+        index names the key alone."""
+        if not self._key_unique:
+            return None
+        cached = self._forward.get(status)
+        if cached is None:
+            insert_one = (pg_insert if self._dialect == "postgresql" else sqlite_insert)(self.table)
+            insert_one = insert_one.values({f.column: f.bind for f in self._fields})
+            column = self._status_column
+            quote = column.type.literal_processor(self.engine.dialect)
+            ahead = sorted(
+                (
+                    stored
+                    for stored, mapped in self._read_status.items()
+                    if status is not None and is_behind(status, mapped)
+                ),
+                key=str,
+            )
+            where = (
+                column.not_in([literal_column(quote(v) if quote is not None else str(int(v))) for v in ahead])
+                if ahead
+                else None
+            )
+            upsert = insert_one.on_conflict_do_update(
+                index_elements=[self._key_column],
+                set_={f.column.name: insert_one.excluded[f.column.name] for f in self._fields[1:]},
+                where=where,
+            )
+            cached = self._forward[status] = self._driver_statement(upsert)
+        return cached
 
     def put_rows(self, keys: list[str], rows: list[tuple[Any, ...]]) -> int:
         """Insert or replace rows already in this table's form (`RowCopy` makes them), in one
