@@ -134,6 +134,33 @@ def test_a_concurrent_dual_writer_is_not_reported_as_a_difference() -> None:
     assert report.old_count == report.new_count
 
 
+def test_a_write_in_flight_at_the_scan_tail_gets_its_whole_settle_time() -> None:
+    """The newest difference waits its settle time too, not only the oldest of its batch: a
+    task written to old whose write to new lands 0.1 s after the scan reached it (the tail of
+    the key space, where a live producer writes) is not reported missing, even though an
+    earlier difference of the same batch has long settled."""
+    base = tasks(4000)
+    old = SlowScan("old", [*base, task(9999)])  # t9999: the newest task, on old only so far
+    early = base[0].model_copy(update={"status": TaskStatus.COMPLETED})  # settled long before
+    landed = threading.Event()
+
+    class Tail(SlowScan):
+        def scan(self, after: str | None, limit: int) -> Sequence[TaskRecord]:
+            page = super().scan(after, limit)
+            if len(page) < limit and not landed.is_set():  # the scan reached the tail
+                landed.set()
+                threading.Timer(0.1, self.put, args=(task(9999),)).start()
+            return page
+
+    new = Tail("new", [early, *base[1:]])
+    started = time.monotonic()
+    report = validate(old, new, batch_size=50, settle=0.3)
+    assert time.monotonic() - started > 0.3  # the scan outlasted the first difference's settle
+    assert landed.is_set()
+    assert (0, 0, 1) == (report.missing, report.mismatched, report.status_differs)
+    assert report.ok
+
+
 def test_validate_cli_reports_records_the_run_and_exits_by_verdict(
     upgraded_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -50,7 +50,7 @@ MISMATCHED: Final = "mismatched"  # on both, identity (key, type, payload, creat
 STATUS_DIFFERS: Final = "status_differs"  # same identity, other status or attempts
 
 #: How long a difference waits before it is re-read, so that a dual write in flight lands.
-DEFAULT_SETTLE_SECONDS: Final = 0.2
+DEFAULT_SETTLE_SECONDS: Final = 0.5
 #: Rows compared in one slice after a difference; the slice doubles while rows agree.
 _FIRST_RUN: Final = 8
 _status_of_row: Final = itemgetter(STATUS)
@@ -234,7 +234,9 @@ class _Validation:
         store offers it) and report what is still different."""
         if not self.pending:
             return
-        wait = self.pending[0][3] + self.settle - time.monotonic()
+        # Every difference waits its whole settle time, the newest too: the scan's tail is where
+        # the writes in flight are, and a re-read right behind them would report them missing.
+        wait = self.pending[-1][3] + self.settle - time.monotonic()
         if wait > 0:
             time.sleep(wait)
         keys = [key for key, *_ in self.pending]
