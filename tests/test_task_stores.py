@@ -764,6 +764,21 @@ def test_failing_batch_writes_nothing(sql: SqlCase) -> None:
     assert 3 == sql.row_count()
 
 
+@pytest.mark.parametrize("how", ["put", "put_forward"])
+def test_a_refused_single_write_is_a_data_error_and_writes_nothing(sql: SqlCase, how: str) -> None:
+    """`put` and `put_forward` of a row the table refuses: exit 1, naming store and key."""
+    meta = sql.layout != "legacy"
+    before = make_records(["a"], metadata=meta)
+    sql.store.put_many(before)
+    for key in ("a", "new"):  # an update and an insert
+        bad = changed(make_records([key], metadata=meta)[0], type="forbidden")
+        with pytest.raises(DataError) as caught:
+            getattr(sql.store, how)(bad)
+        assert 1 == caught.value.exit_code
+        assert f"store 'old': table '{sql.store.table_name}' refused task '{key}'" in str(caught.value)
+    assert before == list(sql.store.scan(None, 100))
+
+
 def test_status_without_a_stored_value_is_a_config_error(legacy: SqlCase) -> None:
     """Writing a status the status map cannot store: exit 2, naming the store and the status."""
     store = legacy.reopen(status_map={"queued": "pending"})

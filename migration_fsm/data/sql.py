@@ -805,10 +805,8 @@ class SqlTaskStore:
         one_statement = self._forward_statement(None)
         if one_statement is None:
             self.put_many([record])
-            return
-        params = one_statement.params([self._encode(record)])[0]
-        with self._connect() as conn:  # the key is unique on its own: INSERT ... ON CONFLICT
-            conn.exec_driver_sql(one_statement.sql, params)
+        else:
+            self._put_one(one_statement, record)
 
     def put_many(self, records: Sequence[TaskRecord]) -> int:
         """Insert or replace each record by key in one transaction (all or nothing); the
@@ -828,13 +826,10 @@ class SqlTaskStore:
         `DualWriter` writes the second side this way: a mirror write that arrives late (after
         `transfer_state` or `reverse_sync` copied a finished task across, or after a worker
         there picked it up) must not hand the task back to a worker as pending."""
-        encoded = [self._encode(record)]
         one_statement = self._forward_statement(record.status)
-        if one_statement is not None:  # the key is unique on its own: INSERT ... ON CONFLICT
-            params = one_statement.params(encoded)[0]
-            with self._connect() as conn:
-                written = conn.exec_driver_sql(one_statement.sql, params).rowcount
-            return bool(written)
+        if one_statement is not None:
+            return self._put_one(one_statement, record) == 1
+        encoded = [self._encode(record)]
         key_column, status = self._key_column, self._by_name["status"]
         stored_status = select(status.select).where(key_column == record.key).limit(2)
         if self._dialect == "postgresql":
@@ -855,11 +850,23 @@ class SqlTaskStore:
             except sa_exc.IntegrityError as exc:
                 if attempt == 1:
                     continue  # another writer inserted this key first: read it again
-                raise DataError(
-                    f"store '{self.name}': table '{self.table_name}' refused task {record.key!r},"
-                    f" nothing was written: {self._scrub(exc)}"
-                ) from exc
+                raise self._refused(record.key, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _put_one(self, statement: _DriverStatement, record: TaskRecord) -> int:
+        """Run one of `_forward_statement`'s statements for `record`: the rows written, 0 or 1."""
+        params = statement.params([self._encode(record)])[0]
+        try:
+            with self._connect() as conn:
+                return int(conn.exec_driver_sql(statement.sql, params).rowcount)
+        except sa_exc.IntegrityError as exc:  # not the key (ON CONFLICT takes that): a constraint
+            raise self._refused(record.key, exc) from exc
+
+    def _refused(self, key: str, exc: sa_exc.IntegrityError) -> DataError:
+        return DataError(
+            f"store '{self.name}': table '{self.table_name}' refused task {key!r}, nothing was written:"
+            f" {self._scrub(exc)}"
+        )
 
     def _forward_statement(self, status: TaskStatus | None) -> _DriverStatement | None:
         """`put_forward` of a task in `status` as one statement, `INSERT ... ON CONFLICT (key)
