@@ -19,14 +19,14 @@ pydantic, no JSON parsing); any other store's rows are built from its records.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime
 from operator import itemgetter, lt
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from ..exceptions import DataError
-from .records import TaskRecord, TaskStatus, canonical_json, utc_text
+from .records import TaskRecord, TaskStatus, identity_digest, utc_text
+from .scan import check_ascending
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -96,7 +96,7 @@ def checksum_of(key: str, type_: Any, payload: Any, created_at: Any) -> str:
     if not isinstance(created_at, datetime):
         raise TypeError("created_at must be a timestamp")
     identity = {"key": key, "type": type_, "payload": payload, "created_at": utc_text(created_at)}
-    return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
+    return identity_digest(identity)
 
 
 class RecordRows:
@@ -134,22 +134,11 @@ def identity_pages(
         if page:
             keys = list(map(_key_of, page))
             if (last is not None and not last < keys[0]) or not all(map(lt, keys, keys[1:])):
-                _raise_unordered(source.name, last, keys)
+                check_ascending(source.name, last, keys)  # raises, naming the key
             last = keys[-1]
             yield page
         if len(page) < batch_size:
             return
-
-
-def _raise_unordered(name: str, last: str | None, keys: list[str]) -> None:
-    for key in keys:
-        if last is not None and not key > last:
-            raise DataError(
-                f"store '{name}' returned key '{key}' after '{last}': keys must be unique and"
-                " ascending in Python string order (a duplicate key, or a collation that is not binary)"
-            )
-        last = key
-    raise AssertionError("unreachable: the keys were in order")  # pragma: no cover
 
 
 def status_of(value: str) -> TaskStatus:

@@ -64,6 +64,12 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def identity_digest(identity: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of an identity (`TaskRecord.identity()`'s form): the
+    checksum, shared by `TaskRecord.checksum` and validation's raw rows."""
+    return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
+
+
 class TaskRecord(BaseModel):
     """One task, as both systems know it. `key` is the identity they share."""
 
@@ -94,7 +100,7 @@ class TaskRecord(BaseModel):
 
     def checksum(self) -> str:
         """SHA-256 of the canonical JSON of the identity fields (key, type, payload, created_at)."""
-        return hashlib.sha256(canonical_json(self.identity()).encode("utf-8")).hexdigest()
+        return identity_digest(self.identity())
 
     def differing_fields(self, other: TaskRecord) -> list[str]:
         """The identity and progress fields whose values differ from `other`'s."""

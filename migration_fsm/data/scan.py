@@ -34,16 +34,21 @@ def page(store: TaskStore, batch_size: int, after: str | None = None) -> Sequenc
     """One keyset page of `store`: up to `batch_size` records with keys > `after`, checked as
     `pages` checks them."""
     found = store.scan(after, batch_size)
-    last = after
-    for record in found:
-        if last is not None and not record.key > last:
-            raise DataError(
-                f"store '{store.name}' returned key '{record.key}' after '{last}': keys must be"
-                " unique and ascending in Python string order (a duplicate key, or a collation"
-                " that is not binary)"
-            )
-        last = record.key
+    check_ascending(store.name, after, [record.key for record in found])
     return found
+
+
+def check_ascending(name: str, after: str | None, keys: Sequence[str]) -> None:
+    """Raise the `DataError` naming store `name` and the first key of `keys` that is not
+    above the one before it (`after` before the first)."""
+    last = after
+    for key in keys:
+        if last is not None and not key > last:
+            raise DataError(
+                f"store '{name}' returned key '{key}' after '{last}': keys must be unique and"
+                " ascending in Python string order (a duplicate key, or a collation that is not binary)"
+            )
+        last = key
 
 
 def records(store: TaskStore, batch_size: int, after: str | None = None) -> Iterator[TaskRecord]:
