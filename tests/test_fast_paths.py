@@ -18,18 +18,17 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm.data.backfill import copy_tasks
 from migration_fsm.data.identity import IdentityScan, identity_source
-from migration_fsm.data.memory import MemoryTaskStore
 from migration_fsm.data.records import TaskRecord, TaskStatus
 from migration_fsm.data.sql import RowCopy, SqlTaskStore
 from migration_fsm.data.validate import validate
 from migration_fsm.exceptions import DataError
 from migration_fsm.store import make_engine
+from tests import test_task_stores
 from tests.datatools import create_task_table, everything
 from tests.test_task_stores import (
     LEGACY_COLUMNS,
     LEGACY_STATUS,
     PG,
-    SQL_PARAMS,
     TRICKY_KEYS,
     SqlCase,
     StoreCase,
@@ -37,29 +36,22 @@ from tests.test_task_stores import (
     database,
     legacy_table,
     make_records,
-    sql_case,
 )
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=PG)]
 
-
-@pytest.fixture(params=["memory", *SQL_PARAMS])
-def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreCase]:
-    """Each store: in memory, and SQL on SQLite and PostgreSQL in both table layouts."""
-    if request.param == "memory":
-        yield StoreCase(MemoryTaskStore("old"), None)
-        return
-    backend, layout = request.param.split("-")
-    with sql_case(backend, layout, request, tmp_path) as made:
-        yield StoreCase(made.store, made)
+#: The store fixtures of test_task_stores: every store (`case`), every SQL store (`sql`).
+case = test_task_stores.case
+sql = test_task_stores.sql
 
 
-@pytest.fixture(params=SQL_PARAMS)
-def sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlCase]:
-    """Each SQL store, with raw access to its table."""
-    backend, layout = request.param.split("-")
-    with sql_case(backend, layout, request, tmp_path) as made:
-        yield made
+#: (backend, whether old and new share one database file or database), for the row copy.
+BACKENDS_AND_LAYOUTS = [
+    ("sqlite", False),
+    ("sqlite", True),
+    pytest.param("postgresql", False, marks=PG),
+    pytest.param("postgresql", True, marks=PG),
+]
 
 
 class RecordsOnly:
@@ -288,15 +280,7 @@ def test_backfill_as_rows_leaves_the_rows_the_record_path_leaves(
         assert raw_rows(raw, new.table) == raw_rows(raw, through_records.table)
 
 
-@pytest.mark.parametrize(
-    ("backend", "one_file"),
-    [
-        ("sqlite", False),
-        ("sqlite", True),
-        pytest.param("postgresql", False, marks=PG),
-        pytest.param("postgresql", True, marks=PG),
-    ],
-)
+@pytest.mark.parametrize(("backend", "one_file"), BACKENDS_AND_LAYOUTS)
 def test_backfill_as_rows_leaves_rows_that_need_converting_to_the_record_path(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str, one_file: bool
 ) -> None:
@@ -387,15 +371,7 @@ def test_a_copy_inside_sqlite_write_locks_the_target_and_not_the_source(
         assert {"source": True, "target": False} == seen
 
 
-@pytest.mark.parametrize(
-    ("backend", "one_file"),
-    [
-        ("sqlite", False),
-        ("sqlite", True),
-        pytest.param("postgresql", False, marks=PG),
-        pytest.param("postgresql", True, marks=PG),
-    ],
-)
+@pytest.mark.parametrize(("backend", "one_file"), BACKENDS_AND_LAYOUTS)
 def test_making_a_row_copy_reads_no_rows(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str, one_file: bool
 ) -> None:
