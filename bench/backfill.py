@@ -456,27 +456,22 @@ def measure_postgres(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments bench/backfill.py and bench/validate.py share."""
     parser.add_argument("n", nargs="?", type=int, default=100_000, help="tasks (default 100,000)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=2, help="runs of each measured piece")
-    parser.add_argument("--sample", type=int, default=20_000, help="tasks of the per-task put loop")
     parser.add_argument("--postgres", default=os.environ.get("MIGRATION_FSM_TEST_POSTGRES_URL", DEFAULT_PG))
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--piece", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--target", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    # Library callers choose their own logging; measure the copy, not a log renderer.
-    log.configure(json=True, level=logging.WARNING)
-    if args.piece:
-        print(json.dumps(run_piece(args)))
-        return
-    args.sample = min(args.sample, args.n)
-    report: dict[str, Any] = {
-        "benchmark": "backfill",
+
+
+def report_header(benchmark: str, args: argparse.Namespace, goals: dict[str, float]) -> dict[str, Any]:
+    """The start of the JSON report: what ran, on what machine, against which goals."""
+    return {
+        "benchmark": benchmark,
         "n": args.n,
         "batch_size": args.batch_size,
         "payload_bytes": payload_bytes(),
@@ -487,8 +482,23 @@ def main() -> None:
             "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version,
         },
-        "goals": GOALS,
+        "goals": goals,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    common_arguments(parser)
+    parser.add_argument("--sample", type=int, default=20_000, help="tasks of the per-task put loop")
+    parser.add_argument("--target", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    # Library callers choose their own logging; measure the copy, not a log renderer.
+    log.configure(json=True, level=logging.WARNING)
+    if args.piece:
+        print(json.dumps(run_piece(args)))
+        return
+    args.sample = min(args.sample, args.n)
+    report = report_header("backfill", args, GOALS)
     with tempfile.TemporaryDirectory() as tmp:
         report["sqlite"] = measure_sqlite(args, Path(tmp))
         if not args.no_postgres:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sqlite3
 import subprocess
@@ -37,14 +36,14 @@ from typing import Any
 
 import psycopg
 from backfill import (
-    DEFAULT_PG,
     best,
+    common_arguments,
     fill_postgres,
     fill_sqlite,
     libpq,
     migration_store,
-    payload_bytes,
     pg_database,
+    report_header,
     task_table,
     timed,
     verify,
@@ -255,34 +254,14 @@ def measure_postgres(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("n", nargs="?", type=int, default=100_000, help="tasks (default 100,000)")
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each measured piece")
-    parser.add_argument("--postgres", default=os.environ.get("MIGRATION_FSM_TEST_POSTGRES_URL", DEFAULT_PG))
-    parser.add_argument("--no-postgres", action="store_true")
-    parser.add_argument("--piece", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
+    common_arguments(parser)
     args = parser.parse_args()
     # Library callers choose their own logging; measure the comparison, not a log renderer.
     log.configure(json=True, level=logging.WARNING)
     if args.piece:
         print(json.dumps(run_piece(args)))
         return
-    report: dict[str, Any] = {
-        "benchmark": "validate",
-        "n": args.n,
-        "batch_size": args.batch_size,
-        "payload_bytes": payload_bytes(),
-        "repeat": args.repeat,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_average_before": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version,
-        },
-        "goals": GOALS,
-    }
+    report = report_header("validate", args, GOALS)
     with tempfile.TemporaryDirectory() as tmp:
         report["sqlite"] = measure_sqlite(args, Path(tmp))
         if not args.no_postgres:
