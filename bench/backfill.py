@@ -51,11 +51,11 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm import log
 from migration_fsm.config import load_settings
-from migration_fsm.data.backfill import backfill_migration
-from migration_fsm.data.records import TaskRecord, TaskStatus, canonical_json
-from migration_fsm.data.sql import SqlTaskStore
-from migration_fsm.engine import Engine
-from migration_fsm.store import Store, make_engine
+from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.migration import Migration
+from migration_fsm.tasks.records import TaskRecord, TaskStatus, canonical_json
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools.backfill import backfill_migration
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 COLUMNS = ("key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata")
@@ -203,12 +203,12 @@ def timed(run: Callable[[], int]) -> dict[str, Any]:
     }
 
 
-def migration_store(url: str) -> tuple[Store, str]:
+def migration_store(url: str) -> tuple[Journal, str]:
     """The migration database at `url`, upgraded, with a fresh migration in it."""
-    store = Store(url, engine=make_engine(url, create=True))
+    store = Journal(url, engine=make_engine(url, create=True))
     store.upgrade()
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    Engine(store, load_settings(None, database_url=url, actor="bench"), name).init()
+    Migration(store, load_settings(None, database_url=url, actor="bench"), name).init()
     return store, name
 
 

@@ -75,9 +75,6 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm import commands, log
 from migration_fsm.client import DualWriter, FallbackReader, PhaseClient
-from migration_fsm.data.reconcile import open_entries
-from migration_fsm.data.records import TaskRecord, TaskStatus
-from migration_fsm.data.sql import SqlTaskStore
 from migration_fsm.demo import hooks
 from migration_fsm.demo.run import OperatorWalk, Report, walk_settings
 from migration_fsm.demo.systems import (
@@ -90,7 +87,10 @@ from migration_fsm.demo.systems import (
     WorkerPool,
 )
 from migration_fsm.fsm import PHASES
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools.reconcile import open_entries
 
 MIGRATION = "load"
 DATABASES = ("control", "old", "new", "ledger")
@@ -752,7 +752,7 @@ class LoadRun:
         report.fallback_reads = reads["fallbacks"]
         report.shadow_mismatches = reads["shadow_mismatches"]
         report.repair_entries = writes["repair_entries"]
-        with Store.open(self.settings.database_url) as control:
+        with Journal.open(self.settings.database_url) as control:
             still_open = open_entries(control, MIGRATION)
         started = min(part["started_at"] for part in produced)
         stopped = max(part["stopped_at"] for part in produced)

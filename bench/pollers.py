@@ -11,7 +11,7 @@ JSON object:
 - steady: queries per second during a `--seconds` window with no change, server-side
   (pg_stat_statements calls of the client's query; pg_stat_database xact_commit as a
   cross-check) and client-side (counters()["refreshes"]), against <= 1 per client per ttl;
-- propagation: time from a committed `Engine.advance` (and the `rollback` after it) until
+- propagation: time from a committed `Migration.advance` (and the `rollback` after it) until
   every client's snapshot().version shows it, `--rounds` times, against 500 ms, watched by
   a thread sweeping the snapshots every 0.5 ms; the reference is when the engine sent the
   COMMIT carrying the NOTIFY (SQLAlchemy "commit" event) and, conservatively, the call;
@@ -60,8 +60,8 @@ from sqlalchemy import event
 from migration_fsm import log
 from migration_fsm.client import PhaseClient
 from migration_fsm.config import load_settings
-from migration_fsm.engine import Engine
-from migration_fsm.store import NOTIFY_CHANNEL, Store, make_engine
+from migration_fsm.journal.store import NOTIFY_CHANNEL, Journal, make_engine
+from migration_fsm.migration import Migration
 
 GOAL_PROPAGATION_MS = 500
 GOAL_QUERIES_PER_CLIENT_PER_TTL = 1.0
@@ -353,7 +353,7 @@ def wait_for_version(clients: list[PhaseClient], version: int, timeout: float) -
 
 
 def measure_change(
-    engine: Engine,
+    engine: Migration,
     kind: str,
     clients: list[PhaseClient],
     *,
@@ -509,14 +509,14 @@ def run(cluster: Cluster, args: argparse.Namespace, report: dict[str, Any]) -> N
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    store = Store(url, engine=make_engine(url, create=True))
+    store = Journal(url, engine=make_engine(url, create=True))
     commits: list[float] = []  # when the engine's COMMITs were sent (SQLAlchemy "commit" event)
     event.listen(store.engine, "commit", lambda conn: commits.append(time.perf_counter()))
     clients: list[PhaseClient] = []
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
         store.upgrade()
-        engine = Engine(store, load_settings(None, database_url=url, actor="bench"), name)
+        engine = Migration(store, load_settings(None, database_url=url, actor="bench"), name)
         engine.init()
         listener = Listener(conninfo, name)
         stack.callback(listener.close)

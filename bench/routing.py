@@ -31,9 +31,9 @@ from typing import Any
 from migration_fsm import log
 from migration_fsm.client import PhaseClient
 from migration_fsm.config import load_settings
-from migration_fsm.engine import Engine
 from migration_fsm.fsm import Phase, routing_for
-from migration_fsm.store import Store, make_engine
+from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.migration import Migration
 
 GOAL_MEDIAN_NS = 500
 GOAL_RATIO = 15
@@ -107,10 +107,10 @@ def summary(per_call_ns: list[float]) -> dict[str, float]:
 
 def prepare(url: str, name: str) -> None:
     """A migration in `cutover` at 50%, through the Python API (init, advance x2, ramp)."""
-    store = Store(url, engine=make_engine(url, create=True))
+    store = Journal(url, engine=make_engine(url, create=True))
     try:
         store.upgrade()
-        engine = Engine(store, load_settings(None, database_url=url, actor="bench"), name)
+        engine = Migration(store, load_settings(None, database_url=url, actor="bench"), name)
         engine.init()
         engine.advance()
         engine.advance()

@@ -1,6 +1,6 @@
 """Milliseconds per full `advance` (no guards, no steps) through the Python API.
 
-Prints one JSON object: per database, the median and p99 of `Engine.advance()`, next to
+Prints one JSON object: per database, the median and p99 of `Migration.advance()`, next to
 a baseline measured in the same run on the same database: one plain `UPDATE` of one row
 committed in its own transaction (the floor of any durable change).
 
@@ -24,8 +24,8 @@ from sqlalchemy import create_engine, text
 
 from migration_fsm import log
 from migration_fsm.config import load_settings
-from migration_fsm.engine import Engine
-from migration_fsm.store import Store, make_engine
+from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.migration import Migration
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -39,9 +39,9 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 def measure(url: str, rounds: int) -> dict[str, Any]:
-    store = Store(url, engine=make_engine(url, create=True))
+    store = Journal(url, engine=make_engine(url, create=True))
     store.upgrade()
-    engine = Engine(
+    engine = Migration(
         store, load_settings(None, database_url=url, actor="bench"), f"bench-{uuid.uuid4().hex[:8]}"
     )
     engine.init()

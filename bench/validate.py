@@ -51,7 +51,7 @@ from backfill import (
 
 from migration_fsm import log
 from migration_fsm.config import load_settings
-from migration_fsm.data.validate import validate_migration
+from migration_fsm.tools.validate import validate_migration
 
 GOALS = {"tasks_per_second": 250_000, "vs_scan_hash_merge": 1.0, "peak_rss_mb": 200}
 IDENTITY = ("key", "type", "payload", "created_at")

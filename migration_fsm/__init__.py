@@ -2,15 +2,17 @@
 through a persisted, resumable, journaled state machine.
 
 The public names below are imported on first use (PEP 562), so that a backend importing
-only the light parts (the phases, the client) does not pay for the engine, the CLI or
-their dependencies.
+only the light parts (the phases, the client) does not pay for the migration runner, the
+CLI or their dependencies. `_EXPORTS` is the one table of public names: `__all__`, the
+lazy imports and the `TYPE_CHECKING` block below all follow it (a test checks they agree).
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from .client import AsyncDualWriter as AsyncDualWriter
@@ -24,19 +26,12 @@ if TYPE_CHECKING:
     from .config import Settings as Settings
     from .config import StepSpec as StepSpec
     from .config import load_settings as load_settings
-    from .context import Context as Context
-    from .context import GuardResult as GuardResult
-    from .data.memory import MemoryTaskStore as MemoryTaskStore
-    from .data.records import TaskRecord as TaskRecord
-    from .data.records import TaskStatus as TaskStatus
-    from .data.records import TaskStore as TaskStore
-    from .engine import Engine as Engine
-    from .engine import Outcome as Outcome
     from .exceptions import BadInput as BadInput
     from .exceptions import ConcurrentChange as ConcurrentChange
     from .exceptions import ConfigError as ConfigError
     from .exceptions import Conflict as Conflict
     from .exceptions import DatabaseUnavailable as DatabaseUnavailable
+    from .exceptions import DataError as DataError
     from .exceptions import EnvironmentProblem as EnvironmentProblem
     from .exceptions import JournalCorrupt as JournalCorrupt
     from .exceptions import LeaseHeld as LeaseHeld
@@ -52,53 +47,77 @@ if TYPE_CHECKING:
     from .fsm import Trigger as Trigger
     from .fsm import bucket as bucket
     from .fsm import routing_for as routing_for
-    from .store import JournalEntry as JournalEntry
-    from .store import MigrationState as MigrationState
-    from .store import Store as Store
+    from .journal.store import Journal as Journal
+    from .journal.store import JournalEntry as JournalEntry
+    from .journal.store import MigrationState as MigrationState
+    from .migration import GuardRecord as GuardRecord
+    from .migration import Migration as Migration
+    from .migration import TransitionResult as TransitionResult
+    from .plugins.context import Context as Context
+    from .plugins.context import GuardVerdict as GuardVerdict
+    from .tasks.factory import build_store as build_store
+    from .tasks.memory import MemoryTaskStore as MemoryTaskStore
+    from .tasks.records import TaskRecord as TaskRecord
+    from .tasks.records import TaskStatus as TaskStatus
+    from .tasks.records import TaskStore as TaskStore
+    from .tasks.sql import SqlTaskStore as SqlTaskStore
 
-_EXPORTS: dict[str, str] = {
+# public name -> the module (below migration_fsm) that defines it
+_EXPORTS: Final[dict[str, str]] = {
     "AsyncDualWriter": "client",
     "AsyncFallbackReader": "client",
-    "DualWriteError": "client",
-    "DualWriter": "client",
-    "FallbackReader": "client",
-    "MemoryTaskStore": "data.memory",
-    "PhaseClient": "client",
-    "RepairLog": "client",
-    "Snapshot": "client",
-    "TaskRecord": "data.records",
-    "TaskStatus": "data.records",
-    "TaskStore": "data.records",
     "BadInput": "exceptions",
     "ConcurrentChange": "exceptions",
     "ConfigError": "exceptions",
     "Conflict": "exceptions",
-    "Context": "context",
+    "Context": "plugins.context",
+    "DataError": "exceptions",
     "DatabaseUnavailable": "exceptions",
-    "Engine": "engine",
+    "DualWriteError": "client",
+    "DualWriter": "client",
     "EnvironmentProblem": "exceptions",
-    "GuardResult": "context",
+    "FallbackReader": "client",
+    "GuardRecord": "migration",
+    "GuardVerdict": "plugins.context",
+    "Journal": "journal.store",
     "JournalCorrupt": "exceptions",
-    "JournalEntry": "store",
+    "JournalEntry": "journal.store",
     "LeaseHeld": "exceptions",
+    "MemoryTaskStore": "tasks.memory",
+    "Migration": "migration",
     "MigrationFSMError": "exceptions",
-    "MigrationState": "store",
-    "Outcome": "engine",
+    "MigrationState": "journal.store",
     "Phase": "fsm",
+    "PhaseClient": "client",
     "Refused": "exceptions",
+    "RepairLog": "client",
     "Routing": "fsm",
     "SchemaNotCurrent": "exceptions",
     "Settings": "config",
+    "Snapshot": "client",
+    "SqlTaskStore": "tasks.sql",
     "StepFailed": "exceptions",
     "StepSpec": "config",
-    "Store": "store",
+    "TaskRecord": "tasks.records",
+    "TaskStatus": "tasks.records",
+    "TaskStore": "tasks.records",
     "TransitionInterrupted": "exceptions",
+    "TransitionResult": "migration",
     "Trigger": "fsm",
     "TriggerNotAllowed": "exceptions",
     "UnknownMigration": "exceptions",
     "bucket": "fsm",
+    "build_store": "tasks.factory",
     "load_settings": "config",
     "routing_for": "fsm",
+}
+
+# old public name -> its new name; each still works, with a DeprecationWarning, until 0.2.0
+_RENAMED: Final[dict[str, str]] = {
+    "Engine": "Migration",
+    "GuardResult": "GuardVerdict",
+    "Outcome": "TransitionResult",
+    "Store": "Journal",
 }
 
 try:
@@ -108,6 +127,14 @@ except PackageNotFoundError:  # running from a checkout that is not installed
 
 
 def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(
+            f"migration_fsm.{name} is now migration_fsm.{new}; the old name goes in 0.2.0",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return __getattr__(new)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'migration_fsm' has no attribute '{name}'")
@@ -120,48 +147,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = [
-    "AsyncDualWriter",
-    "AsyncFallbackReader",
-    "BadInput",
-    "ConcurrentChange",
-    "ConfigError",
-    "Conflict",
-    "Context",
-    "DatabaseUnavailable",
-    "DualWriteError",
-    "DualWriter",
-    "Engine",
-    "EnvironmentProblem",
-    "FallbackReader",
-    "GuardResult",
-    "JournalCorrupt",
-    "JournalEntry",
-    "LeaseHeld",
-    "MemoryTaskStore",
-    "MigrationFSMError",
-    "MigrationState",
-    "Outcome",
-    "Phase",
-    "PhaseClient",
-    "Refused",
-    "RepairLog",
-    "Routing",
-    "SchemaNotCurrent",
-    "Settings",
-    "Snapshot",
-    "StepFailed",
-    "StepSpec",
-    "Store",
-    "TaskRecord",
-    "TaskStatus",
-    "TaskStore",
-    "TransitionInterrupted",
-    "Trigger",
-    "TriggerNotAllowed",
-    "UnknownMigration",
-    "__version__",
-    "bucket",
-    "load_settings",
-    "routing_for",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])  # noqa: PLE0605 (built from the one table)

@@ -26,9 +26,9 @@ from .exceptions import BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
 
 if TYPE_CHECKING:
-    from .data.runs import ValidationRun
-    from .engine import GuardOutcome, Outcome
-    from .store import JournalEntry, Store
+    from .journal.store import Journal, JournalEntry
+    from .migration import GuardRecord, TransitionResult
+    from .tools.runs import ValidationRun
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -122,7 +122,7 @@ def _watch(settings: Settings, migration: str) -> int:
             return 0
 
 
-def _watch_view(settings: Settings, migration: str, store: Store) -> Any:
+def _watch_view(settings: Settings, migration: str, store: Journal) -> Any:
     try:
         view: Any = _status_view(commands.status(settings, migration, store))
     except MigrationFSMError as exc:  # keep watching through an outage
@@ -312,7 +312,7 @@ def backfill(
     settings: Settings, migration: str, batch_size: int | None, max_rate: float | None, as_json: bool
 ) -> int:
     """Copy the old side's tasks to the new side (continues from the last checkpoint)."""
-    from .data.progress import for_stderr
+    from .tools.progress import for_stderr
 
     progress = for_stderr("backfill", "backfill_progress")
     result = commands.backfill(
@@ -513,7 +513,7 @@ def _phase(value: str) -> Phase:
         raise BadInput(f"unknown phase '{value}' (phases: {', '.join(PHASES)})") from None
 
 
-def _print_outcomes(outcomes: Sequence[Outcome], *, force: bool) -> int:
+def _print_outcomes(outcomes: Sequence[TransitionResult], *, force: bool) -> int:
     code = 0
     for outcome in outcomes:
         edge = outcome.edge
@@ -537,7 +537,7 @@ def _print_outcomes(outcomes: Sequence[Outcome], *, force: bool) -> int:
     return code
 
 
-def _print_guards(guards: list[GuardOutcome]) -> None:
+def _print_guards(guards: list[GuardRecord]) -> None:
     if not guards:
         out.print("guards: (none)")
         return

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-    from .data.records import TaskRecord, TaskStore
+    from .tasks.records import TaskRecord, TaskStore
 
 log = logging.getLogger("migration_fsm.client")
 
@@ -239,7 +239,7 @@ class PhaseClient:
                 application_name="migration-fsm client",
             )
             if self._listen:
-                from .store import NOTIFY_CHANNEL
+                from .journal.store import NOTIFY_CHANNEL
 
                 self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         row: tuple[Any, ...] | None = self._conn.execute(_QUERY + "%s", (self.migration,)).fetchone()
@@ -320,7 +320,7 @@ class RepairLog:
     def _get_engine(self) -> Any:
         with self._lock:
             if self._engine is None:
-                from .store import make_engine
+                from .journal.store import make_engine
 
                 self._engine = make_engine(self.url)
             return self._engine
@@ -329,7 +329,7 @@ class RepairLog:
         """Add an open entry: `side` missed the write of `key`."""
         from sqlalchemy import insert
 
-        from .store import repair_log_table
+        from .journal.store import repair_log_table
 
         with self._get_engine().begin() as conn:
             conn.execute(

@@ -7,27 +7,27 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .engine import Engine, Outcome
 from .exceptions import JournalCorrupt, TriggerNotAllowed
 from .fsm import Phase, Trigger, allowed_triggers, mermaid, replay, routing_for
-from .store import JournalEntry, MigrationState, Store, chain_hash, make_engine
+from .journal.store import Journal, JournalEntry, MigrationState, chain_hash, make_engine
+from .migration import Migration, TransitionResult
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from .config import Settings
-    from .data.archive import ArchiveSummary, Imported
-    from .data.backfill import BackfillResult
-    from .data.progress import Progress
-    from .data.reconcile import Reconciled
-    from .data.runs import ValidationRun
-    from .data.validate import ValidationReport
+    from .tools.archive import ArchiveSummary, Imported
+    from .tools.backfill import BackfillResult
+    from .tools.progress import Progress
+    from .tools.reconcile import Reconciled
+    from .tools.runs import ValidationRun
+    from .tools.validate import ValidationReport
 
 
 @contextmanager
-def open_store(settings: Settings) -> Iterator[Store]:
+def open_store(settings: Settings) -> Iterator[Journal]:
     """The migration database, checked to be at the schema head."""
-    store = Store.open(settings.database_url)
+    store = Journal.open(settings.database_url)
     try:
         yield store
     finally:
@@ -35,14 +35,14 @@ def open_store(settings: Settings) -> Iterator[Store]:
 
 
 @contextmanager
-def open_engine(settings: Settings, migration: str) -> Iterator[Engine]:
+def open_engine(settings: Settings, migration: str) -> Iterator[Migration]:
     with open_store(settings) as store:
-        yield Engine(store, settings, migration)
+        yield Migration(store, settings, migration)
 
 
 def db_upgrade(settings: Settings) -> tuple[set[str], set[str]]:
     """Create or upgrade the schema to the Alembic head; (revisions before, after)."""
-    store = Store(settings.database_url, engine=make_engine(settings.database_url, create=True))
+    store = Journal(settings.database_url, engine=make_engine(settings.database_url, create=True))
     try:
         return store.upgrade()
     finally:
@@ -62,7 +62,7 @@ def advance(
     dry_run: bool = False,
     force: bool = False,
     reason: str | None = None,
-) -> Outcome:
+) -> TransitionResult:
     """Take the next edge."""
     with open_engine(settings, migration) as engine:
         return engine.advance(reason=reason, force=force, dry_run=dry_run)
@@ -70,25 +70,25 @@ def advance(
 
 def rollback(
     settings: Settings, migration: str, *, reason: str, to: Phase | None = None, dry_run: bool = False
-) -> list[Outcome]:
+) -> list[TransitionResult]:
     """Go back one edge, or edge by edge to `to`."""
     with open_engine(settings, migration) as engine:
         return engine.rollback(reason=reason, to=to, dry_run=dry_run)
 
 
-def ramp(settings: Settings, migration: str, percent: int, *, reason: str | None = None) -> Outcome:
+def ramp(settings: Settings, migration: str, percent: int, *, reason: str | None = None) -> TransitionResult:
     """Set the cutover percent."""
     with open_engine(settings, migration) as engine:
         return engine.ramp(percent, reason=reason)
 
 
-def resume(settings: Settings, migration: str, *, steal: bool = False) -> Outcome:
+def resume(settings: Settings, migration: str, *, steal: bool = False) -> TransitionResult:
     """Finish the interrupted transition."""
     with open_engine(settings, migration) as engine:
         return engine.resume(steal=steal)
 
 
-def abort(settings: Settings, migration: str, *, reason: str) -> Outcome:
+def abort(settings: Settings, migration: str, *, reason: str) -> TransitionResult:
     """Undo the interrupted transition's done steps and stay in its source phase."""
     with open_engine(settings, migration) as engine:
         return engine.abort(reason=reason)
@@ -124,7 +124,7 @@ class Status:
         }
 
 
-def status(settings: Settings, migration: str, store: Store | None = None) -> Status:
+def status(settings: Settings, migration: str, store: Journal | None = None) -> Status:
     """Where the migration stands (reusing `store` when given, as `status --watch` does)."""
     if store is None:
         with open_store(settings) as opened:
@@ -142,7 +142,7 @@ def history(settings: Settings, migration: str) -> list[JournalEntry]:
 
 def validation_runs(settings: Settings, migration: str) -> list[ValidationRun]:
     """The stored `validate` runs of the migration, oldest first (shown by `history`)."""
-    from .data.runs import validation_runs as stored_runs
+    from .tools.runs import validation_runs as stored_runs
 
     with open_store(settings) as store:
         return list(reversed(stored_runs(store, migration)))
@@ -243,7 +243,7 @@ def backfill(
     progress: Progress | None = None,
 ) -> BackfillResult:
     """Copy the old side's tasks to the new side, continuing an unfinished backfill."""
-    from .data.backfill import backfill_migration
+    from .tools.backfill import backfill_migration
 
     with open_store(settings) as store:
         return backfill_migration(
@@ -253,7 +253,7 @@ def backfill(
 
 def validate(settings: Settings, migration: str) -> ValidationReport:
     """Compare the two sides key by key and record the run (the guards read it)."""
-    from .data.validate import validate_migration
+    from .tools.validate import validate_migration
 
     with open_store(settings) as store:
         return validate_migration(store, settings, migration)[1]
@@ -261,8 +261,8 @@ def validate(settings: Settings, migration: str) -> ValidationReport:
 
 def export(settings: Settings, *, side: str, out: str) -> ArchiveSummary:
     """Write every task of one side to a JSON Lines file (gzip for .gz) with a summary line."""
-    from .data.archive import export_tasks
-    from .data.sides import open_side, side_name
+    from .tasks.sides import open_side, side_name
+    from .tools.archive import export_tasks
 
     chosen = side_name(side)
     with open_side(settings, chosen) as store:
@@ -271,8 +271,8 @@ def export(settings: Settings, *, side: str, out: str) -> ArchiveSummary:
 
 def import_(settings: Settings, *, side: str, path: str) -> Imported:
     """Verify an export, then load it into one side in batches of idempotent upserts."""
-    from .data.archive import import_tasks
-    from .data.sides import open_side, side_name
+    from .tasks.sides import open_side, side_name
+    from .tools.archive import import_tasks
 
     with open_side(settings, side_name(side)) as store:
         return import_tasks(store, path, batch_size=settings.backfill_batch_size)
@@ -280,8 +280,8 @@ def import_(settings: Settings, *, side: str, path: str) -> Imported:
 
 def reconcile(settings: Settings, migration: str) -> Reconciled:
     """Replay the open dual-write repair entries from the side that took each write."""
-    from .data.reconcile import reconcile as replay_repairs
-    from .data.sides import open_sides
+    from .tasks.sides import open_sides
+    from .tools.reconcile import reconcile as replay_repairs
 
     with open_store(settings) as store:
         store.get(migration)  # an unknown migration is bad input, before any store is opened

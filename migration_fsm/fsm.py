@@ -169,7 +169,7 @@ _MACHINE: Final = Machine(
 )
 
 
-def fire(source: Phase, trigger: Trigger) -> Edge:
+def resolve_edge(source: Phase, trigger: Trigger) -> Edge:
     """The edge that `trigger` takes from `source`, fired on a `transitions` machine.
 
     Raises `TriggerNotAllowed` when the phase has no such edge.
@@ -235,7 +235,7 @@ def replay(edges: list[tuple[Trigger, Phase | None, Phase, int]]) -> tuple[Phase
         else:
             if phase is None or source is not phase:
                 raise ValueError(f"{trigger} from {source} while the phase was {phase}")
-            edge = fire(phase, trigger)
+            edge = resolve_edge(phase, trigger)
             if edge.dest is not dest:
                 raise ValueError(f"{trigger} from {source} leads to {edge.dest}, not {dest}")
         phase, percent = dest, row_percent

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import os
 
-from migration_fsm.context import Context, GuardResult
+from migration_fsm.plugins.context import Context, GuardVerdict
 
 GATE_ENV = "CLISTEPS_GATE"
 FAIL_ENV = "CLISTEPS_FAIL"
 MARKER_ENV = "CLISTEPS_MARKER"
 
 
-def gate(ctx: Context) -> GuardResult:
+def gate(ctx: Context) -> GuardVerdict:
     """Passes only while `CLISTEPS_GATE=open`."""
     if os.environ.get(GATE_ENV) == "open":
-        return GuardResult(True, "gate is open")
-    return GuardResult(False, "gate is closed")
+        return GuardVerdict(True, "gate is open")
+    return GuardVerdict(False, "gate is closed")
 
 
 def flaky(ctx: Context) -> None:

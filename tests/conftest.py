@@ -23,8 +23,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from migration_fsm.config import Settings, load_settings
-from migration_fsm.engine import Engine
-from migration_fsm.store import Store, make_engine
+from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.migration import Migration
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PG_ADMIN_URL = os.environ.get("MIGRATION_FSM_TEST_POSTGRES_URL", DEFAULT_PG)
@@ -72,16 +72,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def upgraded_url(db_url: str) -> str:
     """A database whose schema is at the Alembic head."""
-    store = Store(db_url, engine=make_engine(db_url, create=True))
+    store = Journal(db_url, engine=make_engine(db_url, create=True))
     store.upgrade()
     store.close()
     return db_url
 
 
 @pytest.fixture
-def store(upgraded_url: str) -> Iterator[Store]:
+def store(upgraded_url: str) -> Iterator[Journal]:
     """An open store on an upgraded database."""
-    with Store.open(upgraded_url) as opened:
+    with Journal.open(upgraded_url) as opened:
         yield opened
 
 
@@ -98,9 +98,9 @@ def make_settings(upgraded_url: str) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def engine(store: Store, make_settings: Callable[..., Settings]) -> Engine:
+def engine(store: Journal, make_settings: Callable[..., Settings]) -> Migration:
     """An engine on migration `default`, already created in `preparation`."""
-    eng = Engine(store, make_settings(), "default")
+    eng = Migration(store, make_settings(), "default")
     eng.init()
     return eng
 

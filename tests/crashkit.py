@@ -36,9 +36,9 @@ from typing import Any, Final, Literal, NoReturn
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from migration_fsm.context import Context
-from migration_fsm.data.sql import SqlTaskStore
-from migration_fsm.store import JournalEntry, Store
+from migration_fsm.journal.store import Journal, JournalEntry
+from migration_fsm.plugins.context import Context
+from migration_fsm.tasks.sql import SqlTaskStore
 from tests.procsteps import _warm_up
 
 NOOP_STEP: Final = "tests.crashkit:noop_step"
@@ -144,21 +144,21 @@ def _after(owner: type, name: str, hook: Callable[[tuple[Any, ...], dict[str, An
 def arm(point: CrashPoint) -> Tripwire:
     """Install the tripwire in this process (for good: the process is about to die)."""
     wire = Tripwire(point)
-    _after(Store, "claim", lambda args, kwargs, entry: wire.claimed(entry))
-    _after(Store, "set_step", lambda args, kwargs, _: wire.step_recorded(args[2], kwargs["status"]))
-    _after(Store, "save_checkpoint", lambda args, kwargs, _: wire.wrote())
+    _after(Journal, "claim", lambda args, kwargs, entry: wire.claimed(entry))
+    _after(Journal, "set_step", lambda args, kwargs, _: wire.step_recorded(args[2], kwargs["status"]))
+    _after(Journal, "save_checkpoint", lambda args, kwargs, _: wire.wrote())
     _after(SqlTaskStore, "put_many", lambda args, kwargs, _: wire.wrote())
-    original_finish = Store.finish
+    original_finish = Journal.finish
 
     @functools.wraps(original_finish)
-    def finish(self: Store, *args: Any, **kwargs: Any) -> Any:
+    def finish(self: Journal, *args: Any, **kwargs: Any) -> Any:
         wire.committing = True
         try:
             return original_finish(self, *args, **kwargs)
         finally:
             wire.committing = False
 
-    Store.finish = finish  # type: ignore[method-assign]
+    Journal.finish = finish  # type: ignore[method-assign]
 
     def on_commit(conn: Connection) -> None:
         wire.commit()

@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
-from migration_fsm.data.memory import MemoryTaskStore
-from migration_fsm.data.records import TaskRecord, TaskStatus
-from migration_fsm.store import make_engine
+from migration_fsm.journal.store import make_engine
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STATUSES = tuple(TaskStatus)

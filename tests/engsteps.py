@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from migration_fsm.context import Context, GuardResult
+from migration_fsm.plugins.context import Context, GuardVerdict
 
 #: What the steps did, in order: (name, seq, checkpoint seen).
 CALLS: list[tuple[str, int | None, dict[str, Any] | None]] = []
@@ -53,8 +53,8 @@ def bad_checkpoint(ctx: Context) -> None:
     ctx.save_checkpoint({"when": object()})
 
 
-def flag_guard(ctx: Context) -> GuardResult:
-    return GuardResult(bool(FLAG["passed"]), f"flag is {FLAG['passed']}")
+def flag_guard(ctx: Context) -> GuardVerdict:
+    return GuardVerdict(bool(FLAG["passed"]), f"flag is {FLAG['passed']}")
 
 
 def true_guard(ctx: Context) -> bool:

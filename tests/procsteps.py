@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from migration_fsm.context import Context
+from migration_fsm.plugins.context import Context
 
 PROC_DIR_ENV = "MFSM_PROC_DIR"
 BARRIER_TIMEOUT = 60.0
@@ -105,7 +105,7 @@ def _warm_up() -> None:
     for module in ("alembic.command", "alembic.runtime.migration", "psycopg", "migration_fsm.cli"):
         importlib.import_module(module)
     from migration_fsm.config import load_settings
-    from migration_fsm.store import head_revisions, make_engine
+    from migration_fsm.journal.store import head_revisions, make_engine
 
     head_revisions()
     load_settings(None)

@@ -26,9 +26,9 @@ from typing import Final, Literal, ParamSpec, TypeVar
 
 from hypothesis import strategies as st
 
-from migration_fsm.context import Context, GuardResult
 from migration_fsm.fsm import Phase
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.plugins.context import Context, GuardVerdict
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -138,13 +138,13 @@ def fault_point(kind: PointKind) -> None:
             return
 
 
-def guard_flag(ctx: Context) -> GuardResult:
+def guard_flag(ctx: Context) -> GuardVerdict:
     """A configured guard whose verdict `PLAN.guard` decides."""
     if PLAN.guard == "crash":
         raise SimulatedCrash("simulated crash in guard_flag")
     if PLAN.guard == "raise":
         raise StepError("guard_flag could not read what it checks")
-    return GuardResult(PLAN.guard == "pass", f"the plan says {PLAN.guard}")
+    return GuardVerdict(PLAN.guard == "pass", f"the plan says {PLAN.guard}")
 
 
 #: Every run of a step or undo, per migration, in order: (seq, "tests.strategies:step_a").
@@ -208,14 +208,14 @@ def _between_fault_points(write: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-class FaultyStore(Store):
-    """A `Store` with a fault point just before and just after each write that moves a
+class FaultyStore(Journal):
+    """A `Journal` with a fault point just before and just after each write that moves a
     transition along: a crash before one leaves nothing of it written, after one all of it."""
 
-    append_refused = _between_fault_points(Store.append_refused)
-    claim = _between_fault_points(Store.claim)
-    take_over = _between_fault_points(Store.take_over)
-    finish = _between_fault_points(Store.finish)
+    append_refused = _between_fault_points(Journal.append_refused)
+    claim = _between_fault_points(Journal.claim)
+    take_over = _between_fault_points(Journal.take_over)
+    finish = _between_fault_points(Journal.finish)
 
 
 def faults() -> st.SearchStrategy[Fault | None]:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from migration_fsm.cli import cli
-from migration_fsm.data.archive import export_tasks, import_tasks, verify_archive
-from migration_fsm.data.memory import MemoryTaskStore
-from migration_fsm.data.records import TaskStatus
-from migration_fsm.data.sql import SqlTaskStore
-from migration_fsm.data.validate import validate
 from migration_fsm.exceptions import BadInput, DataError
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskStatus
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools.archive import export_tasks, import_tasks, verify_archive
+from migration_fsm.tools.validate import validate
 from tests.conftest import run_cli
 from tests.datatools import (
     create_task_table,

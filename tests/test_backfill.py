@@ -17,16 +17,16 @@ import pytest
 
 from migration_fsm.cli import cli
 from migration_fsm.config import load_settings
-from migration_fsm.data import runs
-from migration_fsm.data.backfill import backfill_migration, copy_tasks
-from migration_fsm.data.factory import build_store
-from migration_fsm.data.memory import MemoryTaskStore
-from migration_fsm.data.records import TaskRecord
-from migration_fsm.data.sql import SqlTaskStore
-from migration_fsm.data.validate import validate
-from migration_fsm.engine import Engine
 from migration_fsm.exceptions import ConfigError, DataError
-from migration_fsm.store import Store, make_engine
+from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.migration import Migration
+from migration_fsm.tasks.factory import build_store
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskRecord
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools import runs
+from migration_fsm.tools.backfill import backfill_migration, copy_tasks
+from migration_fsm.tools.validate import validate
 from tests.conftest import ROOT, CliResult
 from tests.datatools import (
     MEMORY,
@@ -125,13 +125,13 @@ def test_duplicate_or_unordered_keys_stop_the_backfill_naming_store_and_key() ->
     assert 0 == len(new)
 
 
-def test_backfill_without_stores_is_a_config_error(store: Store) -> None:
+def test_backfill_without_stores_is_a_config_error(store: Journal) -> None:
     """No [stores.old] configured: ConfigError (exit 2) saying what to configure."""
     with pytest.raises(ConfigError, match=r"no \[stores.old\] table"):
         backfill_migration(store, load_settings(None, database_url=store.url), "default")
 
 
-def test_backfill_records_progress_and_a_finished_run_starts_fresh(engine_with_memory: Store) -> None:
+def test_backfill_records_progress_and_a_finished_run_starts_fresh(engine_with_memory: Journal) -> None:
     """The CLI's backfill checkpoints in mfsm_backfill; once it has finished, the next run starts over."""
     store = engine_with_memory
     settings = load_settings(None, database_url=store.url, stores=memory_stores())
@@ -149,10 +149,10 @@ def test_backfill_records_progress_and_a_finished_run_starts_fresh(engine_with_m
 
 
 @pytest.fixture
-def engine_with_memory(store: Store) -> Iterator[Store]:
+def engine_with_memory(store: Journal) -> Iterator[Journal]:
     """A migration `default` in `preparation`, with empty shared memory stores."""
     MEMORY.clear()
-    Engine(store, load_settings(None, database_url=store.url, actor="tester"), "default").init()
+    Migration(store, load_settings(None, database_url=store.url, actor="tester"), "default").init()
     yield store
     MEMORY.clear()
 
@@ -182,7 +182,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _wait_for_progress(store: Store, beyond: int, proc: subprocess.Popen[bytes]) -> int:
+def _wait_for_progress(store: Journal, beyond: int, proc: subprocess.Popen[bytes]) -> int:
     """Poll the backfill checkpoint until it passes `beyond` rows (or the process ends)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -205,8 +205,8 @@ def test_backfill_killed_at_random_moments_resumes_to_an_identical_copy(
         old.put_many(tasks(1200, mixed=True))
     config = write_stores_config(tmp_path / "mfsm.toml", sql_stores(upgraded_url))
     kills, copied = 0, 0
-    with Store.open(upgraded_url) as store:
-        Engine(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
+    with Journal.open(upgraded_url) as store:
+        Migration(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
         for _ in range(3):
             proc = subprocess.Popen(  # throttled so that the kills land mid-copy
                 _backfill_argv(upgraded_url, config, "--max-rate", "800"),
@@ -254,8 +254,8 @@ def test_backfill_bad_input_exits_2_and_bad_data_exits_1_writing_nothing(
     """No stores or a missing table: exit 2; a row that cannot be read: exit 1; the new side stays empty."""
     create_task_table(upgraded_url, "old_tasks")
     create_task_table(upgraded_url, "new_tasks")
-    with Store.open(upgraded_url) as store:
-        Engine(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
+    with Journal.open(upgraded_url) as store:
+        Migration(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
 
     def backfill(config: str, *extra: str) -> object:
         args = ["backfill", "--db", upgraded_url, "--config", config, *extra]
@@ -285,7 +285,7 @@ def test_backfill_bad_input_exits_2_and_bad_data_exits_1_writing_nothing(
 
 
 def test_backfill_refuses_once_new_is_authoritative(
-    engine: Engine, upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult]
+    engine: Migration, upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:
     """From cutover on, backfill exits 2 and copies nothing (it would undo finished work)."""
     for table in ("old_tasks", "new_tasks"):

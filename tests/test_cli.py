@@ -24,9 +24,9 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from migration_fsm.config import load_settings
-from migration_fsm.engine import Engine
 from migration_fsm.fsm import Phase
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.migration import Migration
 from tests.clisteps import FAIL_ENV, GATE_ENV, MARKER_ENV
 from tests.conftest import PG_ADMIN_URL, ROOT, CliResult, run_cli
 
@@ -228,8 +228,8 @@ def prepare(
     """Create a migration in-process (setup, not under test) and advance it to `to`: at
     `percent` in cutover, or back from cleanup when `reenter`. Returns its name."""
     name = name or f"{to}-{next(_names)}"
-    with Store.open(url) as store:
-        engine = Engine(store, load_settings(None, database_url=url, actor="setup"), name)
+    with Journal.open(url) as store:
+        engine = Migration(store, load_settings(None, database_url=url, actor="setup"), name)
         engine.init()
         target = Phase.CLEANUP if reenter else to
         while (state := store.get(name)).phase is not target:

@@ -26,13 +26,13 @@ from migration_fsm.client import (
     PhaseClient,
 )
 from migration_fsm.config import Settings
-from migration_fsm.data.memory import MemoryTaskStore
-from migration_fsm.data.reconcile import open_entries, reconcile
-from migration_fsm.data.records import TaskRecord, TaskStatus
-from migration_fsm.data.sql import SqlTaskStore
-from migration_fsm.engine import Engine
 from migration_fsm.fsm import Phase, routing_for
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.migration import Migration
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools.reconcile import open_entries, reconcile
 from tests.conftest import ROOT, CliResult
 from tests.datatools import create_task_table
 from tests.proxy import TcpProxy
@@ -88,12 +88,12 @@ class FlakyStore(MemoryTaskStore):
 
 
 @pytest.fixture
-def client(engine: Engine, upgraded_url: str) -> Iterator[PhaseClient]:
+def client(engine: Migration, upgraded_url: str) -> Iterator[PhaseClient]:
     with PhaseClient(upgraded_url, ttl=0.05) as phase_client:
         yield phase_client
 
 
-def move_to(engine: Engine, client: PhaseClient, phase: Phase, percent: int | None = None) -> None:
+def move_to(engine: Migration, client: PhaseClient, phase: Phase, percent: int | None = None) -> None:
     """Advance (and ramp) the real migration, then wait until the client has seen it."""
     while engine.store.get("default").phase is not phase:
         engine.advance()
@@ -103,7 +103,7 @@ def move_to(engine: Engine, client: PhaseClient, phase: Phase, percent: int | No
     assert wait_for(lambda: client.snapshot().version == version)
 
 
-def test_client_routing_follows_every_phase(engine: Engine, client: PhaseClient) -> None:
+def test_client_routing_follows_every_phase(engine: Migration, client: PhaseClient) -> None:
     """The client's routing equals the table for each phase the migration goes through."""
     for phase in (Phase.PREPARATION, Phase.DUAL_WRITE, Phase.CUTOVER):
         move_to(engine, client, phase)
@@ -116,7 +116,7 @@ def test_client_routing_follows_every_phase(engine: Engine, client: PhaseClient)
     assert (Phase.COMPLETE, False) == (snap.phase, snap.stale)
 
 
-def test_client_per_key_routing_in_partial_cutover(engine: Engine, client: PhaseClient) -> None:
+def test_client_per_key_routing_in_partial_cutover(engine: Migration, client: PhaseClient) -> None:
     """At 30 percent a key reads from new exactly when its bucket is below 30; no key says split."""
     move_to(engine, client, Phase.CUTOVER, 30)
     assert "split" == client.routing().read_from
@@ -136,7 +136,7 @@ def test_client_answers_default_phase_before_any_read(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_client_never_reports_an_unknown_migration(engine: Engine, upgraded_url: str) -> None:
+def test_client_never_reports_an_unknown_migration(engine: Migration, upgraded_url: str) -> None:
     """A migration name that is not in the database keeps the default, stale."""
     with PhaseClient(upgraded_url, migration="nope", ttl=0.05) as phase_client:
         assert (Phase.PREPARATION, True) == (phase_client.phase, phase_client.snapshot().stale)
@@ -144,7 +144,7 @@ def test_client_never_reports_an_unknown_migration(engine: Engine, upgraded_url:
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_postgres_outage_keeps_last_phase_and_recovers(
-    engine: Engine, upgraded_url: str, caplog: pytest.LogCaptureFixture
+    engine: Migration, upgraded_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through a cut proxy the client keeps its phase (stale), logs once, and catches up after."""
     parsed = make_url(upgraded_url)
@@ -174,7 +174,7 @@ def test_postgres_outage_keeps_last_phase_and_recovers(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_sqlite_file_gone_keeps_last_phase_and_recovers(engine: Engine, upgraded_url: str) -> None:
+def test_sqlite_file_gone_keeps_last_phase_and_recovers(engine: Migration, upgraded_url: str) -> None:
     """When the SQLite file cannot be opened the client stays on its phase, then recovers."""
     path = Path(make_url(upgraded_url).database or "")
     with PhaseClient(upgraded_url, ttl=0.05) as phase_client:
@@ -194,7 +194,7 @@ def test_sqlite_file_gone_keeps_last_phase_and_recovers(engine: Engine, upgraded
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_cli_transition_reaches_a_listening_postgres_client_before_its_ttl(
-    engine: Engine, upgraded_url: str, cli: Callable[..., CliResult]
+    engine: Migration, upgraded_url: str, cli: Callable[..., CliResult]
 ) -> None:
     """With ttl=30 a PostgreSQL client sees a CLI commit by NOTIFY, with no extra query."""
     with PhaseClient(upgraded_url, ttl=30) as phase_client:
@@ -211,7 +211,7 @@ def test_cli_transition_reaches_a_listening_postgres_client_before_its_ttl(
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_cli_transition_reaches_a_sqlite_client_by_polling(
-    engine: Engine, upgraded_url: str, cli: Callable[..., CliResult]
+    engine: Migration, upgraded_url: str, cli: Callable[..., CliResult]
 ) -> None:
     """A SQLite client sees a CLI commit by its next poll."""
     with PhaseClient(upgraded_url, ttl=0.2) as phase_client:
@@ -221,7 +221,7 @@ def test_cli_transition_reaches_a_sqlite_client_by_polling(
         assert phase_client.counters()["refreshes"] > before
 
 
-def test_dual_writer_failure_points(engine: Engine, client: PhaseClient, store: Store) -> None:
+def test_dual_writer_failure_points(engine: Migration, client: PhaseClient, store: Journal) -> None:
     """Authoritative failure raises and writes nothing; second-side failure is repaired later."""
     old, new = FlakyStore("old"), FlakyStore("new")
     writer = DualWriter(client, old, new)
@@ -259,7 +259,7 @@ def test_dual_writer_failure_points(engine: Engine, client: PhaseClient, store: 
 
 
 def test_a_late_second_write_does_not_hand_a_finished_task_back(
-    engine: Engine, client: PhaseClient, upgraded_url: str
+    engine: Migration, client: PhaseClient, upgraded_url: str
 ) -> None:
     """The race behind "no task runs twice": in `dual_write` the old side takes a task and an
     old worker finishes it while the write to the new side is held up; the cutover's state
@@ -295,7 +295,9 @@ def test_a_late_second_write_does_not_hand_a_finished_task_back(
     new.close()
 
 
-def test_reconcile_does_not_overwrite_a_newer_copy(engine: Engine, client: PhaseClient, store: Store) -> None:
+def test_reconcile_does_not_overwrite_a_newer_copy(
+    engine: Migration, client: PhaseClient, store: Journal
+) -> None:
     """A repair entry whose key was written again since is closed without regressing it."""
     old, new = FlakyStore("old"), FlakyStore("new")
     move_to(engine, client, Phase.DUAL_WRITE)
@@ -311,7 +313,7 @@ def test_reconcile_does_not_overwrite_a_newer_copy(engine: Engine, client: Phase
 
 
 def test_async_cancel_between_writes_leaves_a_repair_entry(
-    engine: Engine, client: PhaseClient, store: Store
+    engine: Migration, client: PhaseClient, store: Journal
 ) -> None:
     """Cancelling a write after its authoritative half leaves a repair entry."""
     move_to(engine, client, Phase.DUAL_WRITE)
@@ -341,7 +343,7 @@ def test_async_cancel_between_writes_leaves_a_repair_entry(
 
 
 def test_async_writes_land_on_the_side_their_phase_made_authoritative(
-    engine: Engine, client: PhaseClient
+    engine: Migration, client: PhaseClient
 ) -> None:
     """1,000 concurrent writes while dual_write becomes cutover: each is on its authoritative side."""
     move_to(engine, client, Phase.DUAL_WRITE)
@@ -382,7 +384,7 @@ def test_async_writes_land_on_the_side_their_phase_made_authoritative(
         assert sides[side].get(key) is not None
 
 
-def test_fallback_reader(engine: Engine, client: PhaseClient) -> None:
+def test_fallback_reader(engine: Migration, client: PhaseClient) -> None:
     """In cutover and cleanup a miss or error on new falls back to old, counted."""
     old, new = FlakyStore("old"), FlakyStore("new")
     old.put(record("only-old"))
@@ -403,7 +405,7 @@ def test_fallback_reader(engine: Engine, client: PhaseClient) -> None:
 
 
 def test_shadow_reads_count_mismatches_and_never_raise(
-    engine: Engine, client: PhaseClient, caplog: pytest.LogCaptureFixture
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     """In dual_write a sampled shadow read on new is compared; differences are logged, not raised."""
     move_to(engine, client, Phase.DUAL_WRITE)
@@ -440,7 +442,7 @@ def test_client_import_is_light() -> None:
     assert "[]" == out.strip()
 
 
-def test_client_is_safe_from_many_threads(engine: Engine, client: PhaseClient) -> None:
+def test_client_is_safe_from_many_threads(engine: Migration, client: PhaseClient) -> None:
     """Concurrent routing calls during transitions never raise and only see real phases."""
     seen: set[Phase] = set()
     errors: list[BaseException] = []
@@ -470,7 +472,7 @@ def settings_unused(_: Settings) -> None:  # keeps the Settings import honest fo
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_malformed_notifications_do_not_stop_the_client(engine: Engine, upgraded_url: str) -> None:
+def test_malformed_notifications_do_not_stop_the_client(engine: Migration, upgraded_url: str) -> None:
     """Junk on the NOTIFY channel is ignored; the client keeps following real commits."""
     from sqlalchemy import text
 
@@ -490,7 +492,7 @@ def test_malformed_notifications_do_not_stop_the_client(engine: Engine, upgraded
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_client_started_before_init_keeps_one_connection(upgraded_url: str, store: Store) -> None:
+def test_client_started_before_init_keeps_one_connection(upgraded_url: str, store: Journal) -> None:
     """A client waiting for `init` stays stale without reconnecting on every poll, then follows."""
     with PhaseClient(upgraded_url, migration="later", ttl=0.05) as phase_client:
         time.sleep(0.3)

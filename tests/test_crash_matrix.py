@@ -40,16 +40,16 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm.commands import Verified, verify_entries
 from migration_fsm.config import Settings, StepSpec, StoreConfig, load_settings
-from migration_fsm.data.backfill import backfill_migration
-from migration_fsm.data.defaults import DEFAULT_STEPS
-from migration_fsm.data.factory import build_store
-from migration_fsm.data.records import TaskStatus
-from migration_fsm.data.sides import SIDES, SideName
-from migration_fsm.data.sql import SqlTaskStore
-from migration_fsm.data.validate import ValidationReport, validate_migration
-from migration_fsm.engine import Engine, edge_steps
-from migration_fsm.fsm import EDGES, PHASES, ROUTING, Edge, Phase, Trigger, fire, percent_after
-from migration_fsm.store import JournalEntry, MigrationState, Store
+from migration_fsm.fsm import EDGES, PHASES, ROUTING, Edge, Phase, Trigger, percent_after, resolve_edge
+from migration_fsm.journal.store import Journal, JournalEntry, MigrationState
+from migration_fsm.migration import Migration, edge_steps
+from migration_fsm.plugins.defaults import DEFAULT_STEPS
+from migration_fsm.tasks.factory import build_store
+from migration_fsm.tasks.records import TaskStatus
+from migration_fsm.tasks.sides import SIDES, SideName
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools.backfill import backfill_migration
+from migration_fsm.tools.validate import ValidationReport, validate_migration
 from tests.conftest import ROOT, CliResult
 from tests.crashkit import NOOP_STEP, NOT_REACHED, CrashPoint
 from tests.datatools import create_task_table, everything, row_counts, tasks, write_stores_config
@@ -165,8 +165,8 @@ class World:
         self.config = write_stores_config(folder / "crash.toml", stores, CONFIG_LINES)
         self.settings = load_settings(self.config, database_url=url, actor="setup")
         self.stores = {side: build_store(self.settings.stores[side], side) for side in SIDES}
-        self.store = Store.open(url)
-        self.engine = Engine(self.store, self.settings, MIGRATION)
+        self.store = Journal.open(url)
+        self.engine = Migration(self.store, self.settings, MIGRATION)
 
     def close(self) -> None:
         self.store.close()
@@ -232,7 +232,7 @@ class World:
         self.stores["old"].put_many(tasks(SEED_TASKS, mixed=True))
         for phase in PHASES[: PHASES.index(edge.source)]:
             self.traffic(phase)
-            forward = fire(phase, Trigger.ADVANCE)
+            forward = resolve_edge(phase, Trigger.ADVANCE)
             self.ready(forward)
             self.engine.advance()
         self.traffic(edge.source)

@@ -9,17 +9,18 @@ from typing import Any
 import pytest
 
 from migration_fsm.config import Settings
-from migration_fsm.context import Context
-from migration_fsm.data import cutover, runs
-from migration_fsm.data.backfill import backfill_migration
-from migration_fsm.data.memory import MemoryTaskStore
-from migration_fsm.data.records import TaskRecord, TaskStatus
-from migration_fsm.data.validate import validate, validate_migration
-from migration_fsm.engine import Engine
 from migration_fsm.exceptions import Refused, StepFailed
 from migration_fsm.fsm import Phase
+from migration_fsm.journal.store import Journal
 from migration_fsm.log import get_logger
-from migration_fsm.store import Store
+from migration_fsm.migration import Migration
+from migration_fsm.plugins import handover as cutover
+from migration_fsm.plugins.context import Context
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
+from migration_fsm.tools import runs
+from migration_fsm.tools.backfill import backfill_migration
+from migration_fsm.tools.validate import validate, validate_migration
 from tests.datatools import MEMORY, everything, memory_store, memory_stores, task, tasks
 
 
@@ -45,11 +46,11 @@ class CrashingStore(MemoryTaskStore):
 
 
 @pytest.fixture
-def walk(store: Store, make_settings: Callable[..., Settings]) -> Iterator[tuple[Engine, Settings]]:
+def walk(store: Journal, make_settings: Callable[..., Settings]) -> Iterator[tuple[Migration, Settings]]:
     """An engine on `default` (in preparation) with shared memory stores and a short drain."""
     MEMORY.clear()
     settings = make_settings(stores=memory_stores(), drain_timeout_seconds=0.2, backfill_batch_size=7)
-    engine = Engine(store, settings, "default")
+    engine = Migration(store, settings, "default")
     engine.init()
     yield engine, settings
     MEMORY.clear()
@@ -64,7 +65,9 @@ def _clean(old: MemoryTaskStore, new: MemoryTaskStore) -> None:
     assert (0, 0, 0, 0) == (report.missing, report.extra, report.mismatched, report.status_differs)
 
 
-def test_a_forward_walk_and_rollback_with_the_default_guards_and_steps(walk: tuple[Engine, Settings]) -> None:
+def test_a_forward_walk_and_rollback_with_the_default_guards_and_steps(
+    walk: tuple[Migration, Settings],
+) -> None:
     """Defaults refuse until backfill and validate ran; drain + transfer at cutover; reverse sync back."""
     engine, settings = walk
     store = engine.store
@@ -114,7 +117,7 @@ def test_a_forward_walk_and_rollback_with_the_default_guards_and_steps(walk: tup
 
 
 def test_drain_policy_fail_stops_the_transition_until_the_task_finishes(
-    walk: tuple[Engine, Settings],
+    walk: tuple[Migration, Settings],
 ) -> None:
     """drain_policy 'fail': a task still running stops cutover; once it finished, resume commits."""
     engine, settings = walk
@@ -135,7 +138,7 @@ def test_drain_policy_fail_stops_the_transition_until_the_task_finishes(
     assert (TaskStatus.COMPLETED, 0) == _statuses(new)["t0000002"]
 
 
-def test_a_crash_inside_transfer_state_is_finished_by_resume(walk: tuple[Engine, Settings]) -> None:
+def test_a_crash_inside_transfer_state_is_finished_by_resume(walk: tuple[Migration, Settings]) -> None:
     """The process dies mid-transfer; `resume --steal` continues from the step's checkpoint."""
     engine, settings = walk
     engine.settings = settings.model_copy(update={"guards": {"dual_write->cutover": []}})
@@ -158,7 +161,7 @@ def test_a_crash_inside_transfer_state_is_finished_by_resume(walk: tuple[Engine,
     _clean(old, new)
 
 
-def _context(engine: Engine, checkpoint: dict[str, Any] | None, saved: list[dict[str, Any]]) -> Context:
+def _context(engine: Migration, checkpoint: dict[str, Any] | None, saved: list[dict[str, Any]]) -> Context:
     state = engine.store.get("default")
     return Context(
         migration="default",
@@ -175,7 +178,7 @@ def _context(engine: Engine, checkpoint: dict[str, Any] | None, saved: list[dict
     )
 
 
-def test_transfer_and_requeue_are_idempotent(walk: tuple[Engine, Settings]) -> None:
+def test_transfer_and_requeue_are_idempotent(walk: tuple[Migration, Settings]) -> None:
     """Running transfer_state or the requeue again (fresh or from a done checkpoint) changes nothing."""
     engine, _ = walk
     old, new = memory_store("old"), memory_store("new")
@@ -197,7 +200,7 @@ def test_transfer_and_requeue_are_idempotent(walk: tuple[Engine, Settings]) -> N
 
 
 def test_the_backfill_step_resumes_from_its_checkpoint_and_records_completion(
-    walk: tuple[Engine, Settings],
+    walk: tuple[Migration, Settings],
 ) -> None:
     """The built-in step `backfill` checkpoints in the journal; after a crash, resume finishes the copy."""
     engine, settings = walk

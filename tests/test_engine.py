@@ -14,7 +14,6 @@ from sqlalchemy import update
 
 from migration_fsm.commands import verify_entries
 from migration_fsm.config import Settings
-from migration_fsm.engine import Engine
 from migration_fsm.exceptions import (
     BadInput,
     ConfigError,
@@ -24,7 +23,8 @@ from migration_fsm.exceptions import (
     TransitionInterrupted,
 )
 from migration_fsm.fsm import Phase
-from migration_fsm.store import Store, migrations_table, utcnow
+from migration_fsm.journal.store import Journal, migrations_table, utcnow
+from migration_fsm.migration import Migration
 from tests import engsteps
 
 STEPS = {
@@ -43,22 +43,24 @@ def _reset_steps() -> Iterator[None]:
     engsteps.reset()
 
 
-def make(store: Store, make_settings: Callable[..., Settings], **overrides: Any) -> Engine:
+def make(store: Journal, make_settings: Callable[..., Settings], **overrides: Any) -> Migration:
     """An engine on `default` with the given settings."""
-    return Engine(store, make_settings(**overrides), "default")
+    return Migration(store, make_settings(**overrides), "default")
 
 
-def to_dual_write(engine: Engine) -> None:
+def to_dual_write(engine: Migration) -> None:
     engine.advance()
     assert Phase.DUAL_WRITE == engine.store.get("default").phase
 
 
-def check_journal(store: Store) -> None:
+def check_journal(store: Journal) -> None:
     state = store.get("default")
     verify_entries(state, store.journal(state))
 
 
-def test_steps_run_in_order_and_are_recorded(engine: Engine, make_settings: Callable[..., Settings]) -> None:
+def test_steps_run_in_order_and_are_recorded(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
     """Each configured step runs once, in order, with its seq, and is recorded done."""
     to_dual_write(engine)
     eng = make(engine.store, make_settings, steps=STEPS)
@@ -73,7 +75,7 @@ def test_steps_run_in_order_and_are_recorded(engine: Engine, make_settings: Call
 
 
 def test_failing_step_interrupts_then_resume_finishes(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """A step that raises leaves the row intent with its error and no lease; resume reruns it."""
     to_dual_write(engine)
@@ -110,7 +112,9 @@ def test_failing_step_interrupts_then_resume_finishes(
     check_journal(engine.store)
 
 
-def test_abort_undoes_done_steps_in_reverse(engine: Engine, make_settings: Callable[..., Settings]) -> None:
+def test_abort_undoes_done_steps_in_reverse(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
     """abort runs the undo of every done step, last first, and stays in the source phase."""
     to_dual_write(engine)
     eng = make(engine.store, make_settings, steps=STEPS)
@@ -135,7 +139,7 @@ def test_abort_undoes_done_steps_in_reverse(engine: Engine, make_settings: Calla
 
 
 def test_failing_undo_keeps_the_transition_interrupted(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """An undo that raises stops abort (exit 1); a second abort finishes the remaining undos."""
     to_dual_write(engine)
@@ -154,17 +158,17 @@ def test_failing_undo_keeps_the_transition_interrupted(
 
 
 def test_resume_refuses_a_live_lease_and_steal_takes_it(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """With the holder's lease live, resume exits 3 naming it; --steal takes over, journaled."""
     to_dual_write(engine)
     eng = make(engine.store, make_settings, steps=STEPS)
     state = engine.store.get("default")
     # Claim as a crashed operator would have left it: intent written, lease live, no steps run.
-    from migration_fsm.engine import edge_steps
-    from migration_fsm.fsm import Trigger, fire
+    from migration_fsm.fsm import Trigger, resolve_edge
+    from migration_fsm.migration import edge_steps
 
-    edge = fire(state.phase, Trigger.ADVANCE)
+    edge = resolve_edge(state.phase, Trigger.ADVANCE)
     entry = _intent(edge, state)
     engine.store.claim(state, entry, edge_steps(eng.settings, edge), "ghost [elsewhere:1]", 30)
 
@@ -188,16 +192,16 @@ def test_resume_refuses_a_live_lease_and_steal_takes_it(
 
 
 def test_expired_lease_can_be_resumed_without_steal(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """Once the dead holder's lease expires, plain resume takes over."""
     to_dual_write(engine)
     eng = make(engine.store, make_settings, steps=STEPS)
     state = engine.store.get("default")
-    from migration_fsm.engine import edge_steps
-    from migration_fsm.fsm import Trigger, fire
+    from migration_fsm.fsm import Trigger, resolve_edge
+    from migration_fsm.migration import edge_steps
 
-    edge = fire(state.phase, Trigger.ADVANCE)
+    edge = resolve_edge(state.phase, Trigger.ADVANCE)
     engine.store.claim(state, _intent(edge, state), edge_steps(eng.settings, edge), "ghost [x:1]", 30)
     with engine.store.transaction() as conn:
         conn.execute(update(migrations_table).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
@@ -206,7 +210,9 @@ def test_expired_lease_can_be_resumed_without_steal(
     assert engine.store.entry(engine.store.get("default"), outcome.seq or 0).takeovers[0]["stolen"] is False
 
 
-def test_heartbeat_keeps_a_long_step_leased(engine: Engine, make_settings: Callable[..., Settings]) -> None:
+def test_heartbeat_keeps_a_long_step_leased(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
     """A step running for longer than the lease keeps it through the background heartbeat."""
     to_dual_write(engine)
     settings = {"steps": {"dual_write->cutover": ["tests.engsteps:slow_step"]}}
@@ -231,7 +237,7 @@ def test_heartbeat_keeps_a_long_step_leased(engine: Engine, make_settings: Calla
 
 
 def test_lease_lost_mid_step_stops_without_commit(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """If another operator steals the lease, the first one's commit fails and changes nothing."""
     to_dual_write(engine)
@@ -255,7 +261,7 @@ def test_lease_lost_mid_step_stops_without_commit(
 
 
 def test_guard_refusal_is_journaled_and_changes_nothing(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """A failing guard refuses (exit 1): a refused row, same phase, percent and version."""
     eng = make(engine.store, make_settings, guards={"preparation->dual_write": ["tests.engsteps:flag_guard"]})
@@ -274,7 +280,7 @@ def test_guard_refusal_is_journaled_and_changes_nothing(
     check_journal(engine.store)
 
 
-def test_guard_that_raises_refuses(engine: Engine, make_settings: Callable[..., Settings]) -> None:
+def test_guard_that_raises_refuses(engine: Migration, make_settings: Callable[..., Settings]) -> None:
     """A guard raising an exception counts as failed, with the error as its detail."""
     eng = make(
         engine.store, make_settings, guards={"preparation->dual_write": ["tests.engsteps:broken_guard"]}
@@ -284,7 +290,7 @@ def test_guard_that_raises_refuses(engine: Engine, make_settings: Callable[..., 
 
 
 def test_force_overrides_failing_guards_and_is_journaled(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """--force --reason takes the edge despite a failing guard and journals forced=true."""
     eng = make(engine.store, make_settings, guards={"preparation->dual_write": ["tests.engsteps:flag_guard"]})
@@ -297,7 +303,7 @@ def test_force_overrides_failing_guards_and_is_journaled(
     assert (True, "metrics are down, checked by hand") == (last.forced, last.reason)
 
 
-def test_percent_is_100_cannot_be_forced(engine: Engine) -> None:
+def test_percent_is_100_cannot_be_forced(engine: Migration) -> None:
     """cutover -> cleanup refuses below 100 percent, even with --force."""
     engine.advance()
     engine.advance()
@@ -309,7 +315,7 @@ def test_percent_is_100_cannot_be_forced(engine: Engine) -> None:
     assert Phase.CLEANUP == engine.advance().state.phase  # type: ignore[union-attr]
 
 
-def test_dry_run_writes_nothing(engine: Engine, make_settings: Callable[..., Settings]) -> None:
+def test_dry_run_writes_nothing(engine: Migration, make_settings: Callable[..., Settings]) -> None:
     """--dry-run evaluates guards and lists steps without touching the database."""
     to_dual_write(engine)
     eng = make(
@@ -330,7 +336,7 @@ def test_dry_run_writes_nothing(engine: Engine, make_settings: Callable[..., Set
 
 
 def test_unknown_guard_is_a_config_error_before_any_write(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """A guard name that is neither built in nor importable is exit 2 and writes nothing."""
     eng = make(engine.store, make_settings, guards={"preparation->dual_write": ["no_such_guard"]})
@@ -341,7 +347,7 @@ def test_unknown_guard_is_a_config_error_before_any_write(
     assert before == engine.store.journal(engine.store.get("default"))
 
 
-def test_checkpoint_must_be_json(engine: Engine, make_settings: Callable[..., Settings]) -> None:
+def test_checkpoint_must_be_json(engine: Migration, make_settings: Callable[..., Settings]) -> None:
     """A step saving a checkpoint that is not JSON fails as a step (exit 1), nothing saved."""
     to_dual_write(engine)
     eng = make(engine.store, make_settings, steps={"dual_write->cutover": ["tests.engsteps:bad_checkpoint"]})
@@ -349,7 +355,7 @@ def test_checkpoint_must_be_json(engine: Engine, make_settings: Callable[..., Se
         eng.advance()
 
 
-def test_rollback_to_walks_each_edge(engine: Engine) -> None:
+def test_rollback_to_walks_each_edge(engine: Migration) -> None:
     """rollback --to PHASE takes every rollback edge in turn, each journaled."""
     engine.advance()
     engine.advance()
@@ -363,14 +369,14 @@ def test_rollback_to_walks_each_edge(engine: Engine) -> None:
     check_journal(engine.store)
 
 
-def test_ramp_rejects_percent_outside_range(engine: Engine) -> None:
+def test_ramp_rejects_percent_outside_range(engine: Migration) -> None:
     """ramp outside 0..100 is bad input, checked before anything else."""
     for bad in (-1, 101):
         with pytest.raises(BadInput):
             engine.ramp(bad)
 
 
-def test_min_soak_guard(engine: Engine, make_settings: Callable[..., Settings]) -> None:
+def test_min_soak_guard(engine: Migration, make_settings: Callable[..., Settings]) -> None:
     """min_soak refuses until the phase has run min_soak_seconds."""
     guards = {"preparation->dual_write": ["min_soak"]}
     with pytest.raises(Refused, match="min_soak"):
@@ -384,7 +390,7 @@ def _intent(edge: Any, state: Any) -> Any:
     import os
     import socket
 
-    from migration_fsm.store import JournalEntry
+    from migration_fsm.journal.store import JournalEntry
 
     return JournalEntry(
         seq=0,

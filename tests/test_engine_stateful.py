@@ -35,7 +35,6 @@ from structlog.testing import capture_logs
 
 from migration_fsm.commands import Status, verify_entries
 from migration_fsm.config import Settings
-from migration_fsm.engine import Engine, Outcome
 from migration_fsm.exceptions import (
     BadInput,
     LeaseHeld,
@@ -46,7 +45,8 @@ from migration_fsm.exceptions import (
     TriggerNotAllowed,
 )
 from migration_fsm.fsm import Phase
-from migration_fsm.store import JournalEntry, migrations_table, utcnow
+from migration_fsm.journal.store import JournalEntry, migrations_table, utcnow
+from migration_fsm.migration import Migration, TransitionResult
 from tests.strategies import (
     GUARD_FLAG,
     GUARDS,
@@ -475,9 +475,9 @@ class EngineVersusModel(RuleBasedStateMachine):
     def store(self) -> FaultyStore:
         return self.db.store
 
-    def _new_engine(self) -> Engine:
+    def _new_engine(self) -> Migration:
         self.operators += 1
-        return Engine(self.store, self.db.settings_for(f"operator-{self.operators}"), self.name)
+        return Migration(self.store, self.db.settings_for(f"operator-{self.operators}"), self.name)
 
     def _crashed(self) -> None:
         """The operator's process died: open the database from scratch, as a new operator."""
@@ -606,7 +606,7 @@ class EngineVersusModel(RuleBasedStateMachine):
         expected = self.model.abort(reason=reason, fault=fault)
         outcome = self._call(expected, lambda: self.engine.abort(reason=reason), fault=fault)
         if outcome is not None:
-            assert isinstance(outcome, Outcome)
+            assert isinstance(outcome, TransitionResult)
             assert outcome.state is not None
             assert ("aborted", self.model.phase) == (outcome.status, outcome.state.phase)
 
@@ -615,7 +615,7 @@ class EngineVersusModel(RuleBasedStateMachine):
         expected, verdicts = self.model.dry_run_advance(guard)
         outcome = self._call(expected, lambda: self.engine.advance(dry_run=True), guard=guard)
         if outcome is not None:
-            assert isinstance(outcome, Outcome)
+            assert isinstance(outcome, TransitionResult)
             assert ("planned", None) == (outcome.status, outcome.seq)
             assert verdicts == [g.passed for g in outcome.guards]
 
@@ -676,7 +676,7 @@ class EngineVersusModel(RuleBasedStateMachine):
             )
         self.model.lease_expires()
 
-    def _check_committed(self, outcome: Outcome) -> None:
+    def _check_committed(self, outcome: TransitionResult) -> None:
         model = self.model
         assert "committed" == outcome.status
         assert outcome.state is not None

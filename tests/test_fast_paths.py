@@ -16,13 +16,13 @@ import pytest
 from sqlalchemy import JSON, Engine, MetaData, String, Table, Text, cast, event, literal, select, text, update
 from sqlalchemy.engine import make_url
 
-from migration_fsm.data.backfill import copy_tasks
-from migration_fsm.data.identity import IdentityScan, identity_source
-from migration_fsm.data.records import TaskRecord, TaskStatus
-from migration_fsm.data.sql import RowCopy, SqlTaskStore
-from migration_fsm.data.validate import validate
 from migration_fsm.exceptions import DataError
-from migration_fsm.store import make_engine
+from migration_fsm.journal.store import make_engine
+from migration_fsm.tasks.identity import IdentityScan, identity_source
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
+from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
+from migration_fsm.tools.backfill import copy_tasks
+from migration_fsm.tools.validate import validate
 from tests import test_task_stores
 from tests.datatools import create_task_table, everything
 from tests.test_task_stores import (

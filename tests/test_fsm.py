@@ -54,7 +54,7 @@ def test_phases_are_the_contract_names_in_order() -> None:
 )
 def test_fire_takes_each_design_edge(source: Phase, trigger: Trigger, dest: Phase) -> None:
     """Every edge of DESIGN.md section 2 fires on the transitions machine."""
-    assert Edge(trigger, source, dest) == fsm.fire(source, trigger)
+    assert Edge(trigger, source, dest) == fsm.resolve_edge(source, trigger)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_fire_takes_each_design_edge(source: Phase, trigger: Trigger, dest: Phas
 def test_fire_refuses_edges_that_do_not_exist(source: Phase, trigger: Trigger) -> None:
     """A trigger with no edge from the phase raises TriggerNotAllowed (exit 2)."""
     with pytest.raises(TriggerNotAllowed) as info:
-        fsm.fire(source, trigger)
+        fsm.resolve_edge(source, trigger)
     assert 2 == info.value.exit_code
 
 
@@ -195,7 +195,7 @@ def test_mermaid_lists_every_edge() -> None:
 def test_machine_and_store_imports_are_light() -> None:
     """Importing the machine and the store pulls in neither click, rich nor alembic."""
     code = (
-        "import sys, migration_fsm.fsm, migration_fsm.store;"
+        "import sys, migration_fsm.fsm, migration_fsm.journal.store;"
         "print(sorted(m for m in ('click', 'rich', 'alembic') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -10,31 +10,32 @@ from typing import Any
 import pytest
 
 from migration_fsm.config import Settings, load_settings
-from migration_fsm.context import Context
-from migration_fsm.data import guards, runs
-from migration_fsm.data.archive import export_tasks
-from migration_fsm.data.backfill import backfill_migration
-from migration_fsm.data.records import TaskStatus
-from migration_fsm.data.validate import validate_migration
-from migration_fsm.engine import Engine, edge_guards, edge_steps
 from migration_fsm.fsm import EDGES_BY_KEY
+from migration_fsm.journal.store import Journal, utcnow
 from migration_fsm.log import get_logger
-from migration_fsm.store import Store, utcnow
+from migration_fsm.migration import Migration, edge_guards, edge_steps
+from migration_fsm.plugins import guards
+from migration_fsm.plugins.context import Context
+from migration_fsm.tasks.records import TaskStatus
+from migration_fsm.tools import runs
+from migration_fsm.tools.archive import export_tasks
+from migration_fsm.tools.backfill import backfill_migration
+from migration_fsm.tools.validate import validate_migration
 from tests.datatools import MEMORY, memory_store, memory_stores, task, tasks
 
 
 @pytest.fixture
-def engine(store: Store, make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[Engine]:
+def engine(store: Journal, make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[Migration]:
     """An engine on `default` in preparation, with shared memory stores and a backup path."""
     MEMORY.clear()
     settings = make_settings(stores=memory_stores(), backup_path=str(tmp_path / "backup.jsonl"))
-    eng = Engine(store, settings, "default")
+    eng = Migration(store, settings, "default")
     eng.init()
     yield eng
     MEMORY.clear()
 
 
-def check(engine: Engine, name: str) -> tuple[bool, str]:
+def check(engine: Migration, name: str) -> tuple[bool, str]:
     """Run one built-in guard against the current state: (passed, detail)."""
     state = engine.store.get("default")
     ctx = Context(
@@ -81,7 +82,7 @@ def test_default_guards_and_steps_apply_only_with_stores_and_when_the_edge_names
 
 
 def test_store_and_count_guards_say_their_figures(
-    engine: Engine, make_settings: Callable[..., Settings]
+    engine: Migration, make_settings: Callable[..., Settings]
 ) -> None:
     """stores_reachable, counts_match, old_drained and failure_rate_ok, passing and failing."""
     old, new = memory_store("old"), memory_store("new")
@@ -130,7 +131,7 @@ def test_store_and_count_guards_say_their_figures(
     assert detail.startswith("new store unreachable: ")
 
 
-def test_run_guards_read_backfill_validate_and_backup_records(engine: Engine) -> None:
+def test_run_guards_read_backfill_validate_and_backup_records(engine: Migration) -> None:
     """backfill_complete, checksums_match and backup_exists follow the recorded runs and the phase's start."""
     store, settings = engine.store, engine.settings
     old = memory_store("old")

@@ -23,9 +23,9 @@ import pytest
 
 from migration_fsm import commands
 from migration_fsm.config import load_settings
-from migration_fsm.engine import Engine
 from migration_fsm.fsm import Phase
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.migration import Migration
 from tests.conftest import ROOT, CliResult, run_cli
 from tests.procsteps import CHECKPOINT, PROC_DIR_ENV, touch
 
@@ -142,8 +142,8 @@ class Operator:
 
 def create_migration(url: str, migration: str = "default") -> None:
     """`init`, in this process: setting up is not what these tests are about."""
-    with Store.open(url) as store:
-        Engine(store, load_settings(None, database_url=url, actor="setup"), migration).init()
+    with Journal.open(url) as store:
+        Migration(store, load_settings(None, database_url=url, actor="setup"), migration).init()
 
 
 def kill_inside_step(op: Operator, reaper: list[subprocess.Popen[bytes]]) -> int:
@@ -201,7 +201,7 @@ def assert_resumed_once(op: Operator, killed_pid: int) -> None:
 
 def takeovers(url: str) -> list[dict[str, Any]]:
     """The takeovers journaled on transition #2."""
-    with Store.open(url) as store:
+    with Journal.open(url) as store:
         return store.entry(store.get("default"), 2).takeovers
 
 
@@ -250,7 +250,7 @@ def test_sigkill_mid_step_resumes_without_steal_once_the_lease_expires(
     op = Operator(upgraded_url, config, tmp_path)
     killed = kill_inside_step(op, reaper)
 
-    with Store.open(upgraded_url) as store:
+    with Journal.open(upgraded_url) as store:
         wait_for(lambda: not store.get("default").lease_live(), "the dead holder's lease to expire")
     assert_interrupted(op)
     advance = op.run("advance", actor="rescuer")
@@ -355,7 +355,7 @@ def test_racing_advances_have_exactly_one_winner(
     config = write_config(tmp_path / "cfg.toml", steps=[HOLD], lease_seconds=120, heartbeat_seconds=1)
     op = Operator(upgraded_url, config, tmp_path)
     settings = load_settings(None, database_url=upgraded_url, actor="setup")
-    with Store.open(upgraded_url) as store:
+    with Journal.open(upgraded_url) as store:
         for round_ in range(RACE_ROUNDS):
             migration = f"race{round_}"
             create_migration(upgraded_url, migration)

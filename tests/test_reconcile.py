@@ -8,16 +8,16 @@ from pathlib import Path
 
 from migration_fsm.client import RepairLog
 from migration_fsm.config import load_settings
-from migration_fsm.data.factory import build_store
-from migration_fsm.data.reconcile import open_entries
-from migration_fsm.engine import Engine
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.migration import Migration
+from migration_fsm.tasks.factory import build_store
+from migration_fsm.tools.reconcile import open_entries
 from tests.conftest import CliResult
 from tests.datatools import create_task_table, everything, sql_stores, task, write_stores_config
 
 
 def test_reconcile_cli_replays_once_and_then_changes_nothing(
-    engine: Engine, store: Store, upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult]
+    engine: Migration, store: Journal, upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:
     """Open entries are copied from the side that has them; a second run finds nothing to do."""
     stores = sql_stores(upgraded_url)
@@ -47,7 +47,7 @@ def test_reconcile_cli_replays_once_and_then_changes_nothing(
 
 
 def test_reconcile_without_stores_is_a_config_error(
-    engine: Engine, upgraded_url: str, cli: Callable[..., CliResult]
+    engine: Migration, upgraded_url: str, cli: Callable[..., CliResult]
 ) -> None:
     """Without [stores.*] in the config, reconcile exits 2 and says what is missing."""
     result = cli("reconcile", "--db", upgraded_url)

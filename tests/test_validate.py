@@ -16,13 +16,13 @@ import pytest
 
 from migration_fsm.cli import cli
 from migration_fsm.config import load_settings
-from migration_fsm.data import runs
-from migration_fsm.data.memory import MemoryTaskStore
-from migration_fsm.data.records import TaskRecord, TaskStatus
-from migration_fsm.data.sql import SqlTaskStore
-from migration_fsm.data.validate import classify, validate
-from migration_fsm.engine import Engine
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.migration import Migration
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools import runs
+from migration_fsm.tools.validate import classify, validate
 from tests.conftest import run_cli
 from tests.datatools import create_task_table, hundred_thousand, sql_stores, task, tasks, write_stores_config
 
@@ -178,8 +178,8 @@ def test_validate_cli_reports_records_the_run_and_exits_by_verdict(
             + [task(999), records[7].model_copy(update={"type": "sms"})]
         )
     config = write_stores_config(tmp_path / "mfsm.toml", sql_stores(upgraded_url))
-    with Store.open(upgraded_url) as store:
-        Engine(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
+    with Journal.open(upgraded_url) as store:
+        Migration(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
     common = ("--db", upgraded_url, "--config", config)
     bad = run_cli("validate", "--json", *common)
     assert 1 == bad.code, bad.stderr
@@ -207,7 +207,7 @@ def test_validate_cli_reports_records_the_run_and_exits_by_verdict(
         line for line in capsys.readouterr().out.split("validate runs")[1].splitlines() if "prepar" in line
     ]
     assert [True, False] == ["NOT OK" in row for row in rows]  # both runs, oldest first
-    with Store.open(upgraded_url) as store:
+    with Journal.open(upgraded_url) as store:
         latest = runs.latest_validation(store, "default")
     assert latest is not None
     assert (True, "preparation", 0, 1) == (

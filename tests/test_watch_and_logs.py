@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from migration_fsm.config import Settings
-from migration_fsm.engine import Engine
-from migration_fsm.store import Store
+from migration_fsm.journal.store import Journal
+from migration_fsm.migration import Migration
 from tests.conftest import ROOT, CliResult
 
 
@@ -35,7 +35,7 @@ def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     return seen
 
 
-def test_status_watch_redraws_until_interrupted(engine: Engine, upgraded_url: str, tmp_path: Path) -> None:
+def test_status_watch_redraws_until_interrupted(engine: Migration, upgraded_url: str, tmp_path: Path) -> None:
     """On a terminal, status --watch shows a phase change made meanwhile and exits 0 on Ctrl-C."""
     primary, secondary = pty.openpty()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
@@ -67,7 +67,7 @@ def test_status_watch_redraws_until_interrupted(engine: Engine, upgraded_url: st
 
 
 def test_transition_guard_and_step_events_go_to_stderr_as_json(
-    store: Store, upgraded_url: str, cli: Callable[..., CliResult], tmp_path: Path
+    store: Journal, upgraded_url: str, cli: Callable[..., CliResult], tmp_path: Path
 ) -> None:
     """Piped stderr carries one JSON event per guard, step and transition; stdout has none."""
     config = tmp_path / "c.toml"

@@ -52,7 +52,11 @@ def test_wheel_installs_and_runs_db_upgrade_init_status(tmp_path: Path) -> None:
     assert 0 == status.returncode, status.stderr
     assert ("preparation", 1) == (json.loads(status.stdout)["phase"], json.loads(status.stdout)["version"])
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import migration_fsm.store as s; print(s.migrations_dir())"],
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import migration_fsm.journal.store as s; print(s.migrations_dir())",
+        ],
         cwd=work,
         env=env,
         capture_output=True,

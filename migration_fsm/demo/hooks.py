@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..context import Context
+    from ..plugins.context import Context
 
 #: The running demo's worker pools ("old", "new") and flags, set by the demo runner.
 RUNTIME: dict[str, Any] = {}

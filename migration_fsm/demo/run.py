@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import commands
 from ..client import DualWriter, FallbackReader, PhaseClient
 from ..config import Settings, StepSpec, StoreConfig
-from ..data.factory import build_store
-from ..data.reconcile import open_entries
-from ..data.records import TaskRecord, TaskStatus
 from ..fsm import PHASES, Phase
+from ..tasks.factory import build_store
+from ..tasks.records import TaskRecord, TaskStatus
+from ..tools.reconcile import open_entries
 from . import hooks
 from .systems import NEW_STORE, OLD_STORE, Ledger, NewQueue, OldTaskManager, WorkerPool
 
@@ -421,9 +421,9 @@ def _fill(report: Report, world: dict[str, Any], producer: Producer) -> None:
 
 def open_entries_safe(world: dict[str, Any]) -> int:
     """Repair entries still open at the end (should be 0)."""
-    from ..store import Store
+    from ..journal.store import Journal
 
-    with Store.open(world["settings"].database_url) as store:
+    with Journal.open(world["settings"].database_url) as store:
         return open_entries(store, MIGRATION)
 
 

@@ -1,0 +1,589 @@
+"""The transition protocol: guards -> claim -> steps -> commit; resume and abort.
+
+This is the only place that fires triggers (through `fsm.resolve_edge`). See DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings, StepSpec
+from .exceptions import (
+    BadInput,
+    Refused,
+    StepFailed,
+    TransitionInterrupted,
+)
+from .fsm import (
+    ALWAYS_ON_GUARDS,
+    Edge,
+    Phase,
+    Trigger,
+    percent_after,
+    resolve_edge,
+    rollback_path,
+)
+from .journal.store import (
+    Journal,
+    JournalEntry,
+    MigrationState,
+    StepRecord,
+    lease_held_error,
+    lease_holder_name,
+    utcnow,
+)
+from .log import get_logger
+from .plugins.context import Context, GuardVerdict
+from .plugins.defaults import guards_for, steps_for
+from .plugins.registry import BUILTIN_UNDO, as_guard_result, resolve_guard, resolve_step
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRecord:
+    """One guard's result as journaled."""
+
+    name: str
+    passed: bool
+    detail: str
+    duration_ms: int
+    forceable: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "detail": self.detail,
+            "duration_ms": self.duration_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What an edge would do: its guards' results and the steps it would run."""
+
+    edge: Edge
+    percent: int
+    guards: list[GuardRecord]
+    steps: list[tuple[str, str | None]]
+
+    @property
+    def failing(self) -> list[GuardRecord]:
+        return [g for g in self.guards if not g.passed]
+
+    def refused(self, force: bool) -> list[GuardRecord]:
+        """The failing guards that still refuse when `force` is given."""
+        return [g for g in self.failing if not (force and g.forceable)]
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    """What a command did to one edge."""
+
+    status: str  # committed, refused, aborted, planned
+    edge: Edge
+    percent: int
+    seq: int | None
+    guards: list[GuardRecord] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    forced: bool = False
+    state: MigrationState | None = None
+
+
+def edge_steps(settings: Settings, edge: Edge) -> list[tuple[str, str | None]]:
+    """The configured (step, undo) pairs of an edge (its defaults when stores are configured)."""
+    pairs: list[tuple[str, str | None]] = []
+    for spec in steps_for(settings, edge.key):
+        if isinstance(spec, StepSpec):
+            pairs.append((spec.do, spec.undo))
+        else:
+            pairs.append((spec, BUILTIN_UNDO.get(spec)))
+    return pairs
+
+
+def edge_guards(settings: Settings, edge: Edge) -> list[tuple[str, bool]]:
+    """The (guard, forceable) pairs of an edge: always-on guards first, then configured ones
+    (its defaults when stores are configured)."""
+    always = ALWAYS_ON_GUARDS.get(edge.key, ())
+    names = [(name, False) for name in always]
+    names += [(name, True) for name in guards_for(settings, edge.key) if name not in always]
+    return names
+
+
+class Migration:
+    """Drives one migration through its phases for one operator (`settings.actor`)."""
+
+    def __init__(self, store: Journal, settings: Settings, migration: str = "default") -> None:
+        self.store = store
+        self.settings = settings
+        self.migration = migration
+        self.holder = lease_holder_name(settings.actor)
+        self.log = get_logger(migration=migration)
+
+    # -- public verbs -----------------------------------------------------------------
+
+    def init(self) -> MigrationState:
+        """Create the migration in `preparation`."""
+        with self.store.operator_lock(self.migration, self.holder):
+            state = self.store.create(self.migration, self.settings.actor)
+        self.log.info(
+            "transition",
+            seq=1,
+            trigger="init",
+            source=None,
+            dest=str(state.phase),
+            status="committed",
+        )
+        return state
+
+    def advance(
+        self, *, reason: str | None = None, force: bool = False, dry_run: bool = False
+    ) -> TransitionResult:
+        """Take the edge to the next phase."""
+        return self._single(Trigger.ADVANCE, reason=reason, force=force, dry_run=dry_run)
+
+    def ramp(self, percent: int, *, reason: str | None = None, dry_run: bool = False) -> TransitionResult:
+        """Set the cutover percent."""
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+            raise BadInput(f"percent must be a whole number from 0 to 100, not {percent!r}")
+        return self._single(Trigger.RAMP, reason=reason, percent=percent, dry_run=dry_run)
+
+    def rollback(
+        self, *, reason: str, to: Phase | None = None, dry_run: bool = False
+    ) -> list[TransitionResult]:
+        """Go back one edge, or edge by edge down to `to`."""
+        _require_reason(reason, "rollback")
+        with self.store.operator_lock(self.migration, self.holder):
+            state = self._writable()
+            edges = (
+                [resolve_edge(state.phase, Trigger.ROLLBACK)]
+                if to is None
+                else rollback_path(state.phase, to)
+            )
+            if dry_run:
+                return [self._dry_run(state, edge, None) for edge in edges]
+            outcomes = []
+            for edge in edges:
+                outcome = self._take(state, edge, reason=reason, force=False, percent=None)
+                outcomes.append(outcome)
+                assert outcome.state is not None
+                state = outcome.state
+            return outcomes
+
+    def resume(self, *, steal: bool = False) -> TransitionResult:
+        """Finish the interrupted transition from its first unfinished step."""
+        with self.store.operator_lock(self.migration, self.holder, steal=steal):
+            state = self.store.get(self.migration)
+            if state.in_progress_seq is None:
+                raise BadInput(
+                    f"migration '{self.migration}' has no interrupted transition: nothing to resume"
+                )
+            stolen = state.lease_live()
+            if stolen and not steal:
+                raise lease_held_error(state)
+            seq = state.in_progress_seq
+            entry = self.store.entry(state, seq)
+            self._resolve_steps(entry.steps, entry)
+            self.store.take_over(
+                state,
+                self.holder,
+                self.settings.lease_seconds,
+                self._takeover("resume", state, stolen),
+            )
+            self.log.info(
+                "takeover",
+                seq=seq,
+                command="resume",
+                previous=state.lease_holder,
+                stolen=stolen,
+            )
+            return self._run_and_commit(state, entry, time.perf_counter())
+
+    def abort(self, *, reason: str) -> TransitionResult:
+        """Undo the done steps of the interrupted transition in reverse; stay in the source phase."""
+        _require_reason(reason, "abort")
+        with self.store.operator_lock(self.migration, self.holder):
+            state = self.store.get(self.migration)
+            if state.in_progress_seq is None:
+                raise BadInput(
+                    f"migration '{self.migration}' has no interrupted transition: nothing to abort"
+                )
+            if state.lease_live():
+                raise lease_held_error(state)
+            seq = state.in_progress_seq
+            entry = self.store.entry(state, seq)
+            undos = {
+                step.position: resolve_step(step.undo, f"undo of step '{step.name}'")
+                for step in entry.steps
+                if step.status == "done" and step.undo
+            }
+            self.store.take_over(
+                state,
+                self.holder,
+                self.settings.lease_seconds,
+                self._takeover("abort", state, False, reason),
+            )
+            started = time.perf_counter()
+            edge = _edge_of(entry)
+            with self._heartbeat(state.id, seq):
+                for step in reversed(entry.steps):
+                    if step.position not in undos:
+                        continue
+                    ctx = self._context(state, edge, entry.percent, seq, step)
+                    self._run_one(state, entry, step, undos[step.position], ctx, undo=True)
+            final = self.store.finish(state.id, seq, self.holder, "aborted")
+            self._log_transition(entry, "aborted", started)
+            return TransitionResult(
+                "aborted",
+                edge,
+                final.percent,
+                seq,
+                state=final,
+                steps=[s.name for s in entry.steps],
+            )
+
+    # -- internals --------------------------------------------------------------------
+
+    def _single(
+        self,
+        trigger: Trigger,
+        *,
+        reason: str | None,
+        force: bool = False,
+        dry_run: bool = False,
+        percent: int | None = None,
+    ) -> TransitionResult:
+        if force:
+            _require_reason(reason, "--force")
+        with self.store.operator_lock(self.migration, self.holder):
+            state = self._writable()
+            edge = resolve_edge(state.phase, trigger)
+            if dry_run:
+                return self._dry_run(state, edge, percent)
+            return self._take(state, edge, reason=reason, force=force, percent=percent)
+
+    def _writable(self) -> MigrationState:
+        """The migration, provided no transition is interrupted (else exit 3)."""
+        state = self.store.get(self.migration)
+        if state.in_progress_seq is None:
+            return state
+        if state.lease_live():
+            raise lease_held_error(state)
+        entry = self.store.entry(state, state.in_progress_seq)
+        step = next((s.name for s in entry.steps if s.status != "done"), None)
+        at = f" at step '{step}'" if step else " before its commit"
+        raise TransitionInterrupted(
+            f"migration '{self.migration}' transition #{entry.seq} ({entry.trigger}"
+            f" {entry.source}->{entry.dest}) is interrupted{at}: run `migration-fsm resume`"
+            " or `migration-fsm abort --reason TEXT`"
+        )
+
+    def _plan(self, state: MigrationState, edge: Edge, requested: int | None) -> Plan:
+        percent = percent_after(edge, state.percent, requested)
+        guards = [
+            (name, forceable, resolve_guard(name, f'guards."{edge.key}"'))
+            for name, forceable in edge_guards(self.settings, edge)
+        ]
+        steps = edge_steps(self.settings, edge)
+        for name, undo in steps:
+            resolve_step(name, f'steps."{edge.key}"')
+            if undo:
+                resolve_step(undo, f'steps."{edge.key}"')
+        outcomes = []
+        ctx = self._context(state, edge, percent, None, None)
+        for name, forceable, fn in guards:
+            started = time.perf_counter()
+            try:
+                result = as_guard_result(fn(ctx), name)
+            except Exception as exc:  # noqa: BLE001 - a guard that crashes refuses; it never passes
+                result = GuardVerdict(False, f"raised {type(exc).__name__}: {exc}")
+            ms = round((time.perf_counter() - started) * 1000)
+            outcomes.append(GuardRecord(name, result.passed, result.detail, ms, forceable))
+            self.log.info(
+                "guard",
+                guard=name,
+                edge=edge.key,
+                passed=result.passed,
+                detail=result.detail,
+                duration_ms=ms,
+            )
+        return Plan(edge, percent, outcomes, steps)
+
+    def _dry_run(self, state: MigrationState, edge: Edge, requested: int | None) -> TransitionResult:
+        plan = self._plan(state, edge, requested)
+        return TransitionResult(
+            "planned",
+            edge,
+            plan.percent,
+            None,
+            plan.guards,
+            [s for s, _ in plan.steps],
+            state=state,
+        )
+
+    def _take(
+        self,
+        state: MigrationState,
+        edge: Edge,
+        *,
+        reason: str | None,
+        force: bool,
+        percent: int | None,
+    ) -> TransitionResult:
+        started = time.perf_counter()
+        plan = self._plan(state, edge, percent)
+        refusing = plan.refused(force)
+        forced = bool(plan.failing) and not refusing
+        entry = JournalEntry(
+            seq=0,
+            trigger=edge.trigger,
+            source=edge.source,
+            dest=edge.dest,
+            percent=plan.percent,
+            status="intent",
+            actor=self.settings.actor,
+            reason=reason,
+            forced=forced,
+            guards=[g.as_dict() for g in plan.guards],
+            takeovers=[],
+            started_at=utcnow(),
+            finished_at=None,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            error=None,
+            prev_hash=None,
+            hash=None,
+        )
+        if refusing:
+            entry = self.store.append_refused(state, _finished(entry))
+            self._log_transition(entry, "refused", started)
+            names = ", ".join(f"{g.name} ({g.detail})" for g in refusing)
+            unforceable = [g.name for g in refusing if not g.forceable]
+            if unforceable:
+                hint = f"{', '.join(unforceable)} cannot be forced; fix the cause first"
+            else:
+                hint = "fix the cause, or use --force --reason TEXT"
+            raise Refused(f"{edge.trigger} {edge.key} refused by {names}: {hint}")
+        entry = self.store.claim(state, entry, plan.steps, self.holder, self.settings.lease_seconds)
+        seq = entry.seq
+        self.log.info("claim", seq=seq, trigger=str(edge.trigger), edge=edge.key, forced=forced)
+        outcome = self._run_and_commit(state, entry, started)
+        return TransitionResult(
+            outcome.status,
+            edge,
+            outcome.percent,
+            seq,
+            plan.guards,
+            outcome.steps,
+            forced,
+            outcome.state,
+        )
+
+    def _resolve_steps(self, steps: list[StepRecord], entry: JournalEntry) -> list[Any]:
+        where = f'steps."{entry.source}->{entry.dest}"'
+        return [resolve_step(step.name, where) for step in steps]
+
+    def _run_and_commit(self, state: MigrationState, entry: JournalEntry, started: float) -> TransitionResult:
+        seq = entry.seq
+        edge = _edge_of(entry)
+        fns = self._resolve_steps(entry.steps, entry)
+        pending = any(step.status != "done" for step in entry.steps)
+        with self._heartbeat(state.id, seq) if pending else nullcontext():
+            for step, fn in zip(entry.steps, fns, strict=True):
+                if step.status == "done":
+                    continue
+                ctx = self._context(state, edge, entry.percent, seq, step)
+                self._run_one(state, entry, step, fn, ctx, undo=False)
+        final = self.store.finish(state.id, seq, self.holder, "committed")
+        self._log_transition(entry, "committed", started)
+        return TransitionResult(
+            "committed",
+            edge,
+            final.percent,
+            seq,
+            steps=[s.name for s in entry.steps],
+            state=final,
+        )
+
+    def _run_one(
+        self,
+        state: MigrationState,
+        entry: JournalEntry,
+        step: StepRecord,
+        fn: Any,
+        ctx: Context,
+        *,
+        undo: bool,
+    ) -> None:
+        seq = entry.seq
+        label = f"undo of {step.name}" if undo else step.name
+        if not undo:
+            self.store.set_step(
+                state.id,
+                seq,
+                step.position,
+                holder=self.holder,
+                status="started",
+                count_attempt=True,
+            )
+        began = time.perf_counter()
+        try:
+            fn(ctx)
+        except (Exception, KeyboardInterrupt) as exc:
+            error = (
+                "interrupted (Ctrl-C)"
+                if isinstance(exc, KeyboardInterrupt)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            ms = round((time.perf_counter() - began) * 1000)
+            self.log.error(
+                "step",
+                seq=seq,
+                step=label,
+                status="failed",
+                error=error,
+                duration_ms=ms,
+            )
+            self.store.set_step(
+                state.id,
+                seq,
+                step.position,
+                holder=self.holder,
+                status="done" if undo else "failed",
+                error=f"{label}: {error}",
+            )
+            self.store.fail(state.id, seq, self.holder, f"step {label} failed: {error}")
+            next_move = (
+                "`migration-fsm abort --reason TEXT` again"
+                if undo
+                else ("`migration-fsm resume` or `migration-fsm abort --reason TEXT`")
+            )
+            raise StepFailed(
+                f"transition #{seq} ({entry.trigger} {entry.source}->{entry.dest}) stopped: step"
+                f" {label} failed: {error}; fix the cause, then run {next_move}"
+            ) from exc
+        ms = round((time.perf_counter() - began) * 1000)
+        self.store.set_step(
+            state.id,
+            seq,
+            step.position,
+            holder=self.holder,
+            status="undone" if undo else "done",
+        )
+        self.log.info(
+            "step",
+            seq=seq,
+            step=label,
+            status="undone" if undo else "done",
+            duration_ms=ms,
+        )
+
+    def _context(
+        self,
+        state: MigrationState,
+        edge: Edge,
+        percent: int,
+        seq: int | None,
+        step: StepRecord | None,
+    ) -> Context:
+        save = beat = None
+        if seq is not None and step is not None:
+            position = step.position
+
+            def save(checkpoint: dict[str, Any]) -> None:
+                self.store.save_checkpoint(state.id, seq, position, self.holder, checkpoint)
+
+            def beat() -> None:
+                self.store.heartbeat(state.id, seq, self.holder, self.settings.lease_seconds)
+
+        return Context(
+            migration=self.migration,
+            seq=seq,
+            source=edge.source,
+            dest=edge.dest,
+            settings=self.settings,
+            log=self.log.bind(seq=seq, step=None if step is None else step.name),
+            state=state,
+            store=self.store,
+            percent=percent,
+            checkpoint=None if step is None else step.checkpoint,
+            _save=save,
+            _beat=beat,
+        )
+
+    @contextmanager
+    def _heartbeat(self, migration_id: int, seq: int) -> Iterator[None]:
+        """Renew the lease in the background while steps run (they may forget to)."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.settings.heartbeat_interval):
+                try:
+                    if not self.store.heartbeat(migration_id, seq, self.holder, self.settings.lease_seconds):
+                        self.log.warning("lease_lost", seq=seq)
+                        return
+                except Exception as exc:  # noqa: BLE001 - keep trying: the database may come back
+                    self.log.warning("heartbeat_failed", seq=seq, error=str(exc))
+
+        thread = threading.Thread(target=renew, name=f"migration-fsm-lease-{seq}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _takeover(
+        self,
+        command: str,
+        state: MigrationState,
+        stolen: bool,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "command": command,
+            "actor": self.settings.actor,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "at": utcnow().isoformat(timespec="microseconds"),
+            "previous_holder": state.lease_holder,
+            "stolen": stolen,
+        }
+        if reason is not None:
+            record["reason"] = reason
+        return record
+
+    def _log_transition(self, entry: JournalEntry, status: str, started: float) -> None:
+        self.log.info(
+            "transition",
+            seq=entry.seq,
+            trigger=str(entry.trigger),
+            source=str(entry.source),
+            dest=str(entry.dest),
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+
+def _edge_of(entry: JournalEntry) -> Edge:
+    assert entry.source is not None
+    return Edge(entry.trigger, entry.source, entry.dest)
+
+
+def _finished(entry: JournalEntry) -> JournalEntry:
+    from dataclasses import replace
+
+    return replace(entry, finished_at=utcnow())
+
+
+def _require_reason(reason: str | None, what: str) -> None:
+    if reason is None or not reason.strip():
+        raise BadInput(f"{what} needs a reason: add --reason TEXT")

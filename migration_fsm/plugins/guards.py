@@ -1,0 +1,178 @@
+"""Built-in guards of the data tools (DESIGN.md section 6). Each says its figures either way."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ..exceptions import MigrationFSMError
+from ..fsm import Phase, Trigger
+from ..tasks.records import TaskStatus
+from ..tasks.scan import records
+from ..tasks.sides import SIDES, open_side, open_sides, stores_configured
+from ..tools import runs
+from .context import GuardVerdict
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from ..tasks.records import TaskStore
+    from .context import Context
+
+
+def _at(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _since(ctx: Context) -> str:
+    return f"{ctx.state.phase} was entered at {_at(ctx.state.phase_entered_at)}"
+
+
+def _total(store: TaskStore) -> int:
+    return sum(store.count_by_status().values())
+
+
+def stores_reachable(ctx: Context) -> GuardVerdict:
+    """Both stores answer a scan and a count (so their table, columns and statuses map)."""
+    if not stores_configured(ctx.settings):
+        return GuardVerdict(False, "configure [stores.old] and [stores.new] first")
+    figures = []
+    for side in SIDES:
+        try:
+            with open_side(ctx.settings, side) as store:
+                store.scan(None, 1)
+                figures.append(f"{side} '{store.name}' has {_total(store)} tasks")
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the verdict
+            return GuardVerdict(False, f"{side} store unreachable: {exc}")
+    return GuardVerdict(True, "; ".join(figures))
+
+
+def _dual_writes_began(ctx: Context) -> datetime | None:
+    """When the migration last entered `dual_write` from `preparation` (dual writes began)."""
+    began = None
+    for entry in ctx.store.journal(ctx.state, with_steps=False):
+        if (
+            entry.status == "committed"
+            and entry.trigger is Trigger.ADVANCE
+            and entry.source is Phase.PREPARATION
+            and entry.finished_at is not None
+        ):
+            began = entry.finished_at
+    return began
+
+
+def backfill_complete(ctx: Context) -> GuardVerdict:
+    """The last backfill finished, and it started after dual writes began (else tasks written
+    to the old side before then may be missing on the new side)."""
+    progress = runs.backfill_progress(ctx.store, ctx.migration)
+    if progress is None:
+        return GuardVerdict(False, "no backfill has run: run `migration-fsm backfill`")
+    if not progress.done:
+        return GuardVerdict(
+            False,
+            f"the backfill stopped after key '{progress.cursor}' ({progress.copied} tasks copied,"
+            f" last progress {_at(progress.updated_at)}): run `migration-fsm backfill` to continue",
+        )
+    began = _dual_writes_began(ctx)
+    if began is not None and progress.started_at < began:
+        return GuardVerdict(
+            False,
+            f"the last backfill started at {_at(progress.started_at)}, before dual writes began at"
+            f" {_at(began)}: run `migration-fsm backfill` again",
+        )
+    return GuardVerdict(
+        True, f"backfill finished at {_at(progress.updated_at)}: {progress.copied} tasks copied"
+    )
+
+
+def counts_match(ctx: Context) -> GuardVerdict:
+    """Both sides hold as many tasks (counted twice, a moment apart, before refusing, so a
+    dual write in flight is not a mismatch)."""
+    with open_sides(ctx.settings) as (old, new):
+        for attempt in range(2):
+            old_total = _total(old)
+            new_total = _total(new)
+            if old_total == new_total:
+                return GuardVerdict(True, f"old {old_total} = new {new_total} tasks")
+            if attempt == 0:
+                time.sleep(0.2)
+    diff = new_total - old_total
+    more = f"{abs(diff)} {'more' if diff > 0 else 'fewer'} on the new side"
+    return GuardVerdict(
+        False, f"old {old_total}, new {new_total} tasks ({more}): run `migration-fsm validate` to see which"
+    )
+
+
+def checksums_match(ctx: Context) -> GuardVerdict:
+    """The latest `validate` run since the current phase was entered found nothing missing
+    and no identity mismatched."""
+    run = runs.latest_validation(ctx.store, ctx.migration)
+    if run is None or run.started_at < ctx.state.phase_entered_at:
+        return GuardVerdict(False, f"no validate run since {_since(ctx)}: run `migration-fsm validate`")
+    s = run.summary
+    figures = (
+        f"validate run #{run.id} at {_at(run.started_at)}: missing {s['missing']}, mismatched"
+        f" {s['mismatched']} (extra {s['extra']}, status_differs {s['status_differs']},"
+        f" {s['old_count']} old / {s['new_count']} new)"
+    )
+    if s["missing"] or s["mismatched"]:
+        return GuardVerdict(False, f"{figures}: fix the differences, then run `migration-fsm validate`")
+    return GuardVerdict(True, figures)
+
+
+def old_drained(ctx: Context) -> GuardVerdict:
+    """No task is `running` on the old side."""
+    with open_side(ctx.settings, "old") as old:
+        running = old.count_by_status().get(TaskStatus.RUNNING, 0)
+    if running:
+        return GuardVerdict(False, f"{running} tasks still running on the old side: wait for them")
+    return GuardVerdict(True, "no task running on the old side")
+
+
+def backup_exists(ctx: Context) -> GuardVerdict:
+    """`backup_path` is an export of the old side that verifies and started after the
+    current phase was entered."""
+    from ..tools.archive import verify_archive
+
+    path = ctx.settings.backup_path
+    if not path:
+        return GuardVerdict(False, "backup_path is not configured")
+    try:
+        summary = verify_archive(path)
+    except MigrationFSMError as exc:
+        return GuardVerdict(False, f"{exc}: run `migration-fsm export --side old --out {path}`")
+    if summary.side != "old":
+        return GuardVerdict(False, f"{path} is an export of the {summary.side} side, not the old one")
+    if summary.started_at < ctx.state.phase_entered_at:
+        return GuardVerdict(
+            False,
+            f"{path} was exported at {_at(summary.started_at)}, before {_since(ctx)}:"
+            f" run `migration-fsm export --side old --out {path}` again",
+        )
+    return GuardVerdict(
+        True, f"{path}: {summary.count} tasks of the old side, exported at {_at(summary.started_at)}"
+    )
+
+
+def failure_rate_ok(ctx: Context) -> GuardVerdict:
+    """Among tasks that finished on the new side since the current phase was entered,
+    failed / (completed + failed) is at most `max_failure_rate`."""
+    since = ctx.state.phase_entered_at
+    limit = ctx.settings.max_failure_rate
+    completed = failed = 0
+    with open_side(ctx.settings, "new") as new:
+        for record in records(new, ctx.settings.backfill_batch_size):
+            if record.updated_at < since:
+                continue
+            if record.status is TaskStatus.COMPLETED:
+                completed += 1
+            elif record.status is TaskStatus.FAILED:
+                failed += 1
+    finished = completed + failed
+    if finished == 0:
+        return GuardVerdict(True, f"no task finished on the new side since {_since(ctx)} (limit {limit:.2%})")
+    rate = failed / finished
+    figure = f"{failed} failed of {finished} finished on the new side = {rate:.2%} (limit {limit:.2%})"
+    if rate > limit:
+        return GuardVerdict(False, f"{figure}: find out why tasks fail on the new side")
+    return GuardVerdict(True, figure)

@@ -1,0 +1,109 @@
+"""Built-in guards and steps, and the resolution of configured names to callables.
+
+A configured name is either a built-in (`percent_is_100`) or an import path
+(`"package.module:callable"`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+from ..exceptions import ConfigError
+from ..fsm import Phase
+from ..journal.store import utcnow
+from .context import Context, GuardFn, GuardVerdict, StepFn
+from .defaults import register as _register_data_tools
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+
+def percent_is_100(ctx: Context) -> GuardVerdict:
+    """Cutover may end only when every key reads from the new side."""
+    if ctx.state.phase is Phase.CUTOVER and ctx.state.percent != 100:
+        return GuardVerdict(False, f"percent is {ctx.state.percent}: run `migration-fsm ramp 100` first")
+    return GuardVerdict(True, f"percent is {ctx.state.percent}")
+
+
+def min_soak(ctx: Context) -> GuardVerdict:
+    """The current phase has run for at least `min_soak_seconds`."""
+    soaked = (utcnow() - ctx.state.phase_entered_at).total_seconds()
+    needed = ctx.settings.min_soak_seconds
+    verdict = "ok" if soaked >= needed else f"wait {needed - soaked:.0f} s more"
+    return GuardVerdict(
+        soaked >= needed,
+        f"{soaked:.0f} s in {ctx.state.phase}, need {needed:.0f} s: {verdict}",
+    )
+
+
+def repair_log_empty(ctx: Context) -> GuardVerdict:
+    """No dual write is waiting in the repair log (run `migration-fsm reconcile`)."""
+    from ..tools.reconcile import open_entries
+
+    waiting = open_entries(ctx.store, ctx.migration)
+    if waiting:
+        return GuardVerdict(False, f"{waiting} open repair entries: run `migration-fsm reconcile`")
+    return GuardVerdict(True, "repair log is empty")
+
+
+BUILTIN_GUARDS: Final[dict[str, GuardFn]] = {
+    "percent_is_100": percent_is_100,
+    "min_soak": min_soak,
+    "repair_log_empty": repair_log_empty,
+}
+BUILTIN_STEPS: Final[dict[str, StepFn]] = {}
+#: Compensations of built-in steps, run by `abort`.
+BUILTIN_UNDO: Final[dict[str, str]] = {}
+
+# The data tools' guards and steps (backfill, drain, transfer, validation checks).
+_register_data_tools(BUILTIN_GUARDS, BUILTIN_STEPS)
+
+
+def resolve(
+    name: str, builtins: Mapping[str, Callable[..., Any]], kind: str, where: str
+) -> Callable[..., Any]:
+    """The callable a configured `name` stands for; `ConfigError` naming `where` if none."""
+    if ":" not in name:
+        try:
+            return builtins[name]
+        except KeyError:
+            known = ", ".join(sorted(builtins)) or "none yet"
+            raise ConfigError(
+                f"{where}: unknown {kind} '{name}' (built-in {kind}s: {known};"
+                " or give an import path 'package.module:callable')"
+            ) from None
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{where}: cannot import module '{module_name}' for {kind} '{name}': {exc}"
+        ) from exc
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ConfigError(f"{where}: module '{module_name}' has no '{attr}' for {kind} '{name}'")
+    if not callable(target):
+        raise ConfigError(f"{where}: {kind} '{name}' is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def resolve_guard(name: str, where: str) -> GuardFn:
+    """The guard function for a configured name."""
+    return resolve(name, BUILTIN_GUARDS, "guard", where)
+
+
+def resolve_step(name: str, where: str) -> StepFn:
+    """The step function for a configured name."""
+    return resolve(name, BUILTIN_STEPS, "step", where)
+
+
+def as_guard_result(value: object, name: str) -> GuardVerdict:
+    """Accept `bool` or `GuardVerdict` from a guard; anything else is a programming error."""
+    if isinstance(value, GuardVerdict):
+        return value
+    if isinstance(value, bool):
+        return GuardVerdict(value, "passed" if value else "failed")
+    raise TypeError(f"guard {name} returned {type(value).__name__}, not bool or GuardVerdict")

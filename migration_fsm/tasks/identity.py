@@ -1,0 +1,146 @@
+"""Identity rows: the cheap form of a task that validation compares.
+
+Validation reads every task of both sides, and almost all of them are equal. Decoding a
+row into a `TaskRecord` and hashing its canonical JSON costs ten times more than reading
+it, so validation compares *identity rows* instead: the task's key, its raw identity
+values (type, payload, created_at) as the store holds them, its status and its attempts.
+
+An identity row is `(key, type, payload, created_at, status, attempts)` where `payload` is
+JSON text or a dict, `created_at` is ISO 8601 text or a datetime (naive means UTC),
+`status` is a `TaskStatus` value (a `str`) and `attempts` an int. Those are the values the
+stores' readers decode, with the same rules on every store, so two rows whose raw identity
+values are equal have equal identities. Rows whose raw values differ may still hold the same
+identity in another form (JSON with other spacing, a timestamp in another zone):
+`identity_checksum` settles that, and equals `TaskRecord.checksum()` of the decoded record.
+
+A store offers identity rows cheaply through `IdentityScan` (`SqlTaskStore` does: no
+pydantic, no JSON parsing); any other store's rows are built from its records.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from operator import itemgetter, lt
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+
+from ..exceptions import DataError
+from .records import TaskRecord, TaskStatus, identity_digest, utc_text
+from .scan import check_ascending
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
+
+    from .records import TaskStore
+
+#: (key, type, payload, created_at, status, attempts); see the module docstring.
+IdentityRow = tuple[str, Any, Any, Any, str, int]
+
+#: Positions in an identity row.
+KEY: Final = 0
+TYPE: Final = 1
+PAYLOAD: Final = 2
+CREATED_AT: Final = 3
+STATUS: Final = 4
+ATTEMPTS: Final = 5
+_key_of = itemgetter(KEY)
+
+
+@runtime_checkable
+class IdentityScan(Protocol):
+    """An optional capability of a `TaskStore`: identity rows without decoding records."""
+
+    name: str
+
+    def scan_identities(self, after: str | None, limit: int) -> Sequence[IdentityRow]:
+        """Up to `limit` identity rows with key > `after`, ascending in Python `str` order."""
+        ...
+
+    def identity_checksum(self, row: IdentityRow) -> str:
+        """`TaskRecord.checksum()` of the record this row decodes to (a `DataError` when the
+        row cannot be decoded)."""
+        ...
+
+
+@runtime_checkable
+class BulkGet(Protocol):
+    """An optional capability of a `TaskStore`: many `get`s in a few round trips."""
+
+    def get_many(self, keys: Sequence[str]) -> Mapping[str, TaskRecord]:
+        """The records with these keys; a key with no record is left out."""
+        ...
+
+
+def get_many(store: TaskStore, keys: Sequence[str]) -> Mapping[str, TaskRecord]:
+    """`store.get_many(keys)` when the store offers it, else one `get` per key."""
+    if isinstance(store, BulkGet):
+        return store.get_many(keys)
+    found = {key: store.get(key) for key in keys}
+    return {key: record for key, record in found.items() if record is not None}
+
+
+def record_row(record: TaskRecord) -> IdentityRow:
+    """The identity row of a decoded record."""
+    return (record.key, record.type, record.payload, record.created_at, record.status, record.attempts)
+
+
+def checksum_of(key: str, type_: Any, payload: Any, created_at: Any) -> str:
+    """`TaskRecord.checksum()` of a task with these raw identity values (JSON text or a dict,
+    ISO text or a datetime). Raises `ValueError`/`TypeError` when a value cannot be decoded."""
+    if isinstance(payload, str | bytes):
+        payload = json.loads(payload)
+    if not isinstance(type_, str) or not isinstance(payload, dict):
+        raise TypeError("type must be text and payload a JSON object")
+    if isinstance(created_at, str):
+        created_at = datetime.fromisoformat(created_at)
+    if not isinstance(created_at, datetime):
+        raise TypeError("created_at must be a timestamp")
+    identity = {"key": key, "type": type_, "payload": payload, "created_at": utc_text(created_at)}
+    return identity_digest(identity)
+
+
+class RecordRows:
+    """Identity rows of any `TaskStore`, built from the records its `scan` returns."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self.name = store.name
+
+    def scan_identities(self, after: str | None, limit: int) -> Sequence[IdentityRow]:
+        return [record_row(record) for record in self.store.scan(after, limit)]
+
+    def identity_checksum(self, row: IdentityRow) -> str:
+        try:
+            return checksum_of(row[KEY], row[TYPE], row[PAYLOAD], row[CREATED_AT])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"store '{self.name}': key {row[KEY]!r}: {exc}") from exc
+
+
+def identity_source(store: TaskStore, *, fast: bool) -> IdentityScan:
+    """The store itself when `fast` and it offers `IdentityScan`; else rows from its records."""
+    if fast and isinstance(store, IdentityScan):
+        return store
+    return RecordRows(store)
+
+
+def identity_pages(
+    source: IdentityScan, batch_size: int, after: str | None = None
+) -> Iterator[Sequence[IdentityRow]]:
+    """Keyset pages of identity rows with keys > `after`, each checked to be strictly ascending
+    (a `DataError` naming the store and the key otherwise, as `scan.pages` does)."""
+    last = after
+    while True:
+        page = source.scan_identities(last, batch_size)
+        if page:
+            keys = list(map(_key_of, page))
+            if (last is not None and not last < keys[0]) or not all(map(lt, keys, keys[1:])):
+                check_ascending(source.name, last, keys)  # raises, naming the key
+            last = keys[-1]
+            yield page
+        if len(page) < batch_size:
+            return
+
+
+def status_of(value: str) -> TaskStatus:
+    """The `TaskStatus` of an identity row's status."""
+    return value if isinstance(value, TaskStatus) else TaskStatus(value)

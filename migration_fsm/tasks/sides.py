@@ -1,0 +1,58 @@
+"""The two sides of the migration, built from the `[stores.old]` / `[stores.new]` config."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal
+
+from ..exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ..config import Settings
+    from .records import TaskStore
+
+SideName = Literal["old", "new"]
+SIDES: tuple[SideName, SideName] = ("old", "new")
+
+
+def stores_configured(settings: Settings) -> bool:
+    """Whether both `[stores.old]` and `[stores.new]` are configured."""
+    return all(side in settings.stores for side in SIDES)
+
+
+def side_name(value: str) -> SideName:
+    """`value` as a side name, or `BadInput` (exit 2)."""
+    if value == "old":
+        return "old"
+    if value == "new":
+        return "new"
+    raise ConfigError(f"side must be 'old' or 'new', not '{value}'")
+
+
+@contextmanager
+def open_side(settings: Settings, side: SideName) -> Iterator[TaskStore]:
+    """The task store of `side`, closed (when it can be) on the way out."""
+    config = settings.stores.get(side)
+    if config is None:
+        raise ConfigError(
+            f"no [stores.{side}] table in the config: the data tools need both stores"
+            " (see DESIGN.md section 6)"
+        )
+    from .factory import build_store
+
+    store = build_store(config, side)
+    try:
+        yield store
+    finally:
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+
+
+@contextmanager
+def open_sides(settings: Settings) -> Iterator[tuple[TaskStore, TaskStore]]:
+    """The old and the new task store."""
+    with open_side(settings, "old") as old, open_side(settings, "new") as new:
+        yield old, new

@@ -1,0 +1,226 @@
+"""Export and import: the backup and restore path, as JSON Lines (gzip when the name ends in .gz).
+
+An archive holds one `TaskRecord` a line, in key order, then one summary line::
+
+    {"summary": {"format": "migration-fsm-tasks/1", "side": "old", "store": "...",
+                 "count": N, "digest": "...", "sha256": "...",
+                 "started_at": "...", "finished_at": "..."}}
+
+`digest` is the SHA-256 of every record's `checksum()` followed by a newline, in file order;
+`sha256` is the SHA-256 of the record lines' bytes, so any edit to a record (its status
+included) is detected. An export is written to a temporary file that is renamed into place
+when complete, so a half-written export never carries the final name. An import verifies the
+whole archive before it writes anything, then loads it in batches of idempotent upserts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from pydantic import ValidationError
+
+from ..exceptions import BadInput, DataError
+from ..journal.store import utcnow
+from ..tasks.records import TaskRecord
+from ..tasks.scan import pages
+
+if TYPE_CHECKING:
+    import io
+    from collections.abc import Iterator
+
+    from ..tasks.records import TaskStore
+
+FORMAT: Final = "migration-fsm-tasks/1"
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSummary:
+    """An archive's summary line."""
+
+    side: str
+    store: str
+    count: int
+    digest: str
+    sha256: str
+    started_at: datetime
+    finished_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "side": self.side,
+            "store": self.store,
+            "count": self.count,
+            "digest": self.digest,
+            "sha256": self.sha256,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """What `import` did: `loaded` records written to `store` from an archive with `summary`."""
+
+    loaded: int
+    store: str
+    summary: ArchiveSummary
+
+    def as_json(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "store": self.store, "summary": self.summary.as_json()}
+
+
+def _gzipped(path: Path) -> bool:
+    return path.name.endswith(".gz")
+
+
+@contextmanager
+def _open_write(path: Path, *, gzipped: bool) -> Iterator[io.BufferedIOBase]:
+    if gzipped:
+        with gzip.open(path, "wb", compresslevel=6) as handle:
+            yield handle
+    else:
+        with path.open("wb") as handle:
+            yield handle
+
+
+@contextmanager
+def _open_read(path: Path) -> Iterator[io.BufferedIOBase]:
+    if not path.is_file():
+        raise BadInput(f"archive {path} does not exist")
+    if _gzipped(path):
+        with gzip.open(path, "rb") as handle:
+            yield handle
+    else:
+        with path.open("rb") as handle:
+            yield handle
+
+
+def export_tasks(store: TaskStore, path: str | Path, *, side: str, batch_size: int = 1000) -> ArchiveSummary:
+    """Write every task of `store` to `path`, streaming, then the summary line."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise BadInput(f"cannot write {target}: folder {target.parent} does not exist")
+    temporary = target.with_name(f".{target.name}.partial")
+    started = utcnow()
+    count = 0
+    digest, content = hashlib.sha256(), hashlib.sha256()
+    try:
+        with _open_write(temporary, gzipped=_gzipped(target)) as out:
+            for page in pages(store, batch_size):
+                chunk = []
+                for record in page:
+                    line = (record.model_dump_json() + "\n").encode("utf-8")
+                    chunk.append(line)
+                    content.update(line)
+                    digest.update(f"{record.checksum()}\n".encode("ascii"))
+                out.write(b"".join(chunk))
+                count += len(page)
+            summary = ArchiveSummary(
+                side=side,
+                store=store.name,
+                count=count,
+                digest=digest.hexdigest(),
+                sha256=content.hexdigest(),
+                started_at=started,
+                finished_at=utcnow(),
+            )
+            out.write((json.dumps({"summary": summary.as_json()}) + "\n").encode("utf-8"))
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return summary
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    try:
+        with _open_read(path) as handle:
+            yield from enumerate(handle, start=1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"archive {path} cannot be read: {exc}") from exc
+
+
+def _summary_of(path: Path, number: int, line: bytes) -> ArchiveSummary:
+    try:
+        data = json.loads(line)["summary"]
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
+        return ArchiveSummary(
+            side=str(data["side"]),
+            store=str(data["store"]),
+            count=int(data["count"]),
+            digest=str(data["digest"]),
+            sha256=str(data["sha256"]),
+            started_at=datetime.fromisoformat(data["started_at"]),
+            finished_at=datetime.fromisoformat(data["finished_at"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"archive {path} line {number}: the summary line is malformed: {exc}") from exc
+
+
+def _record_of(path: Path, number: int, line: bytes) -> TaskRecord:
+    try:
+        return TaskRecord.model_validate_json(line)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "(line)"
+        raise DataError(f"archive {path} line {number}: not a task record ({where}: {error['msg']})") from exc
+
+
+def verify_archive(path: str | Path) -> ArchiveSummary:
+    """Read the whole archive and check it against its summary line: the count, the digest of
+    the checksums and the SHA-256 of the records. Raises `DataError` saying what is wrong."""
+    source = Path(path)
+    count = 0
+    digest, content = hashlib.sha256(), hashlib.sha256()
+    summary: ArchiveSummary | None = None
+    for number, line in _lines(source):
+        if summary is not None:
+            raise DataError(f"archive {source} line {number}: data after the summary line")
+        if line.startswith(b'{"summary"'):
+            summary = _summary_of(source, number, line)
+            continue
+        record = _record_of(source, number, line)
+        content.update(line)
+        digest.update(f"{record.checksum()}\n".encode("ascii"))
+        count += 1
+    if summary is None:
+        raise DataError(f"archive {source} has no summary line: it is truncated or not an export")
+    problems = []
+    if count != summary.count:
+        problems.append(f"{count} records, the summary says {summary.count}")
+    if digest.hexdigest() != summary.digest:
+        problems.append("the digest of the checksums does not match")
+    if content.hexdigest() != summary.sha256:
+        problems.append("the SHA-256 of the records does not match")
+    if problems:
+        raise DataError(f"archive {source} does not verify: {'; '.join(problems)}")
+    return summary
+
+
+def import_tasks(store: TaskStore, path: str | Path, *, batch_size: int = 1000) -> Imported:
+    """Verify the archive at `path`, then upsert its records into `store` in batches."""
+    source = Path(path)
+    summary = verify_archive(source)
+    loaded = 0
+    batch: list[TaskRecord] = []
+    for number, line in _lines(source):
+        if line.startswith(b'{"summary"'):
+            break
+        batch.append(_record_of(source, number, line))
+        if len(batch) >= batch_size:
+            loaded += store.put_many(batch)
+            batch = []
+    if batch:
+        loaded += store.put_many(batch)
+    return Imported(loaded, store.name, summary)

@@ -1,0 +1,173 @@
+"""Backfill: copy every task from the old side to the new side in keyset batches.
+
+Each batch is one `put_many` (an idempotent upsert, one transaction on a SQL store) followed
+by a checkpoint of its last key. The batch and its checkpoint live in different databases,
+so after a crash the next run starts after the last checkpoint and may write one batch a
+second time, which the upsert makes harmless: the result is the same as an uninterrupted run.
+Memory stays bounded by one batch.
+
+Between two SQL stores of one kind of database the batches are copied as rows (`RowCopy`):
+the source database reads each field in the target column's form and checks it, so no
+record is decoded and encoded again; a batch with a row that needs converting goes the
+record path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import BadInput
+from ..fsm import Phase
+from ..tasks.scan import page
+from ..tasks.sides import open_sides
+from ..tasks.sql import RowCopy, SqlTaskStore
+from . import runs
+from .progress import NoProgress, Progress
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..config import Settings
+    from ..journal.store import Journal
+    from ..tasks.records import TaskStore
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillResult:
+    """What one backfill run did: the `backfill --json` object."""
+
+    copied: int  # rows written by this run
+    total: int  # rows on the new side afterwards
+    seconds: float
+    rows_per_second: float
+    resumed_from: str | None  # the checkpoint key this run started after; None for a fresh start
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "copied": self.copied,
+            "total": self.total,
+            "seconds": self.seconds,
+            "rows_per_second": self.rows_per_second,
+            "resumed_from": self.resumed_from,
+        }
+
+
+def total_of(store: TaskStore) -> int:
+    """How many tasks `store` holds."""
+    if isinstance(store, SqlTaskStore):
+        return store.count()
+    return sum(store.count_by_status().values())
+
+
+def copy_tasks(
+    old: TaskStore,
+    new: TaskStore,
+    *,
+    batch_size: int,
+    after: str | None = None,
+    checkpoint: Callable[[str, int], None] | None = None,
+    max_rate: float | None = None,
+    progress: Progress | None = None,
+    done_before: int = 0,
+) -> BackfillResult:
+    """Copy the tasks of `old` with keys > `after` into `new`, `batch_size` at a time.
+
+    After each batch `checkpoint(last_key, copied_so_far)` is called. `max_rate` caps the
+    rows per second (the run sleeps between batches), so the copy never starves the
+    database it reads. `done_before` is what earlier runs copied (for the progress ETA)."""
+    progress = progress or NoProgress()
+    if max_rate is not None:
+        # Smaller batches keep the pace even instead of bursty.
+        batch_size = max(1, min(batch_size, int(max_rate)))
+    started = time.monotonic()
+    progress.start(total_of(old), done_before)
+    rows = RowCopy.between(old, new)
+    copied = 0
+    cursor = after
+    try:
+        while True:
+            written, last = _copy_batch(old, new, rows, cursor, batch_size)
+            if last is None:
+                break
+            copied += written
+            cursor = last
+            if checkpoint is not None:
+                checkpoint(cursor, copied)
+            progress.advance(written, cursor)
+            if max_rate is not None:
+                ahead = started + copied / max_rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            if written < batch_size:
+                break
+    finally:
+        progress.finish()
+    seconds = time.monotonic() - started
+    return BackfillResult(
+        copied=copied,
+        total=total_of(new),
+        seconds=round(seconds, 3),
+        rows_per_second=round(copied / seconds, 1) if seconds > 0 else 0.0,
+        resumed_from=after,
+    )
+
+
+def _copy_batch(
+    old: TaskStore, new: TaskStore, rows: RowCopy | None, after: str | None, batch_size: int
+) -> tuple[int, str | None]:
+    """Copy the next batch after `after`: as rows when the two stores allow it, else as
+    records. Returns (tasks written, the batch's last key or None when there was none)."""
+    if rows is not None:
+        copied = rows.copy_batch(after, batch_size)
+        if copied is not None:
+            return copied
+    records = page(old, batch_size, after)  # also the rows' fallback: it converts or names the bad row
+    new.put_many(records)
+    return len(records), records[-1].key if records else None
+
+
+def backfill_migration(
+    store: Journal,
+    settings: Settings,
+    migration: str,
+    *,
+    batch_size: int | None = None,
+    max_rate: float | None = None,
+    progress: Progress | None = None,
+) -> BackfillResult:
+    """`migration-fsm backfill`: continue the migration's unfinished backfill from its
+    checkpoint (in `mfsm_backfill`), or start a fresh one when the last one finished."""
+    with open_sides(settings) as (old, new):  # no stores configured: ConfigError, first
+        state = store.get(migration)  # an unknown migration is bad input, before anything is copied
+        if state.phase not in (Phase.PREPARATION, Phase.DUAL_WRITE):
+            # From cutover on, new is authoritative: copying old over it would undo finished work.
+            raise BadInput(
+                f"backfill copies the old side over the new one, which is only safe in preparation or"
+                f" dual_write; migration '{migration}' is in {state.phase}: roll back to dual_write first"
+            )
+        previous = runs.backfill_progress(store, migration)
+        if previous is not None and not previous.done:
+            after, before = previous.cursor, previous.copied
+        else:
+            runs.start_backfill(store, migration)
+            after, before = None, 0
+
+        def checkpoint(cursor: str, copied: int) -> None:
+            runs.save_backfill(store, migration, cursor=cursor, copied=before + copied)
+
+        result = copy_tasks(
+            old,
+            new,
+            batch_size=batch_size or settings.backfill_batch_size,
+            after=after,
+            checkpoint=checkpoint,
+            max_rate=max_rate,
+            progress=progress,
+            done_before=before,
+        )
+        final = runs.backfill_progress(store, migration)
+        cursor = final.cursor if final is not None else after
+        runs.save_backfill(store, migration, cursor=cursor, copied=before + result.copied, done=True)
+        return result

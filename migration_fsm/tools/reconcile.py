@@ -1,0 +1,106 @@
+"""Replay the dual-write repair log: copy each missed write from the side that has it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+
+from migration_fsm.journal.store import repair_log_table, utcnow
+
+if TYPE_CHECKING:
+    from migration_fsm.journal.store import Journal
+
+    from ..tasks.records import TaskStore
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """What one `reconcile` run did."""
+
+    replayed: int  # copied to the side that missed them
+    already_current: int  # the missing side already had this version or a newer one
+    absent: int  # no side has the record any more: nothing to copy
+    failed: int  # still open: the copy failed again
+    open: int  # open entries left afterwards
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "replayed": self.replayed,
+            "already_current": self.already_current,
+            "absent": self.absent,
+            "failed": self.failed,
+            "open": self.open,
+        }
+
+
+def open_entries(store: Journal, migration: str) -> int:
+    """How many repair entries of `migration` are still open."""
+    with store.transaction(readonly=True) as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(repair_log_table)
+                .where(repair_log_table.c.migration == migration, repair_log_table.c.status == "open")
+            ).scalar_one()
+        )
+
+
+def reconcile(
+    store: Journal, migration: str, old: TaskStore, new: TaskStore, *, batch: int = 500
+) -> Reconciled:
+    """Replay every open entry: read the record from the side that took the write, put it on
+    the side that missed it unless that side already holds the same or a newer version, and
+    close the entry. Idempotent: a second run finds nothing open and changes nothing."""
+    sides = {"old": old, "new": new}
+    replayed = current = absent = failed = 0
+    last_id = 0
+    while True:
+        with store.transaction(readonly=True) as conn:
+            rows = (
+                conn.execute(
+                    select(repair_log_table.c.id, repair_log_table.c.key, repair_log_table.c.side)
+                    .where(
+                        repair_log_table.c.migration == migration,
+                        repair_log_table.c.status == "open",
+                        repair_log_table.c.id > last_id,
+                    )
+                    .order_by(repair_log_table.c.id)
+                    .limit(batch)
+                )
+                .mappings()
+                .all()
+            )
+        if not rows:
+            break
+        for row in rows:
+            last_id = row["id"]
+            missing_side = row["side"]
+            source = sides["new" if missing_side == "old" else "old"]
+            target = sides[missing_side]
+            outcome, error = "done", None
+            try:
+                record = source.get(row["key"])
+                if record is None:
+                    absent += 1
+                else:
+                    there = target.get(row["key"])
+                    if there is not None and there.updated_at >= record.updated_at:
+                        current += 1
+                    else:
+                        target.put(record)
+                        replayed += 1
+            except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the others
+                outcome, error = "open", f"{type(exc).__name__}: {exc}"
+                failed += 1
+            with store.transaction() as conn:
+                values: dict[str, Any] = {"status": outcome, "attempts": repair_log_table.c.attempts + 1}
+                if outcome == "done":
+                    values["resolved_at"] = utcnow()
+                else:
+                    values["error"] = (error or "")[:2000]
+                conn.execute(
+                    update(repair_log_table).where(repair_log_table.c.id == row["id"]).values(**values)
+                )
+    return Reconciled(replayed, current, absent, failed, open_entries(store, migration))

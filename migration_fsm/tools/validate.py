@@ -1,0 +1,324 @@
+"""Validation: a streaming merge of the old and the new side by key, reporting every difference.
+
+Neither side is ever loaded whole: one page of each is in memory, plus at most one batch of
+differences waiting to be re-read. A difference is re-read once (on both sides, a batch at
+a time through `get_many` where the store has it, a moment later) before it is reported, so
+a write in flight during the scan (landed on one side, about to land on the other) is not
+reported as a loss.
+
+The scan compares identity rows (`identity.py`), not decoded records: runs of equal rows
+are compared a slice at a time, a row whose raw values differ is settled by the canonical
+checksum of both sides, and only a real difference is decoded in full (by its re-read).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Final
+
+from ..journal.store import utcnow
+from ..tasks.identity import (
+    ATTEMPTS,
+    CREATED_AT,
+    KEY,
+    STATUS,
+    TYPE,
+    IdentityScan,
+    get_many,
+    identity_pages,
+    identity_source,
+    status_of,
+)
+from ..tasks.records import IDENTITY_FIELDS, PROGRESS_FIELDS, TaskRecord, TaskStatus
+from ..tasks.sides import open_sides
+from . import runs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from ..config import Settings
+    from ..journal.store import Journal
+    from ..tasks.identity import IdentityRow
+    from ..tasks.records import TaskStore
+
+MISSING: Final = "missing"  # on old, not on new
+EXTRA: Final = "extra"  # on new, not on old
+MISMATCHED: Final = "mismatched"  # on both, identity (key, type, payload, created_at) differs
+STATUS_DIFFERS: Final = "status_differs"  # same identity, other status or attempts
+
+#: How long a difference waits before it is re-read, so that a dual write in flight lands.
+DEFAULT_SETTLE_SECONDS: Final = 0.5
+#: Rows compared in one slice after a difference; the slice doubles while rows agree.
+_FIRST_RUN: Final = 8
+_status_of_row: Final = itemgetter(STATUS)
+
+
+@dataclass(slots=True)
+class ValidationReport:
+    """The result of one validation: the `validate --json` object."""
+
+    old_count: int = 0
+    new_count: int = 0
+    missing: int = 0
+    extra: int = 0
+    mismatched: int = 0
+    status_differs: int = 0
+    counts_old: dict[TaskStatus, int] = field(default_factory=lambda: dict.fromkeys(TaskStatus, 0))
+    counts_new: dict[TaskStatus, int] = field(default_factory=lambda: dict.fromkeys(TaskStatus, 0))
+    sample_missing: list[str] = field(default_factory=list)
+    sample_extra: list[str] = field(default_factory=list)
+    sample_mismatched: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Nothing is missing on the new side and no identity differs (extra and
+        status_differs are reported, not failures)."""
+        return self.missing == 0 and self.mismatched == 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "old_count": self.old_count,
+            "new_count": self.new_count,
+            "missing": self.missing,
+            "extra": self.extra,
+            "mismatched": self.mismatched,
+            "status_differs": self.status_differs,
+            "counts_by_status": {
+                "old": {str(k): v for k, v in self.counts_old.items()},
+                "new": {str(k): v for k, v in self.counts_new.items()},
+            },
+            "samples": {
+                "missing": list(self.sample_missing),
+                "extra": list(self.sample_extra),
+                "mismatched": [dict(s) for s in self.sample_mismatched],
+            },
+        }
+
+
+def classify(old: TaskRecord | None, new: TaskRecord | None) -> tuple[str, list[str]] | None:
+    """The kind of difference between two records with the same key, and the differing
+    fields; None when they agree (only `updated_at` or `metadata` may differ)."""
+    if old is None or new is None:
+        if old is None and new is None:
+            return None
+        return (MISSING if new is None else EXTRA), []
+    if old == new:  # the common case: one cheap comparison, no canonical JSON
+        return None
+    if old.type != new.type or old.created_at != new.created_at or old.payload != new.payload:
+        fields = old.differing_fields(new)
+        if any(name in IDENTITY_FIELDS for name in fields):
+            return MISMATCHED, fields
+    progress = [name for name in PROGRESS_FIELDS if getattr(old, name) != getattr(new, name)]
+    return (STATUS_DIFFERS, progress) if progress else None
+
+
+class _Side:
+    """One side's identity rows, a page at a time; counts each page as it arrives."""
+
+    def __init__(self, pages: Iterator[Sequence[IdentityRow]], counts: dict[TaskStatus, int]) -> None:
+        self.pages = pages
+        self.counts = counts
+        self.page: Sequence[IdentityRow] = ()
+        self.at = 0
+        self.total = 0
+
+    def ready(self) -> bool:
+        """Whether a row is waiting at `at` (fetching the next page when this one is done)."""
+        while self.at >= len(self.page):
+            page = next(self.pages, None)
+            if page is None:
+                return False
+            self.page, self.at = page, 0
+            self.total += len(page)
+            for status, n in Counter(map(_status_of_row, page)).items():
+                self.counts[status_of(status)] += n
+        return True
+
+
+class _Validation:
+    def __init__(self, old: TaskStore, new: TaskStore, sample_size: int, settle: float) -> None:
+        self.old, self.new = old, new
+        self.sample_size = sample_size
+        self.settle = settle
+        self.report = ValidationReport()
+        # (key, old status as scanned, new status as scanned, when seen): differences waiting
+        # for their re-read; None for a side that lacked the key.
+        self.pending: list[tuple[str, TaskStatus | None, TaskStatus | None, float]] = []
+        self.batch_size = 1000
+
+    def count(self, old: TaskStatus | None, new: TaskStatus | None, sign: int) -> None:
+        report = self.report
+        if old is not None:
+            report.old_count += sign
+            report.counts_old[old] += sign
+        if new is not None:
+            report.new_count += sign
+            report.counts_new[new] += sign
+
+    def scan(self, old_rows: IdentityScan, new_rows: IdentityScan, batch_size: int) -> None:
+        """Merge both sides' identity rows by key; every possible difference waits in `pending`."""
+        self.batch_size = batch_size
+        a = _Side(identity_pages(old_rows, batch_size), self.report.counts_old)
+        b = _Side(identity_pages(new_rows, batch_size), self.report.counts_new)
+        run = _FIRST_RUN
+        while True:
+            has_a, has_b = a.ready(), b.ready()
+            if not (has_a and has_b):
+                if has_a:
+                    self.differs(a.page[a.at], None)
+                    a.at += 1
+                elif has_b:
+                    self.differs(None, b.page[b.at])
+                    b.at += 1
+                else:
+                    break
+                continue
+            rows_a, i, rows_b, j = a.page, a.at, b.page, b.at
+            span = min(run, len(rows_a) - i, len(rows_b) - j)
+            if rows_a[i : i + span] == rows_b[j : j + span]:  # the common case: a run of equal rows
+                a.at, b.at = i + span, j + span
+                run *= 2
+                continue
+            run = _FIRST_RUN
+            while rows_a[i] == rows_b[j]:  # stops inside the span: the slices differ
+                i, j = i + 1, j + 1
+            row_a, row_b = rows_a[i], rows_b[j]
+            if row_a[KEY] < row_b[KEY]:
+                self.differs(row_a, None)
+                a.at, b.at = i + 1, j
+            elif row_b[KEY] < row_a[KEY]:
+                self.differs(None, row_b)
+                a.at, b.at = i, j + 1
+            else:
+                if self.identity_differs(old_rows, new_rows, row_a, row_b) or (
+                    row_a[STATUS] != row_b[STATUS] or row_a[ATTEMPTS] != row_b[ATTEMPTS]
+                ):
+                    self.differs(row_a, row_b)
+                a.at, b.at = i + 1, j + 1
+        # Rows were counted by status as their pages arrived; re-reads adjusted both counts since.
+        self.report.old_count += a.total
+        self.report.new_count += b.total
+
+    @staticmethod
+    def identity_differs(
+        old_rows: IdentityScan, new_rows: IdentityScan, row_a: IdentityRow, row_b: IdentityRow
+    ) -> bool:
+        """Whether two rows of one key hold different identities: equal raw values agree at
+        once; other forms of the same value (JSON spacing, a timestamp's zone) agree by checksum."""
+        if row_a[TYPE : CREATED_AT + 1] == row_b[TYPE : CREATED_AT + 1]:
+            return False
+        return old_rows.identity_checksum(row_a) != new_rows.identity_checksum(row_b)
+
+    def differs(self, old: IdentityRow | None, new: IdentityRow | None) -> None:
+        """A possible difference: it waits for its re-read."""
+        either = old if old is not None else new
+        assert either is not None
+        self.pending.append(
+            (
+                either[KEY],
+                None if old is None else status_of(old[STATUS]),
+                None if new is None else status_of(new[STATUS]),
+                time.monotonic(),
+            )
+        )
+        if len(self.pending) >= self.batch_size:
+            self.recheck()
+
+    def recheck(self) -> None:
+        """Re-read every waiting difference on both sides (one `get_many` per side when the
+        store offers it) and report what is still different."""
+        if not self.pending:
+            return
+        # Every difference waits its whole settle time, the newest too: the scan's tail is where
+        # the writes in flight are, and a re-read right behind them would report them missing.
+        wait = self.pending[-1][3] + self.settle - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        keys = [key for key, *_ in self.pending]
+        olds, news = get_many(self.old, keys), get_many(self.new, keys)
+        for key, old, new, _ in self.pending:
+            again_old, again_new = olds.get(key), news.get(key)
+            # The counts follow the re-read, so they agree with the differences reported.
+            self.count(old, new, -1)
+            self.count(
+                None if again_old is None else again_old.status,
+                None if again_new is None else again_new.status,
+                +1,
+            )
+            verdict = classify(again_old, again_new)
+            if verdict is not None:
+                self.report_difference(key, *verdict)
+        self.pending.clear()
+
+    def report_difference(self, key: str, kind: str, fields: list[str]) -> None:
+        report, room = self.report, self.sample_size
+        if kind == MISSING:
+            report.missing += 1
+            if len(report.sample_missing) < room:
+                report.sample_missing.append(key)
+        elif kind == EXTRA:
+            report.extra += 1
+            if len(report.sample_extra) < room:
+                report.sample_extra.append(key)
+        elif kind == MISMATCHED:
+            report.mismatched += 1
+            if len(report.sample_mismatched) < room:
+                report.sample_mismatched.append({"key": key, "fields": fields})
+        else:
+            report.status_differs += 1
+
+
+def validate(
+    old: TaskStore,
+    new: TaskStore,
+    *,
+    batch_size: int = 1000,
+    sample_size: int = 20,
+    settle: float = DEFAULT_SETTLE_SECONDS,
+    fast: bool = True,
+) -> ValidationReport:
+    """Compare the two sides key by key; see the module docstring and docs/VALIDATION.md.
+
+    When both stores offer `IdentityScan` (and `fast`), their raw identity rows are compared;
+    otherwise rows built from their records are. Either way the report is the same."""
+    started = time.monotonic()
+    run = _Validation(old, new, sample_size, settle)
+    both = fast and isinstance(old, IdentityScan) and isinstance(new, IdentityScan)
+    run.scan(identity_source(old, fast=both), identity_source(new, fast=both), batch_size)
+    run.recheck()
+    run.report.seconds = round(time.monotonic() - started, 3)
+    return run.report
+
+
+def validate_migration(
+    store: Journal, settings: Settings, migration: str, *, settle: float = DEFAULT_SETTLE_SECONDS
+) -> tuple[int, ValidationReport]:
+    """`migration-fsm validate`: validate the configured stores and record the run in the
+    migration database (the guards `checksums_match` reads it). Returns (run id, report)."""
+    with open_sides(settings) as (old, new):
+        state = store.get(migration)
+        started_at = utcnow()
+        report = validate(
+            old,
+            new,
+            batch_size=settings.backfill_batch_size,
+            sample_size=settings.validate_sample_size,
+            settle=settle,
+        )
+    summary = report.as_json()
+    summary["seconds"] = report.seconds
+    run_id = runs.record_validation(
+        store,
+        migration,
+        phase=str(state.phase),
+        started_at=started_at,
+        finished_at=utcnow(),
+        ok=report.ok,
+        summary=summary,
+    )
+    return run_id, report
