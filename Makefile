@@ -1,13 +1,15 @@
 # make demo   run the main job on SQLite (nothing to set up)
 # make test   ruff, mypy and the tests (SQLite and the PostgreSQL of MIGRATION_FSM_TEST_POSTGRES_URL)
 # make bench  the benchmarks under bench/
+# make test-fast  the inner loop: lint, types and every test not marked slow (no SIGKILL matrix, no wheel)
+# make mutate  mutation testing of the journal, the machine, the runner, the client and validate
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint typecheck pytest clean
+.PHONY: test test-fast demo bench lint typecheck pytest mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +32,18 @@ PYTEST_WORKERS ?= 2
 pytest: $(STAMP)
 	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
+test-fast: lint typecheck
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+# Mutation testing (mutmut, configured under [tool.mutmut] in pyproject.toml): every mutant of the
+# modules listed there must be killed by the tests or explained in docs/MUTATION.md. Takes long:
+# not part of `make test`.
+mutate: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'mutmut>=3.3'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/mutmut results
+
 # The end-to-end demo on SQLite files in a temporary folder (see `migration-fsm demo --help`).
 demo: $(STAMP)
 	$(BIN)/migration-fsm demo
@@ -39,4 +53,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build
+	rm -rf $(VENV) mutants .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build
