@@ -51,7 +51,7 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm import log
 from migration_fsm.config import load_settings
-from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, canonical_json
 from migration_fsm.tasks.sql import SqlTaskStore

@@ -87,7 +87,7 @@ from migration_fsm.demo.systems import (
     WorkerPool,
 )
 from migration_fsm.fsm import PHASES
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from migration_fsm.tasks.sql import SqlTaskStore
 from migration_fsm.tools.reconcile import open_entries

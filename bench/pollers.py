@@ -60,7 +60,7 @@ from sqlalchemy import event
 from migration_fsm import log
 from migration_fsm.client import PhaseClient
 from migration_fsm.config import load_settings
-from migration_fsm.journal.store import NOTIFY_CHANNEL, Journal, make_engine
+from migration_fsm.journal import NOTIFY_CHANNEL, Journal, make_engine
 from migration_fsm.migration import Migration
 
 GOAL_PROPAGATION_MS = 500

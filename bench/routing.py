@@ -32,7 +32,7 @@ from migration_fsm import log
 from migration_fsm.client import PhaseClient
 from migration_fsm.config import load_settings
 from migration_fsm.fsm import Phase, routing_for
-from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 
 GOAL_MEDIAN_NS = 500

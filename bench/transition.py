@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 
 from migration_fsm import log
 from migration_fsm.config import load_settings
-from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

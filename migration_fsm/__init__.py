@@ -47,9 +47,9 @@ if TYPE_CHECKING:
     from .fsm import Trigger as Trigger
     from .fsm import bucket as bucket
     from .fsm import routing_for as routing_for
-    from .journal.store import Journal as Journal
-    from .journal.store import JournalEntry as JournalEntry
-    from .journal.store import MigrationState as MigrationState
+    from .journal import Journal as Journal
+    from .journal import JournalEntry as JournalEntry
+    from .journal import MigrationState as MigrationState
     from .migration import GuardRecord as GuardRecord
     from .migration import Migration as Migration
     from .migration import TransitionResult as TransitionResult
@@ -79,14 +79,14 @@ _EXPORTS: Final[dict[str, str]] = {
     "FallbackReader": "client",
     "GuardRecord": "migration",
     "GuardVerdict": "plugins.context",
-    "Journal": "journal.store",
+    "Journal": "journal",
     "JournalCorrupt": "exceptions",
-    "JournalEntry": "journal.store",
+    "JournalEntry": "journal",
     "LeaseHeld": "exceptions",
     "MemoryTaskStore": "tasks.memory",
     "Migration": "migration",
     "MigrationFSMError": "exceptions",
-    "MigrationState": "journal.store",
+    "MigrationState": "journal",
     "Phase": "fsm",
     "PhaseClient": "client",
     "Refused": "exceptions",

@@ -26,7 +26,7 @@ from .exceptions import BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
 
 if TYPE_CHECKING:
-    from .journal.store import Journal, JournalEntry
+    from .journal import Journal, JournalEntry
     from .migration import GuardRecord, TransitionResult
     from .tools.runs import ValidationRun
 

@@ -239,7 +239,7 @@ class PhaseClient:
                 application_name="migration-fsm client",
             )
             if self._listen:
-                from .journal.store import NOTIFY_CHANNEL
+                from .journal import NOTIFY_CHANNEL
 
                 self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         row: tuple[Any, ...] | None = self._conn.execute(_QUERY + "%s", (self.migration,)).fetchone()
@@ -320,7 +320,7 @@ class RepairLog:
     def _get_engine(self) -> Any:
         with self._lock:
             if self._engine is None:
-                from .journal.store import make_engine
+                from .journal import make_engine
 
                 self._engine = make_engine(self.url)
             return self._engine
@@ -329,7 +329,7 @@ class RepairLog:
         """Add an open entry: `side` missed the write of `key`."""
         from sqlalchemy import insert
 
-        from .journal.store import repair_log_table
+        from .journal import repair_log_table
 
         with self._get_engine().begin() as conn:
             conn.execute(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import JournalCorrupt, TriggerNotAllowed
 from .fsm import Phase, Trigger, allowed_triggers, mermaid, replay, routing_for
-from .journal.store import Journal, JournalEntry, MigrationState, chain_hash, make_engine
+from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
 from .migration import Migration, TransitionResult
 
 if TYPE_CHECKING:

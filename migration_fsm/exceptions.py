@@ -24,6 +24,11 @@ This module is a leaf: it imports nothing from the package.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
 
 class MigrationFSMError(Exception):
     """Root of every error this package raises on purpose."""
@@ -82,7 +87,16 @@ class Conflict(MigrationFSMError):
 
 
 class LeaseHeld(Conflict):
-    """Another operator holds the lease (or the PostgreSQL advisory lock)."""
+    """Another operator holds the lease (or the PostgreSQL advisory lock).
+
+    `holder` names that operator and `expires_at` is when its lease ends, when known."""
+
+    def __init__(
+        self, message: str, *, holder: str | None = None, expires_at: datetime | None = None
+    ) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.expires_at = expires_at
 
 
 class ConcurrentChange(Conflict):

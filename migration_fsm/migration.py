@@ -29,9 +29,10 @@ from .fsm import (
     resolve_edge,
     rollback_path,
 )
-from .journal.store import (
+from .journal import (
     Journal,
     JournalEntry,
+    Lease,
     MigrationState,
     StepRecord,
     lease_held_error,
@@ -192,7 +193,7 @@ class Migration:
             seq = state.in_progress_seq
             entry = self.store.entry(state, seq)
             self._resolve_steps(entry.steps, entry)
-            self.store.take_over(
+            lease = self.store.take_over(
                 state,
                 self.holder,
                 self.settings.lease_seconds,
@@ -205,7 +206,7 @@ class Migration:
                 previous=state.lease_holder,
                 stolen=stolen,
             )
-            return self._run_and_commit(state, entry, time.perf_counter())
+            return self._run_and_commit(state, lease, entry, time.perf_counter())
 
     def abort(self, *, reason: str) -> TransitionResult:
         """Undo the done steps of the interrupted transition in reverse; stay in the source phase."""
@@ -225,7 +226,7 @@ class Migration:
                 for step in entry.steps
                 if step.status == "done" and step.undo
             }
-            self.store.take_over(
+            lease = self.store.take_over(
                 state,
                 self.holder,
                 self.settings.lease_seconds,
@@ -233,13 +234,13 @@ class Migration:
             )
             started = time.perf_counter()
             edge = _edge_of(entry)
-            with self._heartbeat(state.id, seq):
+            with self._heartbeat(lease):
                 for step in reversed(entry.steps):
                     if step.position not in undos:
                         continue
-                    ctx = self._context(state, edge, entry.percent, seq, step)
-                    self._run_one(state, entry, step, undos[step.position], ctx, undo=True)
-            final = self.store.finish(state.id, seq, self.holder, "aborted")
+                    ctx = self._context(state, edge, entry.percent, lease, step)
+                    self._run_one(lease, entry, step, undos[step.position], ctx, undo=True)
+            final = lease.abort()
             self._log_transition(entry, "aborted", started)
             return TransitionResult(
                 "aborted",
@@ -372,10 +373,10 @@ class Migration:
             else:
                 hint = "fix the cause, or use --force --reason TEXT"
             raise Refused(f"{edge.trigger} {edge.key} refused by {names}: {hint}")
-        entry = self.store.claim(state, entry, plan.steps, self.holder, self.settings.lease_seconds)
+        lease, entry = self.store.claim(state, entry, plan.steps, self.holder, self.settings.lease_seconds)
         seq = entry.seq
         self.log.info("claim", seq=seq, trigger=str(edge.trigger), edge=edge.key, forced=forced)
-        outcome = self._run_and_commit(state, entry, started)
+        outcome = self._run_and_commit(state, lease, entry, started)
         return TransitionResult(
             outcome.status,
             edge,
@@ -391,18 +392,20 @@ class Migration:
         where = f'steps."{entry.source}->{entry.dest}"'
         return [resolve_step(step.name, where) for step in steps]
 
-    def _run_and_commit(self, state: MigrationState, entry: JournalEntry, started: float) -> TransitionResult:
+    def _run_and_commit(
+        self, state: MigrationState, lease: Lease, entry: JournalEntry, started: float
+    ) -> TransitionResult:
         seq = entry.seq
         edge = _edge_of(entry)
         fns = self._resolve_steps(entry.steps, entry)
         pending = any(step.status != "done" for step in entry.steps)
-        with self._heartbeat(state.id, seq) if pending else nullcontext():
+        with self._heartbeat(lease) if pending else nullcontext():
             for step, fn in zip(entry.steps, fns, strict=True):
                 if step.status == "done":
                     continue
-                ctx = self._context(state, edge, entry.percent, seq, step)
-                self._run_one(state, entry, step, fn, ctx, undo=False)
-        final = self.store.finish(state.id, seq, self.holder, "committed")
+                ctx = self._context(state, edge, entry.percent, lease, step)
+                self._run_one(lease, entry, step, fn, ctx, undo=False)
+        final = lease.commit()
         self._log_transition(entry, "committed", started)
         return TransitionResult(
             "committed",
@@ -415,7 +418,7 @@ class Migration:
 
     def _run_one(
         self,
-        state: MigrationState,
+        lease: Lease,
         entry: JournalEntry,
         step: StepRecord,
         fn: Any,
@@ -426,14 +429,7 @@ class Migration:
         seq = entry.seq
         label = f"undo of {step.name}" if undo else step.name
         if not undo:
-            self.store.set_step(
-                state.id,
-                seq,
-                step.position,
-                holder=self.holder,
-                status="started",
-                count_attempt=True,
-            )
+            lease.start_step(step.position)
         began = time.perf_counter()
         try:
             fn(ctx)
@@ -452,15 +448,8 @@ class Migration:
                 error=error,
                 duration_ms=ms,
             )
-            self.store.set_step(
-                state.id,
-                seq,
-                step.position,
-                holder=self.holder,
-                status="done" if undo else "failed",
-                error=f"{label}: {error}",
-            )
-            self.store.fail(state.id, seq, self.holder, f"step {label} failed: {error}")
+            lease.mark_step(step.position, "done" if undo else "failed", f"{label}: {error}")
+            lease.release(f"step {label} failed: {error}")
             next_move = (
                 "`migration-fsm abort --reason TEXT` again"
                 if undo
@@ -471,13 +460,7 @@ class Migration:
                 f" {label} failed: {error}; fix the cause, then run {next_move}"
             ) from exc
         ms = round((time.perf_counter() - began) * 1000)
-        self.store.set_step(
-            state.id,
-            seq,
-            step.position,
-            holder=self.holder,
-            status="undone" if undo else "done",
-        )
+        lease.mark_step(step.position, "undone" if undo else "done")
         self.log.info(
             "step",
             seq=seq,
@@ -491,18 +474,19 @@ class Migration:
         state: MigrationState,
         edge: Edge,
         percent: int,
-        seq: int | None,
+        lease: Lease | None,
         step: StepRecord | None,
     ) -> Context:
         save = beat = None
-        if seq is not None and step is not None:
+        seq = None if lease is None else lease.seq
+        if lease is not None and step is not None:
             position = step.position
 
             def save(checkpoint: dict[str, Any]) -> None:
-                self.store.save_checkpoint(state.id, seq, position, self.holder, checkpoint)
+                lease.save_checkpoint(position, checkpoint)
 
             def beat() -> None:
-                self.store.heartbeat(state.id, seq, self.holder, self.settings.lease_seconds)
+                lease.heartbeat()
 
         return Context(
             migration=self.migration,
@@ -520,14 +504,15 @@ class Migration:
         )
 
     @contextmanager
-    def _heartbeat(self, migration_id: int, seq: int) -> Iterator[None]:
+    def _heartbeat(self, lease: Lease) -> Iterator[None]:
         """Renew the lease in the background while steps run (they may forget to)."""
         stop = threading.Event()
+        seq = lease.seq
 
         def renew() -> None:
             while not stop.wait(self.settings.heartbeat_interval):
                 try:
-                    if not self.store.heartbeat(migration_id, seq, self.holder, self.settings.lease_seconds):
+                    if not lease.heartbeat():
                         self.log.warning("lease_lost", seq=seq)
                         return
                 except Exception as exc:  # noqa: BLE001 - keep trying: the database may come back

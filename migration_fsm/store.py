@@ -1,5 +1,5 @@
-"""Deprecated: moved to `migration_fsm.journal.store` (this path goes in 0.2.0)."""
+"""Deprecated: moved to `migration_fsm.journal` (this path goes in 0.2.0)."""
 
 from ._compat import moved
 
-__getattr__, __dir__ = moved(__name__, "migration_fsm.journal.store", {"Store": "Journal"})
+__getattr__, __dir__ = moved(__name__, "migration_fsm.journal", {"Store": "Journal"})

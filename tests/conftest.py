@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from migration_fsm.config import Settings, load_settings
-from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -36,7 +36,7 @@ from typing import Any, Final, Literal, NoReturn
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from migration_fsm.journal.store import Journal, JournalEntry
+from migration_fsm.journal import Journal, JournalEntry, Lease
 from migration_fsm.plugins.context import Context
 from migration_fsm.tasks.sql import SqlTaskStore
 from tests.procsteps import _warm_up
@@ -144,21 +144,22 @@ def _after(owner: type, name: str, hook: Callable[[tuple[Any, ...], dict[str, An
 def arm(point: CrashPoint) -> Tripwire:
     """Install the tripwire in this process (for good: the process is about to die)."""
     wire = Tripwire(point)
-    _after(Journal, "claim", lambda args, kwargs, entry: wire.claimed(entry))
-    _after(Journal, "set_step", lambda args, kwargs, _: wire.step_recorded(args[2], kwargs["status"]))
-    _after(Journal, "save_checkpoint", lambda args, kwargs, _: wire.wrote())
+    _after(Journal, "claim", lambda args, kwargs, result: wire.claimed(result[1]))
+    _after(Lease, "start_step", lambda args, kwargs, _: wire.step_recorded(args[0], "started"))
+    _after(Lease, "mark_step", lambda args, kwargs, _: wire.step_recorded(args[0], args[1]))
+    _after(Lease, "save_checkpoint", lambda args, kwargs, _: wire.wrote())
     _after(SqlTaskStore, "put_many", lambda args, kwargs, _: wire.wrote())
-    original_finish = Journal.finish
+    original_close = Lease._close  # commit and abort both close through it
 
-    @functools.wraps(original_finish)
-    def finish(self: Journal, *args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(original_close)
+    def close(self: Lease, *args: Any, **kwargs: Any) -> Any:
         wire.committing = True
         try:
-            return original_finish(self, *args, **kwargs)
+            return original_close(self, *args, **kwargs)
         finally:
             wire.committing = False
 
-    Journal.finish = finish  # type: ignore[method-assign]
+    Lease._close = close  # type: ignore[method-assign]
 
     def on_commit(conn: Connection) -> None:
         wire.commit()

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
-from migration_fsm.journal.store import make_engine
+from migration_fsm.journal import make_engine
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 

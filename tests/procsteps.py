@@ -105,7 +105,7 @@ def _warm_up() -> None:
     for module in ("alembic.command", "alembic.runtime.migration", "psycopg", "migration_fsm.cli"):
         importlib.import_module(module)
     from migration_fsm.config import load_settings
-    from migration_fsm.journal.store import head_revisions, make_engine
+    from migration_fsm.journal import head_revisions, make_engine
 
     head_revisions()
     load_settings(None)

@@ -8,9 +8,9 @@ exactly as an operator configures their own. What they do is decided by the modu
 - `PLAN.counter` says what goes wrong (a `Fault`). Fault points are counted from 0 in the
   order the call reaches them: every run of a step or an undo, and just before and just
   after each write that moves a transition along (`append_refused`, `claim`, `take_over`,
-  `finish`, through `FaultyStore`). A crash (`SimulatedCrash`: the process dies) can hit
-  any point; a failure (`StepError`, which the engine turns into `StepFailed`) hits a run
-  of a step or undo.
+  the lease's `commit` or `abort`, through `FaultyStore`). A crash (`SimulatedCrash`: the
+  process dies) can hit any point; a failure (`StepError`, which the engine turns into
+  `StepFailed`) hits a run of a step or undo.
 
 `FaultCounter` is the single place that decides, so a model can predict the outcome by
 counting the same points.
@@ -22,12 +22,12 @@ import functools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Literal, ParamSpec, TypeVar
+from typing import Any, Final, Literal, ParamSpec, TypeVar
 
 from hypothesis import strategies as st
 
 from migration_fsm.fsm import Phase
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal, JournalEntry, Lease, MigrationState
 from migration_fsm.plugins.context import Context, GuardVerdict
 
 _P = ParamSpec("_P")
@@ -208,14 +208,34 @@ def _between_fault_points(write: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+class FaultyLease(Lease):
+    """A `Lease` whose commit and abort (the writes that close a transition) have fault points."""
+
+    commit = _between_fault_points(Lease.commit)
+    abort = _between_fault_points(Lease.abort)
+
+
+def _faulty(lease: Lease) -> FaultyLease:
+    return FaultyLease(lease.journal, lease.migration_id, lease.seq, lease.holder, lease.lease_seconds)
+
+
+_claim = _between_fault_points(Journal.claim)
+_take_over = _between_fault_points(Journal.take_over)
+
+
 class FaultyStore(Journal):
     """A `Journal` with a fault point just before and just after each write that moves a
-    transition along: a crash before one leaves nothing of it written, after one all of it."""
+    transition along: a crash before one leaves nothing of it written, after one all of it.
+    The writes are `append_refused`, `claim`, `take_over` and the lease's `commit` or `abort`."""
 
     append_refused = _between_fault_points(Journal.append_refused)
-    claim = _between_fault_points(Journal.claim)
-    take_over = _between_fault_points(Journal.take_over)
-    finish = _between_fault_points(Journal.finish)
+
+    def claim(self, *args: Any, **kwargs: Any) -> tuple[Lease, JournalEntry]:
+        lease, entry = _claim(self, *args, **kwargs)
+        return _faulty(lease), entry
+
+    def take_over(self, migration: MigrationState, *args: Any, **kwargs: Any) -> Lease:
+        return _faulty(_take_over(self, migration, *args, **kwargs))
 
 
 def faults() -> st.SearchStrategy[Fault | None]:

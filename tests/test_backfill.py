@@ -18,7 +18,7 @@ import pytest
 from migration_fsm.cli import cli
 from migration_fsm.config import load_settings
 from migration_fsm.exceptions import ConfigError, DataError
-from migration_fsm.journal.store import Journal, make_engine
+from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.factory import build_store
 from migration_fsm.tasks.memory import MemoryTaskStore

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm.config import load_settings
 from migration_fsm.fsm import Phase
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
 from tests.clisteps import FAIL_ENV, GATE_ENV, MARKER_ENV
 from tests.conftest import PG_ADMIN_URL, ROOT, CliResult, run_cli

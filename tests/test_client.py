@@ -27,7 +27,7 @@ from migration_fsm.client import (
 )
 from migration_fsm.config import Settings
 from migration_fsm.fsm import Phase, routing_for
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus

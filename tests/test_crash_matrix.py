@@ -41,7 +41,7 @@ from sqlalchemy.engine import make_url
 from migration_fsm.commands import Verified, verify_entries
 from migration_fsm.config import Settings, StepSpec, StoreConfig, load_settings
 from migration_fsm.fsm import EDGES, PHASES, ROUTING, Edge, Phase, Trigger, percent_after, resolve_edge
-from migration_fsm.journal.store import Journal, JournalEntry, MigrationState
+from migration_fsm.journal import Journal, JournalEntry, MigrationState
 from migration_fsm.migration import Migration, edge_steps
 from migration_fsm.plugins.defaults import DEFAULT_STEPS
 from migration_fsm.tasks.factory import build_store

@@ -11,7 +11,7 @@ import pytest
 from migration_fsm.config import Settings
 from migration_fsm.exceptions import Refused, StepFailed
 from migration_fsm.fsm import Phase
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.log import get_logger
 from migration_fsm.migration import Migration
 from migration_fsm.plugins import handover as cutover

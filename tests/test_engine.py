@@ -23,7 +23,7 @@ from migration_fsm.exceptions import (
     TransitionInterrupted,
 )
 from migration_fsm.fsm import Phase
-from migration_fsm.journal.store import Journal, migrations_table, utcnow
+from migration_fsm.journal import Journal, migrations_table, utcnow
 from migration_fsm.migration import Migration
 from tests import engsteps
 
@@ -390,7 +390,7 @@ def _intent(edge: Any, state: Any) -> Any:
     import os
     import socket
 
-    from migration_fsm.journal.store import JournalEntry
+    from migration_fsm.journal import JournalEntry
 
     return JournalEntry(
         seq=0,

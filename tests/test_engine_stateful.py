@@ -45,7 +45,7 @@ from migration_fsm.exceptions import (
     TriggerNotAllowed,
 )
 from migration_fsm.fsm import Phase
-from migration_fsm.journal.store import JournalEntry, migrations_table, utcnow
+from migration_fsm.journal import JournalEntry, migrations_table, utcnow
 from migration_fsm.migration import Migration, TransitionResult
 from tests.strategies import (
     GUARD_FLAG,

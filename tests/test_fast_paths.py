@@ -17,7 +17,7 @@ from sqlalchemy import JSON, Engine, MetaData, String, Table, Text, cast, event,
 from sqlalchemy.engine import make_url
 
 from migration_fsm.exceptions import DataError
-from migration_fsm.journal.store import make_engine
+from migration_fsm.journal import make_engine
 from migration_fsm.tasks.identity import IdentityScan, identity_source
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from migration_fsm.tasks.sql import RowCopy, SqlTaskStore

@@ -11,7 +11,7 @@ import pytest
 
 from migration_fsm.config import Settings, load_settings
 from migration_fsm.fsm import EDGES_BY_KEY
-from migration_fsm.journal.store import Journal, utcnow
+from migration_fsm.journal import Journal, utcnow
 from migration_fsm.log import get_logger
 from migration_fsm.migration import Migration, edge_guards, edge_steps
 from migration_fsm.plugins import guards

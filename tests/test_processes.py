@@ -24,7 +24,7 @@ import pytest
 from migration_fsm import commands
 from migration_fsm.config import load_settings
 from migration_fsm.fsm import Phase
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
 from tests.conftest import ROOT, CliResult, run_cli
 from tests.procsteps import CHECKPOINT, PROC_DIR_ENV, touch

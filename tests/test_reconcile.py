@@ -8,7 +8,7 @@ from pathlib import Path
 
 from migration_fsm.client import RepairLog
 from migration_fsm.config import load_settings
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.factory import build_store
 from migration_fsm.tools.reconcile import open_entries

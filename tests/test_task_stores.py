@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 
 from migration_fsm.config import StoreConfig, load_settings
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
-from migration_fsm.journal.store import make_engine
+from migration_fsm.journal import make_engine
 from migration_fsm.tasks.factory import build_store
 from migration_fsm.tasks.identity import BulkGet
 from migration_fsm.tasks.memory import MemoryTaskStore

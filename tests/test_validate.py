@@ -16,7 +16,7 @@ import pytest
 
 from migration_fsm.cli import cli
 from migration_fsm.config import load_settings
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from migration_fsm.config import Settings
-from migration_fsm.journal.store import Journal
+from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
 from tests.conftest import ROOT, CliResult
 

@@ -55,7 +55,7 @@ def test_wheel_installs_and_runs_db_upgrade_init_status(tmp_path: Path) -> None:
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import migration_fsm.journal.store as s; print(s.migrations_dir())",
+            "import migration_fsm.journal.revisions as s; print(s.migrations_dir())",
         ],
         cwd=work,
         env=env,

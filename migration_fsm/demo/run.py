@@ -421,7 +421,7 @@ def _fill(report: Report, world: dict[str, Any], producer: Producer) -> None:
 
 def open_entries_safe(world: dict[str, Any]) -> int:
     """Repair entries still open at the end (should be 0)."""
-    from ..journal.store import Journal
+    from ..journal import Journal
 
     with Journal.open(world["settings"].database_url) as store:
         return open_entries(store, MIGRATION)

@@ -1,0 +1,60 @@
+"""The journal layer: the migration database, its tables, hash chain, lease and Alembic glue.
+
+Other layers import from here (or from one submodule):
+
+- `db`: `make_engine`, `utcnow`, `UTCDateTime`, `safe_url`, `scrub`
+- `schema`: `metadata` and every table (`migrations_table`, `journal_table`, ...)
+- `revisions`: `migrations_dir`, `alembic_config`, `head_revisions`
+- `records`: `MigrationState`, `StepRecord`, `JournalEntry`
+- `chain`: `chain_hash`
+- `locks`: `lease_holder_name` and the PostgreSQL advisory lock
+- `lease`: `Lease` and the errors naming a lease's holder
+- `journal`: `Journal`
+"""
+
+from .chain import chain_hash
+from .db import SQLITE_BUSY_TIMEOUT_MS, UTCDateTime, make_engine, safe_url, scrub, utcnow
+from .journal import Journal
+from .lease import Lease, lease_held_error, lease_lost
+from .locks import lease_holder_name
+from .records import JournalEntry, MigrationState, StepRecord
+from .revisions import alembic_config, head_revisions, migrations_dir
+from .schema import (
+    NOTIFY_CHANNEL,
+    backfill_table,
+    journal_table,
+    metadata,
+    migrations_table,
+    repair_log_table,
+    steps_table,
+    validation_runs_table,
+)
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "Journal",
+    "JournalEntry",
+    "Lease",
+    "MigrationState",
+    "StepRecord",
+    "UTCDateTime",
+    "alembic_config",
+    "backfill_table",
+    "chain_hash",
+    "head_revisions",
+    "journal_table",
+    "lease_held_error",
+    "lease_holder_name",
+    "lease_lost",
+    "make_engine",
+    "metadata",
+    "migrations_dir",
+    "migrations_table",
+    "repair_log_table",
+    "safe_url",
+    "scrub",
+    "steps_table",
+    "utcnow",
+    "validation_runs_table",
+]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     from ..config import Settings
     from ..fsm import Phase
-    from ..journal.store import Journal, MigrationState
+    from ..journal import Journal, MigrationState
 
 
 @dataclass(frozen=True, slots=True)

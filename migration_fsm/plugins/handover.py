@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from ..journal.store import utcnow
+from ..journal import utcnow
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tasks.scan import merge, records
 from ..tasks.sides import SideName, open_side

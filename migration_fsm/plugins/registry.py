@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigError
 from ..fsm import Phase
-from ..journal.store import utcnow
+from ..journal import utcnow
 from .context import Context, GuardFn, GuardVerdict, StepFn
 from .defaults import register as _register_data_tools
 

@@ -65,7 +65,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError, MigrationFSMError
-from migration_fsm.journal.store import _scrub, make_engine, safe_url
+from migration_fsm.journal.db import make_engine, safe_url, scrub
 from migration_fsm.log import get_logger
 from migration_fsm.tasks.identity import IdentityRow, checksum_of
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, TaskStore, is_behind, to_utc
@@ -734,7 +734,7 @@ class SqlTaskStore:
         return sa_exc.DBAPIError.instance(statement, None, exc, self._dbapi_error, dialect=dialect)
 
     def _scrub(self, exc: sa_exc.StatementError) -> str:
-        return _scrub(str(exc.orig if exc.orig is not None else exc), self.url)
+        return scrub(str(exc.orig if exc.orig is not None else exc), self.url)
 
     def close(self) -> None:
         """Dispose of the engine, when the store made it."""

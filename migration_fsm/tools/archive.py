@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import ValidationError
 
 from ..exceptions import BadInput, DataError
-from ..journal.store import utcnow
+from ..journal import utcnow
 from ..tasks.records import TaskRecord
 from ..tasks.scan import pages
 

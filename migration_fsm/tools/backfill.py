@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..config import Settings
-    from ..journal.store import Journal
+    from ..journal import Journal
     from ..tasks.records import TaskStore
 
 

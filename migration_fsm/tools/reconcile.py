@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 
-from migration_fsm.journal.store import repair_log_table, utcnow
+from migration_fsm.journal import repair_log_table, utcnow
 
 if TYPE_CHECKING:
-    from migration_fsm.journal.store import Journal
+    from migration_fsm.journal import Journal
 
     from ..tasks.records import TaskStore
 

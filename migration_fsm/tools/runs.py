@@ -1,6 +1,7 @@
 """What the data tools record in the migration database: validation runs and backfill progress.
 
-The tables are created by Alembic revision 0003; the built-in guards read them.
+The tables are defined in `journal.schema` and created by Alembic revision 0003; the
+built-in guards read them.
 """
 
 from __future__ import annotations
@@ -8,50 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    Column,
-    Integer,
-    String,
-    Table,
-    Text,
-    bindparam,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import bindparam, insert, select, update
 
-from ..journal.store import UTCDateTime, metadata, utcnow
+from ..journal.db import utcnow
+from ..journal.schema import backfill_table, validation_runs_table
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from ..journal.store import Journal
-
-validation_runs_table = Table(
-    "mfsm_validation_runs",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("migration", String(200), nullable=False),
-    Column("phase", String(32), nullable=True),
-    Column("started_at", UTCDateTime, nullable=False),
-    Column("finished_at", UTCDateTime, nullable=False),
-    Column("ok", Boolean, nullable=False),
-    Column("summary", JSON, nullable=False),
-)
-
-backfill_table = Table(
-    "mfsm_backfill",
-    metadata,
-    Column("migration", String(200), primary_key=True),
-    Column("cursor", Text, nullable=True),
-    Column("copied", BigInteger, nullable=False),
-    Column("done", Boolean, nullable=False),
-    Column("started_at", UTCDateTime, nullable=False),
-    Column("updated_at", UTCDateTime, nullable=False),
-)
+    from ..journal import Journal
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
-from ..journal.store import utcnow
+from ..journal import utcnow
 from ..tasks.identity import (
     ATTEMPTS,
     CREATED_AT,
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     from ..config import Settings
-    from ..journal.store import Journal
+    from ..journal import Journal
     from ..tasks.identity import IdentityRow
     from ..tasks.records import TaskStore
 

@@ -1,0 +1,130 @@
+"""Connections to the migration database: engines, the UTC timestamp type, URL scrubbing.
+
+SQLite gets a busy timeout, `BEGIN IMMEDIATE` write transactions and (for our own database)
+the WAL journal; PostgreSQL URLs get the psycopg 3 driver and a connect timeout.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import Connection, DateTime, Dialect, Engine, TypeDecorator, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from ..exceptions import ConfigError, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+SQLITE_BUSY_TIMEOUT_MS: Final = 15_000
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC, microsecond precision."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that always reads back as timezone-aware UTC (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for any message a person may see."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # ValueError: a non-numeric port
+        return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+
+
+def scrub(message: str, url: str) -> str:
+    """Remove the password of `url` from a driver message, and keep its first line."""
+    try:
+        password = make_url(url).password
+    except (ArgumentError, ValueError):
+        password = None
+    first = message.strip().splitlines()[0] if message.strip() else message
+    if password:
+        first = first.replace(str(password), "***")
+    return first
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def make_engine(url: str, *, create: bool = False, wal: bool = True) -> Engine:
+    """An engine for `url`. SQLite gets a busy timeout, `BEGIN IMMEDIATE` transactions (so two
+    writers queue instead of deadlocking) and, when `wal`, the WAL journal; a missing SQLite
+    file is an error unless `create`."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
+        raise ConfigError(f"database URL '{safe_url(url)}' is not a valid SQLAlchemy URL") from exc
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None and not create and not sqlite_file.exists():
+        raise DatabaseUnavailable(
+            f"database file {sqlite_file} does not exist: run `migration-fsm db upgrade` to create it"
+        )
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in (
+        "",
+        "psycopg2",
+    ):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": 5}
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(f"database URL '{safe_url(url)}' is not usable: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect_wal if wal else _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    # Let SQLAlchemy's "begin" event emit BEGIN itself (see _sqlite_on_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_on_connect_wal(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    # WAL lets PhaseClients read while an operator writes; only for our own database
+    # (a user's task database keeps whatever journal mode it has).
+    _sqlite_on_connect(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    readonly = conn.get_execution_options().get("mfsm_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")

@@ -1,0 +1,440 @@
+"""The migration database as one object: transactions, schema checks, reads, and the writes
+that start a transition (create, refuse, claim, take over). Steps, checkpoints and the commit
+go through the `Lease` that `claim` and `take_over` return.
+
+Every change to the migration row is a compare-and-set (`UPDATE ... WHERE version = :seen`
+or `WHERE in_progress_seq = :seq AND lease_holder = :me`) checked by its rowcount.
+Transactions are short: no transaction is held open while a step runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from ..exceptions import (
+    BadInput,
+    ConcurrentChange,
+    Conflict,
+    DatabaseUnavailable,
+    LeaseHeld,
+    SchemaNotCurrent,
+    UnknownMigration,
+)
+from ..fsm import Phase, Trigger
+from . import locks
+from .chain import chain_hash
+from .db import make_engine, safe_url, scrub, utcnow
+from .lease import Lease, conflict
+from .records import (
+    JournalEntry,
+    MigrationState,
+    StepRecord,
+    entry_from_row,
+    entry_values,
+    migration_from_row,
+    replace,
+    step_from_row,
+)
+from .revisions import alembic_config, head_revisions
+from .schema import journal_table, migrations_table, steps_table
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+
+class Journal:
+    """The migration database: migrations, journal and steps. Thread-safe."""
+
+    def __init__(self, url: str, *, engine: Engine | None = None) -> None:
+        self.url = url
+        self.safe_url = safe_url(url)
+        self.engine = engine or make_engine(url)
+
+    @classmethod
+    def open(cls, url: str) -> Journal:
+        """Open an existing database whose schema is at the Alembic head (else exit 4)."""
+        store = cls(url)
+        try:
+            store.check_schema()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _unavailable(self, exc: DBAPIError) -> DatabaseUnavailable:
+        return DatabaseUnavailable(
+            f"database {self.safe_url} is unavailable: {scrub(str(exc.orig or exc), self.url)}"
+        )
+
+    @contextmanager
+    def transaction(self, *, readonly: bool = False) -> Iterator[Connection]:
+        """One short transaction; driver errors become our errors. On SQLite a write
+        transaction takes the write lock up front (`BEGIN IMMEDIATE`), a read-only one does not."""
+        try:
+            with self.engine.connect() as conn:
+                if readonly:
+                    conn.execution_options(mfsm_readonly=True)
+                with conn.begin():
+                    yield conn
+        except IntegrityError as exc:
+            raise ConcurrentChange(
+                "another operator changed this migration at the same moment: run `status` and retry"
+            ) from exc
+        except DBAPIError as exc:
+            if "locked" in str(exc.orig):
+                raise LeaseHeld(
+                    f"database {self.safe_url} stayed locked by another operator's command: retry"
+                ) from exc
+            raise self._unavailable(exc) from exc
+
+    # -- schema -----------------------------------------------------------------------
+
+    def current_revisions(self) -> set[str]:
+        """The Alembic revision(s) the database is at (empty when it has no schema)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.transaction(readonly=True) as conn:
+            return set(MigrationContext.configure(conn).get_current_heads())
+
+    def check_schema(self) -> None:
+        """Raise `SchemaNotCurrent` unless the schema is at the Alembic head."""
+        current, head = self.current_revisions(), head_revisions()
+        if current != head:
+            at = ", ".join(sorted(current)) or "no schema"
+            raise SchemaNotCurrent(
+                f"database {self.safe_url} is at {at}, expected {', '.join(sorted(head))}:"
+                " run `migration-fsm db upgrade`"
+            )
+
+    def upgrade(self) -> tuple[set[str], set[str]]:
+        """Create or upgrade the schema to the Alembic head; returns (before, after)."""
+        from alembic import command
+
+        before = self.current_revisions()
+        cfg = alembic_config()
+        with self.transaction() as conn:
+            if self.dialect == "postgresql":  # two concurrent upgrades queue up
+                conn.execute(text("SELECT pg_advisory_xact_lock(:c, 0)"), {"c": locks.LOCK_CLASS})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        return before, self.current_revisions()
+
+    # -- operator lock (PostgreSQL) -----------------------------------------------------
+
+    @contextmanager
+    def operator_lock(self, name: str, holder: str, *, steal: bool = False) -> Iterator[None]:
+        """Hold a session advisory lock on PostgreSQL for the duration of a command, so two
+        commands never interleave and a dead operator's lock vanishes with its connection.
+        With `steal` (`resume --steal`), a session that still holds the lock (a hung
+        operator) is terminated first, so its command cannot write any more.
+        On SQLite the `BEGIN IMMEDIATE` transactions and the lease are enough."""
+        if self.dialect != "postgresql":
+            yield
+            return
+        try:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except DBAPIError as exc:
+            raise self._unavailable(exc) from exc
+        params = locks.lock_params(name)
+        try:
+            locks.acquire(conn, name, holder, params, steal=steal)
+        except DBAPIError as exc:
+            conn.invalidate()
+            conn.close()
+            raise self._unavailable(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            yield
+        finally:
+            try:
+                locks.release(conn, params)
+            except DBAPIError:
+                conn.invalidate()  # a broken connection's session lock is already gone
+            conn.close()
+
+    # -- reads ------------------------------------------------------------------------
+
+    def get(self, name: str) -> MigrationState:
+        """The migration named `name`, or `UnknownMigration`."""
+        with self.transaction(readonly=True) as conn:
+            return self._get(conn, name)
+
+    def _get(self, conn: Connection, name: str) -> MigrationState:
+        row = conn.execute(select(migrations_table).where(migrations_table.c.name == name)).mappings().first()
+        if row is None:
+            raise UnknownMigration(
+                f"no migration named '{name}' in {self.safe_url}: run `migration-fsm init -m {name}`"
+            )
+        return migration_from_row(row)
+
+    def names(self) -> list[str]:
+        """Every migration in this database, by name."""
+        with self.transaction(readonly=True) as conn:
+            return list(
+                conn.execute(select(migrations_table.c.name).order_by(migrations_table.c.name))
+                .scalars()
+                .all()
+            )
+
+    def journal(self, migration: MigrationState, *, with_steps: bool = True) -> list[JournalEntry]:
+        """The journal, oldest first, with each entry's steps."""
+        with self.transaction(readonly=True) as conn:
+            rows = (
+                conn.execute(
+                    select(journal_table)
+                    .where(journal_table.c.migration_id == migration.id)
+                    .order_by(journal_table.c.seq)
+                )
+                .mappings()
+                .all()
+            )
+            steps: dict[int, list[StepRecord]] = {}
+            if with_steps:
+                for row in conn.execute(
+                    select(steps_table)
+                    .where(steps_table.c.migration_id == migration.id)
+                    .order_by(steps_table.c.seq, steps_table.c.position)
+                ).mappings():
+                    steps.setdefault(row["seq"], []).append(step_from_row(row))
+        return [entry_from_row(row, steps.get(row["seq"], [])) for row in rows]
+
+    def entry(self, migration: MigrationState, seq: int) -> JournalEntry:
+        """One journal entry with its steps."""
+        with self.transaction(readonly=True) as conn:
+            return self._entry(conn, migration.id, seq)
+
+    def _entry(self, conn: Connection, migration_id: int, seq: int) -> JournalEntry:
+        row = (
+            conn.execute(
+                select(journal_table).where(
+                    journal_table.c.migration_id == migration_id,
+                    journal_table.c.seq == seq,
+                )
+            )
+            .mappings()
+            .one()
+        )
+        steps = [
+            step_from_row(step)
+            for step in conn.execute(
+                select(steps_table)
+                .where(steps_table.c.migration_id == migration_id, steps_table.c.seq == seq)
+                .order_by(steps_table.c.position)
+            ).mappings()
+        ]
+        return entry_from_row(row, steps)
+
+    # -- writes -----------------------------------------------------------------------
+
+    def create(self, name: str, actor: str) -> MigrationState:
+        """Create `name` in `preparation` with its first journal row (trigger `init`)."""
+        if not 1 <= len(name) <= 200:  # the column's width, checked here so every backend agrees
+            raise BadInput(f"a migration name has 1 to 200 characters, not {len(name)}")
+        now = utcnow()
+        entry = JournalEntry(
+            seq=1,
+            trigger=Trigger.INIT,
+            source=None,
+            dest=Phase.PREPARATION,
+            percent=0,
+            status="committed",
+            actor=actor,
+            reason=None,
+            forced=False,
+            guards=[],
+            takeovers=[],
+            started_at=now,
+            finished_at=now,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            error=None,
+            prev_hash=None,
+            hash=None,
+        )
+        digest = chain_hash(None, name, entry)
+        with self.transaction() as conn:
+            exists = conn.execute(
+                select(migrations_table.c.phase).where(migrations_table.c.name == name)
+            ).scalar()
+            if exists is not None:
+                raise BadInput(f"migration '{name}' already exists (phase {exists}): nothing to do")
+            inserted = conn.execute(
+                insert(migrations_table).values(
+                    name=name,
+                    phase=Phase.PREPARATION.value,
+                    percent=0,
+                    version=1,
+                    last_seq=1,
+                    head_hash=digest,
+                    phase_entered_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            ).inserted_primary_key
+            assert inserted is not None
+            migration_id = inserted[0]
+            conn.execute(
+                insert(journal_table).values(migration_id=migration_id, **entry_values(entry), hash=digest)
+            )
+            return self._get(conn, name)
+
+    def append_refused(self, seen: MigrationState, entry: JournalEntry) -> JournalEntry:
+        """Journal a guard's refusal; the phase, percent and version stay as they were."""
+        with self.transaction() as conn:
+            seq = seen.last_seq + 1
+            entry = replace(entry, seq=seq, status="refused", prev_hash=seen.head_hash)
+            digest = chain_hash(seen.head_hash, seen.name, entry)
+            updated = conn.execute(
+                update(migrations_table)
+                .where(
+                    migrations_table.c.id == seen.id,
+                    migrations_table.c.version == seen.version,
+                    migrations_table.c.last_seq == seen.last_seq,
+                    migrations_table.c.in_progress_seq.is_(None),
+                )
+                .values(last_seq=seq, head_hash=digest)
+            ).rowcount
+            if updated != 1:
+                raise self._conflict(conn, seen)
+            conn.execute(
+                insert(journal_table).values(migration_id=seen.id, **entry_values(entry), hash=digest)
+            )
+        return replace(entry, hash=digest)
+
+    def claim(
+        self,
+        seen: MigrationState,
+        entry: JournalEntry,
+        steps: Sequence[tuple[str, str | None]],
+        holder: str,
+        lease_seconds: float,
+    ) -> tuple[Lease, JournalEntry]:
+        """Compare-and-set the migration row, take the lease, journal `intent` and the planned
+        steps, all in one transaction. Returns our lease and the intent row; `Conflict` (and
+        nothing written) if someone else won."""
+        now = utcnow()
+        seq = seen.last_seq + 1
+        entry = replace(
+            entry,
+            seq=seq,
+            status="intent",
+            steps=[
+                StepRecord(position, name, undo, "pending", 0, None, None, None, None)
+                for position, (name, undo) in enumerate(steps)
+            ],
+        )
+        with self.transaction() as conn:
+            updated = conn.execute(
+                update(migrations_table)
+                .where(
+                    migrations_table.c.id == seen.id,
+                    migrations_table.c.version == seen.version,
+                    migrations_table.c.last_seq == seen.last_seq,
+                    migrations_table.c.in_progress_seq.is_(None),
+                )
+                .values(
+                    last_seq=seq,
+                    in_progress_seq=seq,
+                    lease_holder=holder,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    updated_at=now,
+                )
+            ).rowcount
+            if updated != 1:
+                raise self._conflict(conn, seen)
+            conn.execute(insert(journal_table).values(migration_id=seen.id, **entry_values(entry)))
+            if steps:
+                conn.execute(
+                    insert(steps_table),
+                    [
+                        {
+                            "migration_id": seen.id,
+                            "seq": seq,
+                            "position": position,
+                            "name": name,
+                            "undo": undo,
+                            "status": "pending",
+                            "attempts": 0,
+                        }
+                        for position, (name, undo) in enumerate(steps)
+                    ],
+                )
+        return Lease(self, seen.id, seq, holder, lease_seconds), entry
+
+    def _conflict(self, conn: Connection, seen: MigrationState) -> Conflict:
+        return conflict(self._get(conn, seen.name), seen)
+
+    def take_over(
+        self,
+        migration: MigrationState,
+        holder: str,
+        lease_seconds: float,
+        takeover: dict[str, Any],
+    ) -> Lease:
+        """Take the lease of the interrupted transition from `migration.lease_holder`
+        (compare-and-set on the holder) and record the takeover on its journal row.
+        Of two take-overs from the same holder, exactly one wins; the other gets `Conflict`."""
+        now = utcnow()
+        seq = migration.in_progress_seq
+        with self.transaction() as conn:
+            if seq is None:  # nothing to take over
+                raise self._conflict(conn, migration)
+            holder_matches = (
+                migrations_table.c.lease_holder.is_(None)
+                if migration.lease_holder is None
+                else migrations_table.c.lease_holder == migration.lease_holder
+            )
+            updated = conn.execute(
+                update(migrations_table)
+                .where(
+                    migrations_table.c.id == migration.id,
+                    migrations_table.c.in_progress_seq == seq,
+                    holder_matches,
+                )
+                .values(
+                    lease_holder=holder,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    updated_at=now,
+                )
+            ).rowcount
+            if updated != 1:
+                raise self._conflict(conn, migration)
+            takeovers = conn.execute(
+                select(journal_table.c.takeovers).where(
+                    journal_table.c.migration_id == migration.id,
+                    journal_table.c.seq == seq,
+                )
+            ).scalar_one()
+            conn.execute(
+                update(journal_table)
+                .where(
+                    journal_table.c.migration_id == migration.id,
+                    journal_table.c.seq == seq,
+                )
+                .values(takeovers=[*takeovers, takeover])
+            )
+        return Lease(self, migration.id, seq, holder, lease_seconds)

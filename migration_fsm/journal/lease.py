@@ -1,0 +1,260 @@
+"""The `Lease` on an interrupted transition, and the errors that name who holds it.
+
+`Journal.claim` and `Journal.take_over` return a `Lease`. Each of its methods is one
+compare-and-set: a statement whose `WHERE` requires that the migration row still has our
+transition in progress (`in_progress_seq = :seq`) and our name as the holder
+(`lease_holder = :me`), checked by its rowcount. A method that changes several rows first
+updates the migration row under that condition, in the same transaction, and its rowcount
+decides. Nothing reads the holder and then writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import exists, select, text, update
+
+from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
+from .chain import chain_hash
+from .db import utcnow
+from .records import MigrationState, entry_from_row, read_migration, replace
+from .schema import NOTIFY_CHANNEL, journal_table, migrations_table, steps_table
+
+if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement, Connection
+
+    from .journal import Journal
+
+#: Step statuses that end a step (they set `finished_at`).
+FINISHED: Final = frozenset({"done", "failed", "undone"})
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Our hold on transition `seq` of migration `migration_id`, as `holder`."""
+
+    journal: Journal
+    migration_id: int
+    seq: int
+    holder: str
+    lease_seconds: float
+
+    def _ours(self) -> ColumnElement[bool]:
+        """The compare-and-set condition on the migration row."""
+        m = migrations_table.c
+        return (m.id == self.migration_id) & (m.in_progress_seq == self.seq) & (m.lease_holder == self.holder)
+
+    def _lost(self, conn: Connection) -> LeaseHeld:
+        return lease_lost(read_migration(conn, self.migration_id), self.seq)
+
+    def heartbeat(self) -> bool:
+        """Renew the lease for `lease_seconds` from now; False when it is no longer ours."""
+        now = utcnow()
+        with self.journal.transaction() as conn:
+            return (
+                conn.execute(
+                    update(migrations_table)
+                    .where(self._ours())
+                    .values(lease_expires_at=now + timedelta(seconds=self.lease_seconds))
+                ).rowcount
+                == 1
+            )
+
+    def _update_step(self, position: int, values: dict[str, Any]) -> None:
+        s = steps_table.c
+        with self.journal.transaction() as conn:
+            updated = conn.execute(
+                update(steps_table)
+                .where(
+                    s.migration_id == self.migration_id,
+                    s.seq == self.seq,
+                    s.position == position,
+                    exists().where(self._ours()),
+                )
+                .values(**values)
+            ).rowcount
+            if updated != 1:
+                raise self._lost(conn)
+
+    def start_step(self, position: int) -> None:
+        """Mark step `position` `started`, count an attempt and clear its last error."""
+        now = utcnow()
+        self._update_step(
+            position,
+            {
+                "status": "started",
+                "error": None,
+                "attempts": steps_table.c.attempts + 1,
+                "started_at": now,
+                "finished_at": None,
+            },
+        )
+
+    def mark_step(self, position: int, status: str, error: str | None = None) -> None:
+        """Record step `position`'s new `status` (and `error`); `done`, `failed` and `undone`
+        also set its `finished_at`."""
+        values: dict[str, Any] = {"status": status, "error": error}
+        if status in FINISHED:
+            values["finished_at"] = utcnow()
+        self._update_step(position, values)
+
+    def save_checkpoint(self, position: int, checkpoint: dict[str, Any]) -> None:
+        """Journal step `position`'s checkpoint (a plain JSON object)."""
+        self._update_step(position, {"checkpoint": checkpoint})
+
+    def release(self, error: str) -> None:
+        """After a failed step: release the lease and record `error` on the journal row,
+        which stays `intent` (the transition is interrupted)."""
+        with self.journal.transaction() as conn:
+            updated = conn.execute(
+                update(migrations_table)
+                .where(self._ours())
+                .values(lease_holder=None, lease_expires_at=None, updated_at=utcnow())
+            ).rowcount
+            if updated != 1:
+                raise self._lost(conn)
+            conn.execute(
+                update(journal_table)
+                .where(journal_table.c.migration_id == self.migration_id, journal_table.c.seq == self.seq)
+                .values(error=error)
+            )
+
+    def commit(self) -> MigrationState:
+        """Close the transition as `committed`: phase, percent and version move."""
+        return self._close("committed")
+
+    def abort(self) -> MigrationState:
+        """Close the transition as `aborted`: phase, percent and version stay."""
+        return self._close("aborted")
+
+    def _close(self, status: str) -> MigrationState:
+        """Close the transition as `status`, chain its hash and release the lease, in one
+        transaction that begins with the compare-and-set on the migration row."""
+        now = utcnow()
+        with self.journal.transaction() as conn:
+            if (
+                conn.execute(update(migrations_table).where(self._ours()).values(updated_at=now)).rowcount
+                != 1
+            ):
+                raise self._lost(conn)
+            current = read_migration(conn, self.migration_id)  # locked by the update above
+            row = (
+                conn.execute(
+                    select(journal_table).where(
+                        journal_table.c.migration_id == self.migration_id, journal_table.c.seq == self.seq
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            entry = replace(
+                entry_from_row(row, []),
+                status=status,
+                finished_at=now,
+                prev_hash=current.head_hash,
+                error=None if status == "committed" else row["error"],
+            )
+            digest = chain_hash(current.head_hash, current.name, entry)
+            after = replace(
+                current,
+                in_progress_seq=None,
+                lease_holder=None,
+                lease_expires_at=None,
+                head_hash=digest,
+                updated_at=now,
+            )
+            if status == "committed":
+                after = replace(
+                    after,
+                    phase=entry.dest,
+                    percent=entry.percent,
+                    version=current.version + 1,
+                    phase_entered_at=now if entry.dest is not current.phase else current.phase_entered_at,
+                )
+            conn.execute(
+                update(migrations_table)
+                .where(migrations_table.c.id == self.migration_id)
+                .values(
+                    phase=after.phase.value,
+                    percent=after.percent,
+                    version=after.version,
+                    phase_entered_at=after.phase_entered_at,
+                    in_progress_seq=None,
+                    lease_holder=None,
+                    lease_expires_at=None,
+                    head_hash=digest,
+                    updated_at=now,
+                )
+            )
+            conn.execute(
+                update(journal_table)
+                .where(journal_table.c.migration_id == self.migration_id, journal_table.c.seq == self.seq)
+                .values(
+                    status=status,
+                    finished_at=now,
+                    prev_hash=current.head_hash,
+                    hash=digest,
+                    error=entry.error,
+                )
+            )
+            if status == "committed" and self.journal.dialect == "postgresql":
+                # Delivered at commit, carrying the new state: PhaseClients apply it without a query.
+                payload = json.dumps(
+                    {
+                        "migration": after.name,
+                        "phase": after.phase.value,
+                        "percent": after.percent,
+                        "version": after.version,
+                    }
+                )
+                conn.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": NOTIFY_CHANNEL, "payload": payload},
+                )
+            return after
+
+
+def conflict(now: MigrationState, seen: MigrationState) -> Conflict:
+    """Why a compare-and-set against `seen` failed, given the row as it is `now`."""
+    if now.in_progress_seq is not None and now.lease_live():
+        return lease_held_error(now)
+    if now.in_progress_seq is not None:
+        return TransitionInterrupted(
+            f"migration '{seen.name}' has an interrupted transition #{now.in_progress_seq}:"
+            " run `migration-fsm resume` or `migration-fsm abort --reason TEXT`"
+        )
+    return ConcurrentChange(
+        f"migration '{seen.name}' changed while this command ran (version {seen.version}"
+        f" -> {now.version}, phase {now.phase}): run `migration-fsm status` and decide again"
+    )
+
+
+def lease_held_error(migration: MigrationState) -> LeaseHeld:
+    """The exit-3 error naming the lease holder and when the lease expires."""
+    expires = migration.lease_expires_at
+    left = "" if expires is None else f" (in {max(0, round((expires - utcnow()).total_seconds()))} s)"
+    return LeaseHeld(
+        f"migration '{migration.name}' transition #{migration.in_progress_seq} is held by"
+        f" {migration.lease_holder} until {_iso_short(expires)}{left}: wait for it, or if that"
+        " operator is gone, run `migration-fsm resume --steal` (or `abort --reason TEXT` once"
+        " the lease has expired)",
+        holder=migration.lease_holder,
+        expires_at=expires,
+    )
+
+
+def lease_lost(migration: MigrationState, seq: int) -> LeaseHeld:
+    """The error of a command whose lease on transition `seq` was taken over."""
+    return LeaseHeld(
+        f"the lease on transition #{seq} of migration '{migration.name}' was taken over by"
+        f" {migration.lease_holder or 'nobody'}: this command stops here",
+        holder=migration.lease_holder,
+        expires_at=migration.lease_expires_at,
+    )
+
+
+def _iso_short(value: datetime | None) -> str:
+    return "?" if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,134 @@
+"""Every table and index of the migration database, as SQLAlchemy `Table` objects.
+
+The Alembic revisions in `migrations/` create them (never `create_all`); `tests/test_schema.py`
+checks that these objects and the head revision agree, index for index.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+)
+
+from .db import UTCDateTime
+
+metadata = MetaData()
+
+migrations_table = Table(
+    "mfsm_migrations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("phase", String(32), nullable=False),
+    Column("percent", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_seq", Integer, nullable=False),
+    Column("head_hash", String(64), nullable=True),
+    Column("in_progress_seq", Integer, nullable=True),
+    Column("lease_holder", String(400), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("phase_entered_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+journal_table = Table(
+    "mfsm_journal",
+    metadata,
+    Column("migration_id", Integer, ForeignKey("mfsm_migrations.id"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("trigger", String(16), nullable=False),
+    Column("source", String(32), nullable=True),
+    Column("dest", String(32), nullable=False),
+    Column("percent", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("forced", Boolean, nullable=False),
+    Column("guards", JSON, nullable=False),
+    Column("takeovers", JSON, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("prev_hash", String(64), nullable=True),
+    Column("hash", String(64), nullable=True),
+    PrimaryKeyConstraint("migration_id", "seq"),
+)
+
+steps_table = Table(
+    "mfsm_steps",
+    metadata,
+    Column("migration_id", Integer, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("name", String(400), nullable=False),
+    Column("undo", String(400), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("checkpoint", JSON, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    PrimaryKeyConstraint("migration_id", "seq", "position"),
+)
+
+#: Revision 0002: the dual-write repair log.
+repair_log_table = Table(
+    "mfsm_repair_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("migration", String(200), nullable=False),
+    Column("key", String(400), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("resolved_at", UTCDateTime, nullable=True),
+    Index("ix_mfsm_repair_log_open", "migration", "status", "id"),
+)
+
+#: Revision 0003: one row per `validate` run (the data tools' `runs` module reads and writes it).
+validation_runs_table = Table(
+    "mfsm_validation_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("migration", String(200), nullable=False),
+    Column("phase", String(32), nullable=True),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=False),
+    Column("ok", Boolean, nullable=False),
+    Column("summary", JSON, nullable=False),
+    Index("ix_mfsm_validation_runs_latest", "migration", "id"),
+)
+
+#: Revision 0003: the progress of each migration's last backfill.
+backfill_table = Table(
+    "mfsm_backfill",
+    metadata,
+    Column("migration", String(200), primary_key=True),
+    Column("cursor", Text, nullable=True),
+    Column("copied", BigInteger, nullable=False),
+    Column("done", Boolean, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+#: PostgreSQL channel every committed transition NOTIFYs; the payload is a JSON object
+#: with the migration's name and its new phase, percent and version.
+NOTIFY_CHANNEL: Final = "migration_fsm"
