@@ -18,7 +18,8 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm.exceptions import DataError
 from migration_fsm.journal.store import make_engine
-from migration_fsm.tasks.identity import IdentityScan, identity_source
+from migration_fsm.tasks.capabilities import IdentityScan
+from migration_fsm.tasks.identity import identity_source
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
 from migration_fsm.tools.backfill import copy_tasks

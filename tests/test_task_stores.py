@@ -39,8 +39,8 @@ from sqlalchemy.exc import IntegrityError
 from migration_fsm.config import StoreConfig, load_settings
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.journal.store import make_engine
+from migration_fsm.tasks.capabilities import BulkGet
 from migration_fsm.tasks.factory import build_store
-from migration_fsm.tasks.identity import BulkGet
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, TaskStore
 from migration_fsm.tasks.sql import SqlTaskStore
