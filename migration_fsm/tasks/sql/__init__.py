@@ -5,7 +5,15 @@ and `RowCopy` (tasks copied between two such tables as rows).
 specifics) -> `statements` (compiled once) -> `store` -> `rowcopy`.
 """
 
-from migration_fsm.tasks.sql.mapping import FIELDS, OPTIONAL_FIELDS, ColumnKind, MappedField, TableMapping
+from migration_fsm.tasks.sql.mapping import (
+    FIELDS,
+    OPTIONAL_FIELDS,
+    ColumnKind,
+    MappedField,
+    Reader,
+    TableMapping,
+    Writer,
+)
 from migration_fsm.tasks.sql.rowcopy import RowCopy
 from migration_fsm.tasks.sql.statements import Statements
 from migration_fsm.tasks.sql.store import KEY_LOOKUP_CHUNK, SqlTaskStore
@@ -16,8 +24,10 @@ __all__ = [
     "OPTIONAL_FIELDS",
     "ColumnKind",
     "MappedField",
+    "Reader",
     "RowCopy",
     "SqlTaskStore",
     "Statements",
     "TableMapping",
+    "Writer",
 ]
