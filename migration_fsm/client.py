@@ -25,6 +25,7 @@ from zlib import crc32  # the same hash as fsm.bucket, bound here: routing(key) 
 
 from .exceptions import MigrationFSMError
 from .fsm import ROUTING, Phase, Routing, routing_for
+from .tasks.capabilities import ForwardPut
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -412,8 +413,9 @@ class _WriterBase:
 
 def _second_put(store: Any) -> tuple[str, bool]:
     """The method for a second write to `store`, and whether it says if it wrote: the store's
-    `put_forward` when it has one (`SqlTaskStore` and `MemoryTaskStore` do), else `put`."""
-    return ("put_forward", True) if callable(getattr(store, "put_forward", None)) else ("put", False)
+    `put_forward` when it offers `capabilities.ForwardPut` (`SqlTaskStore` and
+    `MemoryTaskStore` do), else `put`."""
+    return ("put_forward", True) if isinstance(store, ForwardPut) else ("put", False)
 
 
 class DualWriter(_WriterBase):

@@ -40,13 +40,13 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm.commands import Verified, verify_entries
 from migration_fsm.config import Settings, StepSpec, StoreConfig, load_settings
-from migration_fsm.fsm import EDGES, PHASES, ROUTING, Edge, Phase, Trigger, percent_after, resolve_edge
+from migration_fsm.fsm import EDGES, PHASES, ROUTING, Edge, Phase, Side, Trigger, percent_after, resolve_edge
 from migration_fsm.journal import Journal, JournalEntry, MigrationState
 from migration_fsm.migration import Migration, edge_steps
 from migration_fsm.plugins.defaults import DEFAULT_STEPS
 from migration_fsm.tasks.factory import build_store
 from migration_fsm.tasks.records import TaskStatus
-from migration_fsm.tasks.sides import SIDES, SideName
+from migration_fsm.tasks.sides import SIDES
 from migration_fsm.tasks.sql import SqlTaskStore
 from migration_fsm.tools.backfill import backfill_migration
 from migration_fsm.tools.validate import ValidationReport, validate_migration
@@ -89,7 +89,7 @@ CONFIG_LINES: Final = (
 
 #: A task as the checks compare it: identity checksum, status, attempts.
 Fact = tuple[str, TaskStatus, int]
-Sides = dict[SideName, dict[str, Fact]]
+Sides = dict[Side, dict[str, Fact]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ class Case:
 
 def edge_step_names(edge: Edge) -> tuple[str, ...]:
     """The steps the crash config runs on `edge` (defaults, or the no-op step)."""
-    stores: dict[SideName, StoreConfig] = {side: StoreConfig(kind="memory") for side in SIDES}
+    stores: dict[Side, StoreConfig] = {side: StoreConfig(kind="memory") for side in SIDES}
     settings = Settings(database_url="sqlite://", actor="matrix", stores=stores, steps=STEPS)
     return tuple(name for name, _ in edge_steps(settings, edge))
 
@@ -152,7 +152,7 @@ class World:
         self.url = url
         self.backend = make_url(url).get_backend_name()
         # On SQLite each system has a database file of its own; on PostgreSQL, a table in the test's schema.
-        self.tables: dict[SideName, tuple[str, str]] = {
+        self.tables: dict[Side, tuple[str, str]] = {
             side: (f"sqlite:///{folder / f'{side}.db'}" if self.backend == "sqlite" else url, f"{side}_tasks")
             for side in SIDES
         }
@@ -250,8 +250,8 @@ def world(upgraded_url: str, tmp_path: Path) -> Iterator[World]:
 # -- what one uninterrupted run of the steps does to the tasks ------------------------------
 
 
-def _drain(side: SideName) -> Callable[[Sides], None]:
-    other: SideName = "new" if side == "old" else "old"
+def _drain(side: Side) -> Callable[[Sides], None]:
+    other: Side = "new" if side == "old" else "old"
 
     def effect(sides: Sides) -> None:
         for key, (checksum, status, attempts) in list(sides[side].items()):
@@ -261,7 +261,7 @@ def _drain(side: SideName) -> Callable[[Sides], None]:
     return effect
 
 
-def _sync(source: SideName, target: SideName) -> Callable[[Sides], None]:
+def _sync(source: Side, target: Side) -> Callable[[Sides], None]:
     def effect(sides: Sides) -> None:
         for key, (checksum, status, attempts) in sides[source].items():
             theirs = sides[target].get(key)

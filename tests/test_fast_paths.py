@@ -18,7 +18,8 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm.exceptions import DataError
 from migration_fsm.journal import make_engine
-from migration_fsm.tasks.identity import IdentityScan, identity_source
+from migration_fsm.tasks.capabilities import IdentityScan
+from migration_fsm.tasks.identity import identity_source
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
 from migration_fsm.tools.backfill import copy_tasks
@@ -211,7 +212,7 @@ def test_validate_reports_the_same_with_and_without_the_fast_path(
     ):
         old.put_many(base)
         target.put_many(new)
-        key, payload = target._by_name["key"].column, target._by_name["payload"].column
+        key, payload = target.mapping.by_name["key"].column, target.mapping.by_name["payload"].column
         with raw.begin() as conn:  # the same JSON as other text: raw values differ, identity does not
             stored = json_text(raw, payload, respace(base[50].payload))
             conn.execute(update(table).where(key == "k0050").values({payload.name: stored}))
@@ -268,7 +269,7 @@ def test_backfill_as_rows_leaves_the_rows_the_record_path_leaves(
         old.put_many(records)
         rows = RowCopy.between(old, new)
         assert rows is not None
-        assert inside == (rows._inserts is not None)  # inside the database, or through Python
+        assert inside == (rows.inserts is not None)  # inside the database, or through Python
         assert RowCopy.between(old, RecordsOnly(through_records)) is None
         result = copy_tasks(old, new, batch_size=50)
         copy_tasks(old, RecordsOnly(through_records), batch_size=50)
@@ -328,7 +329,7 @@ def test_a_batch_refused_after_postgresql_wrote_it_is_undone(
         old.put_many(make_records([f"k{i:03d}" for i in range(30)]))
         rows = RowCopy.between(old, new)
         assert rows is not None
-        assert rows._inserts is not None
+        assert rows.inserts is not None
         monkeypatch.setattr(rows, "checked", lambda after, limit, found: None)
         assert rows.copy_batch(None, 10) is None
         assert [] == everything(new)
@@ -347,7 +348,7 @@ def test_a_copy_inside_sqlite_write_locks_the_target_and_not_the_source(
         old.put_many(make_records([f"k{i:03d}" for i in range(30)]))
         rows = RowCopy.between(old, new)
         assert rows is not None
-        assert rows._attach is not None
+        assert rows.attach is not None
         checked = rows.checked
         seen: dict[str, bool] = {}
 

@@ -67,6 +67,7 @@ OLD_PATHS = [
     ("migration_fsm.context", "GuardResult", "migration_fsm", "GuardVerdict"),
     ("migration_fsm.builtins", "BUILTIN_GUARDS", "migration_fsm.plugins.registry", "BUILTIN_GUARDS"),
     ("migration_fsm.data.sql", "SqlTaskStore", "migration_fsm", "SqlTaskStore"),
+    ("migration_fsm.data.sides", "SideName", "migration_fsm.fsm", "Side"),
     ("migration_fsm.data.records", "TaskRecord", "migration_fsm", "TaskRecord"),
     ("migration_fsm.data.validate", "validate", "migration_fsm.tools.validate", "validate"),
     ("migration_fsm.data.cutover", "drain", "migration_fsm.plugins.handover", "drain"),

@@ -39,8 +39,8 @@ from sqlalchemy.exc import IntegrityError
 from migration_fsm.config import StoreConfig, load_settings
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.journal import make_engine
+from migration_fsm.tasks.capabilities import BulkGet
 from migration_fsm.tasks.factory import build_store
-from migration_fsm.tasks.identity import BulkGet
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, TaskStore
 from migration_fsm.tasks.sql import SqlTaskStore
@@ -515,7 +515,7 @@ def test_key_unique_only_through_a_partial_index(
                 with raw.connect() as conn:
                     assert len(records) == conn.execute(select(func.count()).select_from(table)).scalar()
                 # put_forward cannot name the index in ON CONFLICT here: its two-statement path.
-                assert store._forward_statement(TaskStatus.PENDING) is None
+                assert store.statements.forward(TaskStatus.PENDING) is None
                 first, second = records[0], records[1]
                 assert not store.put_forward(changed(first, status=TaskStatus.PENDING))
                 assert store.put_forward(changed(second, status=TaskStatus.FAILED, attempts=3))

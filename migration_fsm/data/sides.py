@@ -2,4 +2,4 @@
 
 from .._compat import moved
 
-__getattr__, __dir__ = moved(__name__, "migration_fsm.tasks.sides")
+__getattr__, __dir__ = moved(__name__, "migration_fsm.tasks.sides", {"SideName": "Side"})

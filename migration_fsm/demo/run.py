@@ -23,6 +23,7 @@ from .. import commands
 from ..client import DualWriter, FallbackReader, PhaseClient
 from ..config import Settings, StepSpec, StoreConfig
 from ..fsm import PHASES, Phase
+from ..tasks.capabilities import Closeable
 from ..tasks.factory import build_store
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tools.reconcile import open_entries
@@ -205,7 +206,8 @@ def _demo_world(directory: Path, workers: int) -> Iterator[dict[str, Any]]:
         writer.close()
         client.close()
         for store in (old_store, new_store):
-            getattr(store, "close", lambda: None)()
+            if isinstance(store, Closeable):
+                store.close()
         ledger.close()
         hooks.RUNTIME.clear()
 

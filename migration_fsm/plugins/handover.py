@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 from ..journal import utcnow
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tasks.scan import merge, records
-from ..tasks.sides import SideName, open_side
+from ..tasks.sides import open_side
 
 if TYPE_CHECKING:
+    from ..fsm import Side
     from ..tasks.records import TaskStore
     from .context import Context
 
@@ -35,7 +36,7 @@ class DrainTimeout(RuntimeError):
     """Tasks were still running at the drain timeout and the policy is `fail`."""
 
 
-def _other(side: SideName) -> SideName:
+def _other(side: Side) -> Side:
     return "new" if side == "old" else "old"
 
 
@@ -44,7 +45,7 @@ def running_count(store: TaskStore) -> int:
     return int(store.count_by_status().get(TaskStatus.RUNNING, 0))
 
 
-def drain(ctx: Context, side: SideName) -> None:
+def drain(ctx: Context, side: Side) -> None:
     """Wait until `side` has no running task; then apply the drain policy to the rest."""
     settings = ctx.settings
     policy = settings.drain_policy
@@ -128,7 +129,7 @@ def _requeue(ctx: Context, source: TaskStore, target: TaskStore, deadline: datet
     return requeued
 
 
-def sync_status(ctx: Context, source_side: SideName, target_side: SideName) -> None:
+def sync_status(ctx: Context, source_side: Side, target_side: Side) -> None:
     """Copy each source task's status and attempts to the target (the whole task when the
     target lacks it), batch by batch from the checkpoint."""
     settings = ctx.settings

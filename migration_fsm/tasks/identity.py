@@ -13,7 +13,7 @@ values are equal have equal identities. Rows whose raw values differ may still h
 identity in another form (JSON with other spacing, a timestamp in another zone):
 `identity_checksum` settles that, and equals `TaskRecord.checksum()` of the decoded record.
 
-A store offers identity rows cheaply through `IdentityScan` (`SqlTaskStore` does: no
+A store offers identity rows cheaply through `capabilities.IdentityScan` (`SqlTaskStore` does: no
 pydantic, no JSON parsing); any other store's rows are built from its records.
 """
 
@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from operator import itemgetter, lt
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import DataError
+from .capabilities import BulkGet, IdentityScan
 from .records import TaskRecord, TaskStatus, identity_digest, utc_text
 from .scan import check_ascending
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
     from .records import TaskStore
+
 
 #: (key, type, payload, created_at, status, attempts); see the module docstring.
 IdentityRow = tuple[str, Any, Any, Any, str, int]
@@ -44,31 +46,6 @@ CREATED_AT: Final = 3
 STATUS: Final = 4
 ATTEMPTS: Final = 5
 _key_of = itemgetter(KEY)
-
-
-@runtime_checkable
-class IdentityScan(Protocol):
-    """An optional capability of a `TaskStore`: identity rows without decoding records."""
-
-    name: str
-
-    def scan_identities(self, after: str | None, limit: int) -> Sequence[IdentityRow]:
-        """Up to `limit` identity rows with key > `after`, ascending in Python `str` order."""
-        ...
-
-    def identity_checksum(self, row: IdentityRow) -> str:
-        """`TaskRecord.checksum()` of the record this row decodes to (a `DataError` when the
-        row cannot be decoded)."""
-        ...
-
-
-@runtime_checkable
-class BulkGet(Protocol):
-    """An optional capability of a `TaskStore`: many `get`s in a few round trips."""
-
-    def get_many(self, keys: Sequence[str]) -> Mapping[str, TaskRecord]:
-        """The records with these keys; a key with no record is left out."""
-        ...
 
 
 def get_many(store: TaskStore, keys: Sequence[str]) -> Mapping[str, TaskRecord]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from ..exceptions import ConfigError
+from ..fsm import Side  # noqa: TC001 -- read at run time by the old path's `SideName` (data/sides.py)
+from .capabilities import Closeable
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -13,8 +15,7 @@ if TYPE_CHECKING:
     from ..config import Settings
     from .records import TaskStore
 
-SideName = Literal["old", "new"]
-SIDES: tuple[SideName, SideName] = ("old", "new")
+SIDES: tuple[Side, Side] = ("old", "new")
 
 
 def stores_configured(settings: Settings) -> bool:
@@ -22,7 +23,7 @@ def stores_configured(settings: Settings) -> bool:
     return all(side in settings.stores for side in SIDES)
 
 
-def side_name(value: str) -> SideName:
+def side_name(value: str) -> Side:
     """`value` as a side name, or `BadInput` (exit 2)."""
     if value == "old":
         return "old"
@@ -32,7 +33,7 @@ def side_name(value: str) -> SideName:
 
 
 @contextmanager
-def open_side(settings: Settings, side: SideName) -> Iterator[TaskStore]:
+def open_side(settings: Settings, side: Side) -> Iterator[TaskStore]:
     """The task store of `side`, closed (when it can be) on the way out."""
     config = settings.stores.get(side)
     if config is None:
@@ -46,9 +47,8 @@ def open_side(settings: Settings, side: SideName) -> Iterator[TaskStore]:
     try:
         yield store
     finally:
-        close = getattr(store, "close", None)
-        if callable(close):
-            close()
+        if isinstance(store, Closeable):
+            store.close()
 
 
 @contextmanager

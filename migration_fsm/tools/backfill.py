@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import BadInput
 from ..fsm import Phase
+from ..tasks.capabilities import Count
 from ..tasks.scan import page
 from ..tasks.sides import open_sides
-from ..tasks.sql import RowCopy, SqlTaskStore
+from ..tasks.sql import RowCopy
 from . import runs
 from .progress import NoProgress, Progress
 
@@ -56,7 +57,7 @@ class BackfillResult:
 
 def total_of(store: TaskStore) -> int:
     """How many tasks `store` holds."""
-    if isinstance(store, SqlTaskStore):
+    if isinstance(store, Count):
         return store.count()
     return sum(store.count_by_status().values())
 

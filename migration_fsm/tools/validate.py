@@ -20,13 +20,13 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
 from ..journal import utcnow
+from ..tasks.capabilities import IdentityScan
 from ..tasks.identity import (
     ATTEMPTS,
     CREATED_AT,
     KEY,
     STATUS,
     TYPE,
-    IdentityScan,
     get_many,
     identity_pages,
     identity_source,

@@ -1,0 +1,33 @@
+"""Task stores over SQL tables: `SqlTaskStore` (any existing table, through a `TableMapping`)
+and `RowCopy` (tasks copied between two such tables as rows).
+
+`mapping` (fields, columns, `ColumnKind`, status maps) -> `dialects` (SQLite and PostgreSQL
+specifics) -> `statements` (compiled once) -> `store` -> `rowcopy`.
+"""
+
+from migration_fsm.tasks.sql.mapping import (
+    FIELDS,
+    OPTIONAL_FIELDS,
+    ColumnKind,
+    MappedField,
+    Reader,
+    TableMapping,
+    Writer,
+)
+from migration_fsm.tasks.sql.rowcopy import RowCopy
+from migration_fsm.tasks.sql.statements import Statements
+from migration_fsm.tasks.sql.store import KEY_LOOKUP_CHUNK, SqlTaskStore
+
+__all__ = [
+    "FIELDS",
+    "KEY_LOOKUP_CHUNK",
+    "OPTIONAL_FIELDS",
+    "ColumnKind",
+    "MappedField",
+    "Reader",
+    "RowCopy",
+    "SqlTaskStore",
+    "Statements",
+    "TableMapping",
+    "Writer",
+]

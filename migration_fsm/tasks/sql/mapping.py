@@ -1,0 +1,454 @@
+"""`TableMapping`: how the fields of a `TaskRecord` live in the columns of an existing table.
+
+A column mapping names the column of each field (default: the column of the field's name;
+`attempts` and `metadata` may be absent), a status mapping translates the stored status
+vocabulary, and each column's type decides its `ColumnKind`: how the field is held there,
+hence how it is read, written and copied as a raw value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from operator import itemgetter, lt
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import JSON, Column, DateTime, Integer, String, bindparam, cast, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql.sqltypes import NullType
+
+from migration_fsm.exceptions import ConfigError, DataError
+from migration_fsm.tasks.records import TaskRecord, TaskStatus, to_utc
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+    from sqlalchemy.sql.elements import ColumnElement
+
+#: Every `TaskRecord` field, key first.
+FIELDS: Final = ("key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata")
+#: Fields a table may lack when they are not mapped explicitly (read as their defaults, not written).
+OPTIONAL_FIELDS: Final = ("attempts", "metadata")
+#: `canonical_json` (same bytes), built once: JSON is the bulk of encoding a record.
+_canonical_json: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+first_of: Final = itemgetter(0)
+
+
+class ColumnKind(StrEnum):
+    """How a column holds its field: text; JSON as text, or PostgreSQL's JSON types; a
+    timestamp as SQLite DATETIME text (`2024-05-17 12:30:45.123456`, naive UTC), as ISO text
+    (`2024-05-17T12:30:45.123456Z`), or as a timestamp with or without a time zone."""
+
+    TEXT = "text"
+    JSON_TEXT = "json_text"
+    JSON = "json"
+    JSONB = "jsonb"
+    SQLITE_DATETIME = "sqlite_datetime"
+    ISO_TEXT = "iso_text"
+    TIMESTAMPTZ = "timestamptz"
+    TIMESTAMP = "timestamp"
+
+    @property
+    def native_json(self) -> bool:
+        """Whether the column is one of PostgreSQL's JSON types (not text holding JSON)."""
+        return self in (ColumnKind.JSON, ColumnKind.JSONB)
+
+    @property
+    def holds_json(self) -> bool:
+        """Whether the column holds JSON, as text or natively."""
+        return self is ColumnKind.JSON_TEXT or self.native_json
+
+    @property
+    def zoned(self) -> bool:
+        """Whether the column is a database timestamp type (with or without a time zone)."""
+        return self in (ColumnKind.TIMESTAMPTZ, ColumnKind.TIMESTAMP)
+
+    @property
+    def text_shape(self) -> tuple[int, dict[int, str]] | None:
+        """For timestamps held as text: the shape the writers write (length, separators by
+        position); None for every other kind."""
+        return _TIME_TEXT_SHAPES.get(self)
+
+
+#: `2024-05-17 12:30:45.123456` in a SQLite DATETIME, `2024-05-17T12:30:45.123456Z` in text.
+_TIME_TEXT_SHAPES: Final = {
+    ColumnKind.SQLITE_DATETIME: (26, {4: "-", 7: "-", 10: " ", 13: ":", 16: ":", 19: "."}),
+    ColumnKind.ISO_TEXT: (27, {4: "-", 7: "-", 10: "T", 13: ":", 16: ":", 19: ".", 26: "Z"}),
+}
+
+Reader = Callable[[Any, str], Any]
+Writer = Callable[[TaskRecord], Any]
+_Access = tuple["ColumnElement[Any]", "ColumnElement[Any]", Reader, Writer, ColumnKind]
+
+
+@dataclass(frozen=True, slots=True)
+class MappedField:
+    """How one `TaskRecord` field is read from and written to its column."""
+
+    name: str
+    param: str
+    column: Column[Any]
+    select: ColumnElement[Any]
+    bind: ColumnElement[Any]
+    read: Reader
+    write: Writer
+    kind: ColumnKind  # how the column holds the field, for the raw copy
+
+
+class TableMapping:
+    """The fields of `TaskRecord` mapped onto `table`'s columns, for a store named `store`.
+
+    `columns` and `status_map` are the store's config keys (`SqlTaskStore` documents them);
+    a field or column that does not fit is a `ConfigError` naming the store and the key.
+    `dialect` is the database's dialect name. `key_order` (the key as it sorts in code
+    point order), `key_range_indexed` (a range of `key_order` is read from an index) and
+    `key_unique` (a unique index on the key alone, for `ON CONFLICT (key)`) are what the
+    database says about the key column; `dialects.probe_key` finds them out."""
+
+    def __init__(
+        self,
+        store: str,
+        table: Table,
+        *,
+        dialect: str,
+        columns: Mapping[str, str] | None = None,
+        status_map: Mapping[str, str] | None = None,
+        table_name: str | None = None,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.table_name = table_name or table.name
+        self.dialect = dialect
+        columns = dict(columns or {})
+        for field in columns:
+            if field not in FIELDS:
+                raise ConfigError(
+                    f"store '{store}': columns.{field}: '{field}' is not a task field ({', '.join(FIELDS)})"
+                )
+        self.read_status, self.write_status = self._status_maps(
+            columns.get("status", "status"), dict(status_map or {})
+        )
+        self.fields: list[MappedField] = self._map_fields(columns)
+        self.by_name: dict[str, MappedField] = {field.name: field for field in self.fields}
+        self.key_column: Column[Any] = self.fields[0].column
+        self.status_column: Column[Any] = self.by_name["status"].column
+        self.key_order: ColumnElement[Any] = (
+            self.key_column.collate("BINARY") if dialect == "sqlite" else self.key_column
+        )
+        self.key_range_indexed = False
+        self.key_unique = False
+
+    # -- construction -----------------------------------------------------------------
+
+    def _status_maps(
+        self, column_name: str, status_map: dict[str, str]
+    ) -> tuple[dict[Any, TaskStatus], dict[TaskStatus, Any]]:
+        numeric = column_name in self.table.c and isinstance(self.table.c[column_name].type, Integer)
+        pairs = status_map.items() if status_map else ((s.value, s.value) for s in TaskStatus)
+        read: dict[Any, TaskStatus] = {}
+        write: dict[TaskStatus, Any] = {}
+        for stored_text, status_text in pairs:
+            try:
+                status = TaskStatus(status_text)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"store '{self.store}': status_map.{stored_text}: '{status_text}' is not one of"
+                    f" {', '.join(TaskStatus)}"
+                ) from exc
+            stored: Any = stored_text
+            if numeric:
+                try:
+                    stored = int(stored_text)
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"store '{self.store}': status_map.{stored_text}: column '{column_name}' holds"
+                        " integers, so every stored status must be one"
+                    ) from exc
+            read[stored] = status
+            write.setdefault(status, stored)
+        return read, write
+
+    def _map_fields(self, columns: dict[str, str]) -> list[MappedField]:
+        fields: list[MappedField] = []
+        used: dict[str, str] = {}
+        for field in FIELDS:
+            column_name = columns.get(field, field)
+            if column_name not in self.table.c:
+                if field in OPTIONAL_FIELDS and field not in columns:
+                    continue
+                how = f"columns.{field}" if field in columns else f"the default for field '{field}'"
+                raise ConfigError(
+                    f"store '{self.store}': table '{self.table_name}' has no column '{column_name}'"
+                    f" ({how}; columns: {', '.join(self.table.c.keys())})"
+                )
+            if column_name in used:
+                raise ConfigError(
+                    f"store '{self.store}': columns.{field}: column '{column_name}' is already mapped to"
+                    f" field '{used[column_name]}'"
+                )
+            used[column_name] = field
+            fields.append(self._field(field, self.table.c[column_name]))
+        return fields
+
+    def _field(self, field: str, column: Column[Any]) -> MappedField:
+        """How `field` is read from and written to `column`, by the column's type."""
+        problem = (
+            f"store '{self.store}': column '{column.name}' (field '{field}') has type {column.type!r},"
+            " which cannot hold"
+        )
+        param = f"mfsm_v_{field}"
+        if field in ("payload", "metadata"):
+            access = self._json_access(field, column, param)
+        elif field in ("created_at", "updated_at"):
+            access = self._time_access(field, column, param)
+        else:
+            access = self._plain_access(field, column, param)
+        if access is None:
+            wanted = {
+                "payload": "JSON (use a JSON or text column)",
+                "metadata": "JSON (use a JSON or text column)",
+                "created_at": "a timestamp (use a timestamp or text column)",
+                "updated_at": "a timestamp (use a timestamp or text column)",
+                "attempts": "a count (use an integer column)",
+                "status": "a status (use a text or integer column)",
+            }.get(field, "text (use a text column)")
+            raise ConfigError(f"{problem} {wanted}")
+        selected, bound, read, write, kind = access
+        return MappedField(field, param, column, selected, bound, read, write, kind)
+
+    def _json_access(self, field: str, column: Column[Any], param: str) -> _Access | None:
+        kind, read, write = column.type, self._json_reader(field, column), _json_writer(field)
+        if isinstance(kind, JSON):
+            if self.dialect == "sqlite":  # JSON is text there: read it raw, so a bad value names its key
+                text_bind = bindparam(param, type_=String())
+                return type_coerce(column, String()), text_bind, read, write, ColumnKind.JSON_TEXT
+            how = ColumnKind.JSONB if isinstance(kind, JSONB) else ColumnKind.JSON
+            return column, cast(bindparam(param, type_=String()), kind), read, write, how
+        if isinstance(kind, String | NullType):
+            return column, bind(param, column), read, write, ColumnKind.JSON_TEXT
+        return None
+
+    def _time_access(self, field: str, column: Column[Any], param: str) -> _Access | None:
+        kind, read = column.type, self._time_reader(column)
+        if isinstance(kind, DateTime):
+            if (
+                self.dialect == "sqlite"
+            ):  # DATETIME is text there: write SQLAlchemy's format, parse it ourselves
+                write = _time_writer(field, _sqlite_datetime)
+                text_bind = bindparam(param, type_=String())
+                return type_coerce(column, String()), text_bind, read, write, ColumnKind.SQLITE_DATETIME
+            if kind.timezone:
+                return column, bind(param, column), read, _time_writer(field, to_utc), ColumnKind.TIMESTAMPTZ
+            write = _time_writer(field, lambda v: to_utc(v).replace(tzinfo=None))
+            return column, bind(param, column), read, write, ColumnKind.TIMESTAMP
+        if isinstance(kind, String | NullType):
+            return column, bind(param, column), read, _time_writer(field, _utc_text), ColumnKind.ISO_TEXT
+        return None
+
+    def _plain_access(self, field: str, column: Column[Any], param: str) -> _Access | None:
+        kind = column.type
+        read: Reader
+        write: Writer
+        if field == "attempts":
+            if not isinstance(kind, Integer | NullType):
+                return None
+            read, write = self._attempts_reader(column), _attempts_writer
+        elif field == "status":
+            if not isinstance(kind, String | Integer | NullType):
+                return None
+            read, write = self._status_reader(column), self._status_writer(column)
+        elif not isinstance(kind, String | NullType):
+            return None
+        elif field == "key":
+            read, write = _identity, _key_writer
+        else:
+            read, write = self._text_reader(column), _type_writer
+        return column, bind(param, column), read, write, ColumnKind.TEXT
+
+    # -- readers and writers ----------------------------------------------------------
+
+    def duplicate(self, key: str) -> DataError:
+        """The error for a key that appears in more than one row."""
+        return DataError(
+            f"store '{self.store}': key {key!r} appears more than once in column '{self.key_column.name}'"
+        )
+
+    def bad(self, key: str, column: Column[Any], what: str) -> DataError:
+        """The error for a value of `column` in the row of `key` that does not fit its field."""
+        return DataError(f"store '{self.store}': key {key!r}: column '{column.name}' {what}")
+
+    def _text_reader(self, column: Column[Any]) -> Reader:
+        def read(value: Any, key: str) -> str:
+            if not isinstance(value, str):
+                raise self.bad(key, column, f"holds {value!r}, not text")
+            return value
+
+        return read
+
+    def _status_reader(self, column: Column[Any]) -> Reader:
+        statuses = self.read_status
+
+        def read(value: Any, key: str) -> TaskStatus:
+            try:
+                return statuses[value]
+            except (KeyError, TypeError):
+                raise self.bad(
+                    key, column, f"holds status {value!r}, which the status map does not map"
+                    f" (mapped: {', '.join(str(v) for v in statuses)})"
+                ) from None  # fmt: skip
+
+        return read
+
+    def _status_writer(self, column: Column[Any]) -> Writer:
+        statuses = self.write_status
+
+        def write(record: TaskRecord) -> Any:
+            try:
+                return statuses[record.status]
+            except KeyError:
+                raise ConfigError(
+                    f"store '{self.store}': key {record.key!r}: no stored value for status"
+                    f" '{record.status}' in the status map of column '{column.name}'"
+                ) from None
+
+        return write
+
+    def _attempts_reader(self, column: Column[Any]) -> Reader:
+        def read(value: Any, key: str) -> int:
+            if value is None:
+                return 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise self.bad(key, column, f"holds {value!r}, not a count of attempts")
+            return value
+
+        return read
+
+    def _json_reader(self, field: str, column: Column[Any]) -> Reader:
+        nullable = field == "metadata"
+
+        def read(value: Any, key: str) -> dict[str, Any]:
+            if value is None and nullable:
+                return {}
+            if isinstance(value, str | bytes):
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    raise self.bad(key, column, f"is not JSON ({exc}): {_clip(value)}") from None
+            if not isinstance(value, dict):
+                raise self.bad(key, column, f"holds {_clip(value)}, not a JSON object")
+            return value
+
+        return read
+
+    def _time_reader(self, column: Column[Any]) -> Reader:
+        def read(value: Any, key: str) -> datetime:
+            if isinstance(value, str):
+                try:
+                    value = datetime.fromisoformat(value)
+                except ValueError:
+                    raise self.bad(key, column, f"holds {value!r}, not an ISO 8601 timestamp") from None
+            if not isinstance(value, datetime):
+                raise self.bad(key, column, f"holds {value!r}, not a timestamp")
+            return value  # TaskRecord makes it UTC (a naive one is UTC already)
+
+        return read
+
+    def decode(self, row: Sequence[Any]) -> TaskRecord:
+        """The record of a row of the mapped columns, in field order (a `DataError` naming the
+        key and the column when a value does not fit)."""
+        key = row[0]
+        if not isinstance(key, str) or not key:
+            raise DataError(
+                f"store '{self.store}': column '{self.key_column.name}' holds an empty key ({key!r});"
+                " every task needs one"
+            )
+        values = {field.name: field.read(value, key) for field, value in zip(self.fields, row, strict=True)}
+        return TaskRecord(**values)
+
+    def encode(self, record: TaskRecord) -> tuple[Any, ...]:
+        """The record's column values, in field order, ready for the driver."""
+        if not isinstance(record.key, str) or not record.key:
+            raise DataError(
+                f"store '{self.store}': column '{self.key_column.name}': a task with an empty key"
+                f" ({record.key!r}) cannot be written"
+            )
+        try:
+            return tuple([field.write(record) for field in self.fields])
+        except (TypeError, ValueError):
+            for field in self.fields:  # find the field, for the message
+                try:
+                    field.write(record)
+                except (TypeError, ValueError) as exc:
+                    raise self.bad(record.key, field.column, f"cannot hold the {field.name}: {exc}") from exc
+            raise
+
+
+def keys_in_order(after: str | None, rows: Sequence[Sequence[Any]]) -> bool:
+    """Whether the rows' keys (the first column) are non-empty text, all above `after` and
+    strictly ascending: the check `scan` makes, at C speed for a page that passes it."""
+    keys = list(map(first_of, rows))
+    return (
+        {str} == set(map(type, keys))
+        and keys[0] != ""
+        and (after is None or after < keys[0])
+        and all(map(lt, keys, keys[1:]))
+    )
+
+
+def bind_text(name: str) -> ColumnElement[Any]:
+    """A text bind parameter."""
+    return bindparam(name, type_=String())
+
+
+def bind(param: str, column: Column[Any]) -> ColumnElement[Any]:
+    """A bind parameter of the column's own type (text when the database did not say)."""
+    return bindparam(param, type_=String() if isinstance(column.type, NullType) else column.type)
+
+
+def _identity(value: Any, key: str) -> Any:
+    return value
+
+
+def _key_writer(record: TaskRecord) -> str:
+    return record.key
+
+
+def _type_writer(record: TaskRecord) -> str:
+    return record.type
+
+
+def _attempts_writer(record: TaskRecord) -> int:
+    return record.attempts
+
+
+def _json_writer(field: str) -> Writer:
+    def write(record: TaskRecord) -> str:
+        return _canonical_json(getattr(record, field))
+
+    return write
+
+
+def _time_writer(field: str, convert: Callable[[datetime], Any]) -> Writer:
+    def write(record: TaskRecord) -> Any:
+        return convert(getattr(record, field))
+
+    return write
+
+
+def _sqlite_datetime(value: datetime) -> str:
+    """SQLAlchemy's SQLite DATETIME text, naive UTC (`2024-05-17 12:30:45.123456`)."""
+    return to_utc(value).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _utc_text(value: datetime) -> str:
+    """`records.utc_text` (same text), faster than strftime."""
+    return to_utc(value).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
+
+
+def _clip(value: Any, width: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= width else shown[: width - 3] + "..."

@@ -1,0 +1,465 @@
+"""`RowCopy`: tasks copied between two `SqlTaskStore` tables as rows, never as records.
+
+It works from the two stores' public surface only: each one's `TableMapping` (columns,
+kinds, status maps, key order and indexes), `connect` and `fetch`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import (
+    Boolean,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+)
+from sqlalchemy import exc as sa_exc
+
+from migration_fsm.exceptions import MigrationFSMError
+from migration_fsm.tasks.sql.dialects import ATTACHED, insert_for, sqlite_file
+from migration_fsm.tasks.sql.mapping import ColumnKind, bind_text, first_of, keys_in_order
+from migration_fsm.tasks.sql.statements import Query
+from migration_fsm.tasks.sql.store import SqlTaskStore
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import Dialect
+    from sqlalchemy.sql.elements import ColumnElement
+    from sqlalchemy.sql.selectable import Select
+
+    from migration_fsm.tasks.records import TaskStore
+    from migration_fsm.tasks.sql.mapping import MappedField, TableMapping
+
+_last: Final = itemgetter(-1)
+_Check = Callable[[list[Any]], bool]
+_Plan = tuple["ColumnElement[Any]", "ColumnElement[bool] | None", "_Check | None"]
+
+
+class _PageChanged(Exception):
+    """Rows of a batch changed between its check and its INSERT ... SELECT."""
+
+
+class RowCopy:
+    """Copies tasks from one `SqlTaskStore`'s table into another's as rows, never decoding
+    them into records: the source database reads each field in the form the target column
+    takes (a status through both status maps, a default for a field the source lacks) and
+    checks, row by row, that the value is one the record path would write the same way;
+    Python checks what SQL cannot check cheaply (that a timestamp exists).
+
+    JSON is copied as the source holds it (checked to be a JSON object, not re-encoded): the
+    target decodes it to the same records, and the same text on both sides is what lets
+    `validate` compare rows without decoding them. A batch with any row that fails a check
+    is left to the record path (`copy` returns None), which converts it or raises the
+    `DataError` naming the row.
+
+    Built only between two tables of one kind of database. Between two SQLite files (or two
+    tables of one), the target's connection attaches the source and the batch is one
+    `INSERT ... SELECT ... ON CONFLICT DO UPDATE`: the rows never reach Python at all. It
+    begins deferred, so the source is locked no more than by any reader. Otherwise the rows
+    pass through Python and `SqlTaskStore.put_rows`."""
+
+    def __init__(
+        self,
+        source: SqlTaskStore,
+        target: SqlTaskStore,
+        queries: dict[bool, Query],
+        checks: list[tuple[int, _Check]],
+        *,
+        inserts: dict[bool, Query] | None = None,
+        attach: str | None = None,
+    ) -> None:
+        self.source, self.target = source, target
+        self._queries = queries
+        self._checks = checks
+        self._width = len(target.mapping.fields)
+        #: INSERT ... SELECT inside the database; None: rows pass through Python.
+        self.inserts = inserts
+        #: The source's file to attach (SQLite), when it is not the target's.
+        self.attach = attach
+
+    @classmethod
+    def between(cls, source: TaskStore, target: TaskStore) -> RowCopy | None:
+        """The copy from `source` to `target`, or None when they are not two SQL stores of one
+        kind of database, or some field cannot be copied as it is stored."""
+        # Not a capability probe: a row copy is made of both tables' mappings and statements.
+        if not (isinstance(source, SqlTaskStore) and isinstance(target, SqlTaskStore)):
+            return None
+        mine, theirs = source.mapping, target.mapping
+        if mine.dialect != theirs.dialect or mine.dialect not in ("sqlite", "postgresql"):
+            return None
+        inside = _inside_source(source, target)
+        table = mine.table if inside is None else inside[0]
+        plans = [_copy_field(mine, theirs, field, table) for field in theirs.fields]
+        if any(plan is None for plan in plans):
+            return None
+        values = [plan[0] for plan in plans if plan is not None]
+        valid = and_(*(plan[1] for plan in plans if plan is not None and plan[1] is not None))
+        ok = valid.label("mfsm_ok")
+        checks = [(i, plan[2]) for i, plan in enumerate(plans) if plan is not None and plan[2] is not None]
+        if inside is not None and mine.dialect == "postgresql" and checks:
+            inside = None  # the rows' Python checks would not see what the INSERT reads
+        order = mine.key_order
+        if inside is not None and mine.dialect == "sqlite":
+            order = table.c[mine.key_column.name].collate("BINARY")
+        limit = bindparam("mfsm_limit", type_=Integer())
+        after = order > bind_text("mfsm_after")
+        if inside is None:
+            read = select(*values, ok).order_by(order).limit(limit)
+            copy = cls(source, target, _both(read, after, source.engine.dialect), checks)
+        elif mine.dialect == "postgresql":
+            # One statement, so one snapshot: it reads the page, checks it, inserts it when
+            # every row passed, and returns the keys, how many it wrote and each row's verdict.
+            native = _native_values(mine, theirs, table, values)
+            dialect = target.engine.dialect
+            single = {
+                with_after: Query.compile(_check_and_copy(theirs, native, valid, order, with_after), dialect)
+                for with_after in (False, True)
+            }
+            copy = cls(source, target, single, [], inserts=single)
+        else:
+            # Inside SQLite only the checks reach Python: the key, the checked columns, ok.
+            read = select(values[0], *(values[i] for i, _ in checks), ok).order_by(order).limit(limit)
+            checks = [(1 + n, check) for n, (_, check) in enumerate(checks)]
+            rows = select(*values).where(order <= bind_text("mfsm_last")).order_by(order)
+            dialect = target.engine.dialect
+            inserts = {
+                False: Query.compile(_upsert_from(theirs, rows), dialect),
+                True: Query.compile(_upsert_from(theirs, rows.where(after)), dialect),
+            }
+            queries = _both(read, after, dialect)
+            copy = cls(source, target, queries, checks, inserts=inserts, attach=inside[1])
+        try:  # a database without these functions (an old SQLite without JSON): the record path
+            copy.probe()
+        except MigrationFSMError:
+            return None
+        return copy
+
+    @property
+    def in_one_statement(self) -> bool:
+        """PostgreSQL inside one database: one statement reads, checks and writes a batch."""
+        return self.inserts is self._queries
+
+    def probe(self) -> None:
+        """Run the copy's statements so that they match nothing: a `MigrationFSMError` when
+        the databases cannot run them."""
+        if self.inserts is None:
+            self.source.fetch(self._queries[False], mfsm_limit=0)
+            return
+        with self.target.connect(attach=self.attach) as conn:
+            read, insert = self._queries[False], self.inserts[True]
+            if self.in_one_statement:  # a page of none
+                conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0, mfsm_batch=0)).close()
+                return
+            conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0)).close()
+            conn.exec_driver_sql(insert.sql, insert.params(mfsm_after="b", mfsm_last="a")).close()
+
+    def copy_batch(self, after: str | None, limit: int) -> tuple[int, str | None] | None:
+        """Copy up to `limit` tasks with keys > `after`, as one transaction on the target:
+        (how many, the last key or None when there was none), or None when some row needs
+        the record path (nothing was written then)."""
+        if self.inserts is None:
+            found = self.page(after, limit)
+            if found is None:
+                return None
+            keys, rows = found
+            self.target.put_rows(keys, rows)
+            return len(keys), keys[-1] if keys else None
+        return self._copy_inside(self.inserts, after, limit)
+
+    def _copy_inside(
+        self, inserts: dict[bool, Query], after: str | None, limit: int
+    ) -> tuple[int, str | None] | None:
+        """`copy_batch` inside the database: check the batch, then one INSERT ... SELECT, in
+        one transaction of the target store, the source attached on SQLite."""
+        target = self.target
+        read, insert = self._queries[after is not None], inserts[after is not None]
+        for attempt in (1, 2):
+            try:
+                if self.in_one_statement:
+                    return self._check_and_copy(read, after, limit)
+                with target.connect(attach=self.attach) as conn:
+                    found = conn.exec_driver_sql(
+                        read.sql, read.params(mfsm_after=after, mfsm_limit=limit + 1)
+                    )
+                    page = self.checked(after, limit, list(found.cursor.fetchall()))
+                    if not page:
+                        return None if page is None else (0, None)
+                    last = page[-1][0]
+                    written = conn.exec_driver_sql(
+                        insert.sql, insert.params(mfsm_after=after, mfsm_last=last)
+                    )
+                    if written.rowcount != len(page):  # rows changed in between: undone, records it is
+                        raise _PageChanged
+                    return len(page), last
+            except _PageChanged:
+                return None
+            except sa_exc.IntegrityError as exc:
+                if attempt == 1:
+                    continue  # most likely another writer inserted one of these keys first
+                raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_and_copy(
+        self, statement: Query, after: str | None, limit: int
+    ) -> tuple[int, str | None] | None:
+        """PostgreSQL's one statement (`_check_and_copy`, module level): a batch it did not
+        write in full is undone and left to the record path."""
+        try:
+            with self.target.connect() as conn:
+                params = statement.params(mfsm_after=after, mfsm_limit=limit + 1, mfsm_batch=limit)
+                rows = list(conn.exec_driver_sql(statement.sql, params).cursor.fetchall())
+                page = self.checked(after, limit, rows)
+                if page is None or (page and page[0][1] != len(page)):
+                    raise _PageChanged  # undo whatever it wrote: the record path explains or converts
+                return len(page), page[-1][0] if page else None
+        except _PageChanged:
+            return None
+
+    def page(self, after: str | None, limit: int) -> tuple[list[str], list[tuple[Any, ...]]] | None:
+        """Up to `limit` rows with key > `after` in the target's form (keys, rows), or None
+        when some row needs the record path."""
+        rows = self.source.fetch(self._queries[after is not None], mfsm_after=after, mfsm_limit=limit + 1)
+        page = self.checked(after, limit, rows)
+        if page is None:
+            return None
+        width = self._width
+        return list(map(first_of, page)), [row[:width] for row in page]
+
+    def checked(self, after: str | None, limit: int, rows: list[Any]) -> list[Any] | None:
+        """The first `limit` of `rows` (read with one more row, so that a key repeated just
+        past the page shows), or None when any fails a check."""
+        if not rows:
+            return rows
+        if not keys_in_order(after, rows):
+            return None
+        page = rows[:limit]
+        if not all(map(_last, page)):
+            return None
+        for index, check in self._checks:
+            if not check(list(map(itemgetter(index), page))):
+                return None
+        return page
+
+
+def _native_values(
+    source: TableMapping, target: TableMapping, table: Table, values: list[ColumnElement[Any]]
+) -> list[ColumnElement[Any]]:
+    """PostgreSQL: `values` with JSON kept as JSON (not text) on its way into a JSON column."""
+    native = []
+    for value, field in zip(values, target.fields, strict=True):
+        mine = source.by_name.get(field.name)
+        if not field.kind.native_json:
+            native.append(value)
+        elif mine is not None and mine.kind.native_json:
+            column = table.c[mine.column.name]
+            same = column if mine.kind == field.kind else cast(column, field.column.type)
+            empty = cast(literal("{}", String()), field.column.type)
+            native.append(func.coalesce(same, empty) if field.name == "metadata" else same)
+        else:
+            native.append(cast(value, field.column.type))
+    return native
+
+
+def _check_and_copy(
+    target: TableMapping,
+    values: list[ColumnElement[Any]],
+    valid: ColumnElement[bool],
+    order: ColumnElement[Any],
+    with_after: bool,
+) -> Select[Any]:
+    """PostgreSQL, one statement: the page (`mfsm_limit` rows, one past the batch), inserted
+    when every row of the batch (`mfsm_batch` rows) passes the checks; it returns each row's
+    key, how many rows were written, and its verdict."""
+    labeled = [value.label(f"mfsm_v{i}") for i, value in enumerate(values)]
+    numbered = func.row_number().over(order_by=order).label("mfsm_n")
+    read = select(*labeled, valid.label("mfsm_ok"), numbered).order_by(order)
+    read = read.limit(bindparam("mfsm_limit", type_=Integer()))
+    page = (read.where(order > bind_text("mfsm_after")) if with_after else read).cte("mfsm_page")
+    in_batch = page.c.mfsm_n <= bindparam("mfsm_batch", type_=Integer())
+    every_row_ok = select(func.bool_and(page.c.mfsm_ok)).where(in_batch).scalar_subquery()
+    batch = select(*(page.c[f"mfsm_v{i}"] for i in range(len(values)))).where(in_batch, every_row_ok)
+    columns = [field.column for field in target.fields]
+    writes = [_upsert_from(target, batch)]
+    if target.key_range_indexed:
+        # A plain INSERT when the target holds no key of the batch's range (a fresh copy,
+        # or keys that grow): ON CONFLICT costs a speculative insertion per row.
+        last = (
+            select(page.c.mfsm_v0).where(in_batch).order_by(page.c.mfsm_n.desc()).limit(1).scalar_subquery()
+        )
+        key = target.key_order
+        taken = select(literal(1)).select_from(target.table).where(key <= last)
+        if with_after:
+            taken = taken.where(key > bind_text("mfsm_after"))
+        none_taken = ~taken.exists()
+        writes = [
+            insert(target.table).from_select(columns, batch.where(none_taken)),
+            _upsert_from(target, batch.where(~none_taken)),
+        ]
+    written = [w.returning(literal(1)).cte(f"mfsm_written_{i}") for i, w in enumerate(writes)]
+    count = sum(
+        (select(func.count()).select_from(w).scalar_subquery() for w in written[1:]),
+        select(func.count()).select_from(written[0]).scalar_subquery(),
+    )
+    return select(page.c.mfsm_v0, count.label("mfsm_count"), page.c.mfsm_ok).order_by(page.c.mfsm_n)
+
+
+def _upsert_from(target: TableMapping, rows: Select[Any]) -> Any:
+    """`INSERT INTO target SELECT rows ON CONFLICT (key) DO UPDATE` of every mapped column."""
+    insert_rows = insert_for(target.dialect)(target.table).from_select(
+        [f.column for f in target.fields], rows
+    )
+    return insert_rows.on_conflict_do_update(
+        index_elements=[target.key_column],
+        set_={f.column.name: insert_rows.excluded[f.column.name] for f in target.fields[1:]},
+    )
+
+
+def _both(stmt: Any, after: ColumnElement[bool], dialect: Dialect) -> dict[bool, Query]:
+    """`stmt` compiled for the first batch (False) and for the batches after a key (True)."""
+    return {False: Query.compile(stmt, dialect), True: Query.compile(stmt.where(after), dialect)}
+
+
+def _inside_source(source: SqlTaskStore, target: SqlTaskStore) -> tuple[Table, str | None] | None:
+    """When the copy can run inside the database: the source table as the target's connection
+    sees it, and (SQLite) the file to attach, None when both tables are in one file; else None.
+    It needs `ON CONFLICT (key)`, and on PostgreSQL both tables in one database, one URL."""
+    if not target.mapping.key_unique:
+        return None
+    dialect, table = source.dialect, source.mapping.table
+    if dialect == "postgresql":
+        same = source.engine.url.render_as_string(hide_password=False) == target.engine.url.render_as_string(
+            hide_password=False
+        )
+        return (table, None) if same else None
+    if dialect != "sqlite" or table.schema or target.mapping.table.schema:
+        return None
+    source_file, target_file = sqlite_file(source.engine), sqlite_file(target.engine)
+    if source_file is None or target_file is None:
+        return None
+    if source_file == target_file:
+        return table, None
+    return table.to_metadata(MetaData(), schema=ATTACHED), source_file
+
+
+def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
+    source: TableMapping, target: TableMapping, field: MappedField, table: Table
+) -> _Plan | None:
+    """How the source reads `field` in the target's form: (the value, an SQL condition that
+    holds for a row the record path would copy to the same value, a Python check of the
+    page's column for what SQL does not check cheaply), or None when the field must be
+    converted in Python. Keys are checked by `RowCopy.checked` (text, not empty, ascending).
+    `table` is the source table as the reading connection sees it."""
+    sqlite = source.dialect == "sqlite"
+    mine = source.by_name.get(field.name)
+    if field.name == "attempts":
+        if mine is None:
+            return literal(0, Integer()), None, None
+        column = table.c[mine.column.name]
+        valid = column >= 0 if not sqlite else and_(func.typeof(column) == "integer", column >= 0)
+        return func.coalesce(column, 0), or_(column.is_(None), valid), None
+    if field.name == "metadata" and mine is None:
+        return literal("{}", String()), None, None
+    if mine is None:  # a required field: every store has it
+        return None
+    column = table.c[mine.column.name]
+    if field.name == "key":
+        return column, None, None
+    if field.name == "type":
+        return column, func.typeof(column) == "text" if sqlite else column.is_not(None), None
+    if field.name == "status":
+        writes = target.write_status
+        stored = {value: writes[status] for value, status in source.read_status.items() if status in writes}
+        if not stored:
+            return None
+        same = all(type(a) is type(b) and a == b for a, b in stored.items())
+        value = column if same else case(stored, value=column)
+        return value, column.in_([literal(value) for value in stored]), None
+    if field.name in ("payload", "metadata"):
+        return _copy_json(mine, field, column, sqlite)
+    return _copy_time(mine, field, column)
+
+
+def _copy_json(
+    mine: MappedField, field: MappedField, column: ColumnElement[Any], sqlite: bool
+) -> _Plan | None:
+    check = None
+    valid: ColumnElement[bool]
+    if not field.kind.holds_json:
+        return None
+    if mine.kind is ColumnKind.JSON_TEXT and sqlite:
+        # Valid JSON whose first character is `{` is an object (a BLOB's first byte is no `{`).
+        valid = and_(func.json_valid(column, type_=Boolean()), func.substr(column, 1, 1) == "{")
+    elif mine.kind is ColumnKind.JSON_TEXT:
+        valid, check = column.is_not(None), _json_objects
+    elif mine.kind.native_json:
+        type_of = func.jsonb_typeof if mine.kind is ColumnKind.JSONB else func.json_typeof
+        valid = type_of(column) == "object"
+    else:
+        return None
+    value = cast(column, Text()) if mine.kind.native_json else column
+    if field.name == "metadata":  # no metadata reads as {}
+        return func.coalesce(value, "{}"), or_(column.is_(None), valid), check
+    return value, valid, check
+
+
+def _copy_time(mine: MappedField, field: MappedField, column: ColumnElement[Any]) -> _Plan | None:
+    kind = mine.kind
+    if kind is not field.kind:
+        if kind.zoned and field.kind.zoned:  # on PostgreSQL; a naive timestamp is UTC
+            return func.timezone("UTC", column), column.is_not(None), None
+        return None
+    shape = kind.text_shape
+    if shape is not None:  # the writer's own text, exactly: copied as it is
+        return column, None, _time_texts(*shape)
+    return column, column.is_not(None), None
+
+
+def _time_texts(length: int, separators: dict[int, str]) -> Callable[[list[Any]], bool]:
+    """A check that every value is timestamp text of exactly the writer's shape (`length`
+    characters, these separators at these positions) that `datetime.fromisoformat` reads,
+    so that writing the record would produce the same text."""
+    shape = itemgetter(*separators)
+    expected = {tuple(separators.values())}
+
+    def check(values: list[Any]) -> bool:
+        try:
+            return (
+                {length} == set(map(len, values))
+                and expected == set(map(shape, values))
+                and all(map(datetime.fromisoformat, values))
+            )
+        except (TypeError, ValueError):
+            return False
+
+    return check
+
+
+def _json_objects(values: list[Any]) -> bool:
+    """Whether every value is the text of a JSON object the writer can encode again."""
+    try:
+        return all(type(_STRICT_JSON(value)) is dict for value in values)
+    except (TypeError, ValueError):
+        return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+#: `json.loads` without NaN and Infinity, which the writer cannot encode again.
+_STRICT_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant).decode

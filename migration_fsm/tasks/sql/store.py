@@ -1,0 +1,441 @@
+"""`SqlTaskStore`: a `TaskStore` over a table that already exists, in any SQLAlchemy database.
+
+The table is reflected once, when the store is built, and used as it is: a `TableMapping`
+names the column of each `TaskRecord` field and translates the stored status vocabulary,
+and every column the store does not map keeps its database default on insert and its value
+on update. Payload and metadata may be JSON columns or text columns holding JSON;
+timestamps may be timezone-aware, naive (read as UTC) or ISO 8601 text.
+
+Upserts are portable: within one transaction the batch's existing keys are selected, those
+rows are updated and the rest inserted, so the key column only needs to be unique through
+some index (primary key, plain or partial unique index). Two writers inserting the same new
+key race on that index; the loser's transaction is rolled back and retried once, and the
+retry finds the row and updates it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+
+from sqlalchemy import Engine, MetaData, Table, func, select
+from sqlalchemy import exc as sa_exc
+
+from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
+from migration_fsm.journal import make_engine, safe_url, scrub
+from migration_fsm.tasks.identity import IdentityRow, checksum_of
+from migration_fsm.tasks.records import TaskRecord, TaskStatus, is_behind
+from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
+from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping, keys_in_order
+from migration_fsm.tasks.sql.statements import Statements
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
+
+    from sqlalchemy import Connection
+
+    from migration_fsm.tasks.sql.statements import DriverStatement, Query
+
+#: Keys per `IN (...)` when looking up which keys of a batch exist (below every database's limit).
+KEY_LOOKUP_CHUNK: Final = 500
+#: Keys per `IN (...)` list in `get_many` (well under every driver's parameter limit).
+_GET_MANY_CHUNK: Final = 500
+_status_of: Final = itemgetter(4)  # of an identity row
+
+
+class SqlTaskStore:
+    """A `TaskStore` over an existing table, through a column mapping and a status mapping.
+
+    `columns` maps a `TaskRecord` field to its column (default: the column of the same
+    name; `attempts` and `metadata` may be absent, then they read as 0 and {} and are not
+    written). `status_map` maps a stored value to a `TaskStatus` value; several stored values
+    may map to one status and writes use the first (default: the stored values are the
+    `TaskStatus` values). A table or mapped column that does not exist is a `ConfigError`
+    (exit 2); a row the store cannot read, or a record it cannot write, is a `DataError`
+    (exit 1) naming the store, the column and the key. `engine` shares an engine the caller
+    owns; otherwise the store makes one and `close()` disposes of it.
+
+    `mapping` (the `TableMapping`) and `statements` (its compiled `Statements`) are public,
+    for `RowCopy` and for adapters built on this store.
+    """
+
+    mapping: TableMapping
+    statements: Statements
+
+    def __init__(
+        self,
+        url: str,
+        table: str,
+        *,
+        name: str = "sql",
+        columns: Mapping[str, str] | None = None,
+        status_map: Mapping[str, str] | None = None,
+        schema: str | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.safe_url = safe_url(url)
+        self.table_name = table if schema is None else f"{schema}.{table}"
+        self._owns_engine = engine is None
+        if engine is None:
+            try:
+                engine = make_engine(url, wal=False)
+            except DatabaseUnavailable as exc:  # a missing SQLite file: the table cannot exist
+                raise ConfigError(
+                    f"store '{name}': database {self.safe_url} does not exist, so table '{table}' does not"
+                ) from exc
+            except ConfigError as exc:
+                raise ConfigError(f"store '{name}': {exc}") from exc
+        self.engine = engine
+        self.dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        try:
+            self._setup(table, schema, dict(columns or {}), dict(status_map or {}))
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self, table: str, schema: str | None, columns: dict[str, str], status_map: dict[str, str]
+    ) -> None:
+        for field in columns:
+            if field not in FIELDS:
+                raise ConfigError(
+                    f"store '{self.name}': columns.{field}: '{field}' is not a task field"
+                    f" ({', '.join(FIELDS)})"
+                )
+        dialect = self.engine.dialect
+        with self.connect(readonly=True) as conn:
+            try:
+                self.table = Table(table, MetaData(), schema=schema, autoload_with=conn)
+            except sa_exc.NoSuchTableError as exc:
+                raise ConfigError(
+                    f"store '{self.name}': table '{self.table_name}' does not exist in {self.safe_url}"
+                ) from exc
+            self.mapping = TableMapping(
+                self.name,
+                self.table,
+                dialect=dialect.name,
+                columns=columns,
+                status_map=status_map,
+                table_name=self.table_name,
+            )
+            probe_key(conn, self.mapping, dialect)
+        self.statements = Statements(self.mapping, dialect)
+
+    @property
+    def dialect(self) -> str:
+        """The database's dialect name (`sqlite`, `postgresql`, ...)."""
+        return self.mapping.dialect
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def connect(
+        self, *, readonly: bool = False, attach: str | None = None, commit: bool = True
+    ) -> Iterator[Connection]:
+        """One transaction; database errors other than integrity errors become ours. With
+        `attach` (SQLite), that database file is attached as `mfsm_source` for the
+        transaction, which then begins deferred (`BEGIN IMMEDIATE` would write-lock the
+        attached database too; deferred, it is locked as by any reader). Without `commit`
+        (a read of one statement) the transaction is rolled back: nothing to make durable."""
+        try:
+            with self.engine.connect() as conn:
+                if readonly or attach is not None:
+                    conn.execution_options(mfsm_readonly=True)  # a plain (deferred) BEGIN
+                if not commit:
+                    yield conn  # begins on first use; closing the connection rolls it back
+                elif attach is None:
+                    with conn.begin():
+                        yield conn
+                else:
+                    with attached(conn, attach, self.dbapi_error, self.wrap), conn.begin():
+                        # This database's write lock now, as BEGIN IMMEDIATE takes it: taken
+                        # later, after reading, it could meet another writer's and fail at once.
+                        conn.exec_driver_sql(self.statements.write_lock_sql)
+                        yield conn
+        except sa_exc.IntegrityError:
+            raise
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            raise DatabaseUnavailable(
+                f"store '{self.name}': database {self.safe_url} is unavailable: {self.scrub(exc)}"
+            ) from exc
+        except sa_exc.StatementError as exc:  # DBAPIError's other kinds, and bind errors
+            raise DataError(
+                f"store '{self.name}': table '{self.table_name}' in {self.safe_url} refused the"
+                f" statement: {self.scrub(exc)}"
+            ) from exc
+
+    def fetch(self, query: Query, **values: Any) -> list[Any]:
+        """The rows of `query` as the driver returns them: tuples, no result processing."""
+        with self.connect(readonly=True, commit=False) as conn:
+            result = conn.exec_driver_sql(query.sql, query.params(**values))
+            try:
+                return list(result.cursor.fetchall())
+            except self.dbapi_error as exc:
+                raise self.wrap(query.sql, exc) from exc
+            finally:
+                result.close()
+
+    def wrap(self, statement: str, exc: Exception) -> sa_exc.StatementError:
+        """A driver error raised outside SQLAlchemy, as SQLAlchemy's own (so `connect` and the
+        upsert's retry treat it as they treat any other)."""
+        dialect = self.engine.dialect
+        return sa_exc.DBAPIError.instance(statement, None, exc, self.dbapi_error, dialect=dialect)
+
+    def scrub(self, exc: sa_exc.StatementError) -> str:
+        """The database's message for `exc`, without the URL's password."""
+        return scrub(str(exc.orig if exc.orig is not None else exc), self.url)
+
+    def refused_batch(self, what: str, exc: sa_exc.IntegrityError) -> DataError:
+        """The error for a batch (`what` describes it) that the table refused as a whole."""
+        return DataError(
+            f"store '{self.name}': table '{self.table_name}' refused {what}, nothing was written:"
+            f" {self.scrub(exc)}"
+        )
+
+    def close(self) -> None:
+        """Dispose of the engine, when the store made it."""
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def __enter__(self) -> SqlTaskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqlTaskStore(name={self.name!r}, url={self.safe_url!r}, table={self.table_name!r})"
+
+    # -- the TaskStore protocol -------------------------------------------------------
+
+    def scan(self, after: str | None, limit: int) -> Sequence[TaskRecord]:
+        """Up to `limit` records with key > `after`, ascending in Python `str` order."""
+        if limit <= 0:
+            return []
+        mapping = self.mapping
+        order = mapping.key_order
+        stmt = self.statements.select.order_by(order).limit(limit + 1)
+        if after is not None:
+            stmt = stmt.where(order > after)
+        with self.connect(readonly=True) as conn:
+            rows = conn.execute(stmt).all()
+        previous = after
+        for row in rows:  # one row past the page, so a duplicate of its last key shows
+            key = row[0]
+            if previous is not None and isinstance(key, str) and not previous < key:
+                column = mapping.key_column.name
+                if previous == key:
+                    raise mapping.duplicate(key)
+                raise DataError(
+                    f"store '{self.name}': the database returned key {key!r} after {previous!r}:"
+                    f" column '{column}' does not sort in code point order"
+                )
+            previous = key
+        return [mapping.decode(row) for row in rows[:limit]]
+
+    def get(self, key: str) -> TaskRecord | None:
+        """The record with this key, or None."""
+        mapping = self.mapping
+        with self.connect(readonly=True) as conn:
+            rows = conn.execute(self.statements.select.where(mapping.key_column == key).limit(2)).all()
+        if len(rows) > 1:
+            raise mapping.duplicate(key)
+        return mapping.decode(rows[0]) if rows else None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, TaskRecord]:
+        """The records with these keys (absent keys are left out), in a few round trips:
+        validation re-reads its differences through this (`capabilities.BulkGet`)."""
+        mapping = self.mapping
+        wanted = sorted(set(keys))
+        found: dict[str, TaskRecord] = {}
+        column = mapping.key_column
+        with self.connect(readonly=True) as conn:
+            for start in range(0, len(wanted), _GET_MANY_CHUNK):
+                chunk = wanted[start : start + _GET_MANY_CHUNK]
+                for row in conn.execute(self.statements.select.where(column.in_(chunk))).all():
+                    record = mapping.decode(row)
+                    if record.key in found:
+                        raise mapping.duplicate(record.key)
+                    found[record.key] = record
+        return found
+
+    def put(self, record: TaskRecord) -> None:
+        """Insert or replace the record with this key (idempotent)."""
+        one_statement = self.statements.forward(None)
+        if one_statement is None:
+            self.put_many([record])
+        else:
+            self._put_one(one_statement, record)
+
+    def put_many(self, records: Sequence[TaskRecord]) -> int:
+        """Insert or replace each record by key in one transaction (all or nothing); the
+        last record of a key wins. Returns how many records were given."""
+        if not records:
+            return 0
+        encoded = {record.key: self.mapping.encode(record) for record in records}
+        keys = sorted(encoded)  # one lock order for every writer
+        self._write(keys, [encoded[key] for key in keys])
+        return len(records)
+
+    def put_forward(self, record: TaskRecord) -> bool:
+        """Insert or replace the record, unless the stored task of this key is further along
+        (`records.is_behind`: pending over running or finished, running over finished), in
+        one transaction that locks the key's row. Returns whether it wrote.
+
+        `DualWriter` writes the second side this way: a mirror write that arrives late (after
+        `transfer_state` or `reverse_sync` copied a finished task across, or after a worker
+        there picked it up) must not hand the task back to a worker as pending."""
+        one_statement = self.statements.forward(record.status)
+        if one_statement is not None:
+            return self._put_one(one_statement, record) == 1
+        mapping, statements = self.mapping, self.statements
+        encoded = [mapping.encode(record)]
+        status = mapping.by_name["status"]
+        stored_status = select(status.select).where(mapping.key_column == record.key).limit(2)
+        if mapping.dialect == "postgresql":
+            stored_status = stored_status.with_for_update()  # SQLite: BEGIN IMMEDIATE locked it all
+        for attempt in (1, 2):
+            try:
+                with self.connect() as conn:
+                    stored = conn.execute(stored_status).scalars().all()
+                    if len(stored) > 1:
+                        raise mapping.duplicate(record.key)
+                    if not stored:
+                        conn.exec_driver_sql(statements.insert.sql, statements.insert.params(encoded))
+                        return True
+                    if is_behind(record.status, status.read(stored[0], record.key)):
+                        return False
+                    conn.exec_driver_sql(statements.update.sql, statements.update.params(encoded))
+                    return True
+            except sa_exc.IntegrityError as exc:
+                if attempt == 1:
+                    continue  # another writer inserted this key first: read it again
+                raise self.refused_batch(f"task {record.key!r}", exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _put_one(self, statement: DriverStatement, record: TaskRecord) -> int:
+        """Run one of `Statements.forward`'s statements for `record`: the rows written, 0 or 1."""
+        params = statement.params([self.mapping.encode(record)])[0]
+        try:
+            with self.connect() as conn:
+                return int(conn.exec_driver_sql(statement.sql, params).rowcount)
+        except sa_exc.IntegrityError as exc:  # not the key (ON CONFLICT takes that): a constraint
+            raise self.refused_batch(f"task {record.key!r}", exc) from exc
+
+    def put_rows(self, keys: list[str], rows: list[tuple[Any, ...]]) -> int:
+        """Insert or replace rows already in this table's form (`RowCopy` makes them), in one
+        transaction; `keys` ascending and unique, `rows` in the same order. Inserts go through
+        COPY on PostgreSQL. Returns how many rows were given."""
+        if rows:
+            self._write(keys, rows, bulk=True)
+        return len(rows)
+
+    def _write(self, keys: list[str], rows: list[tuple[Any, ...]], *, bulk: bool = False) -> None:
+        for attempt in (1, 2):
+            try:
+                self._upsert(keys, rows, bulk=bulk)
+            except sa_exc.IntegrityError as exc:
+                if attempt == 1:
+                    continue  # most likely another writer inserted one of these keys first
+                raise self.refused_batch(
+                    f"a batch of {len(keys)} tasks ({keys[0]!r} .. {keys[-1]!r})", exc
+                ) from exc
+            break
+
+    def _upsert(self, keys: list[str], rows: list[tuple[Any, ...]], *, bulk: bool) -> None:
+        statements = self.statements
+        with self.connect() as conn:
+            existing = self._existing(conn, keys)
+            if existing:
+                updates = [row for key, row in zip(keys, rows, strict=True) if key in existing]
+                inserts = [row for key, row in zip(keys, rows, strict=True) if key not in existing]
+            else:
+                updates, inserts = [], rows
+            # Values are converted already: the driver's executemany, without per-row processing.
+            if updates:
+                conn.exec_driver_sql(statements.update.sql, statements.update.params(updates))
+            if inserts and bulk and statements.copy_sql is not None:
+                try:
+                    copy_rows(conn, statements.copy_sql, inserts)
+                except self.dbapi_error as exc:
+                    raise self.wrap(statements.copy_sql, exc) from exc
+            elif inserts:
+                conn.exec_driver_sql(statements.insert.sql, statements.insert.params(inserts))
+
+    def _existing(self, conn: Connection, keys: list[str]) -> set[str]:
+        """Which of these keys (ascending) the table holds."""
+        key_range = self.statements.key_range
+        if key_range is not None:
+            probe = key_range.params(mfsm_low=keys[0], mfsm_high=keys[-1])
+            if conn.exec_driver_sql(key_range.sql, probe).first() is None:
+                return set()  # the common case of a backfill: none of them
+        key_column = self.mapping.key_column
+        existing: set[str] = set()
+        for start in range(0, len(keys), KEY_LOOKUP_CHUNK):
+            chunk = keys[start : start + KEY_LOOKUP_CHUNK]
+            existing.update(conn.execute(select(key_column).where(key_column.in_(chunk))).scalars())
+        return existing
+
+    # -- optional capabilities (`tasks.capabilities`) ---------------------------------
+
+    def scan_identities(self, after: str | None, limit: int) -> Sequence[IdentityRow]:
+        """Up to `limit` identity rows (`identity.py`) with key > `after`, ascending in Python
+        `str` order, read without decoding: JSON stays text, timestamps stay as stored."""
+        if limit <= 0:
+            return []
+        query = self.statements.identity[after is not None]
+        rows = self.fetch(query, mfsm_after=after, mfsm_limit=limit + 1)  # + 1: see `scan`
+        if rows and not keys_in_order(after, rows):
+            self._explain_page(after, limit)
+        page = rows[:limit]
+        if None in map(_status_of, page):
+            self._explain_page(after, limit)  # a status the map does not map
+        return page
+
+    def _explain_page(self, after: str | None, limit: int) -> NoReturn:
+        """Raise the `DataError` that `scan` raises for this page (it names the key and column)."""
+        self.scan(after, limit)
+        raise DataError(
+            f"store '{self.name}': the tasks after {after!r} changed while they were read; run it again"
+        )
+
+    def identity_checksum(self, row: IdentityRow) -> str:
+        """`TaskRecord.checksum()` of the record `row` decodes to (a `DataError` naming the
+        key and column when it cannot be decoded)."""
+        key, fields = row[0], self.mapping.by_name
+        type_ = fields["type"].read(row[1], key)
+        payload = fields["payload"].read(row[2], key)
+        created_at = fields["created_at"].read(row[3], key)
+        return checksum_of(key, type_, payload, created_at)
+
+    def count(self) -> int:
+        """How many tasks the table holds (one `count(*)`; `count_by_status` also checks every
+        stored status, which reads the whole table)."""
+        with self.connect(readonly=True) as conn:
+            return int(conn.execute(select(func.count()).select_from(self.table)).scalar_one())
+
+    def count_by_status(self) -> Mapping[TaskStatus, int]:
+        """How many records are in each status (every status present, zero included)."""
+        mapping = self.mapping
+        status, key_column = mapping.status_column, mapping.key_column
+        with self.connect(readonly=True) as conn:
+            groups = conn.execute(select(status, func.count()).group_by(status)).all()
+            counts = dict.fromkeys(TaskStatus, 0)
+            for stored, count in groups:
+                mapped = mapping.read_status.get(stored)
+                if mapped is None:
+                    sample = conn.execute(
+                        select(key_column).where(status == stored).limit(1)
+                        if stored is not None
+                        else select(key_column).where(status.is_(None)).limit(1)
+                    ).scalar()
+                    raise DataError(
+                        f"store '{self.name}': key {sample!r}: column '{status.name}' holds status"
+                        f" {stored!r} ({count} tasks), which the status map does not map"
+                        f" (mapped: {', '.join(str(v) for v in mapping.read_status)})"
+                    )
+                counts[mapped] += count
+        return counts
