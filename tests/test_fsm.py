@@ -10,7 +10,7 @@ import pytest
 
 from migration_fsm import fsm
 from migration_fsm.exceptions import TriggerNotAllowed
-from migration_fsm.fsm import EDGES, FINAL, INITIAL, Edge, Phase, Trigger
+from migration_fsm.fsm import EDGES, FINAL, INITIAL, Edge, EdgeRules, Phase, Trigger
 
 DESIGN_ROUTING = {
     # phase: (write_old, write_new, authoritative, read_from, read_fallback, consume_from)
@@ -54,7 +54,8 @@ def test_phases_are_the_contract_names_in_order() -> None:
 )
 def test_fire_takes_each_design_edge(source: Phase, trigger: Trigger, dest: Phase) -> None:
     """Every edge of DESIGN.md section 2 fires on the transitions machine."""
-    assert Edge(trigger, source, dest) == fsm.resolve_edge(source, trigger)
+    edge = fsm.resolve_edge(source, trigger)
+    assert (trigger, source, dest) == (edge.trigger, edge.source, edge.dest)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +86,8 @@ def test_graph_check_rejects_a_dead_end() -> None:
     """A non-final phase without a way out fails the import-time check."""
     edges = (
         *(e for e in EDGES if e.source is not Phase.CLEANUP),
-        Edge(Trigger.ADVANCE, Phase.CUTOVER, Phase.COMPLETE),
+        # complete stays reachable (by a trigger preparation has no other edge for)
+        Edge(Trigger.ROLLBACK, Phase.PREPARATION, Phase.COMPLETE, EdgeRules(100)),
     )
     with pytest.raises(ValueError, match="dead end"):
         fsm.check_graph(edges, INITIAL, FINAL)
@@ -100,7 +102,7 @@ def test_graph_check_rejects_an_unreachable_phase() -> None:
 
 def test_graph_check_rejects_an_edge_out_of_a_final_phase() -> None:
     """An edge leaving complete fails the import-time check."""
-    edges = (*EDGES, Edge(Trigger.ROLLBACK, Phase.COMPLETE, Phase.CLEANUP))
+    edges = (*EDGES, Edge(Trigger.ROLLBACK, Phase.COMPLETE, Phase.CLEANUP, EdgeRules(100)))
     with pytest.raises(ValueError, match="final phase"):
         fsm.check_graph(edges, INITIAL, FINAL)
 
@@ -147,11 +149,11 @@ def test_keys_move_to_new_monotonically_and_in_proportion() -> None:
 @pytest.mark.parametrize(
     ("edge", "before", "after"),
     [
-        (Edge(Trigger.ADVANCE, Phase.DUAL_WRITE, Phase.CUTOVER), 0, 0),
-        (Edge(Trigger.ROLLBACK, Phase.CLEANUP, Phase.CUTOVER), 100, 100),
-        (Edge(Trigger.ADVANCE, Phase.CUTOVER, Phase.CLEANUP), 100, 100),
-        (Edge(Trigger.ROLLBACK, Phase.CUTOVER, Phase.DUAL_WRITE), 60, 0),
-        (Edge(Trigger.ADVANCE, Phase.PREPARATION, Phase.DUAL_WRITE), 0, 0),
+        (fsm.edge_for(Phase.DUAL_WRITE, Trigger.ADVANCE, Phase.CUTOVER), 0, 0),
+        (fsm.edge_for(Phase.CLEANUP, Trigger.ROLLBACK, Phase.CUTOVER), 100, 100),
+        (fsm.edge_for(Phase.CUTOVER, Trigger.ADVANCE, Phase.CLEANUP), 100, 100),
+        (fsm.edge_for(Phase.CUTOVER, Trigger.ROLLBACK, Phase.DUAL_WRITE), 60, 0),
+        (fsm.edge_for(Phase.PREPARATION, Trigger.ADVANCE, Phase.DUAL_WRITE), 0, 0),
     ],
 )
 def test_percent_after_each_edge(edge: Edge, before: int, after: int) -> None:

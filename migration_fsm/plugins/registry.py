@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigError
-from ..fsm import Phase
+from ..fsm import EDGES, Phase, check_names
 from ..journal.store import utcnow
 from .context import Context, GuardFn, GuardVerdict, StepFn
 from .defaults import register as _register_data_tools
@@ -58,6 +58,9 @@ BUILTIN_UNDO: Final[dict[str, str]] = {}
 
 # The data tools' guards and steps (backfill, drain, transfer, validation checks).
 _register_data_tools(BUILTIN_GUARDS, BUILTIN_STEPS)
+
+# Every guard and step an edge's rules name is one of the above (ValueError at import if not).
+check_names(EDGES, BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO)
 
 
 def resolve(
