@@ -403,8 +403,9 @@ def check_edges(edges: tuple[Edge, ...]) -> None:
     rule is neither a percent nor (for an edge that stays in its phase) as requested."""
     seen: dict[tuple[Phase, Trigger], Edge] = {}
     for edge in edges:
-        if (twin := seen.setdefault((edge.source, edge.trigger), edge)) is not edge:
+        if (twin := seen.get((edge.source, edge.trigger))) is not None:
             raise ValueError(f"two edges for '{edge.trigger}' from {edge.source}: {twin.key} and {edge.key}")
+        seen[edge.source, edge.trigger] = edge
         rule = edge.rules.percent
         if rule == AS_REQUESTED:
             if edge.source is not edge.dest:
