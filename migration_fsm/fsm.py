@@ -229,6 +229,11 @@ def routing_for(phase: Phase, percent: int, key: str | None = None) -> Routing:
     return _CUTOVER_BY_READ["split"]
 
 
+def percent_routed(phase: Phase) -> bool:
+    """Whether the routing of `phase` depends on the cutover percent (only cutover's does)."""
+    return routing_for(phase, 0) != routing_for(phase, 100)
+
+
 def authoritative_phases(side: Side) -> tuple[Phase, ...]:
     """The phases, in order, whose routing makes `side` authoritative (in cutover the new
     side is authoritative at every percent)."""

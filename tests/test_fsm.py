@@ -12,7 +12,7 @@ import pytest
 
 from migration_fsm import fsm
 from migration_fsm.exceptions import TriggerNotAllowed
-from migration_fsm.fsm import EDGES, FINAL, INITIAL, Edge, EdgeRules, Phase, Trigger
+from migration_fsm.fsm import EDGES, FINAL, INITIAL, PHASES, Edge, EdgeRules, Phase, Trigger
 
 DESIGN_ROUTING = {
     # phase: (write_old, write_new, authoritative, read_from, read_fallback, consume_from)
@@ -407,3 +407,11 @@ def test_status_enums_are_the_stored_strings() -> None:
     assert ["pending", "started", "done", "failed", "undone"] == [s.value for s in fsm.StepStatus]
     assert '"committed"' == json.dumps(fsm.EntryStatus.COMMITTED)
     assert "done" == f"{fsm.StepStatus.DONE}"
+
+
+def test_only_cutover_is_routed_by_percent() -> None:
+    """`percent_is_100` and the clients ask the routing, not the phase name, whether the
+    percent matters; today only cutover's routing depends on it."""
+    assert [Phase.CUTOVER] == [phase for phase in PHASES if fsm.percent_routed(phase)]
+    assert (Phase.PREPARATION, Phase.DUAL_WRITE) == fsm.authoritative_phases("old")
+    assert (Phase.CUTOVER, Phase.CLEANUP, Phase.COMPLETE) == fsm.authoritative_phases("new")
