@@ -23,7 +23,7 @@ from rich.table import Table
 from . import commands, log
 from .config import Settings, load_settings
 from .exceptions import BadInput, MigrationFSMError
-from .fsm import PHASES, Phase
+from .fsm import PHASES, EntryStatus, Phase
 
 if TYPE_CHECKING:
     from .journal import Journal, JournalEntry
@@ -261,7 +261,12 @@ def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
         "steps",
     ):
         table.add_column(column, no_wrap=column in ("started (UTC)", "edge", "status"))
-    colour = {"committed": "green", "refused": "yellow", "aborted": "magenta", "intent": "red"}
+    colour: dict[str, str] = {
+        EntryStatus.COMMITTED: "green",
+        EntryStatus.REFUSED: "yellow",
+        EntryStatus.ABORTED: "magenta",
+        EntryStatus.INTENT: "red",
+    }
     for e in entries:
         # Text from the database is escaped: a reason like "[drill] go" is not markup.
         guards = " ".join(f"{'✓' if g['passed'] else '✗'}{escape(g['name'])}" for g in e.guards)

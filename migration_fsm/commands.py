@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import JournalCorrupt, TriggerNotAllowed
-from .fsm import Phase, Trigger, allowed_triggers, mermaid, replay, routing_for
+from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
 from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
 from .migration import Migration, TransitionResult
 
@@ -110,7 +110,7 @@ class Status:
                 "trigger": str(entry.trigger),
                 "source": None if entry.source is None else str(entry.source),
                 "dest": str(entry.dest),
-                "step": next((s.name for s in entry.steps if s.status != "done"), None),
+                "step": next((s.name for s in entry.steps if s.status != StepStatus.DONE), None),
             }
         state = self.state
         return {
@@ -204,7 +204,7 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
     for index, entry in enumerate(entries, start=1):
         if entry.seq != index:
             raise corrupt(f"row #{index} is missing (found #{entry.seq} in its place)")
-        if entry.status == "intent":
+        if entry.status == EntryStatus.INTENT:
             if index != len(entries) or state.in_progress_seq != entry.seq:
                 raise corrupt(
                     f"row #{entry.seq} is an unfinished intent that is not the interrupted transition"
@@ -213,9 +213,9 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
         if entry.prev_hash != prev or entry.hash != chain_hash(prev, name, entry):
             raise corrupt(f"row #{entry.seq} was altered, or a row before it was")
         prev = entry.hash
-        if entry.status == "committed":
+        if entry.status == EntryStatus.COMMITTED:
             committed.append((entry.trigger, entry.source, entry.dest, entry.percent))
-    if state.in_progress_seq is not None and (not entries or entries[-1].status != "intent"):
+    if state.in_progress_seq is not None and (not entries or entries[-1].status != EntryStatus.INTENT):
         raise corrupt(f"the interrupted transition #{state.in_progress_seq} has no intent row")
     if state.head_hash != prev:
         raise corrupt("the last row(s) were deleted or altered (the head hash does not match)")

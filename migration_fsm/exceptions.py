@@ -77,7 +77,29 @@ class UnknownMigration(BadInput):
 
 
 class TriggerNotAllowed(BadInput):
-    """The trigger has no edge from the current phase."""
+    """The trigger has no edge from the current phase.
+
+    `trigger` is what was asked, `phase` the phase it was asked in, `allowed` the triggers
+    that phase has edges for (empty for a final phase). Raised without them, `trigger` and
+    `phase` are None and `allowed` is empty.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        trigger: str | None = None,
+        phase: str | None = None,
+        allowed: list[str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.trigger = trigger
+        self.phase = phase
+        self.allowed: list[str] = list(allowed) if allowed is not None else []
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle with the fields (the default would keep the message only)."""
+        return (_trigger_not_allowed, (self.message, self.trigger, self.phase, self.allowed))
 
 
 class Conflict(MigrationFSMError):
@@ -123,3 +145,9 @@ class SchemaNotCurrent(EnvironmentProblem):
 
 class JournalCorrupt(EnvironmentProblem):
     """The journal's hash chain or replay does not match the stored state."""
+
+
+def _trigger_not_allowed(
+    message: str, trigger: str | None, phase: str | None, allowed: list[str]
+) -> TriggerNotAllowed:
+    return TriggerNotAllowed(message, trigger=trigger, phase=phase, allowed=allowed)

@@ -6,7 +6,7 @@ This module is pure (no I/O) and is the only user of ``transitions``.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -15,7 +15,7 @@ from transitions import Machine, MachineError
 from .exceptions import TriggerNotAllowed
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Collection, Mapping
 
 
 class Phase(StrEnum):
@@ -37,18 +37,68 @@ class Trigger(StrEnum):
     RAMP = "ramp"
 
 
+class EntryStatus(StrEnum):
+    """The status of a journal entry (one transition attempt), as stored."""
+
+    INTENT = "intent"
+    COMMITTED = "committed"
+    REFUSED = "refused"
+    ABORTED = "aborted"
+
+
+class StepStatus(StrEnum):
+    """The status of one planned step of a transition, as stored."""
+
+    PENDING = "pending"
+    STARTED = "started"
+    DONE = "done"
+    FAILED = "failed"
+    UNDONE = "undone"
+
+
 PHASES: Final[tuple[Phase, ...]] = tuple(Phase)
 INITIAL: Final = Phase.PREPARATION
 FINAL: Final[frozenset[Phase]] = frozenset({Phase.COMPLETE})
 
+#: `EdgeRules.percent` of an edge that sets the percent the operator asks for (`ramp N`).
+AS_REQUESTED: Final = "requested"
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultStep:
+    """A step an edge runs by default, and the step that undoes it on `abort` (if any)."""
+
+    name: str
+    undo: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeRules:
+    """What an edge does besides changing the phase (DESIGN.md sections 3 and 6).
+
+    `percent` is the cutover percent once the edge is taken (`AS_REQUESTED`: the percent
+    asked for). `always_on` guards run whatever the config says and `--force` cannot
+    override them. `guards` and `steps` are the defaults an edge gets when both stores are
+    configured and the config names none for it.
+    """
+
+    percent: int | Literal["requested"]
+    always_on: tuple[str, ...] = ()
+    guards: tuple[str, ...] = ()
+    steps: tuple[DefaultStep, ...] = ()
+
 
 @dataclass(frozen=True, slots=True)
 class Edge:
-    """One edge of the machine: `trigger` takes `source` to `dest`."""
+    """One edge of the machine: `trigger` takes `source` to `dest`, following its `rules`.
+
+    Two edges are equal when they join the same phases by the same trigger.
+    """
 
     trigger: Trigger
     source: Phase
     dest: Phase
+    rules: EdgeRules = field(compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -56,21 +106,69 @@ class Edge:
         return f"{self.source}->{self.dest}"
 
 
+_REACHABLE: Final = ("stores_reachable",)
+
 EDGES: Final[tuple[Edge, ...]] = (
-    Edge(Trigger.ADVANCE, Phase.PREPARATION, Phase.DUAL_WRITE),
-    Edge(Trigger.ADVANCE, Phase.DUAL_WRITE, Phase.CUTOVER),
-    Edge(Trigger.ADVANCE, Phase.CUTOVER, Phase.CLEANUP),
-    Edge(Trigger.ADVANCE, Phase.CLEANUP, Phase.COMPLETE),
-    Edge(Trigger.ROLLBACK, Phase.DUAL_WRITE, Phase.PREPARATION),
-    Edge(Trigger.ROLLBACK, Phase.CUTOVER, Phase.DUAL_WRITE),
-    Edge(Trigger.ROLLBACK, Phase.CLEANUP, Phase.CUTOVER),
-    Edge(Trigger.RAMP, Phase.CUTOVER, Phase.CUTOVER),
+    Edge(
+        Trigger.ADVANCE,
+        Phase.PREPARATION,
+        Phase.DUAL_WRITE,
+        EdgeRules(0, guards=_REACHABLE),
+    ),
+    Edge(
+        Trigger.ADVANCE,
+        Phase.DUAL_WRITE,
+        Phase.CUTOVER,
+        EdgeRules(
+            0,
+            guards=("backfill_complete", "repair_log_empty", "checksums_match"),
+            steps=(DefaultStep("drain_old"), DefaultStep("transfer_state")),
+        ),
+    ),
+    Edge(
+        Trigger.ADVANCE,
+        Phase.CUTOVER,
+        Phase.CLEANUP,
+        EdgeRules(
+            100,
+            always_on=("percent_is_100",),
+            guards=("percent_is_100", "old_drained", "checksums_match"),
+        ),
+    ),
+    Edge(
+        Trigger.ADVANCE,
+        Phase.CLEANUP,
+        Phase.COMPLETE,
+        EdgeRules(100, guards=("repair_log_empty",)),
+    ),
+    Edge(
+        Trigger.ROLLBACK,
+        Phase.DUAL_WRITE,
+        Phase.PREPARATION,
+        EdgeRules(0),
+    ),
+    Edge(
+        Trigger.ROLLBACK,
+        Phase.CUTOVER,
+        Phase.DUAL_WRITE,
+        EdgeRules(
+            0,
+            guards=_REACHABLE,
+            steps=(DefaultStep("drain_new"), DefaultStep("reverse_sync")),
+        ),
+    ),
+    Edge(
+        Trigger.ROLLBACK,
+        Phase.CLEANUP,
+        Phase.CUTOVER,
+        EdgeRules(100, guards=_REACHABLE, steps=(DefaultStep("reverse_sync"),)),
+    ),
+    Edge(Trigger.RAMP, Phase.CUTOVER, Phase.CUTOVER, EdgeRules(AS_REQUESTED)),
 )
 EDGES_BY_KEY: Final[Mapping[str, Edge]] = {edge.key: edge for edge in EDGES}
-
-#: Guards that run on an edge whatever the config says, and that `--force` cannot override.
+#: The always-on guards by edge key, read from `EDGES` (each edge's `rules.always_on`).
 ALWAYS_ON_GUARDS: Final[Mapping[str, tuple[str, ...]]] = {
-    "cutover->cleanup": ("percent_is_100",),
+    edge.key: edge.rules.always_on for edge in EDGES if edge.rules.always_on
 }
 
 Side = Literal["old", "new"]
@@ -131,15 +229,26 @@ def routing_for(phase: Phase, percent: int, key: str | None = None) -> Routing:
     return _CUTOVER_BY_READ["split"]
 
 
+def percent_routed(phase: Phase) -> bool:
+    """Whether the routing of `phase` depends on the cutover percent (only cutover's does)."""
+    return routing_for(phase, 0) != routing_for(phase, 100)
+
+
+def authoritative_phases(side: Side) -> tuple[Phase, ...]:
+    """The phases, in order, whose routing makes `side` authoritative (in cutover the new
+    side is authoritative at every percent)."""
+    return tuple(phase for phase in PHASES if ROUTING[phase].authoritative == side)
+
+
 def percent_after(edge: Edge, percent: int, requested: int | None = None) -> int:
-    """The cutover percent once `edge` is taken from a phase at `percent`."""
-    if edge.trigger is Trigger.RAMP:
+    """The cutover percent once `edge` is taken from a phase at `percent` (its rule says)."""
+    rule = edge.rules.percent
+    if rule == AS_REQUESTED:
         if requested is None:
-            raise ValueError("ramp needs a percent")
+            raise ValueError(f"{edge.trigger} needs a percent")
         return requested
-    if edge.dest is Phase.CUTOVER:
-        return 100 if edge.source is Phase.CLEANUP else 0
-    return 100 if edge.dest in (Phase.CLEANUP, Phase.COMPLETE) else 0
+    assert isinstance(rule, int)
+    return rule
 
 
 class _PhaseModel:
@@ -179,9 +288,13 @@ def resolve_edge(source: Phase, trigger: Trigger) -> Edge:
     try:
         model.trigger(trigger.value)
     except (MachineError, AttributeError) as exc:  # AttributeError: a trigger with no edge at all
+        allowed = allowed_triggers(source)
         raise TriggerNotAllowed(
             f"'{trigger}' is not allowed from phase '{source}'"
-            f" (allowed: {', '.join(allowed_triggers(source)) or 'none, the phase is final'})"
+            f" (allowed: {', '.join(allowed) or 'none, the phase is final'})",
+            trigger=str(trigger),
+            phase=str(source),
+            allowed=allowed,
         ) from exc
     finally:
         _MACHINE.remove_model(model)
@@ -193,7 +306,12 @@ def edge_for(source: Phase, trigger: Trigger, dest: Phase | None = None) -> Edge
     for edge in EDGES:
         if edge.source is source and edge.trigger is trigger and dest in (None, edge.dest):
             return edge
-    raise TriggerNotAllowed(f"'{trigger}' is not allowed from phase '{source}'")
+    raise TriggerNotAllowed(
+        f"'{trigger}' is not allowed from phase '{source}'",
+        trigger=str(trigger),
+        phase=str(source),
+        allowed=allowed_triggers(source),
+    )
 
 
 def allowed_triggers(phase: Phase) -> list[str]:
@@ -215,12 +333,20 @@ def rollback_path(source: Phase, target: Phase) -> list[Edge]:
         except TriggerNotAllowed:
             raise TriggerNotAllowed(
                 f"cannot roll back from '{source}' to '{target}':"
-                f" '{target}' is not an earlier phase reachable by rollback"
+                f" '{target}' is not an earlier phase reachable by rollback",
+                trigger=str(Trigger.ROLLBACK),
+                phase=str(source),
+                allowed=allowed_triggers(source),
             ) from None
         path.append(edge)
         phase = edge.dest
     if not path:
-        raise TriggerNotAllowed(f"the migration is already in '{target}'")
+        raise TriggerNotAllowed(
+            f"the migration is already in '{target}'",
+            trigger=str(Trigger.ROLLBACK),
+            phase=str(source),
+            allowed=allowed_triggers(source),
+        )
     return path
 
 
@@ -254,7 +380,8 @@ def mermaid() -> str:
 
 def check_graph(edges: tuple[Edge, ...], initial: Phase, final: frozenset[Phase]) -> None:
     """Raise ValueError unless every phase is reachable, only final phases are dead ends,
-    and nothing leaves a final phase."""
+    nothing leaves a final phase, and every edge passes `check_edges`."""
+    check_edges(edges)
     outgoing: dict[Phase, set[Phase]] = {phase: set() for phase in PHASES}
     for edge in edges:
         outgoing[edge.source].add(edge.dest)
@@ -274,6 +401,51 @@ def check_graph(edges: tuple[Edge, ...], initial: Phase, final: frozenset[Phase]
             raise ValueError(f"phase {phase} is a dead end")
     if set(ROUTING) != set(PHASES):
         raise ValueError("the routing table does not cover every phase")
+
+
+def check_edges(edges: tuple[Edge, ...]) -> None:
+    """Raise ValueError if two edges leave one phase by one trigger, or an edge's percent
+    rule is neither a percent nor (for an edge that stays in its phase) as requested."""
+    seen: dict[tuple[Phase, Trigger], Edge] = {}
+    for edge in edges:
+        if (twin := seen.get((edge.source, edge.trigger))) is not None:
+            raise ValueError(f"two edges for '{edge.trigger}' from {edge.source}: {twin.key} and {edge.key}")
+        seen[edge.source, edge.trigger] = edge
+        rule = edge.rules.percent
+        if rule == AS_REQUESTED:
+            if edge.source is not edge.dest:
+                raise ValueError(f"edge {edge.key} changes the phase but takes the percent as requested")
+        elif not isinstance(rule, int) or isinstance(rule, bool) or not 0 <= rule <= 100:
+            raise ValueError(f"edge {edge.key} has percent rule {rule!r}, not 0..100 or {AS_REQUESTED!r}")
+
+
+def check_names(
+    edges: tuple[Edge, ...],
+    guards: Collection[str],
+    steps: Collection[str],
+    undo: Mapping[str, str],
+) -> None:
+    """Raise ValueError unless every guard and step an edge's rules name is a registered
+    built-in, and each default step's undo is the one registered for that step (so a step
+    undoes the same way whether it runs by default or because the config names it).
+
+    Called where the registry is built (`plugins.registry`), which this module cannot import.
+    """
+    for edge in edges:
+        for name in (*edge.rules.always_on, *edge.rules.guards):
+            if name not in guards:
+                raise ValueError(f"edge {edge.key} names guard '{name}', which is not a built-in guard")
+        for step in edge.rules.steps:
+            for step_name in (step.name, step.undo):
+                if step_name is not None and step_name not in steps:
+                    raise ValueError(
+                        f"edge {edge.key} names step '{step_name}', which is not a built-in step"
+                    )
+            if step.undo != undo.get(step.name):
+                raise ValueError(
+                    f"edge {edge.key} undoes step '{step.name}' with {step.undo!r},"
+                    f" but the built-in undo is {undo.get(step.name)!r}"
+                )
 
 
 check_graph(EDGES, INITIAL, FINAL)

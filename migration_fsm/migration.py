@@ -21,10 +21,13 @@ from .exceptions import (
     TransitionInterrupted,
 )
 from .fsm import (
-    ALWAYS_ON_GUARDS,
+    DefaultStep,
     Edge,
+    EntryStatus,
     Phase,
+    StepStatus,
     Trigger,
+    edge_for,
     percent_after,
     resolve_edge,
     rollback_path,
@@ -102,9 +105,11 @@ class TransitionResult:
 def edge_steps(settings: Settings, edge: Edge) -> list[tuple[str, str | None]]:
     """The configured (step, undo) pairs of an edge (its defaults when stores are configured)."""
     pairs: list[tuple[str, str | None]] = []
-    for spec in steps_for(settings, edge.key):
+    for spec in steps_for(settings, edge):
         if isinstance(spec, StepSpec):
             pairs.append((spec.do, spec.undo))
+        elif isinstance(spec, DefaultStep):
+            pairs.append((spec.name, spec.undo))
         else:
             pairs.append((spec, BUILTIN_UNDO.get(spec)))
     return pairs
@@ -113,9 +118,9 @@ def edge_steps(settings: Settings, edge: Edge) -> list[tuple[str, str | None]]:
 def edge_guards(settings: Settings, edge: Edge) -> list[tuple[str, bool]]:
     """The (guard, forceable) pairs of an edge: always-on guards first, then configured ones
     (its defaults when stores are configured)."""
-    always = ALWAYS_ON_GUARDS.get(edge.key, ())
+    always = edge.rules.always_on
     names = [(name, False) for name in always]
-    names += [(name, True) for name in guards_for(settings, edge.key) if name not in always]
+    names += [(name, True) for name in guards_for(settings, edge) if name not in always]
     return names
 
 
@@ -141,7 +146,7 @@ class Migration:
             trigger="init",
             source=None,
             dest=str(state.phase),
-            status="committed",
+            status=EntryStatus.COMMITTED,
         )
         return state
 
@@ -224,7 +229,7 @@ class Migration:
             undos = {
                 step.position: resolve_step(step.undo, f"undo of step '{step.name}'")
                 for step in entry.steps
-                if step.status == "done" and step.undo
+                if step.status == StepStatus.DONE and step.undo
             }
             lease = self.store.take_over(
                 state,
@@ -241,9 +246,9 @@ class Migration:
                     ctx = self._context(state, edge, entry.percent, lease, step)
                     self._run_one(lease, entry, step, undos[step.position], ctx, undo=True)
             final = lease.abort()
-            self._log_transition(entry, "aborted", started)
+            self._log_transition(entry, EntryStatus.ABORTED, started)
             return TransitionResult(
-                "aborted",
+                EntryStatus.ABORTED,
                 edge,
                 final.percent,
                 seq,
@@ -279,7 +284,7 @@ class Migration:
         if state.lease_live():
             raise lease_held_error(state)
         entry = self.store.entry(state, state.in_progress_seq)
-        step = next((s.name for s in entry.steps if s.status != "done"), None)
+        step = next((s.name for s in entry.steps if s.status != StepStatus.DONE), None)
         at = f" at step '{step}'" if step else " before its commit"
         raise TransitionInterrupted(
             f"migration '{self.migration}' transition #{entry.seq} ({entry.trigger}"
@@ -349,7 +354,7 @@ class Migration:
             source=edge.source,
             dest=edge.dest,
             percent=plan.percent,
-            status="intent",
+            status=EntryStatus.INTENT,
             actor=self.settings.actor,
             reason=reason,
             forced=forced,
@@ -365,7 +370,7 @@ class Migration:
         )
         if refusing:
             entry = self.store.append_refused(state, _finished(entry))
-            self._log_transition(entry, "refused", started)
+            self._log_transition(entry, EntryStatus.REFUSED, started)
             names = ", ".join(f"{g.name} ({g.detail})" for g in refusing)
             unforceable = [g.name for g in refusing if not g.forceable]
             if unforceable:
@@ -398,17 +403,17 @@ class Migration:
         seq = entry.seq
         edge = _edge_of(entry)
         fns = self._resolve_steps(entry.steps, entry)
-        pending = any(step.status != "done" for step in entry.steps)
+        pending = any(step.status != StepStatus.DONE for step in entry.steps)
         with self._heartbeat(lease) if pending else nullcontext():
             for step, fn in zip(entry.steps, fns, strict=True):
-                if step.status == "done":
+                if step.status == StepStatus.DONE:
                     continue
                 ctx = self._context(state, edge, entry.percent, lease, step)
                 self._run_one(lease, entry, step, fn, ctx, undo=False)
         final = lease.commit()
-        self._log_transition(entry, "committed", started)
+        self._log_transition(entry, EntryStatus.COMMITTED, started)
         return TransitionResult(
-            "committed",
+            EntryStatus.COMMITTED,
             edge,
             final.percent,
             seq,
@@ -444,11 +449,13 @@ class Migration:
                 "step",
                 seq=seq,
                 step=label,
-                status="failed",
+                status=StepStatus.FAILED,
                 error=error,
                 duration_ms=ms,
             )
-            lease.mark_step(step.position, "done" if undo else "failed", f"{label}: {error}")
+            lease.mark_step(
+                step.position, StepStatus.DONE if undo else StepStatus.FAILED, f"{label}: {error}"
+            )
             lease.release(f"step {label} failed: {error}")
             next_move = (
                 "`migration-fsm abort --reason TEXT` again"
@@ -460,12 +467,12 @@ class Migration:
                 f" {label} failed: {error}; fix the cause, then run {next_move}"
             ) from exc
         ms = round((time.perf_counter() - began) * 1000)
-        lease.mark_step(step.position, "undone" if undo else "done")
+        lease.mark_step(step.position, StepStatus.UNDONE if undo else StepStatus.DONE)
         self.log.info(
             "step",
             seq=seq,
             step=label,
-            status="undone" if undo else "done",
+            status=StepStatus.UNDONE if undo else StepStatus.DONE,
             duration_ms=ms,
         )
 
@@ -559,8 +566,9 @@ class Migration:
 
 
 def _edge_of(entry: JournalEntry) -> Edge:
+    """The machine's edge (with its rules) that a journal entry took."""
     assert entry.source is not None
-    return Edge(entry.trigger, entry.source, entry.dest)
+    return edge_for(entry.source, entry.trigger, entry.dest)
 
 
 def _finished(entry: JournalEntry) -> JournalEntry:

@@ -10,14 +10,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import click
 import pytest
 
+from migration_fsm import fsm
 from migration_fsm.cli import cli
 from migration_fsm.config import load_settings
-from migration_fsm.exceptions import ConfigError, DataError
+from migration_fsm.exceptions import BadInput, ConfigError, DataError
+from migration_fsm.fsm import Phase
 from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.factory import build_store
@@ -146,6 +149,28 @@ def test_backfill_records_progress_and_a_finished_run_starts_fresh(engine_with_m
     assert ("t0000049", 70) == (resumed.resumed_from, resumed.copied)
     fresh = backfill_migration(store, settings, "default", batch_size=50)
     assert (None, 120) == (fresh.resumed_from, fresh.copied)
+
+
+def test_backfill_is_allowed_while_routing_makes_old_authoritative(
+    engine_with_memory: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether backfill may run follows the routing table, not a list of phase names: made
+    authoritative in preparation, the new side is protected there too, and the message names
+    the phases where old is still authoritative."""
+    store = engine_with_memory
+    settings = load_settings(None, database_url=store.url, stores=memory_stores())
+    memory_store("old").put_many(tasks(3))
+    assert "old" == fsm.ROUTING[Phase.PREPARATION].authoritative
+    monkeypatch.setitem(
+        fsm.ROUTING,
+        Phase.PREPARATION,
+        replace(fsm.ROUTING[Phase.PREPARATION], authoritative="new"),
+    )
+    with pytest.raises(BadInput, match=r"only safe in dual_write; .* roll back to dual_write first"):
+        backfill_migration(store, settings, "default", batch_size=2)
+    assert [] == list(memory_store("new").scan(None, 10))
+    monkeypatch.undo()
+    assert 3 == backfill_migration(store, settings, "default", batch_size=2).copied
 
 
 @pytest.fixture

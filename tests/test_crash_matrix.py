@@ -40,7 +40,18 @@ from sqlalchemy.engine import make_url
 
 from migration_fsm.commands import Verified, verify_entries
 from migration_fsm.config import Settings, StepSpec, StoreConfig, load_settings
-from migration_fsm.fsm import EDGES, PHASES, ROUTING, Edge, Phase, Side, Trigger, percent_after, resolve_edge
+from migration_fsm.fsm import (
+    EDGES,
+    EDGES_BY_KEY,
+    PHASES,
+    ROUTING,
+    Edge,
+    Phase,
+    Side,
+    Trigger,
+    percent_after,
+    resolve_edge,
+)
 from migration_fsm.journal import Journal, JournalEntry, MigrationState
 from migration_fsm.migration import Migration, edge_steps
 from migration_fsm.plugins.defaults import DEFAULT_STEPS
@@ -540,11 +551,7 @@ def test_the_matrix_covers_every_edge_and_every_step() -> None:
             expected.add(f"in_step={step}#{IN_STEP_WRITES[step]}")
         expected |= {f"after_step={step}" for step in steps[:-1]}
         assert expected == points
-    assert ("drain_old", "transfer_state") == edge_step_names(
-        Edge(Trigger.ADVANCE, Phase.DUAL_WRITE, Phase.CUTOVER)
-    )
-    assert ("drain_new", "reverse_sync") == edge_step_names(
-        Edge(Trigger.ROLLBACK, Phase.CUTOVER, Phase.DUAL_WRITE)
-    )
-    assert ("reverse_sync",) == edge_step_names(Edge(Trigger.ROLLBACK, Phase.CLEANUP, Phase.CUTOVER))
+    assert ("drain_old", "transfer_state") == edge_step_names(EDGES_BY_KEY["dual_write->cutover"])
+    assert ("drain_new", "reverse_sync") == edge_step_names(EDGES_BY_KEY["cutover->dual_write"])
+    assert ("reverse_sync",) == edge_step_names(EDGES_BY_KEY["cleanup->cutover"])
     print(f"\ncrash matrix: {len(MATRIX)} crash points per backend")

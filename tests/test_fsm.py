@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 import random
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import pytest
 
 from migration_fsm import fsm
 from migration_fsm.exceptions import TriggerNotAllowed
-from migration_fsm.fsm import EDGES, FINAL, INITIAL, Edge, Phase, Trigger
+from migration_fsm.fsm import EDGES, FINAL, INITIAL, PHASES, Edge, EdgeRules, Phase, Trigger
 
 DESIGN_ROUTING = {
     # phase: (write_old, write_new, authoritative, read_from, read_fallback, consume_from)
@@ -54,7 +56,8 @@ def test_phases_are_the_contract_names_in_order() -> None:
 )
 def test_fire_takes_each_design_edge(source: Phase, trigger: Trigger, dest: Phase) -> None:
     """Every edge of DESIGN.md section 2 fires on the transitions machine."""
-    assert Edge(trigger, source, dest) == fsm.resolve_edge(source, trigger)
+    edge = fsm.resolve_edge(source, trigger)
+    assert (trigger, source, dest) == (edge.trigger, edge.source, edge.dest)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +88,8 @@ def test_graph_check_rejects_a_dead_end() -> None:
     """A non-final phase without a way out fails the import-time check."""
     edges = (
         *(e for e in EDGES if e.source is not Phase.CLEANUP),
-        Edge(Trigger.ADVANCE, Phase.CUTOVER, Phase.COMPLETE),
+        # complete stays reachable (by a trigger preparation has no other edge for)
+        Edge(Trigger.ROLLBACK, Phase.PREPARATION, Phase.COMPLETE, EdgeRules(100)),
     )
     with pytest.raises(ValueError, match="dead end"):
         fsm.check_graph(edges, INITIAL, FINAL)
@@ -100,7 +104,7 @@ def test_graph_check_rejects_an_unreachable_phase() -> None:
 
 def test_graph_check_rejects_an_edge_out_of_a_final_phase() -> None:
     """An edge leaving complete fails the import-time check."""
-    edges = (*EDGES, Edge(Trigger.ROLLBACK, Phase.COMPLETE, Phase.CLEANUP))
+    edges = (*EDGES, Edge(Trigger.ROLLBACK, Phase.COMPLETE, Phase.CLEANUP, EdgeRules(100)))
     with pytest.raises(ValueError, match="final phase"):
         fsm.check_graph(edges, INITIAL, FINAL)
 
@@ -147,11 +151,11 @@ def test_keys_move_to_new_monotonically_and_in_proportion() -> None:
 @pytest.mark.parametrize(
     ("edge", "before", "after"),
     [
-        (Edge(Trigger.ADVANCE, Phase.DUAL_WRITE, Phase.CUTOVER), 0, 0),
-        (Edge(Trigger.ROLLBACK, Phase.CLEANUP, Phase.CUTOVER), 100, 100),
-        (Edge(Trigger.ADVANCE, Phase.CUTOVER, Phase.CLEANUP), 100, 100),
-        (Edge(Trigger.ROLLBACK, Phase.CUTOVER, Phase.DUAL_WRITE), 60, 0),
-        (Edge(Trigger.ADVANCE, Phase.PREPARATION, Phase.DUAL_WRITE), 0, 0),
+        (fsm.edge_for(Phase.DUAL_WRITE, Trigger.ADVANCE, Phase.CUTOVER), 0, 0),
+        (fsm.edge_for(Phase.CLEANUP, Trigger.ROLLBACK, Phase.CUTOVER), 100, 100),
+        (fsm.edge_for(Phase.CUTOVER, Trigger.ADVANCE, Phase.CLEANUP), 100, 100),
+        (fsm.edge_for(Phase.CUTOVER, Trigger.ROLLBACK, Phase.DUAL_WRITE), 60, 0),
+        (fsm.edge_for(Phase.PREPARATION, Trigger.ADVANCE, Phase.DUAL_WRITE), 0, 0),
     ],
 )
 def test_percent_after_each_edge(edge: Edge, before: int, after: int) -> None:
@@ -208,3 +212,206 @@ def test_public_names_resolve() -> None:
 
     for name in migration_fsm.__all__:
         assert getattr(migration_fsm, name) is not None
+
+
+# -- each edge owns its rules ----------------------------------------------------------------
+
+#: The tables these rules replaced (plugins/defaults.py's DEFAULT_GUARDS and DEFAULT_STEPS,
+#: fsm.ALWAYS_ON_GUARDS and percent_after's branches), pinned edge by edge.
+OLD_TABLES: dict[str, tuple[int | str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # edge: (percent after, always-on guards, default guards, default steps)
+    "preparation->dual_write": (0, (), ("stores_reachable",), ()),
+    "dual_write->cutover": (
+        0,
+        (),
+        ("backfill_complete", "repair_log_empty", "checksums_match"),
+        ("drain_old", "transfer_state"),
+    ),
+    "cutover->cleanup": (
+        100,
+        ("percent_is_100",),
+        ("percent_is_100", "old_drained", "checksums_match"),
+        (),
+    ),
+    "cleanup->complete": (100, (), ("repair_log_empty",), ()),
+    "dual_write->preparation": (0, (), (), ()),
+    "cutover->dual_write": (0, (), ("stores_reachable",), ("drain_new", "reverse_sync")),
+    "cleanup->cutover": (100, (), ("stores_reachable",), ("reverse_sync",)),
+    "cutover->cutover": ("requested", (), (), ()),
+}
+
+
+def test_each_edge_carries_the_rules_the_old_tables_gave_it() -> None:
+    """Percent rule, always-on guards, default guards and default steps (none with an undo)."""
+    got = {
+        edge.key: (
+            edge.rules.percent,
+            edge.rules.always_on,
+            edge.rules.guards,
+            tuple(step.name for step in edge.rules.steps),
+        )
+        for edge in EDGES
+    }
+    assert OLD_TABLES == got
+    assert all(step.undo is None for edge in EDGES for step in edge.rules.steps)
+    assert {"cutover->cleanup": ("percent_is_100",)} == dict(fsm.ALWAYS_ON_GUARDS)
+
+
+def test_percent_after_follows_each_edges_rule() -> None:
+    """Every edge but ramp sets its fixed percent whatever the percent before; ramp sets the
+    percent asked for and needs one."""
+    for edge in EDGES:
+        for before in (0, 37, 100):
+            if edge.trigger is Trigger.RAMP:
+                assert 42 == fsm.percent_after(edge, before, 42)
+            else:
+                assert OLD_TABLES[edge.key][0] == fsm.percent_after(edge, before)
+    with pytest.raises(ValueError, match="ramp needs a percent"):
+        fsm.percent_after(fsm.edge_for(Phase.CUTOVER, Trigger.RAMP), 10)
+
+
+def test_edges_are_equal_by_trigger_and_phases_only() -> None:
+    """The rules do not take part in equality or hashing: an edge is its (trigger, source, dest)."""
+    edge = fsm.EDGES_BY_KEY["dual_write->cutover"]
+    same = Edge(edge.trigger, edge.source, edge.dest, EdgeRules(0))
+    assert same == edge
+    assert hash(same) == hash(edge)
+
+
+def test_graph_check_refuses_two_edges_for_one_source_and_trigger() -> None:
+    """A second `advance` out of cutover (even to another phase) fails the import-time check."""
+    edges = (*EDGES, Edge(Trigger.ADVANCE, Phase.CUTOVER, Phase.COMPLETE, EdgeRules(100)))
+    with pytest.raises(ValueError, match="two edges for 'advance' from cutover"):
+        fsm.check_graph(edges, INITIAL, FINAL)
+    with pytest.raises(ValueError, match="two edges for 'rollback' from dual_write"):
+        fsm.check_graph((*EDGES, EDGES[4]), INITIAL, FINAL)
+
+
+@pytest.mark.parametrize(
+    ("rules", "match"),
+    [
+        (EdgeRules(101), "percent rule 101"),
+        (EdgeRules(-1), "percent rule -1"),
+        (EdgeRules(fsm.AS_REQUESTED), "changes the phase but takes the percent as requested"),
+    ],
+)
+def test_graph_check_refuses_a_bad_percent_rule(rules: EdgeRules, match: str) -> None:
+    """A percent rule is 0..100, or `requested` on an edge that stays in its phase."""
+    edges = tuple(
+        Edge(e.trigger, e.source, e.dest, rules) if e.key == "cutover->cleanup" else e for e in EDGES
+    )
+    with pytest.raises(ValueError, match=match):
+        fsm.check_graph(edges, INITIAL, FINAL)
+
+
+def _with_rules(key: str, rules: EdgeRules) -> tuple[Edge, ...]:
+    return tuple(Edge(e.trigger, e.source, e.dest, rules) if e.key == key else e for e in EDGES)
+
+
+def test_name_check_accepts_the_machine_with_the_registry() -> None:
+    """Every name in the rules is a registered built-in (the registry checks this at import)."""
+    from migration_fsm.plugins.registry import BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO
+
+    fsm.check_names(EDGES, BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO)
+
+
+@pytest.mark.parametrize(
+    ("rules", "match"),
+    [
+        (EdgeRules(0, always_on=("nope",)), "names guard 'nope'"),
+        (EdgeRules(0, guards=("stores_reachable", "nope")), "names guard 'nope'"),
+        (EdgeRules(0, steps=(fsm.DefaultStep("nope"),)), "names step 'nope'"),
+        (EdgeRules(0, steps=(fsm.DefaultStep("drain_old", "nope"),)), "names step 'nope'"),
+        (
+            EdgeRules(0, steps=(fsm.DefaultStep("drain_old", "drain_new"),)),
+            "undoes step 'drain_old' with 'drain_new', but the built-in undo is None",
+        ),
+    ],
+)
+def test_name_check_refuses_names_that_are_not_registered(rules: EdgeRules, match: str) -> None:
+    """A default guard or step (or undo) that is not a registered built-in fails the check."""
+    from migration_fsm.plugins.registry import BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO
+
+    with pytest.raises(ValueError, match=match):
+        fsm.check_names(
+            _with_rules("preparation->dual_write", rules), BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO
+        )
+
+
+def test_the_registry_refuses_an_unregistered_default_at_import() -> None:
+    """Importing the registry runs the name check against the machine's table."""
+    code = (
+        "from migration_fsm import fsm\n"
+        "fsm.EDGES = (*fsm.EDGES[:-1], fsm.Edge(fsm.Trigger.RAMP, fsm.Phase.CUTOVER, fsm.Phase.CUTOVER,"
+        " fsm.EdgeRules('requested', guards=('no_such_guard',))))\n"
+        "import migration_fsm.plugins.registry\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert 0 != result.returncode
+    assert "names guard 'no_such_guard', which is not a built-in guard" in result.stderr
+
+
+# -- errors carry fields ---------------------------------------------------------------------
+
+
+def test_trigger_not_allowed_carries_trigger_phase_and_allowed() -> None:
+    """The fields say what was asked, where, and what the phase allows; the text is unchanged."""
+    with pytest.raises(TriggerNotAllowed) as info:
+        fsm.resolve_edge(Phase.PREPARATION, Trigger.ROLLBACK)
+    error = info.value
+    assert "'rollback' is not allowed from phase 'preparation' (allowed: advance)" == str(error)
+    assert ("rollback", "preparation", ["advance"]) == (error.trigger, error.phase, error.allowed)
+    with pytest.raises(TriggerNotAllowed) as info:
+        fsm.resolve_edge(Phase.COMPLETE, Trigger.ADVANCE)
+    assert "'advance' is not allowed from phase 'complete' (allowed: none, the phase is final)" == str(
+        info.value
+    )
+    assert ("advance", "complete", []) == (info.value.trigger, info.value.phase, info.value.allowed)
+    with pytest.raises(TriggerNotAllowed) as info:
+        fsm.rollback_path(Phase.DUAL_WRITE, Phase.CLEANUP)
+    assert ("rollback", "dual_write", ["advance", "rollback"]) == (
+        info.value.trigger,
+        info.value.phase,
+        info.value.allowed,
+    )
+    with pytest.raises(TriggerNotAllowed) as info:
+        fsm.edge_for(Phase.DUAL_WRITE, Trigger.RAMP)
+    assert ("ramp", "dual_write", ["advance", "rollback"]) == (
+        info.value.trigger,
+        info.value.phase,
+        info.value.allowed,
+    )
+
+
+def test_trigger_not_allowed_pickles_with_its_fields() -> None:
+    """An error sent across processes keeps its fields (and message, exit code)."""
+    error = TriggerNotAllowed("no", trigger="ramp", phase="cleanup", allowed=["advance"])
+    copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
+    assert ("no", "ramp", "cleanup", ["advance"], 2) == (
+        str(copy),
+        copy.trigger,
+        copy.phase,
+        copy.allowed,
+        copy.exit_code,
+    )
+    bare = pickle.loads(pickle.dumps(TriggerNotAllowed("plain")))  # noqa: S301 - our own bytes
+    assert ("plain", None, None, []) == (str(bare), bare.trigger, bare.phase, bare.allowed)
+
+
+# -- statuses --------------------------------------------------------------------------------
+
+
+def test_status_enums_are_the_stored_strings() -> None:
+    """The values are what the journal stores and the JSON shows (DESIGN.md contract)."""
+    assert ["intent", "committed", "refused", "aborted"] == [s.value for s in fsm.EntryStatus]
+    assert ["pending", "started", "done", "failed", "undone"] == [s.value for s in fsm.StepStatus]
+    assert '"committed"' == json.dumps(fsm.EntryStatus.COMMITTED)
+    assert "done" == f"{fsm.StepStatus.DONE}"
+
+
+def test_only_cutover_is_routed_by_percent() -> None:
+    """`percent_is_100` and the clients ask the routing, not the phase name, whether the
+    percent matters; today only cutover's routing depends on it."""
+    assert [Phase.CUTOVER] == [phase for phase in PHASES if fsm.percent_routed(phase)]
+    assert (Phase.PREPARATION, Phase.DUAL_WRITE) == fsm.authoritative_phases("old")
+    assert (Phase.CUTOVER, Phase.CLEANUP, Phase.COMPLETE) == fsm.authoritative_phases("new")

@@ -1,5 +1,6 @@
 """The data tools' built-in guards and steps, and the guards and steps an edge gets when
-both stores are configured and the config names none for it (DESIGN.md section 6).
+both stores are configured and the config names none for it (DESIGN.md section 6): the
+defaults in the edge's rules (`fsm.EDGES`).
 
 An edge that the config names, even with an empty list, gets exactly what it names.
 """
@@ -9,44 +10,41 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Final
 
+from ..fsm import EDGES
 from ..tasks.sides import stores_configured
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from ..config import Settings, StepSpec
+    from ..fsm import DefaultStep, Edge
     from .context import Context, GuardFn, StepFn
 
+#: Each edge's default guard names by edge key, read from `fsm.EDGES`.
 DEFAULT_GUARDS: Final[Mapping[str, tuple[str, ...]]] = {
-    "preparation->dual_write": ("stores_reachable",),
-    "dual_write->cutover": ("backfill_complete", "repair_log_empty", "checksums_match"),
-    "cutover->cleanup": ("percent_is_100", "old_drained", "checksums_match"),
-    "cleanup->complete": ("repair_log_empty",),
-    "cutover->dual_write": ("stores_reachable",),
-    "cleanup->cutover": ("stores_reachable",),
+    edge.key: edge.rules.guards for edge in EDGES if edge.rules.guards
 }
+#: Each edge's default step names by edge key, read from `fsm.EDGES`.
 DEFAULT_STEPS: Final[Mapping[str, tuple[str, ...]]] = {
-    "dual_write->cutover": ("drain_old", "transfer_state"),
-    "cutover->dual_write": ("drain_new", "reverse_sync"),
-    "cleanup->cutover": ("reverse_sync",),
+    edge.key: tuple(step.name for step in edge.rules.steps) for edge in EDGES if edge.rules.steps
 }
 
 
-def guards_for(settings: Settings, edge_key: str) -> list[str]:
+def guards_for(settings: Settings, edge: Edge) -> list[str]:
     """The guard names configured for an edge, else its defaults when stores are configured."""
-    if edge_key in settings.guards:
-        return list(settings.guards[edge_key])
+    if edge.key in settings.guards:
+        return list(settings.guards[edge.key])
     if stores_configured(settings):
-        return list(DEFAULT_GUARDS.get(edge_key, ()))
+        return list(edge.rules.guards)
     return []
 
 
-def steps_for(settings: Settings, edge_key: str) -> list[str | StepSpec]:
+def steps_for(settings: Settings, edge: Edge) -> list[str | StepSpec | DefaultStep]:
     """The steps configured for an edge, else its defaults when stores are configured."""
-    if edge_key in settings.steps:
-        return list(settings.steps[edge_key])
+    if edge.key in settings.steps:
+        return list(settings.steps[edge.key])
     if stores_configured(settings):
-        return list(DEFAULT_STEPS.get(edge_key, ()))
+        return list(edge.rules.steps)
     return []
 
 

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..exceptions import MigrationFSMError
-from ..fsm import Phase, Trigger
+from ..fsm import ROUTING, EntryStatus, Trigger
 from ..tasks.records import TaskStatus
 from ..tasks.scan import records
 from ..tasks.sides import SIDES, open_side, open_sides, stores_configured
@@ -48,13 +48,17 @@ def stores_reachable(ctx: Context) -> GuardVerdict:
 
 
 def _dual_writes_began(ctx: Context) -> datetime | None:
-    """When the migration last entered `dual_write` from `preparation` (dual writes began)."""
+    """When dual writes last began: the last committed advance from a phase whose routing
+    writes only the old side into one that writes both (`preparation` -> `dual_write`)."""
     began = None
     for entry in ctx.store.journal(ctx.state, with_steps=False):
         if (
-            entry.status == "committed"
+            entry.status == EntryStatus.COMMITTED
             and entry.trigger is Trigger.ADVANCE
-            and entry.source is Phase.PREPARATION
+            and entry.source is not None
+            and not ROUTING[entry.source].write_new
+            and ROUTING[entry.dest].write_old
+            and ROUTING[entry.dest].write_new
             and entry.finished_at is not None
         ):
             began = entry.finished_at

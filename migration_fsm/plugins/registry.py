@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigError
-from ..fsm import Phase
+from ..fsm import EDGES, check_names, percent_routed
 from ..journal import utcnow
 from .context import Context, GuardFn, GuardVerdict, StepFn
 from .defaults import register as _register_data_tools
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def percent_is_100(ctx: Context) -> GuardVerdict:
     """Cutover may end only when every key reads from the new side."""
-    if ctx.state.phase is Phase.CUTOVER and ctx.state.percent != 100:
+    if percent_routed(ctx.state.phase) and ctx.state.percent != 100:
         return GuardVerdict(False, f"percent is {ctx.state.percent}: run `migration-fsm ramp 100` first")
     return GuardVerdict(True, f"percent is {ctx.state.percent}")
 
@@ -58,6 +58,9 @@ BUILTIN_UNDO: Final[dict[str, str]] = {}
 
 # The data tools' guards and steps (backfill, drain, transfer, validation checks).
 _register_data_tools(BUILTIN_GUARDS, BUILTIN_STEPS)
+
+# Every guard and step an edge's rules name is one of the above (ValueError at import if not).
+check_names(EDGES, BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO)
 
 
 def resolve(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import BadInput
-from ..fsm import Phase
+from ..fsm import authoritative_phases, routing_for
 from ..tasks.capabilities import Count
 from ..tasks.scan import page
 from ..tasks.sides import open_sides
@@ -142,11 +142,13 @@ def backfill_migration(
     checkpoint (in `mfsm_backfill`), or start a fresh one when the last one finished."""
     with open_sides(settings) as (old, new):  # no stores configured: ConfigError, first
         state = store.get(migration)  # an unknown migration is bad input, before anything is copied
-        if state.phase not in (Phase.PREPARATION, Phase.DUAL_WRITE):
-            # From cutover on, new is authoritative: copying old over it would undo finished work.
+        if routing_for(state.phase, state.percent).authoritative != "old":
+            # Once new is authoritative, copying old over it would undo finished work.
+            safe = authoritative_phases("old")
             raise BadInput(
-                f"backfill copies the old side over the new one, which is only safe in preparation or"
-                f" dual_write; migration '{migration}' is in {state.phase}: roll back to dual_write first"
+                f"backfill copies the old side over the new one, which is only safe in"
+                f" {' or '.join(safe)}; migration '{migration}' is in {state.phase}:"
+                f" roll back to {safe[-1]} first"
             )
         previous = runs.backfill_progress(store, migration)
         if previous is not None and not previous.done:
