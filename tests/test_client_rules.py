@@ -133,18 +133,25 @@ def test_the_authoritative_side_is_written_first_and_answers(
 ) -> None:
     """Each phase writes its authoritative side first (returned), then the other side if it
     writes both; a writer with the sides inverted fails here, in both twins."""
-    for key in ("k1", "k2", "k3", "k4"):  # at 50 percent some keys route to old, some to new
+    for key in ("k1", "k2", "k3", "k4"):  # at 50 percent these keys fall on both sides of the split
         calls: list[tuple[str, str, str]] = []
         old, new = Ordered("old", calls), Ordered("new", calls)
+        repair = MemoryRepairLog()
+        writer: Any
         if asynchronous:
-            side = asyncio.run(
-                AsyncDualWriter(fixed(phase, percent), old, new, repair=MemoryRepairLog()).write(record(key))
-            )
+            writer = AsyncDualWriter(fixed(phase, percent), old, new, repair=repair)
+            side = asyncio.run(writer.write(record(key)))
         else:
-            side = DualWriter(fixed(phase, percent), old, new, repair=MemoryRepairLog()).write(record(key))
+            writer = DualWriter(fixed(phase, percent), old, new, repair=repair)
+            side = writer.write(record(key))
         sides = WRITE_ORDER[phase, percent]
         expected = [(sides[0], "put", key)] + [(s, "put_forward", key) for s in sides[1:]]
-        assert (sides[0], expected) == (side, calls)
+        assert (sides[0], expected, []) == (side, calls, repair.entries)
+        assert (1, len(sides) - 1, 0) == (
+            writer.counters()["writes"],
+            writer.counters()["second_writes"],
+            writer.counters()["repair_entries"],
+        )
         assert routing_for(phase, percent, key).authoritative == side
 
 
