@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -340,3 +341,17 @@ def test_readers_read_fall_back_and_shadow_per_routing(
     )
     # the shadow reads of the second round failed on new: counted as tried, not as reads
     assert (shadowed // 2, shadowed // 2) == (counters["shadow_reads"], counters["shadow_mismatches"])
+
+
+def test_per_key_routing_equals_the_table_in_every_phase(tmp_path: Path) -> None:
+    """`routing(key)` (the hot path, with its own copy of the bucket rule) answers what
+    `routing_for` does for every phase, percent and key; `routing()` the whole-phase row."""
+    with PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}", ttl=60) as client:
+        version = 0
+        for phase in ROUTING:
+            for percent in (0, 1, 30, 99, 100):
+                version += 1
+                client._install(phase, percent, version)  # what a read of this state installs
+                assert routing_for(phase, percent) == client.routing()
+                for i in range(200):
+                    assert routing_for(phase, percent, f"k{i}") == client.routing(f"k{i}")
