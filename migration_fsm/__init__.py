@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from .client import AsyncDualWriter as AsyncDualWriter
     from .client import AsyncFallbackReader as AsyncFallbackReader
-    from .client import DualWriteError as DualWriteError
     from .client import DualWriter as DualWriter
     from .client import FallbackReader as FallbackReader
     from .client import PhaseClient as PhaseClient
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from .exceptions import Conflict as Conflict
     from .exceptions import DatabaseUnavailable as DatabaseUnavailable
     from .exceptions import DataError as DataError
+    from .exceptions import DualWriteError as DualWriteError
     from .exceptions import EnvironmentProblem as EnvironmentProblem
     from .exceptions import JournalCorrupt as JournalCorrupt
     from .exceptions import LeaseHeld as LeaseHeld
@@ -73,7 +73,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "Context": "plugins.context",
     "DataError": "exceptions",
     "DatabaseUnavailable": "exceptions",
-    "DualWriteError": "client",
+    "DualWriteError": "exceptions",
     "DualWriter": "client",
     "EnvironmentProblem": "exceptions",
     "FallbackReader": "client",

@@ -8,6 +8,7 @@ This module is a leaf: it imports nothing from the package.
     ├── Refused                       1  a guard refused the edge
     ├── StepFailed                    1  a step raised; the transition is interrupted
     ├── DataError                     1  the tasks are wrong (bad record, duplicate key, bad archive)
+    ├── DualWriteError                1  a strict DualWriter missed the second side (repair entry kept)
     ├── BadInput                      2  nothing was written
     │   ├── ConfigError               2  malformed config (names the key)
     │   ├── UnknownMigration          2
@@ -58,6 +59,12 @@ class StepFailed(MigrationFSMError):
 class DataError(MigrationFSMError):
     """The tasks themselves are wrong: a bad record, a duplicate or unordered key, an archive
     that does not verify. The message names the store and the key; no batch is half-written."""
+
+    exit_code = 1
+
+
+class DualWriteError(MigrationFSMError):
+    """A strict `DualWriter` could not write the second side (a repair entry was recorded)."""
 
     exit_code = 1
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine
 from sqlalchemy.dialects.postgresql import JSONB
 
-from migration_fsm.client import _second_put
+from migration_fsm.client._base import _second_put
 from migration_fsm.config import Settings, StoreConfig
 from migration_fsm.exceptions import ConfigError
 from migration_fsm.fsm import Side

@@ -345,27 +345,38 @@ def test_async_cancel_between_writes_leaves_a_repair_entry(
 def test_async_writes_land_on_the_side_their_phase_made_authoritative(
     engine: Migration, client: PhaseClient
 ) -> None:
-    """1,000 concurrent writes while dual_write becomes cutover: each is on its authoritative side."""
+    """1,000 concurrent writes while dual_write becomes cutover: each lands first on the side
+    its phase makes authoritative (old in dual_write, new in cutover), and is kept there."""
     move_to(engine, client, Phase.DUAL_WRITE)
     rng = random.Random(3)
+
+    first_write: dict[str, str] = {}  # key -> the side whose write of it finished first
 
     class Slow(MemoryTaskStore):
         async def put(self, rec: TaskRecord) -> None:  # type: ignore[override]
             await asyncio.sleep(rng.random() * 0.02)
             MemoryTaskStore.put(self, rec)
+            first_write.setdefault(rec.key, self.name)
 
         async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
             await asyncio.sleep(rng.random() * 0.02)
+            first_write.setdefault(rec.key, self.name)
             return MemoryTaskStore.put_forward(self, rec)
 
     old, new = Slow("old"), Slow("new")
     writer = AsyncDualWriter(client, old, new)
 
+    phase_seen: dict[str, Phase] = {}  # key -> the phase before and after its write, if one
+
     async def scenario() -> list[tuple[str, str]]:
         async def one(i: int) -> tuple[str, str]:
             await asyncio.sleep(rng.random() * 0.5)
             key = f"t{i:04d}"
-            return key, await writer.write(record(key))
+            before = client.phase
+            side = await writer.write(record(key))
+            if client.phase is before:
+                phase_seen[key] = before
+            return key, side
 
         def advance_soon() -> None:
             time.sleep(0.2)
@@ -380,8 +391,13 @@ def test_async_writes_land_on_the_side_their_phase_made_authoritative(
     writer.close()
     sides = {"old": old, "new": new}
     assert {"old", "new"} == {side for _, side in results}  # the phase did move mid-run
+    authoritative = {Phase.DUAL_WRITE: "old", Phase.CUTOVER: "new"}
+    assert {Phase.DUAL_WRITE, Phase.CUTOVER} == set(phase_seen.values())
     for key, side in results:
         assert sides[side].get(key) is not None
+        assert side == first_write[key]
+        if key in phase_seen:
+            assert authoritative[phase_seen[key]] == side
 
 
 def test_fallback_reader(engine: Migration, client: PhaseClient) -> None:

@@ -1,0 +1,284 @@
+"""What the sync and async writers and readers share: every decision, no I/O.
+
+The base classes here decide which side is authoritative, whether and how the other side
+is written, what a failed second write leaves in the repair log and what the caller then
+sees, which side a read comes from, when it falls back and when it is shadowed. The twins
+in `writer.py` and `reader.py` only do the I/O, blocking or awaited (as python-statemachine's
+`engines/base.py` decides for `sync.py` and `async_.py`). Every rule reads the routing
+table (`migration_fsm.fsm.ROUTING` through `PhaseClient.routing`), never a phase name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import DualWriteError
+from ..tasks.capabilities import ForwardPut
+from .repair import RepairLog
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..fsm import Routing, Side
+    from ..tasks.records import TaskRecord
+    from .phase import PhaseClient
+
+log = logging.getLogger("migration_fsm.client")
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line logs and repair entries."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+async def call_store(store: Any, method: str, *args: Any) -> Any:
+    """Call a store method from asyncio: awaited when it is a coroutine function, else run
+    in a worker thread (so a plain store never blocks the event loop)."""
+    fn = getattr(store, method)
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """One write as the routing decided it: the authoritative side first, then maybe the other."""
+
+    first_side: Side
+    first: Any
+    second_side: Side | None  # None: the phase writes only the authoritative side
+    second: Any
+    second_method: str  # `put_forward` (never moves a task back) when the store has it, else `put`
+    second_answers: bool  # whether `second_method` returns whether it wrote
+
+
+@dataclass(frozen=True, slots=True)
+class RepairEntry:
+    """What a failed second write leaves in the repair log."""
+
+    key: str
+    side: Side
+    error: str
+
+
+class WriterBase:
+    """The decisions of `DualWriter` and `AsyncDualWriter`; they add only the I/O."""
+
+    def __init__(
+        self,
+        client: PhaseClient,
+        old: Any,
+        new: Any,
+        *,
+        strict: bool = False,
+        repair: RepairLog | None,
+    ) -> None:
+        self.client = client
+        self.old = old
+        self.new = new
+        self.strict = strict
+        self.repair = repair or RepairLog(client.url, client.migration)
+        self._lock = threading.Lock()
+        self._counters = {
+            "writes": 0,
+            "second_writes": 0,
+            "second_writes_behind": 0,
+            "repair_entries": 0,
+            "failed_writes": 0,
+        }
+
+    def _plan(self, key: str) -> WritePlan:
+        """Which side gets `key` first and whether the other side is written after it."""
+        route = self.client.routing(key)
+        first_side = route.authoritative
+        second_side: Side = "new" if first_side == "old" else "old"
+        writes_second = route.write_new if second_side == "new" else route.write_old
+        second = self._store(second_side)
+        method, answers = _second_put(second)
+        return WritePlan(
+            first_side,
+            self._store(first_side),
+            second_side if writes_second else None,
+            second if writes_second else None,
+            method,
+            answers,
+        )
+
+    def _store(self, side: Side) -> Any:
+        return self.old if side == "old" else self.new
+
+    def _first_failed(self) -> None:
+        """The authoritative write raised: nothing was written anywhere; the caller sees it."""
+        self._count("failed_writes")
+
+    def _first_done(self) -> None:
+        self._count("writes")
+
+    def _second_done(self, plan: WritePlan, wrote: Any) -> Side:
+        self._count("second_writes")
+        if plan.second_answers and not wrote:
+            self._count("second_writes_behind")  # the other side already held a later state
+        return plan.first_side
+
+    def _repair_entry(self, key: str, plan: WritePlan, exc: BaseException) -> RepairEntry:
+        """The repair entry for a second write that raised `exc` (anything, interrupts too)."""
+        assert plan.second_side is not None
+        return RepairEntry(key, plan.second_side, _describe(exc))
+
+    def _second_failed(self, entry: RepairEntry, exc: BaseException) -> bool:
+        """After the repair entry is stored: True when the write stands (the caller gets the
+        authoritative side), False when the twin must re-raise `exc` (an interrupt that is
+        not an `Exception`: KeyboardInterrupt, a cancellation). A strict writer raises
+        `DualWriteError` for any `Exception`."""
+        self._count("repair_entries")
+        if not isinstance(exc, Exception):
+            return False
+        if self.strict:
+            raise DualWriteError(f"write of {entry.key} to {entry.side} failed: {first_line(exc)}") from exc
+        return True
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counters[name] += 1
+
+    def counters(self) -> dict[str, int]:
+        """Plain numbers for the application's metrics system."""
+        with self._lock:
+            return dict(self._counters)
+
+    def close(self) -> None:
+        """Close the repair log's connections (the client and stores are the caller's)."""
+        self.repair.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _second_put(store: Any) -> tuple[str, bool]:
+    """The method for a second write to `store`, and whether it says if it wrote: the store's
+    `put_forward` when it offers `capabilities.ForwardPut` (`SqlTaskStore` and
+    `MemoryTaskStore` do), else `put`."""
+    return ("put_forward", True) if isinstance(store, ForwardPut) else ("put", False)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled between the two writes"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted between the two writes"
+    return first_line(exc)
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """One read as the routing decided it."""
+
+    primary_side: Side
+    primary: Any
+    fallback: Any  # None: a miss or an error on the primary side is the answer
+    shadow: Any  # None: no shadow read of the other side this time
+
+
+def shadows(route: Routing) -> bool:
+    """Whether a read may be shadowed under `route`: reads come from old, which is still
+    authoritative, and new is written too (`dual_write`), so new should already agree."""
+    return route.read_from == "old" and route.authoritative == "old" and route.write_new
+
+
+class ReaderBase:
+    """The decisions of `FallbackReader` and `AsyncFallbackReader`; they add only the I/O."""
+
+    def __init__(self, client: PhaseClient, old: Any, new: Any, *, shadow_sample: float = 0.0) -> None:
+        if not 0.0 <= shadow_sample <= 1.0:
+            raise ValueError("shadow_sample must be between 0 and 1")
+        self.client = client
+        self.old = old
+        self.new = new
+        self.shadow_sample = shadow_sample
+        self._random: Callable[[], float] = random.random
+        self._lock = threading.Lock()
+        self._counters = {
+            "reads": 0,
+            "fallbacks": 0,
+            "new_errors": 0,
+            "shadow_reads": 0,
+            "shadow_mismatches": 0,
+        }
+
+    def _plan(self, key: str) -> ReadPlan:
+        """Where `key` is read from, what backs it up, and whether new is compared."""
+        route = self.client.routing(key)
+        self._count("reads")
+        if route.read_from != "new":
+            shadow = self.new if self._should_shadow(route) else None
+            return ReadPlan("old", self.old, None, shadow)
+        fallback = self.old if route.read_fallback == "old" else None
+        return ReadPlan("new", self.new, fallback, None)
+
+    def _should_shadow(self, route: Routing) -> bool:
+        return self.shadow_sample > 0 and shadows(route) and self._random() < self.shadow_sample
+
+    def _primary_failed(self, plan: ReadPlan) -> bool:
+        """The primary read raised: True when that counts as a miss (the fallback is read
+        next), False when the caller must see the error (there is no fallback)."""
+        if plan.fallback is None:
+            return False
+        self._count("new_errors")
+        return True
+
+    def _falls_back(self, plan: ReadPlan, record: TaskRecord | None) -> bool:
+        """Whether the fallback side is read (and counted) after `record` came back."""
+        if record is None and plan.fallback is not None:
+            self._count("fallbacks")
+            return True
+        return False
+
+    def _compare(
+        self, key: str, plan: ReadPlan, primary: TaskRecord | None, shadow: TaskRecord | None
+    ) -> None:
+        """Count a shadow read; log (never raise) how the shadow copy differs."""
+        self._count("shadow_reads")
+        if primary is None and shadow is None:
+            return
+        other: Side = "new" if plan.primary_side == "old" else "old"
+        if primary is None or shadow is None:
+            fields = [f"(missing on {other if shadow is None else plan.primary_side})"]
+        else:
+            fields = primary.differing_fields(shadow)
+        if fields:
+            self._count("shadow_mismatches")
+            log.warning(
+                "shadow read of %s differs on %s",
+                key,
+                ", ".join(fields),
+                extra={"migration": self.client.migration, "key": key, "fields": fields},
+            )
+
+    @staticmethod
+    def _shadow_failed(key: str, exc: Exception) -> None:
+        log.warning("shadow read of %s failed: %s", key, first_line(exc))
+
+    def counters(self) -> dict[str, int]:
+        """Plain numbers for the application's metrics system."""
+        with self._lock:
+            return dict(self._counters)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counters[name] += 1

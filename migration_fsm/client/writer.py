@@ -1,0 +1,95 @@
+"""`DualWriter` and `AsyncDualWriter`: the same decisions (`_base.WriterBase`), two kinds of I/O."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from ._base import WriterBase, call_store
+
+if TYPE_CHECKING:
+    from ..fsm import Side
+    from ..tasks.records import TaskRecord, TaskStore
+    from .phase import PhaseClient
+    from .repair import RepairLog
+
+
+class DualWriter(WriterBase):
+    """Writes each task per the phase's routing: the authoritative side first (its failure
+    raises and nothing is written to the other side), then the other side when the phase
+    writes both; a failed second write goes to the repair log (or raises when `strict`).
+
+    The second write never moves a task back: through the store's `put_forward`, it leaves
+    alone a task the other side holds as running or finished (a write delayed past a state
+    transfer or a worker's claim there), so the task is not handed out a second time; such
+    writes are counted as `second_writes_behind`. A store without `put_forward` gets `put`."""
+
+    def __init__(
+        self,
+        client: PhaseClient,
+        old: TaskStore,
+        new: TaskStore,
+        *,
+        strict: bool = False,
+        repair: RepairLog | None = None,
+    ) -> None:
+        super().__init__(client, old, new, strict=strict, repair=repair)
+
+    def write(self, record: TaskRecord) -> Side:
+        """Write `record`; returns the authoritative side's name ("old" or "new")."""
+        plan = self._plan(record.key)
+        try:
+            plan.first.put(record)
+        except Exception:
+            self._first_failed()
+            raise
+        self._first_done()
+        if plan.second_side is None:
+            return plan.first_side
+        try:
+            wrote = getattr(plan.second, plan.second_method)(record)
+        except BaseException as exc:  # an interrupt between the two writes is repaired too
+            entry = self._repair_entry(record.key, plan, exc)
+            self.repair.record(entry.key, entry.side, entry.error)
+            if self._second_failed(entry, exc):
+                return plan.first_side
+            raise
+        return self._second_done(plan, wrote)
+
+
+class AsyncDualWriter(WriterBase):
+    """`DualWriter` for asyncio: stores may be async (`async def put`) or plain (run in a
+    thread). A cancellation between the two writes still leaves a repair entry."""
+
+    def __init__(
+        self,
+        client: PhaseClient,
+        old: Any,
+        new: Any,
+        *,
+        strict: bool = False,
+        repair: RepairLog | None = None,
+    ) -> None:
+        super().__init__(client, old, new, strict=strict, repair=repair)
+
+    async def write(self, record: TaskRecord) -> Side:
+        """Write `record`; returns the authoritative side's name."""
+        plan = self._plan(record.key)
+        try:
+            await call_store(plan.first, "put", record)
+        except Exception:
+            self._first_failed()
+            raise
+        self._first_done()
+        if plan.second_side is None:
+            return plan.first_side
+        try:
+            wrote = await call_store(plan.second, plan.second_method, record)
+        except BaseException as exc:  # a cancellation between the two writes is repaired too
+            entry = self._repair_entry(record.key, plan, exc)
+            # Shielded: recording the repair must survive the cancellation that caused it.
+            await asyncio.shield(asyncio.to_thread(self.repair.record, entry.key, entry.side, entry.error))
+            if self._second_failed(entry, exc):
+                return plan.first_side
+            raise
+        return self._second_done(plan, wrote)
