@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from . import commands, log
 from .config import Settings, load_settings
-from .exceptions import BadInput, MigrationFSMError
+from .exceptions import UNEXPECTED_ERROR_EXIT_CODE, BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
 
 if TYPE_CHECKING:
@@ -32,8 +33,15 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Piped output is not cut at 80 columns: a log file or a pager can hold wide tables.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+def _console() -> Console:
+    """The console for stdout. Piped output is not cut at 80 columns: a log file or a pager
+    can hold wide tables."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+#: Made again by each `main` call, for the stdout of that call.
+out = _console()
 
 
 def common_options(func: F) -> F:
@@ -65,8 +73,17 @@ def common_options(func: F) -> F:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="migration-fsm")
-def cli() -> None:
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="On an error, print its traceback on stderr (before the command's name).",
+)
+@click.pass_context
+def cli(ctx: click.Context, show_traceback: bool) -> None:
     """Move a running backend from its old task manager to a new task queue, phase by phase."""
+    if isinstance(ctx.obj, _Run):
+        ctx.obj.show_traceback = show_traceback
 
 
 @cli.group()
@@ -554,12 +571,28 @@ def _print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
+class _Run:
+    """What the group's options say about one `main` call."""
+
+    show_traceback: bool = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code instead of exiting (see `__main__`)."""
+    """Run the CLI; returns the exit code instead of exiting (see `__main__`).
+
+    Exit codes: 0 done, 1 refused or failed (see `exceptions`), 2 bad input, 3 conflict,
+    4 environment, 70 an unexpected error (a bug), 130 interrupted.
+    """
+    global out  # noqa: PLW0603 - one console per run, on the stdout of that run
+    out = _console()
     log.configure()
+    run = _Run()
     try:
         code = cli.main(
-            args=list(argv) if argv is not None else None, prog_name="migration-fsm", standalone_mode=False
+            args=list(argv) if argv is not None else None,
+            prog_name="migration-fsm",
+            standalone_mode=False,
+            obj=run,
         )
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
@@ -569,9 +602,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
         return exc.exit_code
     except MigrationFSMError as exc:
+        if run.show_traceback:
+            _print_traceback(exc)
         click.echo(f"error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, with its own exit code
+        if run.show_traceback:
+            _print_traceback(exc)
+            hint = "please report it with this traceback"
+        else:
+            hint = "run again with --traceback (before the command) to see where"
+        what = _one_line(f"{type(exc).__name__}: {exc}")
+        click.echo(f"error: unexpected {what} (a bug in migration-fsm: {hint})", err=True)
+        return UNEXPECTED_ERROR_EXIT_CODE
     return code if isinstance(code, int) else 0
+
+
+def _print_traceback(exc: BaseException) -> None:
+    sys.stderr.write("".join(traceback.format_exception(exc)))
+    sys.stderr.flush()
 
 
 def _one_line(message: str) -> str:

@@ -16,17 +16,19 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
     """Send structlog events to stderr: JSON lines unless stderr is a terminal."""
     if json is None:
         json = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
+    # An event logged with `exc_info` keeps its traceback: as a structured `exception` list
+    # in JSON, rendered as a traceback on a terminal.
+    tail: list[Any] = (
+        [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
         if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

@@ -451,6 +451,7 @@ class Migration:
                 status="failed",
                 error=error,
                 duration_ms=ms,
+                exc_info=exc,
             )
             self.store.set_step(
                 state.id,
