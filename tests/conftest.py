@@ -177,11 +177,5 @@ def run_cli_in_process(*args: str, env: dict[str, str] | None = None) -> CliResu
 
 @pytest.fixture
 def cli() -> Callable[..., CliResult]:
-    """The CLI, run in this process (see `run_cli`); `cli_process` runs it as a subprocess."""
-    return run_cli_in_process
-
-
-@pytest.fixture
-def cli_process() -> Callable[..., CliResult]:
-    """The CLI as a subprocess (`python -m migration_fsm`), for what needs a real process."""
-    return run_cli_process
+    """The CLI, run in this process unless called with `subprocess=True` (see `run_cli`)."""
+    return run_cli
