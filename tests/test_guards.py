@@ -203,6 +203,7 @@ def test_run_guards_read_backfill_validate_and_backup_records(engine: Migration)
 def test_min_soak_says_whole_seconds_that_agree_with_its_verdict(
     engine: Migration,
     monkeypatch: pytest.MonkeyPatch,
+    *,
     soaked: float,
     needed: float,
     passed: bool,
