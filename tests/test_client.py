@@ -317,23 +317,24 @@ def test_async_cancel_between_writes_leaves_a_repair_entry(
 ) -> None:
     """Cancelling a write after its authoritative half leaves a repair entry."""
     move_to(engine, client, Phase.DUAL_WRITE)
-    gate = asyncio.Event()
+    written, second_started = asyncio.Event(), asyncio.Event()
 
     class Old(MemoryTaskStore):
         async def put(self, rec: TaskRecord) -> None:  # type: ignore[override]
             MemoryTaskStore.put(self, rec)
-            gate.set()
+            written.set()
 
     class Never(MemoryTaskStore):
         async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
+            second_started.set()
             await asyncio.sleep(3600)
             return True
 
     async def scenario() -> None:
         with AsyncDualWriter(client, Old("old"), Never("new")) as writer:
             task = asyncio.create_task(writer.write(record("z")))
-            await gate.wait()
-            await asyncio.sleep(0.01)
+            await written.wait()
+            await second_started.wait()  # cancelled in the second write, not before it
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
