@@ -123,7 +123,8 @@ def fails(
 
 
 def together(*jobs: Callable[[], CliResult]) -> list[CliResult]:
-    """Run invocations that cannot interfere at the same time; results in the order given."""
+    """Run invocations that cannot interfere, at the same time when they are subprocesses (in
+    this process they take turns); results in the order given."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(lambda job: job(), jobs))
 
