@@ -448,11 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, with its own exit code
         if run.show_traceback:
             _print_traceback(exc)
-            hint = "please report it with this traceback"
+            hint = "please report it with the traceback above"
         else:
-            hint = "run again with --traceback (before the command) to see where"
+            hint = "run it again as `migration-fsm --traceback COMMAND ...` to see where"
         what = _one_line(f"{type(exc).__name__}: {exc}")
-        click.echo(f"error: unexpected {what} (a bug in migration-fsm: {hint})", err=True)
+        click.echo(f"error: unexpected {what}; this is a bug in migration-fsm: {hint}", err=True)
         return UNEXPECTED_ERROR_EXIT_CODE
     return code if isinstance(code, int) else 0
 
