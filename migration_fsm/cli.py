@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,20 +21,26 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from . import commands, log
+from . import commands, log, views
 from .config import Settings, load_settings
-from .exceptions import BadInput, MigrationFSMError
-from .fsm import PHASES, EntryStatus, Phase
+from .exceptions import UNEXPECTED_ERROR_EXIT_CODE, BadInput, MigrationFSMError
+from .fsm import PHASES, Phase
 
 if TYPE_CHECKING:
-    from .journal import Journal, JournalEntry
+    from .journal import Journal
     from .migration import GuardRecord, TransitionResult
-    from .tools.runs import ValidationRun
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Piped output is not cut at 80 columns: a log file or a pager can hold wide tables.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+def _console() -> Console:
+    """The console for stdout. Piped output is not cut at 80 columns: a log file or a pager
+    can hold wide tables."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+#: Made again by each `main` call, for the stdout of that call.
+out = _console()
 
 
 def common_options(func: F) -> F:
@@ -65,8 +72,17 @@ def common_options(func: F) -> F:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="migration-fsm")
-def cli() -> None:
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="On an error, print its traceback on stderr (before the command's name).",
+)
+@click.pass_context
+def cli(ctx: click.Context, show_traceback: bool) -> None:
     """Move a running backend from its old task manager to a new task queue, phase by phase."""
+    if isinstance(ctx.obj, _Run):
+        ctx.obj.show_traceback = show_traceback
 
 
 @cli.group()
@@ -108,7 +124,7 @@ def status(settings: Settings, migration: str, as_json: bool, watch: bool) -> in
     if as_json:
         _print_json(report.as_json())
     else:
-        out.print(_status_view(report))
+        out.print(views.status_view(report))
     return 0
 
 
@@ -124,42 +140,10 @@ def _watch(settings: Settings, migration: str) -> int:
 
 def _watch_view(settings: Settings, migration: str, store: Journal) -> Any:
     try:
-        view: Any = _status_view(commands.status(settings, migration, store))
+        view: Any = views.status_view(commands.status(settings, migration, store))
     except MigrationFSMError as exc:  # keep watching through an outage
         view = f"[red]{exc}[/red]"
     return Group(view, f"[dim]{time.strftime('%H:%M:%S')}  (Ctrl-C to stop)[/dim]")
-
-
-def _status_view(report: commands.Status) -> Table:
-    data = report.as_json()
-    state = report.state
-    table = Table(title=f"migration '{state.name}'", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row(
-        "phase", " -> ".join(f"[reverse]{p}[/reverse]" if p is state.phase else str(p) for p in PHASES)
-    )
-    table.add_row("version", str(state.version))
-    table.add_row("percent", f"{state.percent}%")
-    table.add_row("routing", ", ".join(f"{k}={v}" for k, v in data["routing"].items()))
-    table.add_row("phase entered", state.phase_entered_at.strftime("%Y-%m-%d %H:%M:%S UTC"))
-    if report.interrupted is not None:
-        entry = report.interrupted
-        step = data["interrupted"]["step"]
-        lease = (
-            f"held by {escape(state.lease_holder or '')} until {state.lease_expires_at:%H:%M:%S} UTC"
-            if state.lease_live()
-            else "free: run `migration-fsm resume` or `abort --reason TEXT`"
-        )
-        table.add_row(
-            "[red]interrupted[/red]",
-            f"#{entry.seq} {entry.trigger} {entry.source}->{entry.dest}"
-            f" at step {step or '(commit)'}; lease {lease}",
-        )
-        if entry.error:
-            table.add_row("[red]error[/red]", escape(entry.error))
-    table.add_row("allowed", ", ".join(data["allowed"]) or "(none)")
-    return table
 
 
 @cli.command()
@@ -223,75 +207,11 @@ def history(settings: Settings, migration: str, as_json: bool) -> int:
     if as_json:
         _print_json(commands.history_json(entries))
     else:
-        out.print(_history_table(migration, entries))
+        out.print(views.history_table(migration, entries))
         checks = commands.validation_runs(settings, migration)
         if checks:
-            out.print(_validation_runs_table(checks))
+            out.print(views.validation_runs_table(checks))
     return 0
-
-
-def _validation_runs_table(checks: list[ValidationRun]) -> Table:
-    figures = ("old_count", "new_count", "missing", "mismatched", "extra", "status_differs")
-    table = Table(title="validate runs", title_justify="left")
-    for column in ("id", "started (UTC)", "phase", "result", *figures):
-        table.add_column(column, no_wrap=column == "started (UTC)")
-    for run in checks:
-        table.add_row(
-            str(run.id),
-            f"{run.started_at:%Y-%m-%d %H:%M:%S}",
-            run.phase or "",
-            "[green]ok[/green]" if run.ok else "[red]NOT OK[/red]",
-            *(str(run.summary[k]) for k in figures),
-        )
-    return table
-
-
-def _history_table(migration: str, entries: list[JournalEntry]) -> Table:
-    table = Table(title=f"journal of '{migration}'", title_justify="left")
-    for column in (
-        "seq",
-        "started (UTC)",
-        "trigger",
-        "edge",
-        "%",
-        "status",
-        "actor",
-        "reason",
-        "guards",
-        "steps",
-    ):
-        table.add_column(column, no_wrap=column in ("started (UTC)", "edge", "status"))
-    colour: dict[str, str] = {
-        EntryStatus.COMMITTED: "green",
-        EntryStatus.REFUSED: "yellow",
-        EntryStatus.ABORTED: "magenta",
-        EntryStatus.INTENT: "red",
-    }
-    for e in entries:
-        # Text from the database is escaped: a reason like "[drill] go" is not markup.
-        guards = " ".join(f"{'✓' if g['passed'] else '✗'}{escape(g['name'])}" for g in e.guards)
-        steps = " ".join(f"{escape(s.name)}:{s.status}" for s in e.steps)
-        note = escape(e.reason or "")
-        if e.forced:
-            note = f"[bold]FORCED[/bold] {note}"
-        for takeover in e.takeovers:
-            how = "stolen by" if takeover.get("stolen") else "taken over by"
-            note = f"{note} ({takeover.get('command')}: {how} {escape(str(takeover.get('actor')))})".strip()
-        if e.error:
-            note = f"{note} [red]{escape(e.error)}[/red]".strip()
-        table.add_row(
-            str(e.seq),
-            f"{e.started_at:%Y-%m-%d %H:%M:%S}",
-            str(e.trigger),
-            f"{e.source or ''}->{e.dest}",
-            str(e.percent),
-            f"[{colour.get(e.status, 'white')}]{e.status}[/]",
-            escape(e.actor),
-            note,
-            guards,
-            steps,
-        )
-    return table
 
 
 @cli.command()
@@ -343,35 +263,8 @@ def validate(settings: Settings, migration: str, as_json: bool) -> int:
     if as_json:
         _print_json(report.as_json())
     else:
-        out.print(_validation_view(report.as_json()))
+        out.print(views.validation_view(report.as_json()))
     return 0 if report.ok else 1
-
-
-def _validation_view(data: dict[str, Any]) -> Group:
-    verdict = "[green]ok[/green]" if data["ok"] else "[red]NOT OK[/red]"
-    table = Table(title=f"validation: {verdict}", title_justify="left")
-    table.add_column("")
-    table.add_column("old", justify="right")
-    table.add_column("new", justify="right")
-    table.add_row("[bold]tasks[/bold]", str(data["old_count"]), str(data["new_count"]))
-    for status_name, count in data["counts_by_status"]["old"].items():
-        table.add_row(f"  {status_name}", str(count), str(data["counts_by_status"]["new"][status_name]))
-    found = Table(show_header=True)
-    found.add_column("difference")
-    found.add_column("count", justify="right")
-    found.add_column("first keys")
-    samples = data["samples"]
-    mismatched = [f"{m['key']} ({', '.join(m['fields'])})" for m in samples["mismatched"]]
-    for kind, why, keys in (
-        ("missing", "on old, not on new", samples["missing"]),
-        ("mismatched", "identity differs", mismatched),
-        ("extra", "on new, not on old", samples["extra"]),
-        ("status_differs", "other status or attempts", []),
-    ):
-        count = data[kind]
-        style = "red" if count and kind in ("missing", "mismatched") else "white"
-        found.add_row(f"{kind} ({why})", f"[{style}]{count}[/]", ", ".join(keys))
-    return Group(table, found)
 
 
 @cli.command()
@@ -450,7 +343,7 @@ def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
                 rate=rate,
                 directory=directory,
                 say=live.console.print,
-                view=lambda state: live.update(_demo_view(state), refresh=True),
+                view=lambda state: live.update(views.demo_view(state), refresh=True),
             )
     else:
         report = run_demo(tasks=tasks, rate=rate, directory=directory, say=err.print)
@@ -458,50 +351,8 @@ def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
     if as_json:
         _print_json(data)
     else:
-        out.print(_demo_report(data))
+        out.print(views.demo_report(data))
     return 0 if data["lost"] == 0 and data["duplicated"] == 0 else 1
-
-
-def _demo_view(state: dict[str, Any]) -> Table:
-    table = Table(title=f"phase {state['phase']} ({state['percent']}%)", title_justify="left")
-    table.add_column("")
-    table.add_column("old", justify="right")
-    table.add_column("new", justify="right")
-    for status in ("pending", "running", "completed"):
-        table.add_row(status, str(state["old"].get(status, 0)), str(state["new"].get(status, 0)))
-    table.add_row("executed here", str(state["by_side"].get("old", 0)), str(state["by_side"].get("new", 0)))
-    routing = state["routing"]
-    table.caption = (
-        f"scheduled {state['scheduled']}, executed {state['executed']},"
-        f" fallback reads {state['fallbacks']}; writes old={routing['write_old']}"
-        f" new={routing['write_new']}, consume from {routing['consume_from']}"
-    )
-    return table
-
-
-def _demo_report(data: dict[str, Any]) -> Group:
-    table = Table(title="demo report", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    for key in (
-        "scheduled",
-        "executed",
-        "lost",
-        "duplicated",
-        "fallback_reads",
-        "repair_entries",
-        "rollbacks",
-    ):
-        style = "green" if key in ("lost", "duplicated") and data[key] == 0 else ""
-        table.add_row(key.replace("_", " "), f"[{style}]{data[key]}[/]" if style else str(data[key]))
-    table.add_row("crash resumed", str(data["crash_resumed"]))
-    table.add_row("validations ok", str(data["validations_ok"]))
-    table.add_row("journal verified", str(data["journal_verified"]))
-    phases = Table(title="seconds per phase", title_justify="left")
-    for phase in data["phases"]:
-        phases.add_column(phase, justify="right")
-    phases.add_row(*(f"{seconds:.1f}" for seconds in data["phases"].values()))
-    return Group(table, phases)
 
 
 @cli.command()
@@ -559,12 +410,28 @@ def _print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
+class _Run:
+    """What the group's options say about one `main` call."""
+
+    show_traceback: bool = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code instead of exiting (see `__main__`)."""
+    """Run the CLI; returns the exit code instead of exiting (see `__main__`).
+
+    Exit codes: 0 done, 1 refused or failed (see `exceptions`), 2 bad input, 3 conflict,
+    4 environment, 70 an unexpected error (a bug), 130 interrupted.
+    """
+    global out  # noqa: PLW0603 - one console per run, on the stdout of that run
+    out = _console()
     log.configure()
+    run = _Run()
     try:
         code = cli.main(
-            args=list(argv) if argv is not None else None, prog_name="migration-fsm", standalone_mode=False
+            args=list(argv) if argv is not None else None,
+            prog_name="migration-fsm",
+            standalone_mode=False,
+            obj=run,
         )
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
@@ -574,9 +441,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
         return exc.exit_code
     except MigrationFSMError as exc:
+        if run.show_traceback:
+            _print_traceback(exc)
         click.echo(f"error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, with its own exit code
+        if run.show_traceback:
+            _print_traceback(exc)
+            hint = "please report it with the traceback above"
+        else:
+            hint = "run it again as `migration-fsm --traceback COMMAND ...` to see where"
+        what = _one_line(f"{type(exc).__name__}: {exc}")
+        click.echo(f"error: unexpected {what}; this is a bug in migration-fsm: {hint}", err=True)
+        return UNEXPECTED_ERROR_EXIT_CODE
     return code if isinstance(code, int) else 0
+
+
+def _print_traceback(exc: BaseException) -> None:
+    sys.stderr.write("".join(traceback.format_exception(exc)))
+    sys.stderr.flush()
 
 
 def _one_line(message: str) -> str:

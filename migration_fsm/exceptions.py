@@ -21,6 +21,9 @@ This module is a leaf: it imports nothing from the package.
         ├── DatabaseUnavailable       4
         ├── SchemaNotCurrent          4  run `migration-fsm db upgrade`
         └── JournalCorrupt            4  `verify` failed
+
+    any other exception               70 a bug in migration-fsm (EX_SOFTWARE); `--traceback` shows it
+    Ctrl-C                            130
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from datetime import datetime
+
+#: The CLI's exit code for an error that is not a `MigrationFSMError`: a bug, not a refusal
+#: (`EX_SOFTWARE` of sysexits.h). `migration-fsm --traceback COMMAND` prints its traceback.
+UNEXPECTED_ERROR_EXIT_CODE = 70
 
 
 class MigrationFSMError(Exception):

@@ -452,6 +452,7 @@ class Migration:
                 status=StepStatus.FAILED,
                 error=error,
                 duration_ms=ms,
+                exc_info=exc,
             )
             lease.mark_step(
                 step.position, StepStatus.DONE if undo else StepStatus.FAILED, f"{label}: {error}"

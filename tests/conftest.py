@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -119,7 +122,18 @@ class CliResult:
         return lines[0]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, subprocess: bool = False
+) -> CliResult:
+    """Run the CLI with ARGS: in this process through `migration_fsm.cli.main` (the default),
+    or, with `subprocess=True`, as `python -m migration_fsm ARGS` as a user runs it. Either way
+    the `MIGRATION_FSM_*` variables of our environment are left out and `env` is added."""
+    if subprocess:
+        return run_cli_process(*args, env=env, timeout=timeout)
+    return run_cli_in_process(*args, env=env)
+
+
+def run_cli_process(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
     """Run `python -m migration_fsm ARGS` in a subprocess, as a user runs it."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
     full_env.update(env or {})
@@ -135,7 +149,33 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+#: One in-process run at a time: a run swaps sys.stdout, sys.stderr and os.environ.
+_IN_PROCESS = threading.Lock()
+
+
+def run_cli_in_process(*args: str, env: dict[str, str] | None = None) -> CliResult:
+    """Run `migration_fsm.cli.main(ARGS)` here, with stdout, stderr and the environment of a
+    subprocess, and the logging configuration it changes put back afterwards."""
+    from migration_fsm.cli import main
+
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k.startswith("MIGRATION_FSM_")}
+    overrides.update(env or {})
+    runner = CliRunner()
+    with _IN_PROCESS:
+        logging_before = structlog.get_config()
+        try:
+            with runner.isolation(env=overrides) as (stdout, stderr, _):
+                code = main(list(args))
+                sys.stdout.flush()
+                sys.stderr.flush()
+                result = CliResult(code, stdout.getvalue().decode(), stderr.getvalue().decode())
+        finally:
+            structlog.reset_defaults()
+            structlog.configure(**logging_before)
+    return result
+
+
 @pytest.fixture
 def cli() -> Callable[..., CliResult]:
-    """The CLI runner (see `run_cli`)."""
+    """The CLI, run in this process unless called with `subprocess=True` (see `run_cli`)."""
     return run_cli

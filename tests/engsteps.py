@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from typing import Any
 
 from migration_fsm.plugins.context import Context, GuardVerdict
@@ -13,6 +13,10 @@ CALLS: list[tuple[str, int | None, dict[str, Any] | None]] = []
 FAIL_ONCE: set[str] = set()
 #: Guard verdict used by `flag_guard`.
 FLAG: dict[str, Any] = {"passed": True}
+#: `held_step` sets HELD once it runs, then holds until the test sets RELEASE.
+HELD = threading.Event()
+RELEASE = threading.Event()
+HOLD_TIMEOUT = 60.0
 
 
 def _record(name: str, ctx: Context) -> None:
@@ -43,10 +47,13 @@ def step_c(ctx: Context) -> None:
     _record("step_c", ctx)
 
 
-def slow_step(ctx: Context) -> None:
-    """Sleeps longer than a short lease, relying on the background heartbeat."""
-    time.sleep(float(ctx.settings.lease_seconds) * 2.5)
-    _record("slow_step", ctx)
+def held_step(ctx: Context) -> None:
+    """Says it runs (HELD), then holds the transition until the test sets RELEASE, for as long
+    as the test needs (longer than a short lease, relying on the background heartbeat)."""
+    HELD.set()
+    if not RELEASE.wait(timeout=HOLD_TIMEOUT):
+        raise TimeoutError(f"held_step was not released within {HOLD_TIMEOUT:g} s")
+    _record("held_step", ctx)
 
 
 def bad_checkpoint(ctx: Context) -> None:

@@ -1,10 +1,12 @@
-"""The CLI as an operator runs it: `python -m migration_fsm` in subprocesses, on SQLite and
-PostgreSQL, held to the contract of DESIGN.md sections 2-5 (JSON shapes, exit codes, one
-`error: ` line, nothing written on bad input, config keys).
+"""The CLI as an operator runs it, on SQLite and PostgreSQL, held to the contract of
+DESIGN.md sections 2-5 (JSON shapes, exit codes, one `error: ` line, nothing written on bad
+input, config keys).
 
-A subprocess costs most of a second, so invocations that cannot interfere run at the same
-time: each works on a migration of its own (commands on different migrations share no
-lock), and setup that is not under test goes through the library in-process.
+Most invocations run in this process through `migration_fsm.cli.main` (see `run_cli`), with
+the environment, stdout and stderr a subprocess would get; the help and option-placement
+test runs real `python -m migration_fsm` subprocesses. Invocations that cannot interfere are
+written as run together (each on a migration of its own): in-process runs take turns.
+Setup that is not under test goes through the library.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def fails(
 
 
 def together(*jobs: Callable[[], CliResult]) -> list[CliResult]:
-    """Run invocations that cannot interfere at the same time; results in the order given."""
+    """Run invocations that cannot interfere, at the same time when they are subprocesses (in
+    this process they take turns); results in the order given."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(lambda job: job(), jobs))
 
@@ -614,11 +617,12 @@ def test_unreachable_database_exits_4_and_never_shows_the_password() -> None:
 
 def test_help_diagram_and_option_placement() -> None:
     """--help works, `diagram` prints every edge as Mermaid, options before the command are refused."""
+    process = partial(run_cli, subprocess=True)  # the module and its entry point, for real
     main_help, status_help, diagram, misplaced = together(
-        partial(run_cli, "--help"),
-        partial(run_cli, "status", "--help"),
-        partial(run_cli, "diagram"),
-        partial(run_cli, "-m", "x", "status"),
+        partial(process, "--help"),
+        partial(process, "status", "--help"),
+        partial(process, "diagram"),
+        partial(process, "-m", "x", "status"),
     )
     assert 0 == main_help.code, main_help.stderr
     for command in ("db", "init", "status", "advance", "rollback", "ramp", "resume", "abort", "history"):

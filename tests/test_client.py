@@ -132,7 +132,7 @@ def test_client_answers_default_phase_before_any_read(tmp_path: Path) -> None:
     with PhaseClient(f"sqlite:///{path}", ttl=0.05, default_phase=Phase.DUAL_WRITE) as phase_client:
         snap = phase_client.snapshot()
         assert (Phase.DUAL_WRITE, True, None) == (snap.phase, snap.stale, snap.read_at)
-        time.sleep(0.2)
+        assert wait_for(lambda: phase_client.counters()["refresh_errors"] >= 3)  # it did try
     assert not path.exists()
 
 
@@ -317,23 +317,24 @@ def test_async_cancel_between_writes_leaves_a_repair_entry(
 ) -> None:
     """Cancelling a write after its authoritative half leaves a repair entry."""
     move_to(engine, client, Phase.DUAL_WRITE)
-    gate = asyncio.Event()
+    written, second_started = asyncio.Event(), asyncio.Event()
 
     class Old(MemoryTaskStore):
         async def put(self, rec: TaskRecord) -> None:  # type: ignore[override]
             MemoryTaskStore.put(self, rec)
-            gate.set()
+            written.set()
 
     class Never(MemoryTaskStore):
         async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
+            second_started.set()
             await asyncio.sleep(3600)
             return True
 
     async def scenario() -> None:
         with AsyncDualWriter(client, Old("old"), Never("new")) as writer:
             task = asyncio.create_task(writer.write(record("z")))
-            await gate.wait()
-            await asyncio.sleep(0.01)
+            await written.wait()
+            await second_started.wait()  # cancelled in the second write, not before it
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -369,22 +370,40 @@ def test_async_writes_land_on_the_side_their_phase_made_authoritative(
     phase_seen: dict[str, Phase] = {}  # key -> the phase before and after its write, if one
 
     async def scenario() -> list[tuple[str, str]]:
+        # Even keys start at once; the flip starts when 100 of them are written, while the
+        # rest are in flight; odd keys start once the client has seen cutover. So both sides
+        # are authoritative for some writes, whatever the machine's speed.
+        written = 0
+        some_written, flipped = asyncio.Event(), asyncio.Event()
+
         async def one(i: int) -> tuple[str, str]:
+            nonlocal written
+            if i % 2:
+                await flipped.wait()
             await asyncio.sleep(rng.random() * 0.5)
             key = f"t{i:04d}"
             before = client.phase
             side = await writer.write(record(key))
             if client.phase is before:
                 phase_seen[key] = before
+            written += 1
+            if written == 100:
+                some_written.set()
             return key, side
 
-        def advance_soon() -> None:
-            time.sleep(0.2)
+        def advance_and_wait() -> None:
             engine.advance()
+            version = engine.store.get("default").version
+            assert wait_for(lambda: client.snapshot().version == version)
 
-        flip = asyncio.get_running_loop().run_in_executor(None, advance_soon)
+        async def flip() -> None:
+            await some_written.wait()
+            await asyncio.get_running_loop().run_in_executor(None, advance_and_wait)
+            flipped.set()
+
+        flipping = asyncio.create_task(flip())
         results = await asyncio.gather(*(one(i) for i in range(1000)))
-        await flip
+        await flipping
         return list(results)
 
     results = asyncio.run(scenario())
@@ -511,7 +530,7 @@ def test_malformed_notifications_do_not_stop_the_client(engine: Migration, upgra
 def test_client_started_before_init_keeps_one_connection(upgraded_url: str, store: Journal) -> None:
     """A client waiting for `init` stays stale without reconnecting on every poll, then follows."""
     with PhaseClient(upgraded_url, migration="later", ttl=0.05) as phase_client:
-        time.sleep(0.3)
+        assert wait_for(lambda: phase_client.counters()["refreshes"] >= 3)  # polled, found nothing
         assert (Phase.PREPARATION, True) == (phase_client.phase, phase_client.snapshot().stale)
         from sqlalchemy import text
 

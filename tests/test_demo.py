@@ -13,7 +13,16 @@ from tests.conftest import CliResult
 def test_demo_loses_nothing_and_runs_nothing_twice(cli: Callable[..., CliResult], tmp_path: Path) -> None:
     """A small demo run reports lost 0 and duplicated 0, having crashed, resumed and rolled back."""
     result = cli(
-        "demo", "--json", "--tasks", "400", "--rate", "80", "--dir", str(tmp_path / "demo"), timeout=300
+        "demo",
+        "--json",
+        "--tasks",
+        "400",
+        "--rate",
+        "80",
+        "--dir",
+        str(tmp_path / "demo"),
+        timeout=300,
+        subprocess=True,  # the whole program, as its users first meet it
     )
     assert 0 == result.code, result.stderr[-3000:]
     report = json.loads(result.stdout)

@@ -215,24 +215,32 @@ def test_heartbeat_keeps_a_long_step_leased(
 ) -> None:
     """A step running for longer than the lease keeps it through the background heartbeat."""
     to_dual_write(engine)
-    settings = {"steps": {"dual_write->cutover": ["tests.engsteps:slow_step"]}}
-    eng = make(engine.store, make_settings, lease_seconds=0.6, heartbeat_seconds=0.1, **settings)
+    settings = {"steps": {"dual_write->cutover": ["tests.engsteps:held_step"]}}
+    lease = 0.6
+    eng = make(engine.store, make_settings, lease_seconds=lease, heartbeat_seconds=0.1, **settings)
     thief = make(engine.store, make_settings, actor="thief", **settings)
     errors: list[BaseException] = []
+    engsteps.HELD.clear()
+    engsteps.RELEASE.clear()
 
     def attempt() -> None:
-        time.sleep(0.9)  # past the first lease's expiry, while the step still sleeps
         try:
+            assert engsteps.HELD.wait(timeout=engsteps.HOLD_TIMEOUT), "the step never started"
+            # The lease taken at the claim, before the step began, has expired by now: only
+            # the heartbeat keeps the transition leased. The step holds until we are done.
+            time.sleep(lease * 1.5)
             thief.resume()
-        except LeaseHeld as exc:
+        except BaseException as exc:  # noqa: BLE001 - the test reads what happened
             errors.append(exc)
+        finally:
+            engsteps.RELEASE.set()
 
     thread = threading.Thread(target=attempt)
     thread.start()
     outcome = eng.advance()
     thread.join()
     assert "committed" == outcome.status
-    assert 1 == len(errors)
+    assert [LeaseHeld] == [type(e) for e in errors], errors
     check_journal(engine.store)
 
 

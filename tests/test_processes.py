@@ -131,6 +131,7 @@ class Operator:
             *self.args(list(command), actor, migration),
             env={"PYTHONPATH": str(ROOT), PROC_DIR_ENV: str(self.proc_dir)},
             timeout=WAIT,
+            subprocess=True,  # real processes: these race, are killed and take over leases
         )
 
     def status(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ A configured name is either a built-in (`percent_is_100`) or an import path
 from __future__ import annotations
 
 import importlib
+import math
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigError
@@ -30,10 +31,13 @@ def min_soak(ctx: Context) -> GuardVerdict:
     """The current phase has run for at least `min_soak_seconds`."""
     soaked = (utcnow() - ctx.state.phase_entered_at).total_seconds()
     needed = ctx.settings.min_soak_seconds
-    verdict = "ok" if soaked >= needed else f"wait {needed - soaked:.0f} s more"
+    # Whole seconds that never contradict the verdict: the time soaked rounds down and the
+    # wait up, so a refusal never says "wait 0 s more" nor that the time needed has passed.
+    verdict = "ok" if soaked >= needed else f"wait {max(1, math.ceil(needed - soaked))} s more"
+    need = f"{needed:.0f}" if needed.is_integer() else f"{needed}"
     return GuardVerdict(
         soaked >= needed,
-        f"{soaked:.0f} s in {ctx.state.phase}, need {needed:.0f} s: {verdict}",
+        f"{math.floor(max(soaked, 0.0))} s in {ctx.state.phase}, need {need} s: {verdict}",
     )
 
 

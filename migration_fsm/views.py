@@ -1,0 +1,180 @@
+"""What the CLI draws: the rich tables of `status`, `history`, `validate` and `demo`.
+
+Pure functions from reports to renderables; `cli` prints them. Text that comes from the
+database is escaped, so a reason like "[drill] go" is not read as markup.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+
+from .fsm import PHASES
+
+if TYPE_CHECKING:
+    from . import commands
+    from .journal import JournalEntry
+    from .tools.runs import ValidationRun
+
+
+def status_view(report: commands.Status) -> Table:
+    data = report.as_json()
+    state = report.state
+    table = Table(title=f"migration '{state.name}'", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "phase", " -> ".join(f"[reverse]{p}[/reverse]" if p is state.phase else str(p) for p in PHASES)
+    )
+    table.add_row("version", str(state.version))
+    table.add_row("percent", f"{state.percent}%")
+    table.add_row("routing", ", ".join(f"{k}={v}" for k, v in data["routing"].items()))
+    table.add_row("phase entered", state.phase_entered_at.strftime("%Y-%m-%d %H:%M:%S UTC"))
+    if report.interrupted is not None:
+        entry = report.interrupted
+        step = data["interrupted"]["step"]
+        lease = (
+            f"held by {escape(state.lease_holder or '')} until {state.lease_expires_at:%H:%M:%S} UTC"
+            if state.lease_live()
+            else "free: run `migration-fsm resume` or `abort --reason TEXT`"
+        )
+        table.add_row(
+            "[red]interrupted[/red]",
+            f"#{entry.seq} {entry.trigger} {entry.source}->{entry.dest}"
+            f" at step {step or '(commit)'}; lease {lease}",
+        )
+        if entry.error:
+            table.add_row("[red]error[/red]", escape(entry.error))
+    table.add_row("allowed", ", ".join(data["allowed"]) or "(none)")
+    return table
+
+
+def validation_runs_table(checks: list[ValidationRun]) -> Table:
+    figures = ("old_count", "new_count", "missing", "mismatched", "extra", "status_differs")
+    table = Table(title="validate runs", title_justify="left")
+    for column in ("id", "started (UTC)", "phase", "result", *figures):
+        table.add_column(column, no_wrap=column == "started (UTC)")
+    for run in checks:
+        table.add_row(
+            str(run.id),
+            f"{run.started_at:%Y-%m-%d %H:%M:%S}",
+            run.phase or "",
+            "[green]ok[/green]" if run.ok else "[red]NOT OK[/red]",
+            *(str(run.summary[k]) for k in figures),
+        )
+    return table
+
+
+def history_table(migration: str, entries: list[JournalEntry]) -> Table:
+    table = Table(title=f"journal of '{migration}'", title_justify="left")
+    for column in (
+        "seq",
+        "started (UTC)",
+        "trigger",
+        "edge",
+        "%",
+        "status",
+        "actor",
+        "reason",
+        "guards",
+        "steps",
+    ):
+        table.add_column(column, no_wrap=column in ("started (UTC)", "edge", "status"))
+    colour = {"committed": "green", "refused": "yellow", "aborted": "magenta", "intent": "red"}
+    for e in entries:
+        # Text from the database is escaped: a reason like "[drill] go" is not markup.
+        guards = " ".join(f"{'✓' if g['passed'] else '✗'}{escape(g['name'])}" for g in e.guards)
+        steps = " ".join(f"{escape(s.name)}:{s.status}" for s in e.steps)
+        note = escape(e.reason or "")
+        if e.forced:
+            note = f"[bold]FORCED[/bold] {note}"
+        for takeover in e.takeovers:
+            how = "stolen by" if takeover.get("stolen") else "taken over by"
+            note = f"{note} ({takeover.get('command')}: {how} {escape(str(takeover.get('actor')))})".strip()
+        if e.error:
+            note = f"{note} [red]{escape(e.error)}[/red]".strip()
+        table.add_row(
+            str(e.seq),
+            f"{e.started_at:%Y-%m-%d %H:%M:%S}",
+            str(e.trigger),
+            f"{e.source or ''}->{e.dest}",
+            str(e.percent),
+            f"[{colour.get(e.status, 'white')}]{e.status}[/]",
+            escape(e.actor),
+            note,
+            guards,
+            steps,
+        )
+    return table
+
+
+def validation_view(data: dict[str, Any]) -> Group:
+    verdict = "[green]ok[/green]" if data["ok"] else "[red]NOT OK[/red]"
+    table = Table(title=f"validation: {verdict}", title_justify="left")
+    table.add_column("")
+    table.add_column("old", justify="right")
+    table.add_column("new", justify="right")
+    table.add_row("[bold]tasks[/bold]", str(data["old_count"]), str(data["new_count"]))
+    for status_name, count in data["counts_by_status"]["old"].items():
+        table.add_row(f"  {status_name}", str(count), str(data["counts_by_status"]["new"][status_name]))
+    found = Table(show_header=True)
+    found.add_column("difference")
+    found.add_column("count", justify="right")
+    found.add_column("first keys")
+    samples = data["samples"]
+    mismatched = [f"{m['key']} ({', '.join(m['fields'])})" for m in samples["mismatched"]]
+    for kind, why, keys in (
+        ("missing", "on old, not on new", samples["missing"]),
+        ("mismatched", "identity differs", mismatched),
+        ("extra", "on new, not on old", samples["extra"]),
+        ("status_differs", "other status or attempts", []),
+    ):
+        count = data[kind]
+        style = "red" if count and kind in ("missing", "mismatched") else "white"
+        found.add_row(f"{kind} ({why})", f"[{style}]{count}[/]", ", ".join(keys))
+    return Group(table, found)
+
+
+def demo_view(state: dict[str, Any]) -> Table:
+    table = Table(title=f"phase {state['phase']} ({state['percent']}%)", title_justify="left")
+    table.add_column("")
+    table.add_column("old", justify="right")
+    table.add_column("new", justify="right")
+    for status in ("pending", "running", "completed"):
+        table.add_row(status, str(state["old"].get(status, 0)), str(state["new"].get(status, 0)))
+    table.add_row("executed here", str(state["by_side"].get("old", 0)), str(state["by_side"].get("new", 0)))
+    routing = state["routing"]
+    table.caption = (
+        f"scheduled {state['scheduled']}, executed {state['executed']},"
+        f" fallback reads {state['fallbacks']}; writes old={routing['write_old']}"
+        f" new={routing['write_new']}, consume from {routing['consume_from']}"
+    )
+    return table
+
+
+def demo_report(data: dict[str, Any]) -> Group:
+    table = Table(title="demo report", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key in (
+        "scheduled",
+        "executed",
+        "lost",
+        "duplicated",
+        "fallback_reads",
+        "repair_entries",
+        "rollbacks",
+    ):
+        style = "green" if key in ("lost", "duplicated") and data[key] == 0 else ""
+        table.add_row(key.replace("_", " "), f"[{style}]{data[key]}[/]" if style else str(data[key]))
+    table.add_row("crash resumed", str(data["crash_resumed"]))
+    table.add_row("validations ok", str(data["validations_ok"]))
+    table.add_row("journal verified", str(data["journal_verified"]))
+    phases = Table(title="seconds per phase", title_justify="left")
+    for phase in data["phases"]:
+        phases.add_column(phase, justify="right")
+    phases.add_row(*(f"{seconds:.1f}" for seconds in data["phases"].values()))
+    return Group(table, phases)
