@@ -42,13 +42,16 @@ if TYPE_CHECKING:
     from .exceptions import TransitionInterrupted as TransitionInterrupted
     from .exceptions import TriggerNotAllowed as TriggerNotAllowed
     from .exceptions import UnknownMigration as UnknownMigration
+    from .fsm import EntryStatus as EntryStatus
     from .fsm import Phase as Phase
     from .fsm import Routing as Routing
+    from .fsm import StepStatus as StepStatus
     from .fsm import Trigger as Trigger
     from .fsm import bucket as bucket
     from .fsm import routing_for as routing_for
     from .journal import Journal as Journal
     from .journal import JournalEntry as JournalEntry
+    from .journal import Lease as Lease
     from .journal import MigrationState as MigrationState
     from .migration import GuardRecord as GuardRecord
     from .migration import Migration as Migration
@@ -75,6 +78,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "DatabaseUnavailable": "exceptions",
     "DualWriteError": "exceptions",
     "DualWriter": "client",
+    "EntryStatus": "fsm",
     "EnvironmentProblem": "exceptions",
     "FallbackReader": "client",
     "GuardRecord": "migration",
@@ -82,6 +86,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "Journal": "journal",
     "JournalCorrupt": "exceptions",
     "JournalEntry": "journal",
+    "Lease": "journal",
     "LeaseHeld": "exceptions",
     "MemoryTaskStore": "tasks.memory",
     "Migration": "migration",
@@ -98,6 +103,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "SqlTaskStore": "tasks.sql",
     "StepFailed": "exceptions",
     "StepSpec": "config",
+    "StepStatus": "fsm",
     "TaskRecord": "tasks.records",
     "TaskStatus": "tasks.records",
     "TaskStore": "tasks.records",
