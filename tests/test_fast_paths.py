@@ -22,6 +22,7 @@ from migration_fsm.tasks.capabilities import IdentityScan
 from migration_fsm.tasks.identity import identity_source
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
+from migration_fsm.testing import TRICKY_KEYS, changed, make_records
 from migration_fsm.tools.backfill import copy_tasks
 from migration_fsm.tools.validate import validate
 from tests import test_task_stores
@@ -30,13 +31,10 @@ from tests.test_task_stores import (
     LEGACY_COLUMNS,
     LEGACY_STATUS,
     PG,
-    TRICKY_KEYS,
     SqlCase,
     StoreCase,
-    changed,
     database,
     legacy_table,
-    make_records,
 )
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=PG)]

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from migration_fsm.tasks.factory import build_store
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, TaskStore
 from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.testing import T0, TRICKY_KEYS, TaskStoreContract, changed, make_records
 
 # -- table layouts ------------------------------------------------------------------------
 
@@ -65,7 +66,6 @@ LEGACY_COLUMNS = {
     "created_at": "enqueued",
     "updated_at": "modified",
 }
-T0 = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
 
 
 def plain_table(
@@ -262,39 +262,6 @@ def legacy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlCase]:
 
 
 # -- records ------------------------------------------------------------------------------
-
-#: Keys whose order differs between code point order and any linguistic collation.
-TRICKY_KEYS = [
-    "a", "B", "Z", "z", "A", "Zebra", "zebra", "aB", "ab", "a-b", "a_b", "a b", "_x", "-x",
-    "0", "9", "10", "e", "é", "f", "É", "ß", "ss", "日本", "😀", "~", "task-0001", "task-0010",
-]  # fmt: skip
-
-
-def make_records(keys: list[str], *, metadata: bool = True) -> list[TaskRecord]:
-    """One record per key, varied in every field (non-UTC offsets included)."""
-    statuses = list(TaskStatus)
-    plus_two = timezone(timedelta(hours=2))
-    records = []
-    for i, key in enumerate(keys):
-        created = T0 + timedelta(minutes=i, microseconds=i)
-        records.append(
-            TaskRecord(
-                key=key,
-                type=f"mail.send.{i % 3}",
-                payload={"to": f"user{i}@example.com", "n": i, "nested": {"ü": [1, 2.5, None, True]}},
-                status=statuses[i % len(statuses)],
-                attempts=i % 4,
-                created_at=created.astimezone(plus_two) if i % 2 else created,
-                updated_at=created + timedelta(seconds=30),
-                metadata={"source": "test", "i": i} if metadata else {},
-            )
-        )
-    return records
-
-
-def changed(record: TaskRecord, **changes: Any) -> TaskRecord:
-    return record.model_copy(update=changes)
-
 
 # -- the contract, on every store ---------------------------------------------------------
 
@@ -857,3 +824,12 @@ def test_build_store_errors_name_the_store_and_key(table: dict[str, Any], key: s
     assert 2 == caught.value.exit_code
     assert f"config key 'stores.old.{key}' is invalid" in str(caught.value)
     assert message in str(caught.value)
+
+
+class TestShippedContractOnTheMemoryStore(TaskStoreContract):
+    """`migration_fsm.testing.TaskStoreContract`, as an adapter author runs it, passes on
+    `MemoryTaskStore` (the SQL stores run the same checks through the `case` fixture above)."""
+
+    @pytest.fixture
+    def task_store(self) -> MemoryTaskStore:
+        return MemoryTaskStore("old")
