@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, create_engine, text
+from sqlalchemy import MetaData, create_engine, text
 from sqlalchemy.engine import make_url
 
 from migration_fsm import log
@@ -54,7 +54,7 @@ from migration_fsm.config import load_settings
 from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, canonical_json
-from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tasks.sql import SqlTaskStore, default_task_table
 from migration_fsm.tools.backfill import backfill_migration
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -124,20 +124,8 @@ def pg_row(i: int) -> tuple[Any, ...]:
 def task_table(url: str, name: str) -> None:
     """The default task table (every field in the column of its name), as the tests make it."""
     engine = make_engine(url, create=True)
-    key_type = String(200, collation="C") if engine.dialect.name == "postgresql" else String(200)
     metadata = MetaData()
-    Table(
-        name,
-        metadata,
-        Column("key", key_type, primary_key=True),
-        Column("type", String(100), nullable=False),
-        Column("payload", JSON, nullable=False),
-        Column("status", String(20), nullable=False),
-        Column("attempts", Integer, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False),
-        Column("updated_at", DateTime(timezone=True), nullable=False),
-        Column("metadata", JSON, nullable=False),
-    )
+    default_task_table(metadata, name, dialect=engine.dialect.name)
     metadata.drop_all(engine)
     metadata.create_all(engine)
     engine.dispose()

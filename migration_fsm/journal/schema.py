@@ -1,6 +1,6 @@
 """Every table and index of the migration database, as SQLAlchemy `Table` objects.
 
-The Alembic revisions in `migrations/` create them (never `create_all`); `tests/test_schema.py`
+The Alembic revisions in `migrations/` create them (never `create_all`); `tests/unit/test_schema.py`
 checks that these objects and the head revision agree, index for index.
 """
 

@@ -2,9 +2,11 @@
 and `RowCopy` (tasks copied between two such tables as rows).
 
 `mapping` (fields, columns, `ColumnKind`, status maps) -> `dialects` (SQLite and PostgreSQL
-specifics) -> `statements` (compiled once) -> `store` -> `rowcopy`.
+specifics) -> `statements` (compiled once) -> `store` -> `rowcopy`; `layout` is the default
+task table, every field in the column of its name.
 """
 
+from migration_fsm.tasks.sql.layout import default_task_table
 from migration_fsm.tasks.sql.mapping import (
     FIELDS,
     OPTIONAL_FIELDS,
@@ -30,4 +32,5 @@ __all__ = [
     "Statements",
     "TableMapping",
     "Writer",
+    "default_task_table",
 ]

@@ -1,0 +1,155 @@
+"""Export and import: a verified JSON Lines round trip, and archives that do not verify."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from migration_fsm.cli import cli
+from migration_fsm.exceptions import BadInput, DataError
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskStatus
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools.archive import export_tasks, import_tasks, verify_archive
+from migration_fsm.tools.validate import validate
+from tests.support.cli import run_cli
+from tests.support.datatools import (
+    create_task_table,
+    everything,
+    hundred_thousand,
+    sql_stores,
+    tasks,
+    write_stores_config,
+)
+
+
+def test_100000_tasks_round_trip_through_an_export(tmp_path: Path) -> None:
+    """old -> .jsonl -> empty store: validate finds them equal, and the summary counts them."""
+    old = MemoryTaskStore("old", hundred_thousand())
+    path = tmp_path / "old.jsonl"
+    summary = export_tasks(old, path, side="old", batch_size=5000)
+    assert (100_000, "old", "old") == (summary.count, summary.side, summary.store)
+    assert [path] == list(tmp_path.iterdir())  # no partial file left behind
+    with path.open(encoding="utf-8") as handle:
+        first = json.loads(handle.readline())
+    assert "t0000000" == first["key"]
+    restored = MemoryTaskStore("restored")
+    imported = import_tasks(restored, path, batch_size=5000)
+    assert (100_000, summary) == (imported.loaded, imported.summary)
+    report = validate(old, restored, batch_size=5000, settle=0)
+    assert report.ok
+    assert (100_000, 100_000, 0, 0, 0, 0) == (
+        report.old_count,
+        report.new_count,
+        report.missing,
+        report.extra,
+        report.mismatched,
+        report.status_differs,
+    )
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    """A plain (not gzip) export of 20 tasks in every status."""
+    path = tmp_path / "tasks.jsonl"
+    export_tasks(MemoryTaskStore("old", tasks(20, mixed=True)), path, side="old")
+    return path
+
+
+def _rewrite(path: Path, change: dict[int, str | None]) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for index, replacement in change.items():
+        lines[index] = "" if replacement is None else replacement
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("status", "the SHA-256 of the records does not match"),
+        ("payload", "the digest of the checksums does not match"),
+        ("drop", "19 records, the summary says 20"),
+        ("truncate", "has no summary line"),
+        ("garbage", "line 4: not a task record"),
+        ("after", "line 22: data after the summary line"),
+    ],
+)
+def test_an_archive_that_does_not_verify_is_refused_before_anything_is_loaded(
+    archive: Path, edit: str, message: str
+) -> None:
+    """Any edit, a lost line or a cut-off file is a DataError saying what is wrong; the store stays empty."""
+    lines = archive.read_text(encoding="utf-8").splitlines(keepends=True)
+    record = json.loads(lines[3])
+    if edit == "status":
+        record["status"] = str(
+            TaskStatus.CANCELLED if record["status"] != "cancelled" else TaskStatus.PENDING
+        )
+        _rewrite(archive, {3: json.dumps(record) + "\n"})
+    elif edit == "payload":
+        record["payload"] = {"changed": True}
+        _rewrite(archive, {3: json.dumps(record) + "\n"})
+    elif edit == "drop":
+        _rewrite(archive, {3: None})
+    elif edit == "truncate":
+        _rewrite(archive, {20: None})
+    elif edit == "garbage":
+        _rewrite(archive, {3: '{"key": ""}\n'})
+    else:
+        archive.write_text(archive.read_text(encoding="utf-8") + lines[0], encoding="utf-8")
+    store = MemoryTaskStore("new")
+    with pytest.raises(DataError, match=message):
+        import_tasks(store, archive)
+    assert 0 == len(store)
+
+
+def test_import_is_idempotent_and_a_missing_file_is_bad_input(archive: Path, tmp_path: Path) -> None:
+    """Importing twice leaves the same store; a file that does not exist is BadInput (exit 2)."""
+    store = MemoryTaskStore("new")
+    import_tasks(store, archive)
+    once = everything(store)
+    import_tasks(store, archive)
+    assert once == everything(store)
+    assert 20 == verify_archive(archive).count
+    with pytest.raises(BadInput, match="does not exist"):
+        import_tasks(store, tmp_path / "nope.jsonl")
+
+
+def test_export_and_import_commands_restore_a_sql_side(
+    upgraded_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`export --side old` then `import --side new` into an empty table gives an equal side."""
+    create_task_table(upgraded_url, "old_tasks")
+    create_task_table(upgraded_url, "new_tasks")
+    with SqlTaskStore(upgraded_url, "old_tasks", name="old") as old:
+        old.put_many(tasks(250, mixed=True))
+    config = write_stores_config(
+        tmp_path / "mfsm.toml", sql_stores(upgraded_url), ["backfill_batch_size = 60"]
+    )
+    out = tmp_path / "backup.jsonl.gz"  # gzip, by its name
+    exported = run_cli("export", "--db", upgraded_url, "--config", config, "--side", "old", "--out", str(out))
+    assert 0 == exported.code, exported.stderr
+    assert "exported 250 tasks of the old side" in exported.stdout
+    with gzip.open(out, "rt", encoding="utf-8") as handle:
+        assert 251 == sum(1 for _ in handle)
+    missing = tmp_path / "missing.jsonl"
+    code = cli.main(
+        ["import", "--config", config, "--side", "new", "--in", str(out)],
+        prog_name="migration-fsm",
+        standalone_mode=False,
+    )
+    assert 0 == code
+    assert "loaded 250 tasks into the new side" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(BadInput):
+        cli.main(
+            ["import", "--config", config, "--side", "new", "--in", str(missing)],
+            prog_name="migration-fsm",
+            standalone_mode=False,
+        )
+    with (
+        SqlTaskStore(upgraded_url, "old_tasks", name="old") as old,
+        SqlTaskStore(upgraded_url, "new_tasks", name="new") as new,
+    ):
+        assert everything(old) == everything(new)

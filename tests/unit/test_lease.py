@@ -1,0 +1,303 @@
+"""The lease and the compare-and-set writes of the journal, tested directly on the `Journal`
+(no `Migration`, no PostgreSQL advisory lock), on SQLite and on PostgreSQL.
+
+Each test would fail if a compare-and-set were removed or made always true: a stale claim,
+a stolen lease, a heartbeat that does nothing, two take-overs at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from migration_fsm.exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
+from migration_fsm.fsm import Phase, Trigger
+from migration_fsm.journal import (
+    Journal,
+    JournalEntry,
+    Lease,
+    MigrationState,
+    chain_hash,
+    journal_table,
+    migrations_table,
+    steps_table,
+    utcnow,
+)
+
+NAME = "leased"
+STEPS = [("tests.support.steps:step_a", None), ("tests.support.steps:step_b", "tests.support.steps:undo_b")]
+
+
+def _intent(actor: str = "alice", trigger: Trigger = Trigger.ADVANCE) -> JournalEntry:
+    return JournalEntry(
+        seq=0,
+        trigger=trigger,
+        source=Phase.PREPARATION,
+        dest=Phase.DUAL_WRITE,
+        percent=0,
+        status="intent",
+        actor=actor,
+        reason=None,
+        forced=False,
+        guards=[],
+        takeovers=[],
+        started_at=utcnow(),
+        finished_at=None,
+        host="test-host",
+        pid=1,
+        error=None,
+        prev_hash=None,
+        hash=None,
+    )
+
+
+def _claim(store: Journal, holder: str = "alice [h:1]", seconds: float = 30) -> tuple[MigrationState, Lease]:
+    store.create(NAME, "alice")
+    state = store.get(NAME)
+    lease, entry = store.claim(state, _intent(), STEPS, holder, seconds)
+    assert (entry.seq, lease.seq, lease.holder, lease.migration_id) == (2, 2, holder, state.id)
+    return state, lease
+
+
+def _snapshot(store: Journal) -> dict[str, Any]:
+    """Every row of the three journal tables, to show that nothing changed."""
+    with store.transaction(readonly=True) as conn:
+        return {
+            table.name: [
+                dict(row) for row in conn.execute(select(table).order_by(*table.primary_key)).mappings()
+            ]
+            for table in (migrations_table, journal_table, steps_table)
+        }
+
+
+def _expire(store: Journal) -> None:
+    with store.transaction() as conn:
+        conn.execute(
+            update(migrations_table)
+            .where(migrations_table.c.name == NAME)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+# -- claim --------------------------------------------------------------------------------
+
+
+def test_claim_with_a_stale_last_seq_writes_nothing(store: Journal) -> None:
+    """A refusal moved `last_seq` (not `version`): a claim from the state before it loses."""
+    store.create(NAME, "alice")
+    seen = store.get(NAME)
+    store.append_refused(seen, _intent())
+    before = _snapshot(store)
+    with pytest.raises(ConcurrentChange, match="changed while this command ran"):
+        store.claim(seen, _intent(), STEPS, "bob [h:2]", 30)
+    assert before == _snapshot(store)
+
+
+def test_claim_with_a_stale_version_writes_nothing(store: Journal) -> None:
+    """A commit moved `version`: a claim from the state before it loses."""
+    seen, lease = _claim(store)
+    lease.commit()
+    before = _snapshot(store)
+    with pytest.raises(ConcurrentChange, match=r"version 1 -> 2"):
+        store.claim(seen, _intent(), STEPS, "bob [h:2]", 30)
+    assert before == _snapshot(store)
+
+
+def test_claim_against_a_live_lease_names_its_holder(store: Journal) -> None:
+    """A second claim while a transition holds a live lease: `LeaseHeld` with its fields."""
+    seen, lease = _claim(store, holder="alice [h:1]")
+    before = _snapshot(store)
+    with pytest.raises(LeaseHeld, match=r"is held by alice \[h:1\] until") as info:
+        store.claim(seen, _intent(), STEPS, "bob [h:2]", 30)
+    assert "alice [h:1]" == info.value.holder
+    assert info.value.expires_at == store.get(NAME).lease_expires_at
+    assert 3 == info.value.exit_code
+    assert before == _snapshot(store)
+    # The seen state does not matter: a fresh one shows the transition in progress.
+    with pytest.raises(LeaseHeld):
+        store.claim(store.get(NAME), _intent(), STEPS, "bob [h:2]", 30)
+    assert before == _snapshot(store)
+    assert lease.heartbeat()
+
+
+def test_claim_against_an_expired_lease_says_interrupted(store: Journal) -> None:
+    seen, _ = _claim(store)
+    _expire(store)
+    before = _snapshot(store)
+    with pytest.raises(TransitionInterrupted, match="interrupted transition #2"):
+        store.claim(seen, _intent(), STEPS, "bob [h:2]", 30)
+    assert before == _snapshot(store)
+
+
+# -- the lease's writes -------------------------------------------------------------------
+
+
+def test_lease_writes_steps_checkpoints_and_commits(store: Journal) -> None:
+    """The happy path of every method, so the refusals below are not refusals of everything."""
+    _, lease = _claim(store)
+    lease.start_step(0)
+    lease.save_checkpoint(0, {"cursor": "k1"})
+    lease.mark_step(0, "done")
+    lease.start_step(1)
+    lease.start_step(1)
+    lease.mark_step(1, "failed", "boom")
+    entry = store.entry(store.get(NAME), 2)
+    first, second = entry.steps
+    assert ("done", 1, {"cursor": "k1"}) == (first.status, first.attempts, first.checkpoint)
+    assert first.finished_at is not None
+    assert ("failed", 2, "boom") == (second.status, second.attempts, second.error)
+    lease.start_step(1)
+    assert store.entry(store.get(NAME), 2).steps[1].error is None
+    lease.mark_step(1, "done")
+    final = lease.commit()
+    assert (Phase.DUAL_WRITE, 2, None, None) == (
+        final.phase,
+        final.version,
+        final.in_progress_seq,
+        final.lease_holder,
+    )
+    assert final == store.get(NAME)
+    row = store.entry(final, 2)
+    assert ("committed", final.head_hash) == (row.status, row.hash)
+
+
+def test_release_keeps_the_transition_interrupted(store: Journal) -> None:
+    _, lease = _claim(store)
+    lease.release("step x failed: boom")
+    state = store.get(NAME)
+    assert (2, None, None) == (state.in_progress_seq, state.lease_holder, state.lease_expires_at)
+    entry = store.entry(state, 2)
+    assert ("intent", "step x failed: boom") == (entry.status, entry.error)
+    # Released: the lease is no longer ours, so it cannot write any more.
+    assert not lease.heartbeat()
+    with pytest.raises(LeaseHeld, match="taken over by nobody"):
+        lease.commit()
+
+
+def test_abort_keeps_the_phase(store: Journal) -> None:
+    _, lease = _claim(store)
+    final = lease.abort()
+    assert (Phase.PREPARATION, 1, None) == (final.phase, final.version, final.in_progress_seq)
+    assert "aborted" == store.entry(final, 2).status
+
+
+def test_heartbeat_extends_the_lease(store: Journal) -> None:
+    """A heartbeat moves `lease_expires_at` to `lease_seconds` from now (not a no-op)."""
+    _, lease = _claim(store, seconds=600)
+    soon = utcnow() + timedelta(seconds=2)
+    with store.transaction() as conn:
+        conn.execute(update(migrations_table).values(lease_expires_at=soon))
+    before = utcnow()
+    assert lease.heartbeat()
+    expires = store.get(NAME).lease_expires_at
+    assert expires is not None
+    assert before + timedelta(seconds=590) < expires <= utcnow() + timedelta(seconds=600)
+
+
+def test_a_stolen_lease_cannot_write(store: Journal) -> None:
+    """After a steal, the old holder's every write is refused and changes nothing."""
+    _, lease = _claim(store, holder="alice [h:1]")
+    lease.start_step(0)
+    thief = store.take_over(store.get(NAME), "mallory [h:9]", 30, {"command": "resume", "stolen": True})
+    assert ("mallory [h:9]", lease.seq) == (thief.holder, thief.seq)
+    before = _snapshot(store)
+    assert not lease.heartbeat()
+    attempts = [
+        lambda: lease.start_step(1),
+        lambda: lease.mark_step(0, "done"),
+        lambda: lease.mark_step(0, "failed", "boom"),
+        lambda: lease.save_checkpoint(0, {"cursor": "x"}),
+        lambda: lease.release("boom"),
+        lease.commit,
+        lease.abort,
+    ]
+    for attempt in attempts:
+        with pytest.raises(LeaseHeld, match=r"transition #2 .* was taken over by mallory \[h:9\]") as info:
+            attempt()
+        assert "mallory [h:9]" == info.value.holder
+    assert before == _snapshot(store)
+    # The thief's lease works.
+    thief.mark_step(0, "done")
+    assert thief.heartbeat()
+    assert Phase.DUAL_WRITE == thief.commit().phase
+
+
+def test_take_over_from_a_changed_holder_is_refused(store: Journal) -> None:
+    """A take-over names the holder it saw; once someone else took over it writes nothing."""
+    _, lease = _claim(store, holder="alice [h:1]")
+    seen = store.get(NAME)
+    store.take_over(seen, "bob [h:2]", 30, {"command": "resume"})
+    before = _snapshot(store)
+    with pytest.raises(LeaseHeld, match=r"held by bob \[h:2\]"):
+        store.take_over(seen, "carol [h:3]", 30, {"command": "resume"})
+    assert before == _snapshot(store)
+    assert not lease.heartbeat()
+
+
+@pytest.mark.parametrize("command", ["resume", "abort"])
+def test_two_take_overs_at_once_exactly_one_wins(upgraded_url: str, command: str) -> None:
+    """Two operators, each with its own `Journal`, take over the same expired lease at the same
+    moment: one gets the lease, the other a `Conflict`, and one takeover is journaled."""
+    with Journal.open(upgraded_url) as setup:
+        _claim(setup, holder="ghost [h:0]")
+        _expire(setup)
+        seen = setup.get(NAME)
+    barrier = threading.Barrier(2)
+    won: list[Lease] = []
+    lost: list[BaseException] = []
+
+    def take(holder: str) -> None:
+        with Journal.open(upgraded_url) as journal:
+            barrier.wait(timeout=30)
+            try:
+                won.append(journal.take_over(seen, holder, 30, {"command": command, "actor": holder}))
+            except Conflict as exc:
+                lost.append(exc)
+
+    threads = [threading.Thread(target=take, args=(f"op{i} [h:{i}]",)) for i in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert (1, 1) == (len(won), len(lost)), (won, lost)
+    assert isinstance(lost[0], LeaseHeld)
+    with Journal.open(upgraded_url) as check:
+        state = check.get(NAME)
+        assert won[0].holder == state.lease_holder
+        takeovers = check.entry(state, 2).takeovers
+    assert [won[0].holder] == [t["actor"] for t in takeovers]
+
+
+# -- the hash chain -----------------------------------------------------------------------
+
+PINNED_ENTRY = JournalEntry(
+    seq=7,
+    trigger=Trigger.RAMP,
+    source=Phase.CUTOVER,
+    dest=Phase.CUTOVER,
+    percent=25,
+    status="committed",
+    actor="alice",
+    reason="ramp to a quarter",
+    forced=True,
+    guards=[{"name": "repair_log_empty", "passed": False, "detail": "2 open", "duration_ms": 3}],
+    takeovers=[{"command": "resume", "stolen": False}],
+    started_at=datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC),
+    finished_at=datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC),
+    host="ops-1",
+    pid=4242,
+    error=None,
+    prev_hash="ab" * 32,
+    hash=None,
+)
+PINNED_HASH = "eebe2496b0fcd7a793083a95a3683dbb754f0d6f7a63ca8d03d6b8f21469e436"
+
+
+def test_chain_hash_is_pinned() -> None:
+    """The hash format is part of every existing journal: it must not change."""
+    assert PINNED_HASH == chain_hash("ab" * 32, "orders", PINNED_ENTRY)
+    assert PINNED_HASH != chain_hash(None, "orders", PINNED_ENTRY)

@@ -1,0 +1,225 @@
+"""Validation: exactly the injected differences among 100,000 tasks, none for a concurrent
+writer, the CLI's report and exit codes, and the stored runs."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from migration_fsm.cli import cli
+from migration_fsm.config import load_settings
+from migration_fsm.journal import Journal
+from migration_fsm.migration import Migration
+from migration_fsm.tasks.memory import MemoryTaskStore
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
+from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.tools import runs
+from migration_fsm.tools.validate import classify, validate
+from tests.support.cli import run_cli
+from tests.support.datatools import (
+    create_task_table,
+    hundred_thousand,
+    sql_stores,
+    task,
+    tasks,
+    write_stores_config,
+)
+
+
+def _counts(records: list[TaskRecord]) -> dict[str, int]:
+    found = Counter(str(r.status) for r in records)
+    return {str(status): found.get(str(status), 0) for status in TaskStatus}
+
+
+def test_finds_exactly_the_injected_differences_among_100000_tasks() -> None:
+    """Missing, extra, mismatched (with fields) and status-only differences are each found exactly once."""
+    base = list(hundred_thousand())
+    changed = list(base)
+    changed[20] = base[20].model_copy(update={"payload": {"to": "someone else"}})
+    changed[30] = base[30].model_copy(update={"type": "sms", "status": TaskStatus.COMPLETED})
+    changed[40] = base[40].model_copy(update={"created_at": base[40].created_at + timedelta(seconds=1)})
+    changed[60] = base[60].model_copy(update={"status": TaskStatus.COMPLETED})
+    changed[70] = base[70].model_copy(update={"attempts": 3})
+    changed[80] = base[80].model_copy(update={"status": TaskStatus.FAILED, "attempts": 1})
+    changed[90] = base[90].model_copy(update={"metadata": {"moved": True}, "updated_at": base[0].updated_at})
+    for index in (99_999, 50_000, 10):
+        del changed[index]
+    extra = [task(100_001), base[500].model_copy(update={"key": "t0000500a"})]
+    changed += extra
+    report = validate(MemoryTaskStore("old", base), MemoryTaskStore("new", changed), settle=0)
+    assert {
+        "ok": False,
+        "old_count": 100_000,
+        "new_count": 99_999,
+        "missing": 3,
+        "extra": 2,
+        "mismatched": 3,
+        "status_differs": 3,
+        "counts_by_status": {"old": _counts(base), "new": _counts(changed)},
+        "samples": {
+            "missing": ["t0000010", "t0050000", "t0099999"],
+            "extra": ["t0000500a", "t0100001"],
+            "mismatched": [
+                {"key": "t0000020", "fields": ["payload"]},
+                {"key": "t0000030", "fields": ["type", "status"]},
+                {"key": "t0000040", "fields": ["created_at"]},
+            ],
+        },
+    } == report.as_json()
+
+
+def test_samples_are_the_first_n_in_key_order() -> None:
+    """validate_sample_size caps each sample list; counts still cover every difference."""
+    report = validate(MemoryTaskStore("old", tasks(50)), MemoryTaskStore("new"), sample_size=4, settle=0)
+    assert (50, ["t0000000", "t0000001", "t0000002", "t0000003"]) == (report.missing, report.sample_missing)
+
+
+def test_classify_ignores_updated_at_and_metadata() -> None:
+    """Only identity and progress fields make a difference; `updated_at` and `metadata` do not."""
+    a = task(1)
+    assert classify(a, a.model_copy(update={"metadata": {"x": 1}, "updated_at": a.created_at})) is None
+    assert ("status_differs", ["status"]) == classify(a, a.model_copy(update={"status": TaskStatus.RUNNING}))
+    assert ("missing", []) == classify(a, None)
+    assert ("extra", []) == classify(None, a)
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> int:
+    """Run a CLI command in this process (no interpreter start-up); returns its exit code."""
+    capsys.readouterr()
+    code = cli.main(list(args), prog_name="migration-fsm", standalone_mode=False)
+    assert isinstance(code, int)
+    return code
+
+
+class SlowScan(MemoryTaskStore):
+    """A memory store whose pages take a few milliseconds, like a database's."""
+
+    def scan(self, after: str | None, limit: int) -> Sequence[TaskRecord]:
+        time.sleep(0.004)
+        return super().scan(after, limit)
+
+
+def test_a_concurrent_dual_writer_is_not_reported_as_a_difference() -> None:
+    """Dual writes (inserts, status changes) landing during the scan are re-read, not reported."""
+    base = list(hundred_thousand()[:20_000])
+    old, new = SlowScan("old", base), SlowScan("new", base)
+    stop = threading.Event()
+    written = 0
+
+    def writer() -> None:
+        nonlocal written
+        rng = random.Random(7)
+        while not stop.is_set():
+            i = rng.randrange(20_000)
+            if written % 2:
+                record = task(i).model_copy(update={"key": f"t{i:07d}w{written}"})
+            else:
+                record = task(i, status=rng.choice(list(TaskStatus)), attempts=rng.randrange(3))
+            old.put(record)  # the authoritative side first, as DualWriter does
+            new.put(record)
+            written += 1
+            stop.wait(0.0002)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        report = validate(old, new, batch_size=200)
+    finally:
+        stop.set()
+        thread.join()
+    assert written > 200
+    assert (0, 0, 0, 0) == (report.missing, report.extra, report.mismatched, report.status_differs)
+    assert report.ok
+    assert report.old_count == report.new_count
+
+
+def test_a_write_in_flight_at_the_scan_tail_gets_its_whole_settle_time() -> None:
+    """The newest difference waits its settle time too, not only the oldest of its batch: a
+    task written to old whose write to new lands 0.1 s after the scan reached it (the tail of
+    the key space, where a live producer writes) is not reported missing, even though an
+    earlier difference of the same batch has long settled."""
+    base = tasks(4000)
+    old = SlowScan("old", [*base, task(9999)])  # t9999: the newest task, on old only so far
+    early = base[0].model_copy(update={"status": TaskStatus.COMPLETED})  # settled long before
+    landed = threading.Event()
+
+    class Tail(SlowScan):
+        def scan(self, after: str | None, limit: int) -> Sequence[TaskRecord]:
+            page = super().scan(after, limit)
+            if len(page) < limit and not landed.is_set():  # the scan reached the tail
+                landed.set()
+                threading.Timer(0.1, self.put, args=(task(9999),)).start()
+            return page
+
+    new = Tail("new", [early, *base[1:]])
+    started = time.monotonic()
+    report = validate(old, new, batch_size=50, settle=0.3)
+    assert time.monotonic() - started > 0.3  # the scan outlasted the first difference's settle
+    assert landed.is_set()
+    assert (0, 0, 1) == (report.missing, report.mismatched, report.status_differs)
+    assert report.ok
+
+
+def test_validate_cli_reports_records_the_run_and_exits_by_verdict(
+    upgraded_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate --json` exits 1 while tasks are missing, 0 once fixed; every run is stored."""
+    create_task_table(upgraded_url, "old_tasks")
+    create_task_table(upgraded_url, "new_tasks")
+    records = tasks(300, mixed=True)
+    with (
+        SqlTaskStore(upgraded_url, "old_tasks", name="old") as old,
+        SqlTaskStore(upgraded_url, "new_tasks", name="new") as new,
+    ):
+        old.put_many(records)
+        new.put_many(
+            [r for r in records if r.key not in ("t0000005", "t0000006")]
+            + [task(999), records[7].model_copy(update={"type": "sms"})]
+        )
+    config = write_stores_config(tmp_path / "mfsm.toml", sql_stores(upgraded_url))
+    with Journal.open(upgraded_url) as store:
+        Migration(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
+    common = ("--db", upgraded_url, "--config", config)
+    bad = run_cli("validate", "--json", *common)
+    assert 1 == bad.code, bad.stderr
+    doc = json.loads(bad.stdout)
+    assert (False, 300, 299, 2, 1, 1) == (
+        doc["ok"],
+        doc["old_count"],
+        doc["new_count"],
+        doc["missing"],
+        doc["extra"],
+        doc["mismatched"],
+    )
+    assert {"missing": ["t0000005", "t0000006"], "extra": ["t0000999"]} == {
+        k: doc["samples"][k] for k in ("missing", "extra")
+    }
+    assert [{"key": "t0000007", "fields": ["type"]}] == doc["samples"]["mismatched"]
+    with SqlTaskStore(upgraded_url, "new_tasks", name="new") as new:
+        new.put_many(records[5:8])
+    assert 0 == in_process(capsys, "validate", *common)
+    human = capsys.readouterr().out
+    assert "validation: ok" in human
+    assert "t0000999" in human  # the extra task is still reported
+    assert 0 == in_process(capsys, "history", *common)
+    rows = [
+        line for line in capsys.readouterr().out.split("validate runs")[1].splitlines() if "prepar" in line
+    ]
+    assert [True, False] == ["NOT OK" in row for row in rows]  # both runs, oldest first
+    with Journal.open(upgraded_url) as store:
+        latest = runs.latest_validation(store, "default")
+    assert latest is not None
+    assert (True, "preparation", 0, 1) == (
+        latest.ok,
+        latest.phase,
+        latest.summary["missing"],
+        latest.summary["extra"],
+    )
