@@ -1,0 +1,115 @@
+"""`Settings`: where each value comes from, and one clear line for each kind of bad config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from migration_fsm.config import DEFAULT_DATABASE_URL, StepSpec, load_settings
+from migration_fsm.exceptions import BadInput, ConfigError
+
+
+@pytest.fixture(autouse=True)
+def no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None of the MIGRATION_FSM_* variables of the shell running the tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MIGRATION_FSM_"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "migration-fsm.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings(None)
+    assert (DEFAULT_DATABASE_URL, 30.0, 10.0, "requeue") == (
+        settings.database_url,
+        settings.lease_seconds,
+        settings.heartbeat_interval,
+        settings.drain_policy,
+    )
+    assert "@" in settings.actor
+
+
+def test_arguments_beat_the_environment_which_beats_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, 'actor = "from-file"\nlease_seconds = 12\nmin_soak_seconds = 7\n')
+    monkeypatch.setenv("MIGRATION_FSM_ACTOR", "from-env")
+    monkeypatch.setenv("MIGRATION_FSM_LEASE_SECONDS", "20")
+    settings = load_settings(path, actor="from-argument", lease_seconds=None)
+    assert ("from-argument", 20.0, 7.0) == (settings.actor, settings.lease_seconds, settings.min_soak_seconds)
+
+
+def test_steps_accept_a_name_or_a_step_with_its_undo(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[steps]\n"preparation->dual_write" = ["a.b:c", { do = "a.b:d", undo = "a.b:e" }]\n',
+    )
+    steps = load_settings(path).steps["preparation->dual_write"]
+    assert ["a.b:c", StepSpec(do="a.b:d", undo="a.b:e")] == steps
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("colour = 1\n", "config key 'colour' in {path} is not a known setting: remove or rename it"),
+        (
+            "lease_seconds = 0\n",
+            "config key 'lease_seconds' in {path} is invalid: Input should be greater than 0",
+        ),
+        (
+            '[guards]\n"preparation->cutover" = []\n',
+            "config key 'guards' in {path} is invalid: 'preparation->cutover' is not an edge",
+        ),
+        (
+            'drain_policy = "retry"\n',
+            "config key 'drain_policy' in {path} is invalid: Input should be 'requeue'",
+        ),
+        (
+            '[stores.old]\nkind = "sql"\nurl = "sqlite://"\n',
+            "config key 'stores.old' in {path} is invalid: a 'sql' store needs 'url' and 'table'",
+        ),
+        (
+            '[stores.old]\nkind = "memory"\nstatus_map = { done = "finished" }\n',
+            "status_map: 'done' maps to 'finished', not one of pending",
+        ),
+        (
+            '[stores.old]\nkind = "memory"\ncolumns = { body = "x" }\n',
+            "columns: 'body' is not a task field",
+        ),
+        ('[stores.old]\nkind = "redis"\n', "kind 'redis' is not 'sql', 'memory' or 'package.module:factory'"),
+        ('[stores.old]\nkind = "memory"\nurl = "x"\ncolour = 1\n', "unknown key 'colour' for kind 'memory'"),
+        ("lease_seconds = [\n", "is not valid TOML"),
+    ],
+)
+def test_a_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, says: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert says.format(path=path) in message
+    assert isinstance(caught.value, BadInput)  # exit 2
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .*nope\.toml does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_a_bad_override_names_the_key_without_a_file() -> None:
+    with pytest.raises(ConfigError, match=r"^config key 'max_failure_rate' is invalid: "):
+        load_settings(None, max_failure_rate=2)
+
+
+def test_the_settings_are_frozen() -> None:
+    settings = load_settings(None)
+    with pytest.raises(ValueError, match="frozen"):
+        settings.lease_seconds = 1
