@@ -293,7 +293,7 @@ class Migration:
         )
 
     def _plan(self, state: MigrationState, edge: Edge, requested: int | None) -> Plan:
-        percent = percent_after(edge, state.percent, requested)
+        percent = percent_after(edge, requested=requested)
         guards = [
             (name, forceable, resolve_guard(name, f'guards."{edge.key}"'))
             for name, forceable in edge_guards(self.settings, edge)
