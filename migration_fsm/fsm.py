@@ -56,6 +56,14 @@ class StepStatus(StrEnum):
     UNDONE = "undone"
 
 
+class RepairStatus(StrEnum):
+    """The status of a dual-write repair log entry, as stored: `open` until `reconcile`
+    replays the missed write, then `done`."""
+
+    OPEN = "open"
+    DONE = "done"
+
+
 PHASES: Final[tuple[Phase, ...]] = tuple(Phase)
 INITIAL: Final = Phase.PREPARATION
 FINAL: Final[frozenset[Phase]] = frozenset({Phase.COMPLETE})
