@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import exists, select, text, update
 
 from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
+from ..fsm import EntryStatus, StepStatus
 from .chain import chain_hash
 from .db import utcnow
 from .records import MigrationState, entry_from_row, read_migration, replace
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from .journal import Journal
 
 #: Step statuses that end a step (they set `finished_at`).
-FINISHED: Final = frozenset({"done", "failed", "undone"})
+FINISHED: Final = frozenset({StepStatus.DONE, StepStatus.FAILED, StepStatus.UNDONE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,7 @@ class Lease:
         self._update_step(
             position,
             {
-                "status": "started",
+                "status": StepStatus.STARTED,
                 "error": None,
                 "attempts": steps_table.c.attempts + 1,
                 "started_at": now,
@@ -124,13 +125,13 @@ class Lease:
 
     def commit(self) -> MigrationState:
         """Close the transition as `committed`: phase, percent and version move."""
-        return self._close("committed")
+        return self._close(EntryStatus.COMMITTED)
 
     def abort(self) -> MigrationState:
         """Close the transition as `aborted`: phase, percent and version stay."""
-        return self._close("aborted")
+        return self._close(EntryStatus.ABORTED)
 
-    def _close(self, status: str) -> MigrationState:
+    def _close(self, status: EntryStatus) -> MigrationState:
         """Close the transition as `status`, chain its hash and release the lease, in one
         transaction that begins with the compare-and-set on the migration row."""
         now = utcnow()
@@ -155,7 +156,7 @@ class Lease:
                 status=status,
                 finished_at=now,
                 prev_hash=current.head_hash,
-                error=None if status == "committed" else row["error"],
+                error=None if status == EntryStatus.COMMITTED else row["error"],
             )
             digest = chain_hash(current.head_hash, current.name, entry)
             after = replace(
@@ -166,7 +167,7 @@ class Lease:
                 head_hash=digest,
                 updated_at=now,
             )
-            if status == "committed":
+            if status == EntryStatus.COMMITTED:
                 after = replace(
                     after,
                     phase=entry.dest,
@@ -200,7 +201,7 @@ class Lease:
                     error=entry.error,
                 )
             )
-            if status == "committed" and self.journal.dialect == "postgresql":
+            if status == EntryStatus.COMMITTED and self.journal.dialect == "postgresql":
                 # Delivered at commit, carrying the new state: PhaseClients apply it without a query.
                 payload = json.dumps(
                     {

@@ -409,7 +409,7 @@ def bind(param: str, column: Column[Any]) -> ColumnElement[Any]:
     return bindparam(param, type_=String() if isinstance(column.type, NullType) else column.type)
 
 
-def _identity(value: Any, key: str) -> Any:
+def _identity(value: Any, key: str) -> Any:  # noqa: ARG001  a Reader; key names the row in errors
     return value
 
 
