@@ -233,7 +233,8 @@ def test_validate_flags_a_run_at_difference_on_both_paths(
     """run_at is identity: set on one side only, or another time, is a mismatch naming
     run_at, with and without the fast path; the same time in another zone is no difference."""
     base = make_records([f"k{i:03d}" for i in range(60)], run_at=True)
-    assert base[3].run_at is not None and base[4].run_at is None
+    assert base[3].run_at is not None
+    assert base[4].run_at is None
     new = list(base)
     new[3] = changed(base[3], run_at=None)
     new[4] = changed(base[4], run_at=base[4].created_at)

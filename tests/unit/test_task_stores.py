@@ -467,7 +467,8 @@ def test_run_at_in_every_form_a_column_holds(
             )  # fmt: skip
         metadata.create_all(raw)
         records = make_records(TRICKY_KEYS, run_at=True)
-        assert any(r.run_at is None for r in records) and any(r.run_at is not None for r in records)
+        assert any(r.run_at is None for r in records)
+        assert any(r.run_at is not None for r in records)
         try:
             for table in ("tasks", "tasks_naive", "tasks_text"):
                 with SqlTaskStore(url, table, name="new") as store:
