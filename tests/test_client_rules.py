@@ -5,6 +5,7 @@ shadow reads go; the sync and async twins alike."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -355,3 +356,123 @@ def test_per_key_routing_equals_the_table_in_every_phase(tmp_path: Path) -> None
                 assert routing_for(phase, percent) == client.routing()
                 for i in range(200):
                     assert routing_for(phase, percent, f"k{i}") == client.routing(f"k{i}")
+
+
+class PlainStore:
+    """A store with `put` and `get` only: no `put_forward` (the `ForwardPut` capability)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, TaskRecord] = {}
+
+    def put(self, record: TaskRecord) -> None:
+        self.records[record.key] = record
+
+    def get(self, key: str) -> TaskRecord | None:
+        return self.records.get(key)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_second_write_uses_put_forward_when_the_store_has_it_and_counts_writes_behind(
+    asynchronous: bool,
+) -> None:
+    """The second write goes through `put_forward` where the store offers it (a write behind
+    the stored state is counted, not applied), through `put` where it does not (never
+    counted as behind); the writer is lenient unless asked to be strict."""
+    finished = record("done").model_copy(update={"status": TaskStatus.COMPLETED})
+    forward = MemoryTaskStore("new", [finished])
+    plain = PlainStore()
+    counters: list[dict[str, int]] = []
+    for new in (forward, plain):
+        repair = MemoryRepairLog()
+        kind: Any = AsyncDualWriter if asynchronous else DualWriter
+        writer = kind(fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), new, repair=repair)
+        assert writer.strict is False
+        for key in ("fresh", "done"):
+            result = writer.write(record(key))
+            assert "old" == (asyncio.run(result) if asynchronous else result)
+        assert [] == repair.entries
+        counters.append(writer.counters())
+    assert (TaskStatus.COMPLETED, record("fresh")) == (forward.get("done").status, forward.get("fresh"))  # type: ignore[union-attr]
+    assert {"fresh": record("fresh"), "done": record("done")} == plain.records
+    assert [(2, 1), (2, 0)] == [(c["second_writes"], c["second_writes_behind"]) for c in counters]
+
+
+def _shadowed(asynchronous: bool, caplog: pytest.LogCaptureFixture) -> tuple[dict[str, int], list[Any]]:
+    old, new = MemoryTaskStore("old"), MemoryTaskStore("new")
+    old.put(record("k1"))
+    new.put(record("k1").model_copy(update={"status": TaskStatus.RUNNING}))
+    old.put(record("k2"))  # not on new yet
+    new.put(record("k3"))  # not on old
+    old.put(record("k5"))
+    new.put(record("k5"))
+    kind = AsyncFallbackReader if asynchronous else FallbackReader
+    reader = kind(fixed(Phase.DUAL_WRITE), old, new, shadow_sample=1.0)
+    with caplog.at_level("WARNING", logger="migration_fsm.client"):
+        for key in ("k1", "k2", "k3", "k4", "k5"):
+            _read(asynchronous, reader, key)
+    return reader.counters(), [r for r in caplog.records if r.name == "migration_fsm.client"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_shadow_mismatch_is_logged_naming_the_key_and_what_differs(
+    asynchronous: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each mismatching shadow read logs one warning with the key and the differing fields
+    (or the side the task is missing on); agreeing reads, a miss on both included, log nothing."""
+    counters, records = _shadowed(asynchronous, caplog)
+    assert (5, 3) == (counters["shadow_reads"], counters["shadow_mismatches"])
+    assert [
+        "shadow read of k1 differs on status",
+        "shadow read of k2 differs on (missing on new)",
+        "shadow read of k3 differs on (missing on old)",
+    ] == [r.getMessage() for r in records]
+    assert [("default", "k1", ["status"]), ("default", "k2", ["(missing on new)"])] == [
+        (r.migration, r.key, r.fields) for r in records[:2]
+    ]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_failed_shadow_read_is_logged_and_the_primary_answers(
+    asynchronous: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[tuple[str, str, str]] = []
+    old, new = Ordered("old", calls), Ordered("new", calls)
+    old.put(record("k1"))
+    new.fail_gets = True
+    kind = AsyncFallbackReader if asynchronous else FallbackReader
+    reader = kind(fixed(Phase.DUAL_WRITE), old, new, shadow_sample=1.0)
+    with caplog.at_level("WARNING", logger="migration_fsm.client"):
+        assert record("k1") == _read(asynchronous, reader, "k1")
+    assert ["shadow read of k1 failed: ConnectionError: new is down"] == [
+        r.getMessage() for r in caplog.records if r.name == "migration_fsm.client"
+    ]
+
+
+def test_shadow_sample_is_a_probability_drawn_per_read() -> None:
+    """`shadow_sample` p shadows a read when the draw is below p: never at 0, always at 1."""
+    for bad in (-0.1, 1.01, 2.0):
+        with pytest.raises(ValueError, match=r"^shadow_sample must be between 0 and 1$"):
+            FallbackReader(
+                fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), MemoryTaskStore("new"), shadow_sample=bad
+            )
+    for sample, draw, shadowed in ((0.5, 0.5, 0), (0.5, 0.4999, 1), (1.0, 0.9999, 1), (0.0, 0.0, 0)):
+        reader = FallbackReader(
+            fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), MemoryTaskStore("new"), shadow_sample=sample
+        )
+        reader._random = itertools.repeat(draw).__next__
+        reader.get("k1")
+        assert shadowed == reader.counters()["shadow_reads"], (sample, draw)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_hit_on_new_does_not_fall_back(asynchronous: bool) -> None:
+    """Once reads come from new, a task new holds is its answer: old is read only on a miss."""
+    old, new = MemoryTaskStore("old"), MemoryTaskStore("new")
+    old.put(record("k1"))
+    newer = record("k1").model_copy(update={"status": TaskStatus.COMPLETED})
+    new.put(newer)
+    kind = AsyncFallbackReader if asynchronous else FallbackReader
+    reader = kind(fixed(Phase.CUTOVER, 100), old, new)
+    assert newer == _read(asynchronous, reader, "k1")
+    assert _read(asynchronous, reader, "k2") is None  # a miss on both: old is read, and misses too
+    assert (2, 1) == (reader.counters()["reads"], reader.counters()["fallbacks"])
