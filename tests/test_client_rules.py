@@ -476,3 +476,74 @@ def test_a_hit_on_new_does_not_fall_back(asynchronous: bool) -> None:
     assert newer == _read(asynchronous, reader, "k1")
     assert _read(asynchronous, reader, "k2") is None  # a miss on both: old is read, and misses too
     assert (2, 1) == (reader.counters()["reads"], reader.counters()["fallbacks"])
+
+
+class FakeClock:
+    """Stands for `time` in `migration_fsm.client.phase`: `monotonic()` is whatever we set."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_outages_their_stale_time_and_one_warning_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stale seconds add up over outages (and stop while the client is fresh); each outage
+    warns once when it starts and once when a read recovers it, a read of the same version
+    included; a client that never read anything does not say it recovered."""
+    from migration_fsm.client import phase as phase_module
+
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(phase_module, "time", clock)
+    with (
+        caplog.at_level("WARNING", logger="migration_fsm.client"),
+        PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}", ttl=3600) as client,
+    ):
+        clock.now = 102.0
+        assert (1, 0, 2.0, 1.0, 0.0) == _outage_counters(client)
+        clock.now = 103.0
+        client._install(Phase.DUAL_WRITE, 0, 3)  # the first good read: not a recovery
+        clock.now = 110.0
+        assert (1, 0, 3.0, 0.0, 3.0) == _outage_counters(client)
+        client._failed(OSError("disk gone"))
+        clock.now = 111.0
+        client._failed(OSError("still gone"))
+        assert client.snapshot().stale
+        clock.now = 115.0
+        assert (3, 1, 8.0, 1.0, 3.0) == _outage_counters(client)
+        client._install(Phase.DUAL_WRITE, 0, 3)  # the same version again ends the outage
+        assert not client.snapshot().stale
+        clock.now = 120.0
+        assert (3, 1, 8.0, 0.0, 3.0) == _outage_counters(client)
+    messages = [r.getMessage() for r in caplog.records if r.name == "migration_fsm.client"]
+    assert 3 == len(messages), messages
+    assert messages[0].startswith(
+        "migration-fsm client cannot read default, keeping phase preparation (stale): "
+    )
+    assert messages[1:] == [
+        "migration-fsm client cannot read default, keeping phase dual_write (stale): OSError: disk gone",
+        "migration-fsm client recovered: default is dual_write at 0%",
+    ]
+    recovered = [r for r in caplog.records if r.name == "migration_fsm.client"][-1]
+    assert ("default", "dual_write", 3) == tuple(
+        vars(recovered)[k] for k in ("migration", "phase", "version")
+    )
+
+
+def _outage_counters(client: PhaseClient) -> tuple[float, ...]:
+    counters = client.counters()
+    return tuple(counters[k] for k in ("refresh_errors", "outages", "stale_seconds", "stale", "version"))
+
+
+def test_the_client_takes_sqlite_and_postgresql_urls_and_a_positive_ttl(tmp_path: Path) -> None:
+    for ttl in (0, -1.0):
+        with pytest.raises(ValueError, match=r"^ttl must be positive$"):
+            PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}", ttl=ttl)
+    with pytest.raises(ValueError, match=r"supports SQLite and PostgreSQL URLs, not mysql"):
+        PhaseClient("mysql://u@127.0.0.1:1/x")
+    # Nothing listens on port 1: the client starts stale on its default phase.
+    with PhaseClient("postgresql+psycopg://u@127.0.0.1:1/x", ttl=3600, connect_timeout=1) as client:
+        assert (Phase.PREPARATION, True) == (client.phase, client.snapshot().stale)
