@@ -204,15 +204,18 @@ def test_an_interrupt_between_the_sync_writes_leaves_a_repair_entry(
     )
 
 
-def test_a_strict_writer_raises_dual_write_error_after_recording() -> None:
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_strict_writer_raises_dual_write_error_after_recording(asynchronous: bool) -> None:
     """A strict writer's failed second write is recorded, then raised as DualWriteError
     (exit code 1, defined in `exceptions`)."""
     calls: list[tuple[str, str, str]] = []
     old, new = Ordered("old", calls), Ordered("new", calls)
     new.fail = ConnectionError("down")
     repair = MemoryRepairLog()
+    kind: Any = AsyncDualWriter if asynchronous else DualWriter
+    writer = kind(fixed(Phase.DUAL_WRITE), old, new, strict=True, repair=repair)
     with pytest.raises(DualWriteError, match="write of k to new failed: ConnectionError: down") as info:
-        DualWriter(fixed(Phase.DUAL_WRITE), old, new, strict=True, repair=repair).write(record("k"))
+        _write(asynchronous, writer, record("k"))
     assert isinstance(info.value, MigrationFSMError)
     assert (1, 1) == (info.value.exit_code, len(repair.entries))
 
@@ -231,6 +234,28 @@ def test_an_interrupt_between_the_writes_reaches_the_real_repair_log(
         with pytest.raises(KeyboardInterrupt):
             writer.write(record("k"))
     assert (record("k"), 1) == (old.get("k"), open_entries(store, "default"))
+
+
+def test_the_repair_log_stores_an_open_entry_and_reopens_after_close(store: Journal) -> None:
+    """A repair entry is open, has had no replay attempt yet, and keeps the first 2,000
+    characters of the error; a closed log opens its engine again on the next entry."""
+    from sqlalchemy import select
+
+    from migration_fsm.journal import repair_log_table, utcnow
+
+    before = utcnow()
+    log = RepairLog(store.url, "default")
+    log.record("k1", "new", "E" * 1999 + "xyz")
+    log.close()
+    log.close()
+    log.record("k2", "old", "boom")
+    log.close()
+    with store.transaction(readonly=True) as conn:
+        rows = conn.execute(select(repair_log_table).order_by(repair_log_table.c.id)).mappings().all()
+    assert [("k1", "new", "E" * 1999 + "x", "open", 0), ("k2", "old", "boom", "open", 0)] == [
+        (r["key"], r["side"], r["error"], r["status"], r["attempts"]) for r in rows
+    ]
+    assert all(before <= r["created_at"] <= utcnow() for r in rows)
 
 
 # -- the snapshot never goes back ------------------------------------------------------
@@ -292,6 +317,11 @@ def test_shadow_reads_follow_the_routing_table() -> None:
         for percent in (0, 50, 100):
             for key in (None, "k1", "k2", "k3"):
                 assert (phase is Phase.DUAL_WRITE) == shadows(routing_for(phase, percent, key))
+
+
+def _write(asynchronous: bool, writer: Any, rec: TaskRecord) -> str:
+    result = writer.write(rec)
+    return str(asyncio.run(result) if asynchronous else result)
 
 
 def _read(asynchronous: bool, reader: Any, key: str) -> TaskRecord | None:
