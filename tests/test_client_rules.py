@@ -577,3 +577,15 @@ def test_the_client_takes_sqlite_and_postgresql_urls_and_a_positive_ttl(tmp_path
     # Nothing listens on port 1: the client starts stale on its default phase.
     with PhaseClient("postgresql+psycopg://u@127.0.0.1:1/x", ttl=3600, connect_timeout=1) as client:
         assert (Phase.PREPARATION, True) == (client.phase, client.snapshot().stale)
+
+
+def test_a_cancellation_between_the_async_writes_is_described_in_the_repair_entry() -> None:
+    class Cancelled(MemoryTaskStore):
+        async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
+            raise asyncio.CancelledError
+
+    repair = MemoryRepairLog()
+    writer = AsyncDualWriter(fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), Cancelled("new"), repair=repair)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(writer.write(record("k")))
+    assert [("k", "new", "cancelled between the two writes")] == repair.entries
