@@ -376,3 +376,52 @@ def test_a_lease_expiring_now_is_not_live(store: Journal) -> None:
     assert state.lease_live(state.lease_expires_at - timedelta(microseconds=1))
     assert not state.lease_live(state.lease_expires_at)
     assert not seen.lease_live()
+
+
+# -- what an operator reads ------------------------------------------------------------------
+
+
+def test_the_lease_errors_name_the_holder_the_expiry_and_what_to_do(store: Journal) -> None:
+    """The exit-3 messages in full: who holds the lease, until when (UTC, to the second) and
+    how long that is from now, and the command to run; a lost lease names who took it."""
+    from migration_fsm.journal import lease_held_error
+    from migration_fsm.journal.lease import conflict, lease_lost
+    from migration_fsm.journal.records import replace
+
+    _claim(store, holder="alice [h:1]")
+    state = store.get(NAME)
+    expires = datetime(2999, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+    held = lease_held_error(replace(state, lease_expires_at=expires))
+    assert str(held).startswith(
+        f"migration '{NAME}' transition #2 is held by alice [h:1] until 2999-01-02T03:04:05Z (in "
+    )
+    assert str(held).endswith(
+        " s): wait for it, or if that operator is gone, run `migration-fsm resume --steal`"
+        " (or `abort --reason TEXT` once the lease has expired)"
+    )
+    left = int(str(held).split("(in ")[1].split(" s)")[0])
+    assert abs(left - (expires - utcnow()).total_seconds()) < 60
+    assert (held.holder, held.expires_at) == ("alice [h:1]", expires)
+    past = lease_held_error(replace(state, lease_expires_at=utcnow() - timedelta(hours=1)))
+    assert "(in 0 s)" in str(past)
+    unknown = lease_held_error(replace(state, lease_expires_at=None))
+    assert "transition #2 is held by alice [h:1] until ?: wait for it" in str(unknown)
+    lost = lease_lost(replace(state, lease_holder=None), 2)
+    assert (
+        f"the lease on transition #2 of migration '{NAME}' was taken over by nobody: this command stops here"
+        == str(lost)
+    )
+    assert (None, state.lease_expires_at) == (lost.holder, lost.expires_at)
+    seen = replace(state, version=0, in_progress_seq=None)
+    interrupted = conflict(replace(state, lease_expires_at=utcnow() - timedelta(seconds=1)), seen)
+    assert (
+        f"migration '{NAME}' has an interrupted transition #2: run `migration-fsm resume`"
+        " or `migration-fsm abort --reason TEXT`"
+    ) == str(interrupted)
+    assert isinstance(interrupted, TransitionInterrupted)
+    moved = conflict(replace(state, in_progress_seq=None, version=3), seen)
+    assert isinstance(moved, ConcurrentChange)
+    assert (
+        f"migration '{NAME}' changed while this command ran (version 0 -> 3, phase preparation):"
+        " run `migration-fsm status` and decide again"
+    ) == str(moved)
