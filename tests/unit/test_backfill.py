@@ -147,8 +147,40 @@ def test_backfill_records_progress_and_a_finished_run_starts_fresh(engine_with_m
     runs.save_backfill(store, "default", cursor="t0000049", copied=50)  # as if killed after a batch
     resumed = backfill_migration(store, settings, "default", batch_size=50)
     assert ("t0000049", 70) == (resumed.resumed_from, resumed.copied)
+    progress = runs.backfill_progress(store, "default")
+    assert progress is not None
+    # The stored count goes on from the checkpoint's: 50 before the kill, 70 since.
+    assert ("t0000119", 120, True) == (progress.cursor, progress.copied, progress.done)
     fresh = backfill_migration(store, settings, "default", batch_size=50)
     assert (None, 120) == (fresh.resumed_from, fresh.copied)
+
+
+def test_a_resumed_backfill_killed_again_keeps_its_count(
+    engine_with_memory: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each checkpoint of a resumed run stores the whole count so far, not this run's alone:
+    killed once more after a batch, the progress says 75 of 120, not 25."""
+    store = engine_with_memory
+    settings = load_settings(None, database_url=store.url, stores=memory_stores())
+    memory_store("old").put_many(tasks(120))
+    runs.start_backfill(store, "default")
+    runs.save_backfill(store, "default", cursor="t0000049", copied=50)  # as if killed after a batch
+    new = memory_store("new")
+    put_many = new.put_many
+    batches: list[int] = []
+
+    def dies_on_the_second_batch(records: Sequence[TaskRecord]) -> int:
+        batches.append(len(records))
+        if len(batches) == 2:
+            raise Crash
+        return put_many(records)
+
+    monkeypatch.setattr(new, "put_many", dies_on_the_second_batch)
+    with pytest.raises(Crash):
+        backfill_migration(store, settings, "default", batch_size=25)
+    progress = runs.backfill_progress(store, "default")
+    assert progress is not None
+    assert ("t0000074", 75, False) == (progress.cursor, progress.copied, progress.done)
 
 
 def test_backfill_is_allowed_while_routing_makes_old_authoritative(

@@ -5,6 +5,7 @@ shadow reads go; the sync and async twins alike."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -236,15 +237,18 @@ def test_an_interrupt_between_the_sync_writes_leaves_a_repair_entry(
     )
 
 
-def test_a_strict_writer_raises_dual_write_error_after_recording() -> None:
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_strict_writer_raises_dual_write_error_after_recording(asynchronous: bool) -> None:
     """A strict writer's failed second write is recorded, then raised as DualWriteError
     (exit code 1, defined in `exceptions`)."""
     calls: list[tuple[str, str, str]] = []
     old, new = Ordered("old", calls), Ordered("new", calls)
     new.fail = ConnectionError("down")
     repair = MemoryRepairLog()
+    kind: Any = AsyncDualWriter if asynchronous else DualWriter
+    writer = kind(fixed(Phase.DUAL_WRITE), old, new, strict=True, repair=repair)
     with pytest.raises(DualWriteError, match="write of k to new failed: ConnectionError: down") as info:
-        DualWriter(fixed(Phase.DUAL_WRITE), old, new, strict=True, repair=repair).write(record("k"))
+        _write(asynchronous, writer, record("k"))
     assert isinstance(info.value, MigrationFSMError)
     assert (1, 1) == (info.value.exit_code, len(repair.entries))
 
@@ -263,6 +267,28 @@ def test_an_interrupt_between_the_writes_reaches_the_real_repair_log(
         with pytest.raises(KeyboardInterrupt):
             writer.write(record("k"))
     assert (record("k"), 1) == (old.get("k"), open_entries(store, "default"))
+
+
+def test_the_repair_log_stores_an_open_entry_and_reopens_after_close(store: Journal) -> None:
+    """A repair entry is open, has had no replay attempt yet, and keeps the first 2,000
+    characters of the error; a closed log opens its engine again on the next entry."""
+    from sqlalchemy import select
+
+    from migration_fsm.journal import repair_log_table, utcnow
+
+    before = utcnow()
+    log = RepairLog(store.url, "default")
+    log.record("k1", "new", "E" * 1999 + "xyz")
+    log.close()
+    log.close()
+    log.record("k2", "old", "boom")
+    log.close()
+    with store.transaction(readonly=True) as conn:
+        rows = conn.execute(select(repair_log_table).order_by(repair_log_table.c.id)).mappings().all()
+    assert [("k1", "new", "E" * 1999 + "x", "open", 0), ("k2", "old", "boom", "open", 0)] == [
+        (r["key"], r["side"], r["error"], r["status"], r["attempts"]) for r in rows
+    ]
+    assert all(before <= r["created_at"] <= utcnow() for r in rows)
 
 
 # -- the snapshot never goes back ------------------------------------------------------
@@ -324,6 +350,11 @@ def test_shadow_reads_follow_the_routing_table() -> None:
         for percent in (0, 50, 100):
             for key in (None, "k1", "k2", "k3"):
                 assert (phase is Phase.DUAL_WRITE) == shadows(routing_for(phase, percent, key))
+
+
+def _write(asynchronous: bool, writer: Any, rec: TaskRecord) -> str:
+    result = writer.write(rec)
+    return str(asyncio.run(result) if asynchronous else result)
 
 
 def _read(asynchronous: bool, reader: Any, key: str) -> TaskRecord | None:
@@ -388,3 +419,206 @@ def test_per_key_routing_equals_the_table_in_every_phase(tmp_path: Path) -> None
                 assert routing_for(phase, percent) == client.routing()
                 for i in range(200):
                     assert routing_for(phase, percent, f"k{i}") == client.routing(f"k{i}")
+
+
+class PlainStore:
+    """A store with `put` and `get` only: no `put_forward` (the `ForwardPut` capability)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, TaskRecord] = {}
+
+    def put(self, record: TaskRecord) -> None:
+        self.records[record.key] = record
+
+    def get(self, key: str) -> TaskRecord | None:
+        return self.records.get(key)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_second_write_uses_put_forward_when_the_store_has_it_and_counts_writes_behind(
+    asynchronous: bool,
+) -> None:
+    """The second write goes through `put_forward` where the store offers it (a write behind
+    the stored state is counted, not applied), through `put` where it does not (never
+    counted as behind); the writer is lenient unless asked to be strict."""
+    finished = record("done").model_copy(update={"status": TaskStatus.COMPLETED})
+    forward = MemoryTaskStore("new", [finished])
+    plain = PlainStore()
+    counters: list[dict[str, int]] = []
+    for new in (forward, plain):
+        repair = MemoryRepairLog()
+        kind: Any = AsyncDualWriter if asynchronous else DualWriter
+        writer = kind(fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), new, repair=repair)
+        assert writer.strict is False
+        for key in ("fresh", "done"):
+            result = writer.write(record(key))
+            assert "old" == (asyncio.run(result) if asynchronous else result)
+        assert [] == repair.entries
+        counters.append(writer.counters())
+    assert (TaskStatus.COMPLETED, record("fresh")) == (forward.get("done").status, forward.get("fresh"))  # type: ignore[union-attr]
+    assert {"fresh": record("fresh"), "done": record("done")} == plain.records
+    assert [(2, 1), (2, 0)] == [(c["second_writes"], c["second_writes_behind"]) for c in counters]
+
+
+def _shadowed(asynchronous: bool, caplog: pytest.LogCaptureFixture) -> tuple[dict[str, int], list[Any]]:
+    old, new = MemoryTaskStore("old"), MemoryTaskStore("new")
+    old.put(record("k1"))
+    new.put(record("k1").model_copy(update={"status": TaskStatus.RUNNING}))
+    old.put(record("k2"))  # not on new yet
+    new.put(record("k3"))  # not on old
+    old.put(record("k5"))
+    new.put(record("k5"))
+    kind = AsyncFallbackReader if asynchronous else FallbackReader
+    reader = kind(fixed(Phase.DUAL_WRITE), old, new, shadow_sample=1.0)
+    with caplog.at_level("WARNING", logger="migration_fsm.client"):
+        for key in ("k1", "k2", "k3", "k4", "k5"):
+            _read(asynchronous, reader, key)
+    return reader.counters(), [r for r in caplog.records if r.name == "migration_fsm.client"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_shadow_mismatch_is_logged_naming_the_key_and_what_differs(
+    asynchronous: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each mismatching shadow read logs one warning with the key and the differing fields
+    (or the side the task is missing on); agreeing reads, a miss on both included, log nothing."""
+    counters, records = _shadowed(asynchronous, caplog)
+    assert (5, 3) == (counters["shadow_reads"], counters["shadow_mismatches"])
+    assert [
+        "shadow read of k1 differs on status",
+        "shadow read of k2 differs on (missing on new)",
+        "shadow read of k3 differs on (missing on old)",
+    ] == [r.getMessage() for r in records]
+    assert [("default", "k1", ["status"]), ("default", "k2", ["(missing on new)"])] == [
+        (r.migration, r.key, r.fields) for r in records[:2]
+    ]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_failed_shadow_read_is_logged_and_the_primary_answers(
+    asynchronous: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[tuple[str, str, str]] = []
+    old, new = Ordered("old", calls), Ordered("new", calls)
+    old.put(record("k1"))
+    new.fail_gets = True
+    kind = AsyncFallbackReader if asynchronous else FallbackReader
+    reader = kind(fixed(Phase.DUAL_WRITE), old, new, shadow_sample=1.0)
+    with caplog.at_level("WARNING", logger="migration_fsm.client"):
+        assert record("k1") == _read(asynchronous, reader, "k1")
+    assert ["shadow read of k1 failed: ConnectionError: new is down"] == [
+        r.getMessage() for r in caplog.records if r.name == "migration_fsm.client"
+    ]
+
+
+def test_shadow_sample_is_a_probability_drawn_per_read() -> None:
+    """`shadow_sample` p shadows a read when the draw is below p: never at 0, always at 1."""
+    for bad in (-0.1, 1.01, 2.0):
+        with pytest.raises(ValueError, match=r"^shadow_sample must be between 0 and 1$"):
+            FallbackReader(
+                fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), MemoryTaskStore("new"), shadow_sample=bad
+            )
+    for sample, draw, shadowed in ((0.5, 0.5, 0), (0.5, 0.4999, 1), (1.0, 0.9999, 1), (0.0, 0.0, 0)):
+        reader = FallbackReader(
+            fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), MemoryTaskStore("new"), shadow_sample=sample
+        )
+        reader._random = itertools.repeat(draw).__next__
+        reader.get("k1")
+        assert shadowed == reader.counters()["shadow_reads"], (sample, draw)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_hit_on_new_does_not_fall_back(asynchronous: bool) -> None:
+    """Once reads come from new, a task new holds is its answer: old is read only on a miss."""
+    old, new = MemoryTaskStore("old"), MemoryTaskStore("new")
+    old.put(record("k1"))
+    newer = record("k1").model_copy(update={"status": TaskStatus.COMPLETED})
+    new.put(newer)
+    kind = AsyncFallbackReader if asynchronous else FallbackReader
+    reader = kind(fixed(Phase.CUTOVER, 100), old, new)
+    assert newer == _read(asynchronous, reader, "k1")
+    assert _read(asynchronous, reader, "k2") is None  # a miss on both: old is read, and misses too
+    assert (2, 1) == (reader.counters()["reads"], reader.counters()["fallbacks"])
+
+
+class FakeClock:
+    """Stands for `time` in `migration_fsm.client.phase`: `monotonic()` is whatever we set."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_outages_their_stale_time_and_one_warning_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stale seconds add up over outages (and stop while the client is fresh); each outage
+    warns once when it starts and once when a read recovers it, a read of the same version
+    included; a client that never read anything does not say it recovered."""
+    from migration_fsm.client import phase as phase_module
+
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(phase_module, "time", clock)
+    with (
+        caplog.at_level("WARNING", logger="migration_fsm.client"),
+        PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}", ttl=3600) as client,
+    ):
+        clock.now = 102.0
+        assert (1, 0, 2.0, 1.0, 0.0) == _outage_counters(client)
+        clock.now = 103.0
+        client._install(Phase.DUAL_WRITE, 0, 3)  # the first good read: not a recovery
+        clock.now = 110.0
+        assert (1, 0, 3.0, 0.0, 3.0) == _outage_counters(client)
+        client._failed(OSError("disk gone"))
+        clock.now = 111.0
+        client._failed(OSError("still gone"))
+        assert client.snapshot().stale
+        clock.now = 115.0
+        assert (3, 1, 8.0, 1.0, 3.0) == _outage_counters(client)
+        client._install(Phase.DUAL_WRITE, 0, 3)  # the same version again ends the outage
+        assert not client.snapshot().stale
+        clock.now = 120.0
+        assert (3, 1, 8.0, 0.0, 3.0) == _outage_counters(client)
+    messages = [r.getMessage() for r in caplog.records if r.name == "migration_fsm.client"]
+    assert 3 == len(messages), messages
+    assert messages[0].startswith(
+        "migration-fsm client cannot read default, keeping phase preparation (stale): "
+    )
+    assert messages[1:] == [
+        "migration-fsm client cannot read default, keeping phase dual_write (stale): OSError: disk gone",
+        "migration-fsm client recovered: default is dual_write at 0%",
+    ]
+    recovered = [r for r in caplog.records if r.name == "migration_fsm.client"][-1]
+    assert ("default", "dual_write", 3) == tuple(
+        vars(recovered)[k] for k in ("migration", "phase", "version")
+    )
+
+
+def _outage_counters(client: PhaseClient) -> tuple[float, ...]:
+    counters = client.counters()
+    return tuple(counters[k] for k in ("refresh_errors", "outages", "stale_seconds", "stale", "version"))
+
+
+def test_the_client_takes_sqlite_and_postgresql_urls_and_a_positive_ttl(tmp_path: Path) -> None:
+    for ttl in (0, -1.0):
+        with pytest.raises(ValueError, match=r"^ttl must be positive$"):
+            PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}", ttl=ttl)
+    with pytest.raises(ValueError, match=r"supports SQLite and PostgreSQL URLs, not mysql"):
+        PhaseClient("mysql://u@127.0.0.1:1/x")
+    # Nothing listens on port 1: the client starts stale on its default phase.
+    with PhaseClient("postgresql+psycopg://u@127.0.0.1:1/x", ttl=3600, connect_timeout=1) as client:
+        assert (Phase.PREPARATION, True) == (client.phase, client.snapshot().stale)
+
+
+def test_a_cancellation_between_the_async_writes_is_described_in_the_repair_entry() -> None:
+    class Cancelled(MemoryTaskStore):
+        async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
+            raise asyncio.CancelledError
+
+    repair = MemoryRepairLog()
+    writer = AsyncDualWriter(fixed(Phase.DUAL_WRITE), MemoryTaskStore("old"), Cancelled("new"), repair=repair)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(writer.write(record("k")))
+    assert [("k", "new", "cancelled between the two writes")] == repair.entries

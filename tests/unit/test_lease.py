@@ -301,3 +301,127 @@ def test_chain_hash_is_pinned() -> None:
     """The hash format is part of every existing journal: it must not change."""
     assert PINNED_HASH == chain_hash("ab" * 32, "orders", PINNED_ENTRY)
     assert PINNED_HASH != chain_hash(None, "orders", PINNED_ENTRY)
+
+
+#: The first row of a chain (no previous hash), with text that is not ASCII: stored as is.
+PINNED_FIRST_HASH = "ce02a6b8dcda0ac1f53196b68b7985e1648609057159fb159f115f13e39daa5e"
+
+
+def test_chain_hash_of_a_first_row_with_non_ascii_text_is_pinned() -> None:
+    first = JournalEntry(
+        **{
+            **{f: getattr(PINNED_ENTRY, f) for f in PINNED_ENTRY.__dataclass_fields__},
+            "reason": "rampe à un quart",
+            "prev_hash": None,
+        }
+    )
+    assert PINNED_FIRST_HASH == chain_hash(None, "orders", first)
+
+
+# -- closing a transition -----------------------------------------------------------------
+
+
+def test_an_aborted_row_keeps_its_error_and_a_committed_one_clears_it(store: Journal) -> None:
+    _, lease = _claim(store)
+    lease.release("step a failed: boom")
+    thief = store.take_over(store.get(NAME), "bob [h:2]", 30, {"command": "abort"})
+    state = thief.abort()
+    entry = store.entry(state, 2)
+    assert ("aborted", "step a failed: boom") == (entry.status, entry.error)
+    assert entry.hash == chain_hash(entry.prev_hash, NAME, entry)
+
+
+def test_phase_entered_at_moves_with_the_phase_only(store: Journal) -> None:
+    """A commit into another phase stamps `phase_entered_at`; a ramp (cutover to cutover)
+    and an abort keep it."""
+    seen, lease = _claim(store)
+    entered = seen.phase_entered_at
+    before = utcnow()
+    state = lease.commit()
+    assert before <= state.phase_entered_at <= utcnow()
+    assert entered < state.phase_entered_at
+    entered = state.phase_entered_at
+    ramp = JournalEntry(
+        **{
+            **{f: getattr(_intent(), f) for f in JournalEntry.__dataclass_fields__},
+            "trigger": Trigger.RAMP,
+            "source": Phase.DUAL_WRITE,
+            "dest": Phase.DUAL_WRITE,
+        }
+    )
+    lease, _ = store.claim(state, ramp, [], "alice [h:1]", 30)
+    assert entered == lease.commit().phase_entered_at
+    lease, _ = store.claim(store.get(NAME), _intent(), [], "alice [h:1]", 30)
+    assert entered == lease.abort().phase_entered_at
+
+
+def test_closing_one_migration_leaves_another_with_the_same_seq_alone(store: Journal) -> None:
+    """Two migrations each at transition #2: committing one touches only its own rows."""
+    _, lease = _claim(store)
+    store.create("other", "carol")
+    other = store.get("other")
+    other_lease, _ = store.claim(other, _intent("carol"), STEPS, "carol [h:3]", 30)
+    assert 2 == other_lease.seq
+    other_lease.release("step a failed: boom")
+    lease.commit()
+    entry = store.entry(store.get("other"), 2)
+    assert ("intent", None, "step a failed: boom") == (entry.status, entry.hash, entry.error)
+    assert Phase.PREPARATION == store.get("other").phase
+
+
+def test_a_lease_expiring_now_is_not_live(store: Journal) -> None:
+    seen, _ = _claim(store)
+    state = store.get(NAME)
+    assert state.lease_expires_at is not None
+    assert state.lease_live(state.lease_expires_at - timedelta(microseconds=1))
+    assert not state.lease_live(state.lease_expires_at)
+    assert not seen.lease_live()
+
+
+# -- what an operator reads ------------------------------------------------------------------
+
+
+def test_the_lease_errors_name_the_holder_the_expiry_and_what_to_do(store: Journal) -> None:
+    """The exit-3 messages in full: who holds the lease, until when (UTC, to the second) and
+    how long that is from now, and the command to run; a lost lease names who took it."""
+    from migration_fsm.journal import lease_held_error
+    from migration_fsm.journal.lease import conflict, lease_lost
+    from migration_fsm.journal.records import replace
+
+    _claim(store, holder="alice [h:1]")
+    state = store.get(NAME)
+    expires = datetime(2999, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+    held = lease_held_error(replace(state, lease_expires_at=expires))
+    assert str(held).startswith(
+        f"migration '{NAME}' transition #2 is held by alice [h:1] until 2999-01-02T03:04:05Z (in "
+    )
+    assert str(held).endswith(
+        " s): wait for it, or if that operator is gone, run `migration-fsm resume --steal`"
+        " (or `abort --reason TEXT` once the lease has expired)"
+    )
+    left = int(str(held).split("(in ")[1].split(" s)")[0])
+    assert abs(left - (expires - utcnow()).total_seconds()) < 60
+    assert (held.holder, held.expires_at) == ("alice [h:1]", expires)
+    past = lease_held_error(replace(state, lease_expires_at=utcnow() - timedelta(hours=1)))
+    assert "(in 0 s)" in str(past)
+    unknown = lease_held_error(replace(state, lease_expires_at=None))
+    assert "transition #2 is held by alice [h:1] until ?: wait for it" in str(unknown)
+    lost = lease_lost(replace(state, lease_holder=None), 2)
+    assert (
+        f"the lease on transition #2 of migration '{NAME}' was taken over by nobody: this command stops here"
+        == str(lost)
+    )
+    assert (None, state.lease_expires_at) == (lost.holder, lost.expires_at)
+    seen = replace(state, version=0, in_progress_seq=None)
+    interrupted = conflict(replace(state, lease_expires_at=utcnow() - timedelta(seconds=1)), seen)
+    assert (
+        f"migration '{NAME}' has an interrupted transition #2: run `migration-fsm resume`"
+        " or `migration-fsm abort --reason TEXT`"
+    ) == str(interrupted)
+    assert isinstance(interrupted, TransitionInterrupted)
+    moved = conflict(replace(state, in_progress_seq=None, version=3), seen)
+    assert isinstance(moved, ConcurrentChange)
+    assert (
+        f"migration '{NAME}' changed while this command ran (version 0 -> 3, phase preparation):"
+        " run `migration-fsm status` and decide again"
+    ) == str(moved)

@@ -223,3 +223,33 @@ def test_validate_cli_reports_records_the_run_and_exits_by_verdict(
         latest.summary["missing"],
         latest.summary["extra"],
     )
+
+
+def test_a_mismatch_alone_is_not_ok_and_the_cli_exits_1(upgraded_url: str, tmp_path: Path) -> None:
+    """A differing identity with nothing missing still fails: `ok` is False (the report and
+    the stored run) and `validate` exits 1."""
+    records = tasks(20)
+    changed = [*records[:3], records[3].model_copy(update={"payload": {"to": "someone else"}}), *records[4:]]
+    report = validate(MemoryTaskStore("old", records), MemoryTaskStore("new", changed), settle=0)
+    assert (0, 0, 1, False) == (report.missing, report.extra, report.mismatched, report.ok)
+    assert report.as_json()["ok"] is False
+
+    create_task_table(upgraded_url, "old_tasks")
+    create_task_table(upgraded_url, "new_tasks")
+    with (
+        SqlTaskStore(upgraded_url, "old_tasks", name="old") as old,
+        SqlTaskStore(upgraded_url, "new_tasks", name="new") as new,
+    ):
+        old.put_many(records)
+        new.put_many(changed)
+    config = write_stores_config(tmp_path / "mfsm.toml", sql_stores(upgraded_url))
+    with Journal.open(upgraded_url) as store:
+        Migration(store, load_settings(None, database_url=upgraded_url, actor="tester"), "default").init()
+    result = run_cli("validate", "--json", "--db", upgraded_url, "--config", config)
+    assert 1 == result.code, result.stderr
+    doc = json.loads(result.stdout)
+    assert (False, 0, 1) == (doc["ok"], doc["missing"], doc["mismatched"])
+    with Journal.open(upgraded_url) as store:
+        latest = runs.latest_validation(store, "default")
+    assert latest is not None
+    assert latest.ok is False
