@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .exceptions import JournalCorrupt, TriggerNotAllowed
 from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
 from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
+from .journal.records import version_bumps
 from .migration import Migration, TransitionResult
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ class Status:
             "routing": routing_for(state.phase, state.percent).as_dict(),
             "interrupted": interrupted,
             "allowed": [] if interrupted else allowed_triggers(state.phase),
+            "paused": state.paused_side,
         }
 
 
@@ -201,7 +203,9 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
 
     prev: str | None = None
     committed: list[tuple[Trigger, Phase | None, Phase, int]] = []
+    bumps = 0  # pauses and lifts (Lease.pause / lift / abort) also bump the version
     for index, entry in enumerate(entries, start=1):
+        bumps += version_bumps(entry)
         if entry.seq != index:
             raise corrupt(f"row #{index} is missing (found #{entry.seq} in its place)")
         if entry.status == EntryStatus.INTENT:
@@ -229,8 +233,11 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
         raise corrupt(
             f"replaying it gives {phase} at {percent}%, the stored state is {state.phase} at {state.percent}%"
         )
-    if state.version != len(committed):
-        raise corrupt(f"it has {len(committed)} committed rows, the stored version is {state.version}")
+    if state.version != len(committed) + bumps:
+        raise corrupt(
+            f"it has {len(committed)} committed rows and {bumps} pauses or lifts,"
+            f" the stored version is {state.version}"
+        )
     return Verified(name, len(entries), prev, phase, percent)
 
 
