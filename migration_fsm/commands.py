@@ -42,12 +42,19 @@ def open_engine(settings: Settings, migration: str) -> Iterator[Migration]:
 
 
 def db_upgrade(settings: Settings) -> tuple[set[str], set[str]]:
-    """Create or upgrade the schema to the Alembic head; (revisions before, after)."""
-    store = Journal(settings.database_url, engine=make_engine(settings.database_url, create=True))
-    try:
-        return store.upgrade()
-    finally:
-        store.close()
+    """Create or upgrade the schema to the Alembic head; (revisions before, after). A ledger
+    in its own database (`ledger_url`) is upgraded too, by the same revisions."""
+    urls = [settings.database_url]
+    if settings.ledger_url and settings.ledger_url != settings.database_url:
+        urls.append(settings.ledger_url)
+    results = []
+    for url in urls:
+        store = Journal(url, engine=make_engine(url, create=True))
+        try:
+            results.append(store.upgrade())
+        finally:
+            store.close()
+    return results[0]
 
 
 def init(settings: Settings, migration: str) -> MigrationState:
