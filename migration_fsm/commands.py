@@ -7,10 +7,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import JournalCorrupt, TriggerNotAllowed
+from .exceptions import ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
 from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
 from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
+from .journal.ledger import Ledger, LedgerCounts
 from .journal.records import version_bumps
+from .journal.workers import SideWorkers, Workers
 from .migration import Migration, TransitionResult
 
 if TYPE_CHECKING:
@@ -108,6 +110,11 @@ class Status:
 
     state: MigrationState
     interrupted: JournalEntry | None
+    #: side -> its workers (live, acknowledged the current version, gone), when read.
+    workers: dict[str, SideWorkers] | None = None
+    #: The execution ledger's counts, when read (None: not read, or `ledger_error`).
+    ledger: LedgerCounts | None = None
+    ledger_error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         interrupted = None
@@ -130,6 +137,10 @@ class Status:
             "interrupted": interrupted,
             "allowed": [] if interrupted else allowed_triggers(state.phase),
             "paused": state.paused_side,
+            "workers": None
+            if self.workers is None
+            else {side: judged.as_json() for side, judged in self.workers.items()},
+            "ledger": None if self.ledger is None else self.ledger.as_json(),
         }
 
 
@@ -140,7 +151,24 @@ def status(settings: Settings, migration: str, store: Journal | None = None) -> 
             return status(settings, migration, opened)
     state = store.get(migration)
     entry = None if state.in_progress_seq is None else store.entry(state, state.in_progress_seq)
-    return Status(state, entry)
+    workers = Workers(store.engine, ttl_seconds=settings.worker_ttl_seconds).sides(migration, state.version)
+    counts, error = ledger_counts(settings, migration, store)
+    return Status(state, entry, workers, counts, error)
+
+
+def ledger_counts(
+    settings: Settings, migration: str, store: Journal
+) -> tuple[LedgerCounts | None, str | None]:
+    """The execution ledger's counts (on the migration database, or `ledger_url`); when the
+    ledger's own database cannot be read, None and why (the rest of `status` still shows)."""
+    url = settings.ledger_database_url
+    try:
+        if url == settings.database_url:
+            return Ledger(url, engine=store.engine).counts(migration), None
+        with Ledger(url) as ledger:
+            return ledger.counts(migration), None
+    except (DatabaseUnavailable, ConfigError) as exc:
+        return None, str(exc)
 
 
 def history(settings: Settings, migration: str) -> list[JournalEntry]:

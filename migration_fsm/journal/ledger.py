@@ -139,6 +139,7 @@ class Ledger:
     def __init__(self, url: str, *, engine: Engine | None = None, workers: Workers | None = None) -> None:
         self.url = url
         self.safe_url = safe_url(url)
+        self._owns_engine = engine is None
         self.engine = engine or make_engine(url)
         self.workers = workers
         self._insert = upsert(self.engine, execution_claims_table)
@@ -162,7 +163,9 @@ class Ledger:
         return self.engine.dialect.name
 
     def close(self) -> None:
-        self.engine.dispose()
+        """Dispose of the engine this ledger created (one it was given is left alone)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     def __enter__(self) -> Ledger:
         return self

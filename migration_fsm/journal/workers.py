@@ -99,13 +99,18 @@ class Workers:
             raise ValueError("ttl_seconds must be positive")
         self.engine = engine
         self.ttl_seconds = ttl_seconds
+        self._owns_engine = False
 
     @classmethod
     def from_url(cls, url: str, *, ttl_seconds: float = 30.0) -> Workers:
-        return cls(make_engine(url), ttl_seconds=ttl_seconds)
+        workers = cls(make_engine(url), ttl_seconds=ttl_seconds)
+        workers._owns_engine = True
+        return workers
 
     def close(self) -> None:
-        self.engine.dispose()
+        """Dispose of the engine `from_url` created (one it was given is left alone)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     # -- writes (one statement each) ------------------------------------------------------
 

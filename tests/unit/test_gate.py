@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytest
 
+from migration_fsm import commands
 from migration_fsm.client import PhaseClient, Run, WorkerGate
-from migration_fsm.journal import Journal, Lease
+from migration_fsm.journal import Journal, Lease, utcnow, workers_table
 from migration_fsm.journal.workers import Workers
 from tests.unit.test_lease import _intent
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from migration_fsm.config import Settings
     from migration_fsm.migration import Migration
+    from tests.support.cli import CliResult
 
 M = "default"
 
@@ -219,3 +223,38 @@ def test_the_background_thread_applies_and_acknowledges(
         wait_until(lambda: gate.acknowledged_version == paused, "the background thread acknowledges")
         assert not gate.may_consume()
         assert _seen(store, "old", "bg") == paused
+
+
+def test_status_shows_workers_per_side_and_the_ledger(
+    client: PhaseClient, store: Journal, make_settings: Callable[..., Settings], cli: Callable[..., CliResult]
+) -> None:
+    old, new = _gate(client, "old", "o1"), _gate(client, "new", "n1")
+    with old.executing("k") as run:
+        assert run.allowed
+    with new.executing("k") as refused:
+        assert not refused.allowed
+    Workers(store.engine).heartbeat(M, "old", "ghost", seen_version=0)
+    with store.transaction() as conn:
+        conn.execute(
+            workers_table.update()
+            .where(workers_table.c.worker_id == "ghost")
+            .values(heartbeat_at=utcnow() - timedelta(hours=1))
+        )
+    shown = commands.status(make_settings(), M).as_json()
+    assert shown["workers"]["old"] == {
+        "live": 1,
+        "acknowledged": 1,
+        "gone": 1,
+        "gone_ids": ["ghost"],
+        "waiting_ids": [],
+    }
+    assert shown["workers"]["new"]["live"] == 1
+    assert shown["ledger"]["succeeded"] == 1
+    assert shown["ledger"]["refused_executions"] == 1
+    assert shown["ledger"]["executed_twice"] == 0
+    assert shown["paused"] is None
+    table = cli("status", "--db", make_settings().database_url, env={"COLUMNS": "200"})
+    assert "ghost" in table.stdout
+    assert "executed twice 0" in table.stdout
+    old.close()
+    new.close()
