@@ -37,16 +37,15 @@ This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can us
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from ..exceptions import DatabaseUnavailable
-from .db import make_engine, safe_url, scrub, utcnow
+from .db import UTCDateTime, make_engine, safe_url, scrub, utcnow
 from .schema import execution_claims_table, execution_refusals_table, executions_table
 from .workers import SIDES, upsert
 
@@ -64,6 +63,45 @@ SUCCEEDED: Final = "succeeded"
 FAILED: Final = "failed"
 HANDED_OVER: Final = "handed_over"
 OUTCOMES: Final = (RUNNING, SUCCEEDED, FAILED, HANDED_OVER)
+
+
+#: The claim on PostgreSQL: the upsert under the claims' primary key and, when it wins, the
+#: history row, in one statement (a data-modifying CTE).
+_PG_CLAIM: Final = text(
+    """
+    WITH won AS (
+        INSERT INTO mfsm_execution_claims AS c (migration, key, side, worker_id, attempt, state, started_at)
+        VALUES (:m, :k, :side, :w, 1, 'running', :now)
+        ON CONFLICT (migration, key) DO UPDATE
+            SET side = excluded.side, worker_id = excluded.worker_id, attempt = c.attempt + 1,
+                state = 'running', started_at = excluded.started_at
+            WHERE c.state IN ('failed', 'handed_over') AND c.side = excluded.side
+        RETURNING c.attempt
+    )
+    INSERT INTO mfsm_executions (migration, key, attempt, side, worker_id, started_at, outcome)
+    SELECT :m, :k, won.attempt, :side, :w, :now, 'running' FROM won
+    RETURNING attempt
+    """
+).bindparams(bindparam("now", type_=UTCDateTime))
+
+#: A finish on PostgreSQL, in one statement: the history row as it went, and the claim when
+#: it is still ours (a success also closes a hand-over nobody has claimed yet).
+_PG_FINISH: Final = text(
+    """
+    WITH done AS (
+        UPDATE mfsm_executions SET outcome = :o, finished_at = :now
+        WHERE migration = :m AND key = :k AND attempt = :a AND finished_at IS NULL
+    )
+    UPDATE mfsm_execution_claims SET state = :o, side = :side, worker_id = :w
+    WHERE migration = :m AND key = :k AND attempt = :a
+      AND (state = 'running' OR (:closes AND state = 'handed_over'))
+    RETURNING attempt
+    """
+).bindparams(bindparam("now", type_=UTCDateTime))
+
+_READ_CLAIM: Final = text(
+    "SELECT side, worker_id, attempt, state FROM mfsm_execution_claims WHERE migration = :m AND key = :k"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +181,28 @@ class Ledger:
         self.engine = engine or make_engine(url)
         self.workers = workers
         self._insert = upsert(self.engine, execution_claims_table)
-        self._lock = threading.Lock()
+        c = execution_claims_table.c
+        claim = self._insert.values(
+            migration=bindparam("m"),
+            key=bindparam("k"),
+            side=bindparam("side"),
+            worker_id=bindparam("w"),
+            attempt=1,
+            state=RUNNING,
+            started_at=bindparam("now", type_=UTCDateTime),
+        )
+        self._claim_stmt = claim.on_conflict_do_update(
+            index_elements=[c.migration, c.key],
+            set_={
+                "side": claim.excluded.side,
+                "worker_id": claim.excluded.worker_id,
+                "attempt": c.attempt + 1,
+                "state": RUNNING,
+                "started_at": claim.excluded.started_at,
+            },
+            # The only rule that lets a key be claimed again: it is this side's to run.
+            where=c.state.in_((FAILED, HANDED_OVER)) & (c.side == claim.excluded.side),
+        ).returning(c.attempt)
 
     @classmethod
     def open(cls, url: str, *, workers: Workers | None = None) -> Ledger:
@@ -174,8 +233,14 @@ class Ledger:
         self.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
+    def _transaction(self, *, autocommit: bool = False) -> Iterator[Connection]:
+        """One transaction, or (`autocommit`, PostgreSQL) one statement committed by itself."""
         try:
+            if autocommit:
+                with self.engine.connect() as conn:
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    yield conn
+                return
             with self.engine.begin() as conn:
                 yield conn
         except DBAPIError as exc:
@@ -194,39 +259,26 @@ class Ledger:
         other side or was handed over to the other side."""
         if side not in SIDES:
             raise ValueError(f"side must be 'old' or 'new', not {side!r}")
-        c = execution_claims_table.c
         now = utcnow()
-        stmt = self._insert.values(
-            migration=migration,
-            key=key,
-            side=side,
-            worker_id=worker_id,
-            attempt=1,
-            state=RUNNING,
-            started_at=now,
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[c.migration, c.key],
-            set_={
-                "side": stmt.excluded.side,
-                "worker_id": stmt.excluded.worker_id,
-                "attempt": c.attempt + 1,
-                "state": RUNNING,
-                "started_at": stmt.excluded.started_at,
-            },
-            # The only rule that lets a key be claimed again: it is this side's to run.
-            where=c.state.in_((FAILED, HANDED_OVER)) & (c.side == stmt.excluded.side),
-        ).returning(c.attempt)
-        with self._transaction() as conn:
-            attempt = conn.execute(stmt).scalar()
+        params = {"m": migration, "k": key, "side": side, "w": worker_id, "now": now}
+        if self.dialect == "postgresql":
+            # One statement, one round trip, committed on its own (AUTOCOMMIT): the claim and
+            # its history row in a data-modifying CTE.
+            with self._transaction(autocommit=True) as conn:
+                attempt = conn.execute(_PG_CLAIM, params).scalar()
             if attempt is not None:
-                claim = Claim(migration, key, side, worker_id, attempt)
-                self._record_start(conn, claim, now)
-                return ClaimResult(True, "claimed", claim)
-            # Lost: the claim row (locked by the conflict above) says why.
-            row = conn.execute(
-                select(c.side, c.worker_id, c.attempt, c.state).where(c.migration == migration, c.key == key)
-            ).one()
+                return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, attempt))
+            with self._transaction(autocommit=True) as conn:
+                row = conn.execute(_READ_CLAIM, params).one()
+        else:
+            with self._transaction() as conn:
+                attempt = conn.execute(self._claim_stmt, params).scalar()
+                if attempt is not None:
+                    claim = Claim(migration, key, side, worker_id, attempt)
+                    self._record_start(conn, claim, now)
+                    return ClaimResult(True, "claimed", claim)
+                # Lost: the claim row (locked by the write lock we hold) says why.
+                row = conn.execute(_READ_CLAIM, params).one()
         if row.state == RUNNING and self._gone(migration, row.side, row.worker_id):
             taken = self._take_over(migration, key, side, worker_id, row)
             if taken is not None:
@@ -311,6 +363,27 @@ class Ledger:
                 raise ValueError(f"an execution finishes succeeded or failed, not {outcome!r}")
         c, e = execution_claims_table.c, executions_table.c
         now = utcnow()
+        if self.dialect == "postgresql":
+            # One statement per finish (a data-modifying CTE); a batch in one transaction.
+            with self._transaction(autocommit=len(items) == 1) as conn:
+                return sum(
+                    len(
+                        conn.execute(
+                            _PG_FINISH,
+                            {
+                                "m": claim.migration,
+                                "k": claim.key,
+                                "a": claim.attempt,
+                                "side": claim.side,
+                                "w": claim.worker_id,
+                                "o": outcome,
+                                "now": now,
+                                "closes": outcome == SUCCEEDED,
+                            },
+                        ).all()
+                    )
+                    for claim, outcome in items
+                )
         ours = 0
         with self._transaction() as conn:
             for claim, outcome in items:
