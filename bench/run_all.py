@@ -258,6 +258,32 @@ def load_rows(r: dict[str, Any]) -> Rows:
     return rows
 
 
+def ledger_rows(r: dict[str, Any]) -> Rows:
+    rows = []
+    for db in ("sqlite", "postgresql"):
+        if db not in r:
+            continue
+        ours, base = r[db]["ledger_claim_finish"], r[db]["baseline_insert_commit"]
+        goal = db == "postgresql"
+        rows.append(
+            Row(
+                "ledger",
+                f"claim+finish, {r['workers']} workers, {db} (p99 {ours['p99_ms']:.3g} ms)",
+                f"{fmt(ours['executions_per_s'], '/s')}, median {fmt(ours['median_ms'], ' ms')}",
+                f"{fmt(base['executions_per_s'], '/s')} one INSERT+COMMIT",
+                ratio(ours["median_ms"], base["median_ms"]),
+                f">= {r['goal_executions_per_s']}/s, < {r['goal_median_ms']} ms" if goal else "-",
+                (
+                    ours["executions_per_s"] >= r["goal_executions_per_s"]
+                    and ours["median_ms"] < r["goal_median_ms"]
+                )
+                if goal
+                else None,
+            )
+        )
+    return rows
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -268,6 +294,7 @@ class Bench:
 BENCHES = (
     Bench("transition", lambda _a: ["transition.py", "--rounds", "200"], transition_rows),
     Bench("routing", lambda _a: ["routing.py", "--repeats", "9"], routing_rows),
+    Bench("ledger", lambda _a: ["ledger.py", "--workers", "16", "--seconds", "5"], ledger_rows),
     Bench(
         "pollers",
         lambda _a: ["pollers.py", "--clients", "100", "--seconds", "5", "--rounds", "3"],

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .client import PhaseClient as PhaseClient
     from .client import RepairLog as RepairLog
     from .client import Snapshot as Snapshot
+    from .client import WorkerGate as WorkerGate
     from .config import Settings as Settings
     from .config import StepSpec as StepSpec
     from .config import load_settings as load_settings
@@ -114,6 +115,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "Trigger": "fsm",
     "TriggerNotAllowed": "exceptions",
     "UnknownMigration": "exceptions",
+    "WorkerGate": "client",
     "bucket": "fsm",
     "build_store": "tasks.factory",
     "load_settings": "config",

@@ -7,9 +7,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import JournalCorrupt, TriggerNotAllowed
+from .exceptions import ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
 from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
 from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
+from .journal.ledger import Ledger, LedgerCounts
+from .journal.records import version_bumps
+from .journal.workers import SideWorkers, Workers
 from .migration import Migration, TransitionResult
 
 if TYPE_CHECKING:
@@ -41,12 +44,19 @@ def open_engine(settings: Settings, migration: str) -> Iterator[Migration]:
 
 
 def db_upgrade(settings: Settings) -> tuple[set[str], set[str]]:
-    """Create or upgrade the schema to the Alembic head; (revisions before, after)."""
-    store = Journal(settings.database_url, engine=make_engine(settings.database_url, create=True))
-    try:
-        return store.upgrade()
-    finally:
-        store.close()
+    """Create or upgrade the schema to the Alembic head; (revisions before, after). A ledger
+    in its own database (`ledger_url`) is upgraded too, by the same revisions."""
+    urls = [settings.database_url]
+    if settings.ledger_url and settings.ledger_url != settings.database_url:
+        urls.append(settings.ledger_url)
+    results = []
+    for url in urls:
+        store = Journal(url, engine=make_engine(url, create=True))
+        try:
+            results.append(store.upgrade())
+        finally:
+            store.close()
+    return results[0]
 
 
 def init(settings: Settings, migration: str) -> MigrationState:
@@ -100,6 +110,11 @@ class Status:
 
     state: MigrationState
     interrupted: JournalEntry | None
+    #: side -> its workers (live, acknowledged the current version, gone), when read.
+    workers: dict[str, SideWorkers] | None = None
+    #: The execution ledger's counts, when read (None: not read, or `ledger_error`).
+    ledger: LedgerCounts | None = None
+    ledger_error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         interrupted = None
@@ -121,6 +136,11 @@ class Status:
             "routing": routing_for(state.phase, state.percent).as_dict(),
             "interrupted": interrupted,
             "allowed": [] if interrupted else allowed_triggers(state.phase),
+            "paused": state.paused_side,
+            "workers": None
+            if self.workers is None
+            else {side: judged.as_json() for side, judged in self.workers.items()},
+            "ledger": None if self.ledger is None else self.ledger.as_json(),
         }
 
 
@@ -131,7 +151,24 @@ def status(settings: Settings, migration: str, store: Journal | None = None) -> 
             return status(settings, migration, opened)
     state = store.get(migration)
     entry = None if state.in_progress_seq is None else store.entry(state, state.in_progress_seq)
-    return Status(state, entry)
+    workers = Workers(store.engine, ttl_seconds=settings.worker_ttl_seconds).sides(migration, state.version)
+    counts, error = ledger_counts(settings, migration, store)
+    return Status(state, entry, workers, counts, error)
+
+
+def ledger_counts(
+    settings: Settings, migration: str, store: Journal
+) -> tuple[LedgerCounts | None, str | None]:
+    """The execution ledger's counts (on the migration database, or `ledger_url`); when the
+    ledger's own database cannot be read, None and why (the rest of `status` still shows)."""
+    url = settings.ledger_database_url
+    try:
+        if url == settings.database_url:
+            return Ledger(url, engine=store.engine).counts(migration), None
+        with Ledger(url) as ledger:
+            return ledger.counts(migration), None
+    except (DatabaseUnavailable, ConfigError) as exc:
+        return None, str(exc)
 
 
 def history(settings: Settings, migration: str) -> list[JournalEntry]:
@@ -200,6 +237,7 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
         return JournalCorrupt(f"journal of migration '{name}' does not verify: {why}")
 
     prev, committed = _check_chain(state, entries, corrupt)
+    bumps = sum(version_bumps(entry) for entry in entries)  # pauses and lifts bump it too
     if state.head_hash != prev:
         raise corrupt("the last row(s) were deleted or altered (the head hash does not match)")
     if state.last_seq != len(entries):
@@ -212,8 +250,11 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
         raise corrupt(
             f"replaying it gives {phase} at {percent}%, the stored state is {state.phase} at {state.percent}%"
         )
-    if state.version != len(committed):
-        raise corrupt(f"it has {len(committed)} committed rows, the stored version is {state.version}")
+    if state.version != len(committed) + bumps:
+        raise corrupt(
+            f"it has {len(committed)} committed rows and {bumps} pauses or lifts,"
+            f" the stored version is {state.version}"
+        )
     return Verified(name, len(entries), prev, phase, percent)
 
 

@@ -149,9 +149,25 @@ class Settings(BaseSettings):
     drain_policy: Literal["requeue", "fail"] = "requeue"
     validate_sample_size: int = Field(default=20, ge=0)
     backup_path: str | None = None
+    # Workers and the execution ledger (DESIGN.md section 10).
+    worker_ttl_seconds: float = Field(default=30.0, gt=0)
+    pause_timeout_seconds: float = Field(default=120.0, gt=0)
+    ledger_url: str | None = None
 
     _check_guards = field_validator("guards")(_check_edge_keys)
     _check_steps = field_validator("steps")(_check_edge_keys)
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _check_ledger_url(cls, value: str | None) -> str | None:
+        if value is not None and value.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql"):
+            raise ValueError("the ledger is a SQLite or PostgreSQL database (sqlite:// or postgresql:// URL)")
+        return value
+
+    @property
+    def ledger_database_url(self) -> str:
+        """Where the execution ledger lives: `ledger_url`, else the migration database."""
+        return self.ledger_url or self.database_url
 
     @property
     def heartbeat_interval(self) -> float:

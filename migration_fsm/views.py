@@ -49,6 +49,28 @@ def status_view(report: commands.Status) -> Table:
         )
         if entry.error:
             table.add_row("[red]error[/red]", escape(entry.error))
+    if state.paused_side:
+        table.add_row(
+            "[yellow]paused[/yellow]", f"{state.paused_side} side's consumers (until the commit or abort)"
+        )
+    for side, judged in (report.workers or {}).items():
+        gone = judged.gone
+        named = f" ({', '.join(escape(w.worker_id) for w in gone)})" if gone else ""
+        table.add_row(
+            f"workers {side}",
+            f"{len(judged.live)} live, {len(judged.acknowledged)} acknowledged v{state.version},"
+            f" {len(gone)} gone{named}",
+        )
+    if report.ledger is not None:
+        ledger = report.ledger
+        twice = f"[red]{ledger.executed_twice}[/red]" if ledger.executed_twice else "0"
+        table.add_row(
+            "ledger",
+            f"executed twice {twice}, refused {ledger.refused_executions}, running {ledger.running},"
+            f" handed over {ledger.handed_over}, succeeded {ledger.succeeded}, failed {ledger.failed}",
+        )
+    elif report.ledger_error:
+        table.add_row("[red]ledger[/red]", escape(report.ledger_error))
     table.add_row("allowed", ", ".join(data["allowed"]) or "(none)")
     return table
 

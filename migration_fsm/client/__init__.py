@@ -6,7 +6,9 @@
 - `_base`: every decision the sync and async twins share (which side is authoritative,
   what is written second, what the repair log gets, where a read comes from, when it falls
   back or is shadowed), all read off the routing table;
-- `writer`, `reader`: the twins, which only do the I/O; `repair`: the repair log.
+- `writer`, `reader`: the twins, which only do the I/O; `repair`: the repair log;
+- `gate`: `WorkerGate`, run by each worker of either queue: may it consume (the routing and
+  the pause it has applied and acknowledged), and the execution ledger's claim around a task.
 
 This package imports neither click, rich nor alembic; it logs through the standard
 `logging` module (logger `migration_fsm.client`) so that it fits whatever the application
@@ -16,6 +18,8 @@ uses.
 from __future__ import annotations
 
 from ..exceptions import DualWriteError as DualWriteError
+from .gate import Run as Run
+from .gate import WorkerGate as WorkerGate
 from .phase import PhaseClient as PhaseClient
 from .phase import Snapshot as Snapshot
 from .reader import AsyncFallbackReader as AsyncFallbackReader
@@ -32,5 +36,7 @@ __all__ = [
     "FallbackReader",
     "PhaseClient",
     "RepairLog",
+    "Run",
     "Snapshot",
+    "WorkerGate",
 ]

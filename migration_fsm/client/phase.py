@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
-_QUERY: Final = "SELECT phase, percent, version FROM mfsm_migrations WHERE name = "
+_QUERY: Final = "SELECT phase, percent, version, paused_side FROM mfsm_migrations WHERE name = "
+#: The same before revision 0004 (no pause): a client deployed before `db upgrade` still works.
+_QUERY_BEFORE_0004: Final = "SELECT phase, percent, version, NULL FROM mfsm_migrations WHERE name = "
 
 #: The phases whose routing is split per key (read from old for some keys, new for others),
 #: read off the routing table: phase -> (the routing of a key whose bucket is below the
@@ -49,6 +51,9 @@ class Snapshot:
     routing: Routing
     stale: bool
     read_at: datetime | None  # when the database was last read successfully (None: never)
+    #: The side whose consumers a transition in progress has paused (DESIGN.md section 10):
+    #: its workers' `WorkerGate.may_consume()` answers False. None when no pause is in force.
+    paused: str | None = None
 
 
 class PhaseClient:
@@ -99,6 +104,7 @@ class PhaseClient:
         self._stale_since: float | None = time.monotonic()
         self._stale_total = 0.0
         self._conn: Any = None
+        self._query = _QUERY
         self._refresh()
         self._thread = threading.Thread(
             target=self._run, name=f"migration-fsm-client-{migration}", daemon=True
@@ -109,6 +115,12 @@ class PhaseClient:
 
     def snapshot(self) -> Snapshot:
         """The current snapshot (from memory)."""
+        return self._snapshot
+
+    def refresh(self) -> Snapshot:
+        """Read the database now, on the caller's thread (the refresher does it anyway every
+        `ttl`); for a worker that wants the latest state before it starts, and for tests."""
+        self._refresh()
         return self._snapshot
 
     def routing(self, key: str | None = None) -> Routing:
@@ -183,7 +195,13 @@ class PhaseClient:
             data = json.loads(payload)
             if not isinstance(data, dict) or data.get("migration") != self.migration:
                 return
-            state = (Phase(data["phase"]), int(data["percent"]), int(data["version"]))
+            paused = data.get("paused")
+            state = (
+                Phase(data["phase"]),
+                int(data["percent"]),
+                int(data["version"]),
+                paused if paused in ("old", "new") else None,
+            )
         except (ValueError, KeyError, TypeError):
             log.debug("ignored a malformed notification: %.200s", payload)
             return
@@ -195,6 +213,11 @@ class PhaseClient:
         try:
             row = self._read_sqlite() if self._backend == "sqlite" else self._read_postgres()
         except Exception as exc:  # noqa: BLE001 - any failure to read means "keep the last snapshot"
+            if "paused_side" in str(exc) and self._query is _QUERY:  # a database before revision 0004
+                self._query = _QUERY_BEFORE_0004
+                self._close_conn()
+                self._refresh()
+                return
             self._failed(exc, reconnect=True)
             return
         with self._counters_lock:
@@ -202,7 +225,8 @@ class PhaseClient:
         try:
             if row is None:
                 raise LookupError(f"no migration named '{self.migration}' (yet)")
-            state = (Phase(row[0]), int(row[1]), int(row[2]))
+            paused = row[3] if len(row) > 3 and row[3] in ("old", "new") else None
+            state = (Phase(row[0]), int(row[1]), int(row[2]), paused)
         except (LookupError, ValueError, TypeError) as exc:
             # The connection is fine, the row is not (yet) usable: keep listening.
             self._failed(exc, reconnect=False)
@@ -218,7 +242,7 @@ class PhaseClient:
             check_same_thread=False,
         )
         try:
-            row: tuple[Any, ...] | None = conn.execute(_QUERY + "?", (self.migration,)).fetchone()
+            row: tuple[Any, ...] | None = conn.execute(self._query + "?", (self.migration,)).fetchone()
             return row
         finally:
             conn.close()
@@ -237,15 +261,22 @@ class PhaseClient:
                 from ..journal import NOTIFY_CHANNEL
 
                 self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        row: tuple[Any, ...] | None = self._conn.execute(_QUERY + "%s", (self.migration,)).fetchone()
+        row: tuple[Any, ...] | None = self._conn.execute(self._query + "%s", (self.migration,)).fetchone()
         return row
 
-    def _install(self, phase: Phase, percent: int, version: int) -> None:
+    def _install(self, phase: Phase, percent: int, version: int, paused: str | None = None) -> None:
         current = self._snapshot
         if version < current.version:  # an older read raced a newer notification: never go back
             return
         self._snapshot = Snapshot(
-            self.migration, phase, version, percent, routing_for(phase, percent), False, datetime.now(UTC)
+            self.migration,
+            phase,
+            version,
+            percent,
+            routing_for(phase, percent),
+            False,
+            datetime.now(UTC),
+            paused,
         )
         with self._counters_lock:
             if self._stale_since is not None:
@@ -281,6 +312,7 @@ class PhaseClient:
                 current.routing,
                 True,
                 current.read_at,
+                current.paused,
             )
         if first:  # once per outage, not once per call or per refresh
             log.warning(

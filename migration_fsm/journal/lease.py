@@ -6,6 +6,18 @@ transition in progress (`in_progress_seq = :seq`) and our name as the holder
 (`lease_holder = :me`), checked by its rowcount. A method that changes several rows first
 updates the migration row under that condition, in the same transaction, and its rowcount
 decides. Nothing reads the holder and then writes.
+
+`pause` and `lift` publish and withdraw the pause of one side's consumers (DESIGN.md
+section 10) while the transition is in progress. Each is one compare-and-set on the
+migration row that also bumps `version`, so `PhaseClient`s and `WorkerGate`s see it like a
+committed transition (by poll, and on PostgreSQL by NOTIFY), and each is journaled as a
+`takeovers` entry of the transition's row (`{"command": "pause" | "lift", "side", "version",
+...}`), which the row's hash covers once it is closed; `verify` counts those entries, so
+"version = committed rows + pauses and lifts" still holds. The lease's own compare-and-set
+is on `in_progress_seq` and `lease_holder`, never on `version`, so a pause published inside
+a step does not disturb the commit. The commit clears the pause (consumption resumes on the
+receiving side with the new phase, in the same version bump); `abort` lifts it (one more
+version, journaled on the aborted row).
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterr
 from ..fsm import EntryStatus, StepStatus
 from .chain import chain_hash
 from .db import utcnow
-from .records import MigrationState, entry_from_row, read_migration, replace
+from .records import MigrationState, entry_from_row, migration_from_row, read_migration, replace
 from .schema import NOTIFY_CHANNEL, journal_table, migrations_table, steps_table
 
 if TYPE_CHECKING:
@@ -106,6 +118,57 @@ class Lease:
         """Journal step `position`'s checkpoint (a plain JSON object)."""
         self._update_step(position, {"checkpoint": checkpoint})
 
+    def pause(self, side: str) -> int:
+        """Publish the pause of `side`'s consumers; returns the version every live worker of
+        that side must acknowledge. Idempotent: when `side` is already paused (a step run
+        again by `resume`) nothing changes and the current version is returned."""
+        if side not in ("old", "new"):
+            raise ValueError(f"side must be 'old' or 'new', not {side!r}")
+        return self._signal("pause", side)
+
+    def lift(self) -> int:
+        """Withdraw the pause published by this transition (if any); returns the version."""
+        return self._signal("lift", None)
+
+    def _signal(self, command: str, side: str | None) -> int:
+        m = migrations_table.c
+        now = utcnow()
+        with self.journal.transaction() as conn:
+            change = m.paused_side.is_(None) | (m.paused_side != side) if side else m.paused_side.isnot(None)
+            row = (
+                conn.execute(
+                    update(migrations_table)
+                    .where(self._ours(), change)
+                    .values(paused_side=side, version=m.version + 1, updated_at=now)
+                    .returning(*migrations_table.c)
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:  # not ours any more, or nothing to change
+                current = read_migration(conn, self.migration_id)
+                if current.in_progress_seq != self.seq or current.lease_holder != self.holder:
+                    raise lease_lost(current, self.seq)
+                return current.version
+            after = migration_from_row(row)
+            self._journal_signal(conn, command, side, after.version, now)
+            _notify(self.journal, conn, after)
+            return after.version
+
+    def _journal_signal(
+        self, conn: Connection, command: str, side: str | None, version: int, now: datetime
+    ) -> None:
+        """Append the pause or lift to the transition's `takeovers` (under the row lock the
+        compare-and-set on the migration row took)."""
+        j = journal_table.c
+        where = (j.migration_id == self.migration_id) & (j.seq == self.seq)
+        takeovers = conn.execute(select(j.takeovers).where(where)).scalar_one()
+        conn.execute(
+            update(journal_table)
+            .where(where)
+            .values(takeovers=[*(takeovers or []), _signal_record(command, side, version, self.holder, now)])
+        )
+
     def release(self, error: str) -> None:
         """After a failed step: release the lease and record `error` on the journal row,
         which stays `intent` (the transition is interrupted)."""
@@ -151,8 +214,18 @@ class Lease:
                 .mappings()
                 .one()
             )
+            entry = entry_from_row(row, [])
+            lifted = status != "committed" and current.paused_side is not None
+            if lifted:  # an abort lifts the pause: one more version, journaled on this row
+                entry = replace(
+                    entry,
+                    takeovers=[
+                        *entry.takeovers,
+                        _signal_record("lift", None, current.version + 1, self.holder, now),
+                    ],
+                )
             entry = replace(
-                entry_from_row(row, []),
+                entry,
                 status=status,
                 finished_at=now,
                 prev_hash=current.head_hash,
@@ -166,6 +239,8 @@ class Lease:
                 lease_expires_at=None,
                 head_hash=digest,
                 updated_at=now,
+                paused_side=None,
+                version=current.version + 1 if lifted else current.version,
             )
             if status == EntryStatus.COMMITTED:
                 after = replace(
@@ -188,6 +263,7 @@ class Lease:
                     lease_expires_at=None,
                     head_hash=digest,
                     updated_at=now,
+                    paused_side=None,
                 )
             )
             conn.execute(
@@ -199,23 +275,46 @@ class Lease:
                     prev_hash=current.head_hash,
                     hash=digest,
                     error=entry.error,
+                    takeovers=entry.takeovers,
                 )
             )
-            if status == EntryStatus.COMMITTED and self.journal.dialect == "postgresql":
-                # Delivered at commit, carrying the new state: PhaseClients apply it without a query.
-                payload = json.dumps(
-                    {
-                        "migration": after.name,
-                        "phase": after.phase.value,
-                        "percent": after.percent,
-                        "version": after.version,
-                    }
-                )
-                conn.execute(
-                    text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": NOTIFY_CHANNEL, "payload": payload},
-                )
+            if status == EntryStatus.COMMITTED or lifted:
+                _notify(self.journal, conn, after)
             return after
+
+
+def _signal_record(
+    command: str, side: str | None, version: int, holder: str, now: datetime
+) -> dict[str, Any]:
+    """The `takeovers` entry of a pause or lift."""
+    record: dict[str, Any] = {
+        "command": command,
+        "actor": holder,
+        "at": now.isoformat(timespec="microseconds"),
+        "version": version,
+    }
+    if side is not None:
+        record["side"] = side
+    return record
+
+
+def _notify(journal: Journal, conn: Connection, after: MigrationState) -> None:
+    """On PostgreSQL, NOTIFY the new state (delivered at commit): PhaseClients and WorkerGates
+    apply it without a query."""
+    if journal.dialect != "postgresql":
+        return
+    payload = json.dumps(
+        {
+            "migration": after.name,
+            "phase": after.phase.value,
+            "percent": after.percent,
+            "version": after.version,
+            "paused": after.paused_side,
+        }
+    )
+    conn.execute(
+        text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": payload}
+    )
 
 
 def conflict(now: MigrationState, seen: MigrationState) -> Conflict:

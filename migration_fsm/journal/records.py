@@ -36,6 +36,8 @@ class MigrationState:
     phase_entered_at: datetime
     created_at: datetime
     updated_at: datetime
+    #: The side whose consumers the transition in progress has paused (`Lease.pause`), or None.
+    paused_side: str | None = None
 
     def lease_live(self, now: datetime | None = None) -> bool:
         """Whether someone holds an unexpired lease."""
@@ -155,6 +157,7 @@ def migration_from_row(row: Any) -> MigrationState:
         phase_entered_at=row["phase_entered_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        paused_side=row.get("paused_side"),
     )
 
 
@@ -194,6 +197,17 @@ def entry_from_row(row: Any, steps: list[StepRecord]) -> JournalEntry:
         hash=row["hash"],
         steps=steps,
     )
+
+
+#: The journal row's `takeovers` entries whose `command` bumped the migration's `version`
+#: without a commit: a pause published by a step, and its lift (`Lease.pause`, `Lease.lift`,
+#: or `abort`). `verify` counts them: version = committed rows + these.
+VERSION_BUMPS = frozenset({"pause", "lift"})
+
+
+def version_bumps(entry: JournalEntry) -> int:
+    """How many times the transition of `entry` bumped the version besides its commit."""
+    return sum(1 for takeover in entry.takeovers if takeover.get("command") in VERSION_BUMPS)
 
 
 def read_migration(conn: Connection, migration_id: int) -> MigrationState:

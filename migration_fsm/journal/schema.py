@@ -43,6 +43,9 @@ migrations_table = Table(
     Column("phase_entered_at", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Revision 0004: the side whose consumers are paused by the transition in progress
+    # (`Lease.pause`), or NULL. Publishing or lifting a pause bumps `version`.
+    Column("paused_side", String(8), nullable=True),
 )
 
 journal_table = Table(
@@ -129,6 +132,62 @@ backfill_table = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-#: PostgreSQL channel every committed transition NOTIFYs; the payload is a JSON object
-#: with the migration's name and its new phase, percent and version.
+#: Revision 0004: one row per worker (a `WorkerGate`) of each side: its registration, heartbeat
+#: and the last routing version it has applied (`journal/workers.py`).
+workers_table = Table(
+    "mfsm_workers",
+    metadata,
+    Column("migration", String(200), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("worker_id", String(200), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("seen_version", Integer, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("migration", "side", "worker_id"),
+)
+
+#: Revision 0004: the live claim of each key, across both sides (`journal/ledger.py` says why
+#: it is a table of its own rather than a partial unique index on `mfsm_executions`).
+execution_claims_table = Table(
+    "mfsm_execution_claims",
+    metadata,
+    Column("migration", String(200), nullable=False),
+    Column("key", String(400), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("worker_id", String(200), nullable=True),
+    Column("attempt", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("migration", "key"),
+)
+
+#: Revision 0004: every execution of a task (one row per attempt), as it really went.
+executions_table = Table(
+    "mfsm_executions",
+    metadata,
+    Column("migration", String(200), nullable=False),
+    Column("key", String(400), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("worker_id", String(200), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("outcome", String(16), nullable=False),
+    PrimaryKeyConstraint("migration", "key", "attempt"),
+)
+
+#: Revision 0004: how many executions the ledger refused, per migration and side.
+execution_refusals_table = Table(
+    "mfsm_execution_refusals",
+    metadata,
+    Column("migration", String(200), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("refused", BigInteger, nullable=False),
+    PrimaryKeyConstraint("migration", "side"),
+)
+
+#: PostgreSQL channel every committed transition (and every pause or lift) NOTIFYs; the payload
+#: is a JSON object with the migration's name and its new phase, percent, version and
+#: `paused` side (null when none).
 NOTIFY_CHANNEL: Final = "migration_fsm"

@@ -34,6 +34,9 @@ from tests.support.cli import ROOT, CliResult, run_cli
 from tests.support.steps import FAIL_ENV, GATE_ENV, MARKER_ENV
 
 STATUS_KEYS = {"migration", "phase", "version", "percent", "routing", "interrupted", "allowed"}
+#: Added by issue 12 (additive: the keys above keep their meaning): the paused side, the
+#: workers per side and the execution ledger's counts.
+STATUS_KEYS_WORKERS = {"paused", "workers", "ledger"}
 ROUTING_KEYS = ("write_old", "write_new", "authoritative", "read_from", "read_fallback", "consume_from")
 INTERRUPTED_KEYS = {"seq", "trigger", "source", "dest", "step"}
 HISTORY_KEYS = {
@@ -168,7 +171,7 @@ def status_doc(result: CliResult) -> dict[str, Any]:
     """The one JSON object `status --json` printed, checked against the contract's keys."""
     assert 0 == result.code, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
-    assert STATUS_KEYS == set(doc)
+    assert STATUS_KEYS | STATUS_KEYS_WORKERS == set(doc)
     assert set(ROUTING_KEYS) == set(doc["routing"])
     assert doc["interrupted"] is None or INTERRUPTED_KEYS == set(doc["interrupted"])
     return doc
@@ -280,7 +283,7 @@ def test_status_json_follows_the_routing_table_in_every_phase(upgraded_url: str)
             "percent": percent,
             "routing": routing(phase, percent),
             "interrupted": None,
-        } == {key: value for key, value in doc.items() if key != "allowed"}
+        } == {key: value for key, value in doc.items() if key in STATUS_KEYS - {"allowed"}}
         assert ALLOWED[phase] == sorted(doc["allowed"])
     assert ["old", "split", "new"] == [status_doc(r)["routing"]["read_from"] for r in results[2:5]]
 
@@ -331,7 +334,7 @@ def test_walk_every_phase_by_cli_then_verify_and_replay_history(upgraded_url: st
         "routing": routing("complete", 100),
         "interrupted": None,
         "allowed": [],
-    } == status_doc(status)
+    } == {key: value for key, value in status_doc(status).items() if key in STATUS_KEYS}
     rows = history_rows(history)
     assert [
         ("init", None, "preparation"),

@@ -103,6 +103,15 @@ def test_steps_accept_a_name_or_a_step_with_its_undo(tmp_path: Path) -> None:
         ('[stores.old]\nkind = "redis"\n', "kind 'redis' is not 'sql', 'memory' or 'package.module:factory'"),
         ('[stores.old]\nkind = "memory"\nurl = "x"\ncolour = 1\n', "unknown key 'colour' for kind 'memory'"),
         ("lease_seconds = [\n", "is not valid TOML"),
+        (
+            "worker_ttl_seconds = 0\n",
+            "config key 'worker_ttl_seconds' in {path} is invalid: Input should be greater than 0",
+        ),
+        ("pause_timeout_seconds = -1\n", "config key 'pause_timeout_seconds' in {path} is invalid"),
+        (
+            'ledger_url = "mysql://x/y"\n',
+            "config key 'ledger_url' in {path} is invalid: the ledger is a SQLite",
+        ),
     ],
 )
 def test_a_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, says: str) -> None:
@@ -139,6 +148,18 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
 def test_a_bad_override_names_the_key_without_a_file() -> None:
     with pytest.raises(ConfigError, match=r"^config key 'max_failure_rate' is invalid: "):
         load_settings(None, max_failure_rate=2)
+
+
+def test_the_ledger_defaults_to_the_migration_database() -> None:
+    settings = load_settings(None, database_url="sqlite:///m.db")
+    assert (settings.worker_ttl_seconds, settings.pause_timeout_seconds, settings.ledger_url) == (
+        30,
+        120,
+        None,
+    )
+    assert settings.ledger_database_url == "sqlite:///m.db"
+    other = load_settings(None, database_url="sqlite:///m.db", ledger_url="postgresql+psycopg://h/app")
+    assert other.ledger_database_url == "postgresql+psycopg://h/app"
 
 
 def test_the_settings_are_frozen() -> None:

@@ -1,0 +1,502 @@
+"""The execution ledger (DESIGN.md section 10): which worker of which side runs or ran each
+task, so that no task runs twice across the two queues.
+
+Tables (revision 0004), in the migration database or in the ledger's own (`ledger_url`,
+created by the same revisions: `db upgrade` upgrades both):
+
+- `mfsm_execution_claims`: the **live claim** of each key, one row per (migration, key),
+  across both sides: the side and worker holding it, its attempt and its `state`
+  (`running`, `succeeded`, `failed`, `handed_over`). Its primary key is the unique
+  constraint that decides every claim.
+- `mfsm_executions`: every execution as it really went, one row per (migration, key,
+  attempt): side, worker, started_at, finished_at, outcome (`running`, `succeeded`,
+  `failed`, `handed_over`). Nothing here is unique across attempts, so an execution that
+  finishes after it was handed over is still recorded truthfully, and `executed_twice`
+  (keys with more than one succeeded execution) can be counted, not just assumed to be 0.
+- `mfsm_execution_refusals`: refused executions, counted per (migration, side).
+
+Why a claims table rather than a partial unique index on live outcomes of
+`mfsm_executions`: both work on SQLite and PostgreSQL, but the rules are more than
+"one live row per key": a failed attempt may be retried by its own side only, a handed-over
+key belongs to the receiving side, a late finish must not break the constraint. With one
+claim row per key, every rule is the `WHERE` of a single `INSERT ... ON CONFLICT (migration,
+key) DO UPDATE ... WHERE <the rule> RETURNING attempt`: the row lock of the conflict decides
+(on PostgreSQL a concurrent claimer waits and re-evaluates the rule against the committed
+row; on SQLite `BEGIN IMMEDIATE` serialises writers), and nothing reads and then writes. A
+partial index would need a `NOT EXISTS` read for the side rules, which under READ COMMITTED
+lets a claim slip in after a concurrent finish.
+
+`claim` is that one statement (plus the history row, in the same transaction). Only when it
+does not win does the ledger read the claim to say why, and then either takes over the
+running claim of a gone worker (a compare-and-set on the worker and attempt it saw, like a
+lease; goneness comes from `mfsm_workers` through `Workers`) or counts the refusal.
+`finish` may be batched (`finish_many`); `claim` may not.
+
+This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can use it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy.exc import DBAPIError
+
+from ..exceptions import DatabaseUnavailable
+from .db import UTCDateTime, make_engine, safe_url, scrub, utcnow
+from .schema import execution_claims_table, execution_refusals_table, executions_table
+from .workers import SIDES, upsert
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from datetime import datetime
+
+    from sqlalchemy import Connection, Engine
+
+    from .workers import Workers
+
+#: Outcomes of an execution (and states of a claim).
+RUNNING: Final = "running"
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+HANDED_OVER: Final = "handed_over"
+OUTCOMES: Final = (RUNNING, SUCCEEDED, FAILED, HANDED_OVER)
+
+
+#: The claim on PostgreSQL: the upsert under the claims' primary key and, when it wins, the
+#: history row, in one statement (a data-modifying CTE).
+_PG_CLAIM: Final = text(
+    """
+    WITH won AS (
+        INSERT INTO mfsm_execution_claims AS c (migration, key, side, worker_id, attempt, state, started_at)
+        VALUES (:m, :k, :side, :w, 1, 'running', :now)
+        ON CONFLICT (migration, key) DO UPDATE
+            SET side = excluded.side, worker_id = excluded.worker_id, attempt = c.attempt + 1,
+                state = 'running', started_at = excluded.started_at
+            WHERE c.state IN ('failed', 'handed_over') AND c.side = excluded.side
+        RETURNING c.attempt
+    )
+    INSERT INTO mfsm_executions (migration, key, attempt, side, worker_id, started_at, outcome)
+    SELECT :m, :k, won.attempt, :side, :w, :now, 'running' FROM won
+    RETURNING attempt
+    """
+).bindparams(bindparam("now", type_=UTCDateTime))
+
+#: A finish on PostgreSQL, in one statement: the history row as it went, and the claim when
+#: it is still ours (a success also closes a hand-over nobody has claimed yet).
+_PG_FINISH: Final = text(
+    """
+    WITH done AS (
+        UPDATE mfsm_executions SET outcome = :o, finished_at = :now
+        WHERE migration = :m AND key = :k AND attempt = :a AND finished_at IS NULL
+    )
+    UPDATE mfsm_execution_claims SET state = :o, side = :side, worker_id = :w
+    WHERE migration = :m AND key = :k AND attempt = :a
+      AND (state = 'running' OR (:closes AND state = 'handed_over'))
+    RETURNING attempt
+    """
+).bindparams(bindparam("now", type_=UTCDateTime))
+
+_READ_CLAIM: Final = text(
+    "SELECT side, worker_id, attempt, state FROM mfsm_execution_claims WHERE migration = :m AND key = :k"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claim we hold: attempt `attempt` of `key`, by `worker_id` of `side`."""
+
+    migration: str
+    key: str
+    side: str
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What `Ledger.claim` decided.
+
+    `allowed`: run the task (with `claim`). `reason`: when allowed, `claimed` (a new key, a
+    retry of a failed attempt or a handed-over key) or `taken_over` (from a gone worker); when
+    refused, the state of the claim that stands in the way (`succeeded`, `running`, `failed`
+    (on the other side), `handed_over` (to the other side)), with its `holder` (side, worker)."""
+
+    allowed: bool
+    reason: str
+    claim: Claim | None = None
+    holder: tuple[str, str | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerCounts:
+    """The ledger's figures for one migration (`status`, `validate`, `no_double_execution`)."""
+
+    executed_twice: int
+    refused_executions: int
+    refused_by_side: dict[str, int] = field(default_factory=dict)
+    running: int = 0
+    handed_over: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "executed_twice": self.executed_twice,
+            "refused_executions": self.refused_executions,
+            "refused_by_side": dict(self.refused_by_side),
+            "running": self.running,
+            "handed_over": self.handed_over,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """One row of `mfsm_executions`."""
+
+    migration: str
+    key: str
+    attempt: int
+    side: str
+    worker_id: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+
+
+class Ledger:
+    """The execution ledger on `url` (the migration database, or `ledger_url`). Thread-safe.
+
+    `workers` (on the migration database) tells which workers are gone; without it a running
+    claim is never taken over."""
+
+    def __init__(self, url: str, *, engine: Engine | None = None, workers: Workers | None = None) -> None:
+        self.url = url
+        self.safe_url = safe_url(url)
+        self._owns_engine = engine is None
+        self.engine = engine or make_engine(url)
+        self.workers = workers
+        self._insert = upsert(self.engine, execution_claims_table)
+        c = execution_claims_table.c
+        claim = self._insert.values(
+            migration=bindparam("m"),
+            key=bindparam("k"),
+            side=bindparam("side"),
+            worker_id=bindparam("w"),
+            attempt=1,
+            state=RUNNING,
+            started_at=bindparam("now", type_=UTCDateTime),
+        )
+        self._claim_stmt = claim.on_conflict_do_update(
+            index_elements=[c.migration, c.key],
+            set_={
+                "side": claim.excluded.side,
+                "worker_id": claim.excluded.worker_id,
+                "attempt": c.attempt + 1,
+                "state": RUNNING,
+                "started_at": claim.excluded.started_at,
+            },
+            # The only rule that lets a key be claimed again: it is this side's to run.
+            where=c.state.in_((FAILED, HANDED_OVER)) & (c.side == claim.excluded.side),
+        ).returning(c.attempt)
+
+    @classmethod
+    def open(cls, url: str, *, workers: Workers | None = None) -> Ledger:
+        """A ledger on a database whose schema is at the Alembic head (else `SchemaNotCurrent`)."""
+        from .journal import Journal  # alembic is imported lazily there, and only by this path
+
+        ledger = cls(url, workers=workers)
+        try:
+            Journal(url, engine=ledger.engine).check_schema()
+        except BaseException:
+            ledger.close()
+            raise
+        return ledger
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        """Dispose of the engine this ledger created (one it was given is left alone)."""
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self, *, autocommit: bool = False) -> Iterator[Connection]:
+        """One transaction, or (`autocommit`, PostgreSQL) one statement committed by itself."""
+        try:
+            if autocommit:
+                with self.engine.connect() as conn:
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    yield conn
+                return
+            with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise DatabaseUnavailable(
+                f"ledger database {self.safe_url} is unavailable: {scrub(str(exc.orig or exc), self.url)}"
+            ) from exc
+
+    # -- claiming -----------------------------------------------------------------------
+
+    def claim(self, migration: str, key: str, side: str, worker_id: str) -> ClaimResult:
+        """Claim the execution of `key` for `worker_id` of `side`.
+
+        Allowed for a new key, for a retry of a failed attempt by the same side, for a key
+        handed over to `side`, and (taking it over) for a key running on a gone worker.
+        Refused, and counted, when the key succeeded, runs on a live worker, failed on the
+        other side or was handed over to the other side."""
+        if side not in SIDES:
+            raise ValueError(f"side must be 'old' or 'new', not {side!r}")
+        now = utcnow()
+        params = {"m": migration, "k": key, "side": side, "w": worker_id, "now": now}
+        if self.dialect == "postgresql":
+            # One statement, one round trip, committed on its own (AUTOCOMMIT): the claim and
+            # its history row in a data-modifying CTE.
+            with self._transaction(autocommit=True) as conn:
+                attempt = conn.execute(_PG_CLAIM, params).scalar()
+            if attempt is not None:
+                return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, attempt))
+            with self._transaction(autocommit=True) as conn:
+                row = conn.execute(_READ_CLAIM, params).one()
+        else:
+            with self._transaction() as conn:
+                attempt = conn.execute(self._claim_stmt, params).scalar()
+                if attempt is not None:
+                    claim = Claim(migration, key, side, worker_id, attempt)
+                    self._record_start(conn, claim, now)
+                    return ClaimResult(True, "claimed", claim)
+                # Lost: the claim row (locked by the write lock we hold) says why.
+                row = conn.execute(_READ_CLAIM, params).one()
+        if row.state == RUNNING and self._gone(migration, row.side, row.worker_id):
+            taken = self._take_over(migration, key, side, worker_id, row)
+            if taken is not None:
+                return taken
+            return self.claim(migration, key, side, worker_id)  # the claim moved under us: decide again
+        with self._transaction() as conn:
+            self._count_refusal(conn, migration, side)
+        return ClaimResult(False, row.state, None, (row.side, row.worker_id))
+
+    def _gone(self, migration: str, side: str, worker_id: str | None) -> bool:
+        if self.workers is None or worker_id is None:
+            return False
+        return self.workers.is_gone(migration, side, worker_id)
+
+    def _take_over(
+        self, migration: str, key: str, side: str, worker_id: str, seen: Any
+    ) -> ClaimResult | None:
+        """Compare-and-set the running claim of a gone worker, as we saw it, to us."""
+        c = execution_claims_table.c
+        now = utcnow()
+        with self._transaction() as conn:
+            attempt = conn.execute(
+                update(execution_claims_table)
+                .where(
+                    c.migration == migration,
+                    c.key == key,
+                    c.state == RUNNING,
+                    c.side == seen.side,
+                    c.worker_id == seen.worker_id,
+                    c.attempt == seen.attempt,
+                )
+                .values(side=side, worker_id=worker_id, attempt=c.attempt + 1, state=RUNNING, started_at=now)
+                .returning(c.attempt)
+            ).scalar()
+            if attempt is None:
+                return None
+            e = executions_table.c
+            conn.execute(
+                update(executions_table)
+                .where(
+                    e.migration == migration, e.key == key, e.attempt == seen.attempt, e.outcome == RUNNING
+                )
+                .values(outcome=HANDED_OVER)
+            )
+            claim = Claim(migration, key, side, worker_id, attempt)
+            self._record_start(conn, claim, now)
+        return ClaimResult(True, "taken_over", claim, (seen.side, seen.worker_id))
+
+    def _record_start(self, conn: Connection, claim: Claim, now: datetime) -> None:
+        conn.execute(
+            executions_table.insert().values(
+                migration=claim.migration,
+                key=claim.key,
+                attempt=claim.attempt,
+                side=claim.side,
+                worker_id=claim.worker_id,
+                started_at=now,
+                outcome=RUNNING,
+            )
+        )
+
+    def _count_refusal(self, conn: Connection, migration: str, side: str) -> None:
+        r = execution_refusals_table.c
+        stmt = upsert(self.engine, execution_refusals_table).values(migration=migration, side=side, refused=1)
+        conn.execute(
+            stmt.on_conflict_do_update(index_elements=[r.migration, r.side], set_={"refused": r.refused + 1})
+        )
+
+    # -- finishing ----------------------------------------------------------------------
+
+    def finish(self, claim: Claim, outcome: str) -> bool:
+        """Record how `claim`'s execution ended (`succeeded` or `failed`). True when the claim
+        was still ours; False when it had been handed over or taken over meanwhile (the
+        execution is recorded anyway, as it really went)."""
+        return self.finish_many([(claim, outcome)]) == 1
+
+    def finish_many(self, finished: Iterable[tuple[Claim, str]]) -> int:
+        """`finish` for a batch, in one transaction; returns how many claims were still ours."""
+        items = list(finished)
+        for _, outcome in items:
+            if outcome not in (SUCCEEDED, FAILED):
+                raise ValueError(f"an execution finishes succeeded or failed, not {outcome!r}")
+        c, e = execution_claims_table.c, executions_table.c
+        now = utcnow()
+        if self.dialect == "postgresql":
+            # One statement per finish (a data-modifying CTE); a batch in one transaction.
+            with self._transaction(autocommit=len(items) == 1) as conn:
+                return sum(
+                    len(
+                        conn.execute(
+                            _PG_FINISH,
+                            {
+                                "m": claim.migration,
+                                "k": claim.key,
+                                "a": claim.attempt,
+                                "side": claim.side,
+                                "w": claim.worker_id,
+                                "o": outcome,
+                                "now": now,
+                                "closes": outcome == SUCCEEDED,
+                            },
+                        ).all()
+                    )
+                    for claim, outcome in items
+                )
+        ours = 0
+        with self._transaction() as conn:
+            for claim, outcome in items:
+                conn.execute(
+                    update(executions_table)
+                    .where(
+                        e.migration == claim.migration,
+                        e.key == claim.key,
+                        e.attempt == claim.attempt,
+                        e.finished_at.is_(None),
+                    )
+                    .values(outcome=outcome, finished_at=now)
+                )
+                # A success closes the key even after a hand-over nobody has claimed yet (the
+                # receiving side must not run it again); a failure only while still ours.
+                states = (RUNNING, HANDED_OVER) if outcome == SUCCEEDED else (RUNNING,)
+                ours += conn.execute(
+                    update(execution_claims_table)
+                    .where(
+                        c.migration == claim.migration,
+                        c.key == claim.key,
+                        c.attempt == claim.attempt,
+                        c.state.in_(states),
+                    )
+                    .values(state=outcome, side=claim.side, worker_id=claim.worker_id)
+                ).rowcount
+        return ours
+
+    # -- hand-over (the drains' requeue policy) ---------------------------------------------
+
+    def hand_over(self, migration: str, key: str, from_side: str, to_side: str) -> bool:
+        """Give `key` to `to_side`: its running (or failed) claim on `from_side` becomes
+        `handed_over` to `to_side`, which alone may claim it next; a key never claimed gets a
+        handed-over placeholder, so `from_side` cannot start it any more. One statement.
+        False when the key already succeeded, or is claimed on `to_side`: do not re-queue."""
+        if {from_side, to_side} != set(SIDES):
+            raise ValueError(f"a hand-over goes from one side to the other, not {from_side!r} -> {to_side!r}")
+        c, e = execution_claims_table.c, executions_table.c
+        stmt = self._insert.values(
+            migration=migration,
+            key=key,
+            side=to_side,
+            worker_id=None,
+            attempt=0,
+            state=HANDED_OVER,
+            started_at=utcnow(),
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.migration, c.key],
+            set_={"side": to_side, "state": HANDED_OVER},
+            where=(c.state.in_((RUNNING, FAILED)) & (c.side == from_side))
+            | ((c.state == HANDED_OVER) & (c.side == to_side)),
+        ).returning(c.attempt)
+        with self._transaction() as conn:
+            attempt = conn.execute(stmt).scalar()
+            if attempt is None:
+                return False
+            conn.execute(
+                update(executions_table)
+                .where(e.migration == migration, e.key == key, e.attempt == attempt, e.outcome == RUNNING)
+                .values(outcome=HANDED_OVER)
+            )
+        return True
+
+    # -- reads --------------------------------------------------------------------------
+
+    def succeeded_keys(
+        self, migration: str, side: str, *, after: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        """Keys whose claim succeeded on `side`, in key order, `limit` at a time after `after`."""
+        c = execution_claims_table.c
+        query = select(c.key).where(c.migration == migration, c.state == SUCCEEDED, c.side == side)
+        if after is not None:
+            query = query.where(c.key > after)
+        with self._transaction() as conn:
+            return list(conn.execute(query.order_by(c.key).limit(limit)).scalars())
+
+    def executions(self, migration: str, key: str) -> list[ExecutionRecord]:
+        """Every execution of `key`, first attempt first."""
+        e = executions_table.c
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(executions_table).where(e.migration == migration, e.key == key).order_by(e.attempt)
+            ).mappings()
+            return [ExecutionRecord(**dict(row)) for row in rows]
+
+    def counts(self, migration: str) -> LedgerCounts:
+        """executed_twice, refused_executions (per side too), running, handed_over, ..."""
+        c, e, r = execution_claims_table.c, executions_table.c, execution_refusals_table.c
+        with self._transaction() as conn:
+            twice = (
+                select(e.key)
+                .where(e.migration == migration, e.outcome == SUCCEEDED)
+                .group_by(e.key)
+                .having(func.count() > 1)
+                .subquery()
+            )
+            executed_twice = conn.execute(select(func.count()).select_from(twice)).scalar_one()
+            refused = {
+                row.side: int(row.refused)
+                for row in conn.execute(select(r.side, r.refused).where(r.migration == migration))
+            }
+            by_state = select(c.state, func.count().label("n")).where(c.migration == migration)
+            states = {row.state: int(row.n) for row in conn.execute(by_state.group_by(c.state))}
+            handed_over = conn.execute(
+                select(func.count()).where(e.migration == migration, e.outcome == HANDED_OVER)
+            ).scalar_one()
+        return LedgerCounts(
+            executed_twice=executed_twice,
+            refused_executions=sum(refused.values()),
+            refused_by_side={side: refused.get(side, 0) for side in SIDES},
+            running=states.get(RUNNING, 0),
+            handed_over=handed_over,
+            succeeded=states.get(SUCCEEDED, 0),
+            failed=states.get(FAILED, 0),
+        )
