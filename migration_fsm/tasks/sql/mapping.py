@@ -12,11 +12,8 @@ non-negative integer.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
-from operator import itemgetter, lt
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import (
@@ -24,9 +21,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
-    Float,
     Integer,
-    Numeric,
     String,
     bindparam,
     cast,
@@ -37,8 +32,28 @@ from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.exceptions import ConfigError, DataError
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, to_utc
+from migration_fsm.tasks.sql.columns import (
+    MAX_INTEGER_KEY,
+    ColumnKind,
+    Reader,
+    Writer,
+    attempts_writer,
+    bind,
+    clip,
+    fits,
+    identity_reader,
+    integer_key,
+    json_writer,
+    key_writer,
+    sqlite_datetime,
+    time_writer,
+    type_writer,
+    utc_text_fast,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from sqlalchemy import Table
     from sqlalchemy.sql.elements import ColumnElement
 
@@ -51,60 +66,8 @@ FIELDS: Final = (
 OPTIONAL_FIELDS: Final = ("attempts", "metadata", "run_at")
 #: Fields that may be mapped to the column of another field (`updated_at` to `created_at`'s).
 SHARED_TIME: Final = ("created_at", "updated_at")
-#: The largest integer key (BIGINT), and its number of digits.
-MAX_INTEGER_KEY: Final = 2**63 - 1
-_MAX_KEY_DIGITS: Final = len(str(MAX_INTEGER_KEY))
-#: `canonical_json` (same bytes), built once: JSON is the bulk of encoding a record.
-_canonical_json: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-).encode
-first_of: Final = itemgetter(0)
 
 
-class ColumnKind(StrEnum):
-    """How a column holds its field: text; JSON as text, or PostgreSQL's JSON types; a
-    timestamp as SQLite DATETIME text (`2024-05-17 12:30:45.123456`, naive UTC), as ISO text
-    (`2024-05-17T12:30:45.123456Z`), or as a timestamp with or without a time zone."""
-
-    TEXT = "text"
-    JSON_TEXT = "json_text"
-    JSON = "json"
-    JSONB = "jsonb"
-    SQLITE_DATETIME = "sqlite_datetime"
-    ISO_TEXT = "iso_text"
-    TIMESTAMPTZ = "timestamptz"
-    TIMESTAMP = "timestamp"
-
-    @property
-    def native_json(self) -> bool:
-        """Whether the column is one of PostgreSQL's JSON types (not text holding JSON)."""
-        return self in (ColumnKind.JSON, ColumnKind.JSONB)
-
-    @property
-    def holds_json(self) -> bool:
-        """Whether the column holds JSON, as text or natively."""
-        return self is ColumnKind.JSON_TEXT or self.native_json
-
-    @property
-    def zoned(self) -> bool:
-        """Whether the column is a database timestamp type (with or without a time zone)."""
-        return self in (ColumnKind.TIMESTAMPTZ, ColumnKind.TIMESTAMP)
-
-    @property
-    def text_shape(self) -> tuple[int, dict[int, str]] | None:
-        """For timestamps held as text: the shape the writers write (length, separators by
-        position); None for every other kind."""
-        return _TIME_TEXT_SHAPES.get(self)
-
-
-#: `2024-05-17 12:30:45.123456` in a SQLite DATETIME, `2024-05-17T12:30:45.123456Z` in text.
-_TIME_TEXT_SHAPES: Final = {
-    ColumnKind.SQLITE_DATETIME: (26, {4: "-", 7: "-", 10: " ", 13: ":", 16: ":", 19: "."}),
-    ColumnKind.ISO_TEXT: (27, {4: "-", 7: "-", 10: "T", 13: ":", 16: ":", 19: ".", 26: "Z"}),
-}
-
-Reader = Callable[[Any, str], Any]
-Writer = Callable[[TaskRecord], Any]
 _Access = tuple["ColumnElement[Any]", "ColumnElement[Any]", Reader, Writer, ColumnKind]
 
 
@@ -270,7 +233,7 @@ class TableMapping:
         return MappedField(field, param, column, selected, bound, read, write, kind)
 
     def _json_access(self, field: str, column: Column[Any], param: str) -> _Access | None:
-        kind, read, write = column.type, self._json_reader(field, column), _json_writer(field)
+        kind, read, write = column.type, self._json_reader(field, column), json_writer(field)
         if isinstance(kind, JSON):
             if self.dialect == "sqlite":  # JSON is text there: read it raw, so a bad value names its key
                 text_bind = bindparam(param, type_=String())
@@ -287,15 +250,15 @@ class TableMapping:
             if (
                 self.dialect == "sqlite"
             ):  # DATETIME is text there: write SQLAlchemy's format, parse it ourselves
-                write = _time_writer(field, _sqlite_datetime)
+                write = time_writer(field, sqlite_datetime)
                 text_bind = bindparam(param, type_=String())
                 return type_coerce(column, String()), text_bind, read, write, ColumnKind.SQLITE_DATETIME
             if kind.timezone:
-                return column, bind(param, column), read, _time_writer(field, to_utc), ColumnKind.TIMESTAMPTZ
-            write = _time_writer(field, lambda v: to_utc(v).replace(tzinfo=None))
+                return column, bind(param, column), read, time_writer(field, to_utc), ColumnKind.TIMESTAMPTZ
+            write = time_writer(field, lambda v: to_utc(v).replace(tzinfo=None))
             return column, bind(param, column), read, write, ColumnKind.TIMESTAMP
         if isinstance(kind, String | NullType):
-            return column, bind(param, column), read, _time_writer(field, _utc_text), ColumnKind.ISO_TEXT
+            return column, bind(param, column), read, time_writer(field, utc_text_fast), ColumnKind.ISO_TEXT
         return None
 
     def _plain_access(self, field: str, column: Column[Any], param: str) -> _Access | None:
@@ -305,21 +268,21 @@ class TableMapping:
         if field == "attempts":
             if not isinstance(kind, Integer | NullType):
                 return None
-            read, write = self._attempts_reader(column), _attempts_writer
+            read, write = self._attempts_reader(column), attempts_writer
         elif field == "status":
             if not isinstance(kind, String | Integer | NullType):
                 return None
             read, write = self._status_reader(column), self._status_writer(column)
         elif field == "key" and isinstance(kind, Integer) and not isinstance(kind, Boolean):
-            read, write = _identity, self._integer_key_writer(column)
+            read, write = identity_reader, self._integer_key_writer(column)
         elif not isinstance(kind, String | NullType):
             return None
         elif field == "key":
-            read, write = _identity, _key_writer
+            read, write = identity_reader, key_writer
         elif self.read_type is not None:
             read, write = self._type_reader(column), self._type_writer(column)
         else:
-            read, write = self._text_reader(column), _type_writer
+            read, write = self._text_reader(column), type_writer
         return column, bind(param, column), read, write, ColumnKind.TEXT
 
     def _constants(self, constants: dict[str, Any]) -> dict[Column[Any], Any]:
@@ -339,7 +302,7 @@ class TableMapping:
                     " column the record does not carry"
                 )
             column = self.table.c[name]
-            if not _fits(column, value):
+            if not fits(column, value):
                 raise ConfigError(f"{where} {value!r} does not fit column '{name}' of type {column.type!r}")
             checked[column] = value
         return checked
@@ -412,9 +375,9 @@ class TableMapping:
                 try:
                     value = json.loads(value)
                 except ValueError as exc:
-                    raise self.bad(key, column, f"is not JSON ({exc}): {_clip(value)}") from None
+                    raise self.bad(key, column, f"is not JSON ({exc}): {clip(value)}") from None
             if not isinstance(value, dict):
-                raise self.bad(key, column, f"holds {_clip(value)}, not a JSON object")
+                raise self.bad(key, column, f"holds {clip(value)}, not a JSON object")
             return value
 
         return read
@@ -533,118 +496,3 @@ class TableMapping:
                 except (TypeError, ValueError) as exc:
                     raise self.bad(record.key, field.column, f"cannot hold the {field.name}: {exc}") from exc
             raise
-
-
-def keys_in_order(after: str | None, rows: Sequence[Sequence[Any]]) -> bool:
-    """Whether the rows' keys (the first column) are non-empty text, all above `after` and
-    strictly ascending: the check `scan` makes, at C speed for a page that passes it."""
-    keys = list(map(first_of, rows))
-    return (
-        {str} == set(map(type, keys))
-        and keys[0] != ""
-        and (after is None or after < keys[0])
-        and all(map(lt, keys, keys[1:]))
-    )
-
-
-def bind_text(name: str) -> ColumnElement[Any]:
-    """A text bind parameter."""
-    return bindparam(name, type_=String())
-
-
-def bind(param: str, column: Column[Any]) -> ColumnElement[Any]:
-    """A bind parameter of the column's own type (text when the database did not say)."""
-    return bindparam(param, type_=String() if isinstance(column.type, NullType) else column.type)
-
-
-def _identity(value: Any, key: str) -> Any:  # noqa: ARG001  a Reader; key names the row in errors
-    return value
-
-
-def _key_writer(record: TaskRecord) -> str:
-    return record.key
-
-
-def _type_writer(record: TaskRecord) -> str:
-    return record.type
-
-
-def _attempts_writer(record: TaskRecord) -> int:
-    return record.attempts
-
-
-def _json_writer(field: str) -> Writer:
-    def write(record: TaskRecord) -> str:
-        return _canonical_json(getattr(record, field))
-
-    return write
-
-
-def _time_writer(field: str, convert: Callable[[datetime], Any]) -> Writer:
-    def write(record: TaskRecord) -> Any:
-        value = getattr(record, field)
-        return None if value is None else convert(value)
-
-    return write
-
-
-def integer_key(key: str) -> int | None:
-    """The integer `key` is the canonical decimal text of (0 to `MAX_INTEGER_KEY`, no sign, no
-    leading zero), or None."""
-    if not (key.isascii() and key.isdigit()) or (key[0] == "0" and key != "0"):
-        return None
-    number = int(key)
-    return number if number <= MAX_INTEGER_KEY else None
-
-
-def integer_ranges(after: str | None) -> list[tuple[int, int]]:
-    """For each number of digits, the range of integers with that many digits whose decimal
-    text is above `after` in Python `str` order (all of them with no `after`), empty ones left
-    out. Digit strings of one length sort as their numbers, so each is one range of the key
-    index, and a scan in text order is the merge of these ranges' scans."""
-    ranges = []
-    for digits in range(1, _MAX_KEY_DIGITS + 1):
-        low, high = (0 if digits == 1 else 10 ** (digits - 1)), min(10**digits - 1, MAX_INTEGER_KEY)
-        if after is not None:
-            if not str(high) > after:
-                continue
-            while low < high:  # the first number of this length whose text is above `after`
-                middle = (low + high) // 2
-                if str(middle) > after:
-                    high = middle
-                else:
-                    low = middle + 1
-            high = min(10**digits - 1, MAX_INTEGER_KEY)
-        ranges.append((low, high))
-    return ranges
-
-
-def _fits(column: Column[Any], value: Any) -> bool:
-    """Whether a constant value fits the column's type, as far as the type says."""
-    kind = column.type
-    if isinstance(kind, Boolean):
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    if isinstance(kind, Integer):
-        return isinstance(value, int)
-    if isinstance(kind, Float | Numeric):
-        return isinstance(value, int | float)
-    if isinstance(kind, String):
-        return isinstance(value, str) and (kind.length is None or len(value) <= kind.length)
-    return isinstance(value, str | int | float)
-
-
-def _sqlite_datetime(value: datetime) -> str:
-    """SQLAlchemy's SQLite DATETIME text, naive UTC (`2024-05-17 12:30:45.123456`)."""
-    return to_utc(value).replace(tzinfo=None).isoformat(" ", "microseconds")
-
-
-def _utc_text(value: datetime) -> str:
-    """`records.utc_text` (same text), faster than strftime."""
-    return to_utc(value).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
-
-
-def _clip(value: Any, width: int = 60) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= width else shown[: width - 3] + "..."

@@ -34,8 +34,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.exceptions import MigrationFSMError
+from migration_fsm.tasks.sql.columns import ColumnKind, bind_text, first_of, keys_in_order
 from migration_fsm.tasks.sql.dialects import ATTACHED, insert_for, sqlite_file
-from migration_fsm.tasks.sql.mapping import ColumnKind, bind_text, first_of, keys_in_order
 from migration_fsm.tasks.sql.statements import Query
 from migration_fsm.tasks.sql.store import SqlTaskStore
 

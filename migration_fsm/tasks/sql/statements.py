@@ -28,8 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.tasks.records import TaskStatus, is_behind
+from migration_fsm.tasks.sql.columns import bind_text
 from migration_fsm.tasks.sql.dialects import insert_for
-from migration_fsm.tasks.sql.mapping import bind_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence

@@ -26,8 +26,9 @@ from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.journal import make_engine, safe_url, scrub
 from migration_fsm.tasks.identity import IdentityRow, checksum_of
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, is_behind
+from migration_fsm.tasks.sql.columns import integer_key, integer_ranges, keys_in_order
 from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
-from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping, integer_key, integer_ranges, keys_in_order
+from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping
 from migration_fsm.tasks.sql.statements import Query, Statements
 
 if TYPE_CHECKING:
