@@ -261,7 +261,7 @@ def piece_sqlite_plain(work: Path, n: int, batch: int) -> dict[str, Any]:
     return timed(run)
 
 
-def piece_sqlite_put_loop(work: Path, n: int, batch: int, sample: int) -> dict[str, Any]:
+def piece_sqlite_put_loop(work: Path, batch: int, sample: int) -> dict[str, Any]:
     """The per-task loop: `new.put(record)` for each of the first `sample` records old scans."""
     target = work / "loop.db"
     target.unlink(missing_ok=True)
@@ -318,7 +318,7 @@ def run_piece(args: argparse.Namespace) -> dict[str, Any]:
     if args.piece == "sqlite-plain":
         return piece_sqlite_plain(work, args.n, args.batch_size)
     if args.piece == "sqlite-put-loop":
-        return piece_sqlite_put_loop(work, args.n, args.batch_size, args.sample)
+        return piece_sqlite_put_loop(work, args.batch_size, args.sample)
     if args.piece == "pg-backfill":
         return piece_pg_backfill(args.url, args.n, args.batch_size)
     if args.piece == "pg-backfill-two-databases":

@@ -848,7 +848,7 @@ def main() -> int:
         parser.error("--clients, --producers, --producer-processes, --workers and --rate must be positive")
     quiet_logging()
 
-    def terminate(signum: int, frame: FrameType | None) -> None:
+    def terminate(signum: int, _frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)  # so the cluster is stopped by the `finally` below
 
     signal.signal(signal.SIGTERM, terminate)

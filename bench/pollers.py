@@ -449,9 +449,7 @@ def herd_window(ttl: float) -> float:
     return ttl * math.ceil(1.0 / ttl - 1e-9)
 
 
-def measure_steady(
-    monitor: Monitor, clients: list[PhaseClient], args: argparse.Namespace
-) -> tuple[dict[str, Any], float | None, float]:
+def measure_steady(monitor: Monitor, args: argparse.Namespace) -> tuple[dict[str, Any], float | None, float]:
     """Queries per second while nothing changes; with the poll and refresh rates per second."""
     piece = herd_window(args.ttl)
     readings = [monitor.read()]
@@ -511,7 +509,7 @@ def run(cluster: Cluster, args: argparse.Namespace, report: dict[str, Any]) -> N
     name = f"bench-{uuid.uuid4().hex[:8]}"
     store = Journal(url, engine=make_engine(url, create=True))
     commits: list[float] = []  # when the engine's COMMITs were sent (SQLAlchemy "commit" event)
-    event.listen(store.engine, "commit", lambda conn: commits.append(time.perf_counter()))
+    event.listen(store.engine, "commit", lambda _conn: commits.append(time.perf_counter()))
     clients: list[PhaseClient] = []
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
@@ -541,7 +539,7 @@ def run(cluster: Cluster, args: argparse.Namespace, report: dict[str, Any]) -> N
         time.sleep(args.warmup)
 
         # (a) steady state: no change, every client polls once per ttl.
-        report["steady"], poll_rate, refresh_rate = measure_steady(monitor, clients, args)
+        report["steady"], poll_rate, refresh_rate = measure_steady(monitor, args)
 
         # (b), (c), (d): each change, its propagation, the herd after it, the bare listener.
         changes = []
@@ -635,7 +633,7 @@ def main() -> None:
     # Library callers choose their own logging; measure the clients, not a log renderer.
     log.configure(json=True, level=logging.WARNING)
 
-    def terminate(signum: int, frame: FrameType | None) -> None:
+    def terminate(signum: int, _frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)  # so the cluster is stopped by the `finally` below
 
     signal.signal(signal.SIGTERM, terminate)

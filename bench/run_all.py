@@ -292,12 +292,12 @@ class Bench:
 
 
 BENCHES = (
-    Bench("transition", lambda a: ["transition.py", "--rounds", "200"], transition_rows),
-    Bench("routing", lambda a: ["routing.py", "--repeats", "9"], routing_rows),
-    Bench("ledger", lambda a: ["ledger.py", "--workers", "16", "--seconds", "5"], ledger_rows),
+    Bench("transition", lambda _a: ["transition.py", "--rounds", "200"], transition_rows),
+    Bench("routing", lambda _a: ["routing.py", "--repeats", "9"], routing_rows),
+    Bench("ledger", lambda _a: ["ledger.py", "--workers", "16", "--seconds", "5"], ledger_rows),
     Bench(
         "pollers",
-        lambda a: ["pollers.py", "--clients", "100", "--seconds", "5", "--rounds", "3"],
+        lambda _a: ["pollers.py", "--clients", "100", "--seconds", "5", "--rounds", "3"],
         pollers_rows,
     ),
     Bench(

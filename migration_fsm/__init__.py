@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .exceptions import UnknownMigration as UnknownMigration
     from .fsm import EntryStatus as EntryStatus
     from .fsm import Phase as Phase
+    from .fsm import RepairStatus as RepairStatus
     from .fsm import Routing as Routing
     from .fsm import StepStatus as StepStatus
     from .fsm import Trigger as Trigger
@@ -97,6 +98,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "PhaseClient": "client",
     "Refused": "exceptions",
     "RepairLog": "client",
+    "RepairStatus": "fsm",
     "Routing": "fsm",
     "SchemaNotCurrent": "exceptions",
     "Settings": "config",

@@ -92,7 +92,10 @@ def db() -> None:
 
 @db.command("upgrade")
 @common_options
-def db_upgrade(settings: Settings, migration: str) -> int:
+def db_upgrade(
+    settings: Settings,
+    migration: str,  # noqa: ARG001  common_options passes -m; the schema is not per migration
+) -> int:
     """Create or upgrade the schema to the newest revision (idempotent)."""
     before, after = commands.db_upgrade(settings)
     at = ", ".join(sorted(after))
@@ -271,7 +274,12 @@ def validate(settings: Settings, migration: str, as_json: bool) -> int:
 @common_options
 @click.option("--side", type=click.Choice(["old", "new"]), required=True, help="Which store to export.")
 @click.option("--out", "out_path", metavar="FILE", required=True, help="JSON Lines file (.gz: gzip).")
-def export(settings: Settings, migration: str, side: str, out_path: str) -> int:
+def export(
+    settings: Settings,
+    migration: str,  # noqa: ARG001  common_options passes -m; a side is not per migration
+    side: str,
+    out_path: str,
+) -> int:
     """Write every task of one side to a file, with a verifiable summary line."""
     summary = commands.export(settings, side=side, out=out_path)
     out.print(
@@ -285,7 +293,12 @@ def export(settings: Settings, migration: str, side: str, out_path: str) -> int:
 @common_options
 @click.option("--side", type=click.Choice(["old", "new"]), required=True, help="Which store to load.")
 @click.option("--in", "in_path", metavar="FILE", required=True, help="A file written by `export`.")
-def import_(settings: Settings, migration: str, side: str, in_path: str) -> int:
+def import_(
+    settings: Settings,
+    migration: str,  # noqa: ARG001  common_options passes -m; a side is not per migration
+    side: str,
+    in_path: str,
+) -> int:
     """Verify an export, then load its tasks into one side (idempotent)."""
     result = commands.import_(settings, side=side, path=in_path)
     out.print(

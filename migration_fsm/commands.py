@@ -16,7 +16,7 @@ from .journal.workers import SideWorkers, Workers
 from .migration import Migration, TransitionResult
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from .config import Settings
     from .tools.archive import ArchiveSummary, Imported
@@ -236,26 +236,8 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
     def corrupt(why: str) -> JournalCorrupt:
         return JournalCorrupt(f"journal of migration '{name}' does not verify: {why}")
 
-    prev: str | None = None
-    committed: list[tuple[Trigger, Phase | None, Phase, int]] = []
-    bumps = 0  # pauses and lifts (Lease.pause / lift / abort) also bump the version
-    for index, entry in enumerate(entries, start=1):
-        bumps += version_bumps(entry)
-        if entry.seq != index:
-            raise corrupt(f"row #{index} is missing (found #{entry.seq} in its place)")
-        if entry.status == EntryStatus.INTENT:
-            if index != len(entries) or state.in_progress_seq != entry.seq:
-                raise corrupt(
-                    f"row #{entry.seq} is an unfinished intent that is not the interrupted transition"
-                )
-            continue
-        if entry.prev_hash != prev or entry.hash != chain_hash(prev, name, entry):
-            raise corrupt(f"row #{entry.seq} was altered, or a row before it was")
-        prev = entry.hash
-        if entry.status == EntryStatus.COMMITTED:
-            committed.append((entry.trigger, entry.source, entry.dest, entry.percent))
-    if state.in_progress_seq is not None and (not entries or entries[-1].status != EntryStatus.INTENT):
-        raise corrupt(f"the interrupted transition #{state.in_progress_seq} has no intent row")
+    prev, committed = _check_chain(state, entries, corrupt)
+    bumps = sum(version_bumps(entry) for entry in entries)  # pauses and lifts also bump the version
     if state.head_hash != prev:
         raise corrupt("the last row(s) were deleted or altered (the head hash does not match)")
     if state.last_seq != len(entries):
@@ -274,6 +256,32 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
             f" the stored version is {state.version}"
         )
     return Verified(name, len(entries), prev, phase, percent)
+
+
+def _check_chain(
+    state: MigrationState, entries: list[JournalEntry], corrupt: Callable[[str], JournalCorrupt]
+) -> tuple[str | None, list[tuple[Trigger, Phase | None, Phase, int]]]:
+    """Walk the rows: seqs without gaps, an intent only as the interrupted last row, every
+    closed row's hash chained to the one before. The chain's head and the committed edges."""
+    prev: str | None = None
+    committed: list[tuple[Trigger, Phase | None, Phase, int]] = []
+    for index, entry in enumerate(entries, start=1):
+        if entry.seq != index:
+            raise corrupt(f"row #{index} is missing (found #{entry.seq} in its place)")
+        if entry.status == EntryStatus.INTENT:
+            if index != len(entries) or state.in_progress_seq != entry.seq:
+                raise corrupt(
+                    f"row #{entry.seq} is an unfinished intent that is not the interrupted transition"
+                )
+            continue
+        if entry.prev_hash != prev or entry.hash != chain_hash(prev, state.name, entry):
+            raise corrupt(f"row #{entry.seq} was altered, or a row before it was")
+        prev = entry.hash
+        if entry.status == EntryStatus.COMMITTED:
+            committed.append((entry.trigger, entry.source, entry.dest, entry.percent))
+    if state.in_progress_seq is not None and (not entries or entries[-1].status != EntryStatus.INTENT):
+        raise corrupt(f"the interrupted transition #{state.in_progress_seq} has no intent row")
+    return prev, committed
 
 
 def backfill(

@@ -45,7 +45,9 @@ class StepSpec(BaseModel):
     undo: str | None = None
 
 
-TASK_FIELDS = ("key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata")
+TASK_FIELDS = (
+    "key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata", "run_at",
+)  # fmt: skip
 TASK_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 
 
@@ -62,6 +64,10 @@ class StoreConfig(BaseModel):
     table: str | None = None
     columns: dict[str, str] = Field(default_factory=dict)
     status_map: dict[str, str] = Field(default_factory=dict)
+    #: stored task name -> the record's `type`; writes refuse a type it does not map.
+    type_map: dict[str, str] = Field(default_factory=dict)
+    #: column -> value written on insert to a column the record does not carry.
+    constants: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @property
     def is_factory(self) -> bool:
@@ -89,7 +95,30 @@ class StoreConfig(BaseModel):
                 raise ValueError(
                     f"status_map: '{stored}' maps to '{status}', not one of {', '.join(TASK_STATUSES)}"
                 )
+        self._check_sql_mappings()
         return self
+
+    def _check_sql_mappings(self) -> None:
+        """Only created_at and updated_at share a column; type_map names are non-empty; a
+        constant is for a column no field is mapped to."""
+        fields_of: dict[str, list[str]] = {}
+        for field, column in self.columns.items():
+            fields_of.setdefault(column, []).append(field)
+        for column, fields in fields_of.items():
+            if len(fields) > 1 and sorted(fields) != ["created_at", "updated_at"]:
+                raise ValueError(
+                    f"columns: column '{column}' is mapped to {' and '.join(fields)}; only created_at"
+                    " and updated_at may share a column"
+                )
+        for stored, type_ in self.type_map.items():
+            if not stored or not type_:
+                raise ValueError(f"type_map: '{stored}' = '{type_}': both names must be non-empty")
+        for column in self.constants:
+            if column in self.columns.values():
+                raise ValueError(
+                    f"constants: column '{column}' is mapped to a task field in 'columns'; a constant"
+                    " is for a column the record does not carry"
+                )
 
 
 def _check_edge_keys(value: dict[str, Any]) -> dict[str, Any]:
@@ -151,8 +180,8 @@ class Settings(BaseSettings):
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003  pydantic-settings passes it by name; no .env
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003  ... nor secrets directory
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_file.get()

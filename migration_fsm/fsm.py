@@ -56,6 +56,14 @@ class StepStatus(StrEnum):
     UNDONE = "undone"
 
 
+class RepairStatus(StrEnum):
+    """The status of a dual-write repair log entry, as stored: `open` until `reconcile`
+    replays the missed write, then `done`."""
+
+    OPEN = "open"
+    DONE = "done"
+
+
 PHASES: Final[tuple[Phase, ...]] = tuple(Phase)
 INITIAL: Final = Phase.PREPARATION
 FINAL: Final[frozenset[Phase]] = frozenset({Phase.COMPLETE})
@@ -240,8 +248,8 @@ def authoritative_phases(side: Side) -> tuple[Phase, ...]:
     return tuple(phase for phase in PHASES if ROUTING[phase].authoritative == side)
 
 
-def percent_after(edge: Edge, percent: int, requested: int | None = None) -> int:
-    """The cutover percent once `edge` is taken from a phase at `percent` (its rule says)."""
+def percent_after(edge: Edge, *, requested: int | None = None) -> int:
+    """The cutover percent once `edge` is taken: fixed by its rule, or `requested` (`ramp`)."""
     rule = edge.rules.percent
     if rule == AS_REQUESTED:
         if requested is None:

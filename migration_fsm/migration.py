@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import Settings, StepSpec
 from .exceptions import (
     BadInput,
     Refused,
-    StepFailed,
     TransitionInterrupted,
 )
 from .fsm import (
@@ -27,7 +24,6 @@ from .fsm import (
     Phase,
     StepStatus,
     Trigger,
-    edge_for,
     percent_after,
     resolve_edge,
     rollback_path,
@@ -37,18 +33,15 @@ from .journal import (
     JournalEntry,
     Lease,
     MigrationState,
-    StepRecord,
     lease_held_error,
     lease_holder_name,
     utcnow,
 )
 from .log import get_logger
-from .plugins.context import Context, GuardVerdict
+from .plugins.context import GuardVerdict
 from .plugins.defaults import guards_for, steps_for
 from .plugins.registry import BUILTIN_UNDO, as_guard_result, resolve_guard, resolve_step
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from .step_runner import StepRunner, edge_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +190,7 @@ class Migration:
                 raise lease_held_error(state)
             seq = state.in_progress_seq
             entry = self.store.entry(state, seq)
-            self._resolve_steps(entry.steps, entry)
+            self._runner.resolve(entry)  # a step that no longer resolves stops us before the takeover
             lease = self.store.take_over(
                 state,
                 self.holder,
@@ -238,13 +231,8 @@ class Migration:
                 self._takeover("abort", state, False, reason),
             )
             started = time.perf_counter()
-            edge = _edge_of(entry)
-            with self._heartbeat(lease):
-                for step in reversed(entry.steps):
-                    if step.position not in undos:
-                        continue
-                    ctx = self._context(state, edge, entry.percent, lease, step)
-                    self._run_one(lease, entry, step, undos[step.position], ctx, undo=True)
+            edge = edge_of(entry)
+            self._runner.undo(state, lease, entry, undos)
             final = lease.abort()
             self._log_transition(entry, EntryStatus.ABORTED, started)
             return TransitionResult(
@@ -257,6 +245,11 @@ class Migration:
             )
 
     # -- internals --------------------------------------------------------------------
+
+    @property
+    def _runner(self) -> StepRunner:
+        """The step runner, on the store and settings of the moment (a caller may swap them)."""
+        return StepRunner(self.store, self.settings, self.migration, self.log)
 
     def _single(
         self,
@@ -293,7 +286,7 @@ class Migration:
         )
 
     def _plan(self, state: MigrationState, edge: Edge, requested: int | None) -> Plan:
-        percent = percent_after(edge, state.percent, requested)
+        percent = percent_after(edge, requested=requested)
         guards = [
             (name, forceable, resolve_guard(name, f'guards."{edge.key}"'))
             for name, forceable in edge_guards(self.settings, edge)
@@ -304,7 +297,7 @@ class Migration:
             if undo:
                 resolve_step(undo, f'steps."{edge.key}"')
         outcomes = []
-        ctx = self._context(state, edge, percent, None, None)
+        ctx = self._runner.context(state, edge, percent, None, None)
         for name, forceable, fn in guards:
             started = time.perf_counter()
             try:
@@ -393,23 +386,12 @@ class Migration:
             outcome.state,
         )
 
-    def _resolve_steps(self, steps: list[StepRecord], entry: JournalEntry) -> list[Any]:
-        where = f'steps."{entry.source}->{entry.dest}"'
-        return [resolve_step(step.name, where) for step in steps]
-
     def _run_and_commit(
         self, state: MigrationState, lease: Lease, entry: JournalEntry, started: float
     ) -> TransitionResult:
         seq = entry.seq
-        edge = _edge_of(entry)
-        fns = self._resolve_steps(entry.steps, entry)
-        pending = any(step.status != StepStatus.DONE for step in entry.steps)
-        with self._heartbeat(lease) if pending else nullcontext():
-            for step, fn in zip(entry.steps, fns, strict=True):
-                if step.status == StepStatus.DONE:
-                    continue
-                ctx = self._context(state, edge, entry.percent, lease, step)
-                self._run_one(lease, entry, step, fn, ctx, undo=False)
+        edge = edge_of(entry)
+        self._runner.run(state, lease, entry)
         final = lease.commit()
         self._log_transition(entry, EntryStatus.COMMITTED, started)
         return TransitionResult(
@@ -420,119 +402,6 @@ class Migration:
             steps=[s.name for s in entry.steps],
             state=final,
         )
-
-    def _run_one(
-        self,
-        lease: Lease,
-        entry: JournalEntry,
-        step: StepRecord,
-        fn: Any,
-        ctx: Context,
-        *,
-        undo: bool,
-    ) -> None:
-        seq = entry.seq
-        label = f"undo of {step.name}" if undo else step.name
-        if not undo:
-            lease.start_step(step.position)
-        began = time.perf_counter()
-        try:
-            fn(ctx)
-        except (Exception, KeyboardInterrupt) as exc:
-            error = (
-                "interrupted (Ctrl-C)"
-                if isinstance(exc, KeyboardInterrupt)
-                else f"{type(exc).__name__}: {exc}"
-            )
-            ms = round((time.perf_counter() - began) * 1000)
-            self.log.error(
-                "step",
-                seq=seq,
-                step=label,
-                status=StepStatus.FAILED,
-                error=error,
-                duration_ms=ms,
-                exc_info=exc,
-            )
-            lease.mark_step(
-                step.position, StepStatus.DONE if undo else StepStatus.FAILED, f"{label}: {error}"
-            )
-            lease.release(f"step {label} failed: {error}")
-            next_move = (
-                "`migration-fsm abort --reason TEXT` again"
-                if undo
-                else ("`migration-fsm resume` or `migration-fsm abort --reason TEXT`")
-            )
-            raise StepFailed(
-                f"transition #{seq} ({entry.trigger} {entry.source}->{entry.dest}) stopped: step"
-                f" {label} failed: {error}; fix the cause, then run {next_move}"
-            ) from exc
-        ms = round((time.perf_counter() - began) * 1000)
-        lease.mark_step(step.position, StepStatus.UNDONE if undo else StepStatus.DONE)
-        self.log.info(
-            "step",
-            seq=seq,
-            step=label,
-            status=StepStatus.UNDONE if undo else StepStatus.DONE,
-            duration_ms=ms,
-        )
-
-    def _context(
-        self,
-        state: MigrationState,
-        edge: Edge,
-        percent: int,
-        lease: Lease | None,
-        step: StepRecord | None,
-    ) -> Context:
-        save = beat = None
-        seq = None if lease is None else lease.seq
-        if lease is not None and step is not None:
-            position = step.position
-
-            def save(checkpoint: dict[str, Any]) -> None:
-                lease.save_checkpoint(position, checkpoint)
-
-            def beat() -> None:
-                lease.heartbeat()
-
-        return Context(
-            migration=self.migration,
-            seq=seq,
-            source=edge.source,
-            dest=edge.dest,
-            settings=self.settings,
-            log=self.log.bind(seq=seq, step=None if step is None else step.name),
-            state=state,
-            store=self.store,
-            percent=percent,
-            checkpoint=None if step is None else step.checkpoint,
-            _save=save,
-            _beat=beat,
-        )
-
-    @contextmanager
-    def _heartbeat(self, lease: Lease) -> Iterator[None]:
-        """Renew the lease in the background while steps run (they may forget to)."""
-        stop = threading.Event()
-        seq = lease.seq
-
-        def renew() -> None:
-            while not stop.wait(self.settings.heartbeat_interval):
-                try:
-                    if not lease.heartbeat():
-                        self.log.warning("lease_lost", seq=seq)
-                        return
-                except Exception as exc:  # noqa: BLE001 - keep trying: the database may come back
-                    self.log.warning("heartbeat_failed", seq=seq, error=str(exc))
-
-        thread = threading.Thread(target=renew, name=f"migration-fsm-lease-{seq}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
 
     def _takeover(
         self,
@@ -564,12 +433,6 @@ class Migration:
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
-
-
-def _edge_of(entry: JournalEntry) -> Edge:
-    """The machine's edge (with its rules) that a journal entry took."""
-    assert entry.source is not None
-    return edge_for(entry.source, entry.trigger, entry.dest)
 
 
 def _finished(entry: JournalEntry) -> JournalEntry:

@@ -14,8 +14,10 @@ Needs pytest (it is not a dependency of the package). In your tests::
             store.drop_everything()
 
 Every test writes through the store and reads back through it, so it holds for any
-backing system. A store that cannot keep `metadata` sets `keeps_metadata = False`; the
-optional capabilities (`put_forward`, `get_many`) are tested only where the store has them.
+backing system. A store that cannot keep `metadata` sets `keeps_metadata = False`; one that
+cannot keep a scheduled time sets `keeps_run_at = False`, and must then refuse a record with
+a `run_at` (a `DataError`) rather than drop it, since the task would run early. The optional
+capabilities (`put_forward`, `get_many`) are tested only where the store has them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .exceptions import DataError
 from .tasks.records import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -41,8 +44,9 @@ TRICKY_KEYS: list[str] = [
 ]  # fmt: skip
 
 
-def make_records(keys: list[str], *, metadata: bool = True) -> list[TaskRecord]:
-    """One record per key, varied in every field (non-UTC offsets included)."""
+def make_records(keys: list[str], *, metadata: bool = True, run_at: bool = False) -> list[TaskRecord]:
+    """One record per key, varied in every field (non-UTC offsets included); with `run_at`,
+    every third one is scheduled (an hour after it was created) and the others are not."""
     statuses = list(TaskStatus)
     plus_two = timezone(timedelta(hours=2))
     records = []
@@ -58,6 +62,7 @@ def make_records(keys: list[str], *, metadata: bool = True) -> list[TaskRecord]:
                 created_at=created.astimezone(plus_two) if i % 2 else created,
                 updated_at=created + timedelta(seconds=30),
                 metadata={"source": "test", "i": i} if metadata else {},
+                run_at=(created + timedelta(hours=1)).astimezone(plus_two) if run_at and i % 3 == 0 else None,
             )
         )
     return records
@@ -88,13 +93,41 @@ class TaskStoreContract:
 
     #: False for a store whose table has no metadata column (metadata then reads as {}).
     keeps_metadata: bool = True
+    #: False for a store that cannot hold a scheduled time (run_at then reads as None, and a
+    #: record with one is refused with a `DataError`).
+    keeps_run_at: bool = True
 
     @pytest.fixture
     def task_store(self) -> TaskStore:
         raise NotImplementedError("provide a `task_store` fixture that yields an empty store")
 
     def records(self, keys: list[str]) -> list[TaskRecord]:
-        return make_records(keys, metadata=self.keeps_metadata)
+        return make_records(keys, metadata=self.keeps_metadata, run_at=self.keeps_run_at)
+
+    def test_run_at_round_trips_set_and_none(self, task_store: TaskStore) -> None:
+        """A scheduled time reads back equal (in UTC), and no scheduled time reads back as None;
+        a store that cannot keep one refuses it and writes nothing."""
+        scheduled, unscheduled = make_records(["s", "u"], metadata=self.keeps_metadata, run_at=True)
+        assert scheduled.run_at is not None
+        assert unscheduled.run_at is None
+        task_store.put(unscheduled)
+        read = task_store.get(unscheduled.key)
+        assert read is not None
+        assert read.run_at is None
+        assert unscheduled == read
+        if not self.keeps_run_at:
+            with pytest.raises(DataError):
+                task_store.put_many([scheduled])
+            assert task_store.get(scheduled.key) is None
+            return
+        task_store.put_many([scheduled])
+        assert scheduled == task_store.get(scheduled.key)
+        assert UTC == getattr(task_store.get(scheduled.key), "run_at", scheduled.run_at).tzinfo
+        later = changed(scheduled, run_at=scheduled.run_at + timedelta(minutes=5))
+        task_store.put(later)
+        assert later == task_store.get(scheduled.key)
+        task_store.put(changed(later, run_at=None))
+        assert getattr(task_store.get(scheduled.key), "run_at", "gone") is None
 
     def test_put_many_then_get_round_trips(self, task_store: TaskStore) -> None:
         """Every field of every record reads back equal, through get and through scan."""

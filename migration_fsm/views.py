@@ -12,7 +12,8 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from .fsm import PHASES
+from .fsm import PHASES, EntryStatus
+from .tasks.records import TaskStatus
 
 if TYPE_CHECKING:
     from . import commands
@@ -105,7 +106,12 @@ def history_table(migration: str, entries: list[JournalEntry]) -> Table:
         "steps",
     ):
         table.add_column(column, no_wrap=column in ("started (UTC)", "edge", "status"))
-    colour = {"committed": "green", "refused": "yellow", "aborted": "magenta", "intent": "red"}
+    colour: dict[str, str] = {
+        EntryStatus.COMMITTED: "green",
+        EntryStatus.REFUSED: "yellow",
+        EntryStatus.ABORTED: "magenta",
+        EntryStatus.INTENT: "red",
+    }
     for e in entries:
         # Text from the database is escaped: a reason like "[drill] go" is not markup.
         guards = " ".join(f"{'✓' if g['passed'] else '✗'}{escape(g['name'])}" for g in e.guards)
@@ -165,7 +171,7 @@ def demo_view(state: dict[str, Any]) -> Table:
     table.add_column("")
     table.add_column("old", justify="right")
     table.add_column("new", justify="right")
-    for status in ("pending", "running", "completed"):
+    for status in (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED):
         table.add_row(status, str(state["old"].get(status, 0)), str(state["new"].get(status, 0)))
     table.add_row("executed here", str(state["by_side"].get("old", 0)), str(state["by_side"].get("new", 0)))
     routing = state["routing"]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import DualWriteError
 from ..tasks.capabilities import ForwardPut
+from ..tasks.records import PROGRESS_FIELDS, is_behind
 from .repair import RepairLog
 
 if TYPE_CHECKING:
@@ -52,10 +53,14 @@ async def call_store(store: Any, method: str, *args: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class WritePlan:
-    """One write as the routing decided it: the authoritative side first, then maybe the other."""
+    """One write as the routing decided it: the authoritative side first, then maybe the other.
+    Both go through the store's `put_forward` when it has one (`put` otherwise), so neither
+    moves a task back."""
 
     first_side: Side
     first: Any
+    first_method: str
+    first_answers: bool
     second_side: Side | None  # None: the phase writes only the authoritative side
     second: Any
     second_method: str  # `put_forward` (never moves a task back) when the store has it, else `put`
@@ -95,7 +100,16 @@ class WriterBase:
             "second_writes_behind": 0,
             "repair_entries": 0,
             "failed_writes": 0,
+            "resends_kept": 0,
         }
+        for side, store in (("old", old), ("new", new)):
+            if not isinstance(store, ForwardPut):
+                log.warning(
+                    "the %s store has no put_forward: a re-sent task that already ran is put back "
+                    "to its sent status there, and may run again",
+                    side,
+                    extra={"migration": client.migration, "side": side},
+                )
 
     def _plan(self, key: str) -> WritePlan:
         """Which side gets `key` first and whether the other side is written after it."""
@@ -103,11 +117,14 @@ class WriterBase:
         first_side = route.authoritative
         second_side: Side = "new" if first_side == "old" else "old"
         writes_second = route.write_new if second_side == "new" else route.write_old
-        second = self._store(second_side)
-        method, answers = _second_put(second)
+        first, second = self._store(first_side), self._store(second_side)
+        first_method, first_answers = _forward_put(first)
+        method, answers = _forward_put(second)
         return WritePlan(
             first_side,
-            self._store(first_side),
+            first,
+            first_method,
+            first_answers,
             second_side if writes_second else None,
             second if writes_second else None,
             method,
@@ -121,8 +138,16 @@ class WriterBase:
         """The authoritative write raised: nothing was written anywhere; the caller sees it."""
         self._count("failed_writes")
 
-    def _first_done(self) -> None:
+    def _first_done(self, plan: WritePlan, wrote: Any) -> bool:
+        """After the authoritative write: whether the other side is written too. A re-send of
+        a task the authoritative side already holds further along (running or finished)
+        changes nothing there, and nothing on the other side either: it is counted as
+        `resends_kept` and the task is not run again."""
         self._count("writes")
+        if plan.first_answers and not wrote:
+            self._count("resends_kept")
+            return False
+        return plan.second_side is not None
 
     def _second_done(self, plan: WritePlan, wrote: Any) -> Side:
         self._count("second_writes")
@@ -167,8 +192,8 @@ class WriterBase:
         self.close()
 
 
-def _second_put(store: Any) -> tuple[str, bool]:
-    """The method for a second write to `store`, and whether it says if it wrote: the store's
+def _forward_put(store: Any) -> tuple[str, bool]:
+    """The method for a write to `store`, and whether it says if it wrote: the store's
     `put_forward` when it offers `capabilities.ForwardPut` (`SqlTaskStore` and
     `MemoryTaskStore` do), else `put`."""
     return ("put_forward", True) if isinstance(store, ForwardPut) else ("put", False)
@@ -195,6 +220,14 @@ class ReadPlan:
     shadow: Any  # None: no shadow read of the other side this time
 
 
+def lags(shadow: TaskRecord, primary: TaskRecord) -> bool:
+    """Whether `shadow` is `primary` at an earlier point of its run: not further along in
+    status, and no more attempts."""
+    if is_behind(primary.status, shadow.status):
+        return False
+    return shadow.attempts <= primary.attempts
+
+
 def shadows(route: Routing) -> bool:
     """Whether a read may be shadowed under `route`: reads come from old, which is still
     authoritative, and new is written too (`dual_write`), so new should already agree."""
@@ -219,6 +252,7 @@ class ReaderBase:
             "new_errors": 0,
             "shadow_reads": 0,
             "shadow_mismatches": 0,
+            "shadow_status_lag": 0,
         }
 
     def _plan(self, key: str) -> ReadPlan:
@@ -252,7 +286,13 @@ class ReaderBase:
     def _compare(
         self, key: str, plan: ReadPlan, primary: TaskRecord | None, shadow: TaskRecord | None
     ) -> None:
-        """Count a shadow read; log (never raise) how the shadow copy differs."""
+        """Count a shadow read; log (never raise) how the shadow copy differs.
+
+        A mismatch is a copy missing on one side, a different identity (type, payload,
+        created_at, ...), or a shadow copy further along than the authoritative one (the
+        shadow side ran a task it does not consume). A shadow copy that is merely behind in
+        status or attempts (an old worker finished it, the new copy is still pending) is the
+        normal lag of dual writes: counted as `shadow_status_lag`, not logged."""
         self._count("shadow_reads")
         if primary is None and shadow is None:
             return
@@ -260,7 +300,12 @@ class ReaderBase:
         if primary is None or shadow is None:
             fields = [f"(missing on {other if shadow is None else plan.primary_side})"]
         else:
-            fields = primary.differing_fields(shadow)
+            fields = [name for name in primary.differing_fields(shadow) if name not in PROGRESS_FIELDS]
+            if not fields and primary.differing_fields(shadow):
+                if lags(shadow, primary):
+                    self._count("shadow_status_lag")
+                    return
+                fields = [name for name in PROGRESS_FIELDS if getattr(primary, name) != getattr(shadow, name)]
         if fields:
             self._count("shadow_mismatches")
             log.warning(

@@ -6,6 +6,8 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+from ..fsm import RepairStatus
+
 
 class RepairLog:
     """The dual-write repair log in the migration database: failed second writes."""
@@ -37,7 +39,7 @@ class RepairLog:
                     key=key,
                     side=side,
                     error=error[:2000],
-                    status="open",
+                    status=RepairStatus.OPEN,
                     attempts=0,
                     created_at=datetime.now(UTC),
                 )

@@ -19,10 +19,14 @@ class DualWriter(WriterBase):
     raises and nothing is written to the other side), then the other side when the phase
     writes both; a failed second write goes to the repair log (or raises when `strict`).
 
-    The second write never moves a task back: through the store's `put_forward`, it leaves
-    alone a task the other side holds as running or finished (a write delayed past a state
-    transfer or a worker's claim there), so the task is not handed out a second time; such
-    writes are counted as `second_writes_behind`. A store without `put_forward` gets `put`."""
+    No write moves a task back, on either side: through the store's `put_forward`, a write
+    leaves alone a task the store holds as running or finished. On the authoritative side
+    that is a re-send by an at-least-once producer of a task that already ran or runs: the
+    write changes nothing on either side, returns the authoritative side as usual, and is
+    counted as `resends_kept` (the task is not run again). On the other side it is a write
+    delayed past a state transfer or a worker's claim there, counted as
+    `second_writes_behind`. A store without `put_forward` gets `put` (a warning says so
+    when the writer is made)."""
 
     def __init__(
         self,
@@ -36,15 +40,15 @@ class DualWriter(WriterBase):
         super().__init__(client, old, new, strict=strict, repair=repair)
 
     def write(self, record: TaskRecord) -> Side:
-        """Write `record`; returns the authoritative side's name ("old" or "new")."""
+        """Write `record`; returns the authoritative side's name ("old" or "new"), also for a
+        re-send that changed nothing (see `counters()["resends_kept"]`)."""
         plan = self._plan(record.key)
         try:
-            plan.first.put(record)
+            wrote = getattr(plan.first, plan.first_method)(record)
         except Exception:
             self._first_failed()
             raise
-        self._first_done()
-        if plan.second_side is None:
+        if not self._first_done(plan, wrote):
             return plan.first_side
         try:
             wrote = getattr(plan.second, plan.second_method)(record)
@@ -76,12 +80,11 @@ class AsyncDualWriter(WriterBase):
         """Write `record`; returns the authoritative side's name."""
         plan = self._plan(record.key)
         try:
-            await call_store(plan.first, "put", record)
+            wrote = await call_store(plan.first, plan.first_method, record)
         except Exception:
             self._first_failed()
             raise
-        self._first_done()
-        if plan.second_side is None:
+        if not self._first_done(plan, wrote):
             return plan.first_side
         try:
             wrote = await call_store(plan.second, plan.second_method, record)

@@ -17,21 +17,21 @@ class SimulatedCrash(BaseException):
     BaseException, so nothing on the way out can treat it as an ordinary step failure."""
 
 
-def stop_old_workers(ctx: Context) -> None:
+def stop_old_workers(ctx: Context) -> None:  # noqa: ARG001  a step is called with its ctx
     """Old workers stop claiming tasks (in-flight ones finish; `drain_old` waits for them)."""
     RUNTIME["old"].pause()
 
 
-def start_old_workers(ctx: Context) -> None:
+def start_old_workers(ctx: Context) -> None:  # noqa: ARG001  a step is called with its ctx
     RUNTIME["old"].resume()
 
 
-def stop_new_workers(ctx: Context) -> None:
+def stop_new_workers(ctx: Context) -> None:  # noqa: ARG001  a step is called with its ctx
     """New workers stop claiming jobs (in-flight ones finish; `drain_new` waits for them)."""
     RUNTIME["new"].pause()
 
 
-def start_new_workers(ctx: Context) -> None:
+def start_new_workers(ctx: Context) -> None:  # noqa: ARG001  a step is called with its ctx
     RUNTIME["new"].resume()
 
 

@@ -286,7 +286,7 @@ class NewQueue:
             " WHERE idempotency_key = ? AND status = 'running'"
         )
 
-    def claim(self, conn: Connection, worker: str) -> str | None:
+    def claim(self, conn: Connection, worker: str) -> str | None:  # noqa: ARG002  same call as OldManager.claim
         """Lease the oldest pending job (or one whose lease expired); its key, or None."""
         now = time.time()
         if self.database.dialect == "postgresql":

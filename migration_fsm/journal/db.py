@@ -40,7 +40,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(
+        self,
+        value: datetime | None,
+        dialect: Dialect,  # noqa: ARG002  TypeDecorator's signature; UTC on every dialect
+    ) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -107,7 +111,7 @@ def make_engine(url: str, *, create: bool = False, wal: bool = True) -> Engine:
     return engine
 
 
-def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:  # noqa: ARG001  "connect" event
     # Let SQLAlchemy's "begin" event emit BEGIN itself (see _sqlite_on_begin).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()

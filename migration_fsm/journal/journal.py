@@ -27,7 +27,7 @@ from ..exceptions import (
     SchemaNotCurrent,
     UnknownMigration,
 )
-from ..fsm import Phase, Trigger
+from ..fsm import EntryStatus, Phase, StepStatus, Trigger
 from . import locks
 from .chain import chain_hash
 from .db import make_engine, safe_url, scrub, utcnow
@@ -261,7 +261,7 @@ class Journal:
             source=None,
             dest=Phase.PREPARATION,
             percent=0,
-            status="committed",
+            status=EntryStatus.COMMITTED,
             actor=actor,
             reason=None,
             forced=False,
@@ -306,7 +306,7 @@ class Journal:
         """Journal a guard's refusal; the phase, percent and version stay as they were."""
         with self.transaction() as conn:
             seq = seen.last_seq + 1
-            entry = replace(entry, seq=seq, status="refused", prev_hash=seen.head_hash)
+            entry = replace(entry, seq=seq, status=EntryStatus.REFUSED, prev_hash=seen.head_hash)
             digest = chain_hash(seen.head_hash, seen.name, entry)
             updated = conn.execute(
                 update(migrations_table)
@@ -341,9 +341,9 @@ class Journal:
         entry = replace(
             entry,
             seq=seq,
-            status="intent",
+            status=EntryStatus.INTENT,
             steps=[
-                StepRecord(position, name, undo, "pending", 0, None, None, None, None)
+                StepRecord(position, name, undo, StepStatus.PENDING, 0, None, None, None, None)
                 for position, (name, undo) in enumerate(steps)
             ],
         )
@@ -377,7 +377,7 @@ class Journal:
                             "position": position,
                             "name": name,
                             "undo": undo,
-                            "status": "pending",
+                            "status": StepStatus.PENDING,
                             "attempts": 0,
                         }
                         for position, (name, undo) in enumerate(steps)

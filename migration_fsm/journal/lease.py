@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import exists, select, text, update
 
 from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
+from ..fsm import EntryStatus, StepStatus
 from .chain import chain_hash
 from .db import utcnow
 from .records import MigrationState, entry_from_row, migration_from_row, read_migration, replace
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .journal import Journal
 
 #: Step statuses that end a step (they set `finished_at`).
-FINISHED: Final = frozenset({"done", "failed", "undone"})
+FINISHED: Final = frozenset({StepStatus.DONE, StepStatus.FAILED, StepStatus.UNDONE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,7 @@ class Lease:
         self._update_step(
             position,
             {
-                "status": "started",
+                "status": StepStatus.STARTED,
                 "error": None,
                 "attempts": steps_table.c.attempts + 1,
                 "started_at": now,
@@ -187,13 +188,13 @@ class Lease:
 
     def commit(self) -> MigrationState:
         """Close the transition as `committed`: phase, percent and version move."""
-        return self._close("committed")
+        return self._close(EntryStatus.COMMITTED)
 
     def abort(self) -> MigrationState:
         """Close the transition as `aborted`: phase, percent and version stay."""
-        return self._close("aborted")
+        return self._close(EntryStatus.ABORTED)
 
-    def _close(self, status: str) -> MigrationState:
+    def _close(self, status: EntryStatus) -> MigrationState:
         """Close the transition as `status`, chain its hash and release the lease, in one
         transaction that begins with the compare-and-set on the migration row."""
         now = utcnow()
@@ -214,7 +215,7 @@ class Lease:
                 .one()
             )
             entry = entry_from_row(row, [])
-            lifted = status != "committed" and current.paused_side is not None
+            lifted = status != EntryStatus.COMMITTED and current.paused_side is not None
             if lifted:  # an abort lifts the pause: one more version, journaled on this row
                 entry = replace(
                     entry,
@@ -228,7 +229,7 @@ class Lease:
                 status=status,
                 finished_at=now,
                 prev_hash=current.head_hash,
-                error=None if status == "committed" else row["error"],
+                error=None if status == EntryStatus.COMMITTED else row["error"],
             )
             digest = chain_hash(current.head_hash, current.name, entry)
             after = replace(
@@ -241,7 +242,7 @@ class Lease:
                 paused_side=None,
                 version=current.version + 1 if lifted else current.version,
             )
-            if status == "committed":
+            if status == EntryStatus.COMMITTED:
                 after = replace(
                     after,
                     phase=entry.dest,
@@ -277,7 +278,7 @@ class Lease:
                     takeovers=entry.takeovers,
                 )
             )
-            if status == "committed" or lifted:
+            if status == EntryStatus.COMMITTED or lifted:
                 _notify(self.journal, conn, after)
             return after
 

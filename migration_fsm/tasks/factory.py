@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from migration_fsm.config import StoreConfig
 
 #: The keys of a store table that only `kind = "sql"` reads.
-_SQL_KEYS = ("url", "table", "columns", "status_map")
+_SQL_KEYS = ("url", "table", "columns", "status_map", "type_map", "constants")
 
 
 def build_store(config: StoreConfig, name: str) -> TaskStore:
@@ -41,6 +41,8 @@ def build_store(config: StoreConfig, name: str) -> TaskStore:
             name=name,
             columns=config.columns,
             status_map=config.status_map,
+            type_map=config.type_map,
+            constants=config.constants,
         )
     return _from_factory(config, name)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import DataError
 from .capabilities import BulkGet, IdentityScan
-from .records import TaskRecord, TaskStatus, identity_digest, utc_text
+from .records import TaskRecord, TaskStatus, identity_digest, identity_of
 from .scan import check_ascending
 
 if TYPE_CHECKING:
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from .records import TaskStore
 
 
-#: (key, type, payload, created_at, status, attempts); see the module docstring.
-IdentityRow = tuple[str, Any, Any, Any, str, int]
+#: (key, type, payload, created_at, status, attempts, run_at); see the module docstring.
+IdentityRow = tuple[str, Any, Any, Any, str, int, Any]
 
 #: Positions in an identity row.
 KEY: Final = 0
@@ -45,6 +45,7 @@ PAYLOAD: Final = 2
 CREATED_AT: Final = 3
 STATUS: Final = 4
 ATTEMPTS: Final = 5
+RUN_AT: Final = 6
 _key_of = itemgetter(KEY)
 
 
@@ -58,21 +59,35 @@ def get_many(store: TaskStore, keys: Sequence[str]) -> Mapping[str, TaskRecord]:
 
 def record_row(record: TaskRecord) -> IdentityRow:
     """The identity row of a decoded record."""
-    return (record.key, record.type, record.payload, record.created_at, record.status, record.attempts)
+    return (
+        record.key,
+        record.type,
+        record.payload,
+        record.created_at,
+        record.status,
+        record.attempts,
+        record.run_at,
+    )
 
 
-def checksum_of(key: str, type_: Any, payload: Any, created_at: Any) -> str:
+def _timestamp(name: str, value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a timestamp")
+    return value
+
+
+def checksum_of(key: str, type_: Any, payload: Any, created_at: Any, run_at: Any = None) -> str:
     """`TaskRecord.checksum()` of a task with these raw identity values (JSON text or a dict,
-    ISO text or a datetime). Raises `ValueError`/`TypeError` when a value cannot be decoded."""
+    ISO text or a datetime; run_at None for none). Raises `ValueError`/`TypeError` when a
+    value cannot be decoded."""
     if isinstance(payload, str | bytes):
         payload = json.loads(payload)
     if not isinstance(type_, str) or not isinstance(payload, dict):
         raise TypeError("type must be text and payload a JSON object")
-    if isinstance(created_at, str):
-        created_at = datetime.fromisoformat(created_at)
-    if not isinstance(created_at, datetime):
-        raise TypeError("created_at must be a timestamp")
-    identity = {"key": key, "type": type_, "payload": payload, "created_at": utc_text(created_at)}
+    scheduled = None if run_at is None else _timestamp("run_at", run_at)
+    identity = identity_of(key, type_, payload, _timestamp("created_at", created_at), scheduled)
     return identity_digest(identity)
 
 
@@ -88,7 +103,7 @@ class RecordRows:
 
     def identity_checksum(self, row: IdentityRow) -> str:
         try:
-            return checksum_of(row[KEY], row[TYPE], row[PAYLOAD], row[CREATED_AT])
+            return checksum_of(row[KEY], row[TYPE], row[PAYLOAD], row[CREATED_AT], row[RUN_AT])
         except (TypeError, ValueError) as exc:
             raise DataError(f"store '{self.name}': key {row[KEY]!r}: {exc}") from exc
 

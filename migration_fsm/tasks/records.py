@@ -44,7 +44,7 @@ def is_behind(status: TaskStatus, stored: TaskStatus) -> bool:
 
 
 #: Fields whose change means "a different task", not "the same task, further along".
-IDENTITY_FIELDS: tuple[str, ...] = ("key", "type", "payload", "created_at")
+IDENTITY_FIELDS: tuple[str, ...] = ("key", "type", "payload", "created_at", "run_at")
 #: Fields that move as the task runs.
 PROGRESS_FIELDS: tuple[str, ...] = ("status", "attempts")
 
@@ -70,6 +70,16 @@ def identity_digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
 
 
+def identity_of(
+    key: str, type_: str, payload: dict[str, Any], created_at: datetime, run_at: datetime | None
+) -> dict[str, Any]:
+    """`TaskRecord.identity()` of a task with these values (shared with validation's raw rows)."""
+    identity = {"key": key, "type": type_, "payload": payload, "created_at": utc_text(created_at)}
+    if run_at is not None:
+        identity["run_at"] = utc_text(run_at)
+    return identity
+
+
 class TaskRecord(BaseModel):
     """One task, as both systems know it. `key` is the identity they share."""
 
@@ -83,30 +93,32 @@ class TaskRecord(BaseModel):
     created_at: datetime
     updated_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: When the task may run at the earliest (a scheduled task); None: as soon as a worker is free.
+    run_at: datetime | None = None
 
-    @field_validator("created_at", "updated_at")
+    @field_validator("created_at", "updated_at", "run_at")
     @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        return to_utc(value)
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else to_utc(value)
 
     def identity(self) -> dict[str, Any]:
-        """The fields the checksum covers, in canonical form."""
-        return {
-            "key": self.key,
-            "type": self.type,
-            "payload": self.payload,
-            "created_at": utc_text(self.created_at),
-        }
+        """The fields the checksum covers, in canonical form. `run_at` is present only when
+        the task has one, so the checksum of a task without a scheduled time is what it was
+        before `run_at` existed (archives written then still verify)."""
+        return identity_of(self.key, self.type, self.payload, self.created_at, self.run_at)
 
     def checksum(self) -> str:
-        """SHA-256 of the canonical JSON of the identity fields (key, type, payload, created_at)."""
+        """SHA-256 of the canonical JSON of the identity fields (key, type, payload,
+        created_at, and run_at when set)."""
         return identity_digest(self.identity())
 
     def differing_fields(self, other: TaskRecord) -> list[str]:
         """The identity and progress fields whose values differ from `other`'s."""
         mine, theirs = self.identity(), other.identity()
         fields = [
-            name for name in IDENTITY_FIELDS if canonical_json(mine[name]) != canonical_json(theirs[name])
+            name
+            for name in IDENTITY_FIELDS
+            if canonical_json(mine.get(name)) != canonical_json(theirs.get(name))
         ]
         fields += [name for name in PROGRESS_FIELDS if getattr(self, name) != getattr(other, name)]
         return fields

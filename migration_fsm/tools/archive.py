@@ -2,9 +2,15 @@
 
 An archive holds one `TaskRecord` a line, in key order, then one summary line::
 
-    {"summary": {"format": "migration-fsm-tasks/1", "side": "old", "store": "...",
+    {"summary": {"format": "migration-fsm-tasks/2", "side": "old", "store": "...",
                  "count": N, "digest": "...", "sha256": "...",
                  "started_at": "...", "finished_at": "..."}}
+
+Format 2 added `run_at` (a task's scheduled time, null for none) to every record line; an
+archive of format 1 (written before `run_at` existed) still imports, its tasks with no
+scheduled time, and a format 1 archive with a `run_at` in it does not verify (no writer of
+format 1 wrote one). A record's checksum covers `run_at` only when it is set, so format 1
+digests verify unchanged.
 
 `digest` is the SHA-256 of every record's `checksum()` followed by a newline, in file order;
 `sha256` is the SHA-256 of the record lines' bytes, so any edit to a record (its status
@@ -39,7 +45,10 @@ if TYPE_CHECKING:
 
     from ..tasks.records import TaskStore
 
-FORMAT: Final = "migration-fsm-tasks/1"
+FORMAT: Final = "migration-fsm-tasks/2"
+#: The formats an import reads: 1 (no `run_at`) and the current one.
+READABLE_FORMATS: Final = ("migration-fsm-tasks/1", FORMAT)
+_FORMATS_WITH_RUN_AT: Final = (FORMAT,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +62,11 @@ class ArchiveSummary:
     sha256: str
     started_at: datetime
     finished_at: datetime
+    format: str = FORMAT
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": self.format,
             "side": self.side,
             "store": self.store,
             "count": self.count,
@@ -153,9 +163,10 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
 def _summary_of(path: Path, number: int, line: bytes) -> ArchiveSummary:
     try:
         data = json.loads(line)["summary"]
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"format {data.get('format')!r} is not one of {', '.join(READABLE_FORMATS)}")
         return ArchiveSummary(
+            format=str(data["format"]),
             side=str(data["side"]),
             store=str(data["store"]),
             count=int(data["count"]),
@@ -184,6 +195,7 @@ def verify_archive(path: str | Path) -> ArchiveSummary:
     count = 0
     digest, content = hashlib.sha256(), hashlib.sha256()
     summary: ArchiveSummary | None = None
+    scheduled: int | None = None  # the line of the first record with a run_at
     for number, line in _lines(source):
         if summary is not None:
             raise DataError(f"archive {source} line {number}: data after the summary line")
@@ -191,6 +203,8 @@ def verify_archive(path: str | Path) -> ArchiveSummary:
             summary = _summary_of(source, number, line)
             continue
         record = _record_of(source, number, line)
+        if scheduled is None and record.run_at is not None:
+            scheduled = number
         content.update(line)
         digest.update(f"{record.checksum()}\n".encode("ascii"))
         count += 1
@@ -203,6 +217,8 @@ def verify_archive(path: str | Path) -> ArchiveSummary:
         problems.append("the digest of the checksums does not match")
     if content.hexdigest() != summary.sha256:
         problems.append("the SHA-256 of the records does not match")
+    if scheduled is not None and summary.format not in _FORMATS_WITH_RUN_AT:
+        problems.append(f"line {scheduled} has a run_at, which format {summary.format} does not hold")
     if problems:
         raise DataError(f"archive {source} does not verify: {'; '.join(problems)}")
     return summary

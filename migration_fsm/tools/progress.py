@@ -124,7 +124,7 @@ class BarProgress:
         self.bar.start()
         self.task = self.bar.add_task(self.description, total=total, completed=completed)
 
-    def advance(self, count: int, cursor: str | None) -> None:
+    def advance(self, count: int, cursor: str | None) -> None:  # noqa: ARG002  Progress; a bar shows no key
         if self.task is not None:
             self.bar.advance(self.task, count)
 

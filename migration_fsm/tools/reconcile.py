@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 
+from migration_fsm.fsm import RepairStatus
 from migration_fsm.journal import repair_log_table, utcnow
 
 if TYPE_CHECKING:
@@ -42,7 +43,9 @@ def open_entries(store: Journal, migration: str) -> int:
             conn.execute(
                 select(func.count())
                 .select_from(repair_log_table)
-                .where(repair_log_table.c.migration == migration, repair_log_table.c.status == "open")
+                .where(
+                    repair_log_table.c.migration == migration, repair_log_table.c.status == RepairStatus.OPEN
+                )
             ).scalar_one()
         )
 
@@ -63,7 +66,7 @@ def reconcile(
                     select(repair_log_table.c.id, repair_log_table.c.key, repair_log_table.c.side)
                     .where(
                         repair_log_table.c.migration == migration,
-                        repair_log_table.c.status == "open",
+                        repair_log_table.c.status == RepairStatus.OPEN,
                         repair_log_table.c.id > last_id,
                     )
                     .order_by(repair_log_table.c.id)
@@ -79,7 +82,7 @@ def reconcile(
             missing_side = row["side"]
             source = sides["new" if missing_side == "old" else "old"]
             target = sides[missing_side]
-            outcome, error = "done", None
+            outcome, error = RepairStatus.DONE, None
             try:
                 record = source.get(row["key"])
                 if record is None:
@@ -92,11 +95,11 @@ def reconcile(
                         target.put(record)
                         replayed += 1
             except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the others
-                outcome, error = "open", f"{type(exc).__name__}: {exc}"
+                outcome, error = RepairStatus.OPEN, f"{type(exc).__name__}: {exc}"
                 failed += 1
             with store.transaction() as conn:
                 values: dict[str, Any] = {"status": outcome, "attempts": repair_log_table.c.attempts + 1}
-                if outcome == "done":
+                if outcome == RepairStatus.DONE:
                     values["resolved_at"] = utcnow()
                 else:
                     values["error"] = (error or "")[:2000]

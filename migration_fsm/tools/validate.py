@@ -25,6 +25,7 @@ from ..tasks.identity import (
     ATTEMPTS,
     CREATED_AT,
     KEY,
+    RUN_AT,
     STATUS,
     TYPE,
     get_many,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
 MISSING: Final = "missing"  # on old, not on new
 EXTRA: Final = "extra"  # on new, not on old
-MISMATCHED: Final = "mismatched"  # on both, identity (key, type, payload, created_at) differs
+MISMATCHED: Final = "mismatched"  # on both, identity (key, type, payload, created_at, run_at) differs
 STATUS_DIFFERS: Final = "status_differs"  # same identity, other status or attempts
 
 #: How long a difference waits before it is re-read, so that a dual write in flight lands.
@@ -109,7 +110,12 @@ def classify(old: TaskRecord | None, new: TaskRecord | None) -> tuple[str, list[
         return (MISSING if new is None else EXTRA), []
     if old == new:  # the common case: one cheap comparison, no canonical JSON
         return None
-    if old.type != new.type or old.created_at != new.created_at or old.payload != new.payload:
+    if (
+        old.type != new.type
+        or old.created_at != new.created_at
+        or old.payload != new.payload
+        or old.run_at != new.run_at
+    ):
         fields = old.differing_fields(new)
         if any(name in IDENTITY_FIELDS for name in fields):
             return MISMATCHED, fields
@@ -210,7 +216,7 @@ class _Validation:
     ) -> bool:
         """Whether two rows of one key hold different identities: equal raw values agree at
         once; other forms of the same value (JSON spacing, a timestamp's zone) agree by checksum."""
-        if row_a[TYPE : CREATED_AT + 1] == row_b[TYPE : CREATED_AT + 1]:
+        if row_a[TYPE : CREATED_AT + 1] == row_b[TYPE : CREATED_AT + 1] and row_a[RUN_AT] == row_b[RUN_AT]:
             return False
         return old_rows.identity_checksum(row_a) != new_rows.identity_checksum(row_b)
 

@@ -423,7 +423,7 @@ def assert_committed_once(
     edge = case.edge
     seq = before.last_seq + 1
     state, after = world.state()
-    percent = percent_after(edge, before.percent, RAMP_TO if edge.trigger is Trigger.RAMP else None)
+    percent = percent_after(edge, requested=RAMP_TO if edge.trigger is Trigger.RAMP else None)
     assert (edge.dest, percent, before.version + 1, seq, None) == (
         state.phase,
         state.percent,

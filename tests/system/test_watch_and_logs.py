@@ -95,7 +95,7 @@ def test_transition_guard_and_step_events_go_to_stderr_as_json(
 
 
 @pytest.mark.parametrize("password", ["s3cret-Pa55"])
-def test_password_never_printed(password: str, cli: Callable[..., CliResult], tmp_path: Path) -> None:
+def test_password_never_printed(password: str, cli: Callable[..., CliResult]) -> None:
     """A database password appears in no output, on success or on failure."""
     url = f"postgresql+psycopg://postgres:{password}@127.0.0.1:1/nowhere"
     for args in (["status"], ["status", "--json"], ["advance"], ["db", "upgrade"], ["history"]):

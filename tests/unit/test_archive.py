@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,7 @@ from migration_fsm.exceptions import BadInput, DataError
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskStatus
 from migration_fsm.tasks.sql import SqlTaskStore
+from migration_fsm.testing import make_records
 from migration_fsm.tools.archive import export_tasks, import_tasks, verify_archive
 from migration_fsm.tools.validate import validate
 from tests.support.cli import run_cli
@@ -153,3 +156,50 @@ def test_export_and_import_commands_restore_a_sql_side(
         SqlTaskStore(upgraded_url, "new_tasks", name="new") as new,
     ):
         assert everything(old) == everything(new)
+
+
+def test_run_at_survives_an_export_and_an_import(tmp_path: Path) -> None:
+    """Scheduled times, set and None, come back equal; the archive is format 2."""
+    records = make_records([f"k{i:02d}" for i in range(12)], run_at=True)
+    path = tmp_path / "old.jsonl.gz"
+    summary = export_tasks(MemoryTaskStore("old", records), path, side="old")
+    assert "migration-fsm-tasks/2" == summary.as_json()["format"]
+    restored = MemoryTaskStore("restored")
+    import_tasks(restored, path)
+    assert records == everything(restored)
+
+
+def _format_1(path: Path, records: list[Any]) -> None:
+    """An archive as a version before run_at wrote it: no run_at key, format 1."""
+    lines, digest, content = [], hashlib.sha256(), hashlib.sha256()
+    for record in records:
+        line = (json.dumps(record.model_dump(mode="json", exclude={"run_at"})) + "\n").encode()
+        lines.append(line)
+        content.update(line)
+        digest.update(f"{record.checksum()}\n".encode())
+    summary = {
+        "format": "migration-fsm-tasks/1", "side": "old", "store": "old", "count": len(records),
+        "digest": digest.hexdigest(), "sha256": content.hexdigest(),
+        "started_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T00:00:01+00:00",
+    }  # fmt: skip
+    path.write_bytes(b"".join(lines) + (json.dumps({"summary": summary}) + "\n").encode())
+
+
+def test_an_archive_of_format_1_still_imports(tmp_path: Path) -> None:
+    """An archive written before run_at existed verifies and imports, with no scheduled times;
+    one of format 1 that holds a run_at does not verify."""
+    records = tasks(5)
+    path = tmp_path / "before.jsonl"
+    _format_1(path, records)
+    assert "migration-fsm-tasks/1" == verify_archive(path).as_json()["format"]
+    restored = MemoryTaskStore("restored")
+    assert 5 == import_tasks(restored, path).loaded
+    assert records == everything(restored)
+    assert all(record.run_at is None for record in everything(restored))
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[2] = lines[2].replace('"key"', '"run_at": "2026-01-01T00:00:00Z", "key"', 1)
+    path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(
+        DataError, match="line 3 has a run_at, which format migration-fsm-tasks/1 does not hold"
+    ):
+        verify_archive(path)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine
 from sqlalchemy.dialects.postgresql import JSONB
 
-from migration_fsm.client._base import _second_put
+from migration_fsm.client._base import _forward_put
 from migration_fsm.config import Settings, StoreConfig
 from migration_fsm.exceptions import ConfigError
 from migration_fsm.fsm import Side
@@ -154,8 +154,8 @@ def test_total_uses_count_when_offered() -> None:
 
 def test_second_write_without_forward_put_is_a_put() -> None:
     """`DualWriter`'s second write is `put_forward` where offered, else `put`."""
-    assert ("put", False) == _second_put(PlainStore())
-    assert ("put_forward", True) == _second_put(MemoryTaskStore())
+    assert ("put", False) == _forward_put(PlainStore())
+    assert ("put_forward", True) == _forward_put(MemoryTaskStore())
 
 
 def test_open_side_closes_a_closeable_store_and_leaves_others() -> None:

@@ -253,6 +253,7 @@ def test_dual_writer_failure_points(engine: Migration, client: PhaseClient, stor
         "second_writes_behind": 0,
         "repair_entries": 1,
         "failed_writes": 1,
+        "resends_kept": 0,
     } == writer.counters()
     writer.close()
     strict.close()
@@ -320,9 +321,10 @@ def test_async_cancel_between_writes_leaves_a_repair_entry(
     written, second_started = asyncio.Event(), asyncio.Event()
 
     class Old(MemoryTaskStore):
-        async def put(self, rec: TaskRecord) -> None:  # type: ignore[override]
-            MemoryTaskStore.put(self, rec)
+        async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
+            wrote = MemoryTaskStore.put_forward(self, rec)
             written.set()
+            return wrote
 
     class Never(MemoryTaskStore):
         async def put_forward(self, rec: TaskRecord) -> bool:  # type: ignore[override]
@@ -436,6 +438,7 @@ def test_fallback_reader(engine: Migration, client: PhaseClient) -> None:
         "new_errors": 2,
         "shadow_reads": 0,
         "shadow_mismatches": 0,
+        "shadow_status_lag": 0,
     } == reader.counters()
 
 
@@ -456,8 +459,33 @@ def test_shadow_reads_count_mismatches_and_never_raise(
     new.fail_gets = True
     assert record("same") == reader.get("same")
     counters = reader.counters()
-    assert (2, 1) == (counters["shadow_reads"], counters["shadow_mismatches"])
+    shadow = [counters[name] for name in ("shadow_reads", "shadow_mismatches", "shadow_status_lag")]
+    assert [2, 1, 0] == shadow
     assert any("payload" in r.getMessage() for r in caplog.records)
+
+
+def test_shadow_reads_count_status_lag_apart_and_quietly(
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In dual_write an old worker finishes a task whose new copy is still pending: that is
+    the normal lag of dual writes, counted as `shadow_status_lag` and not logged. A new copy
+    further along than old (new ran a task it does not consume) is a mismatch."""
+    move_to(engine, client, Phase.DUAL_WRITE)
+    old, new = FlakyStore("old"), FlakyStore("new")
+    done = record("lagging").model_copy(update={"status": TaskStatus.COMPLETED, "attempts": 1})
+    old.put(done)
+    new.put(record("lagging"))
+    old.put(record("ahead"))
+    new.put(record("ahead").model_copy(update={"status": TaskStatus.RUNNING, "attempts": 1}))
+    reader = FallbackReader(client, old, new, shadow_sample=1.0)
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    assert done == reader.get("lagging")
+    assert [] == [r.getMessage() for r in caplog.records]
+    assert record("ahead") == reader.get("ahead")
+    counters = reader.counters()
+    shadow = [counters[name] for name in ("shadow_reads", "shadow_mismatches", "shadow_status_lag")]
+    assert [2, 1, 1] == shadow
+    assert ["shadow read of ahead differs on status, attempts"] == [r.getMessage() for r in caplog.records]
 
 
 def test_client_import_is_light() -> None:

@@ -146,7 +146,7 @@ def test_the_authoritative_side_is_written_first_and_answers(
             writer = DualWriter(fixed(phase, percent), old, new, repair=repair)
             side = writer.write(record(key))
         sides = WRITE_ORDER[phase, percent]
-        expected = [(sides[0], "put", key)] + [(s, "put_forward", key) for s in sides[1:]]
+        expected = [(s, "put_forward", key) for s in sides]
         assert (sides[0], expected, []) == (side, calls, repair.entries)
         assert (1, len(sides) - 1, 0) == (
             writer.counters()["writes"],
@@ -154,6 +154,39 @@ def test_the_authoritative_side_is_written_first_and_answers(
             writer.counters()["repair_entries"],
         )
         assert routing_for(phase, percent, key).authoritative == side
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(("phase", "percent"), sorted(WRITE_ORDER), ids=str)
+@pytest.mark.parametrize("reached", [TaskStatus.RUNNING, TaskStatus.COMPLETED, TaskStatus.FAILED], ids=str)
+def test_a_resent_task_keeps_the_status_it_reached_on_both_sides(
+    phase: Phase, percent: int, asynchronous: bool, reached: TaskStatus
+) -> None:
+    """An at-least-once producer re-sends a task the authoritative side already runs or ran:
+    nothing changes on either side (it is not run again), the writer answers the
+    authoritative side as usual and counts the re-send as kept."""
+    for key in ("k1", "k2", "k3", "k4"):
+        calls: list[tuple[str, str, str]] = []
+        old, new = Ordered("old", calls), Ordered("new", calls)
+        sides = WRITE_ORDER[phase, percent]
+        authoritative = routing_for(phase, percent, key).authoritative
+        ran = record(key).model_copy(update={"status": reached, "attempts": 1})
+        MemoryTaskStore.put(old if authoritative == "old" else new, ran)
+        writer: Any
+        if asynchronous:
+            writer = AsyncDualWriter(fixed(phase, percent), old, new, repair=MemoryRepairLog())
+            side = asyncio.run(writer.write(record(key)))
+        else:
+            writer = DualWriter(fixed(phase, percent), old, new, repair=MemoryRepairLog())
+            side = writer.write(record(key))
+        assert (sides[0], [(sides[0], "put_forward", key)]) == (side, calls)
+        mine, other = (old, new) if authoritative == "old" else (new, old)
+        assert (ran, None) == (MemoryTaskStore.get(mine, key), MemoryTaskStore.get(other, key))
+        assert (1, 1, 0) == (
+            writer.counters()["writes"],
+            writer.counters()["resends_kept"],
+            writer.counters()["second_writes"],
+        )
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])

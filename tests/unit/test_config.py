@@ -84,6 +84,22 @@ def test_steps_accept_a_name_or_a_step_with_its_undo(tmp_path: Path) -> None:
             '[stores.old]\nkind = "memory"\ncolumns = { body = "x" }\n',
             "columns: 'body' is not a task field",
         ),
+        (
+            '[stores.old]\nkind = "memory"\ncolumns = { created_at = "ts", type = "ts" }\n',
+            "columns: column 'ts' is mapped to created_at and type; only created_at and updated_at may share",
+        ),
+        (
+            '[stores.old]\nkind = "memory"\ntype_map = { "app.send" = "" }\n',
+            "type_map: 'app.send' = '': both names must be non-empty",
+        ),
+        (
+            '[stores.old]\nkind = "memory"\ncolumns = { type = "name" }\nconstants = { name = "x" }\n',
+            "constants: column 'name' is mapped to a task field",
+        ),
+        (
+            '[stores.old]\nkind = "memory"\nconstants = { queue = [1] }\n',
+            "config key 'stores.old.constants.queue.str' in {path} is invalid",
+        ),
         ('[stores.old]\nkind = "redis"\n', "kind 'redis' is not 'sql', 'memory' or 'package.module:factory'"),
         ('[stores.old]\nkind = "memory"\nurl = "x"\ncolour = 1\n', "unknown key 'colour' for kind 'memory'"),
         ("lease_seconds = [\n", "is not valid TOML"),
@@ -106,6 +122,22 @@ def test_a_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, says
     assert "\n" not in message
     assert says.format(path=path) in message
     assert isinstance(caught.value, BadInput)  # exit 2
+
+
+def test_real_queue_mappings_are_read(tmp_path: Path) -> None:
+    """run_at, one column for both timestamps, a type map and constants of each kind."""
+    path = write(
+        tmp_path,
+        '[stores.old]\nkind = "sql"\nurl = "sqlite:///x.db"\ntable = "jobs"\n'
+        'columns = { created_at = "ts", updated_at = "ts", run_at = "scheduled_at" }\n'
+        '[stores.old.type_map]\n"app.tasks.send_mail" = "send_mail"\n'
+        '[stores.old.constants]\nqueue_name = "default"\npriority = 0\nlocked = false\n',
+    )
+    store = load_settings(path).stores["old"]
+    assert {"app.tasks.send_mail": "send_mail"} == store.type_map
+    assert {"queue_name": "default", "priority": 0, "locked": False} == store.constants
+    assert bool is type(store.constants["locked"])
+    assert "ts" == store.columns["updated_at"] == store.columns["created_at"]
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:

@@ -226,6 +226,59 @@ def test_validate_reports_the_same_with_and_without_the_fast_path(
     ] == fast["samples"]["mismatched"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validate_flags_a_run_at_difference_on_both_paths(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """run_at is identity: set on one side only, or another time, is a mismatch naming
+    run_at, with and without the fast path; the same time in another zone is no difference."""
+    base = make_records([f"k{i:03d}" for i in range(60)], run_at=True)
+    assert base[3].run_at is not None
+    assert base[4].run_at is None
+    new = list(base)
+    new[3] = changed(base[3], run_at=None)
+    new[4] = changed(base[4], run_at=base[4].created_at)
+    new[6] = changed(base[6], run_at=base[6].run_at + timedelta(seconds=1))  # type: ignore[operator]
+    with (
+        task_store(backend, request, tmp_path, name="old") as (old, _, _),
+        task_store(backend, request, tmp_path, name="new") as (target, raw, table),
+    ):
+        old.put_many(base)
+        target.put_many(new)
+        if backend == "postgresql":  # the same instant, stored through another zone: no difference
+            with raw.begin() as conn:
+                conn.execute(text("SET TIME ZONE 'Asia/Kolkata'"))
+                conn.execute(update(table).where(table.c.key == "k009").values(run_at=base[9].run_at))
+        fast = validate(old, target, batch_size=16, settle=0).as_json()
+        slow = validate(RecordsOnly(old), RecordsOnly(target), batch_size=16, settle=0).as_json()
+    assert slow == fast
+    assert (0, 0, 3, 0) == (fast["missing"], fast["extra"], fast["mismatched"], fast["status_differs"])
+    assert [{"key": key, "fields": ["run_at"]} for key in ("k003", "k004", "k006")] == fast["samples"][
+        "mismatched"
+    ]
+
+
+@pytest.mark.parametrize(("backend", "one_file"), BACKENDS_AND_LAYOUTS)
+def test_a_row_copy_into_a_table_without_run_at_refuses_a_scheduled_task(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, one_file: bool
+) -> None:
+    """Into a table with no run_at column, batches without a scheduled time go as rows; the
+    batch with one goes the record path, which refuses it (DataError), never dropping it."""
+    records = make_records([f"k{i:03d}" for i in range(30)])
+    records[25] = changed(records[25], run_at=records[25].created_at)
+    with two_tables(backend, request, tmp_path, one_file=one_file) as (old, _, _, raw):
+        with raw.begin() as conn:
+            conn.execute(text("ALTER TABLE record_tasks DROP COLUMN run_at"))
+        with SqlTaskStore(raw.url.render_as_string(hide_password=False), "record_tasks", name="new") as new:
+            old.put_many(records)
+            assert RowCopy.between(old, new) is not None
+            with pytest.raises(
+                DataError, match="store 'new': key 'k025': table 'record_tasks' has no run_at"
+            ):
+                copy_tasks(old, new, batch_size=10)
+            assert records[:20] == everything(new)
+
+
 # -- backfill as rows -----------------------------------------------------------------------
 
 
@@ -261,8 +314,9 @@ def two_tables(
 def test_backfill_as_rows_leaves_the_rows_the_record_path_leaves(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str, one_file: bool, inside: bool
 ) -> None:
-    """Row for row, column for column the same as a copy through records, batches and a re-run included."""
-    records = make_records([f"k{i:04d}" for i in range(230)] + TRICKY_KEYS)
+    """Row for row, column for column the same as a copy through records, batches and a re-run
+    included; scheduled times (set and None) too."""
+    records = make_records([f"k{i:04d}" for i in range(230)] + TRICKY_KEYS, run_at=True)
     with two_tables(backend, request, tmp_path, one_file=one_file) as (old, new, through_records, raw):
         old.put_many(records)
         rows = RowCopy.between(old, new)
@@ -272,7 +326,8 @@ def test_backfill_as_rows_leaves_the_rows_the_record_path_leaves(
         result = copy_tasks(old, new, batch_size=50)
         copy_tasks(old, RecordsOnly(through_records), batch_size=50)
         assert (len(records), len(records)) == (result.copied, result.total)
-        old.put_many([changed(r, status=TaskStatus.CANCELLED, attempts=3) for r in records[::7]])
+        moved = [changed(r, status=TaskStatus.CANCELLED, attempts=3) for r in records[::7]]
+        old.put_many([changed(r, run_at=r.created_at if r.run_at is None else None) for r in moved])
         for target in (new, RecordsOnly(through_records)):
             copy_tasks(old, target, batch_size=64)  # every key again: updates, not inserts
         assert everything(old) == everything(new)

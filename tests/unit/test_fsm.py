@@ -160,7 +160,7 @@ def test_keys_move_to_new_monotonically_and_in_proportion() -> None:
 )
 def test_percent_after_each_edge(edge: Edge, before: int, after: int) -> None:
     """Percent is 0 before cutover, 0 entering it forward, 100 entering it back and after it."""
-    assert after == fsm.percent_after(edge, before)
+    assert after == fsm.percent_after(edge)
 
 
 def test_rollback_path_goes_edge_by_edge() -> None:
@@ -261,13 +261,12 @@ def test_percent_after_follows_each_edges_rule() -> None:
     """Every edge but ramp sets its fixed percent whatever the percent before; ramp sets the
     percent asked for and needs one."""
     for edge in EDGES:
-        for before in (0, 37, 100):
-            if edge.trigger is Trigger.RAMP:
-                assert 42 == fsm.percent_after(edge, before, 42)
-            else:
-                assert OLD_TABLES[edge.key][0] == fsm.percent_after(edge, before)
+        if edge.trigger is Trigger.RAMP:
+            assert 42 == fsm.percent_after(edge, requested=42)
+        else:
+            assert OLD_TABLES[edge.key][0] == fsm.percent_after(edge)
     with pytest.raises(ValueError, match="ramp needs a percent"):
-        fsm.percent_after(fsm.edge_for(Phase.CUTOVER, Trigger.RAMP), 10)
+        fsm.percent_after(fsm.edge_for(Phase.CUTOVER, Trigger.RAMP))
 
 
 def test_edges_are_equal_by_trigger_and_phases_only() -> None:

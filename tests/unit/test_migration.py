@@ -169,7 +169,7 @@ def test_resume_refuses_a_live_lease_and_steal_takes_it(
     from migration_fsm.migration import edge_steps
 
     edge = resolve_edge(state.phase, Trigger.ADVANCE)
-    entry = _intent(edge, state)
+    entry = _intent(edge)
     engine.store.claim(state, entry, edge_steps(eng.settings, edge), "ghost [elsewhere:1]", 30)
 
     other = make(engine.store, make_settings, steps=STEPS, actor="bob")
@@ -202,7 +202,7 @@ def test_expired_lease_can_be_resumed_without_steal(
     from migration_fsm.migration import edge_steps
 
     edge = resolve_edge(state.phase, Trigger.ADVANCE)
-    engine.store.claim(state, _intent(edge, state), edge_steps(eng.settings, edge), "ghost [x:1]", 30)
+    engine.store.claim(state, _intent(edge), edge_steps(eng.settings, edge), "ghost [x:1]", 30)
     with engine.store.transaction() as conn:
         conn.execute(update(migrations_table).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     outcome = eng.resume()
@@ -403,7 +403,7 @@ def test_min_soak_guard(engine: Migration, make_settings: Callable[..., Settings
     )
 
 
-def _intent(edge: Any, state: Any) -> Any:
+def _intent(edge: Any) -> Any:
     import os
     import socket
 

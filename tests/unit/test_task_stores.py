@@ -84,6 +84,7 @@ def plain_table(
         Column("created_at", DateTime(timezone=True), nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
         Column("metadata", JSON, nullable=False),
+        Column("run_at", DateTime(timezone=True), nullable=True),
         CheckConstraint("type <> 'forbidden'", name="tasks_type_allowed"),
         *extra,
     )
@@ -445,6 +446,65 @@ def test_unmapped_columns_keep_their_defaults_and_values(legacy: SqlCase) -> Non
     with legacy.raw.connect() as conn:
         row = conn.execute(select(legacy.table)).one()
     assert ("w-7", 1, "started") == (row.worker, row.id, row.state)
+
+
+def test_run_at_in_every_form_a_column_holds(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """run_at in a timezone-aware, a naive and a text column: set and None read back alike, in
+    UTC; a row the owning application wrote with a naive or text time reads as UTC."""
+    with database(backend, request, tmp_path) as url:
+        raw = make_engine(url, create=True)
+        metadata = MetaData()
+        plain_table(metadata)
+        for name, kind in (("naive", DateTime(timezone=False)), ("text", Text())):
+            Table(
+                f"tasks_{name}",
+                metadata,
+                *(Column(c.name, c.type, primary_key=c.primary_key) for c in metadata.tables["tasks"].c
+                  if c.name != "run_at"),
+                Column("run_at", kind, nullable=True),
+            )  # fmt: skip
+        metadata.create_all(raw)
+        records = make_records(TRICKY_KEYS, run_at=True)
+        assert any(r.run_at is None for r in records)
+        assert any(r.run_at is not None for r in records)
+        try:
+            for table in ("tasks", "tasks_naive", "tasks_text"):
+                with SqlTaskStore(url, table, name="new") as store:
+                    store.put_many(records)
+                    assert sorted(records, key=lambda r: r.key) == list(store.scan(None, 1000))
+                    assert {r.key: r.checksum() for r in records} == {
+                        r.key: store.identity_checksum(row) for r, row in
+                        zip(store.scan(None, 1000), store.scan_identities(None, 1000), strict=True)
+                    }  # fmt: skip
+            with raw.begin() as conn:
+                conn.execute(
+                    text("UPDATE tasks_text SET run_at = '2024-01-01T12:00:00+02:00' WHERE key = 'a'")
+                )
+            with SqlTaskStore(url, "tasks_text", name="new") as store:
+                assert datetime(2024, 1, 1, 10, tzinfo=UTC) == getattr(store.get("a"), "run_at", None)
+        finally:
+            raw.dispose()
+
+
+def test_a_scheduled_time_the_table_cannot_hold_is_refused_not_dropped(legacy: SqlCase) -> None:
+    """No run_at column: a task without one is written; one with one is a DataError naming the
+    store and the key, on every write path, and nothing of its batch is written."""
+    scheduled, plain = make_records(["a", "b"], metadata=False, run_at=True)
+    assert scheduled.run_at is not None
+    legacy.store.put(plain)
+    for write in (
+        lambda: legacy.store.put(scheduled),
+        lambda: legacy.store.put_many([changed(plain, key="c"), scheduled]),
+        lambda: legacy.store.put_forward(scheduled),
+    ):
+        with pytest.raises(
+            DataError, match=r"store 'old': key 'a': table 'job_runs' has no run_at column"
+        ) as caught:
+            write()
+        assert 1 == caught.value.exit_code
+    assert [plain] == list(legacy.store.scan(None, 10))
 
 
 def test_absent_metadata_column_reads_empty(legacy: SqlCase) -> None:
@@ -833,3 +893,24 @@ class TestShippedContractOnTheMemoryStore(TaskStoreContract):
     @pytest.fixture
     def task_store(self) -> MemoryTaskStore:
         return MemoryTaskStore("old")
+
+
+class TestShippedContractOnThePlainTable(TaskStoreContract):
+    """The shipped contract on a table with every column, run_at included."""
+
+    @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=PG)])
+    def task_store(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlTaskStore]:
+        with sql_case(request.param, "plain", request, tmp_path) as made:
+            yield made.store
+
+
+class TestShippedContractOnTheLegacyTable(TaskStoreContract):
+    """The shipped contract on a table with no metadata and no run_at column: it says so."""
+
+    keeps_metadata = False
+    keeps_run_at = False
+
+    @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=PG)])
+    def task_store(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlTaskStore]:
+        with sql_case(request.param, "legacy", request, tmp_path) as made:
+            yield made.store

@@ -47,6 +47,15 @@ def probe_key(conn: Connection, mapping: TableMapping, dialect: Dialect) -> None
     """Ask the database how the mapping's key column sorts and which indexes it has; set
     `mapping.key_order`, `key_range_indexed` and `key_unique` from the answers."""
     key = mapping.key_column
+    if mapping.integer_key:  # scanned by ranges of the index, in text order (`integer_ranges`)
+        mapping.key_order = key
+        if mapping.dialect == "postgresql":
+            mapping.key_unique = _pg_key_unique(conn, mapping, key)
+        elif mapping.dialect == "sqlite":
+            mapping.key_unique = _sqlite_key_indexes(conn, mapping, dialect, key)[1] or _sqlite_rowid(
+                conn, mapping, dialect, key
+            )
+        return
     mapping.key_order = _ordering_key(conn, mapping, dialect, key)
     if mapping.dialect == "postgresql":  # the column's own collation is code point order, or not
         mapping.key_range_indexed = mapping.key_order is key
@@ -76,6 +85,18 @@ def _sqlite_key_indexes(
             ranged = True
             unique = unique or (bool(index["unique"]) and len(columns) == 1)
     return ranged, unique
+
+
+def _sqlite_rowid(conn: Connection, mapping: TableMapping, dialect: Dialect, key: Column[Any]) -> bool:
+    """Whether the key is the table's INTEGER PRIMARY KEY (the rowid, unique with no index)."""
+    preparer = dialect.identifier_preparer
+    table = mapping.table
+    schema = f"{preparer.quote_identifier(table.schema)}." if table.schema else ""
+    info = conn.exec_driver_sql(f"PRAGMA {schema}table_info({preparer.quote_identifier(table.name)})")
+    primary = [row for row in info.mappings().all() if row["pk"]]
+    return (
+        len(primary) == 1 and primary[0]["name"] == key.name and str(primary[0]["type"]).upper() == "INTEGER"
+    )
 
 
 def _pg_key_unique(conn: Connection, mapping: TableMapping, key: Column[Any]) -> bool:

@@ -11,8 +11,8 @@ __all__ = ["default_task_table"]
 
 def default_task_table(metadata: MetaData, name: str = "tasks", *, dialect: str | None = None) -> Table:
     """The default task table `name` in `metadata`: a text key (200 characters, compared in
-    code point order on PostgreSQL, as the store scans), JSON payload and metadata, and
-    timezone-aware timestamps."""
+    code point order on PostgreSQL, as the store scans), JSON payload and metadata,
+    timezone-aware timestamps, and a nullable `run_at` for scheduled tasks."""
     key_type = String(200, collation="C") if dialect == "postgresql" else String(200)
     return Table(
         name,
@@ -25,4 +25,5 @@ def default_task_table(metadata: MetaData, name: str = "tasks", *, dialect: str 
         Column("created_at", DateTime(timezone=True), nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
         Column("metadata", JSON, nullable=False),
+        Column("run_at", DateTime(timezone=True), nullable=True),
     )

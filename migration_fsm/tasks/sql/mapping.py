@@ -1,9 +1,12 @@
 """`TableMapping`: how the fields of a `TaskRecord` live in the columns of an existing table.
 
 A column mapping names the column of each field (default: the column of the field's name;
-`attempts` and `metadata` may be absent), a status mapping translates the stored status
-vocabulary, and each column's type decides its `ColumnKind`: how the field is held there,
-hence how it is read, written and copied as a raw value.
+`attempts`, `metadata` and `run_at` may be absent; `created_at` and `updated_at` may share
+one column), a status mapping translates the stored status vocabulary, a type mapping the
+stored task names, constants fill columns the record does not carry, and each column's type
+decides its `ColumnKind`: how the field is held there, hence how it is read, written and
+copied as a raw value. An integer key column holds keys that are the decimal text of a
+non-negative integer.
 """
 
 from __future__ import annotations
@@ -16,7 +19,19 @@ from enum import StrEnum
 from operator import itemgetter, lt
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import JSON, Column, DateTime, Integer, String, bindparam, cast, type_coerce
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    Numeric,
+    String,
+    bindparam,
+    cast,
+    type_coerce,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.sqltypes import NullType
 
@@ -28,9 +43,17 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
 #: Every `TaskRecord` field, key first.
-FIELDS: Final = ("key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata")
-#: Fields a table may lack when they are not mapped explicitly (read as their defaults, not written).
-OPTIONAL_FIELDS: Final = ("attempts", "metadata")
+FIELDS: Final = (
+    "key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata", "run_at",
+)  # fmt: skip
+#: Fields a table may lack when they are not mapped explicitly (read as their defaults; not
+#: written, except that a `run_at` the table cannot hold is refused, never dropped).
+OPTIONAL_FIELDS: Final = ("attempts", "metadata", "run_at")
+#: Fields that may be mapped to the column of another field (`updated_at` to `created_at`'s).
+SHARED_TIME: Final = ("created_at", "updated_at")
+#: The largest integer key (BIGINT), and its number of digits.
+MAX_INTEGER_KEY: Final = 2**63 - 1
+_MAX_KEY_DIGITS: Final = len(str(MAX_INTEGER_KEY))
 #: `canonical_json` (same bytes), built once: JSON is the bulk of encoding a record.
 _canonical_json: Final = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -102,7 +125,8 @@ class MappedField:
 class TableMapping:
     """The fields of `TaskRecord` mapped onto `table`'s columns, for a store named `store`.
 
-    `columns` and `status_map` are the store's config keys (`SqlTaskStore` documents them);
+    `columns`, `status_map`, `type_map` and `constants` are the store's config keys
+    (`SqlTaskStore` documents them);
     a field or column that does not fit is a `ConfigError` naming the store and the key.
     `dialect` is the database's dialect name. `key_order` (the key as it sorts in code
     point order), `key_range_indexed` (a range of `key_order` is read from an index) and
@@ -117,6 +141,8 @@ class TableMapping:
         dialect: str,
         columns: Mapping[str, str] | None = None,
         status_map: Mapping[str, str] | None = None,
+        type_map: Mapping[str, str] | None = None,
+        constants: Mapping[str, Any] | None = None,
         table_name: str | None = None,
     ) -> None:
         self.store = store
@@ -132,12 +158,30 @@ class TableMapping:
         self.read_status, self.write_status = self._status_maps(
             columns.get("status", "status"), dict(status_map or {})
         )
+        #: stored task name -> record type, and back (the first stored name of a type); both
+        #: None without a type map (the stored name is the type).
+        self.read_type: dict[str, str] | None = None
+        self.write_type: dict[str, str] | None = None
+        if type_map:
+            self.read_type, self.write_type = dict(type_map), {}
+            for stored, type_ in type_map.items():
+                self.write_type.setdefault(type_, stored)
+        #: Whether `updated_at` is read from `created_at`'s column (and never written).
+        self.shared_time = False
         self.fields: list[MappedField] = self._map_fields(columns)
         self.by_name: dict[str, MappedField] = {field.name: field for field in self.fields}
         self.key_column: Column[Any] = self.fields[0].column
         self.status_column: Column[Any] = self.by_name["status"].column
+        #: Whether the key column holds integers (keys are their decimal text).
+        self.integer_key = isinstance(self.key_column.type, Integer)
+        #: Whether the table can hold a scheduled time.
+        self.keeps_run_at = "run_at" in self.by_name
+        #: Columns no field maps, written with a constant value on insert.
+        self.constants: dict[Column[Any], Any] = self._constants(dict(constants or {}))
         self.key_order: ColumnElement[Any] = (
-            self.key_column.collate("BINARY") if dialect == "sqlite" else self.key_column
+            self.key_column.collate("BINARY")
+            if dialect == "sqlite" and not self.integer_key
+            else self.key_column
         )
         self.key_range_indexed = False
         self.key_unique = False
@@ -185,10 +229,13 @@ class TableMapping:
                     f"store '{self.store}': table '{self.table_name}' has no column '{column_name}'"
                     f" ({how}; columns: {', '.join(self.table.c.keys())})"
                 )
+            if column_name in used and (used[column_name], field) == SHARED_TIME:
+                self.shared_time = True  # one column for both: it holds created_at
+                continue
             if column_name in used:
                 raise ConfigError(
                     f"store '{self.store}': columns.{field}: column '{column_name}' is already mapped to"
-                    f" field '{used[column_name]}'"
+                    f" field '{used[column_name]}' (only created_at and updated_at may share a column)"
                 )
             used[column_name] = field
             fields.append(self._field(field, self.table.c[column_name]))
@@ -203,7 +250,7 @@ class TableMapping:
         param = f"mfsm_v_{field}"
         if field in ("payload", "metadata"):
             access = self._json_access(field, column, param)
-        elif field in ("created_at", "updated_at"):
+        elif field in ("created_at", "updated_at", "run_at"):
             access = self._time_access(field, column, param)
         else:
             access = self._plain_access(field, column, param)
@@ -213,8 +260,10 @@ class TableMapping:
                 "metadata": "JSON (use a JSON or text column)",
                 "created_at": "a timestamp (use a timestamp or text column)",
                 "updated_at": "a timestamp (use a timestamp or text column)",
+                "run_at": "a timestamp (use a timestamp or text column)",
                 "attempts": "a count (use an integer column)",
                 "status": "a status (use a text or integer column)",
+                "key": "a key (use a text or integer column)",
             }.get(field, "text (use a text column)")
             raise ConfigError(f"{problem} {wanted}")
         selected, bound, read, write, kind = access
@@ -233,7 +282,7 @@ class TableMapping:
         return None
 
     def _time_access(self, field: str, column: Column[Any], param: str) -> _Access | None:
-        kind, read = column.type, self._time_reader(column)
+        kind, read = column.type, self._time_reader(column, nullable=field == "run_at")
         if isinstance(kind, DateTime):
             if (
                 self.dialect == "sqlite"
@@ -261,13 +310,39 @@ class TableMapping:
             if not isinstance(kind, String | Integer | NullType):
                 return None
             read, write = self._status_reader(column), self._status_writer(column)
+        elif field == "key" and isinstance(kind, Integer) and not isinstance(kind, Boolean):
+            read, write = _identity, self._integer_key_writer(column)
         elif not isinstance(kind, String | NullType):
             return None
         elif field == "key":
             read, write = _identity, _key_writer
+        elif self.read_type is not None:
+            read, write = self._type_reader(column), self._type_writer(column)
         else:
             read, write = self._text_reader(column), _type_writer
         return column, bind(param, column), read, write, ColumnKind.TEXT
+
+    def _constants(self, constants: dict[str, Any]) -> dict[Column[Any], Any]:
+        """The constant columns, checked: each exists, no field maps it, its value fits it."""
+        mapped = {field.column.name: field.name for field in self.fields}
+        checked: dict[Column[Any], Any] = {}
+        for name, value in constants.items():
+            where = f"store '{self.store}': constants.{name}:"
+            if name not in self.table.c:
+                raise ConfigError(
+                    f"{where} table '{self.table_name}' has no column '{name}'"
+                    f" (columns: {', '.join(self.table.c.keys())})"
+                )
+            if name in mapped:
+                raise ConfigError(
+                    f"{where} column '{name}' holds the field '{mapped[name]}'; a constant is for a"
+                    " column the record does not carry"
+                )
+            column = self.table.c[name]
+            if not _fits(column, value):
+                raise ConfigError(f"{where} {value!r} does not fit column '{name}' of type {column.type!r}")
+            checked[column] = value
+        return checked
 
     # -- readers and writers ----------------------------------------------------------
 
@@ -344,8 +419,76 @@ class TableMapping:
 
         return read
 
-    def _time_reader(self, column: Column[Any]) -> Reader:
-        def read(value: Any, key: str) -> datetime:
+    def _type_reader(self, column: Column[Any]) -> Reader:
+        names = self.read_type or {}
+
+        def read(value: Any, key: str) -> str:
+            try:
+                return names[value]
+            except (KeyError, TypeError):
+                raise self.bad(
+                    key, column, f"holds task name {value!r}, which the type map does not map"
+                    f" (mapped: {', '.join(names)})"
+                ) from None  # fmt: skip
+
+        return read
+
+    def _type_writer(self, column: Column[Any]) -> Writer:
+        names = self.write_type or {}
+
+        def write(record: TaskRecord) -> str:
+            try:
+                return names[record.type]
+            except KeyError:
+                raise DataError(
+                    f"store '{self.store}': key {record.key!r}: type {record.type!r} has no stored task"
+                    f" name in the type map of column '{column.name}' (mapped types:"
+                    f" {', '.join(names)}); refused rather than guessed, so no other task runs"
+                ) from None
+
+        return write
+
+    def _integer_key_writer(self, column: Column[Any]) -> Writer:
+        def write(record: TaskRecord) -> Any:
+            return self.key_value(record.key, column)
+
+        return write
+
+    def key_value(self, key: str, column: Column[Any] | None = None) -> Any:
+        """`key` as the key column holds it: itself, or for an integer key column the integer
+        it is the decimal text of (a `DataError` naming the key otherwise)."""
+        if not self.integer_key:
+            return key
+        number = integer_key(key)
+        if number is None:
+            name = (column if column is not None else self.key_column).name
+            raise DataError(
+                f"store '{self.store}': key {key!r}: column '{name}' holds integers, and the key is not"
+                f" the decimal text of one from 0 to {MAX_INTEGER_KEY} (no sign, no leading zeros)"
+            )
+        return number
+
+    def key_text(self, value: Any) -> str:
+        """The key of a stored key value: text as it is; an integer as its decimal text (a
+        `DataError` for a negative one, which would not scan in order)."""
+        if type(value) is int:
+            if value < 0:
+                raise DataError(
+                    f"store '{self.store}': column '{self.key_column.name}' holds the negative key"
+                    f" {value}; integer keys must be 0 or more"
+                )
+            return str(value)
+        if not isinstance(value, str) or not value:
+            raise DataError(
+                f"store '{self.store}': column '{self.key_column.name}' holds an empty key ({value!r});"
+                " every task needs one"
+            )
+        return value
+
+    def _time_reader(self, column: Column[Any], *, nullable: bool = False) -> Reader:
+        def read(value: Any, key: str) -> datetime | None:
+            if value is None and nullable:
+                return None
             if isinstance(value, str):
                 try:
                     value = datetime.fromisoformat(value)
@@ -360,13 +503,11 @@ class TableMapping:
     def decode(self, row: Sequence[Any]) -> TaskRecord:
         """The record of a row of the mapped columns, in field order (a `DataError` naming the
         key and the column when a value does not fit)."""
-        key = row[0]
-        if not isinstance(key, str) or not key:
-            raise DataError(
-                f"store '{self.store}': column '{self.key_column.name}' holds an empty key ({key!r});"
-                " every task needs one"
-            )
+        key = self.key_text(row[0])
         values = {field.name: field.read(value, key) for field, value in zip(self.fields, row, strict=True)}
+        values["key"] = key
+        if self.shared_time:
+            values["updated_at"] = values["created_at"]
         return TaskRecord(**values)
 
     def encode(self, record: TaskRecord) -> tuple[Any, ...]:
@@ -375,6 +516,13 @@ class TableMapping:
             raise DataError(
                 f"store '{self.store}': column '{self.key_column.name}': a task with an empty key"
                 f" ({record.key!r}) cannot be written"
+            )
+        if record.run_at is not None and not self.keeps_run_at:
+            raise DataError(
+                f"store '{self.store}': key {record.key!r}: table '{self.table_name}' has no run_at"
+                f" column, so the task's scheduled time ({record.run_at.isoformat()}) cannot be kept;"
+                " refused rather than dropped, since the task would run early (add a column, or map"
+                " one with columns.run_at)"
             )
         try:
             return tuple([field.write(record) for field in self.fields])
@@ -409,7 +557,7 @@ def bind(param: str, column: Column[Any]) -> ColumnElement[Any]:
     return bindparam(param, type_=String() if isinstance(column.type, NullType) else column.type)
 
 
-def _identity(value: Any, key: str) -> Any:
+def _identity(value: Any, key: str) -> Any:  # noqa: ARG001  a Reader; key names the row in errors
     return value
 
 
@@ -434,9 +582,57 @@ def _json_writer(field: str) -> Writer:
 
 def _time_writer(field: str, convert: Callable[[datetime], Any]) -> Writer:
     def write(record: TaskRecord) -> Any:
-        return convert(getattr(record, field))
+        value = getattr(record, field)
+        return None if value is None else convert(value)
 
     return write
+
+
+def integer_key(key: str) -> int | None:
+    """The integer `key` is the canonical decimal text of (0 to `MAX_INTEGER_KEY`, no sign, no
+    leading zero), or None."""
+    if not (key.isascii() and key.isdigit()) or (key[0] == "0" and key != "0"):
+        return None
+    number = int(key)
+    return number if number <= MAX_INTEGER_KEY else None
+
+
+def integer_ranges(after: str | None) -> list[tuple[int, int]]:
+    """For each number of digits, the range of integers with that many digits whose decimal
+    text is above `after` in Python `str` order (all of them with no `after`), empty ones left
+    out. Digit strings of one length sort as their numbers, so each is one range of the key
+    index, and a scan in text order is the merge of these ranges' scans."""
+    ranges = []
+    for digits in range(1, _MAX_KEY_DIGITS + 1):
+        low, high = (0 if digits == 1 else 10 ** (digits - 1)), min(10**digits - 1, MAX_INTEGER_KEY)
+        if after is not None:
+            if not str(high) > after:
+                continue
+            while low < high:  # the first number of this length whose text is above `after`
+                middle = (low + high) // 2
+                if str(middle) > after:
+                    high = middle
+                else:
+                    low = middle + 1
+            high = min(10**digits - 1, MAX_INTEGER_KEY)
+        ranges.append((low, high))
+    return ranges
+
+
+def _fits(column: Column[Any], value: Any) -> bool:
+    """Whether a constant value fits the column's type, as far as the type says."""
+    kind = column.type
+    if isinstance(kind, Boolean):
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if isinstance(kind, Integer):
+        return isinstance(value, int)
+    if isinstance(kind, Float | Numeric):
+        return isinstance(value, int | float)
+    if isinstance(kind, String):
+        return isinstance(value, str) and (kind.length is None or len(value) <= kind.length)
+    return isinstance(value, str | int | float)
 
 
 def _sqlite_datetime(value: datetime) -> str:

@@ -7,7 +7,7 @@ kinds, status maps, key order and indexes), `connect` and `fetch`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
@@ -26,10 +26,12 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    null,
     or_,
     select,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.exceptions import MigrationFSMError
 from migration_fsm.tasks.sql.dialects import ATTACHED, insert_for, sqlite_file
@@ -102,13 +104,20 @@ class RowCopy:
         mine, theirs = source.mapping, target.mapping
         if mine.dialect != theirs.dialect or mine.dialect not in ("sqlite", "postgresql"):
             return None
+        if mine.integer_key or theirs.integer_key:  # keys to convert, and pages by ranges: records
+            return None
         inside = _inside_source(source, target)
         table = mine.table if inside is None else inside[0]
         plans = [_copy_field(mine, theirs, field, table) for field in theirs.fields]
         if any(plan is None for plan in plans):
             return None
         values = [plan[0] for plan in plans if plan is not None]
-        valid = and_(*(plan[1] for plan in plans if plan is not None and plan[1] is not None))
+        conditions = [plan[1] for plan in plans if plan is not None and plan[1] is not None]
+        if "run_at" in mine.by_name and not theirs.keeps_run_at:
+            # A scheduled time the target cannot hold: that batch goes the record path, which refuses it.
+            conditions.append(table.c[mine.by_name["run_at"].column.name].is_(None))
+        valid = and_(*conditions)
+        constants = target.statements.constants
         ok = valid.label("mfsm_ok")
         checks = [(i, plan[2]) for i, plan in enumerate(plans) if plan is not None and plan[2] is not None]
         if inside is not None and mine.dialect == "postgresql" and checks:
@@ -127,7 +136,9 @@ class RowCopy:
             native = _native_values(mine, theirs, table, values)
             dialect = target.engine.dialect
             single = {
-                with_after: Query.compile(_check_and_copy(theirs, native, valid, order, with_after), dialect)
+                with_after: Query.compile(
+                    _check_and_copy(theirs, native, valid, order, with_after, constants=constants), dialect
+                )
                 for with_after in (False, True)
             }
             copy = cls(source, target, single, [], inserts=single)
@@ -138,8 +149,8 @@ class RowCopy:
             rows = select(*values).where(order <= bind_text("mfsm_last")).order_by(order)
             dialect = target.engine.dialect
             inserts = {
-                False: Query.compile(_upsert_from(theirs, rows), dialect),
-                True: Query.compile(_upsert_from(theirs, rows.where(after)), dialect),
+                False: Query.compile(_upsert_from(theirs, rows, constants), dialect),
+                True: Query.compile(_upsert_from(theirs, rows.where(after), constants), dialect),
             }
             queries = _both(read, after, dialect)
             copy = cls(source, target, queries, checks, inserts=inserts, attach=inside[1])
@@ -281,6 +292,8 @@ def _check_and_copy(
     valid: ColumnElement[bool],
     order: ColumnElement[Any],
     with_after: bool,
+    *,
+    constants: Mapping[Any, ColumnElement[Any]],
 ) -> Select[Any]:
     """PostgreSQL, one statement: the page (`mfsm_limit` rows, one past the batch), inserted
     when every row of the batch (`mfsm_batch` rows) passes the checks; it returns each row's
@@ -294,7 +307,7 @@ def _check_and_copy(
     every_row_ok = select(func.bool_and(page.c.mfsm_ok)).where(in_batch).scalar_subquery()
     batch = select(*(page.c[f"mfsm_v{i}"] for i in range(len(values)))).where(in_batch, every_row_ok)
     columns = [field.column for field in target.fields]
-    writes = [_upsert_from(target, batch)]
+    writes = [_upsert_from(target, batch, constants)]
     if target.key_range_indexed:
         # A plain INSERT when the target holds no key of the batch's range (a fresh copy,
         # or keys that grow): ON CONFLICT costs a speculative insertion per row.
@@ -307,8 +320,10 @@ def _check_and_copy(
             taken = taken.where(key > bind_text("mfsm_after"))
         none_taken = ~taken.exists()
         writes = [
-            insert(target.table).from_select(columns, batch.where(none_taken)),
-            _upsert_from(target, batch.where(~none_taken)),
+            insert(target.table).from_select(
+                [*columns, *constants], batch.where(none_taken).add_columns(*constants.values())
+            ),
+            _upsert_from(target, batch.where(~none_taken), constants),
         ]
     written = [w.returning(literal(1)).cte(f"mfsm_written_{i}") for i, w in enumerate(writes)]
     count = sum(
@@ -318,10 +333,11 @@ def _check_and_copy(
     return select(page.c.mfsm_v0, count.label("mfsm_count"), page.c.mfsm_ok).order_by(page.c.mfsm_n)
 
 
-def _upsert_from(target: TableMapping, rows: Select[Any]) -> Any:
-    """`INSERT INTO target SELECT rows ON CONFLICT (key) DO UPDATE` of every mapped column."""
+def _upsert_from(target: TableMapping, rows: Select[Any], constants: Mapping[Any, ColumnElement[Any]]) -> Any:
+    """`INSERT INTO target SELECT rows ON CONFLICT (key) DO UPDATE` of every mapped column (the
+    constant columns are inserted, not updated)."""
     insert_rows = insert_for(target.dialect)(target.table).from_select(
-        [f.column for f in target.fields], rows
+        [*(f.column for f in target.fields), *constants], rows.add_columns(*constants.values())
     )
     return insert_rows.on_conflict_do_update(
         index_elements=[target.key_column],
@@ -366,6 +382,14 @@ def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
     `table` is the source table as the reading connection sees it."""
     sqlite = source.dialect == "sqlite"
     mine = source.by_name.get(field.name)
+    if field.name == "updated_at" and mine is None and source.shared_time:
+        mine = source.by_name["created_at"]  # the one column holds both
+    if field.name == "run_at" and mine is None:  # no scheduled time
+        return (
+            (null() if isinstance(field.column.type, NullType) else cast(null(), field.column.type)),
+            None,
+            None,
+        )
     if field.name == "attempts":
         if mine is None:
             return literal(0, Integer()), None, None
@@ -380,7 +404,7 @@ def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
     if field.name == "key":
         return column, None, None
     if field.name == "type":
-        return column, func.typeof(column) == "text" if sqlite else column.is_not(None), None
+        return _copy_type(source, target, column, sqlite)
     if field.name == "status":
         writes = target.write_status
         stored = {value: writes[status] for value, status in source.read_status.items() if status in writes}
@@ -391,7 +415,28 @@ def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
         return value, column.in_([literal(value) for value in stored]), None
     if field.name in ("payload", "metadata"):
         return _copy_json(mine, field, column, sqlite)
-    return _copy_time(mine, field, column)
+    return _copy_time(mine, field, column, nullable=field.name == "run_at")
+
+
+def _copy_type(
+    source: TableMapping, target: TableMapping, column: ColumnElement[Any], sqlite: bool
+) -> _Plan | None:
+    """The task name through both type maps (stored name -> type -> the target's stored name)."""
+    if source.read_type is None and target.write_type is None:
+        return column, func.typeof(column) == "text" if sqlite else column.is_not(None), None
+    # stored on the source -> the record's type (without a map there, the stored name is it)
+    reads = source.read_type if source.read_type is not None else {t: t for t in target.write_type or {}}
+    writes = target.write_type
+    names = {
+        stored: type_ if writes is None else writes[type_]
+        for stored, type_ in reads.items()
+        if writes is None or type_ in writes
+    }
+    if not names:
+        return None
+    same = all(a == b for a, b in names.items())
+    value = column if same else case(names, value=column)
+    return value, column.in_([literal(name) for name in names]), None
 
 
 def _copy_json(
@@ -417,26 +462,35 @@ def _copy_json(
     return value, valid, check
 
 
-def _copy_time(mine: MappedField, field: MappedField, column: ColumnElement[Any]) -> _Plan | None:
+def _copy_time(
+    mine: MappedField, field: MappedField, column: ColumnElement[Any], *, nullable: bool = False
+) -> _Plan | None:
     kind = mine.kind
+    present = None if nullable else column.is_not(None)
     if kind is not field.kind:
         if kind.zoned and field.kind.zoned:  # on PostgreSQL; a naive timestamp is UTC
-            return func.timezone("UTC", column), column.is_not(None), None
+            return func.timezone("UTC", column), present, None
         return None
     shape = kind.text_shape
     if shape is not None:  # the writer's own text, exactly: copied as it is
-        return column, None, _time_texts(*shape)
-    return column, column.is_not(None), None
+        return column, None, _time_texts(*shape, nullable=nullable)
+    return column, present, None
 
 
-def _time_texts(length: int, separators: dict[int, str]) -> Callable[[list[Any]], bool]:
+def _time_texts(
+    length: int, separators: dict[int, str], *, nullable: bool = False
+) -> Callable[[list[Any]], bool]:
     """A check that every value is timestamp text of exactly the writer's shape (`length`
     characters, these separators at these positions) that `datetime.fromisoformat` reads,
-    so that writing the record would produce the same text."""
+    so that writing the record would produce the same text (with `nullable`, or None)."""
     shape = itemgetter(*separators)
     expected = {tuple(separators.values())}
 
     def check(values: list[Any]) -> bool:
+        if nullable:
+            values = [value for value in values if value is not None]
+            if not values:
+                return True
         try:
             return (
                 {length} == set(map(len, values))

@@ -21,9 +21,11 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
+    null,
     select,
     update,
 )
+from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.tasks.records import TaskStatus, is_behind
 from migration_fsm.tasks.sql.dialects import insert_for
@@ -96,9 +98,15 @@ class Statements:
         self.mapping = mapping
         self.dialect = dialect
         fields, table, key = mapping.fields, mapping.table, mapping.key_column
+        #: The constant columns' values, as SQL literals (written on insert only).
+        self.constants: dict[Any, ColumnElement[Any]] = {
+            column: constant_literal(column, value, dialect) for column, value in mapping.constants.items()
+        }
         #: Every mapped column, in field order (a `TaskRecord` per row, through `mapping.decode`).
         self.select: Select[Any] = select(*(field.select for field in fields))
-        self.insert = self.driver_statement(insert(table).values({f.column: f.bind for f in fields}))
+        self.insert = self.driver_statement(
+            insert(table).values({**{f.column: f.bind for f in fields}, **self.constants})
+        )
         self.update = self.driver_statement(
             update(table).where(key == fields[0].bind).values({f.column: f.bind for f in fields[1:]})
         )
@@ -113,6 +121,8 @@ class Statements:
             if mapping.key_range_indexed
             else None
         )
+        #: The identity row's columns (integer keys: read by ranges, `SqlTaskStore.scan_identities`).
+        self.identity_select: Select[Any] = self._identity_columns()
         self.identity = {
             after: Query.compile(self._identity_select(after), dialect) for after in (False, True)
         }
@@ -120,7 +130,7 @@ class Statements:
         self.write_lock_sql = str(delete(table).where(false()).compile(dialect=dialect))
         #: PostgreSQL through psycopg: COPY into the mapped columns, for bulk inserts.
         self.copy_sql: str | None = None
-        if mapping.dialect == "postgresql" and dialect.driver == "psycopg":
+        if mapping.dialect == "postgresql" and dialect.driver == "psycopg" and not self.constants:
             preparer = dialect.identifier_preparer
             names = ", ".join(preparer.quote(field.column.name) for field in fields)
             self.copy_sql = f"COPY {preparer.format_table(table)} ({names}) FROM STDIN"
@@ -147,7 +157,7 @@ class Statements:
         if cached is None:
             fields = mapping.fields
             insert_one = insert_for(mapping.dialect)(mapping.table)
-            insert_one = insert_one.values({f.column: f.bind for f in fields})
+            insert_one = insert_one.values({**{f.column: f.bind for f in fields}, **self.constants})
             column = mapping.status_column
             quote = column.type.literal_processor(self.dialect)
             ahead = sorted(
@@ -171,23 +181,37 @@ class Statements:
             cached = self._forward[status] = self.driver_statement(upsert)
         return cached
 
-    def _identity_select(self, with_after: bool) -> Select[Any]:
+    def _identity_columns(self) -> Select[Any]:
         """key, type, payload (text), created_at, status (a TaskStatus value, NULL when the
-        status map does not map it), attempts: the identity row, read without decoding."""
+        status map does not map it), attempts, run_at (NULL without a column): the identity
+        row, read without decoding."""
         mapping = self.mapping
         fields = mapping.by_name
         status = fields["status"].column
         attempts = fields.get("attempts")
-        stmt = (
-            select(
-                mapping.key_column,
-                fields["type"].column,
-                json_text(fields["payload"]),
-                fields["created_at"].column,
-                case({stored: str(value) for stored, value in mapping.read_status.items()}, value=status),
-                func.coalesce(attempts.column, 0) if attempts is not None else literal(0, Integer()),
-            )
-            .order_by(mapping.key_order)
-            .limit(bindparam("mfsm_limit", type_=Integer()))
+        run_at = fields.get("run_at")
+        return select(
+            mapping.key_column,
+            fields["type"].column,
+            json_text(fields["payload"]),
+            fields["created_at"].column,
+            case({stored: str(value) for stored, value in mapping.read_status.items()}, value=status),
+            func.coalesce(attempts.column, 0) if attempts is not None else literal(0, Integer()),
+            run_at.column if run_at is not None else null(),
+        )
+
+    def _identity_select(self, with_after: bool) -> Select[Any]:
+        """The identity rows in key order, `mfsm_limit` of them (after `mfsm_after`)."""
+        mapping = self.mapping
+        stmt = self.identity_select.order_by(mapping.key_order).limit(
+            bindparam("mfsm_limit", type_=Integer())
         )
         return stmt.where(mapping.key_order > bind_text("mfsm_after")) if with_after else stmt
+
+
+def constant_literal(column: Any, value: Any, dialect: Dialect) -> ColumnElement[Any]:
+    """`value` as an SQL literal of the column's type, rendered by the dialect (quoted and
+    escaped), so the statements' parameters stay the fields' own."""
+    kind = column.type if not isinstance(column.type, NullType) else None
+    rendered = literal(value, kind).compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    return literal_column(str(rendered), type_=kind)

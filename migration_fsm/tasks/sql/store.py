@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from sqlalchemy import Engine, MetaData, Table, func, select
+from sqlalchemy import Engine, MetaData, Table, false, func, select, union_all
 from sqlalchemy import exc as sa_exc
 
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
@@ -27,15 +27,16 @@ from migration_fsm.journal import make_engine, safe_url, scrub
 from migration_fsm.tasks.identity import IdentityRow, checksum_of
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, is_behind
 from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
-from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping, keys_in_order
-from migration_fsm.tasks.sql.statements import Statements
+from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping, integer_key, integer_ranges, keys_in_order
+from migration_fsm.tasks.sql.statements import Query, Statements
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
     from sqlalchemy import Connection
+    from sqlalchemy.sql.selectable import Select
 
-    from migration_fsm.tasks.sql.statements import DriverStatement, Query
+    from migration_fsm.tasks.sql.statements import DriverStatement
 
 #: Keys per `IN (...)` when looking up which keys of a batch exist (below every database's limit).
 KEY_LOOKUP_CHUNK: Final = 500
@@ -49,9 +50,18 @@ class SqlTaskStore:
 
     `columns` maps a `TaskRecord` field to its column (default: the column of the same
     name; `attempts` and `metadata` may be absent, then they read as 0 and {} and are not
-    written). `status_map` maps a stored value to a `TaskStatus` value; several stored values
-    may map to one status and writes use the first (default: the stored values are the
-    `TaskStatus` values). A table or mapped column that does not exist is a `ConfigError`
+    written; `run_at` may be absent, then it reads as None and a record with one is refused
+    with a `DataError` rather than written without it; `created_at` and `updated_at` may
+    name one column, which holds `created_at`, and `updated_at` then reads as `created_at`).
+    The key column may hold text or integers (keys are then their decimal text, and scans are
+    still in Python `str` order: see `mapping.integer_ranges`). `status_map` maps a stored
+    value to a `TaskStatus` value; several stored values may map to one status and writes use
+    the first (default: the stored values are the `TaskStatus` values). `type_map` does the
+    same for task names (stored name -> record type); with one, a stored name or a type it
+    does not map is a `DataError`, never a guess. `constants` (column -> value) fills columns
+    the record does not carry when a task is inserted (updates leave them as they are); each
+    must exist, be mapped by no field and fit its column's type.
+    A table or mapped column that does not exist is a `ConfigError`
     (exit 2); a row the store cannot read, or a record it cannot write, is a `DataError`
     (exit 1) naming the store, the column and the key. `engine` shares an engine the caller
     owns; otherwise the store makes one and `close()` disposes of it.
@@ -71,6 +81,8 @@ class SqlTaskStore:
         name: str = "sql",
         columns: Mapping[str, str] | None = None,
         status_map: Mapping[str, str] | None = None,
+        type_map: Mapping[str, str] | None = None,
+        constants: Mapping[str, Any] | None = None,
         schema: str | None = None,
         engine: Engine | None = None,
     ) -> None:
@@ -91,13 +103,27 @@ class SqlTaskStore:
         self.engine = engine
         self.dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
         try:
-            self._setup(table, schema, dict(columns or {}), dict(status_map or {}))
+            self._setup(
+                table,
+                schema,
+                columns=dict(columns or {}),
+                status_map=dict(status_map or {}),
+                type_map=dict(type_map or {}),
+                constants=dict(constants or {}),
+            )
         except BaseException:
             self.close()
             raise
 
     def _setup(
-        self, table: str, schema: str | None, columns: dict[str, str], status_map: dict[str, str]
+        self,
+        table: str,
+        schema: str | None,
+        *,
+        columns: dict[str, str],
+        status_map: dict[str, str],
+        type_map: dict[str, str],
+        constants: dict[str, Any],
     ) -> None:
         for field in columns:
             if field not in FIELDS:
@@ -119,6 +145,8 @@ class SqlTaskStore:
                 dialect=dialect.name,
                 columns=columns,
                 status_map=status_map,
+                type_map=type_map,
+                constants=constants,
                 table_name=self.table_name,
             )
             probe_key(conn, self.mapping, dialect)
@@ -217,14 +245,19 @@ class SqlTaskStore:
             return []
         mapping = self.mapping
         order = mapping.key_order
-        stmt = self.statements.select.order_by(order).limit(limit + 1)
-        if after is not None:
-            stmt = stmt.where(order > after)
+        if mapping.integer_key:
+            stmt = self._integer_page(self.statements.select, after, limit + 1)
+        else:
+            stmt = self.statements.select.order_by(order).limit(limit + 1)
+            if after is not None:
+                stmt = stmt.where(order > after)
         with self.connect(readonly=True) as conn:
             rows = conn.execute(stmt).all()
+        if mapping.integer_key:
+            rows = self._in_text_order(rows, limit + 1)
         previous = after
         for row in rows:  # one row past the page, so a duplicate of its last key shows
-            key = row[0]
+            key = str(row[0]) if type(row[0]) is int else row[0]
             if previous is not None and isinstance(key, str) and not previous < key:
                 column = mapping.key_column.name
                 if previous == key:
@@ -236,11 +269,42 @@ class SqlTaskStore:
             previous = key
         return [mapping.decode(row) for row in rows[:limit]]
 
+    def _integer_page(self, columns: Select[Any], after: str | None, limit: int) -> Select[Any]:
+        """An integer key column's next `limit` rows in text order, or a few more: for each
+        number of digits, its first `limit` rows above `after` (a range of the key index,
+        `mapping.integer_ranges`); `_in_text_order` keeps the first `limit` of them all."""
+        key = self.mapping.key_column
+        parts = [
+            columns.where(key.between(low, high)).order_by(key).limit(limit).subquery().select()
+            for low, high in integer_ranges(after)
+        ]
+        if after is None:  # a negative key sorts first: the first page shows it, and is refused
+            parts.append(columns.where(key < 0).limit(1).subquery().select())
+        if not parts:
+            return columns.where(false())
+        return parts[0] if len(parts) == 1 else union_all(*parts)  # type: ignore[return-value]
+
+    @staticmethod
+    def _in_text_order(rows: Sequence[Any], limit: int) -> list[Any]:
+        """The first `limit` of `_integer_page`'s rows, in Python `str` order of their keys."""
+        return sorted(rows, key=lambda row: str(row[0]))[:limit]
+
+    def _key_values(self, keys: Sequence[str]) -> list[Any]:
+        """These keys as the key column holds them; on an integer column, a key that is not
+        the text of an integer cannot be there, and is left out."""
+        if not self.mapping.integer_key:
+            return list(keys)
+        numbers = (integer_key(key) for key in keys)
+        return [number for number in numbers if number is not None]
+
     def get(self, key: str) -> TaskRecord | None:
         """The record with this key, or None."""
         mapping = self.mapping
+        found = self._key_values([key])
+        if not found:
+            return None
         with self.connect(readonly=True) as conn:
-            rows = conn.execute(self.statements.select.where(mapping.key_column == key).limit(2)).all()
+            rows = conn.execute(self.statements.select.where(mapping.key_column == found[0]).limit(2)).all()
         if len(rows) > 1:
             raise mapping.duplicate(key)
         return mapping.decode(rows[0]) if rows else None
@@ -249,7 +313,7 @@ class SqlTaskStore:
         """The records with these keys (absent keys are left out), in a few round trips:
         validation re-reads its differences through this (`capabilities.BulkGet`)."""
         mapping = self.mapping
-        wanted = sorted(set(keys))
+        wanted = sorted(set(self._key_values(keys)))
         found: dict[str, TaskRecord] = {}
         column = mapping.key_column
         with self.connect(readonly=True) as conn:
@@ -294,7 +358,8 @@ class SqlTaskStore:
         mapping, statements = self.mapping, self.statements
         encoded = [mapping.encode(record)]
         status = mapping.by_name["status"]
-        stored_status = select(status.select).where(mapping.key_column == record.key).limit(2)
+        key = mapping.key_value(record.key)
+        stored_status = select(status.select).where(mapping.key_column == key).limit(2)
         if mapping.dialect == "postgresql":
             stored_status = stored_status.with_for_update()  # SQLite: BEGIN IMMEDIATE locked it all
         for attempt in (1, 2):
@@ -372,11 +437,14 @@ class SqlTaskStore:
             probe = key_range.params(mfsm_low=keys[0], mfsm_high=keys[-1])
             if conn.exec_driver_sql(key_range.sql, probe).first() is None:
                 return set()  # the common case of a backfill: none of them
-        key_column = self.mapping.key_column
+        mapping = self.mapping
+        key_column = mapping.key_column
+        values = [mapping.key_value(key) for key in keys]
         existing: set[str] = set()
-        for start in range(0, len(keys), KEY_LOOKUP_CHUNK):
-            chunk = keys[start : start + KEY_LOOKUP_CHUNK]
-            existing.update(conn.execute(select(key_column).where(key_column.in_(chunk))).scalars())
+        for start in range(0, len(values), KEY_LOOKUP_CHUNK):
+            chunk = values[start : start + KEY_LOOKUP_CHUNK]
+            found = conn.execute(select(key_column).where(key_column.in_(chunk))).scalars()
+            existing.update(map(str, found) if mapping.integer_key else found)
         return existing
 
     # -- optional capabilities (`tasks.capabilities`) ---------------------------------
@@ -386,8 +454,15 @@ class SqlTaskStore:
         `str` order, read without decoding: JSON stays text, timestamps stay as stored."""
         if limit <= 0:
             return []
-        query = self.statements.identity[after is not None]
-        rows = self.fetch(query, mfsm_after=after, mfsm_limit=limit + 1)  # + 1: see `scan`
+        if self.mapping.integer_key:
+            ranges = self._integer_page(self.statements.identity_select, after, limit + 1)
+            found = self.fetch(Query.compile(ranges, self.engine.dialect))
+            rows: list[Any] = [(str(row[0]), *row[1:]) for row in self._in_text_order(found, limit + 1)]
+            if any(row[0].startswith("-") for row in rows):
+                self._explain_page(after, limit)  # a negative key
+        else:
+            query = self.statements.identity[after is not None]
+            rows = self.fetch(query, mfsm_after=after, mfsm_limit=limit + 1)  # + 1: see `scan`
         if rows and not keys_in_order(after, rows):
             self._explain_page(after, limit)
         page = rows[:limit]
@@ -409,7 +484,8 @@ class SqlTaskStore:
         type_ = fields["type"].read(row[1], key)
         payload = fields["payload"].read(row[2], key)
         created_at = fields["created_at"].read(row[3], key)
-        return checksum_of(key, type_, payload, created_at)
+        run_at = fields["run_at"].read(row[6], key) if "run_at" in fields else None
+        return checksum_of(key, type_, payload, created_at, run_at)
 
     def count(self) -> int:
         """How many tasks the table holds (one `count(*)`; `count_by_status` also checks every
