@@ -32,6 +32,7 @@ from migration_fsm.tasks.sql.statements import Query, Statements
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
+    from datetime import datetime
 
     from sqlalchemy import Connection
     from sqlalchemy.sql.selectable import Select
@@ -380,6 +381,26 @@ class SqlTaskStore:
                     continue  # another writer inserted this key first: read it again
                 raise self.refused_batch(f"task {record.key!r}", exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def set_progress(self, key: str, status: TaskStatus, attempts: int, updated_at: datetime) -> bool:
+        """Update the status, attempts and updated_at columns of the task `key` and nothing else
+        (`capabilities.SetProgress`): the payload's text, created_at and every unmapped column
+        stay as they are, and the values are written by the mapping's own writers (the status
+        map, the timestamp column's format). A table without an attempts column, or whose
+        updated_at shares created_at's column, keeps what it cannot hold. False when the table
+        has no task `key`."""
+        mapping = self.mapping
+        if not self._key_values([key]):
+            return False
+        progress = TaskRecord.model_construct(
+            key=key, status=TaskStatus(status), attempts=attempts, updated_at=updated_at
+        )
+        key_field = mapping.fields[0]
+        values = {key_field.param: key_field.write(progress)}
+        values.update({f.param: f.write(progress) for f in self.statements.progress_fields})
+        query = self.statements.progress
+        with self.connect() as conn:
+            return int(conn.exec_driver_sql(query.sql, query.params(**values)).rowcount) > 0
 
     def _put_one(self, statement: DriverStatement, record: TaskRecord) -> int:
         """Run one of `Statements.forward`'s statements for `record`: the rows written, 0 or 1."""
