@@ -60,7 +60,7 @@ def ledger_worker(url: str, migration: str, index: int, seconds: float, start: A
     out.put(samples)
 
 
-def baseline_worker(url: str, migration: str, index: int, seconds: float, start: Any, out: Any) -> None:  # noqa: PLR0917
+def baseline_worker(url: str, migration: str, index: int, seconds: float, start: Any, out: Any) -> None:  # noqa: PLR0917, ARG001 (the same signature as ledger_worker, for run_workers)
     engine = make_engine(url)
     samples: list[float] = []
     statement = text("INSERT INTO bench_ledger_baseline (k, v) VALUES (:k, 1)")

@@ -67,16 +67,25 @@ def test_default_guards_and_steps_apply_only_with_stores_and_when_the_edge_names
     assert [("backfill_complete", True), ("repair_log_empty", True), ("checksums_match", True)] == (
         edge_guards(stored, cutover)
     )
-    assert [("drain_old", None), ("transfer_state", None)] == edge_steps(stored, cutover)
-    assert [("percent_is_100", False), ("old_drained", True), ("checksums_match", True)] == edge_guards(
-        stored, EDGES_BY_KEY["cutover->cleanup"]
+    assert [("pause_consumers", "lift_pause"), ("drain_old", None), ("transfer_state", None)] == edge_steps(
+        stored, cutover
     )
-    assert [("drain_new", None), ("reverse_sync", None)] == edge_steps(
+    assert [
+        ("percent_is_100", False),
+        ("old_drained", True),
+        ("checksums_match", True),
+        ("no_double_execution", True),
+    ] == edge_guards(stored, EDGES_BY_KEY["cutover->cleanup"])
+    assert [("retire_old", None)] == edge_steps(stored, EDGES_BY_KEY["cutover->cleanup"])
+    assert [("repair_log_empty", True), ("no_double_execution", True)] == edge_guards(
+        stored, EDGES_BY_KEY["cleanup->complete"]
+    )
+    assert [("pause_consumers", "lift_pause"), ("drain_new", None), ("reverse_sync", None)] == edge_steps(
         stored, EDGES_BY_KEY["cutover->dual_write"]
     )
     assert [("reverse_sync", None)] == edge_steps(stored, EDGES_BY_KEY["cleanup->cutover"])
     opted_out = make_settings(stores=memory_stores(), guards={"dual_write->cutover": []}, steps={})
-    assert ([], [("drain_old", None), ("transfer_state", None)]) == (
+    assert ([], [("pause_consumers", "lift_pause"), ("drain_old", None), ("transfer_state", None)]) == (
         edge_guards(opted_out, cutover),
         edge_steps(opted_out, cutover),
     )
@@ -99,7 +108,10 @@ def test_store_and_count_guards_say_their_figures(
     old.put_many([task(3, status=TaskStatus.RUNNING), task(4, status=TaskStatus.RUNNING)])
     assert (False, "2 tasks still running on the old side: wait for them") == check(engine, "old_drained")
     old.put_many([task(3), task(4)])
-    assert (True, "no task running on the old side") == check(engine, "old_drained")
+    assert (
+        True,
+        "no task running on the old side; 0 runnable old copies of tasks that ran on the new side remain",
+    ) == check(engine, "old_drained")
 
     passed, detail = check(engine, "failure_rate_ok")  # the test tasks finished long before this phase
     assert passed
