@@ -446,7 +446,9 @@ class Ledger:
 
         Handed over (each case decided by one compare-and-set statement on the claim row):
         a key never claimed (a placeholder keeps `from_side` out), a failed claim of
-        `from_side`, a key already handed over to `to_side` (idempotent), and a running claim
+        `from_side`, a key handed over to `from_side` earlier that no worker there claimed
+        (a rollback's drain gives it back), a key already handed over to `to_side`
+        (idempotent), and a running claim
         of `from_side` whose worker is **gone** (`Workers.is_gone`: its heartbeat is older
         than the ttl, or it has no row), compared-and-set on the worker and attempt seen, like
         a take-over. Refused (falsy, with the `reason`): `live`, a running claim of a live
@@ -468,7 +470,9 @@ class Ledger:
         stmt = stmt.on_conflict_do_update(
             index_elements=[c.migration, c.key],
             set_={"side": to_side, "state": HANDED_OVER},
-            where=((c.state == FAILED) & (c.side == from_side))
+            # A failed claim of the giving side; a hand-over to the giving side that no worker
+            # there has claimed (it owns the key, and gives it on); ours already (idempotent).
+            where=(c.state.in_((FAILED, HANDED_OVER)) & (c.side == from_side))
             | ((c.state == HANDED_OVER) & (c.side == to_side)),
         ).returning(c.attempt)
         for _ in range(3):  # the claim may move between the statements: decide again

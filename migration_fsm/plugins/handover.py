@@ -108,6 +108,7 @@ def pause_consumers(ctx: Context) -> None:
         ctx.log.warning("pause_skipped", edge=f"{ctx.source}->{ctx.dest}", why="consumption does not move")
         return
     version = ctx.pause(side)
+    ctx.save_checkpoint({"side": side, "version": version})  # `status` and `history` show it
     workers = Workers(ctx.store.engine, ttl_seconds=settings.worker_ttl_seconds)
     deadline = time.monotonic() + settings.pause_timeout_seconds
     named: set[str] = set()
@@ -310,53 +311,76 @@ def sync_status(ctx: Context, source_side: Side, target_side: Side) -> None:
     target lacks it), batch by batch from the checkpoint; see the module docstring for
     `running` and for the tasks a drain handed over."""
     settings = ctx.settings
-    batch_size = settings.backfill_batch_size
     checkpoint = ctx.checkpoint or {}
     if checkpoint.get("done"):
         return
-    after: str | None = checkpoint.get("cursor")
-    counts = {name: int(checkpoint.get(name, 0)) for name in ("updated", "created", "handed_over", "kept")}
-    handing = giving_side(ctx.source, ctx.dest) == source_side
     with (
         open_side(settings, source_side) as source,
         open_side(settings, target_side) as target,
         open_ledger(ctx) as ledger,
     ):
-        handovers = HandOvers(ledger, ctx.migration, source_side, source, target)
-        creates: list[TaskRecord] = []
+        sync = _Sync(ctx, HandOvers(ledger, ctx.migration, source_side, source, target), target_side)
+        sync.run(source, target)
+    ctx.log.info("status_synced", source=source_side, target=target_side, **sync.counts)
+    _stop_if_live(sync.handovers.live, source_side, target_side)
+
+
+class _Sync:
+    """One run of `sync_status`: the merge of both sides from the checkpoint's cursor."""
+
+    def __init__(self, ctx: Context, handovers: HandOvers, target_side: Side) -> None:
+        self.ctx = ctx
+        self.handovers = handovers
+        self.target_side = target_side
+        self.checkpoint = ctx.checkpoint or {}
+        self.counts = {
+            name: int(self.checkpoint.get(name, 0)) for name in ("updated", "created", "handed_over", "kept")
+        }
+        self.handing = giving_side(ctx.source, ctx.dest) == handovers.giving
+        self.creates: list[TaskRecord] = []
+        self.cursor: str | None = self.checkpoint.get("cursor")
+
+    def save(self, target: TaskStore, *, done: bool = False) -> None:
+        if self.creates:
+            target.put_many(self.creates)
+        self.creates = []
+        self.counts["handed_over"] = int(self.checkpoint.get("handed_over", 0)) + self.handovers.handed_over
+        self.ctx.save_checkpoint({"cursor": self.cursor, **self.counts, "done": done})
+
+    def run(self, source: TaskStore, target: TaskStore) -> None:
+        batch_size = self.ctx.settings.backfill_batch_size
+        after = self.cursor
+        if not self.checkpoint:  # a fresh start says so at once: `status` shows the step's progress
+            self.save(target)
         seen = 0
-        cursor = after
-
-        def save(done: bool = False) -> None:
-            nonlocal creates, seen
-            if creates:
-                target.put_many(creates)
-            creates, seen = [], 0
-            counts["handed_over"] = int(checkpoint.get("handed_over", 0)) + handovers.handed_over
-            ctx.save_checkpoint({"cursor": cursor, **counts, "done": done})
-
         for mine, theirs in merge(records(source, batch_size, after), records(target, batch_size, after)):
             if mine is None:  # only on the target: nothing to copy
                 continue
-            cursor = mine.key
+            self.cursor = mine.key
+            self.one(mine, theirs, target)
             seen += 1
-            if theirs is None or mine.status is TaskStatus.RUNNING:
-                created = _absent_or_running(handovers, mine, theirs, handing=handing)
-                if created is not None:
-                    creates.append(created)
-                counts["created" if created is not None else "kept"] += created is not None or not handing
-            elif (mine.status, mine.attempts) != (theirs.status, theirs.attempts):
-                kept = _handed_over_to(ledger, ctx.migration, mine, theirs, target_side)
-                if not kept:
-                    set_progress(target, theirs, mine.status, mine.attempts, mine.updated_at)
-                counts["kept" if kept else "updated"] += 1
-            if seen >= batch_size:
-                save()
-        if handovers.live:
-            cursor = None  # `resume` looks at every key again: the live ones are behind the cursor
-        save(done=not handovers.live)
-    ctx.log.info("status_synced", source=source_side, target=target_side, **counts)
-    _stop_if_live(handovers.live, source_side, target_side)
+            if seen % batch_size == 0:
+                self.save(target)
+        if self.handovers.live:
+            self.cursor = None  # `resume` looks at every key again: the live ones are behind the cursor
+        self.save(target, done=not self.handovers.live)
+
+    def one(self, mine: TaskRecord, theirs: TaskRecord | None, target: TaskStore) -> None:
+        counts = self.counts
+        if theirs is None or mine.status is TaskStatus.RUNNING:
+            created = _absent_or_running(self.handovers, mine, theirs, handing=self.handing)
+            if created is not None:
+                self.creates.append(created)
+                counts["created"] += 1
+            elif not self.handing:
+                counts["kept"] += 1
+        elif (mine.status, mine.attempts) != (theirs.status, theirs.attempts):
+            ledger = self.handovers.ledger
+            if _handed_over_to(ledger, self.ctx.migration, mine, theirs, self.target_side):
+                counts["kept"] += 1
+            else:
+                set_progress(target, theirs, mine.status, mine.attempts, mine.updated_at)
+                counts["updated"] += 1
 
 
 def _stop_if_live(live: list[str], source_side: Side, target_side: Side) -> None:
@@ -416,6 +440,7 @@ def retire(ctx: Context) -> None:
         return
     retired = 0
     batch_size = ctx.settings.backfill_batch_size
+    ctx.save_checkpoint({"retired": 0})
     with (
         open_side(ctx.settings, "old") as old,
         open_side(ctx.settings, "new") as new,
