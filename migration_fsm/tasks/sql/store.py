@@ -27,7 +27,15 @@ from migration_fsm.journal import make_engine, safe_url, scrub
 from migration_fsm.tasks.identity import IdentityRow, checksum_of
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, is_behind
 from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
-from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping, integer_key, integer_ranges, keys_in_order
+from migration_fsm.tasks.sql.mapping import (
+    FIELDS,
+    ColumnKind,
+    TableMapping,
+    integer_key,
+    integer_ranges,
+    keys_in_order,
+    time_text_like,
+)
 from migration_fsm.tasks.sql.statements import Query, Statements
 
 if TYPE_CHECKING:
@@ -388,7 +396,8 @@ class SqlTaskStore:
         stay as they are, and the values are written by the mapping's own writers (the status
         map, the timestamp column's format). A table without an attempts column, or whose
         updated_at shares created_at's column, keeps what it cannot hold. False when the table
-        has no task `key`."""
+        has no task `key`. A timestamp held as text is written in the format the row holds
+        (`mapping.time_text_like`), so a legacy table's timestamps keep their form."""
         mapping = self.mapping
         if not self._key_values([key]):
             return False
@@ -399,7 +408,16 @@ class SqlTaskStore:
         values = {key_field.param: key_field.write(progress)}
         values.update({f.param: f.write(progress) for f in self.statements.progress_fields})
         query = self.statements.progress
+        updated = mapping.by_name.get("updated_at")
         with self.connect() as conn:
+            if updated is not None and updated.kind is ColumnKind.ISO_TEXT:
+                # A timestamp held as text keeps the row's own format (a legacy table's).
+                stored = conn.execute(
+                    select(updated.column).where(mapping.key_column == mapping.key_value(key))
+                ).scalar()
+                shaped = time_text_like(stored, updated_at) if isinstance(stored, str) else None
+                if shaped is not None:
+                    values[updated.param] = shaped
             return int(conn.exec_driver_sql(query.sql, query.params(**values)).rowcount) > 0
 
     def _put_one(self, statement: DriverStatement, record: TaskRecord) -> int:
