@@ -13,6 +13,7 @@ import pytest
 from migration_fsm.config import Settings, load_settings
 from migration_fsm.fsm import EDGES_BY_KEY
 from migration_fsm.journal import Journal, utcnow
+from migration_fsm.journal.workers import Workers
 from migration_fsm.log import get_logger
 from migration_fsm.migration import Migration, edge_guards, edge_steps
 from migration_fsm.plugins import guards, registry
@@ -239,3 +240,30 @@ def test_min_soak_says_whole_seconds_that_agree_with_its_verdict(
     )
     result = registry.min_soak(ctx)
     assert (passed, detail) == (result.passed, result.detail)
+
+
+def test_no_double_execution_reads_the_ledger(engine: Migration) -> None:
+    """Passes while no key succeeded twice; fails, with the figures, once one did (a worker
+    without a gate, or a gone worker that came back after its claim was taken over)."""
+    from migration_fsm.journal.ledger import Ledger
+
+    ledger = Ledger(engine.store.url, engine=engine.store.engine)
+    first = ledger.claim("default", "k", "old", "w1").claim
+    assert first is not None
+    refused = ledger.claim("default", "k", "new", "n1")
+    assert not refused.allowed
+    assert (
+        True,
+        "executed_twice 0, refused_executions 1 (old 0, new 1), handed_over 0",
+    ) == check(engine, "no_double_execution")
+    # w1 is unknown to mfsm_workers, so its running claim counts as a gone worker's: taken over.
+    workers = Workers(engine.store.engine, ttl_seconds=30)
+    taken = Ledger(engine.store.url, engine=engine.store.engine, workers=workers).claim(
+        "default", "k", "new", "n2"
+    )
+    assert taken.claim is not None
+    ledger.finish(taken.claim, "succeeded")
+    ledger.finish(first, "succeeded")  # ... but w1 was only slow: the task ran twice
+    passed, detail = check(engine, "no_double_execution")
+    assert not passed
+    assert detail.startswith("executed_twice 1, refused_executions 1")
