@@ -392,6 +392,8 @@ def _print_outcomes(outcomes: Sequence[TransitionResult], *, force: bool) -> int
             out.print(f"plan: {edge.trigger} {edge.source} -> {edge.dest} ({outcome.percent}%): {verdict}")
             _print_guards(outcome.guards)
             out.print(f"steps: {', '.join(outcome.steps) or '(none)'}")
+            for warning in outcome.warnings:
+                out.print(f"[yellow]warning:[/yellow] {escape(warning)}")
             code = max(code, 1 if refusing else 0)
             continue
         if outcome.guards:

@@ -115,6 +115,9 @@ class Edge:
 
 
 _REACHABLE: Final = ("stores_reachable",)
+#: The first step of an edge that moves consumption (DESIGN.md section 10): it pauses the
+#: giving side (`giving_side`), and `abort` lifts the pause.
+_PAUSE: Final = DefaultStep("pause_consumers", undo="lift_pause")
 
 EDGES: Final[tuple[Edge, ...]] = (
     Edge(
@@ -130,7 +133,7 @@ EDGES: Final[tuple[Edge, ...]] = (
         EdgeRules(
             0,
             guards=("backfill_complete", "repair_log_empty", "checksums_match"),
-            steps=(DefaultStep("drain_old"), DefaultStep("transfer_state")),
+            steps=(_PAUSE, DefaultStep("drain_old"), DefaultStep("transfer_state")),
         ),
     ),
     Edge(
@@ -140,14 +143,15 @@ EDGES: Final[tuple[Edge, ...]] = (
         EdgeRules(
             100,
             always_on=("percent_is_100",),
-            guards=("percent_is_100", "old_drained", "checksums_match"),
+            guards=("percent_is_100", "old_drained", "checksums_match", "no_double_execution"),
+            steps=(DefaultStep("retire_old"),),
         ),
     ),
     Edge(
         Trigger.ADVANCE,
         Phase.CLEANUP,
         Phase.COMPLETE,
-        EdgeRules(100, guards=("repair_log_empty",)),
+        EdgeRules(100, guards=("repair_log_empty", "no_double_execution")),
     ),
     Edge(
         Trigger.ROLLBACK,
@@ -162,7 +166,7 @@ EDGES: Final[tuple[Edge, ...]] = (
         EdgeRules(
             0,
             guards=_REACHABLE,
-            steps=(DefaultStep("drain_new"), DefaultStep("reverse_sync")),
+            steps=(_PAUSE, DefaultStep("drain_new"), DefaultStep("reverse_sync")),
         ),
     ),
     Edge(
@@ -240,6 +244,14 @@ def routing_for(phase: Phase, percent: int, key: str | None = None) -> Routing:
 def percent_routed(phase: Phase) -> bool:
     """Whether the routing of `phase` depends on the cutover percent (only cutover's does)."""
     return routing_for(phase, 0) != routing_for(phase, 100)
+
+
+def giving_side(source: Phase, dest: Phase) -> Side | None:
+    """The side whose workers stop consuming when `source -> dest` is taken (the side that
+    consumes in `source` and not in `dest`), or None when the edge does not move consumption.
+    `pause_consumers` pauses it; the other side receives the in-flight tasks."""
+    before, after = ROUTING[source].consume_from, ROUTING[dest].consume_from
+    return before if before != after else None
 
 
 def authoritative_phases(side: Side) -> tuple[Phase, ...]:

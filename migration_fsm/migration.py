@@ -24,6 +24,7 @@ from .fsm import (
     Phase,
     StepStatus,
     Trigger,
+    giving_side,
     percent_after,
     resolve_edge,
     rollback_path,
@@ -71,6 +72,7 @@ class Plan:
     percent: int
     guards: list[GuardRecord]
     steps: list[tuple[str, str | None]]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failing(self) -> list[GuardRecord]:
@@ -93,6 +95,7 @@ class TransitionResult:
     steps: list[str] = field(default_factory=list)
     forced: bool = False
     state: MigrationState | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def edge_steps(settings: Settings, edge: Edge) -> list[tuple[str, str | None]]:
@@ -106,6 +109,19 @@ def edge_steps(settings: Settings, edge: Edge) -> list[tuple[str, str | None]]:
         else:
             pairs.append((spec, BUILTIN_UNDO.get(spec)))
     return pairs
+
+
+def pause_warnings(settings: Settings, edge: Edge, steps: list[tuple[str, str | None]]) -> list[str]:
+    """Why an edge's configured steps may run tasks twice: an edge that moves consumption
+    (`fsm.giving_side`) whose config lists its own steps without `pause_consumers`."""
+    side = giving_side(edge.source, edge.dest)
+    if side is None or edge.key not in settings.steps or any(n == "pause_consumers" for n, _ in steps):
+        return []
+    return [
+        f'steps."{edge.key}" moves consumption off the {side} side but has no pause_consumers step:'
+        f" {side} workers may still take tasks while the drain counts, and run them a second time on"
+        ' the other side; add "pause_consumers" first (DESIGN.md section 10, docs/MIGRATION.md)'
+    ]
 
 
 def edge_guards(settings: Settings, edge: Edge) -> list[tuple[str, bool]]:
@@ -314,7 +330,7 @@ class Migration:
                 detail=result.detail,
                 duration_ms=ms,
             )
-        return Plan(edge, percent, outcomes, steps)
+        return Plan(edge, percent, outcomes, steps, pause_warnings(self.settings, edge, steps))
 
     def _dry_run(self, state: MigrationState, edge: Edge, requested: int | None) -> TransitionResult:
         plan = self._plan(state, edge, requested)
@@ -326,6 +342,7 @@ class Migration:
             plan.guards,
             [s for s, _ in plan.steps],
             state=state,
+            warnings=plan.warnings,
         )
 
     def _take(
@@ -339,6 +356,8 @@ class Migration:
     ) -> TransitionResult:
         started = time.perf_counter()
         plan = self._plan(state, edge, percent)
+        for warning in plan.warnings:
+            self.log.warning("no_pause_step", edge=edge.key, detail=warning)
         refusing = plan.refused(force)
         forced = bool(plan.failing) and not refusing
         entry = JournalEntry(

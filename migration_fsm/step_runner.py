@@ -137,7 +137,7 @@ class StepRunner:
         step: StepRecord | None,
     ) -> Context:
         """The `ctx` a guard (no lease, no step) or a step receives."""
-        save = beat = None
+        save = beat = pause = lift = None
         seq = None if lease is None else lease.seq
         if lease is not None and step is not None:
             position = step.position
@@ -147,6 +147,8 @@ class StepRunner:
 
             def beat() -> None:
                 lease.heartbeat()
+
+            pause, lift = lease.pause, lease.lift
 
         return Context(
             migration=self.migration,
@@ -161,6 +163,8 @@ class StepRunner:
             checkpoint=None if step is None else step.checkpoint,
             _save=save,
             _beat=beat,
+            _pause=pause,
+            _lift=lift,
         )
 
     @contextmanager

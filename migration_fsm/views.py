@@ -163,6 +163,15 @@ def validation_view(data: dict[str, Any]) -> Group:
         count = data[kind]
         style = "red" if count and kind in ("missing", "mismatched") else "white"
         found.add_row(f"{kind} ({why})", f"[{style}]{count}[/]", ", ".join(keys))
+    for kind, why in (
+        ("runnable_old_copies", "old copies still runnable, ran on new"),
+        ("executed_twice", "ledger: succeeded more than once"),
+        ("refused_executions", "ledger: second executions refused"),
+    ):
+        count = data.get(kind)
+        shown = "n/a" if count is None else str(count)
+        style = "red" if count and kind == "executed_twice" else "white"
+        found.add_row(f"{kind} ({why})", f"[{style}]{shown}[/]", "")
     return Group(table, found)
 
 

@@ -215,7 +215,7 @@ class Lease:
                 .one()
             )
             entry = entry_from_row(row, [])
-            lifted = status != "committed" and current.paused_side is not None
+            lifted = status != EntryStatus.COMMITTED and current.paused_side is not None
             if lifted:  # an abort lifts the pause: one more version, journaled on this row
                 entry = replace(
                     entry,

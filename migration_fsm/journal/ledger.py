@@ -131,6 +131,33 @@ class ClaimResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimState:
+    """A key's claim as it stands: side, worker (None for a hand-over nobody took yet),
+    attempt and state (`running`, `succeeded`, `failed`, `handed_over`)."""
+
+    side: str
+    worker_id: str | None
+    attempt: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """What `Ledger.hand_over` decided; truthy when the key was handed over.
+
+    `reason`: `handed_over`, or why not: `live` (running on a live worker), `succeeded`,
+    `running` / `failed` (claimed on the receiving side already), `contended`; `holder`: the
+    (side, worker) of the claim that stood in the way (or that was handed over)."""
+
+    handed_over: bool
+    reason: str
+    holder: tuple[str, str | None] | None = None
+
+    def __bool__(self) -> bool:
+        return self.handed_over
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerCounts:
     """The ledger's figures for one migration (`status`, `validate`, `no_double_execution`)."""
 
@@ -414,14 +441,23 @@ class Ledger:
 
     # -- hand-over (the drains' requeue policy) ---------------------------------------------
 
-    def hand_over(self, migration: str, key: str, from_side: str, to_side: str) -> bool:
-        """Give `key` to `to_side`: its running (or failed) claim on `from_side` becomes
-        `handed_over` to `to_side`, which alone may claim it next; a key never claimed gets a
-        handed-over placeholder, so `from_side` cannot start it any more. One statement.
-        False when the key already succeeded, or is claimed on `to_side`: do not re-queue."""
+    def hand_over(self, migration: str, key: str, from_side: str, to_side: str) -> HandOver:
+        """Give `key` to `to_side`, which alone may claim it next. Truthy when handed over.
+
+        Handed over (each case decided by one compare-and-set statement on the claim row):
+        a key never claimed (a placeholder keeps `from_side` out), a failed claim of
+        `from_side`, a key handed over to `from_side` earlier that no worker there claimed
+        (a rollback's drain gives it back), a key already handed over to `to_side`
+        (idempotent), and a running claim
+        of `from_side` whose worker is **gone** (`Workers.is_gone`: its heartbeat is older
+        than the ttl, or it has no row), compared-and-set on the worker and attempt seen, like
+        a take-over. Refused (falsy, with the `reason`): `live`, a running claim of a live
+        worker (it is executing the task right now: re-queuing it would run it twice; without
+        `workers` every running claim counts as live); `succeeded`; or the key is claimed on
+        `to_side` already (`running`, `failed`): nothing to re-queue."""
         if {from_side, to_side} != set(SIDES):
             raise ValueError(f"a hand-over goes from one side to the other, not {from_side!r} -> {to_side!r}")
-        c, e = execution_claims_table.c, executions_table.c
+        c = execution_claims_table.c
         stmt = self._insert.values(
             migration=migration,
             key=key,
@@ -434,11 +470,41 @@ class Ledger:
         stmt = stmt.on_conflict_do_update(
             index_elements=[c.migration, c.key],
             set_={"side": to_side, "state": HANDED_OVER},
-            where=(c.state.in_((RUNNING, FAILED)) & (c.side == from_side))
+            # A failed claim of the giving side; a hand-over to the giving side that no worker
+            # there has claimed (it owns the key, and gives it on); ours already (idempotent).
+            where=(c.state.in_((FAILED, HANDED_OVER)) & (c.side == from_side))
             | ((c.state == HANDED_OVER) & (c.side == to_side)),
         ).returning(c.attempt)
+        for _ in range(3):  # the claim may move between the statements: decide again
+            with self._transaction() as conn:
+                if conn.execute(stmt).scalar() is not None:
+                    return HandOver(True, HANDED_OVER)
+                row = conn.execute(_READ_CLAIM, {"m": migration, "k": key}).one()
+            if not (row.state == RUNNING and row.side == from_side):
+                return HandOver(False, row.state, (row.side, row.worker_id))
+            if not self._gone(migration, row.side, row.worker_id):
+                return HandOver(False, "live", (row.side, row.worker_id))
+            if self._hand_over_running(migration, key, to_side, row):
+                return HandOver(True, HANDED_OVER, (row.side, row.worker_id))
+        return HandOver(False, "contended")
+
+    def _hand_over_running(self, migration: str, key: str, to_side: str, seen: Any) -> bool:
+        """Compare-and-set the running claim of a gone worker, as we saw it, to handed over."""
+        c, e = execution_claims_table.c, executions_table.c
         with self._transaction() as conn:
-            attempt = conn.execute(stmt).scalar()
+            attempt = conn.execute(
+                update(execution_claims_table)
+                .where(
+                    c.migration == migration,
+                    c.key == key,
+                    c.state == RUNNING,
+                    c.side == seen.side,
+                    c.worker_id == seen.worker_id,
+                    c.attempt == seen.attempt,
+                )
+                .values(side=to_side, state=HANDED_OVER)
+                .returning(c.attempt)
+            ).scalar()
             if attempt is None:
                 return False
             conn.execute(
@@ -449,6 +515,12 @@ class Ledger:
         return True
 
     # -- reads --------------------------------------------------------------------------
+
+    def claim_of(self, migration: str, key: str) -> ClaimState | None:
+        """The claim row of `key` as it stands (None when the key was never claimed)."""
+        with self._transaction() as conn:
+            row = conn.execute(_READ_CLAIM, {"m": migration, "k": key}).first()
+        return None if row is None else ClaimState(row.side, row.worker_id, int(row.attempt), row.state)
 
     def succeeded_keys(
         self, migration: str, side: str, *, after: str | None = None, limit: int = 1000

@@ -41,6 +41,8 @@ class Context:
     checkpoint: dict[str, Any] | None = None
     _save: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
     _beat: Callable[[], None] | None = field(default=None, repr=False)
+    _pause: Callable[[str], int] | None = field(default=None, repr=False)
+    _lift: Callable[[], int] | None = field(default=None, repr=False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Persist `checkpoint` (a JSON object) for this step; `resume` hands it back."""
@@ -56,6 +58,21 @@ class Context:
         """Renew the lease now (a background thread also renews it)."""
         if self._beat is not None:
             self._beat()
+
+    def pause(self, side: str) -> int:
+        """Publish the pause of `side`'s consumers through the transition's lease (a version
+        bump that `PhaseClient`s and `WorkerGate`s see, journaled on the transition's row);
+        the version every live worker of that side must acknowledge. Idempotent. Steps only:
+        the commit clears the pause, `abort` lifts it."""
+        if self._pause is None:
+            raise RuntimeError("only a step of a claimed transition can pause consumers")
+        return self._pause(side)
+
+    def lift(self) -> int:
+        """Withdraw this transition's pause (if any); the migration's version afterwards."""
+        if self._lift is None:
+            raise RuntimeError("only a step of a claimed transition can lift a pause")
+        return self._lift()
 
 
 GuardFn: TypeAlias = Callable[[Context], "bool | GuardVerdict"]

@@ -56,8 +56,20 @@ GUARD_NAMES: Final = (
     "old_drained",
     "backup_exists",
     "failure_rate_ok",
+    "no_double_execution",
 )
-STEP_NAMES: Final = ("backfill", "drain_old", "transfer_state", "drain_new", "reverse_sync")
+STEP_NAMES: Final = (
+    "backfill",
+    "pause_consumers",
+    "lift_pause",
+    "drain_old",
+    "transfer_state",
+    "drain_new",
+    "reverse_sync",
+    "retire_old",
+)
+#: The compensation of each data-tool step that has one, run by `abort`.
+STEP_UNDO: Final[Mapping[str, str]] = {"pause_consumers": "lift_pause"}
 
 
 def _lazy(module: str, name: str) -> Callable[[Context], Any]:
@@ -71,7 +83,8 @@ def _lazy(module: str, name: str) -> Callable[[Context], Any]:
     return call
 
 
-def register(guards: dict[str, GuardFn], steps: dict[str, StepFn]) -> None:
-    """Add the data tools' guards and steps to the built-in tables."""
+def register(guards: dict[str, GuardFn], steps: dict[str, StepFn], undo: dict[str, str]) -> None:
+    """Add the data tools' guards, steps and undos to the built-in tables."""
     guards.update({name: _lazy(".guards", name) for name in GUARD_NAMES})
     steps.update({name: _lazy(".steps", name) for name in STEP_NAMES})
+    undo.update(STEP_UNDO)

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..exceptions import MigrationFSMError
-from ..fsm import ROUTING, EntryStatus, Trigger
+from ..fsm import ROUTING, EntryStatus, Phase, Trigger
 from ..tasks.records import TaskStatus
 from ..tasks.scan import records
 from ..tasks.sides import SIDES, open_side, open_sides, stores_configured
@@ -125,12 +125,43 @@ def checksums_match(ctx: Context) -> GuardVerdict:
 
 
 def old_drained(ctx: Context) -> GuardVerdict:
-    """No task is `running` on the old side."""
+    """No task is `running` on the old side; says how many runnable old copies remain of
+    tasks that already ran on the new side (`retire_old` marks them finished)."""
+    from .handover import runnable_copies
+
     with open_side(ctx.settings, "old") as old:
         running = old.count_by_status().get(TaskStatus.RUNNING, 0)
     if running:
         return GuardVerdict(False, f"{running} tasks still running on the old side: wait for them")
-    return GuardVerdict(True, "no task running on the old side")
+    copies = runnable_copies(ctx)
+    retire = (
+        "; `retire_old` marks them finished on the old side" if copies and ctx.source is Phase.CUTOVER else ""
+    )
+    return GuardVerdict(
+        True,
+        f"no task running on the old side; {copies} runnable old copies of tasks that ran on"
+        f" the new side remain{retire}",
+    )
+
+
+def no_double_execution(ctx: Context) -> GuardVerdict:
+    """The execution ledger counts no task that succeeded more than once."""
+    from .handover import open_ledger
+
+    with open_ledger(ctx) as ledger:
+        counts = ledger.counts(ctx.migration)
+    figures = (
+        f"executed_twice {counts.executed_twice}, refused_executions {counts.refused_executions}"
+        f" (old {counts.refused_by_side.get('old', 0)}, new {counts.refused_by_side.get('new', 0)}),"
+        f" handed_over {counts.handed_over}"
+    )
+    if counts.executed_twice:
+        return GuardVerdict(
+            False,
+            f"{figures}: {counts.executed_twice} tasks ran more than once; find out which workers"
+            " run without a WorkerGate (see docs/MIGRATION.md) before going on",
+        )
+    return GuardVerdict(True, figures)
 
 
 def backup_exists(ctx: Context) -> GuardVerdict:

@@ -1,39 +1,72 @@
-"""What moves tasks between the sides inside a transition: drain and status transfer.
+"""What moves tasks between the sides inside a transition (DESIGN.md section 10): the
+acknowledged pause, the drain and its hand-over, the status transfer, and `retire_old`.
 
+- `pause_consumers(ctx)` publishes the pause of the **giving side** (the side that consumes
+  in the source phase and not in the destination: `fsm.giving_side`) through the lease, then
+  waits until every live worker of that side (`mfsm_workers`) has acknowledged the pause's
+  version. Workers whose heartbeat is older than `worker_ttl_seconds` are gone: named in the
+  log, not waited for. No registered worker at all: it says so and goes on (a migration
+  without gates works as before). At `pause_timeout_seconds` it fails (the transition stops;
+  `resume` waits again, `abort` lifts the pause). `lift_pause` is its undo.
 - `drain(ctx, side)` waits until `side` has no `running` task. At the timeout
   (`drain_timeout_seconds`) the tasks still running are handled by `drain_policy`:
-  `requeue` makes each one `pending` with `attempts + 1` on the other side, and on the
-  drained side too, so the two agree and nothing claims to run it any more; `fail` stops
-  the transition (let the tasks finish or stop them, then `resume`).
+  `requeue` **hands each one over**: the ledger gives the key to the receiving side, the
+  receiving copy becomes `pending` with `attempts + 1`, and the giving copy `cancelled` (it
+  is not to run there: nothing re-queues it on the giving side). A task whose ledger claim
+  is running on a **live** worker is not handed over (it is executing right now: a copy on
+  the other side would run it twice): the drain stops naming them; `resume` once they have
+  finished, or once their worker is gone. `fail` stops the transition.
 - `sync_status(ctx, source, target)` copies every source task's status and attempts to its
-  target copy, and the whole task when the target has no copy.
+  target copy (the whole task when the target has no copy). It never copies `running`:
+  a task running on the giving side is handed over as by the drain; a task running on a
+  side that keeps consuming leaves the target's status alone. A task the drain handed over
+  keeps what the drain gave it. A target row changes only in its status, attempts and
+  updated_at columns (`SetProgress`), in the target's own formats.
+- `retire(ctx)` marks every old task that ran on the new side (its new copy finished, or the
+  ledger says it succeeded there) finished on the old side, so that an old worker started
+  later runs nothing twice. `runnable_copies` counts the ones left.
 
-Both are idempotent and save a checkpoint after every batch, so `resume` after a crash
-finishes the work instead of starting it over.
+All are idempotent and checkpointed, so `resume` after a crash finishes the work.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from ..fsm import giving_side
 from ..journal import utcnow
+from ..journal.ledger import Ledger
+from ..journal.workers import Workers
+from ..tasks.capabilities import ForwardPut, SetProgress
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tasks.scan import merge, records
 from ..tasks.sides import open_side
+from ..tools.retire import FINISHED, ran_on_new
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
     from ..fsm import Side
     from ..tasks.records import TaskStore
     from .context import Context
 
-#: Longest pause between two looks at the draining side.
+#: Longest pause between two looks at the draining side or at the workers.
 POLL_SECONDS = 0.5
+#: How many tasks an error message names.
+_NAMED: Final = 5
 
 
 class DrainTimeout(RuntimeError):
-    """Tasks were still running at the drain timeout and the policy is `fail`."""
+    """Tasks were still running at the drain timeout and the policy is `fail`, or they run
+    on live workers and cannot be handed over."""
+
+
+class PauseTimeout(RuntimeError):
+    """Live workers of the giving side did not acknowledge the pause in time."""
 
 
 def _other(side: Side) -> Side:
@@ -43,6 +76,154 @@ def _other(side: Side) -> Side:
 def running_count(store: TaskStore) -> int:
     """How many tasks of `store` are `running`."""
     return int(store.count_by_status().get(TaskStatus.RUNNING, 0))
+
+
+@contextmanager
+def open_ledger(ctx: Context) -> Iterator[Ledger]:
+    """The execution ledger (`ledger_url`, else the migration database), with the workers'
+    table to tell gone workers from live ones."""
+    settings = ctx.settings
+    workers = Workers(ctx.store.engine, ttl_seconds=settings.worker_ttl_seconds)
+    url = settings.ledger_database_url
+    if url == settings.database_url:
+        yield Ledger(url, engine=ctx.store.engine, workers=workers)
+        return
+    with Ledger(url, workers=workers) as ledger:
+        yield ledger
+
+
+def _named(items: Sequence[str]) -> str:
+    more = f" and {len(items) - _NAMED} more" if len(items) > _NAMED else ""
+    return ", ".join(items[:_NAMED]) + more
+
+
+# -- the acknowledged pause ------------------------------------------------------------------
+
+
+def pause_consumers(ctx: Context) -> None:
+    """Pause the giving side's consumers and wait for every live worker's acknowledgement."""
+    settings = ctx.settings
+    side = giving_side(ctx.source, ctx.dest)
+    if side is None:
+        ctx.log.warning("pause_skipped", edge=f"{ctx.source}->{ctx.dest}", why="consumption does not move")
+        return
+    version = ctx.pause(side)
+    ctx.save_checkpoint({"side": side, "version": version})  # `status` and `history` show it
+    workers = Workers(ctx.store.engine, ttl_seconds=settings.worker_ttl_seconds)
+    deadline = time.monotonic() + settings.pause_timeout_seconds
+    named: set[str] = set()
+    while True:
+        judged = workers.side(ctx.migration, side, version)
+        gone = [w.worker_id for w in judged.gone]
+        if fresh := [w for w in gone if w not in named]:
+            named.update(fresh)
+            ctx.log.warning(
+                "workers_gone",
+                side=side,
+                workers=fresh,
+                why=f"no heartbeat for more than worker_ttl_seconds ({settings.worker_ttl_seconds:g} s)",
+            )
+        if not judged.live and not gone:
+            ctx.log.info(
+                "pause_no_workers", side=side, version=version, why="no worker has registered a gate"
+            )
+            ctx.save_checkpoint({"side": side, "version": version, "acknowledged": 0, "gone": []})
+            return
+        if judged.all_acknowledged:
+            ctx.log.info(
+                "pause_acknowledged", side=side, version=version, acknowledged=len(judged.live), gone=gone
+            )
+            ctx.save_checkpoint(
+                {"side": side, "version": version, "acknowledged": len(judged.live), "gone": gone}
+            )
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            waiting = [w.worker_id for w in judged.waiting]
+            raise PauseTimeout(
+                f"{len(waiting)} live workers of the {side} side did not acknowledge the pause"
+                f" (version {version}) within pause_timeout_seconds ({settings.pause_timeout_seconds:g} s):"
+                f" {_named(waiting)}; a worker acknowledges once its dequeues under the old routing"
+                " have finished: find out why they do not (or stop them: once their heartbeat is older"
+                " than worker_ttl_seconds they count as gone), then run `migration-fsm resume`"
+                " (or `migration-fsm abort --reason TEXT`, which lifts the pause)"
+            )
+        time.sleep(min(POLL_SECONDS, left))
+        ctx.heartbeat()
+
+
+def lift_pause(ctx: Context) -> None:
+    """The undo of `pause_consumers`: withdraw the pause (the giving side consumes again)."""
+    version = ctx.lift()
+    ctx.log.info("pause_lifted", version=version)
+
+
+# -- hand-over of one task -------------------------------------------------------------------
+
+
+def set_progress(
+    store: TaskStore,
+    record: TaskRecord,
+    status: TaskStatus,
+    attempts: int,
+    updated_at: datetime | None = None,
+) -> None:
+    """Change only the status, attempts and updated_at (default: now) of `store`'s copy
+    `record`: through `SetProgress` where the store has it (the row's other columns
+    untouched), else `put_forward` of the record with those fields changed (`put` for a store
+    without either)."""
+    now = updated_at or utcnow()
+    if isinstance(store, SetProgress):
+        store.set_progress(record.key, status, attempts, now)
+        return
+    updated = record.model_copy(update={"status": status, "attempts": attempts, "updated_at": now})
+    if isinstance(store, ForwardPut):
+        store.put_forward(updated)
+    else:
+        store.put(updated)
+
+
+@dataclass(slots=True)
+class HandOvers:
+    """Hands running tasks of the `giving` side over to the other side, and counts."""
+
+    ledger: Ledger
+    migration: str
+    giving: Side
+    giving_store: TaskStore
+    receiving_store: TaskStore
+    handed_over: int = 0
+    live: list[str] = field(default_factory=list)  # "key (worker)": running on a live worker
+
+    def take(self, record: TaskRecord, receiving: TaskRecord | None) -> None:
+        """Hand the running task `record` over (`receiving`: the receiving side's copy): the
+        ledger first, so the giving side can no longer claim it; then the receiving copy
+        pending with attempts + 1 (after a crash, `resume` writes the same again); then the
+        giving copy `cancelled`, so no worker or reaper of the giving side runs it again. A
+        key the ledger refuses is left alone: a live worker's (named in `live`), a succeeded
+        one, or one claimed on the receiving side."""
+        result = self.ledger.hand_over(self.migration, record.key, self.giving, _other(self.giving))
+        if not result:
+            if result.reason == "live":
+                worker = result.holder[1] if result.holder else None
+                self.live.append(f"{record.key} ({worker})")
+            return
+        attempts = record.attempts + 1
+        if receiving is None:
+            self.receiving_store.put(
+                record.model_copy(
+                    update={"status": TaskStatus.PENDING, "attempts": attempts, "updated_at": utcnow()}
+                )
+            )
+        elif (receiving.status, receiving.attempts) != (TaskStatus.PENDING, attempts):
+            # Whatever the receiving copy says is a copy's (that side does not consume before
+            # the commit); once its workers claim the key, the ledger refuses the hand-over.
+            set_progress(self.receiving_store, receiving, TaskStatus.PENDING, attempts)
+        set_progress(self.giving_store, record, TaskStatus.CANCELLED, record.attempts)
+        self.handed_over += 1
+
+
+# -- the drain -------------------------------------------------------------------------------
 
 
 def drain(ctx: Context, side: Side) -> None:
@@ -73,16 +254,27 @@ def drain(ctx: Context, side: Side) -> None:
             time.sleep(min(POLL_SECONDS, left))
             ctx.heartbeat()
         if policy == "fail":
-            sample = [r.key for r in _running(store, settings.backfill_batch_size, limit=5)]
+            sample = [r.key for r in _running(store, settings.backfill_batch_size, limit=_NAMED)]
             raise DrainTimeout(
                 f"{running} tasks still running on the {side} side after"
                 f" {settings.drain_timeout_seconds:g} s (e.g. {', '.join(sample)}) and drain_policy"
                 " is 'fail': let them finish or stop them, then run `migration-fsm resume`"
                 " (or set drain_policy = 'requeue')"
             )
-        with open_side(settings, _other(side)) as target:
-            requeued = _requeue(ctx, store, target, deadline)
-    ctx.log.info("drain_requeued", side=side, target=_other(side), requeued=requeued)
+    done = requeue(ctx, side)
+    ctx.save_checkpoint(
+        {"deadline": deadline.isoformat(), "requeued": done.handed_over, "done": not done.live}
+    )
+    ctx.log.info("drain_requeued", side=side, target=_other(side), requeued=done.handed_over)
+    if done.live:
+        raise DrainTimeout(
+            f"{len(done.live)} tasks still run on live workers of the {side} side after"
+            f" {settings.drain_timeout_seconds:g} s: {_named(done.live)}; they are executing right now,"
+            f" so re-queuing them on the {_other(side)} side would run them twice: let them finish (or"
+            " stop those workers: once a worker's heartbeat is older than worker_ttl_seconds its tasks"
+            " are handed over), then run `migration-fsm resume`"
+            f" ({done.handed_over} other tasks were handed over)"
+        )
 
 
 def _running(store: TaskStore, batch_size: int, limit: int | None = None) -> list[TaskRecord]:
@@ -95,95 +287,170 @@ def _running(store: TaskStore, batch_size: int, limit: int | None = None) -> lis
     return found
 
 
-def _requeue(ctx: Context, source: TaskStore, target: TaskStore, deadline: datetime) -> int:
-    """Make every task still running on `source` pending with attempts + 1, on `target`
-    first and then on `source`.
+def requeue(ctx: Context, side: Side) -> HandOvers:
+    """Hand every task still running on `side` over to the other side (`HandOvers.take`).
 
-    Idempotent: the requeued copy is computed from the source record, which changes only
-    once the target has it, so a crash in between rewrites the same thing."""
+    Idempotent: a handed-over task is no longer running on `side`."""
     batch_size = ctx.settings.backfill_batch_size
-    now = utcnow()
-    requeued = 0
-    batch: list[TaskRecord] = []
+    with (
+        open_side(ctx.settings, side) as giving,
+        open_side(ctx.settings, _other(side)) as receiving,
+        open_ledger(ctx) as ledger,
+    ):
+        done = HandOvers(ledger, ctx.migration, side, giving, receiving)
+        for record in _running(giving, batch_size):
+            done.take(record, receiving.get(record.key))
+    return done
 
-    def flush() -> None:
-        nonlocal requeued, batch
-        if batch:
-            target.put_many(batch)
-            source.put_many(batch)
-            requeued += len(batch)
-            batch = []
 
-    # Rewriting keys the keyset scan has passed does not move its cursor.
-    for record in records(source, batch_size):
-        if record.status is TaskStatus.RUNNING:
-            batch.append(
-                record.model_copy(
-                    update={"status": TaskStatus.PENDING, "attempts": record.attempts + 1, "updated_at": now}
-                )
-            )
-            if len(batch) >= batch_size:
-                flush()
-    flush()
-    ctx.save_checkpoint({"deadline": deadline.isoformat(), "requeued": requeued, "done": True})
-    return requeued
+# -- status transfer -------------------------------------------------------------------------
 
 
 def sync_status(ctx: Context, source_side: Side, target_side: Side) -> None:
     """Copy each source task's status and attempts to the target (the whole task when the
-    target lacks it), batch by batch from the checkpoint."""
+    target lacks it), batch by batch from the checkpoint; see the module docstring for
+    `running` and for the tasks a drain handed over."""
     settings = ctx.settings
-    batch_size = settings.backfill_batch_size
     checkpoint = ctx.checkpoint or {}
     if checkpoint.get("done"):
         return
-    after: str | None = checkpoint.get("cursor")
-    updated, created = int(checkpoint.get("updated", 0)), int(checkpoint.get("created", 0))
-    with open_side(settings, source_side) as source, open_side(settings, target_side) as target:
-        writes: list[TaskRecord] = []
+    with (
+        open_side(settings, source_side) as source,
+        open_side(settings, target_side) as target,
+        open_ledger(ctx) as ledger,
+    ):
+        sync = _Sync(ctx, HandOvers(ledger, ctx.migration, source_side, source, target), target_side)
+        sync.run(source, target)
+    ctx.log.info("status_synced", source=source_side, target=target_side, **sync.counts)
+    _stop_if_live(sync.handovers.live, source_side, target_side)
+
+
+class _Sync:
+    """One run of `sync_status`: the merge of both sides from the checkpoint's cursor."""
+
+    def __init__(self, ctx: Context, handovers: HandOvers, target_side: Side) -> None:
+        self.ctx = ctx
+        self.handovers = handovers
+        self.target_side = target_side
+        self.checkpoint = ctx.checkpoint or {}
+        self.counts = {
+            name: int(self.checkpoint.get(name, 0)) for name in ("updated", "created", "handed_over", "kept")
+        }
+        self.handing = giving_side(ctx.source, ctx.dest) == handovers.giving
+        self.creates: list[TaskRecord] = []
+        self.cursor: str | None = self.checkpoint.get("cursor")
+
+    def save(self, target: TaskStore, *, done: bool = False) -> None:
+        if self.creates:
+            target.put_many(self.creates)
+        self.creates = []
+        self.counts["handed_over"] = int(self.checkpoint.get("handed_over", 0)) + self.handovers.handed_over
+        self.ctx.save_checkpoint({"cursor": self.cursor, **self.counts, "done": done})
+
+    def run(self, source: TaskStore, target: TaskStore) -> None:
+        batch_size = self.ctx.settings.backfill_batch_size
+        after = self.cursor
+        if not self.checkpoint:  # a fresh start says so at once: `status` shows the step's progress
+            self.save(target)
         seen = 0
-        cursor = after
-
-        def save(done: bool = False) -> None:
-            nonlocal writes, seen
-            if writes:
-                target.put_many(writes)
-            writes, seen = [], 0
-            ctx.save_checkpoint(
-                {
-                    "cursor": cursor,
-                    "updated": updated,
-                    "created": created,
-                    "done": done,
-                }
-            )
-
         for mine, theirs in merge(records(source, batch_size, after), records(target, batch_size, after)):
             if mine is None:  # only on the target: nothing to copy
                 continue
-            cursor = mine.key
+            self.cursor = mine.key
+            self.one(mine, theirs, target)
             seen += 1
-            if theirs is None:
-                writes.append(mine)
-                created += 1
-            elif (mine.status, mine.attempts) != (theirs.status, theirs.attempts):
-                writes.append(
-                    theirs.model_copy(
-                        update={
-                            "status": mine.status,
-                            "attempts": mine.attempts,
-                            "updated_at": mine.updated_at,
-                        }
-                    )
-                )
-                updated += 1
-            if seen >= batch_size:
-                save()
-        save(done=True)
-    ctx.log.info(
-        "status_synced",
-        source=source_side,
-        target=target_side,
-        updated=updated,
-        created=created,
-    )
+            if seen % batch_size == 0:
+                self.save(target)
+        if self.handovers.live:
+            self.cursor = None  # `resume` looks at every key again: the live ones are behind the cursor
+        self.save(target, done=not self.handovers.live)
+
+    def one(self, mine: TaskRecord, theirs: TaskRecord | None, target: TaskStore) -> None:
+        counts = self.counts
+        if theirs is None or mine.status is TaskStatus.RUNNING:
+            created = _absent_or_running(self.handovers, mine, theirs, handing=self.handing)
+            if created is not None:
+                self.creates.append(created)
+                counts["created"] += 1
+            elif not self.handing:
+                counts["kept"] += 1
+        elif (mine.status, mine.attempts) != (theirs.status, theirs.attempts):
+            ledger = self.handovers.ledger
+            if _handed_over_to(ledger, self.ctx.migration, mine, theirs, self.target_side):
+                counts["kept"] += 1
+            else:
+                set_progress(target, theirs, mine.status, mine.attempts, mine.updated_at)
+                counts["updated"] += 1
+
+
+def _stop_if_live(live: list[str], source_side: Side, target_side: Side) -> None:
+    if live:
+        raise DrainTimeout(
+            f"{len(live)} tasks still run on live workers of the {source_side} side:"
+            f" {_named(live)}; copying them to the {target_side} side would run them twice:"
+            " let them finish (or stop those workers), then run `migration-fsm resume`"
+        )
+
+
+def _absent_or_running(
+    handovers: HandOvers, mine: TaskRecord, theirs: TaskRecord | None, *, handing: bool
+) -> TaskRecord | None:
+    """A source task the target lacks, or one running on the source: the copy to create on
+    the target (None: nothing to create). Never `running`: a task running on the giving side
+    is handed over (as by the drain); one running on a side that keeps consuming leaves the
+    target's copy as it is, or gets a pending copy there."""
+    if mine.status is not TaskStatus.RUNNING:
+        return mine
+    if handing:
+        handovers.take(mine, theirs)
+        return None
+    return mine.model_copy(update={"status": TaskStatus.PENDING}) if theirs is None else None
+
+
+def _handed_over_to(ledger: Ledger, migration: str, mine: TaskRecord, theirs: TaskRecord, side: Side) -> bool:
+    """Whether the source copy `mine` is the giving end of a hand-over to `side` (cancelled
+    there by a drain, while the target's copy waits or runs): then the target keeps what the
+    drain gave it. Only a cancelled source copy of an unfinished target copy asks the ledger."""
+    if mine.status is not TaskStatus.CANCELLED or theirs.status in FINISHED:
+        return False
+    claim = ledger.claim_of(migration, mine.key)
+    return claim is not None and claim.side == side
+
+
+# -- retire_old ------------------------------------------------------------------------------
+
+
+def runnable_copies(ctx: Context) -> int:
+    """How many old copies a stock old worker would still run although they ran on new."""
+    batch_size = ctx.settings.backfill_batch_size
+    with (
+        open_side(ctx.settings, "old") as old,
+        open_side(ctx.settings, "new") as new,
+        open_ledger(ctx) as ledger,
+    ):
+        return sum(1 for _ in ran_on_new(old, new, ledger, ctx.migration, batch_size))
+
+
+def retire(ctx: Context) -> None:
+    """Mark every old copy of a task that ran on the new side finished on the old side, in the
+    old store's own status vocabulary (its status map), so a stock old worker runs none of
+    them again. Idempotent: a retired copy is no longer runnable."""
+    checkpoint = ctx.checkpoint or {}
+    if checkpoint.get("done"):
+        return
+    retired = 0
+    batch_size = ctx.settings.backfill_batch_size
+    ctx.save_checkpoint({"retired": 0})
+    with (
+        open_side(ctx.settings, "old") as old,
+        open_side(ctx.settings, "new") as new,
+        open_ledger(ctx) as ledger,
+    ):
+        for record, status, attempts in ran_on_new(old, new, ledger, ctx.migration, batch_size):
+            set_progress(old, record, status, attempts)
+            retired += 1
+            if retired % batch_size == 0:
+                ctx.save_checkpoint({"retired": retired})
+                ctx.heartbeat()
+    ctx.save_checkpoint({"retired": retired, "done": True})
+    ctx.log.info("old_retired", retired=retired)

@@ -61,7 +61,7 @@ BUILTIN_STEPS: Final[dict[str, StepFn]] = {}
 BUILTIN_UNDO: Final[dict[str, str]] = {}
 
 # The data tools' guards and steps (backfill, drain, transfer, validation checks).
-_register_data_tools(BUILTIN_GUARDS, BUILTIN_STEPS)
+_register_data_tools(BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO)
 
 # Every guard and step an edge's rules name is one of the above (ValueError at import if not).
 check_names(EDGES, BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO)

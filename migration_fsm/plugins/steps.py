@@ -9,6 +9,7 @@ from ..tasks.sides import open_sides
 from ..tools import runs
 from ..tools.backfill import copy_tasks
 from ..tools.progress import LogProgress
+from . import handover
 from .handover import drain, sync_status
 
 if TYPE_CHECKING:
@@ -45,13 +46,31 @@ def backfill(ctx: Context) -> None:
     runs.save_backfill(ctx.store, ctx.migration, cursor=cursor, copied=copied, done=True)
 
 
+def pause_consumers(ctx: Context) -> None:
+    """Pause the giving side's consumers (the side that consumes in the source phase and not
+    in the destination) and wait until every live worker of it has acknowledged the pause."""
+    handover.pause_consumers(ctx)
+
+
+def lift_pause(ctx: Context) -> None:
+    """Undo of `pause_consumers` (run by `abort`): the giving side consumes again."""
+    handover.lift_pause(ctx)
+
+
+def retire_old(ctx: Context) -> None:
+    """Mark every old task that ran on the new side finished on the old side (in its own
+    status vocabulary), so that an old worker started later runs nothing twice."""
+    handover.retire(ctx)
+
+
 def drain_old(ctx: Context) -> None:
     """Wait until no task runs on the old side; then apply `drain_policy` to the rest."""
     drain(ctx, "old")
 
 
 def transfer_state(ctx: Context) -> None:
-    """Copy every old task's status and attempts to its new copy (creating missing copies)."""
+    """Copy every old task's status and attempts to its new copy (creating missing copies);
+    never `running` (a task still running on old is handed over to new, pending)."""
     sync_status(ctx, "old", "new")
 
 
@@ -62,5 +81,5 @@ def drain_new(ctx: Context) -> None:
 
 def reverse_sync(ctx: Context) -> None:
     """Copy every new task's status and attempts to the old side, including tasks that
-    exist only on the new side."""
+    exist only on the new side; never `running`."""
     sync_status(ctx, "new", "old")

@@ -8,11 +8,12 @@ back to the plain `TaskStore` methods otherwise; they never probe with `getattr`
 | --- | --- | --- | --- |
 | `BulkGet` | `get_many(keys)` | validation re-reading its differences | one `get` per key |
 | `IdentityScan` | `scan_identities`, `identity_checksum` | validation | identity rows from `scan`'s records |
-| `ForwardPut` | `put_forward(record)` | `DualWriter`'s second write | `put` |
+| `ForwardPut` | `put_forward(record)` | `DualWriter`'s writes | `put` |
+| `SetProgress` | `set_progress(...)` | transfer, hand-over, `retire_old` | `get` + `put_forward` |
 | `Count` | `count()` | backfill's total | the sum of `count_by_status()` |
 | `Closeable` | `close()` | whoever opened the store (`sides.open_side`, the demo) | nothing to release |
 
-`MemoryTaskStore` offers `BulkGet` and `ForwardPut`; `SqlTaskStore` offers all five.
+`MemoryTaskStore` offers `BulkGet`, `ForwardPut` and `SetProgress`; `SqlTaskStore` offers all six.
 Pure: this module imports nothing at run time but `typing`.
 """
 
@@ -22,9 +23,10 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from datetime import datetime
 
     from .identity import IdentityRow
-    from .records import TaskRecord
+    from .records import TaskRecord, TaskStatus
 
 
 @runtime_checkable
@@ -58,6 +60,17 @@ class ForwardPut(Protocol):
 
     def put_forward(self, record: TaskRecord) -> bool:
         """`put`, unless the stored task of this key is further along; whether it wrote."""
+        ...
+
+
+@runtime_checkable
+class SetProgress(Protocol):
+    """An update of a stored task's progress columns alone (DESIGN.md section 10)."""
+
+    def set_progress(self, key: str, status: TaskStatus, attempts: int, updated_at: datetime) -> bool:
+        """Set the status, attempts and updated_at of the stored task `key`, in the store's own
+        formats, leaving every other column as it is (a legacy table's payload text and
+        created_at stay byte for byte); False when the store has no task `key`."""
         ...
 
 

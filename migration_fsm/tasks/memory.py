@@ -10,6 +10,7 @@ from .records import TaskRecord, TaskStatus, is_behind
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from datetime import datetime
 
 
 class MemoryTaskStore:
@@ -47,6 +48,17 @@ class MemoryTaskStore:
             if stored is None:
                 bisect.insort(self._keys, record.key)
             self._records[record.key] = record
+            return True
+
+    def set_progress(self, key: str, status: TaskStatus, attempts: int, updated_at: datetime) -> bool:
+        """Set the task's status, attempts and updated_at only (`capabilities.SetProgress`)."""
+        with self._lock:
+            stored = self._records.get(key)
+            if stored is None:
+                return False
+            self._records[key] = stored.model_copy(
+                update={"status": status, "attempts": attempts, "updated_at": updated_at}
+            )
             return True
 
     def put_many(self, records: Sequence[TaskRecord]) -> int:

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
+from ..exceptions import DatabaseUnavailable
 from ..journal import utcnow
+from ..journal.ledger import Ledger
 from ..tasks.capabilities import IdentityScan
 from ..tasks.identity import (
     ATTEMPTS,
@@ -36,6 +38,7 @@ from ..tasks.identity import (
 from ..tasks.records import IDENTITY_FIELDS, PROGRESS_FIELDS, TaskRecord, TaskStatus
 from ..tasks.sides import open_sides
 from . import runs
+from .retire import FINISHED, RUNNABLE, ledger_ran_on_new
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -73,6 +76,12 @@ class ValidationReport:
     sample_extra: list[str] = field(default_factory=list)
     sample_mismatched: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    #: Old copies still pending or running of tasks that ran on the new side (a stock old
+    #: worker would run them again; `retire_old` marks them finished).
+    runnable_old_copies: int = 0
+    #: From the execution ledger (None when validate ran without it, or it was unreachable).
+    executed_twice: int | None = None
+    refused_executions: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,6 +107,9 @@ class ValidationReport:
                 "extra": list(self.sample_extra),
                 "mismatched": [dict(s) for s in self.sample_mismatched],
             },
+            "runnable_old_copies": self.runnable_old_copies,
+            "executed_twice": self.executed_twice,
+            "refused_executions": self.refused_executions,
         }
 
 
@@ -257,6 +269,15 @@ class _Validation:
                 +1,
             )
             verdict = classify(again_old, again_new)
+            if (  # the same task, runnable on old although it ran on new
+                verdict is not None
+                and verdict[0] == STATUS_DIFFERS
+                and again_old is not None
+                and again_new is not None
+                and again_old.status in RUNNABLE
+                and again_new.status in FINISHED
+            ):
+                self.report.runnable_old_copies += 1
             if verdict is not None:
                 self.report_difference(key, *verdict)
         self.pending.clear()
@@ -316,6 +337,7 @@ def validate_migration(
             sample_size=settings.validate_sample_size,
             settle=settle,
         )
+        ledger_figures(report, old, new, settings, migration, store)
     summary = report.as_json()
     summary["seconds"] = report.seconds
     run_id = runs.record_validation(
@@ -328,3 +350,28 @@ def validate_migration(
         summary=summary,
     )
     return run_id, report
+
+
+def ledger_figures(  # noqa: PLR0917 - the report, both sides and where the ledger is
+    report: ValidationReport,
+    old: TaskStore,
+    new: TaskStore,
+    settings: Settings,
+    migration: str,
+    store: Journal,
+) -> None:
+    """Add the execution ledger's figures to `report`: `executed_twice`, `refused_executions`,
+    and the runnable old copies of keys the ledger alone says succeeded on the new side. An
+    unreachable ledger database leaves them None (and adds nothing)."""
+    url = settings.ledger_database_url
+    try:
+        with Ledger(url, engine=store.engine if url == settings.database_url else None) as ledger:
+            counts = ledger.counts(migration)
+            extra = sum(
+                1 for _ in ledger_ran_on_new(old, new, ledger, migration, settings.backfill_batch_size)
+            )
+    except DatabaseUnavailable:
+        return
+    report.executed_twice = counts.executed_twice
+    report.refused_executions = counts.refused_executions
+    report.runnable_old_copies += extra

@@ -6,8 +6,9 @@
 transition runs exactly as in the CLI; at POINT the process sends itself SIGKILL:
 
 - `after_claim`: the claim (intent row, lease, planned steps) has committed, no step has run;
-- `in_step=NAME#N`: step NAME has made its N-th write (a task `put_many` or a checkpoint
-  save, counted once it returned), and has not finished;
+- `in_step=NAME#N`: step NAME has made its N-th write (a task `put_many`, one task's
+  `put` or `set_progress`, a checkpoint save or a pause, counted once it returned), and has
+  not finished;
 - `after_step=NAME`: step NAME is recorded `done`; the next step has not begun;
 - `before_commit`: the commit transaction has run all its statements; its COMMIT has not
   been sent.
@@ -137,6 +138,10 @@ def arm(point: CrashPoint) -> Tripwire:
     _after(Lease, "mark_step", lambda args, kwargs, _: wire.step_recorded(args[0], args[1]))
     _after(Lease, "save_checkpoint", lambda args, kwargs, _: wire.wrote())
     _after(SqlTaskStore, "put_many", lambda args, kwargs, _: wire.wrote())
+    # One task's write: `put` / `put_forward` (through `_put_one`) and the progress update.
+    _after(SqlTaskStore, "_put_one", lambda args, kwargs, _: wire.wrote())
+    _after(SqlTaskStore, "set_progress", lambda args, kwargs, _: wire.wrote())
+    _after(Lease, "pause", lambda args, kwargs, _: wire.wrote())
     original_close = Lease._close  # commit and abort both close through it
 
     @functools.wraps(original_close)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from migration_fsm.commands import Verified, verify_entries
@@ -47,10 +48,12 @@ from migration_fsm.fsm import (
     Phase,
     Side,
     Trigger,
+    giving_side,
     percent_after,
     resolve_edge,
 )
 from migration_fsm.journal import Journal, JournalEntry, MigrationState
+from migration_fsm.journal.schema import execution_claims_table
 from migration_fsm.migration import Migration, edge_steps
 from migration_fsm.plugins.defaults import DEFAULT_STEPS
 from migration_fsm.tasks.factory import build_store
@@ -81,10 +84,12 @@ STEPS: Final[dict[str, list[str | StepSpec]]] = {
 #: `in_step` dies after this many writes of the step (task batches and checkpoints):
 IN_STEP_WRITES: Final = {
     NOOP_STEP: 1,  # between its two checkpoints
-    "drain_old": 2,  # the requeued batch is on the new side, not yet on the old side
-    "drain_new": 2,  # ... on the old side, not yet on the new side
-    "transfer_state": 3,  # batch 2 is written, its checkpoint is not: resume writes it again
+    "pause_consumers": 2,  # the pause is published and checkpointed, not yet acknowledged
+    "drain_old": 2,  # the first handed-over task is pending on the new side, still running on old
+    "drain_new": 2,  # ... on the old side, still running on new
+    "transfer_state": 3,  # two rows written after the first checkpoint: resume writes them again
     "reverse_sync": 3,
+    "retire_old": 3,  # two old copies retired after the first checkpoint
 }
 
 CONFIG_LINES: Final = (
@@ -194,6 +199,13 @@ class World:
             for side, store in self.stores.items()
         }
 
+    def handed(self) -> Handed:
+        """Where the execution ledger gives each key it knows (the side of its claim)."""
+        c = execution_claims_table.c
+        with self.store.transaction() as conn:
+            rows = conn.execute(select(c.key, c.side).where(c.migration == MIGRATION)).all()
+        return {row.key: row.side for row in rows}
+
     def state(self) -> tuple[MigrationState, list[JournalEntry]]:
         state = self.store.get(MIGRATION)
         return state, self.store.journal(state)
@@ -260,41 +272,94 @@ def world(upgraded_url: str, tmp_path: Path) -> Iterator[World]:
 # -- what one uninterrupted run of the steps does to the tasks ------------------------------
 
 
-def _drain(side: Side) -> Callable[[Sides], None]:
-    other: Side = "new" if side == "old" else "old"
+#: Where the execution ledger gives each key it knows (its claim's side); no worker claims
+#: anything in the matrix, so the drains' hand-overs are all there is.
+Handed = dict[str, Side]
+FINISHED: Final = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
-    def effect(sides: Sides) -> None:
-        for key, (checksum, status, attempts) in list(sides[side].items()):
+
+def _other(side: Side) -> Side:
+    return "new" if side == "old" else "old"
+
+
+def _hand_over(sides: Sides, handed: Handed, side: Side, key: str) -> None:
+    """A running task of `side` handed over: pending with one more attempt on the other side
+    (created there if missing), cancelled on `side`, given to the other side in the ledger."""
+    other = _other(side)
+    checksum, _, attempts = sides[side][key]
+    theirs = sides[other].get(key)
+    sides[other][key] = (checksum if theirs is None else theirs[0], TaskStatus.PENDING, attempts + 1)
+    sides[side][key] = (checksum, TaskStatus.CANCELLED, attempts)
+    handed[key] = other
+
+
+def _drain(side: Side) -> Callable[[Sides, Handed], None]:
+    def effect(sides: Sides, handed: Handed) -> None:
+        for key, (_, status, _) in list(sides[side].items()):
             if status is TaskStatus.RUNNING:
-                sides[side][key] = sides[other][key] = (checksum, TaskStatus.PENDING, attempts + 1)
+                _hand_over(sides, handed, side, key)
 
     return effect
 
 
-def _sync(source: Side, target: Side) -> Callable[[Sides], None]:
-    def effect(sides: Sides) -> None:
-        for key, (checksum, status, attempts) in sides[source].items():
+def _sync(source: Side, target: Side, *, handing: bool) -> Callable[[Sides, Handed], None]:
+    def effect(sides: Sides, handed: Handed) -> None:
+        for key, (checksum, status, attempts) in list(sides[source].items()):
             theirs = sides[target].get(key)
-            sides[target][key] = (checksum if theirs is None else theirs[0], status, attempts)
+            if status is TaskStatus.RUNNING:  # never copied as running
+                if handing:
+                    _hand_over(sides, handed, source, key)
+                elif theirs is None:
+                    sides[target][key] = (checksum, TaskStatus.PENDING, attempts)
+            elif theirs is None:
+                sides[target][key] = (checksum, status, attempts)
+            elif (status, attempts) != theirs[1:] and not (
+                status is TaskStatus.CANCELLED and theirs[1] not in FINISHED and handed.get(key) == target
+            ):
+                sides[target][key] = (theirs[0], status, attempts)
 
     return effect
 
 
-EFFECTS: Final[dict[str, Callable[[Sides], None]]] = {
-    NOOP_STEP: lambda sides: None,
+def _retire_old(sides: Sides, handed: Handed) -> None:  # the ledger has no success: no key of its own
+    for key, (checksum, status, attempts) in list(sides["old"].items()):
+        theirs = sides["new"].get(key)
+        if (
+            status in (TaskStatus.PENDING, TaskStatus.RUNNING)
+            and theirs is not None
+            and theirs[1] in FINISHED
+        ):
+            sides["old"][key] = (checksum, theirs[1], max(attempts, theirs[2]))
+
+
+EFFECTS: Final[dict[str, Callable[[Sides, Handed], None]]] = {
+    NOOP_STEP: lambda sides, handed: None,
+    "pause_consumers": lambda sides, handed: None,  # no worker registered: it goes on at once
     "drain_old": _drain("old"),
     "drain_new": _drain("new"),
-    "transfer_state": _sync("old", "new"),
-    "reverse_sync": _sync("new", "old"),
+    # The giving side of each edge: transfer_state runs where old gives, reverse_sync on the
+    # rollback to dual_write where new gives, and on cleanup -> cutover where nobody does.
+    "transfer_state": _sync("old", "new", handing=True),
+    "retire_old": _retire_old,
 }
 
 
-def after_steps(before: Sides, steps: tuple[str, ...]) -> Sides:
+def after_steps(before: Sides, steps: tuple[str, ...], handed: Handed, edge: Edge) -> Sides:
     """Both sides once `steps` ran once each, from `before`."""
     sides: Sides = {side: dict(facts) for side, facts in before.items()}
+    handed = dict(handed)
     for step in steps:
-        EFFECTS[step](sides)
+        if step == "reverse_sync":
+            _sync("new", "old", handing=giving_side(edge.source, edge.dest) == "new")(sides, handed)
+        else:
+            EFFECTS[step](sides, handed)
     return sides
+
+
+def status_differs(sides: Sides) -> int:
+    """How many keys both sides hold with the same identity and another status or attempts."""
+    old, new = sides["old"], sides["new"]
+    return sum(1 for key in old.keys() & new.keys() if old[key][0] == new[key][0] and old[key] != new[key])
 
 
 def differences(expected: Sides, found: Sides) -> dict[str, list[str]]:
@@ -403,8 +468,17 @@ def assert_interrupted(world: World, case: Case, before: MigrationState) -> None
     crash point, and a journal that verifies."""
     state, journal = world.state()
     seq = before.last_seq + 1
-    assert (case.edge.source, seq, before.version) == (state.phase, state.in_progress_seq, state.version)
     row = journal[-1]
+    # A published pause bumps the version (journaled on the row), so workers see it.
+    paused = "pause_consumers" in case.steps and steps_when_killed(case)[0] != "pending"
+    assert [{"command": "pause", "side": giving_side(case.edge.source, case.edge.dest)}] * paused == [
+        {"command": t["command"], "side": t.get("side")} for t in row.takeovers
+    ]
+    assert (case.edge.source, seq, before.version + paused) == (
+        state.phase,
+        state.in_progress_seq,
+        state.version,
+    )
     assert (seq, "intent", DOOMED) == (row.seq, row.status, row.actor)
     assert steps_when_killed(case) == [step.status for step in row.steps]
     if case.point.kind == "in_step":  # it dies after a checkpoint: resume continues from there
@@ -424,7 +498,13 @@ def assert_committed_once(
     seq = before.last_seq + 1
     state, after = world.state()
     percent = percent_after(edge, requested=RAMP_TO if edge.trigger is Trigger.RAMP else None)
-    assert (edge.dest, percent, before.version + 1, seq, None) == (
+    row = after[-1]
+    # The pause (published once: a resumed pause_consumers finds it in force) bumped the
+    # version once; the commit clears it in its own bump.
+    pauses = [t for t in row.takeovers if t["command"] == "pause"]
+    assert len(pauses) == ("pause_consumers" in case.steps)
+    assert not state.paused_side
+    assert (edge.dest, percent, before.version + 1 + len(pauses), seq, None) == (
         state.phase,
         state.percent,
         state.version,
@@ -434,7 +514,6 @@ def assert_committed_once(
     verified = world.verify()
     assert (edge.dest, seq) == (verified.phase, verified.rows)
     assert [(e.seq, e.status, e.hash) for e in journal] == [(e.seq, e.status, e.hash) for e in after[:-1]]
-    row = after[-1]
     assert (seq, "committed", edge.trigger, edge.source, edge.dest, DOOMED, killed) == (
         row.seq,
         row.status,
@@ -444,7 +523,7 @@ def assert_committed_once(
         row.actor,
         row.pid,
     )
-    [takeover] = row.takeovers
+    [takeover] = [t for t in row.takeovers if t["command"] != "pause"]
     assert ("resume", RESCUER, f"{DOOMED} [{socket.gethostname()}:{killed}]", True) == (
         takeover["command"],
         takeover["actor"],
@@ -458,17 +537,24 @@ def assert_committed_once(
     ]
 
 
-def assert_tasks_as_after_one_run(world: World, case: Case, before: Sides) -> None:
+def assert_tasks_as_after_one_run(world: World, case: Case, before: Sides, handed: Handed) -> None:
     """Both sides hold what one uninterrupted run of the steps gives from `before`: every
     task once, with the status and attempts the steps set; after a state transfer or a
-    reverse sync, `validate` finds the sides equal."""
-    assert {} == differences(after_steps(before, case.steps), world.sides())
+    reverse sync, `validate` finds the sides equal but for the tasks handed over (cancelled
+    on the giving side, pending with one more attempt on the receiving side)."""
+    expected = after_steps(before, case.steps, handed, case.edge)
+    assert {} == differences(expected, world.sides())
     for task_url, table in world.tables.values():
         rows, keys = row_counts(task_url, table)
         assert rows == keys
     if {"transfer_state", "reverse_sync"} & set(case.steps):
         report = world.validate()
-        assert (0, 0, 0, 0) == (report.missing, report.mismatched, report.status_differs, report.extra)
+        assert (0, 0, status_differs(expected), 0) == (
+            report.missing,
+            report.mismatched,
+            report.status_differs,
+            report.extra,
+        )
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=[case.id for case in MATRIX])
@@ -479,7 +565,7 @@ def test_sigkill_then_resume_from_a_new_process(
     world.reach(case.edge)
     before, journal = world.state()
     assert (case.edge.source, None) == (before.phase, before.in_progress_seq)
-    sides = world.sides()
+    sides, handed = world.sides(), world.handed()
 
     killed = kill_at(world, case, forks, tmp_path)
     TRIED[world.backend] += 1
@@ -488,7 +574,7 @@ def test_sigkill_then_resume_from_a_new_process(
     resumed = resume(world, case, forks, tmp_path)
     assert 0 == resumed.code, resumed.stderr
     assert_committed_once(world, case, before, journal, killed)
-    assert_tasks_as_after_one_run(world, case, sides)
+    assert_tasks_as_after_one_run(world, case, sides, handed)
 
 
 def test_the_matrix_covers_every_edge_and_every_step() -> None:
@@ -502,7 +588,12 @@ def test_the_matrix_covers_every_edge_and_every_step() -> None:
             expected.add(f"in_step={step}#{IN_STEP_WRITES[step]}")
         expected |= {f"after_step={step}" for step in steps[:-1]}
         assert expected == points
-    assert ("drain_old", "transfer_state") == edge_step_names(EDGES_BY_KEY["dual_write->cutover"])
-    assert ("drain_new", "reverse_sync") == edge_step_names(EDGES_BY_KEY["cutover->dual_write"])
+    assert ("pause_consumers", "drain_old", "transfer_state") == edge_step_names(
+        EDGES_BY_KEY["dual_write->cutover"]
+    )
+    assert ("retire_old",) == edge_step_names(EDGES_BY_KEY["cutover->cleanup"])
+    assert ("pause_consumers", "drain_new", "reverse_sync") == edge_step_names(
+        EDGES_BY_KEY["cutover->dual_write"]
+    )
     assert ("reverse_sync",) == edge_step_names(EDGES_BY_KEY["cleanup->cutover"])
     print(f"\ncrash matrix: {len(MATRIX)} crash points per backend")

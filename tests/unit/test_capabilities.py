@@ -16,7 +16,7 @@ from migration_fsm.client._base import _forward_put
 from migration_fsm.config import Settings, StoreConfig
 from migration_fsm.exceptions import ConfigError
 from migration_fsm.fsm import Side
-from migration_fsm.tasks.capabilities import BulkGet, Closeable, Count, ForwardPut, IdentityScan
+from migration_fsm.tasks.capabilities import BulkGet, Closeable, Count, ForwardPut, IdentityScan, SetProgress
 from migration_fsm.tasks.identity import RecordRows, get_many, identity_source
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, utc_text
@@ -25,7 +25,7 @@ from migration_fsm.tasks.sql import ColumnKind, SqlTaskStore, TableMapping
 from migration_fsm.tools.backfill import total_of
 
 T0 = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
-ALL = (BulkGet, IdentityScan, ForwardPut, Count, Closeable)
+ALL = (BulkGet, IdentityScan, ForwardPut, SetProgress, Count, Closeable)
 
 
 def record(key: str, status: TaskStatus = TaskStatus.PENDING) -> TaskRecord:
@@ -104,10 +104,28 @@ def sqlite_store(tmp_path: Path) -> Iterator[SqlTaskStore]:
         yield store
 
 
-def test_memory_store_offers_bulk_get_and_forward_put_only() -> None:
-    """`MemoryTaskStore` is `BulkGet` and `ForwardPut`, and none of the others."""
+def test_memory_store_offers_bulk_get_forward_put_and_set_progress_only() -> None:
+    """`MemoryTaskStore` is `BulkGet`, `ForwardPut` and `SetProgress`, and none of the others."""
     store = MemoryTaskStore()
-    assert [BulkGet, ForwardPut] == [cap for cap in ALL if isinstance(store, cap)]
+    assert [BulkGet, ForwardPut, SetProgress] == [cap for cap in ALL if isinstance(store, cap)]
+
+
+def test_set_progress_changes_progress_only_and_falls_back_without_it() -> None:
+    """`SetProgress` changes status, attempts and updated_at of a task it has (False for one it
+    has not); the transfer's helper uses `put_forward` for a store without it."""
+    from migration_fsm.plugins.handover import set_progress
+
+    base = record("a")
+    store = MemoryTaskStore("m", [base])
+    later = base.updated_at.replace(year=2030)
+    assert store.set_progress("a", TaskStatus.COMPLETED, 2, later)
+    assert base.model_copy(
+        update={"status": TaskStatus.COMPLETED, "attempts": 2, "updated_at": later}
+    ) == store.get("a")
+    assert not store.set_progress("zz", TaskStatus.COMPLETED, 2, later)
+    plain = PlainStore([base])
+    set_progress(plain, base, TaskStatus.FAILED, 1, later)
+    assert ("put", TaskStatus.FAILED, 1) == (plain.calls[-1], plain.get("a").status, plain.get("a").attempts)  # type: ignore[union-attr]
 
 
 def test_sql_store_offers_every_capability(sqlite_store: SqlTaskStore) -> None:

@@ -219,30 +219,36 @@ def test_public_names_resolve() -> None:
 #: The tables these rules replaced (plugins/defaults.py's DEFAULT_GUARDS and DEFAULT_STEPS,
 #: fsm.ALWAYS_ON_GUARDS and percent_after's branches), pinned edge by edge.
 OLD_TABLES: dict[str, tuple[int | str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    # edge: (percent after, always-on guards, default guards, default steps)
+    # edge: (percent after, always-on guards, default guards, default steps): DESIGN.md section 10
     "preparation->dual_write": (0, (), ("stores_reachable",), ()),
     "dual_write->cutover": (
         0,
         (),
         ("backfill_complete", "repair_log_empty", "checksums_match"),
-        ("drain_old", "transfer_state"),
+        ("pause_consumers", "drain_old", "transfer_state"),
     ),
     "cutover->cleanup": (
         100,
         ("percent_is_100",),
-        ("percent_is_100", "old_drained", "checksums_match"),
-        (),
+        ("percent_is_100", "old_drained", "checksums_match", "no_double_execution"),
+        ("retire_old",),
     ),
-    "cleanup->complete": (100, (), ("repair_log_empty",), ()),
+    "cleanup->complete": (100, (), ("repair_log_empty", "no_double_execution"), ()),
     "dual_write->preparation": (0, (), (), ()),
-    "cutover->dual_write": (0, (), ("stores_reachable",), ("drain_new", "reverse_sync")),
+    "cutover->dual_write": (
+        0,
+        (),
+        ("stores_reachable",),
+        ("pause_consumers", "drain_new", "reverse_sync"),
+    ),
     "cleanup->cutover": (100, (), ("stores_reachable",), ("reverse_sync",)),
     "cutover->cutover": ("requested", (), (), ()),
 }
 
 
 def test_each_edge_carries_the_rules_the_old_tables_gave_it() -> None:
-    """Percent rule, always-on guards, default guards and default steps (none with an undo)."""
+    """Percent rule, always-on guards, default guards and default steps (only the pause has an
+    undo: `abort` lifts it)."""
     got = {
         edge.key: (
             edge.rules.percent,
@@ -253,8 +259,22 @@ def test_each_edge_carries_the_rules_the_old_tables_gave_it() -> None:
         for edge in EDGES
     }
     assert OLD_TABLES == got
-    assert all(step.undo is None for edge in EDGES for step in edge.rules.steps)
+    undos = {(step.name, step.undo) for edge in EDGES for step in edge.rules.steps if step.undo}
+    assert {("pause_consumers", "lift_pause")} == undos
     assert {"cutover->cleanup": ("percent_is_100",)} == dict(fsm.ALWAYS_ON_GUARDS)
+
+
+def test_the_giving_side_is_read_off_the_routing_of_the_edge() -> None:
+    """The side that consumes in the source phase and not in the destination: old on the way to
+    cutover, new on the rollback to dual_write; no edge that keeps consumption has one."""
+    moves = {edge.key: fsm.giving_side(edge.source, edge.dest) for edge in EDGES}
+    assert {"dual_write->cutover": "old", "cutover->dual_write": "new"} == {
+        key: side for key, side in moves.items() if side is not None
+    }
+    # Every edge that moves consumption starts with the pause in the default table.
+    for edge in EDGES:
+        if moves[edge.key] is not None:
+            assert "pause_consumers" == edge.rules.steps[0].name
 
 
 def test_percent_after_follows_each_edges_rule() -> None:

@@ -13,6 +13,7 @@ import pytest
 from migration_fsm.config import Settings, load_settings
 from migration_fsm.fsm import EDGES_BY_KEY
 from migration_fsm.journal import Journal, utcnow
+from migration_fsm.journal.workers import Workers
 from migration_fsm.log import get_logger
 from migration_fsm.migration import Migration, edge_guards, edge_steps
 from migration_fsm.plugins import guards, registry
@@ -67,16 +68,25 @@ def test_default_guards_and_steps_apply_only_with_stores_and_when_the_edge_names
     assert [("backfill_complete", True), ("repair_log_empty", True), ("checksums_match", True)] == (
         edge_guards(stored, cutover)
     )
-    assert [("drain_old", None), ("transfer_state", None)] == edge_steps(stored, cutover)
-    assert [("percent_is_100", False), ("old_drained", True), ("checksums_match", True)] == edge_guards(
-        stored, EDGES_BY_KEY["cutover->cleanup"]
+    assert [("pause_consumers", "lift_pause"), ("drain_old", None), ("transfer_state", None)] == edge_steps(
+        stored, cutover
     )
-    assert [("drain_new", None), ("reverse_sync", None)] == edge_steps(
+    assert [
+        ("percent_is_100", False),
+        ("old_drained", True),
+        ("checksums_match", True),
+        ("no_double_execution", True),
+    ] == edge_guards(stored, EDGES_BY_KEY["cutover->cleanup"])
+    assert [("retire_old", None)] == edge_steps(stored, EDGES_BY_KEY["cutover->cleanup"])
+    assert [("repair_log_empty", True), ("no_double_execution", True)] == edge_guards(
+        stored, EDGES_BY_KEY["cleanup->complete"]
+    )
+    assert [("pause_consumers", "lift_pause"), ("drain_new", None), ("reverse_sync", None)] == edge_steps(
         stored, EDGES_BY_KEY["cutover->dual_write"]
     )
     assert [("reverse_sync", None)] == edge_steps(stored, EDGES_BY_KEY["cleanup->cutover"])
     opted_out = make_settings(stores=memory_stores(), guards={"dual_write->cutover": []}, steps={})
-    assert ([], [("drain_old", None), ("transfer_state", None)]) == (
+    assert ([], [("pause_consumers", "lift_pause"), ("drain_old", None), ("transfer_state", None)]) == (
         edge_guards(opted_out, cutover),
         edge_steps(opted_out, cutover),
     )
@@ -99,7 +109,10 @@ def test_store_and_count_guards_say_their_figures(
     old.put_many([task(3, status=TaskStatus.RUNNING), task(4, status=TaskStatus.RUNNING)])
     assert (False, "2 tasks still running on the old side: wait for them") == check(engine, "old_drained")
     old.put_many([task(3), task(4)])
-    assert (True, "no task running on the old side") == check(engine, "old_drained")
+    assert (
+        True,
+        "no task running on the old side; 0 runnable old copies of tasks that ran on the new side remain",
+    ) == check(engine, "old_drained")
 
     passed, detail = check(engine, "failure_rate_ok")  # the test tasks finished long before this phase
     assert passed
@@ -227,3 +240,30 @@ def test_min_soak_says_whole_seconds_that_agree_with_its_verdict(
     )
     result = registry.min_soak(ctx)
     assert (passed, detail) == (result.passed, result.detail)
+
+
+def test_no_double_execution_reads_the_ledger(engine: Migration) -> None:
+    """Passes while no key succeeded twice; fails, with the figures, once one did (a worker
+    without a gate, or a gone worker that came back after its claim was taken over)."""
+    from migration_fsm.journal.ledger import Ledger
+
+    ledger = Ledger(engine.store.url, engine=engine.store.engine)
+    first = ledger.claim("default", "k", "old", "w1").claim
+    assert first is not None
+    refused = ledger.claim("default", "k", "new", "n1")
+    assert not refused.allowed
+    assert (
+        True,
+        "executed_twice 0, refused_executions 1 (old 0, new 1), handed_over 0",
+    ) == check(engine, "no_double_execution")
+    # w1 is unknown to mfsm_workers, so its running claim counts as a gone worker's: taken over.
+    workers = Workers(engine.store.engine, ttl_seconds=30)
+    taken = Ledger(engine.store.url, engine=engine.store.engine, workers=workers).claim(
+        "default", "k", "new", "n2"
+    )
+    assert taken.claim is not None
+    ledger.finish(taken.claim, "succeeded")
+    ledger.finish(first, "succeeded")  # ... but w1 was only slow: the task ran twice
+    passed, detail = check(engine, "no_double_execution")
+    assert not passed
+    assert detail.startswith("executed_twice 1, refused_executions 1")

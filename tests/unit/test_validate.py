@@ -73,6 +73,11 @@ def test_finds_exactly_the_injected_differences_among_100000_tasks() -> None:
                 {"key": "t0000040", "fields": ["created_at"]},
             ],
         },
+        # Additive keys (issue 12): pending on old, finished on new (60 and 80; 30 is another
+        # task); the ledger's figures are None when validate runs without it.
+        "runnable_old_copies": 2,
+        "executed_twice": None,
+        "refused_executions": None,
     } == report.as_json()
 
 
@@ -203,12 +208,17 @@ def test_validate_cli_reports_records_the_run_and_exits_by_verdict(
         k: doc["samples"][k] for k in ("missing", "extra")
     }
     assert [{"key": "t0000007", "fields": ["type"]}] == doc["samples"]["mismatched"]
+    # Additive keys (issue 12): nothing ran on new, and the ledger has no execution yet.
+    assert (0, 0, 0) == (doc["runnable_old_copies"], doc["executed_twice"], doc["refused_executions"])
     with SqlTaskStore(upgraded_url, "new_tasks", name="new") as new:
         new.put_many(records[5:8])
     assert 0 == in_process(capsys, "validate", *common)
     human = capsys.readouterr().out
     assert "validation: ok" in human
     assert "t0000999" in human  # the extra task is still reported
+    assert "executed_twice" in human
+    assert "refused_executions" in human
+    assert "runnable_old_copies" in human
     assert 0 == in_process(capsys, "history", *common)
     rows = [
         line for line in capsys.readouterr().out.split("validate runs")[1].splitlines() if "prepar" in line

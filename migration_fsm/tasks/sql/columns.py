@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from enum import StrEnum
 from operator import itemgetter, lt
 from typing import TYPE_CHECKING, Any, Final
@@ -16,8 +17,6 @@ from sqlalchemy.sql.sqltypes import NullType
 from migration_fsm.tasks.records import TaskRecord, to_utc
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from sqlalchemy.sql.elements import ColumnElement
 
 #: The largest integer key (BIGINT), and its number of digits.
@@ -190,3 +189,28 @@ def utc_text_fast(value: datetime) -> str:
 def clip(value: Any, width: int = 60) -> str:
     shown = repr(value)
     return shown if len(shown) <= width else shown[: width - 3] + "..."
+
+
+def time_text_like(existing: str, value: datetime) -> str | None:
+    """`value` (UTC) written the way `existing` writes its timestamp in a text column: the same
+    date/time separator, digits of fractional seconds and UTC suffix (`Z`, `+00:00` or none),
+    so an update keeps a legacy table's format. None when `existing` is not such a UTC
+    timestamp (then the column's writer decides)."""
+    if len(existing) < 19 or existing[10] not in " T":
+        return None
+    rest = existing[19:]
+    digits = 0
+    if rest.startswith("."):
+        digits = len(rest) - len(rest[1:].lstrip("0123456789")) - 1
+        rest = rest[1 + digits :]
+    if rest not in ("", "Z", "+00:00", "+0000") or not 0 <= digits <= 6:
+        return None
+    try:
+        datetime.fromisoformat(existing.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    utc = to_utc(value).replace(tzinfo=None)
+    text = utc.strftime(f"%Y-%m-%d{existing[10]}%H:%M:%S")
+    if digits:
+        text += "." + f"{utc.microsecond:06d}"[:digits]
+    return text + rest

@@ -110,6 +110,17 @@ class Statements:
         self.update = self.driver_statement(
             update(table).where(key == fields[0].bind).values({f.column: f.bind for f in fields[1:]})
         )
+        #: `set_progress`: the progress columns (status, attempts, updated_at; those the table
+        #: has, and updated_at only when it has a column of its own) of one row, nothing else.
+        self.progress_fields: tuple[MappedField, ...] = tuple(
+            f for f in fields if f.name in ("status", "attempts", "updated_at")
+        )
+        self.progress: Query = Query.compile(
+            update(table)
+            .where(key == fields[0].bind)
+            .values({f.column: f.bind for f in self.progress_fields}),
+            dialect,
+        )
         order = mapping.key_order
         # Whether any key of a batch exists, in one probe of the key index (exact: the
         # batch's keys lie between its first and last in code point order).

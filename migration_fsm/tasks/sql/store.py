@@ -26,13 +26,20 @@ from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.journal import make_engine, safe_url, scrub
 from migration_fsm.tasks.identity import IdentityRow, checksum_of
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, is_behind
-from migration_fsm.tasks.sql.columns import integer_key, integer_ranges, keys_in_order
+from migration_fsm.tasks.sql.columns import (
+    ColumnKind,
+    integer_key,
+    integer_ranges,
+    keys_in_order,
+    time_text_like,
+)
 from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
 from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping
 from migration_fsm.tasks.sql.statements import Query, Statements
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
+    from datetime import datetime
 
     from sqlalchemy import Connection
     from sqlalchemy.sql.selectable import Select
@@ -381,6 +388,36 @@ class SqlTaskStore:
                     continue  # another writer inserted this key first: read it again
                 raise self.refused_batch(f"task {record.key!r}", exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def set_progress(self, key: str, status: TaskStatus, attempts: int, updated_at: datetime) -> bool:
+        """Update the status, attempts and updated_at columns of the task `key` and nothing else
+        (`capabilities.SetProgress`): the payload's text, created_at and every unmapped column
+        stay as they are, and the values are written by the mapping's own writers (the status
+        map, the timestamp column's format). A table without an attempts column, or whose
+        updated_at shares created_at's column, keeps what it cannot hold. False when the table
+        has no task `key`. A timestamp held as text is written in the format the row holds
+        (`mapping.time_text_like`), so a legacy table's timestamps keep their form."""
+        mapping = self.mapping
+        if not self._key_values([key]):
+            return False
+        progress = TaskRecord.model_construct(
+            key=key, status=TaskStatus(status), attempts=attempts, updated_at=updated_at
+        )
+        key_field = mapping.fields[0]
+        values = {key_field.param: key_field.write(progress)}
+        values.update({f.param: f.write(progress) for f in self.statements.progress_fields})
+        query = self.statements.progress
+        updated = mapping.by_name.get("updated_at")
+        with self.connect() as conn:
+            if updated is not None and updated.kind is ColumnKind.ISO_TEXT:
+                # A timestamp held as text keeps the row's own format (a legacy table's).
+                stored = conn.execute(
+                    select(updated.column).where(mapping.key_column == mapping.key_value(key))
+                ).scalar()
+                shaped = time_text_like(stored, updated_at) if isinstance(stored, str) else None
+                if shaped is not None:
+                    values[updated.param] = shaped
+            return int(conn.exec_driver_sql(query.sql, query.params(**values)).rowcount) > 0
 
     def _put_one(self, statement: DriverStatement, record: TaskRecord) -> int:
         """Run one of `Statements.forward`'s statements for `record`: the rows written, 0 or 1."""
