@@ -95,7 +95,8 @@ class GateModel(RuleBasedStateMachine):
         self.dead_ids: dict[str, str] = {}  # crashed worker id -> its side
         for slot in SLOTS:
             self._start(slot)
-        self.queues: dict[str, dict[str, str]] = {"old": {}, "new": {}}  # key -> pending|running|done
+        #: key -> pending|running|done, in queue order (a dict keeps insertion order)
+        self.queues: dict[str, dict[str, str]] = {"old": {}, "new": {}}
         self.holders: dict[str, dict[str, str]] = {"old": {}, "new": {}}  # running key -> worker id
         self.held: dict[str, str] = {}  # slot -> the key it dequeued and has not executed yet
         self.effects: Counter[str] = Counter()
@@ -131,6 +132,7 @@ class GateModel(RuleBasedStateMachine):
         """A refused execution: a key that ran (or belongs to the other side) is acked; any
         other refusal leaves the task queued."""
         self.holders[side].pop(key, None)
+        del self.queues[side][key]  # a task left queued goes to the back of its queue
         self.queues[side][key] = "done" if reason in {"succeeded", "handed_over"} else "pending"
 
     # -- rules --------------------------------------------------------------------------
@@ -155,9 +157,8 @@ class GateModel(RuleBasedStateMachine):
         with gate.dequeuing():
             if not gate.may_consume():
                 return
-            pending = sorted(k for k, s in self.queues[side].items() if s == "pending")
-            if pending:
-                key = pending[0]
+            key = next((k for k, s in self.queues[side].items() if s == "pending"), None)  # FIFO
+            if key is not None:
                 self.queues[side][key] = "running"
                 self.holders[side][key] = gate.worker_id
                 self.held[slot] = key
@@ -215,6 +216,7 @@ class GateModel(RuleBasedStateMachine):
         for side in ("old", "new"):
             for key, holder in list(self.holders[side].items()):
                 if holder in self.dead_ids and self.queues[side].get(key) == "running":
+                    del self.queues[side][key]
                     self.queues[side][key] = "pending"
                     del self.holders[side][key]
 
