@@ -325,5 +325,6 @@ def test_a_crashed_batching_worker_s_claims_are_not_taken_over(client: PhaseClie
         assert handed.allowed
     heir.close()
     new.close()
-    batching.ledger.close()
-    plain.ledger.close()
+    for crashed in (batching, plain):  # what the dead processes' exit would have released
+        crashed.ledger.close()
+        crashed.workers.close()
