@@ -40,6 +40,24 @@ re-raised). When the ledger cannot be reached the task is not started (`run.allo
 `run.reason == "ledger_unavailable"`: leave it queued and back off); one warning is logged
 per outage. A finish that cannot be written is kept and retried by the background thread.
 
+**Batched finishes (opt-in: `finish_batch_seconds`).** DESIGN.md allows finishes to be
+batched, never claims. By default every finish is written when the task ends, so a task
+costs two commits (claim, finish). With `finish_batch_seconds` set, finishes are kept in
+memory and written together (`Ledger.finish_many`, one transaction) by a flusher thread
+every `finish_batch_seconds`, or as soon as `finish_batch_size` are waiting, and on
+`close()`: a task costs about one commit. The trade-off is what a crash loses: the finishes
+not flushed yet. Their claims then look `running` on a worker that is gone, and the ordinary
+rule (a running claim of a gone worker may be taken over) would run again a task that in
+fact succeeded. So a batching gate registers with `defers_finishes` in `mfsm_workers`, and
+the ledger never takes over a running claim of a gone worker that deferred its finishes
+(`Workers.may_take_over`): such a key is refused (reason `running`, counted) until the
+task's own side says it did not finish, i.e. the drain at the next transition finds it
+still running and hands it over (`Ledger.hand_over`), or an operator does so after
+checking. Batching trades the automatic recovery of a crashed worker's in-flight tasks for
+throughput; it never trades a second execution. A gate that had to keep a finish for a retry
+(the ledger was unreachable) marks itself the same way, for the same reason. `close()`
+deregisters only once every finish is written.
+
 This module is part of the light client: it imports SQLAlchemy through the journal's
 `workers` and `ledger` modules, never click, rich or alembic. `executing` blocks: from
 asyncio code, run the task's claim and finish in a thread (`asyncio.to_thread`).
@@ -138,7 +156,11 @@ class WorkerGate:
     setting). `worker_ttl_seconds` must match the operators' setting (a worker silent for
     longer counts as gone and its running claims may be taken over); the heartbeat runs every
     `heartbeat_seconds` (default a third of it). `poll_seconds`: how often the background
-    thread looks at the client's snapshot (a memory read) for a new version to apply."""
+    thread looks at the client's snapshot (a memory read) for a new version to apply.
+    `finish_batch_seconds` (default None: every finish written when its task ends) and
+    `finish_batch_size`: batched finishes, with the trade-off the module's docstring states.
+    With `background=False` a full batch is written by the thread that finished the task, and
+    the rest by `refresh()`, `flush()` or `close()`."""
 
     def __init__(
         self,
@@ -151,11 +173,18 @@ class WorkerGate:
         heartbeat_seconds: float | None = None,
         poll_seconds: float = 0.05,
         background: bool = True,
+        finish_batch_seconds: float | None = None,
+        finish_batch_size: int = 256,
     ) -> None:
         if side not in SIDES:
             raise ValueError(f"side must be 'old' or 'new', not {side!r}")
         if worker_ttl_seconds <= 0 or poll_seconds <= 0:
             raise ValueError("worker_ttl_seconds and poll_seconds must be positive")
+        if (finish_batch_seconds is not None and finish_batch_seconds <= 0) or finish_batch_size < 1:
+            raise ValueError("finish_batch_seconds must be positive (or None) and finish_batch_size >= 1")
+        self.finish_batch_seconds = finish_batch_seconds
+        self.finish_batch_size = finish_batch_size
+        self._flush_wanted = threading.Event()
         self.client = client
         self.side = side
         self.migration = client.migration
@@ -171,17 +200,26 @@ class WorkerGate:
         self._acked: int | None = None  # the version last written to mfsm_workers (None: not registered)
         self._beat_due = 0.0
         self._pending: list[tuple[Claim, str]] = []
+        self._deferred = finish_batch_seconds is not None  # said in mfsm_workers (defers_finishes)
         self._ledger_down = False
         self._counters = {"claimed": 0, "refused": 0, "unavailable": 0, "succeeded": 0, "failed": 0}
         self._stop = threading.Event()
         self._host, self._pid = socket.gethostname(), os.getpid()
         self.refresh()  # apply the current version and register, on the caller's thread
         self._thread: threading.Thread | None = None
+        self._flusher: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(
                 target=self._run, name=f"migration-fsm-gate-{self.migration}-{side}", daemon=True
             )
             self._thread.start()
+            if finish_batch_seconds is not None:
+                self._flusher = threading.Thread(
+                    target=self._flush_loop,
+                    name=f"migration-fsm-gate-flush-{self.migration}-{side}",
+                    daemon=True,
+                )
+                self._flusher.start()
 
     # -- the hot path -------------------------------------------------------------------
 
@@ -259,6 +297,7 @@ class WorkerGate:
                 seen_version=version,
                 host=self._host,
                 pid=self._pid,
+                defers_finishes=self._deferred,
             )
         except _UNREACHABLE as exc:
             if self._beat_due >= 0:  # once per outage
@@ -299,12 +338,33 @@ class WorkerGate:
         assert run.claim is not None
         run.outcome = outcome
         self._count(run, outcome)
+        if self.finish_batch_seconds is not None:
+            with self._state_lock:
+                self._pending.append((run.claim, outcome))
+                full = len(self._pending) >= self.finish_batch_size
+            if full:
+                if self._flusher is None:
+                    self._flush()  # no background thread: the caller writes the batch
+                else:
+                    self._flush_wanted.set()
+            return
         try:
             self.ledger.finish(run.claim, outcome)
         except _UNREACHABLE as exc:
             self._ledger_outage(exc)
             with self._state_lock:
                 self._pending.append((run.claim, outcome))  # retried by the background thread
+            if not self._deferred:
+                # A crash now would lose this finish: from here on, our claims are not taken
+                # over automatically (written with the next heartbeat, in the workers' database).
+                self._deferred = True
+                self._beat_due = 0.0
+
+    def flush(self) -> bool:
+        """Write the finishes kept in memory now; True when none is left waiting."""
+        self._flush()
+        with self._state_lock:
+            return not self._pending
 
     def _flush(self) -> None:
         with self._state_lock:
@@ -319,6 +379,16 @@ class WorkerGate:
                 self._pending[:0] = batch
             return
         self._ledger_back()
+
+    def _flush_loop(self) -> None:
+        assert self.finish_batch_seconds is not None
+        while not self._stop.is_set():
+            self._flush_wanted.wait(self.finish_batch_seconds)
+            self._flush_wanted.clear()
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - the flusher must survive anything
+                log.warning("migration-fsm gate %s: %s", self.worker_id, first_line(exc))
 
     def _count(self, run: Run, counter: str) -> Run:
         with self._state_lock:
@@ -346,15 +416,27 @@ class WorkerGate:
     # -- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the background thread, flush pending finishes, deregister (idempotent)."""
+        """Stop the background threads, flush pending finishes, deregister (idempotent).
+
+        When a finish still cannot be written, the worker is not deregistered: its row (which
+        says it deferred finishes) keeps its running claims from being taken over."""
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        self._flush()
-        with contextlib.suppress(*_UNREACHABLE):
-            self.workers.deregister(self.migration, self.side, self.worker_id)
+        self._flush_wanted.set()
+        for thread in (self._thread, self._flusher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5)
+        if self.flush():
+            with contextlib.suppress(*_UNREACHABLE):
+                self.workers.deregister(self.migration, self.side, self.worker_id)
+        else:
+            log.warning(
+                "migration-fsm gate %s closes with %d finishes not written: its claims stay running",
+                self.worker_id,
+                len(self._pending),
+                extra={"migration": self.migration, "side": self.side},
+            )
         self.ledger.close()
         self.workers.close()
 

@@ -30,7 +30,10 @@ lets a claim slip in after a concurrent finish.
 does not win does the ledger read the claim to say why, and then either takes over the
 running claim of a gone worker (a compare-and-set on the worker and attempt it saw, like a
 lease; goneness comes from `mfsm_workers` through `Workers`) or counts the refusal.
-`finish` may be batched (`finish_many`); `claim` may not.
+`finish` may be batched (`finish_many`); `claim` may not. A worker that batches its finishes
+says so in `mfsm_workers` (`defers_finishes`), and its running claims are never taken over
+when it is gone: a finish `succeeded` it had not flushed is lost with it, and the claim would
+look running for a task that ran (`Workers.may_take_over`).
 
 This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can use it.
 """
@@ -316,9 +319,11 @@ class Ledger:
         return ClaimResult(False, row.state, None, (row.side, row.worker_id))
 
     def _gone(self, migration: str, side: str, worker_id: str | None) -> bool:
+        """Whether the running claim of that worker may be taken over (`Workers.may_take_over`:
+        gone, and it did not batch its finishes)."""
         if self.workers is None or worker_id is None:
             return False
-        return self.workers.is_gone(migration, side, worker_id)
+        return self.workers.may_take_over(migration, side, worker_id)
 
     def _take_over(
         self, migration: str, key: str, side: str, worker_id: str, seen: Any

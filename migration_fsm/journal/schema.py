@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 from .db import UTCDateTime
@@ -144,6 +145,8 @@ workers_table = Table(
     Column("pid", Integer, nullable=False),
     Column("seen_version", Integer, nullable=False),
     Column("heartbeat_at", UTCDateTime, nullable=False),
+    # Revision 0005: the worker batches its finishes (its running claims are never taken over).
+    Column("defers_finishes", Boolean, nullable=False, server_default=false()),
     PrimaryKeyConstraint("migration", "side", "worker_id"),
 )
 

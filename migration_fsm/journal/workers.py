@@ -56,6 +56,7 @@ class WorkerRecord:
     pid: int
     seen_version: int
     heartbeat_at: datetime
+    defers_finishes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +124,12 @@ class Workers:
         seen_version: int = 0,
         host: str | None = None,
         pid: int | None = None,
+        defers_finishes: bool = False,
     ) -> None:
         """Register the worker, renew its heartbeat and acknowledge `seen_version`, in one
         upsert. The acknowledged version only moves forward; host and pid are those of the
-        registration."""
+        registration. `defers_finishes`: the worker batches its finishes (see `may_take_over`);
+        once set for a worker it stays set."""
         _check_side(side)
         c = workers_table.c
         stmt = upsert(self.engine, workers_table).values(
@@ -137,11 +140,13 @@ class Workers:
             pid=os.getpid() if pid is None else pid,
             seen_version=seen_version,
             heartbeat_at=utcnow(),
+            defers_finishes=defers_finishes,
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=[c.migration, c.side, c.worker_id],
             set_={
                 "heartbeat_at": stmt.excluded.heartbeat_at,
+                "defers_finishes": c.defers_finishes | stmt.excluded.defers_finishes,
                 "seen_version": case(
                     (stmt.excluded.seen_version > c.seen_version, stmt.excluded.seen_version),
                     else_=c.seen_version,
@@ -200,6 +205,27 @@ class Workers:
                 )
             ).scalar()
         return beat is None or beat < (now or utcnow()) - timedelta(seconds=self.ttl_seconds)
+
+    def may_take_over(
+        self, migration: str, side: str, worker_id: str, *, now: datetime | None = None
+    ) -> bool:
+        """Whether a running claim of that worker may be taken over: it is gone (as `is_gone`)
+        and did not defer its finishes. A worker that batched its finishes and vanished may
+        have lost the finish of a task that succeeded, so its claim looks running when the task
+        ran: taking it over would run the task twice. Such a claim stays refused until the
+        task's own side says it did not finish (the drain's hand-over, `Ledger.hand_over`). A
+        worker with no row (deregistered after flushing, or never registered) may be taken over."""
+        c = workers_table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(c.heartbeat_at, c.defers_finishes).where(
+                    c.migration == migration, c.side == side, c.worker_id == worker_id
+                )
+            ).first()
+        if row is None:
+            return True
+        gone = row.heartbeat_at < (now or utcnow()) - timedelta(seconds=self.ttl_seconds)
+        return gone and not row.defers_finishes
 
     def _judge(
         self, side: str, version: int, records: list[WorkerRecord], now: datetime | None

@@ -138,3 +138,20 @@ def test_readme_metrics_example_sets_a_gauge_for_every_counter(tmp_path: Path) -
     )
     out = _run_python(sync + metrics + check, tmp_path).splitlines()
     assert ["preparation old True", "True", "['client', 'reader', 'writer']"] == out
+
+
+def test_workers_page_example_runs(tmp_path: Path) -> None:
+    """docs/WORKERS.md's worker runs as written on a fresh database and prints what it says."""
+    text = (ROOT / "docs" / "WORKERS.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
+    for args in (["db", "upgrade"], ["init"]):
+        subprocess.run(
+            [sys.executable, "-m", "migration_fsm", *args],
+            cwd=tmp_path,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    assert "['job-1', 'job-2'] 2" in text
+    assert "['job-1', 'job-2'] 2" == _run_python(block, tmp_path).strip()

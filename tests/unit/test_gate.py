@@ -8,6 +8,7 @@ sleeping a fixed time), and nothing asserts wall-clock durations."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from datetime import timedelta
@@ -258,3 +259,72 @@ def test_status_shows_workers_per_side_and_the_ledger(
     assert "executed twice 0" in table.stdout
     old.close()
     new.close()
+
+
+def _age(store: Journal, worker_id: str) -> None:
+    """Make a worker's heartbeat an hour old: it is gone (its process "crashed")."""
+    with store.transaction() as conn:
+        conn.execute(
+            workers_table.update()
+            .where(workers_table.c.worker_id == worker_id)
+            .values(heartbeat_at=utcnow() - timedelta(hours=1))
+        )
+
+
+def test_batched_finishes_are_written_by_flush_size_and_close(client: PhaseClient, store: Journal) -> None:
+    gate = _gate(client, "old", "o1", finish_batch_seconds=60, finish_batch_size=3)
+    other = _gate(client, "new", "n1")
+    for key in ("a", "b"):
+        with gate.executing(key) as run:
+            assert run.allowed
+    assert gate.counters()["pending_finishes"] == 2
+    assert gate.ledger.counts(M).running == 2  # not written yet
+    with other.executing("a") as early:
+        assert (early.allowed, early.reason) == (False, "running")
+    with gate.executing("c"):
+        pass  # the third finish fills the batch: written by this thread (no background thread)
+    assert gate.counters()["pending_finishes"] == 0
+    assert gate.ledger.counts(M).succeeded == 3
+    with gate.executing("d"):
+        pass
+    assert gate.flush()
+    with gate.executing("e"):
+        pass
+    gate.close()
+    counts = other.ledger.counts(M)
+    assert (counts.succeeded, counts.running) == (5, 0)
+    assert Workers(store.engine).records(M, "old") == []  # everything written: deregistered
+    other.close()
+
+
+def test_a_crashed_batching_worker_s_claims_are_not_taken_over(client: PhaseClient, store: Journal) -> None:
+    """A finish `succeeded` lost in a crash leaves a running claim of a gone worker: a gate that
+    batched its finishes is never taken over (the task ran), a gate that did not is."""
+    batching = _gate(client, "old", "batching", finish_batch_seconds=60)
+    plain = _gate(client, "old", "plain")
+    with batching.executing("ran") as run:
+        assert run.allowed  # succeeded, but the finish is only in memory ...
+    with contextlib.suppress(RuntimeError), plain.executing("cut") as cut:
+        assert cut.allowed
+        raise RuntimeError  # (failed, so that `plain` holds no running claim)
+    claim = plain.ledger.claim(M, "mid-task", "old", "plain")  # a claim the crash interrupted
+    assert claim.allowed
+    # ... and both processes die: nothing flushed, nothing deregistered.
+    _age(store, "batching")
+    _age(store, "plain")
+    assert Workers(store.engine).records(M, "old")[0].defers_finishes
+    heir = _gate(client, "old", "heir")
+    with heir.executing("ran") as again:
+        assert (again.allowed, again.reason) == (False, "running")
+    with heir.executing("mid-task") as taken:
+        assert (taken.allowed, taken.reason) == (True, "taken_over")
+    # The task's own side says "ran" is still running at the drain's timeout: handed over.
+    assert heir.ledger.hand_over(M, "ran", "old", "new")
+    new = _gate(client, "new", "n1")
+    with new.executing("ran") as handed:
+        assert handed.allowed
+    heir.close()
+    new.close()
+    for crashed in (batching, plain):  # what the dead processes' exit would have released
+        crashed.ledger.close()
+        crashed.workers.close()
