@@ -325,6 +325,14 @@ class Ledger:
             return False
         return self.workers.may_take_over(migration, side, worker_id)
 
+    def _absent(self, migration: str, side: str, worker_id: str | None) -> bool:
+        """Whether the worker of a running claim is gone (`Workers.is_gone`), for a hand-over:
+        unlike a take-over, a hand-over follows what the task's own side says (still running
+        at the drain's timeout), so a gone worker that batched its finishes is handed over too."""
+        if self.workers is None or worker_id is None:
+            return False
+        return self.workers.is_gone(migration, side, worker_id)
+
     def _take_over(
         self, migration: str, key: str, side: str, worker_id: str, seen: Any
     ) -> ClaimResult | None:
@@ -487,7 +495,7 @@ class Ledger:
                 row = conn.execute(_READ_CLAIM, {"m": migration, "k": key}).one()
             if not (row.state == RUNNING and row.side == from_side):
                 return HandOver(False, row.state, (row.side, row.worker_id))
-            if not self._gone(migration, row.side, row.worker_id):
+            if not self._absent(migration, row.side, row.worker_id):
                 return HandOver(False, "live", (row.side, row.worker_id))
             if self._hand_over_running(migration, key, to_side, row):
                 return HandOver(True, HANDED_OVER, (row.side, row.worker_id))
