@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import and_, bindparam, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from ..exceptions import DatabaseUnavailable
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from datetime import datetime
 
-    from sqlalchemy import Connection, Engine
+    from sqlalchemy import ColumnElement, Connection, Engine
 
     from .workers import Workers
 
@@ -342,14 +342,7 @@ class Ledger:
         with self._transaction() as conn:
             attempt = conn.execute(
                 update(execution_claims_table)
-                .where(
-                    c.migration == migration,
-                    c.key == key,
-                    c.state == RUNNING,
-                    c.side == seen.side,
-                    c.worker_id == seen.worker_id,
-                    c.attempt == seen.attempt,
-                )
+                .where(_running_as_seen(migration, key, seen))
                 .values(side=side, worker_id=worker_id, attempt=c.attempt + 1, state=RUNNING, started_at=now)
                 .returning(c.attempt)
             ).scalar()
@@ -507,14 +500,7 @@ class Ledger:
         with self._transaction() as conn:
             attempt = conn.execute(
                 update(execution_claims_table)
-                .where(
-                    c.migration == migration,
-                    c.key == key,
-                    c.state == RUNNING,
-                    c.side == seen.side,
-                    c.worker_id == seen.worker_id,
-                    c.attempt == seen.attempt,
-                )
+                .where(_running_as_seen(migration, key, seen))
                 .values(side=to_side, state=HANDED_OVER)
                 .returning(c.attempt)
             ).scalar()
@@ -585,3 +571,17 @@ class Ledger:
             succeeded=states.get(SUCCEEDED, 0),
             failed=states.get(FAILED, 0),
         )
+
+
+def _running_as_seen(migration: str, key: str, seen: Any) -> ColumnElement[bool]:
+    """The compare-and-set condition on a running claim: still held by the worker and attempt
+    we saw (a take-over and a hand-over of a gone worker's claim both use it)."""
+    c = execution_claims_table.c
+    return and_(
+        c.migration == migration,
+        c.key == key,
+        c.state == RUNNING,
+        c.side == seen.side,
+        c.worker_id == seen.worker_id,
+        c.attempt == seen.attempt,
+    )
