@@ -33,7 +33,7 @@ from .tasks.records import TaskRecord, TaskStatus
 if TYPE_CHECKING:
     from .tasks.records import TaskStore
 
-__all__ = ["T0", "TRICKY_KEYS", "TaskStoreContract", "changed", "make_records"]
+__all__ = ["FORWARD_CASES", "T0", "TRICKY_KEYS", "TaskStoreContract", "changed", "make_records"]
 
 T0 = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
 

@@ -44,7 +44,7 @@ from migration_fsm.tasks.factory import build_store
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, TaskStore
 from migration_fsm.tasks.sql import SqlTaskStore
-from migration_fsm.testing import T0, TRICKY_KEYS, TaskStoreContract, changed, make_records
+from migration_fsm.testing import FORWARD_CASES, T0, TRICKY_KEYS, TaskStoreContract, changed, make_records
 
 # -- table layouts ------------------------------------------------------------------------
 
@@ -355,20 +355,7 @@ def test_get_unknown_key_is_none(case: StoreCase) -> None:
     assert case.store.get("A") is None
 
 
-@pytest.mark.parametrize(
-    ("stored", "written", "writes"),
-    [
-        (None, TaskStatus.PENDING, True),
-        (TaskStatus.PENDING, TaskStatus.PENDING, True),
-        (TaskStatus.PENDING, TaskStatus.COMPLETED, True),
-        (TaskStatus.RUNNING, TaskStatus.PENDING, False),
-        (TaskStatus.COMPLETED, TaskStatus.PENDING, False),
-        (TaskStatus.FAILED, TaskStatus.RUNNING, False),
-        (TaskStatus.CANCELLED, TaskStatus.PENDING, False),
-        (TaskStatus.COMPLETED, TaskStatus.FAILED, True),
-        (TaskStatus.RUNNING, TaskStatus.COMPLETED, True),
-    ],
-)
+@pytest.mark.parametrize(("stored", "written", "writes"), FORWARD_CASES)
 def test_put_forward_never_moves_a_task_back(
     case: StoreCase, stored: TaskStatus | None, written: TaskStatus, writes: bool
 ) -> None:
