@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import commands, log, views
-from .config import Settings, load_settings
+from .config import Settings, load_settings, refuse_process_local_stores
 from .exceptions import UNEXPECTED_ERROR_EXIT_CODE, BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
 
@@ -65,6 +65,7 @@ def common_options(func: F) -> F:
         migration: str, database_url: str | None, config_path: str | None, actor: str | None, **kwargs: Any
     ) -> Any:
         settings = load_settings(config_path, database_url=database_url, actor=actor)
+        refuse_process_local_stores(settings)
         return func(settings, migration, **kwargs)
 
     return wrapper  # type: ignore[return-value]

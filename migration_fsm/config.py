@@ -11,7 +11,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -164,6 +172,17 @@ class Settings(BaseSettings):
             raise ValueError("the ledger is a SQLite or PostgreSQL database (sqlite:// or postgresql:// URL)")
         return value
 
+    @field_validator("heartbeat_seconds")
+    @classmethod
+    def _check_heartbeat(cls, value: float | None, info: ValidationInfo) -> float | None:
+        lease = info.data.get("lease_seconds")  # validated first (declared first); absent if bad
+        if value is not None and lease is not None and value > lease / 2:
+            raise ValueError(
+                f"{value:g} must be at most half of lease_seconds ({lease:g}), so the lease is"
+                " renewed before it expires; leave it out to renew every third of the lease"
+            )
+        return value
+
     @property
     def ledger_database_url(self) -> str:
         """Where the execution ledger lives: `ledger_url`, else the migration database."""
@@ -171,8 +190,10 @@ class Settings(BaseSettings):
 
     @property
     def heartbeat_interval(self) -> float:
-        """Seconds between lease renewals: the configured value, else a third of the lease."""
-        return self.heartbeat_seconds or self.lease_seconds / 3
+        """Seconds between lease renewals: the configured value, else a third of the lease;
+        never more than half of the lease (settings made without validation, such as
+        `model_copy(update=...)`, cannot make the heartbeat outlive the lease)."""
+        return min(self.heartbeat_seconds or self.lease_seconds / 3, self.lease_seconds / 2)
 
     @classmethod
     def settings_customise_sources(
@@ -210,6 +231,19 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         raise ConfigError(describe_validation_error(exc, path)) from exc
     finally:
         _config_file.reset(token)
+
+
+def refuse_process_local_stores(settings: Settings) -> None:
+    """Raise `ConfigError` for a `kind = "memory"` store: each process would see its own empty
+    store, so every data guard would pass having checked nothing. The CLI calls this; memory
+    stores are for tests and the Python API."""
+    for side, store in settings.stores.items():
+        if store.kind == "memory":
+            raise ConfigError(
+                f"config key 'stores.{side}' is invalid for the CLI: a 'memory' store lives in one"
+                " process and every command would see it empty; use kind 'sql' or a"
+                " 'package.module:factory' (memory stores are for tests and the Python API)"
+            )
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None) -> str:

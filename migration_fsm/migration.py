@@ -240,16 +240,14 @@ class Migration:
                 for step in entry.steps
                 if step.status == StepStatus.DONE and step.undo
             }
-            lease = self.store.take_over(
-                state,
-                self.holder,
-                self.settings.lease_seconds,
-                self._takeover("abort", state, False, reason),
-            )
+            record = self._takeover("abort", state, False, reason)
+            # The row will say who aborted and why; this record keeps who began it and why.
+            record.update(transition_actor=entry.actor, transition_reason=entry.reason)
+            lease = self.store.take_over(state, self.holder, self.settings.lease_seconds, record)
             started = time.perf_counter()
             edge = edge_of(entry)
             self._runner.undo(state, lease, entry, undos)
-            final = lease.abort()
+            final = lease.abort(actor=self.settings.actor, reason=reason)
             self._log_transition(entry, EntryStatus.ABORTED, started)
             return TransitionResult(
                 EntryStatus.ABORTED,

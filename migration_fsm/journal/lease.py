@@ -190,11 +190,15 @@ class Lease:
         """Close the transition as `committed`: phase, percent and version move."""
         return self._close(EntryStatus.COMMITTED)
 
-    def abort(self) -> MigrationState:
-        """Close the transition as `aborted`: phase, percent and version stay."""
-        return self._close(EntryStatus.ABORTED)
+    def abort(self, *, actor: str | None = None, reason: str | None = None) -> MigrationState:
+        """Close the transition as `aborted`: phase, percent and version stay. With `actor`
+        and `reason`, the row says who aborted it and why (`history` shows them); the
+        abort's takeover record keeps who began the transition and why."""
+        return self._close(EntryStatus.ABORTED, actor=actor, reason=reason)
 
-    def _close(self, status: EntryStatus) -> MigrationState:
+    def _close(
+        self, status: EntryStatus, *, actor: str | None = None, reason: str | None = None
+    ) -> MigrationState:
         """Close the transition as `status`, chain its hash and release the lease, in one
         transaction that begins with the compare-and-set on the migration row."""
         now = utcnow()
@@ -224,6 +228,10 @@ class Lease:
                         _signal_record("lift", None, current.version + 1, self.holder, now),
                     ],
                 )
+            if actor is not None:
+                entry = replace(entry, actor=actor)
+            if reason is not None:
+                entry = replace(entry, reason=reason)
             entry = replace(
                 entry,
                 status=status,
@@ -276,6 +284,8 @@ class Lease:
                     hash=digest,
                     error=entry.error,
                     takeovers=entry.takeovers,
+                    actor=entry.actor,
+                    reason=entry.reason,
                 )
             )
             if status == EntryStatus.COMMITTED or lifted:

@@ -537,7 +537,8 @@ def test_interrupted_transition_needs_resume_or_abort(upgraded_url: str, tmp_pat
     assert ("dual_write", 0, 2) == stored(url, "default")
 
     fails(url, 1, "advance", *m, env=failing, says=(FLAKY, "injected failure"))
-    assert "aborted #3" in ok(url, "abort", *m, "--reason", "cannot fix it today", env=working).stdout
+    aborter = {**working, "MIGRATION_FSM_ACTOR": "carol"}
+    assert "aborted #3" in ok(url, "abort", *m, "--reason", "cannot fix it today", env=aborter).stdout
     assert ("dual_write", 0, 2) == stored(url, "default")
     assert ["do dual_write->cutover", "undo dual_write->cutover"] == marker.read_text().splitlines()
 
@@ -551,6 +552,9 @@ def test_interrupted_transition_needs_resume_or_abort(upgraded_url: str, tmp_pat
         {"name": FLAKY, "status": "failed", "attempts": 1},
     ] == rows[2]["steps"]
     assert "injected failure" in rows[2]["error"]
+    # The aborted row says who aborted it and why (issue: the reason was only in the takeover).
+    assert ("carol", "cannot fix it today") == (rows[2]["actor"], rows[2]["reason"])
+    assert "cannot fix it today" in ok(url, "history", *m).stdout
 
 
 # -- environment: exit 4 ---------------------------------------------------------------------

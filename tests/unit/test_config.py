@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from migration_fsm.config import DEFAULT_DATABASE_URL, StepSpec, load_settings
 from migration_fsm.exceptions import BadInput, ConfigError
+from tests.support.cli import CliResult
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +111,14 @@ def test_steps_accept_a_name_or_a_step_with_its_undo(tmp_path: Path) -> None:
         ),
         ("pause_timeout_seconds = -1\n", "config key 'pause_timeout_seconds' in {path} is invalid"),
         (
+            "lease_seconds = 10\nheartbeat_seconds = 10\n",
+            "config key 'heartbeat_seconds' in {path} is invalid: 10 must be at most half of lease_seconds",
+        ),
+        (
+            "lease_seconds = 10\nheartbeat_seconds = 30\n",
+            "config key 'heartbeat_seconds' in {path} is invalid: 30 must be at most half of lease_seconds",
+        ),
+        (
             'ledger_url = "mysql://x/y"\n',
             "config key 'ledger_url' in {path} is invalid: the ledger is a SQLite",
         ),
@@ -166,3 +176,30 @@ def test_the_settings_are_frozen() -> None:
     settings = load_settings(None)
     with pytest.raises(ValueError, match="frozen"):
         settings.lease_seconds = 1
+
+
+def test_the_heartbeat_never_outlives_the_lease(tmp_path: Path) -> None:
+    """Half the lease is accepted; settings made without validation are clamped to it."""
+    settings = load_settings(write(tmp_path, "lease_seconds = 10\nheartbeat_seconds = 5\n"))
+    assert 5.0 == settings.heartbeat_interval
+    unchecked = settings.model_copy(update={"heartbeat_seconds": 60.0})
+    assert 5.0 == unchecked.heartbeat_interval
+
+
+@pytest.mark.parametrize("command", [("status",), ("advance",), ("backfill",), ("validate",)])
+def test_the_cli_refuses_memory_stores_and_changes_nothing(
+    upgraded_url: str, cli: Callable[..., CliResult], tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """Each CLI process would see its own empty memory store, so every data guard would pass
+    having checked nothing: bad input (exit 2), one line, the database as it was."""
+    path = write(
+        tmp_path,
+        '[stores.old]\nkind = "memory"\n[stores.new]\nkind = "sql"\nurl = "sqlite://"\ntable = "jobs"\n',
+    )
+    assert 0 == cli("init", "--db", upgraded_url).code
+    before = cli("history", "--json", "--db", upgraded_url).stdout
+    result = cli(*command, "--db", upgraded_url, "--config", str(path))
+    assert 2 == result.code, result.stderr
+    assert "stores.old" in result.error_line
+    assert "memory" in result.error_line
+    assert before == cli("history", "--json", "--db", upgraded_url).stdout
