@@ -272,7 +272,7 @@ def test_resume_steal_takes_over_from_a_hung_holder(
     on PostgreSQL it ends the hung session that still holds the advisory lock."""
     # No heartbeat falls due before the test ends: SIGSTOP never freezes a SQLite write lock.
     config = write_config(
-        tmp_path / "cfg.toml", steps=[QUICK, SLEEPY], lease_seconds=120, heartbeat_seconds=100
+        tmp_path / "cfg.toml", steps=[QUICK, SLEEPY], lease_seconds=300, heartbeat_seconds=100
     )
     op = Operator(upgraded_url, config, tmp_path)
     create_migration(upgraded_url)
