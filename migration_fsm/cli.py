@@ -275,14 +275,14 @@ def validate(settings: Settings, migration: str, as_json: bool) -> int:
 @common_options
 @click.option("--side", type=click.Choice(["old", "new"]), required=True, help="Which store to export.")
 @click.option("--out", "out_path", metavar="FILE", required=True, help="JSON Lines file (.gz: gzip).")
-def export(
-    settings: Settings,
-    migration: str,  # noqa: ARG001  common_options passes -m; a side is not per migration
-    side: str,
-    out_path: str,
-) -> int:
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace FILE if it exists (never a configured database or a non-regular file).",
+)
+def export(settings: Settings, migration: str, side: str, out_path: str, overwrite: bool) -> int:
     """Write every task of one side to a file, with a verifiable summary line."""
-    summary = commands.export(settings, side=side, out=out_path)
+    summary = commands.export(settings, migration, side=side, out=out_path, overwrite=overwrite)
     out.print(
         f"exported {summary.count} tasks of the {side} side ('{summary.store}') to {out_path}"
         f" (digest {summary.digest[:16]})"
@@ -294,14 +294,14 @@ def export(
 @common_options
 @click.option("--side", type=click.Choice(["old", "new"]), required=True, help="Which store to load.")
 @click.option("--in", "in_path", metavar="FILE", required=True, help="A file written by `export`.")
-def import_(
-    settings: Settings,
-    migration: str,  # noqa: ARG001  common_options passes -m; a side is not per migration
-    side: str,
-    in_path: str,
-) -> int:
-    """Verify an export, then load its tasks into one side (idempotent)."""
-    result = commands.import_(settings, side=side, path=in_path)
+@click.option(
+    "--into-other-side",
+    is_flag=True,
+    help="Load an export of the other side into --side (refused without it).",
+)
+def import_(settings: Settings, migration: str, side: str, in_path: str, into_other_side: bool) -> int:
+    """Verify an export, then load its tasks into one side (idempotent; journaled)."""
+    result = commands.import_(settings, migration, side=side, path=in_path, into_other_side=into_other_side)
     out.print(
         f"verified {in_path} ({result.summary.count} tasks exported from the {result.summary.side}"
         f" side) and loaded {result.loaded} tasks into the {side} side"

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
+from .exceptions import BadInput, ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
 from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
 from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
 from .journal.ledger import Ledger, LedgerCounts
@@ -17,6 +17,7 @@ from .migration import Migration, TransitionResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from pathlib import Path
 
     from .config import Settings
     from .tools.archive import ArchiveSummary, Imported
@@ -309,23 +310,130 @@ def validate(settings: Settings, migration: str) -> ValidationReport:
         return validate_migration(store, settings, migration)[1]
 
 
-def export(settings: Settings, *, side: str, out: str) -> ArchiveSummary:
-    """Write every task of one side to a JSON Lines file (gzip for .gz) with a summary line."""
+def export(
+    settings: Settings, migration: str, *, side: str, out: str, overwrite: bool = False
+) -> ArchiveSummary:
+    """Write every task of one side to a JSON Lines file (gzip for .gz) with a summary line
+    naming the side and the migration. Never replaces an existing file unless `overwrite`,
+    and never a non-regular file or one of the configured databases."""
     from .tasks.sides import open_side, side_name
     from .tools.archive import export_tasks
 
     chosen = side_name(side)
-    with open_side(settings, chosen) as store:
-        return export_tasks(store, out, side=chosen, batch_size=settings.backfill_batch_size)
+    with open_store(settings) as store:
+        store.get(migration)  # an unknown migration is bad input, before anything is written
+    with open_side(settings, chosen) as tasks:
+        return export_tasks(
+            tasks,
+            out,
+            side=chosen,
+            migration=migration,
+            batch_size=settings.backfill_batch_size,
+            overwrite=overwrite,
+            protected=protected_files(settings),
+        )
 
 
-def import_(settings: Settings, *, side: str, path: str) -> Imported:
-    """Verify an export, then load it into one side in batches of idempotent upserts."""
+def protected_files(settings: Settings) -> dict[Path, str]:
+    """The files no export may replace: every configured SQLite database, with its journal
+    files, mapped to what it is."""
+    from .journal.db import sqlite_path
+
+    urls = {"the migration database": settings.database_url}
+    if settings.ledger_url:
+        urls["the execution ledger's database"] = settings.ledger_url
+    for name, store in settings.stores.items():
+        if store.url:
+            urls[f"the {name} store's database"] = store.url
+    files: dict[Path, str] = {}
+    for what, url in urls.items():
+        path = sqlite_path(url)
+        if path is not None:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                files[path.with_name(path.name + suffix)] = f"{what} ({path.name}{suffix})"
+    return files
+
+
+def import_(
+    settings: Settings, migration: str, *, side: str, path: str, into_other_side: bool = False
+) -> Imported:
+    """Verify an export, then load it into one side in batches of idempotent upserts.
+
+    Refused (nothing written) when the archive was exported from the other side (unless
+    `into_other_side`) or for another migration, and while a transition of the migration is
+    in progress or interrupted; each batch is written under the data fence
+    (`Journal.data_fence`), so an import stops before its next batch once a transition
+    begins. Every import is journaled (`mfsm_imports`) with the archive's summary."""
+    from .journal.locks import lease_holder_name
     from .tasks.sides import open_side, side_name
+    from .tools import runs
     from .tools.archive import import_tasks
 
-    with open_side(settings, side_name(side)) as store:
-        return import_tasks(store, path, batch_size=settings.backfill_batch_size)
+    chosen = side_name(side)
+
+    def check(summary: ArchiveSummary) -> None:
+        if summary.migration is not None and summary.migration != migration:
+            raise BadInput(
+                f"{path} was exported for migration '{summary.migration}', not '{migration}':"
+                f" import it with -m {summary.migration}"
+            )
+        if summary.side != chosen and not into_other_side:
+            raise BadInput(
+                f"{path} holds the {summary.side} side's tasks, not the {chosen} side's: pass"
+                f" --into-other-side to load them into the {chosen} side anyway"
+            )
+
+    holder = lease_holder_name(settings.actor)
+    with open_store(settings) as store:
+        state = store.get(migration)
+        store.check_data_fence(state, "import", state.version)  # refuse before reading the archive
+        hold = not shares_migration_file(settings, chosen)
+        loaded = 0
+        run: int | None = None
+
+        def fence() -> AbstractContextManager[object]:
+            return store.data_fence(migration, holder, tool="import", version=state.version, hold=hold)
+
+        def started(summary: ArchiveSummary) -> None:
+            nonlocal run
+            check(summary)
+            run = runs.start_import(
+                store, migration, side=chosen, actor=settings.actor, path=str(path), archive=summary.as_json()
+            )
+
+        def progress(total: int) -> None:
+            nonlocal loaded
+            loaded = total
+
+        with open_side(settings, chosen) as tasks:
+            try:
+                result = import_tasks(
+                    tasks,
+                    path,
+                    batch_size=settings.backfill_batch_size,
+                    fence=fence,
+                    check=started,
+                    loaded_so_far=progress,
+                )
+            except BaseException as exc:
+                if run is not None:
+                    runs.finish_import(store, run, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
+                raise
+        assert run is not None
+        runs.finish_import(store, run, loaded=result.loaded)
+        return result
+
+
+def shares_migration_file(settings: Settings, side: str) -> bool:
+    """Whether `side`'s store is a table in the migration database's own SQLite file (a data
+    fence then cannot hold that file's write lock while the tool writes)."""
+    from .journal.db import sqlite_path
+
+    store = settings.stores.get(side)  # type: ignore[call-overload]
+    if store is None or not store.url:
+        return False
+    mine, theirs = sqlite_path(settings.database_url), sqlite_path(store.url)
+    return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
 
 
 def reconcile(settings: Settings, migration: str) -> Reconciled:

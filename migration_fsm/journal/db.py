@@ -70,7 +70,8 @@ def scrub(message: str, url: str) -> str:
     return first
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for another database, memory or a `file:` URI)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None
@@ -88,7 +89,7 @@ def make_engine(url: str, *, create: bool = False, wal: bool = True) -> Engine:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
         raise ConfigError(f"database URL '{safe_url(url)}' is not a valid SQLAlchemy URL") from exc
-    sqlite_file = _sqlite_file(url)
+    sqlite_file = sqlite_path(url)
     if sqlite_file is not None and not create and not sqlite_file.exists():
         raise DatabaseUnavailable(
             f"database file {sqlite_file} does not exist: run `migration-fsm db upgrade` to create it"

@@ -25,6 +25,7 @@ from ..exceptions import (
     DatabaseUnavailable,
     LeaseHeld,
     SchemaNotCurrent,
+    TransitionInterrupted,
     UnknownMigration,
 )
 from ..fsm import EntryStatus, Phase, StepStatus, Trigger
@@ -177,6 +178,47 @@ class Journal:
             conn.close()
 
     # -- reads ------------------------------------------------------------------------
+
+    @contextmanager
+    def data_fence(
+        self, name: str, holder: str, *, tool: str, version: int, hold: bool = True
+    ) -> Iterator[MigrationState]:
+        """Hold off every transition of migration `name` while a data tool (`tool`) writes one
+        batch, after checking that no transition is in progress or interrupted and that the
+        migration is still at `version` (as the tool found it when it started).
+
+        On PostgreSQL the operator lock (the same one every transition takes) is held for the
+        batch; on SQLite a write transaction (`BEGIN IMMEDIATE`) on the migration database is,
+        which a transition's claim waits for. With `hold=False` (a task store in the migration
+        database's own SQLite file, which the held lock would block) the check is made and the
+        lock released before the batch. Raises `TransitionInterrupted` or `ConcurrentChange`
+        (exit 3) and the tool writes nothing more."""
+        if self.dialect == "postgresql":
+            with self.operator_lock(name, holder):
+                yield self.check_data_fence(self.get(name), tool, version)
+            return
+        if not hold:
+            yield self.check_data_fence(self.get(name), tool, version)
+            return
+        with self.transaction() as conn:
+            yield self.check_data_fence(self._get(conn, name), tool, version)
+
+    @staticmethod
+    def check_data_fence(state: MigrationState, tool: str, version: int) -> MigrationState:
+        """`state`, or the `data_fence` refusal when a transition is in progress or
+        interrupted or the migration is no longer at `version`."""
+        if state.in_progress_seq is not None:
+            raise TransitionInterrupted(
+                f"migration '{state.name}' has transition #{state.in_progress_seq} in progress or"
+                f" interrupted: {tool} writes nothing until it is committed (`resume`) or aborted"
+            )
+        if state.version != version:
+            raise ConcurrentChange(
+                f"migration '{state.name}' changed while {tool} ran (version {version} -> {state.version},"
+                f" now {state.phase} at {state.percent}%): {tool} stopped before its next batch;"
+                " check `status` and run it again if it still applies"
+            )
+        return state
 
     def get(self, name: str) -> MigrationState:
         """The migration named `name`, or `UnknownMigration`."""

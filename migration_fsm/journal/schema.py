@@ -190,6 +190,26 @@ execution_refusals_table = Table(
     PrimaryKeyConstraint("migration", "side"),
 )
 
+#: Revision 0006: every `import` of an archive into a side, journaled when it starts and
+#: updated when it ends (`tools/runs.py`): the archive's summary (its digest and SHA-256), what
+#: was loaded, and why it stopped when it did not finish.
+imports_table = Table(
+    "mfsm_imports",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("migration", String(200), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("archive", JSON, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("loaded", BigInteger, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index("ix_mfsm_imports_latest", "migration", "id"),
+)
+
 #: PostgreSQL channel every committed transition (and every pause or lift) NOTIFYs; the payload
 #: is a JSON object with the migration's name and its new phase, percent, version and
 #: `paused` side (null when none).

@@ -175,14 +175,18 @@ def backup_exists(ctx: Context) -> GuardVerdict:
     try:
         summary = verify_archive(path)
     except MigrationFSMError as exc:
-        return GuardVerdict(False, f"{exc}: run `migration-fsm export --side old --out {path}`")
+        return GuardVerdict(False, f"{exc}: run `migration-fsm export --side old --out {path} --overwrite`")
     if summary.side != "old":
         return GuardVerdict(False, f"{path} is an export of the {summary.side} side, not the old one")
+    if summary.migration not in (None, ctx.state.name):
+        return GuardVerdict(
+            False, f"{path} is an export for migration '{summary.migration}', not '{ctx.state.name}'"
+        )
     if summary.started_at < ctx.state.phase_entered_at:
         return GuardVerdict(
             False,
             f"{path} was exported at {_at(summary.started_at)}, before {_since(ctx)}:"
-            f" run `migration-fsm export --side old --out {path}` again",
+            f" run `migration-fsm export --side old --out {path} --overwrite` again",
         )
     return GuardVerdict(
         True, f"{path}: {summary.count} tasks of the old side, exported at {_at(summary.started_at)}"

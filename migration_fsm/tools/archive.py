@@ -14,9 +14,16 @@ digests verify unchanged.
 
 `digest` is the SHA-256 of every record's `checksum()` followed by a newline, in file order;
 `sha256` is the SHA-256 of the record lines' bytes, so any edit to a record (its status
-included) is detected. An export is written to a temporary file that is renamed into place
-when complete, so a half-written export never carries the final name. An import verifies the
-whole archive before it writes anything, then loads it in batches of idempotent upserts.
+included) is detected. The summary also names the `migration` the export was made for
+(archives written before it was recorded have none).
+
+An export is written to a new temporary file in the target's folder that is moved into place
+when complete, so a half-written export never carries the final name. It never replaces an
+existing file unless asked to (`overwrite`), and never one that is not a regular file (a
+folder, a FIFO, a device, a symbolic link) or one of the migration's own databases, even
+then. An import verifies the whole archive before it writes anything, then loads it in
+batches of idempotent upserts, each under the caller's fence (no transition may start while
+a batch is written).
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import gzip
 import hashlib
 import json
 import os
+import stat
+import tempfile
 import zlib
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +50,7 @@ from ..tasks.scan import pages
 
 if TYPE_CHECKING:
     import io
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator, Mapping
 
     from ..tasks.records import TaskStore
 
@@ -63,10 +72,12 @@ class ArchiveSummary:
     started_at: datetime
     finished_at: datetime
     format: str = FORMAT
+    migration: str | None = None  # None: an archive written before the migration was recorded
 
     def as_json(self) -> dict[str, Any]:
         return {
             "format": self.format,
+            "migration": self.migration,
             "side": self.side,
             "store": self.store,
             "count": self.count,
@@ -115,15 +126,73 @@ def _open_read(path: Path) -> Iterator[io.BufferedIOBase]:
             yield handle
 
 
-def export_tasks(store: TaskStore, path: str | Path, *, side: str, batch_size: int = 1000) -> ArchiveSummary:
-    """Write every task of `store` to `path`, streaming, then the summary line."""
+_KINDS: Final = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_export_target(path: str | Path, *, overwrite: bool, protected: Mapping[Path, str]) -> Path:
+    """`path` as a file an export may write, or `BadInput` saying why not (nothing written).
+
+    `protected` maps the files no export may replace (the migration's databases, with their
+    journal files) to what they are."""
     target = Path(path)
-    if not target.parent.is_dir():
-        raise BadInput(f"cannot write {target}: folder {target.parent} does not exist")
-    temporary = target.with_name(f".{target.name}.partial")
+    if str(path).endswith(("/", os.sep)) or target.is_dir():
+        raise BadInput(
+            f"cannot write {path}: it is a folder; give a file name (for example {target / 'tasks.jsonl.gz'})"
+        )
+    folder = target.parent
+    if not folder.is_dir():
+        raise BadInput(f"cannot write {target}: folder {folder} does not exist")
+    try:
+        found = os.lstat(target)
+    except FileNotFoundError:
+        found = None
+    if found is not None:
+        for test, kind in _KINDS:
+            if test(found.st_mode):
+                raise BadInput(f"cannot write {target}: it exists and is {kind}; export to a new file")
+        for other, what in protected.items():
+            try:
+                mine = other.stat()
+            except OSError:
+                continue
+            if (mine.st_dev, mine.st_ino) == (found.st_dev, found.st_ino):
+                raise BadInput(f"cannot write {target}: it is {what}; export to another file")
+        if not overwrite:
+            raise BadInput(f"{target} exists: choose another file, or pass --overwrite to replace it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {target}: folder {folder} is not writable")
+    return target
+
+
+def export_tasks(
+    store: TaskStore,
+    path: str | Path,
+    *,
+    side: str,
+    migration: str | None = None,
+    batch_size: int = 1000,
+    overwrite: bool = False,
+    protected: Mapping[Path, str] | None = None,
+) -> ArchiveSummary:
+    """Write every task of `store` to `path`, streaming, then the summary line (see the
+    module's docstring for the files it refuses to replace)."""
+    target = check_export_target(path, overwrite=overwrite, protected=protected or {})
     started = utcnow()
     count = 0
     digest, content = hashlib.sha256(), hashlib.sha256()
+    try:
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    except OSError as exc:
+        raise BadInput(f"cannot write {target}: {exc.strerror or exc}") from exc
+    os.close(handle)
+    temporary = Path(name)
     try:
         with _open_write(temporary, gzipped=_gzipped(target)) as out:
             for page in pages(store, batch_size):
@@ -143,13 +212,32 @@ def export_tasks(store: TaskStore, path: str | Path, *, side: str, batch_size: i
                 sha256=content.hexdigest(),
                 started_at=started,
                 finished_at=utcnow(),
+                migration=migration,
             )
             out.write((json.dumps({"summary": summary.as_json()}) + "\n").encode("utf-8"))
-        os.replace(temporary, target)
-    except BaseException:
+        _move_into_place(temporary, target, overwrite=overwrite, protected=protected or {})
+    finally:
         temporary.unlink(missing_ok=True)
-        raise
     return summary
+
+
+def _move_into_place(
+    temporary: Path, target: Path, *, overwrite: bool, protected: Mapping[Path, str]
+) -> None:
+    """Give the finished export its name. Without `overwrite`, a hard link (which fails when
+    the name exists, atomically) so a file that appeared meanwhile is not replaced."""
+    check_export_target(target, overwrite=overwrite, protected=protected)  # again: time has passed
+    if overwrite:
+        os.replace(temporary, target)
+        return
+    try:
+        os.link(temporary, target)
+    except FileExistsError as exc:
+        raise BadInput(
+            f"{target} appeared while the export ran: choose another file, or pass --overwrite"
+        ) from exc
+    except OSError:  # a filesystem without hard links: the check above is the guard
+        os.replace(temporary, target)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -174,6 +262,7 @@ def _summary_of(path: Path, number: int, line: bytes) -> ArchiveSummary:
             sha256=str(data["sha256"]),
             started_at=datetime.fromisoformat(data["started_at"]),
             finished_at=datetime.fromisoformat(data["finished_at"]),
+            migration=None if data.get("migration") is None else str(data["migration"]),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"archive {path} line {number}: the summary line is malformed: {exc}") from exc
@@ -224,10 +313,23 @@ def verify_archive(path: str | Path) -> ArchiveSummary:
     return summary
 
 
-def import_tasks(store: TaskStore, path: str | Path, *, batch_size: int = 1000) -> Imported:
-    """Verify the archive at `path`, then upsert its records into `store` in batches."""
+def import_tasks(
+    store: TaskStore,
+    path: str | Path,
+    *,
+    batch_size: int = 1000,
+    fence: Callable[[], AbstractContextManager[object]] | None = None,
+    check: Callable[[ArchiveSummary], None] | None = None,
+    loaded_so_far: Callable[[int], None] | None = None,
+) -> Imported:
+    """Verify the archive at `path` (and `check` its summary: raise to refuse it), then upsert
+    its records into `store` in batches, each written inside `fence()`; `loaded_so_far` is
+    told the running total after each batch."""
     source = Path(path)
     summary = verify_archive(source)
+    if check is not None:
+        check(summary)
+    fenced = fence or nullcontext
     loaded = 0
     batch: list[TaskRecord] = []
     for number, line in _lines(source):
@@ -235,8 +337,14 @@ def import_tasks(store: TaskStore, path: str | Path, *, batch_size: int = 1000) 
             break
         batch.append(_record_of(source, number, line))
         if len(batch) >= batch_size:
-            loaded += store.put_many(batch)
+            with fenced():
+                loaded += store.put_many(batch)
             batch = []
+            if loaded_so_far is not None:
+                loaded_so_far(loaded)
     if batch:
-        loaded += store.put_many(batch)
+        with fenced():
+            loaded += store.put_many(batch)
+        if loaded_so_far is not None:
+            loaded_so_far(loaded)
     return Imported(loaded, store.name, summary)

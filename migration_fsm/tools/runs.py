@@ -1,7 +1,8 @@
-"""What the data tools record in the migration database: validation runs and backfill progress.
+"""What the data tools record in the migration database: validation runs, backfill progress
+and imports.
 
-The tables are defined in `journal.schema` and created by Alembic revision 0003; the
-built-in guards read them.
+The tables are defined in `journal.schema` and created by Alembic revisions 0003 and 0006;
+the built-in guards read them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, insert, select, update
 
 from ..journal.db import utcnow
-from ..journal.schema import backfill_table, validation_runs_table
+from ..journal.schema import backfill_table, imports_table, validation_runs_table
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -167,3 +168,80 @@ def save_backfill(
         if updated == 0:
             values = {"cursor": cursor, "copied": copied, "done": done, "updated_at": now}
             conn.execute(insert(backfill_table).values(migration=migration, started_at=now, **values))
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRun:
+    """One journaled `import`: `outcome` is `running` (it has not ended: it is running, or its
+    process died), `loaded` or `stopped` (with `error`); `archive` is the archive's summary."""
+
+    id: int
+    migration: str
+    side: str
+    actor: str
+    path: str
+    archive: dict[str, Any]
+    outcome: str
+    loaded: int
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+def start_import(
+    store: Journal, migration: str, *, side: str, actor: str, path: str, archive: dict[str, Any]
+) -> int:
+    """Journal an import that is about to write; returns its id (`finish_import` ends it)."""
+    with store.transaction() as conn:
+        key = conn.execute(
+            insert(imports_table).values(
+                migration=migration,
+                side=side,
+                actor=actor,
+                path=path,
+                archive=archive,
+                outcome="running",
+                loaded=0,
+                started_at=utcnow(),
+            )
+        ).inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def finish_import(store: Journal, run: int, *, loaded: int, error: str | None = None) -> None:
+    """End the journaled import `run`: `loaded`, or `stopped` with `error`."""
+    with store.transaction() as conn:
+        conn.execute(
+            update(imports_table)
+            .where(imports_table.c.id == run)
+            .values(
+                outcome="loaded" if error is None else "stopped",
+                loaded=loaded,
+                error=error,
+                finished_at=utcnow(),
+            )
+        )
+
+
+def import_runs(store: Journal, migration: str) -> list[ImportRun]:
+    """The journaled imports of `migration`, oldest first."""
+    query = select(imports_table).where(imports_table.c.migration == migration).order_by(imports_table.c.id)
+    with store.transaction(readonly=True) as conn:
+        rows = conn.execute(query).mappings().all()
+    return [
+        ImportRun(
+            id=row["id"],
+            migration=row["migration"],
+            side=row["side"],
+            actor=row["actor"],
+            path=row["path"],
+            archive=dict(row["archive"]),
+            outcome=row["outcome"],
+            loaded=int(row["loaded"]),
+            error=row["error"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+        )
+        for row in rows
+    ]

@@ -131,6 +131,7 @@ def test_export_and_import_commands_restore_a_sql_side(
     config = write_stores_config(
         tmp_path / "mfsm.toml", sql_stores(upgraded_url), ["backfill_batch_size = 60"]
     )
+    assert 0 == run_cli("init", "--db", upgraded_url).code
     out = tmp_path / "backup.jsonl.gz"  # gzip, by its name
     exported = run_cli("export", "--db", upgraded_url, "--config", config, "--side", "old", "--out", str(out))
     assert 0 == exported.code, exported.stderr
@@ -139,7 +140,18 @@ def test_export_and_import_commands_restore_a_sql_side(
         assert 251 == sum(1 for _ in handle)
     missing = tmp_path / "missing.jsonl"
     code = cli.main(
-        ["import", "--config", config, "--side", "new", "--in", str(out)],
+        [
+            "import",
+            "--db",
+            upgraded_url,
+            "--config",
+            config,
+            "--side",
+            "new",
+            "--in",
+            str(out),
+            "--into-other-side",
+        ],
         prog_name="migration-fsm",
         standalone_mode=False,
     )
@@ -147,7 +159,7 @@ def test_export_and_import_commands_restore_a_sql_side(
     assert "loaded 250 tasks into the new side" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(BadInput):
         cli.main(
-            ["import", "--config", config, "--side", "new", "--in", str(missing)],
+            ["import", "--db", upgraded_url, "--config", config, "--side", "new", "--in", str(missing)],
             prog_name="migration-fsm",
             standalone_mode=False,
         )

@@ -189,7 +189,7 @@ def test_run_guards_read_backfill_validate_and_backup_records(engine: Migration)
     assert (False, True) == (passed, "does not exist" in detail)
     export_tasks(memory_store("new"), path, side="new")
     assert (False, f"{path} is an export of the new side, not the old one") == check(engine, "backup_exists")
-    export_tasks(old, path, side="old")
+    export_tasks(old, path, side="old", overwrite=True)
     passed, detail = check(engine, "backup_exists")
     assert (True, True) == (passed, detail.startswith(f"{path}: 12 tasks of the old side, exported at"))
     Path(path).write_text(
