@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -62,6 +63,22 @@ def utc_text(value: datetime) -> str:
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no spaces: the same bytes in every process and version."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values have the same canonical JSON, without encoding them:
+    equal and of the same JSON types all the way down (`True`, `1` and `1.0` are three values,
+    as their JSON is; key order never matters; `-0.0` is not `0.0`). Python's `==` alone
+    says `True == 1 == 1.0`."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_json(value, b[key]) for key, value in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same_json, a, b))
+    if isinstance(a, float):
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return bool(a == b)
 
 
 def identity_digest(identity: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ from ..tasks.identity import (
     ATTEMPTS,
     CREATED_AT,
     KEY,
+    PAYLOAD,
     RUN_AT,
     STATUS,
     TYPE,
@@ -35,7 +36,7 @@ from ..tasks.identity import (
     identity_source,
     status_of,
 )
-from ..tasks.records import IDENTITY_FIELDS, PROGRESS_FIELDS, TaskRecord, TaskStatus
+from ..tasks.records import IDENTITY_FIELDS, PROGRESS_FIELDS, TaskRecord, TaskStatus, same_json
 from ..tasks.sides import open_sides
 from . import runs
 from .retire import FINISHED, RUNNABLE, ledger_ran_on_new
@@ -120,12 +121,13 @@ def classify(old: TaskRecord | None, new: TaskRecord | None) -> tuple[str, list[
         if old is None and new is None:
             return None
         return (MISSING if new is None else EXTRA), []
-    if old == new:  # the common case: one cheap comparison, no canonical JSON
+    same_payload = same_json(old.payload, new.payload)  # type-aware: `==` says True == 1 == 1.0
+    if same_payload and old == new:  # the common case: no canonical JSON
         return None
     if (
         old.type != new.type
         or old.created_at != new.created_at
-        or old.payload != new.payload
+        or not same_payload
         or old.run_at != new.run_at
     ):
         fields = old.differing_fields(new)
@@ -133,6 +135,16 @@ def classify(old: TaskRecord | None, new: TaskRecord | None) -> tuple[str, list[
             return MISMATCHED, fields
     progress = [name for name in PROGRESS_FIELDS if getattr(old, name) != getattr(new, name)]
     return (STATUS_DIFFERS, progress) if progress else None
+
+
+def _same_payloads(rows_a: Sequence[IdentityRow], rows_b: Sequence[IdentityRow]) -> bool:
+    """For rows already equal by `==`: whether their payloads are equal as JSON too. JSON text
+    compares exactly; a decoded payload (a dict: JSON or JSONB columns, memory stores) must
+    also match in JSON types, which `==` ignores (`True == 1 == 1.0`)."""
+    return all(
+        type(a[PAYLOAD]) is str or same_json(a[PAYLOAD], b[PAYLOAD])
+        for a, b in zip(rows_a, rows_b, strict=True)
+    )
 
 
 class _Side:
@@ -198,12 +210,16 @@ class _Validation:
                 continue
             rows_a, i, rows_b, j = a.page, a.at, b.page, b.at
             span = min(run, len(rows_a) - i, len(rows_b) - j)
-            if rows_a[i : i + span] == rows_b[j : j + span]:  # the common case: a run of equal rows
+            if rows_a[i : i + span] == rows_b[j : j + span] and _same_payloads(
+                rows_a[i : i + span], rows_b[j : j + span]
+            ):  # the common case: a run of equal rows
                 a.at, b.at = i + span, j + span
                 run *= 2
                 continue
             run = _FIRST_RUN
-            while rows_a[i] == rows_b[j]:  # stops inside the span: the slices differ
+            while rows_a[i] == rows_b[j] and _same_payloads(
+                (rows_a[i],), (rows_b[j],)
+            ):  # stops inside the span
                 i, j = i + 1, j + 1
             row_a, row_b = rows_a[i], rows_b[j]
             if row_a[KEY] < row_b[KEY]:
@@ -228,7 +244,11 @@ class _Validation:
     ) -> bool:
         """Whether two rows of one key hold different identities: equal raw values agree at
         once; other forms of the same value (JSON spacing, a timestamp's zone) agree by checksum."""
-        if row_a[TYPE : CREATED_AT + 1] == row_b[TYPE : CREATED_AT + 1] and row_a[RUN_AT] == row_b[RUN_AT]:
+        if (
+            row_a[TYPE : CREATED_AT + 1] == row_b[TYPE : CREATED_AT + 1]
+            and row_a[RUN_AT] == row_b[RUN_AT]
+            and _same_payloads((row_a,), (row_b,))
+        ):
             return False
         return old_rows.identity_checksum(row_a) != new_rows.identity_checksum(row_b)
 
