@@ -95,7 +95,7 @@ def test_the_verdict_is_canonical_json_differs(pairs: list[tuple[dict[str, Any],
     expected = {f"k{i:03d}" for i, (a, b) in enumerate(pairs) if canonical_differs(a, b)}
     assert expected == {sample["key"] for sample in report.sample_mismatched}
     assert len(expected) == report.mismatched
-    assert report.ok is not expected
+    assert report.ok is (not expected)
     for a, b in pairs:
         assert same_json(a, b) is not canonical_differs(a, b)
         verdict = classify(record("k", a), record("k", b))
