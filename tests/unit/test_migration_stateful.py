@@ -309,6 +309,7 @@ class Model:
                 step.status = "undone"
             self._store_point(counter)
             entry.status = "aborted"
+            entry.reason = reason  # the aborted row says why it was aborted
             self.lease = "none"
             self._store_point(counter)
 

@@ -738,17 +738,19 @@ def test_empty_key_is_a_data_error(sql: SqlCase) -> None:
 def test_duplicate_keys_in_the_table_are_a_data_error(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str
 ) -> None:
-    """A key stored twice (no unique index): exit 1 from scan and get, naming the key."""
+    """A key stored twice (its unique index dropped after the store was built): exit 1 from
+    scan and get, naming the key."""
     with database(backend, request, tmp_path) as url:
         raw = make_engine(url, create=True)
         metadata = MetaData()
-        table = plain_table(metadata, primary=False)
+        table = plain_table(metadata, primary=False, extra=(Index("tasks_key_once", "key", unique=True),))
         metadata.create_all(raw)
         try:
             with SqlTaskStore(url, "tasks", name="old") as store:
                 records = make_records(["a", "b", "c"])
                 store.put_many(records)
                 with raw.begin() as conn:
+                    conn.execute(text("DROP INDEX tasks_key_once"))
                     conn.execute(insert(table), [{**records[1].model_dump(), "status": "running"}])
                 for limit in (1, 2, 10):  # the duplicate inside a page, and just past its end
                     after = None if limit != 1 else "a"
@@ -757,6 +759,35 @@ def test_duplicate_keys_in_the_table_are_a_data_error(
                 with pytest.raises(DataError, match="key 'b' appears more than once") as caught:
                     store.get("b")
                 assert 1 == caught.value.exit_code
+        finally:
+            raw.dispose()
+
+
+@pytest.mark.parametrize("uniqueness", ["none", "with another column"])
+def test_a_table_whose_key_is_not_unique_is_refused(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, uniqueness: str
+) -> None:
+    """Concurrent writers would store a key twice (308 rows for 300 keys were seen): bad
+    config (exit 2), one line naming the table and the index to create; nothing written."""
+    with database(backend, request, tmp_path) as url:
+        raw = make_engine(url, create=True)
+        metadata = MetaData()
+        queue = Column("queue", String(20), nullable=False, server_default="default")
+        extra: tuple[Any, ...] = (queue,)
+        if uniqueness != "none":
+            extra += (Index("tasks_key_queue", "key", "queue", unique=True),)
+        plain_table(metadata, primary=False, extra=extra)
+        metadata.create_all(raw)
+        try:
+            with pytest.raises(ConfigError) as caught:
+                SqlTaskStore(url, "tasks", name="old")
+            message = str(caught.value)
+            assert 2 == caught.value.exit_code
+            assert "\n" not in message
+            assert "table 'tasks' has no unique index on its key column 'key'" in message
+            assert "CREATE UNIQUE INDEX tasks_key_unique ON tasks (key)" in message
+            with raw.connect() as conn:
+                assert 0 == conn.execute(text("SELECT count(*) FROM tasks")).scalar()
         finally:
             raw.dispose()
 

@@ -45,7 +45,8 @@ def insert_for(dialect: str) -> Callable[..., Any]:
 
 def probe_key(conn: Connection, mapping: TableMapping, dialect: Dialect) -> None:
     """Ask the database how the mapping's key column sorts and which indexes it has; set
-    `mapping.key_order`, `key_range_indexed` and `key_unique` from the answers."""
+    `mapping.key_order`, `key_range_indexed`, `key_unique` and `key_unique_anyhow` from the
+    answers."""
     key = mapping.key_column
     if mapping.integer_key:  # scanned by ranges of the index, in text order (`integer_ranges`)
         mapping.key_order = key
@@ -55,13 +56,42 @@ def probe_key(conn: Connection, mapping: TableMapping, dialect: Dialect) -> None
             mapping.key_unique = _sqlite_key_indexes(conn, mapping, dialect, key)[1] or _sqlite_rowid(
                 conn, mapping, dialect, key
             )
-        return
-    mapping.key_order = _ordering_key(conn, mapping, dialect, key)
-    if mapping.dialect == "postgresql":  # the column's own collation is code point order, or not
-        mapping.key_range_indexed = mapping.key_order is key
-        mapping.key_unique = _pg_key_unique(conn, mapping, key)
-    elif mapping.dialect == "sqlite":
-        mapping.key_range_indexed, mapping.key_unique = _sqlite_key_indexes(conn, mapping, dialect, key)
+    else:
+        mapping.key_order = _ordering_key(conn, mapping, dialect, key)
+        if mapping.dialect == "postgresql":  # the column's own collation is code point order, or not
+            mapping.key_range_indexed = mapping.key_order is key
+            mapping.key_unique = _pg_key_unique(conn, mapping, key)
+        elif mapping.dialect == "sqlite":
+            mapping.key_range_indexed, mapping.key_unique = _sqlite_key_indexes(conn, mapping, dialect, key)
+    mapping.key_unique_anyhow = mapping.key_unique or _key_in_a_partial_unique_index(
+        conn, mapping, dialect, key
+    )
+
+
+def _key_in_a_partial_unique_index(
+    conn: Connection, mapping: TableMapping, dialect: Dialect, key: Column[Any]
+) -> bool:
+    """Whether a partial unique index is on the key alone (upserts then take the two-statement
+    path; keys must be unique among the rows its predicate covers)."""
+    if mapping.dialect == "postgresql":
+        indexes = inspect(conn).get_indexes(mapping.table.name, schema=mapping.table.schema)
+        return any(index["unique"] and index["column_names"] == [key.name] for index in indexes)
+    if mapping.dialect != "sqlite":
+        return True  # no way to ask here: the store's writes are the check
+    preparer = dialect.identifier_preparer
+    table = mapping.table
+    schema = f"{preparer.quote_identifier(table.schema)}." if table.schema else ""
+    name = preparer.quote_identifier(table.name)
+    for index in conn.exec_driver_sql(f"PRAGMA {schema}index_list({name})").mappings().all():
+        if index["unique"] and index["partial"]:
+            info = (
+                conn.exec_driver_sql(f"PRAGMA {schema}index_info({preparer.quote_identifier(index['name'])})")
+                .mappings()
+                .all()
+            )
+            if [row["name"] for row in info] == [key.name]:
+                return True
+    return False
 
 
 def _sqlite_key_indexes(

@@ -148,6 +148,9 @@ class TableMapping:
         )
         self.key_range_indexed = False
         self.key_unique = False
+        #: Whether the key is unique through any index on it alone, partial ones included
+        #: (`SqlTaskStore` refuses a table where it is not: writers would duplicate keys).
+        self.key_unique_anyhow = False
 
     # -- construction -----------------------------------------------------------------
 

@@ -158,6 +158,14 @@ class SqlTaskStore:
                 table_name=self.table_name,
             )
             probe_key(conn, self.mapping, dialect)
+        if not self.mapping.key_unique_anyhow:
+            key = self.mapping.key_column.name
+            raise ConfigError(
+                f"store '{self.name}': table '{self.table_name}' has no unique index on its key column"
+                f" '{key}', so concurrent writers would store a task twice: create one (CREATE UNIQUE"
+                f" INDEX {self.table.name}_{key}_unique ON {self.table_name} ({key})) or map the key"
+                " to a unique column"
+            )
         self.statements = Statements(self.mapping, dialect)
 
     @property
