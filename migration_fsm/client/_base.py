@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import random
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import DualWriteError
 from ..tasks.capabilities import ForwardPut
 from ..tasks.records import PROGRESS_FIELDS, is_behind
+from ._log import first_line, log
 from .repair import RepairLog
 
 if TYPE_CHECKING:
@@ -29,14 +29,6 @@ if TYPE_CHECKING:
     from ..fsm import Routing, Side
     from ..tasks.records import TaskRecord
     from .phase import PhaseClient
-
-log = logging.getLogger("migration_fsm.client")
-
-
-def first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, for one-line logs and repair entries."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 async def call_store(store: Any, method: str, *args: Any) -> Any:
@@ -160,6 +152,20 @@ class WriterBase:
         assert plan.second_side is not None
         return RepairEntry(key, plan.second_side, _describe(exc))
 
+    def _interrupted_first(self, key: str, plan: WritePlan, exc: BaseException) -> RepairEntry | None:
+        """The repair entry for an interrupt (not an `Exception`: KeyboardInterrupt, a
+        cancellation, a worker's hard timeout) *during* the authoritative write, when the
+        phase writes both sides: that write may have landed, so `reconcile` must look (it
+        copies the task to the other side, or finds it on neither). None when the phase
+        writes one side only (the task is on it, or on neither: both are consistent)."""
+        self._first_failed()
+        if plan.second_side is None:
+            return None
+        self._count("repair_entries")
+        return RepairEntry(
+            key, plan.second_side, f"{_describe_first(exc)} during the write to {plan.first_side}"
+        )
+
     def _second_failed(self, entry: RepairEntry, exc: BaseException) -> bool:
         """After the repair entry is stored: True when the write stands (the caller gets the
         authoritative side), False when the twin must re-raise `exc` (an interrupt that is
@@ -169,7 +175,11 @@ class WriterBase:
         if not isinstance(exc, Exception):
             return False
         if self.strict:
-            raise DualWriteError(f"write of {entry.key} to {entry.side} failed: {first_line(exc)}") from exc
+            raise DualWriteError(
+                f"write of {entry.key} to {entry.side} failed: {first_line(exc)}; the task IS stored on"
+                f" the authoritative side ({'old' if entry.side == 'new' else 'new'}) and a repair"
+                " entry is kept: do not re-send it, `reconcile` copies it"
+            ) from exc
         return True
 
     def _count(self, name: str) -> None:
@@ -177,9 +187,12 @@ class WriterBase:
             self._counters[name] += 1
 
     def counters(self) -> dict[str, int]:
-        """Plain numbers for the application's metrics system."""
+        """Plain numbers for the application's metrics system; `repair_spooled` is how many
+        repair entries wait in the repair log's spool for the migration database."""
         with self._lock:
-            return dict(self._counters)
+            values = dict(self._counters)
+        values["repair_spooled"] = self.repair.pending()
+        return values
 
     def close(self) -> None:
         """Close the repair log's connections (the client and stores are the caller's)."""
@@ -197,6 +210,14 @@ def _forward_put(store: Any) -> tuple[str, bool]:
     `put_forward` when it offers `capabilities.ForwardPut` (`SqlTaskStore` and
     `MemoryTaskStore` do), else `put`."""
     return ("put_forward", True) if isinstance(store, ForwardPut) else ("put", False)
+
+
+def _describe_first(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"interrupted ({first_line(exc)})"
 
 
 def _describe(exc: BaseException) -> str:

@@ -79,7 +79,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..exceptions import DatabaseUnavailable
 from ..journal.ledger import FAILED, SUCCEEDED, Claim, Ledger
 from ..journal.workers import SIDES, Workers, default_worker_id
-from ._base import first_line, log
+from ._log import first_line, log
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zlib import crc32  # the same hash as fsm.bucket, bound here: routing(key) is the hot path
 
 from ..fsm import ROUTING, Phase, Routing, routing_for
-from ._base import first_line, log
+from ._log import first_line, log
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

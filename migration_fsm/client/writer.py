@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from ._base import WriterBase, call_store
@@ -48,6 +50,11 @@ class DualWriter(WriterBase):
         except Exception:
             self._first_failed()
             raise
+        except BaseException as exc:  # an interrupt during the first write: it may have landed
+            entry = self._interrupted_first(record.key, plan, exc)
+            if entry is not None:
+                self.repair.record(entry.key, entry.side, entry.error)
+            raise
         if not self._first_done(plan, wrote):
             return plan.first_side
         try:
@@ -61,9 +68,28 @@ class DualWriter(WriterBase):
         return self._second_done(plan, wrote)
 
 
+async def _write_to_the_end(store: Any, method: str, record: TaskRecord) -> Any:
+    """`call_store`, except that a plain store's write (in a thread, which a cancellation
+    cannot stop) is waited for even when the caller is cancelled, before the cancellation
+    goes on: what to repair is decided once the write has ended, not while it may still land."""
+    fn = getattr(store, method)
+    if inspect.iscoroutinefunction(fn):
+        return await fn(record)
+    future = asyncio.ensure_future(asyncio.to_thread(fn, record))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        raise
+
+
 class AsyncDualWriter(WriterBase):
     """`DualWriter` for asyncio: stores may be async (`async def put`) or plain (run in a
-    thread). A cancellation between the two writes still leaves a repair entry."""
+    thread). A cancellation at any moment leaves the task on both sides, on neither, or with
+    a repair entry: between the two writes, and during the first one too (a plain store's
+    write is waited for; an async store's outcome is unknown, so `reconcile` looks)."""
 
     def __init__(
         self,
@@ -80,9 +106,16 @@ class AsyncDualWriter(WriterBase):
         """Write `record`; returns the authoritative side's name."""
         plan = self._plan(record.key)
         try:
-            wrote = await call_store(plan.first, plan.first_method, record)
+            wrote = await _write_to_the_end(plan.first, plan.first_method, record)
         except Exception:
             self._first_failed()
+            raise
+        except BaseException as exc:  # a cancellation during the first write: it may have landed
+            entry = self._interrupted_first(record.key, plan, exc)
+            if entry is not None:
+                await asyncio.shield(
+                    asyncio.to_thread(self.repair.record, entry.key, entry.side, entry.error)
+                )
             raise
         if not self._first_done(plan, wrote):
             return plan.first_side

@@ -81,10 +81,14 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
-def make_engine(url: str, *, create: bool = False, wal: bool = True) -> Engine:
+def make_engine(
+    url: str, *, create: bool = False, wal: bool = True, timeout_seconds: float | None = None
+) -> Engine:
     """An engine for `url`. SQLite gets a busy timeout, `BEGIN IMMEDIATE` transactions (so two
     writers queue instead of deadlocking) and, when `wal`, the WAL journal; a missing SQLite
-    file is an error unless `create`."""
+    file is an error unless `create`. `timeout_seconds` bounds how long a statement may wait:
+    SQLite's busy timeout, PostgreSQL's connect, statement and lock timeouts (default: a 30 s
+    busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL)."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
@@ -102,12 +106,28 @@ def make_engine(url: str, *, create: bool = False, wal: bool = True) -> Engine:
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
+        if timeout_seconds is not None:
+            ms = max(1, int(timeout_seconds * 1000))
+            given = parsed.query.get("options", "")  # e.g. a search_path: kept, not replaced
+            options = [given] if isinstance(given, str) else list(given)
+            options += [f"-c statement_timeout={ms}", f"-c lock_timeout={ms}"]
+            kwargs["connect_args"] = {
+                "connect_timeout": max(1, round(timeout_seconds)),
+                "options": " ".join(option for option in options if option),
+            }
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"database URL '{safe_url(url)}' is not usable: {exc}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect_wal if wal else _sqlite_on_connect)
+        if timeout_seconds is not None:
+            busy = max(1, int(timeout_seconds * 1000))
+
+            def _bounded(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:  # noqa: ARG001  "connect" event
+                dbapi_connection.execute(f"PRAGMA busy_timeout = {busy}")
+
+            event.listen(engine, "connect", _bounded)  # after the default one: it wins
         event.listen(engine, "begin", _sqlite_on_begin)
     return engine
 

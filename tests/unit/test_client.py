@@ -254,6 +254,7 @@ def test_dual_writer_failure_points(engine: Migration, client: PhaseClient, stor
         "repair_entries": 1,
         "failed_writes": 1,
         "resends_kept": 0,
+        "repair_spooled": 0,
     } == writer.counters()
     writer.close()
     strict.close()
