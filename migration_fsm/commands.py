@@ -365,7 +365,7 @@ def import_(
     (`Journal.data_fence`), so an import stops before its next batch once a transition
     begins. Every import is journaled (`mfsm_imports`) with the archive's summary."""
     from .journal.locks import lease_holder_name
-    from .tasks.sides import open_side, side_name
+    from .tasks.sides import open_side, shares_migration_file, side_name
     from .tools import runs
     from .tools.archive import import_tasks
 
@@ -424,27 +424,27 @@ def import_(
         return result
 
 
-def shares_migration_file(settings: Settings, side: str) -> bool:
-    """Whether `side`'s store is a table in the migration database's own SQLite file (a data
-    fence then cannot hold that file's write lock while the tool writes)."""
-    from .journal.db import sqlite_path
-
-    store = settings.stores.get(side)  # type: ignore[call-overload]
-    if store is None or not store.url:
-        return False
-    mine, theirs = sqlite_path(settings.database_url), sqlite_path(store.url)
-    return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
-
-
 def reconcile(settings: Settings, migration: str) -> Reconciled:
-    """Replay the open dual-write repair entries from the side that took each write."""
-    from .tasks.sides import open_sides
+    """Replay the open dual-write repair entries from the side that took each write.
+
+    Refused while a transition is in progress or interrupted (exit 3); each batch of entries
+    is replayed under the data fence (`Journal.data_fence`), so a transition that begins
+    meanwhile stops it before its next batch."""
+    from .journal.locks import lease_holder_name
+    from .tasks.sides import open_sides, shares_migration_file
     from .tools.reconcile import reconcile as replay_repairs
 
     with open_store(settings) as store:
-        store.get(migration)  # an unknown migration is bad input, before any store is opened
+        state = store.get(migration)  # an unknown migration is bad input, before any store is opened
+        store.check_data_fence(state, "reconcile", state.version)
+        holder = lease_holder_name(settings.actor)
+        hold = not (shares_migration_file(settings, "old") or shares_migration_file(settings, "new"))
+
+        def fence() -> AbstractContextManager[object]:
+            return store.data_fence(migration, holder, tool="reconcile", version=state.version, hold=hold)
+
         with open_sides(settings) as (old, new):
-            return replay_repairs(store, migration, old, new, batch=settings.backfill_batch_size)
+            return replay_repairs(store, migration, old, new, batch=settings.backfill_batch_size, fence=fence)
 
 
 def diagram() -> str:

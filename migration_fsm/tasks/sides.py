@@ -56,3 +56,15 @@ def open_sides(settings: Settings) -> Iterator[tuple[TaskStore, TaskStore]]:
     """The old and the new task store."""
     with open_side(settings, "old") as old, open_side(settings, "new") as new:
         yield old, new
+
+
+def shares_migration_file(settings: Settings, side: str) -> bool:
+    """Whether `side`'s store is a table in the migration database's own SQLite file (a data
+    fence then cannot hold that file's write lock while the tool writes)."""
+    from ..journal.db import sqlite_path
+
+    store = settings.stores.get(side)  # type: ignore[call-overload]
+    if store is None or not store.url:
+        return False
+    mine, theirs = sqlite_path(settings.database_url), sqlite_path(store.url)
+    return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()

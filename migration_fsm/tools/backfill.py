@@ -6,6 +6,12 @@ so after a crash the next run starts after the last checkpoint and may write one
 second time, which the upsert makes harmless: the result is the same as an uninterrupted run.
 Memory stays bounded by one batch.
 
+A backfill writes only while no transition is in progress or interrupted and the migration
+is still at the version it found when it began: checked when it starts (exit 3) and again
+before every batch, under `Journal.data_fence` (the lock every transition takes), so a
+batch is never written after the phase left `dual_write` (a task the new workers finished
+would go back to pending and run twice).
+
 Between two SQL stores of one kind of database the batches are copied as rows (`RowCopy`):
 the source database reads each field in the target column's form and checks it, so no
 record is decoded and encoded again; a batch with a row that needs converting goes the
@@ -15,20 +21,23 @@ record path.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import BadInput
 from ..fsm import authoritative_phases, routing_for
+from ..journal.locks import lease_holder_name
 from ..tasks.capabilities import Count
 from ..tasks.scan import page
-from ..tasks.sides import open_sides
+from ..tasks.sides import open_sides, shares_migration_file
 from ..tasks.sql import RowCopy
 from . import runs
 from .progress import NoProgress, Progress
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
 
     from ..config import Settings
     from ..journal import Journal
@@ -72,12 +81,16 @@ def copy_tasks(
     max_rate: float | None = None,
     progress: Progress | None = None,
     done_before: int = 0,
+    fence: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> BackfillResult:
     """Copy the tasks of `old` with keys > `after` into `new`, `batch_size` at a time.
 
     After each batch `checkpoint(last_key, copied_so_far)` is called. `max_rate` caps the
     rows per second (the run sleeps between batches), so the copy never starves the
-    database it reads. `done_before` is what earlier runs copied (for the progress ETA)."""
+    database it reads. `done_before` is what earlier runs copied (for the progress ETA).
+    Each batch is read and written inside `fence()` (`Journal.data_fence`: it raises, and
+    the copy stops, when the migration changed since the backfill began)."""
+    fenced = fence or nullcontext
     progress = progress or NoProgress()
     if max_rate is not None:
         # Smaller batches keep the pace even instead of bursty.
@@ -89,7 +102,8 @@ def copy_tasks(
     cursor = after
     try:
         while True:
-            written, last = _copy_batch(old, new, rows, cursor, batch_size)
+            with fenced():
+                written, last = _copy_batch(old, new, rows, cursor, batch_size)
             if last is None:
                 break
             copied += written
@@ -142,6 +156,9 @@ def backfill_migration(
     checkpoint (in `mfsm_backfill`), or start a fresh one when the last one finished."""
     with open_sides(settings) as (old, new):  # no stores configured: ConfigError, first
         state = store.get(migration)  # an unknown migration is bad input, before anything is copied
+        # A transition in progress (its drain may take minutes) or interrupted: exit 3, nothing
+        # copied. Checked again before every batch, under the fence every transition takes.
+        store.check_data_fence(state, "backfill", state.version)
         if routing_for(state.phase, state.percent).authoritative != "old":
             # Once new is authoritative, copying old over it would undo finished work.
             safe = authoritative_phases("old")
@@ -160,6 +177,12 @@ def backfill_migration(
         def checkpoint(cursor: str, copied: int) -> None:
             runs.save_backfill(store, migration, cursor=cursor, copied=before + copied)
 
+        holder = lease_holder_name(settings.actor)
+        hold = not shares_migration_file(settings, "new")
+
+        def fence() -> AbstractContextManager[object]:
+            return store.data_fence(migration, holder, tool="backfill", version=state.version, hold=hold)
+
         result = copy_tasks(
             old,
             new,
@@ -169,6 +192,7 @@ def backfill_migration(
             max_rate=max_rate,
             progress=progress,
             done_before=before,
+            fence=fence,
         )
         final = runs.backfill_progress(store, migration)
         cursor = final.cursor if final is not None else after

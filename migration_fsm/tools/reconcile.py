@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,9 @@ from migration_fsm.fsm import RepairStatus
 from migration_fsm.journal import repair_log_table, utcnow
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
     from migration_fsm.journal import Journal
 
     from ..tasks.records import TaskStore
@@ -51,11 +55,19 @@ def open_entries(store: Journal, migration: str) -> int:
 
 
 def reconcile(
-    store: Journal, migration: str, old: TaskStore, new: TaskStore, *, batch: int = 500
+    store: Journal,
+    migration: str,
+    old: TaskStore,
+    new: TaskStore,
+    *,
+    batch: int = 500,
+    fence: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> Reconciled:
     """Replay every open entry: read the record from the side that took the write, put it on
     the side that missed it unless that side already holds the same or a newer version, and
-    close the entry. Idempotent: a second run finds nothing open and changes nothing."""
+    close the entry. Idempotent: a second run finds nothing open and changes nothing. Each
+    batch of entries is replayed inside `fence()` (`Journal.data_fence`)."""
+    fenced = fence or nullcontext
     sides = {"old": old, "new": new}
     replayed = current = absent = failed = 0
     last_id = 0
@@ -77,26 +89,30 @@ def reconcile(
             )
         if not rows:
             break
-        for row in rows:
-            last_id = row["id"]
-            missing_side = row["side"]
-            source = sides["new" if missing_side == "old" else "old"]
-            target = sides[missing_side]
-            outcome, error = RepairStatus.DONE, None
-            try:
-                record = source.get(row["key"])
-                if record is None:
-                    absent += 1
-                else:
-                    there = target.get(row["key"])
-                    if there is not None and there.updated_at >= record.updated_at:
-                        current += 1
+        last_id = rows[-1]["id"]
+        outcomes: list[tuple[int, RepairStatus, str | None]] = []
+        with fenced():  # the tasks are written under the fence; the entries closed after it
+            for row in rows:
+                missing_side = row["side"]
+                source = sides["new" if missing_side == "old" else "old"]
+                target = sides[missing_side]
+                outcome, error = RepairStatus.DONE, None
+                try:
+                    record = source.get(row["key"])
+                    if record is None:
+                        absent += 1
                     else:
-                        target.put(record)
-                        replayed += 1
-            except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the others
-                outcome, error = RepairStatus.OPEN, f"{type(exc).__name__}: {exc}"
-                failed += 1
+                        there = target.get(row["key"])
+                        if there is not None and there.updated_at >= record.updated_at:
+                            current += 1
+                        else:
+                            target.put(record)
+                            replayed += 1
+                except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the others
+                    outcome, error = RepairStatus.OPEN, f"{type(exc).__name__}: {exc}"
+                    failed += 1
+                outcomes.append((row["id"], outcome, error))
+        for entry_id, outcome, error in outcomes:
             with store.transaction() as conn:
                 values: dict[str, Any] = {"status": outcome, "attempts": repair_log_table.c.attempts + 1}
                 if outcome == RepairStatus.DONE:
@@ -104,6 +120,6 @@ def reconcile(
                 else:
                     values["error"] = (error or "")[:2000]
                 conn.execute(
-                    update(repair_log_table).where(repair_log_table.c.id == row["id"]).values(**values)
+                    update(repair_log_table).where(repair_log_table.c.id == entry_id).values(**values)
                 )
     return Reconciled(replayed, current, absent, failed, open_entries(store, migration))
