@@ -20,26 +20,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import commands
-from ..client import DualWriter, FallbackReader, PhaseClient
-from ..config import Settings, StepSpec, StoreConfig
+from ..client import DualWriter, FallbackReader, PhaseClient, WorkerGate
+from ..config import Settings, StoreConfig
 from ..fsm import PHASES, Phase
+from ..journal.ledger import Ledger
 from ..tasks.capabilities import Closeable
 from ..tasks.factory import build_store
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tools.reconcile import open_entries
 from . import hooks
-from .systems import NEW_STORE, OLD_STORE, Ledger, NewQueue, OldTaskManager, WorkerPool
+from .systems import NEW_STORE, OLD_STORE, ExecutionLog, NewQueue, OldTaskManager
+from .worker import WorkerPool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 MIGRATION = "demo"
 HOOKS = "migration_fsm.demo.hooks"
+#: The operators' `worker_ttl_seconds` in the demo and the load run, which the gates use too.
+WORKER_TTL_SECONDS: Final = 10.0
 
 
 def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = "demo-operator") -> Settings:
     """The walk's configuration over any databases: two SQL stores over the demo systems'
-    tables, the default guards, and operator hooks around the built-in drain and sync steps."""
+    tables, and the default edges of DESIGN.md section 10 (`pause_consumers`, the drains,
+    `transfer_state`, `reverse_sync`, `retire_old`; the default guards), but for
+    `cutover -> cleanup`, which lists its default step and then the injected crash (an edge
+    listed here gets exactly its list; its default guards still apply).
+
+    The workers of both sides run a `WorkerGate` (`migration_fsm.demo.worker`), so the pause
+    is acknowledged in well under a second: `pause_timeout_seconds` is short. A worker silent
+    for `worker_ttl_seconds` counts as gone (its claims may be taken over). A task still
+    running at `drain_timeout_seconds` is handed over to the receiving side (`requeue`, the
+    default policy), unless it runs on a live worker."""
     old = StoreConfig(**{**OLD_STORE, "url": old_url})
     new = StoreConfig(**{**NEW_STORE, "url": new_url})
     return Settings(
@@ -47,26 +60,13 @@ def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = 
         actor=actor,
         lease_seconds=5,
         heartbeat_seconds=1,
-        drain_timeout_seconds=30,
-        drain_policy="fail",
+        worker_ttl_seconds=WORKER_TTL_SECONDS,
+        pause_timeout_seconds=30,
+        drain_timeout_seconds=15,
+        drain_policy="requeue",
         backfill_batch_size=500,
         stores={"old": old, "new": new},
-        steps={
-            "dual_write->cutover": [
-                StepSpec(do=f"{HOOKS}:stop_old_workers", undo=f"{HOOKS}:start_old_workers"),
-                "drain_old",
-                "transfer_state",
-                f"{HOOKS}:start_new_workers",
-            ],
-            "cutover->cleanup": [f"{HOOKS}:crash_once"],
-            "cleanup->cutover": ["reverse_sync"],
-            "cutover->dual_write": [
-                StepSpec(do=f"{HOOKS}:stop_new_workers", undo=f"{HOOKS}:start_new_workers"),
-                "drain_new",
-                "reverse_sync",
-                f"{HOOKS}:start_old_workers",
-            ],
-        },
+        steps={"cutover->cleanup": ["retire_old", f"{HOOKS}:crash_once"]},
     )
 
 
@@ -81,14 +81,29 @@ def demo_settings(directory: Path) -> Settings:
 
 @dataclass
 class Report:
-    """What the demo measured; `as_json` is the `demo --json` object."""
+    """What the demo measured; `as_json` is the `demo --json` object.
+
+    `lost` and `duplicated` come from the tasks' own side effects (the `ExecutionLog`: a
+    scheduled task that never ran, a task that ran more than once). `executed_twice` (must be
+    0) and `refused_executions` come from the migration's execution ledger: keys that
+    succeeded more than once, and claims the ledger refused (a worker took a task that ran or
+    runs elsewhere, and did not run it: a refusal is the ledger doing its job, not an
+    error). `ledger` is `Ledger.counts` as a whole, `workers` each side's pool (threads,
+    tasks run, refusals by reason, its gate's counters), `pauses` each `pause_consumers`
+    step of the journal (the side paused, how many live workers acknowledged, which were gone).
+    """
 
     scheduled: int = 0
     executed: int = 0
     executions: int = 0
     lost: int = 0
     duplicated: int = 0
+    executed_twice: int = 0
+    refused_executions: int = 0
+    ledger: dict[str, Any] = field(default_factory=dict)
     executions_by_side: dict[str, int] = field(default_factory=dict)
+    workers: dict[str, Any] = field(default_factory=dict)
+    pauses: list[dict[str, Any]] = field(default_factory=list)
     fallback_reads: int = 0
     reads: int = 0
     shadow_mismatches: int = 0
@@ -107,8 +122,13 @@ class Report:
             "executed": self.executed,
             "lost": self.lost,
             "duplicated": self.duplicated,
+            "executed_twice": self.executed_twice,
+            "refused_executions": self.refused_executions,
             "executions": self.executions,
             "executions_by_side": self.executions_by_side,
+            "ledger": self.ledger,
+            "workers": self.workers,
+            "pauses": self.pauses,
             "fallback_reads": self.fallback_reads,
             "reads": self.reads,
             "shadow_mismatches": self.shadow_mismatches,
@@ -178,20 +198,25 @@ def _demo_world(directory: Path, workers: int) -> Iterator[dict[str, Any]]:
     settings = demo_settings(directory)
     commands.db_upgrade(settings)
     commands.init(settings, MIGRATION)
-    ledger = Ledger(directory / "ledger.db")
+    log = ExecutionLog(directory / "execution_log.db")
     old_system, new_system = OldTaskManager(directory / "old.db"), NewQueue(directory / "new.db")
     client = PhaseClient(settings.database_url, migration=MIGRATION, ttl=0.05)
     old_store = build_store(settings.stores["old"], "old")
     new_store = build_store(settings.stores["new"], "new")
-    old_pool = WorkerPool(old_system, ledger, lambda: client.routing().consume_from == "old", workers=workers)
-    new_pool = WorkerPool(new_system, ledger, lambda: client.routing().consume_from == "new", workers=workers)
-    hooks.RUNTIME.update(old=old_pool, new=new_pool, crash_pending=True)
+    # One gate per pool of worker threads, as docs/WORKERS.md says: it alone decides what they take.
+    gates = {
+        side: WorkerGate(client, side, worker_ttl_seconds=settings.worker_ttl_seconds)
+        for side in ("old", "new")
+    }
+    old_pool = WorkerPool(old_system, log, gates["old"], workers=workers)
+    new_pool = WorkerPool(new_system, log, gates["new"], workers=workers)
+    hooks.RUNTIME.update(crash_pending=True)
     writer = DualWriter(client, old_store, new_store)
     reader = FallbackReader(client, old_store, new_store, shadow_sample=0.05)
     try:
         yield {
             "settings": settings,
-            "ledger": ledger,
+            "log": log,
             "client": client,
             "old_pool": old_pool,
             "new_pool": new_pool,
@@ -203,12 +228,14 @@ def _demo_world(directory: Path, workers: int) -> Iterator[dict[str, Any]]:
     finally:
         old_pool.stop()
         new_pool.stop()
+        for gate in gates.values():
+            gate.close()
         writer.close()
         client.close()
         for store in (old_store, new_store):
             if isinstance(store, Closeable):
                 store.close()
-        ledger.close()
+        log.close()
         hooks.RUNTIME.clear()
 
 
@@ -261,7 +288,7 @@ def run_demo(
 
 class OperatorWalk:
     """The operator's part of the story, through `commands` (the code paths of the CLI):
-    preparation -> dual_write, backfill, validate, cutover (stop old workers, drain_old,
+    preparation -> dual_write, backfill, validate, cutover (pause_consumers, drain_old,
     transfer_state), ramp 10 -> 50 -> 100, cleanup with a crash inside its step finished by
     `resume --steal`, rollback cleanup -> cutover -> dual_write, forward again, complete.
 
@@ -309,7 +336,7 @@ class OperatorWalk:
         say(f"{self.label}: backfill copied {result.copied} tasks old -> new ({speed})")
         self.check("before cutover")
         self.step(
-            "advance: dual_write -> cutover (stop old workers, drain_old, transfer_state)",
+            "advance: dual_write -> cutover (pause_consumers, drain_old, transfer_state)",
             lambda: commands.advance(settings, migration),
         )
         for percent in (10, 50, 100):
@@ -317,7 +344,7 @@ class OperatorWalk:
             self.step(f"ramp {percent}%", functools.partial(commands.ramp, settings, migration, percent))
         soak(0.5)
         self.check("before cleanup")
-        say(f"{self.label}: advance: cutover -> cleanup, with a crash injected inside its step")
+        say(f"{self.label}: advance: cutover -> cleanup (retire_old), with a crash injected after it")
         try:
             with self._doing("advance: cutover -> cleanup"):
                 commands.advance(settings, migration)
@@ -332,7 +359,7 @@ class OperatorWalk:
             lambda: commands.rollback(settings, migration, reason=f"{self.label}: error rate up in cleanup"),
         )
         self.step(
-            "rollback: cutover -> dual_write (stop new workers, drain_new, reverse_sync, old workers back)",
+            "rollback: cutover -> dual_write (pause_consumers, drain_new, reverse_sync)",
             lambda: commands.rollback(settings, migration, reason=f"{self.label}: back to dual writes"),
         )
         self.report.rollbacks = 2
@@ -399,20 +426,37 @@ def _wait_until_executed(world: dict[str, Any], producer: Producer, timeout: flo
     deadline = time.monotonic() + timeout
     wanted = set(producer.scheduled)
     while time.monotonic() < deadline:
-        if wanted <= set(world["ledger"].executions()):
+        if wanted <= set(world["log"].executions()):
             return
         time.sleep(0.1)
 
 
+def ledger_figures(report: Report, settings: Settings, migration: str) -> None:
+    """Fill `report` with the execution ledger's figures and the journal's pauses."""
+    with Ledger.open(settings.ledger_database_url) as ledger:
+        counts = ledger.counts(migration)
+    report.executed_twice = counts.executed_twice
+    report.refused_executions = counts.refused_executions
+    report.ledger = counts.as_json()
+    report.pauses = [
+        {"edge": f"{entry.source}->{entry.dest}", **(step.checkpoint or {})}
+        for entry in commands.history(settings, migration)
+        for step in entry.steps
+        if step.name == "pause_consumers"
+    ]
+
+
 def _fill(report: Report, world: dict[str, Any], producer: Producer) -> None:
-    executions = world["ledger"].executions()
+    ledger_figures(report, world["settings"], MIGRATION)
+    report.workers = {pool.side: pool.figures() for pool in (world["old_pool"], world["new_pool"])}
+    executions = world["log"].executions()
     scheduled = set(producer.scheduled)
     report.scheduled = len(scheduled)
     report.executed = len(scheduled & set(executions))
     report.executions = sum(executions.values())
     report.lost = len(scheduled - set(executions))
     report.duplicated = sum(1 for count in executions.values() if count > 1)
-    report.executions_by_side = world["ledger"].by_side()
+    report.executions_by_side = world["log"].by_side()
     reader_counters = world["reader"].counters()
     report.reads = reader_counters["reads"]
     report.fallback_reads = reader_counters["fallbacks"]
@@ -436,8 +480,8 @@ def _live_state(world: dict[str, Any], producer: Producer) -> dict[str, Any]:
         "percent": snap.percent,
         "routing": snap.routing.as_dict(),
         "scheduled": len(producer.scheduled),
-        "executed": sum(world["ledger"].by_side().values()),
-        "by_side": world["ledger"].by_side(),
+        "executed": sum(world["log"].by_side().values()),
+        "by_side": world["log"].by_side(),
         "old": dict(world["old_store"].count_by_status()),
         "new": dict(world["new_store"].count_by_status()),
         "fallbacks": world["reader"].counters()["fallbacks"],

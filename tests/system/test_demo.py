@@ -1,5 +1,5 @@
 """`migration-fsm demo` proves its claim: nothing lost, nothing run twice, through a crash and
-a rollback."""
+a rollback, with gated workers (`WorkerGate`), the execution ledger and the default edges."""
 
 from __future__ import annotations
 
@@ -7,11 +7,26 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from migration_fsm.demo.run import walk_settings
+from migration_fsm.fsm import EDGES
+from migration_fsm.migration import edge_steps, pause_warnings
 from tests.support.cli import CliResult
 
 
+def test_the_walk_uses_the_default_edges_and_no_edge_lacks_its_pause() -> None:
+    """The demo's (and the load run's) configuration lists steps for one edge only, the one
+    with the injected crash; `advance --dry-run` has no missing-pause warning for any edge."""
+    settings = walk_settings("sqlite:///control.db", "sqlite:///old.db", "sqlite:///new.db")
+    assert ["cutover->cleanup"] == list(settings.steps)
+    assert settings.drain_policy == "requeue"
+    for edge in EDGES:
+        assert [] == pause_warnings(settings, edge, edge_steps(settings, edge)), edge.key
+
+
 def test_demo_loses_nothing_and_runs_nothing_twice(cli: Callable[..., CliResult], tmp_path: Path) -> None:
-    """A small demo run reports lost 0 and duplicated 0, having crashed, resumed and rolled back."""
+    """A small demo run reports lost 0, duplicated 0 and executed_twice 0, having crashed,
+    resumed and rolled back; its gated workers claimed every task in the execution ledger, and
+    every move of consumption waited for the acknowledged pause."""
     result = cli(
         "demo",
         "--json",
@@ -29,6 +44,22 @@ def test_demo_loses_nothing_and_runs_nothing_twice(cli: Callable[..., CliResult]
     assert (0, 0) == (report["lost"], report["duplicated"])
     assert report["scheduled"] == report["executed"] > 0
     assert report["executions"] == report["executed"]
+    # The execution ledger saw every execution, and no key succeeded twice.
+    assert 0 == report["executed_twice"] == report["ledger"]["executed_twice"]
+    assert report["executed"] == report["ledger"]["succeeded"]
+    assert (0, 0) == (report["ledger"]["running"], report["ledger"]["failed"])
+    assert report["refused_executions"] >= 0  # measured: a refusal is the ledger doing its job
+    workers = report["workers"]
+    assert report["executions_by_side"] == {side: workers[side]["executed"] for side in ("old", "new")}
+    assert all(workers[side]["errors"] == [] for side in ("old", "new"))
+    # Consumption moved three times (cutover, rollback to dual_write, cutover again), each after
+    # every live gate of the giving side had acknowledged the pause.
+    assert [
+        ("dual_write->cutover", "old"),
+        ("cutover->dual_write", "new"),
+        ("dual_write->cutover", "old"),
+    ] == [(pause["edge"], pause["side"]) for pause in report["pauses"]]
+    assert all(pause["acknowledged"] == 1 and pause["gone"] == [] for pause in report["pauses"])
     assert (True, True, True, 2) == (
         report["crash_resumed"],
         report["validations_ok"],
@@ -42,3 +73,7 @@ def test_demo_loses_nothing_and_runs_nothing_twice(cli: Callable[..., CliResult]
     assert ["committed"] == sorted({row["status"] for row in rows})
     assert report["transitions"] + 1 == len(rows)  # init, then one row per transition
     assert 2 == sum(1 for row in rows if row["trigger"] == "rollback")
+    steps = {f"{row['source']}->{row['dest']}": [step["name"] for step in row["steps"]] for row in rows}
+    assert ["pause_consumers", "drain_old", "transfer_state"] == steps["dual_write->cutover"]
+    assert ["pause_consumers", "drain_new", "reverse_sync"] == steps["cutover->dual_write"]
+    assert ["retire_old", "migration_fsm.demo.hooks:crash_once"] == steps["cutover->cleanup"]
