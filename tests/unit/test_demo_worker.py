@@ -2,25 +2,28 @@
 its side is paused (the gate alone gates it), takes again once the pause is lifted and runs
 each task once through the execution ledger; a task the ledger refuses is closed (it ran, or
 was handed over) or put back (it runs elsewhere); `python -m migration_fsm.demo.worker` runs
-the same pool alone in a process.
+the same pool alone in a process, on SQLite and on PostgreSQL.
 
 Threads are synchronised by waiting for a state (never by sleeping a fixed time)."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from migration_fsm.client import PhaseClient, WorkerGate
-from migration_fsm.demo.systems import ExecutionLog, OldTaskManager, connect
-from migration_fsm.demo.worker import WorkerPool
+from migration_fsm.demo.systems import ExecutionLog, OldTaskManager
+from migration_fsm.demo.worker import WorkerPool, as_task_database
 from migration_fsm.journal import Journal
 from migration_fsm.journal.ledger import Ledger
+from migration_fsm.journal.workers import Workers
 from tests.support import ROOT
 from tests.unit.test_gate import M, _transition, wait_until
 
@@ -39,17 +42,27 @@ def client(upgraded_url: str, engine: Migration) -> Iterator[PhaseClient]:  # `e
         yield phase_client
 
 
+def _queue(system: OldTaskManager, tasks: int) -> None:
+    """Queue runs task-00, task-01, ... in the old task manager."""
+    conn = system.database.connect()
+    try:
+        for i in range(tasks):
+            conn.execute(
+                system.database.sql(
+                    "INSERT INTO runs (run_id, task_name, args, state, enqueued_at, modified_at)"
+                    " VALUES (?, 'send_email', '{}', 'queued', '2026-12-06', '2026-12-06')"
+                ),
+                (f"task-{i:02d}",),
+            )
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def old_system(tmp_path: Path) -> OldTaskManager:
-    """The demo's old task manager with TASKS queued runs, task-00 .. task-11."""
+    """The demo's old task manager (a SQLite file) with TASKS queued runs, task-00 .. task-11."""
     system = OldTaskManager(tmp_path / "old.db")
-    conn = connect(tmp_path / "old.db")
-    conn.executemany(
-        "INSERT INTO runs (run_id, task_name, args, state, enqueued_at, modified_at)"
-        " VALUES (?, 'send_email', '{}', 'queued', '2026-12-06', '2026-12-06')",
-        [(f"task-{i:02d}",) for i in range(TASKS)],
-    )
-    conn.close()
+    _queue(system, TASKS)
     return system
 
 
@@ -152,36 +165,56 @@ def test_a_pool_of_the_other_side_is_refused() -> None:
 def test_the_worker_runs_alone_in_a_process(
     upgraded_url: str,
     engine: Migration,  # inits M
+    store: Journal,
     tmp_path: Path,
-    old_system: OldTaskManager,
 ) -> None:
     """`python -m migration_fsm.demo.worker`: a worker process of one side runs the queued
-    tasks through its gate for `--seconds`, then prints its figures and deregisters."""
-    if not upgraded_url.startswith("sqlite"):
-        pytest.skip("one database is enough for the entry point")
-    proc = subprocess.run(
+    tasks through its gate (on SQLite files, or in the PostgreSQL test schema), and on SIGTERM
+    finishes, deregisters and prints its figures."""
+    if upgraded_url.startswith("sqlite"):
+        system_url, log_url = f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'log.db'}"
+    else:
+        system_url = log_url = upgraded_url  # the test's own schema (search_path in the URL)
+    system = OldTaskManager(as_task_database(system_url))
+    _queue(system, TASKS)
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "migration_fsm.demo.worker",
             *("--side", "old", "--control", upgraded_url, "--migration", M),
-            *("--system", f"sqlite:///{tmp_path / 'old.db'}", "--log", f"sqlite:///{tmp_path / 'log.db'}"),
-            *("--seconds", "3", "--work-ms", "1"),
+            *("--system", system_url, "--log", log_url, "--work-ms", "1"),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
-        check=False,
         cwd=ROOT,
     )
-    assert 0 == proc.returncode, proc.stderr[-3000:]
-    figures = json.loads(proc.stdout)
-    assert ("old", TASKS, []) == (figures["side"], figures["executed"], figures["errors"])
-    assert {("done", 1)} == set(_states(old_system).values())
-    log = ExecutionLog(tmp_path / "log.db")
     try:
-        assert TASKS == len(log.executions())
+        deadline = time.monotonic() + 120  # a process starting on a busy machine: bounded, not timed
+        while {("done", 1)} != set(_states(system).values()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the worker process did not run every task"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert 0 == proc.returncode, err[-3000:]
+    figures = json.loads(out)
+    assert ("old", TASKS, [], {}) == (
+        figures["side"],
+        figures["executed"],
+        figures["errors"],
+        figures["refused"],
+    )
+    log = ExecutionLog(as_task_database(log_url))
+    try:
+        assert {f"task-{i:02d}": 1 for i in range(TASKS)} == log.executions()
     finally:
         log.close()
     with Ledger.open(upgraded_url) as ledger:
         assert TASKS == ledger.counts(M).succeeded
+    assert [] == Workers(store.engine).records(M)  # deregistered on the way out
