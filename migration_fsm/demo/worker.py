@@ -71,8 +71,8 @@ class WorkerPool:
     `idle_seconds`; one whose task the ledger refused for now (`running`, `failed`,
     `ledger_unavailable`, `not_registered`) puts it back and waits `backoff_seconds`.
     `executed` counts the tasks run, `dequeues` the looks at the queue, `refused` the
-    refusals by reason, `errors` the worker
-    threads that died (a dead worker shows in the report, not only in stderr).
+    refusals by reason, `errors` the worker threads that died (a dead worker shows in the
+    report, not only in stderr).
     """
 
     def __init__(
