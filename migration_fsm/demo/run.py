@@ -2,7 +2,9 @@
 same code paths as the CLI, with an injected crash, a rollback and a re-advance.
 
 It proves what the project promises by counting: every task the producer scheduled runs
-exactly once, on one side or the other, across every phase change.
+exactly once, on one side or the other, across every phase change. The workers of both sides
+are gated (`WorkerGate`, `migration_fsm.demo.worker`), and one old worker dies holding a task
+(`die_holding_a_task`), which the first cutover hands over to the new side.
 """
 
 from __future__ import annotations
@@ -37,11 +39,27 @@ if TYPE_CHECKING:
 
 MIGRATION = "demo"
 HOOKS = "migration_fsm.demo.hooks"
-#: The operators' `worker_ttl_seconds` in the demo and the load run, which the gates use too.
+#: The operators' `worker_ttl_seconds` in the load run (`walk_settings`' default), which the
+#: gates use too.
 WORKER_TTL_SECONDS: Final = 10.0
+#: The demo's: short, so that the worker that dies early is gone by the first cutover.
+DEMO_WORKER_TTL_SECONDS: Final = 5.0
+#: The demo's drain timeout: the first cutover's `drain_old` waits it out, then hands the
+#: dead worker's task over.
+DEMO_DRAIN_TIMEOUT_SECONDS: Final = 3.0
+#: The demo's old worker that dies holding a task.
+DEAD_WORKER: Final = "demo-old-dead"
 
 
-def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = "demo-operator") -> Settings:
+def walk_settings(
+    control_url: str,
+    old_url: str,
+    new_url: str,
+    *,
+    actor: str = "demo-operator",
+    worker_ttl_seconds: float = WORKER_TTL_SECONDS,
+    drain_timeout_seconds: float = 15,
+) -> Settings:
     """The walk's configuration over any databases: two SQL stores over the demo systems'
     tables, and the default edges of DESIGN.md section 10 (`pause_consumers`, the drains,
     `transfer_state`, `reverse_sync`, `retire_old`; the default guards), but for
@@ -60,9 +78,9 @@ def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = 
         actor=actor,
         lease_seconds=5,
         heartbeat_seconds=1,
-        worker_ttl_seconds=WORKER_TTL_SECONDS,
+        worker_ttl_seconds=worker_ttl_seconds,
         pause_timeout_seconds=30,
-        drain_timeout_seconds=15,
+        drain_timeout_seconds=drain_timeout_seconds,
         drain_policy="requeue",
         backfill_batch_size=500,
         stores={"old": old, "new": new},
@@ -71,12 +89,47 @@ def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = 
 
 
 def demo_settings(directory: Path) -> Settings:
-    """The demo's configuration (`walk_settings`) on SQLite files in `directory`."""
+    """The demo's configuration (`walk_settings`) on SQLite files in `directory`; a short
+    worker TTL and drain timeout, since the first cutover waits out both for the dead worker
+    (`die_holding_a_task`)."""
     return walk_settings(
         f"sqlite:///{directory / 'control.db'}",
         f"sqlite:///{directory / 'old.db'}",
         f"sqlite:///{directory / 'new.db'}",
+        worker_ttl_seconds=DEMO_WORKER_TTL_SECONDS,
+        drain_timeout_seconds=DEMO_DRAIN_TIMEOUT_SECONDS,
     )
+
+
+def die_holding_a_task(client: PhaseClient, system: OldTaskManager, settings: Settings) -> str:
+    """An old worker (`DEAD_WORKER`, gated like the others) takes a task, claims it in the
+    execution ledger, and dies before running it: its heartbeat stops, the task stays running
+    on the old side. `worker_ttl_seconds` later it counts as gone: the first cutover's
+    `pause_consumers` names it instead of waiting for it, and `drain_old`, once its timeout
+    is up, hands the task over to the new side (`requeue`), whose workers run it once.
+    Returns the task's key."""
+    gate = WorkerGate(
+        client, "old", DEAD_WORKER, worker_ttl_seconds=settings.worker_ttl_seconds, background=False
+    )
+    conn = system.database.connect()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the live old workers take most tasks first: try until one is ours
+            with gate.dequeuing():
+                key = system.claim(conn, DEAD_WORKER) if gate.may_consume() else None
+            if key is not None:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("demo: the dead worker found no task to take in 30 s")
+            time.sleep(0.005)
+        if not gate.ledger.claim(MIGRATION, key, "old", DEAD_WORKER).allowed:
+            raise RuntimeError(f"demo: the execution ledger refused {key} to a fresh worker")
+    finally:
+        conn.close()
+        # It dies: no finish, no deregistration, no heartbeat (its connections just go away).
+        gate.ledger.close()
+        gate.workers.close()
+    return key
 
 
 @dataclass
@@ -216,6 +269,7 @@ def _demo_world(directory: Path, workers: int) -> Iterator[dict[str, Any]]:
     try:
         yield {
             "settings": settings,
+            "old_system": old_system,
             "log": log,
             "client": client,
             "old_pool": old_pool,
@@ -278,6 +332,8 @@ def run_demo(
         world["new_pool"].start()
         producer.start()
         say(f"demo: producing {tasks} tasks at {rate:.0f}/s through DualWriter; old workers consume")
+        dead = die_holding_a_task(client, world["old_system"], world["settings"])
+        say(f"demo: an old worker ({DEAD_WORKER}) took {dead} and died; the first cutover hands it over")
         walk = OperatorWalk(world["settings"], MIGRATION, report, soak=soak_for, seen=seen, say=say)
         walk.run(stop_traffic=producer.stop)
         _wait_until_executed(world, producer, timeout=max(30.0, tasks / 50))
