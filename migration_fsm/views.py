@@ -214,8 +214,14 @@ def demo_report(data: dict[str, Any]) -> Group:
     table.add_row("journal verified", str(data["journal_verified"]))
     for side, pool in data.get("workers", {}).items():
         table.add_row(f"{side} workers", f"{pool['threads']} threads, ran {pool['executed']}")
-    acknowledged = [f"{pause['side']} ({pause['acknowledged']})" for pause in data.get("pauses", [])]
+    acknowledged = [
+        f"{pause['side']} ({pause['acknowledged']}"
+        + (f", {len(pause['gone'])} gone)" if pause["gone"] else ")")
+        for pause in data.get("pauses", [])
+    ]
     table.add_row("pauses acknowledged", ", ".join(acknowledged) or "none")
+    if "ledger" in data:
+        table.add_row("handed over", str(data["ledger"].get("handed_over", 0)))
     phases = Table(title="seconds per phase", title_justify="left")
     for phase in data["phases"]:
         phases.add_column(phase, justify="right")
