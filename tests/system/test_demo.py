@@ -82,3 +82,37 @@ def test_demo_loses_nothing_and_runs_nothing_twice(cli: Callable[..., CliResult]
     assert ["pause_consumers", "drain_old", "transfer_state"] == steps["dual_write->cutover"]
     assert ["pause_consumers", "drain_new", "reverse_sync"] == steps["cutover->dual_write"]
     assert ["retire_old", "migration_fsm.demo.hooks:crash_once"] == steps["cutover->cleanup"]
+
+
+def test_the_summary_shows_the_ledger_s_figures() -> None:
+    """The human summary (`demo` without `--json`) shows executed_twice, the refusals, the
+    workers per side, the pauses (with their gone workers) and the hand-overs."""
+    from rich.console import Console
+
+    from migration_fsm import views
+
+    data = {
+        **dict.fromkeys(("scheduled", "executed"), 7),
+        **dict.fromkeys(("lost", "duplicated", "executed_twice", "fallback_reads", "repair_entries"), 0),
+        "refused_executions": 3,
+        "rollbacks": 2,
+        "crash_resumed": True,
+        "validations_ok": True,
+        "journal_verified": True,
+        "phases": {"preparation": 1.0},
+        "workers": {"old": {"threads": 4, "executed": 5}, "new": {"threads": 4, "executed": 2}},
+        "pauses": [{"side": "old", "acknowledged": 1, "gone": ["demo-old-dead"]}],
+        "ledger": {"handed_over": 1},
+    }
+    console = Console(width=120, record=True)
+    console.print(views.demo_report(data))
+    rows = {
+        cells[0]: cells[1]
+        for line in console.export_text().splitlines()
+        if len(cells := [cell.strip() for cell in line.strip("│ ").split("│")]) == 2
+    }
+    assert "0" == rows["executed twice"]
+    assert "3" == rows["refused executions"]
+    assert "4 threads, ran 5" == rows["old workers"]
+    assert "old (1, 1 gone)" == rows["pauses acknowledged"]
+    assert "1" == rows["handed over"]
