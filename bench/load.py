@@ -1,7 +1,8 @@
 """A whole migration on PostgreSQL under a steady stream of tasks: nothing lost, nothing run twice.
 
 The demo's story (`migration_fsm.demo`) at load: the old task manager, the new queue, the
-ledger of executions and the migration's control database all live in PostgreSQL (four
+tasks' execution log (their own side effect, `ExecutionLog`) and the migration's control
+database (with the execution ledger and the workers' table) all live in PostgreSQL (four
 databases of one server). Four kinds of process, as in production:
 
 - the application (`--producer-processes`, each with `--producers` threads): schedules
@@ -9,11 +10,14 @@ databases of one server). Four kinds of process, as in production:
   its own, and reads one task in ten back through `FallbackReader`;
 - the application's other replicas (one process): `--clients` PhaseClients (ttl `--ttl`)
   answering `routing(key)` for task keys, sweep after sweep (`RoutingProbe`);
-- the workers (one process): `--workers` threads per side claim with `FOR UPDATE SKIP
-  LOCKED`, run and complete tasks while their PhaseClient's routing says the side consumes;
-  the operator's hooks pause and resume them over a pipe (`RemotePool`);
+- the workers (one process per side): `--workers` threads claim with `FOR UPDATE SKIP
+  LOCKED`, run and complete tasks, gated by the process's one `WorkerGate` as docs/WORKERS.md
+  says (`migration_fsm.demo.worker.WorkerPool`): the gate says whether the side may take a
+  task (the routing, and the pause the built-in `pause_consumers` step publishes and waits
+  for), and claims each task in the execution ledger before it runs;
 - the operator (this process): walks every phase through the same code as the CLI
-  (`OperatorWalk`): backfill, validate, cutover with drain and state transfer, ramp
+  (`OperatorWalk`, the default edges): backfill, validate, cutover with the acknowledged
+  pause, drain and state transfer, ramp
   10 -> 50 -> 100, cleanup with a crash and `resume --steal`, a rollback cleanup -> cutover
   -> dual_write, forward again, complete; after each step it waits until every client
   shows the new version.
@@ -24,8 +28,10 @@ Should one operator command run `--stall-seconds` under traffic (a `validate` wh
 cannot reach the end of a table growing faster than it reads), a watchdog stops the traffic
 so the walk can finish, and the report says where (`traffic_stopped_early`).
 
-Prints one JSON object (and exits 1 when a task was lost or ran twice): scheduled, executed,
-lost, duplicated, the achieved rate, the `DualWriter.write` latency p50/p99 per phase
+Prints one JSON object (and exits 1 when a task was lost or ran twice, or the execution ledger
+counts a key that succeeded twice): scheduled, executed, lost, duplicated (from the tasks'
+own execution log), executed_twice and refused_executions (from the execution ledger), the
+achieved rate, the `DualWriter.write` latency p50/p99 per phase
 (bucketed by the phase the writer's client showed when the write began), fallback reads,
 repair entries, seconds per phase, what the clients saw, and a baseline measured on the same
 server in the same run, before and after the load: a single-row INSERT + COMMIT (the floor of
@@ -74,18 +80,18 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from migration_fsm import commands, log
-from migration_fsm.client import DualWriter, FallbackReader, PhaseClient
+from migration_fsm.client import DualWriter, FallbackReader, PhaseClient, WorkerGate
 from migration_fsm.demo import hooks
-from migration_fsm.demo.run import OperatorWalk, Report, walk_settings
+from migration_fsm.demo.run import WORKER_TTL_SECONDS, OperatorWalk, Report, ledger_figures, walk_settings
 from migration_fsm.demo.systems import (
     NEW_STORE,
     OLD_STORE,
-    Ledger,
+    ExecutionLog,
     NewQueue,
     OldTaskManager,
     PostgresDatabase,
-    WorkerPool,
 )
+from migration_fsm.demo.worker import WorkerPool
 from migration_fsm.fsm import PHASES
 from migration_fsm.journal import Journal
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
@@ -93,7 +99,7 @@ from migration_fsm.tasks.sql import SqlTaskStore
 from migration_fsm.tools.reconcile import open_entries
 
 MIGRATION = "load"
-DATABASES = ("control", "old", "new", "ledger")
+DATABASES = ("control", "old", "new", "execution_log")
 KINDS = ("send_email", "resize_image", "charge_card", "sync_crm")
 
 
@@ -119,7 +125,8 @@ def percentiles(seconds: list[float]) -> dict[str, float | int]:
 
 @contextlib.contextmanager
 def databases(admin_url: str) -> Iterator[dict[str, str]]:
-    """Four fresh databases (control, old, new, ledger) on `admin_url`'s server, dropped at the end."""
+    """Four fresh databases (control, old, new, execution_log) on `admin_url`'s server, dropped
+    at the end."""
     prefix = f"mfsm_load_{uuid.uuid4().hex[:8]}"
     admin_info = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
     urls = {
@@ -196,6 +203,7 @@ class Plan:
     work_ms: float
     clients: int
     ttl: float
+    worker_ttl: float
 
 
 def quiet_logging() -> None:
@@ -490,77 +498,33 @@ def backend_process(plan: Plan, written: SharedInts, versions: SharedInts, pipe:
 # -- the workers' process --------------------------------------------------------------------
 
 
-def consuming(client: PhaseClient, side: str) -> Callable[[], bool]:
-    """Whether `side`'s workers may claim now: the routing's `consume_from` says so."""
-    return lambda: client.routing().consume_from == side
-
-
-def worker_process(plan: Plan, pipe: Connection) -> None:
-    """The workers of both sides: "ready", then ("pause" | "resume", side) answered "ok" once
-    done, until ("stop", None), answered with their errors and figures."""
+def worker_process(plan: Plan, side: str, pipe: Connection) -> None:
+    """The workers of one side, gated by one `WorkerGate` (one per process): "ready", then work
+    until "stop", answered with their errors and figures."""
     quiet_logging()
-    # The ledger is bookkeeping, not a system under test: its commits need not wait for disk.
-    ledger = Ledger(PostgresDatabase(plan.urls["ledger"], synchronous_commit=False))
-    systems = (
-        OldTaskManager(PostgresDatabase(plan.urls["old"])),
-        NewQueue(PostgresDatabase(plan.urls["new"])),
-    )
-    with PhaseClient(plan.urls["control"], migration=MIGRATION, ttl=plan.ttl) as client:
-        pools = {
-            system.side: WorkerPool(
-                system,
-                ledger,
-                consuming(client, system.side),
-                workers=plan.workers,
-                work_seconds=plan.work_ms / 1000,
-                idle_seconds=0.05,
-            )
-            for system in systems
-        }
-        for pool in pools.values():
-            pool.start()
-        pipe.send("ready")
-        while True:
-            command, side = pipe.recv()
-            if command == "stop":
-                break
-            if command == "pause":
-                pools[side].pause()
-            elif command == "resume":
-                pools[side].resume()
-            pipe.send("ok")
-        for pool in pools.values():
-            pool.stop()
-        ledger.close()
-        pipe.send(
-            {
-                "errors": pools["old"].errors + pools["new"].errors,
-                "cpu_seconds": time.process_time(),
-            }
+    # The execution log is bookkeeping, not a system under test: its commits need not wait for disk.
+    log = ExecutionLog(PostgresDatabase(plan.urls["execution_log"], synchronous_commit=False))
+    system = (OldTaskManager if side == "old" else NewQueue)(PostgresDatabase(plan.urls[side]))
+    with (
+        PhaseClient(plan.urls["control"], migration=MIGRATION, ttl=plan.ttl) as client,
+        WorkerGate(client, side, worker_ttl_seconds=plan.worker_ttl) as gate,
+    ):
+        pool = WorkerPool(
+            system,
+            log,
+            gate,
+            workers=plan.workers,
+            work_seconds=plan.work_ms / 1000,
+            idle_seconds=0.05,
         )
-
-
-class RemotePool:
-    """The operator's hooks' handle on one side's workers in the workers' process: `pause()`
-    returns once that process says no worker of the side can start a new claim."""
-
-    def __init__(self, pipe: Connection, lock: threading.Lock, side: str) -> None:
-        self.pipe = pipe
-        self.lock = lock
-        self.side = side
-
-    def pause(self) -> None:
-        self._call("pause")
-
-    def resume(self) -> None:
-        self._call("resume")
-
-    def _call(self, command: str) -> None:
-        with self.lock:
-            self.pipe.send((command, self.side))
-            reply = receive(self.pipe, 60.0, f"{command} {self.side} workers")
-        if reply != "ok":
-            raise RuntimeError(f"the workers' process answered {reply!r} to {command} {self.side}")
+        pool.start()
+        pipe.send("ready")
+        command = pipe.recv()
+        assert command == "stop", command
+        pool.stop()
+        figures = pool.figures()
+    log.close()
+    pipe.send({**figures, "cpu_seconds": time.process_time()})
 
 
 # -- the operator's process ------------------------------------------------------------------
@@ -579,8 +543,8 @@ class LoadRun:
         # Every table exists before a child reflects it.
         OldTaskManager(PostgresDatabase(urls["old"]))
         NewQueue(PostgresDatabase(urls["new"]))
-        self.ledger = Ledger(PostgresDatabase(urls["ledger"]))
-        stack.callback(self.ledger.close)
+        self.log = ExecutionLog(PostgresDatabase(urls["execution_log"]))
+        stack.callback(self.log.close)
         spawn = multiprocessing.get_context("spawn")
         self.written: SharedInts = spawn.RawArray("q", plan.processes)
         self.versions: SharedInts = spawn.RawArray("q", plan.clients)
@@ -588,10 +552,13 @@ class LoadRun:
         self.finished = False
         stack.callback(self._end_children)
         say(
-            f"load: starting {plan.processes} producer, 1 worker and 1 backend process"
+            f"load: starting {plan.processes} producer, 2 worker (one per side) and 1 backend process"
             f" ({plan.clients} PhaseClients, ttl {plan.ttl:g} s)"
         )
-        self.worker_pipe = self._spawn(spawn, "load-workers", worker_process, plan)
+        self.worker_pipes = {
+            side: self._spawn(spawn, f"load-workers-{side}", worker_process, plan, side)
+            for side in ("old", "new")
+        }
         self.backend_pipe = self._spawn(
             spawn, "load-backends", backend_process, plan, self.written, self.versions
         )
@@ -604,12 +571,7 @@ class LoadRun:
         for _, pipe in self.children:
             if receive(pipe, 180.0, "ready") != "ready":
                 raise RuntimeError("a child process did not start")
-        lock = threading.Lock()
-        hooks.RUNTIME.update(
-            old=RemotePool(self.worker_pipe, lock, "old"),
-            new=RemotePool(self.worker_pipe, lock, "new"),
-            crash_pending=True,
-        )
+        hooks.RUNTIME.update(crash_pending=True)
         stack.callback(hooks.RUNTIME.clear)
         self.soak_seconds = args.seconds / OperatorWalk.SOAK_UNITS
         self.report = Report()
@@ -654,7 +616,7 @@ class LoadRun:
 
     def progress(self) -> None:
         """One line on stderr: phase, tasks written and executed so far."""
-        by_side = self.ledger.by_side()
+        by_side = self.log.by_side()
         snap = self.client.snapshot()
         written = self.written_so_far()
         elapsed = max(time.monotonic() - self.producing_since, 1e-9)
@@ -721,26 +683,33 @@ class LoadRun:
         self._watching.set()
         watchdog.join(timeout=10)
         scheduled = [key for part in self.produced for key in part["scheduled"]]
-        self.waited = wait_until_executed(self.ledger, scheduled, quiet_for=max(60.0, self.args.seconds / 2))
+        self.waited = wait_until_executed(self.log, scheduled, quiet_for=max(60.0, self.args.seconds / 2))
         walk.finish()
         self.backend_pipe.send("stop")
         self.backends = receive(self.backend_pipe, 120.0, "stop backends")
-        self.worker_pipe.send(("stop", None))
-        self.workers = receive(self.worker_pipe, 120.0, "stop workers")
+        for pipe in self.worker_pipes.values():
+            pipe.send("stop")
+        self.workers = {
+            side: receive(pipe, 120.0, f"stop {side} workers") for side, pipe in self.worker_pipes.items()
+        }
         self.finished = True
         self.report.journal_verified = commands.verify(self.settings, MIGRATION).rows > 0
 
     def figures(self) -> dict[str, Any]:
         """The report: `Report.as_json` (the demo's keys) plus the load's own figures."""
         report, produced = self.report, self.produced
-        executions = self.ledger.executions()
+        executions = self.log.executions()
         scheduled = {key for part in produced for key in part["scheduled"]}
         report.scheduled = len(scheduled)
         report.executed = len(scheduled & set(executions))
         report.executions = sum(executions.values())
         report.lost = len(scheduled - set(executions))
         report.duplicated = sum(1 for count in executions.values() if count > 1)
-        report.executions_by_side = self.ledger.by_side()
+        report.executions_by_side = self.log.by_side()
+        ledger_figures(report, self.settings, MIGRATION)
+        report.workers = {
+            side: {k: v for k, v in part.items() if k != "cpu_seconds"} for side, part in self.workers.items()
+        }
         reads, writes = Counter[str](), Counter[str]()
         latencies: dict[str, list[float]] = {phase.value: [] for phase in PHASES}
         for part in produced:
@@ -778,16 +747,17 @@ class LoadRun:
             "clients": {
                 **{k: v for k, v in backends.items() if k != "cpu_seconds"},
                 "more_in_producers": self.plan.processes * self.plan.producers,
-                "more_in_workers_and_operator": 2,
+                "more_in_workers_and_operator": 3,
             },
             "workers": {
+                **report.workers,
                 "per_side": self.plan.workers,
                 "work_ms": self.plan.work_ms,
-                "errors": self.workers.get("errors"),
+                "errors": [error for part in self.workers.values() for error in part["errors"]],
             },
             "cpu_seconds": {
                 "producers": round(sum(part["cpu_seconds"] for part in produced), 1),
-                "workers": round(self.workers.get("cpu_seconds", 0.0), 1),
+                "workers": round(sum(part.get("cpu_seconds", 0.0) for part in self.workers.values()), 1),
                 "backends": round(backends.get("cpu_seconds", 0.0), 1),
                 "operator": round(time.process_time(), 1),
             },
@@ -796,15 +766,15 @@ class LoadRun:
         }
 
 
-def wait_until_executed(ledger: Ledger, scheduled: list[str], *, quiet_for: float) -> float:
+def wait_until_executed(log: ExecutionLog, scheduled: list[str], *, quiet_for: float) -> float:
     """Wait until every scheduled task ran, or until no task ran for `quiet_for` seconds (the
     rest would never run); the seconds waited."""
     began = time.monotonic()
     wanted = set(scheduled)
     last, last_change = -1, began
     while time.monotonic() - last_change < quiet_for:
-        done = sum(ledger.by_side().values())
-        if done >= len(wanted) and wanted <= set(ledger.executions()):
+        done = sum(log.by_side().values())
+        if done >= len(wanted) and wanted <= set(log.executions()):
             break
         if done != last:
             last, last_change = done, time.monotonic()
@@ -813,7 +783,7 @@ def wait_until_executed(ledger: Ledger, scheduled: list[str], *, quiet_for: floa
 
 
 def run(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
-    """The load run on `plan.urls` (control, old, new, ledger); returns the report."""
+    """The load run on `plan.urls` (control, old, new, execution_log); returns the report."""
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         load = LoadRun(plan, args, stack)
@@ -882,6 +852,7 @@ def main() -> int:
                 work_ms=args.work_ms,
                 clients=args.clients,
                 ttl=args.ttl,
+                worker_ttl=WORKER_TTL_SECONDS,
             )
             before = measure_baseline(urls["old"])
             result = run(plan, args)
@@ -897,7 +868,7 @@ def main() -> int:
     }
     report["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report, indent=2))
-    return 0 if report["lost"] == 0 and report["duplicated"] == 0 else 1
+    return 0 if report["lost"] == report["duplicated"] == report["executed_twice"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -366,7 +366,7 @@ def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
         _print_json(data)
     else:
         out.print(views.demo_report(data))
-    return 0 if data["lost"] == 0 and data["duplicated"] == 0 else 1
+    return 0 if data["lost"] == data["duplicated"] == data["executed_twice"] == 0 else 1
 
 
 @cli.command()

@@ -201,15 +201,27 @@ def demo_report(data: dict[str, Any]) -> Group:
         "executed",
         "lost",
         "duplicated",
+        "executed_twice",
+        "refused_executions",
         "fallback_reads",
         "repair_entries",
         "rollbacks",
     ):
-        style = "green" if key in ("lost", "duplicated") and data[key] == 0 else ""
+        style = "green" if key in ("lost", "duplicated", "executed_twice") and data[key] == 0 else ""
         table.add_row(key.replace("_", " "), f"[{style}]{data[key]}[/]" if style else str(data[key]))
     table.add_row("crash resumed", str(data["crash_resumed"]))
     table.add_row("validations ok", str(data["validations_ok"]))
     table.add_row("journal verified", str(data["journal_verified"]))
+    for side, pool in data.get("workers", {}).items():
+        table.add_row(f"{side} workers", f"{pool['threads']} threads, ran {pool['executed']}")
+    acknowledged = [
+        f"{pause['side']} ({pause['acknowledged']}"
+        + (f", {len(pause['gone'])} gone)" if pause["gone"] else ")")
+        for pause in data.get("pauses", [])
+    ]
+    table.add_row("pauses acknowledged", ", ".join(acknowledged) or "none")
+    if "ledger" in data:
+        table.add_row("handed over", str(data["ledger"].get("handed_over", 0)))
     phases = Table(title="seconds per phase", title_justify="left")
     for phase in data["phases"]:
         phases.add_column(phase, justify="right")

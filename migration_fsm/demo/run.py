@@ -2,7 +2,9 @@
 same code paths as the CLI, with an injected crash, a rollback and a re-advance.
 
 It proves what the project promises by counting: every task the producer scheduled runs
-exactly once, on one side or the other, across every phase change.
+exactly once, on one side or the other, across every phase change. The workers of both sides
+are gated (`WorkerGate`, `migration_fsm.demo.worker`), and one old worker dies holding a task
+(`die_holding_a_task`), which the first cutover hands over to the new side.
 """
 
 from __future__ import annotations
@@ -20,26 +22,55 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import commands
-from ..client import DualWriter, FallbackReader, PhaseClient
-from ..config import Settings, StepSpec, StoreConfig
+from ..client import DualWriter, FallbackReader, PhaseClient, WorkerGate
+from ..config import Settings, StoreConfig
 from ..fsm import PHASES, Phase
+from ..journal.ledger import Ledger
 from ..tasks.capabilities import Closeable
 from ..tasks.factory import build_store
 from ..tasks.records import TaskRecord, TaskStatus
 from ..tools.reconcile import open_entries
 from . import hooks
-from .systems import NEW_STORE, OLD_STORE, Ledger, NewQueue, OldTaskManager, WorkerPool
+from .systems import NEW_STORE, OLD_STORE, ExecutionLog, NewQueue, OldTaskManager
+from .worker import WorkerPool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 MIGRATION = "demo"
 HOOKS = "migration_fsm.demo.hooks"
+#: The operators' `worker_ttl_seconds` in the load run (`walk_settings`' default), which the
+#: gates use too.
+WORKER_TTL_SECONDS: Final = 10.0
+#: The demo's: short, so that the worker that dies early is gone by the first cutover.
+DEMO_WORKER_TTL_SECONDS: Final = 5.0
+#: The demo's drain timeout: the first cutover's `drain_old` waits it out, then hands the
+#: dead worker's task over.
+DEMO_DRAIN_TIMEOUT_SECONDS: Final = 3.0
+#: The demo's old worker that dies holding a task.
+DEAD_WORKER: Final = "demo-old-dead"
 
 
-def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = "demo-operator") -> Settings:
+def walk_settings(
+    control_url: str,
+    old_url: str,
+    new_url: str,
+    *,
+    actor: str = "demo-operator",
+    worker_ttl_seconds: float = WORKER_TTL_SECONDS,
+    drain_timeout_seconds: float = 15,
+) -> Settings:
     """The walk's configuration over any databases: two SQL stores over the demo systems'
-    tables, the default guards, and operator hooks around the built-in drain and sync steps."""
+    tables, and the default edges of DESIGN.md section 10 (`pause_consumers`, the drains,
+    `transfer_state`, `reverse_sync`, `retire_old`; the default guards), but for
+    `cutover -> cleanup`, which lists its default step and then the injected crash (an edge
+    listed here gets exactly its list; its default guards still apply).
+
+    The workers of both sides run a `WorkerGate` (`migration_fsm.demo.worker`), so the pause
+    is acknowledged in well under a second: `pause_timeout_seconds` is short. A worker silent
+    for `worker_ttl_seconds` counts as gone (its claims may be taken over). A task still
+    running at `drain_timeout_seconds` is handed over to the receiving side (`requeue`, the
+    default policy), unless it runs on a live worker."""
     old = StoreConfig(**{**OLD_STORE, "url": old_url})
     new = StoreConfig(**{**NEW_STORE, "url": new_url})
     return Settings(
@@ -47,48 +78,85 @@ def walk_settings(control_url: str, old_url: str, new_url: str, *, actor: str = 
         actor=actor,
         lease_seconds=5,
         heartbeat_seconds=1,
-        drain_timeout_seconds=30,
-        drain_policy="fail",
+        worker_ttl_seconds=worker_ttl_seconds,
+        pause_timeout_seconds=30,
+        drain_timeout_seconds=drain_timeout_seconds,
+        drain_policy="requeue",
         backfill_batch_size=500,
         stores={"old": old, "new": new},
-        steps={
-            "dual_write->cutover": [
-                StepSpec(do=f"{HOOKS}:stop_old_workers", undo=f"{HOOKS}:start_old_workers"),
-                "drain_old",
-                "transfer_state",
-                f"{HOOKS}:start_new_workers",
-            ],
-            "cutover->cleanup": [f"{HOOKS}:crash_once"],
-            "cleanup->cutover": ["reverse_sync"],
-            "cutover->dual_write": [
-                StepSpec(do=f"{HOOKS}:stop_new_workers", undo=f"{HOOKS}:start_new_workers"),
-                "drain_new",
-                "reverse_sync",
-                f"{HOOKS}:start_old_workers",
-            ],
-        },
+        steps={"cutover->cleanup": ["retire_old", f"{HOOKS}:crash_once"]},
     )
 
 
 def demo_settings(directory: Path) -> Settings:
-    """The demo's configuration (`walk_settings`) on SQLite files in `directory`."""
+    """The demo's configuration (`walk_settings`) on SQLite files in `directory`; a short
+    worker TTL and drain timeout, since the first cutover waits out both for the dead worker
+    (`die_holding_a_task`)."""
     return walk_settings(
         f"sqlite:///{directory / 'control.db'}",
         f"sqlite:///{directory / 'old.db'}",
         f"sqlite:///{directory / 'new.db'}",
+        worker_ttl_seconds=DEMO_WORKER_TTL_SECONDS,
+        drain_timeout_seconds=DEMO_DRAIN_TIMEOUT_SECONDS,
     )
+
+
+def die_holding_a_task(client: PhaseClient, system: OldTaskManager, settings: Settings) -> str:
+    """An old worker (`DEAD_WORKER`, gated like the others) takes a task, claims it in the
+    execution ledger, and dies before running it: its heartbeat stops, the task stays running
+    on the old side. `worker_ttl_seconds` later it counts as gone: the first cutover's
+    `pause_consumers` names it instead of waiting for it, and `drain_old`, once its timeout
+    is up, hands the task over to the new side (`requeue`), whose workers run it once.
+    Returns the task's key."""
+    gate = WorkerGate(
+        client, "old", DEAD_WORKER, worker_ttl_seconds=settings.worker_ttl_seconds, background=False
+    )
+    conn = system.database.connect()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the live old workers take most tasks first: try until one is ours
+            with gate.dequeuing():
+                key = system.claim(conn, DEAD_WORKER) if gate.may_consume() else None
+            if key is not None:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("demo: the dead worker found no task to take in 30 s")
+            time.sleep(0.005)
+        if not gate.ledger.claim(MIGRATION, key, "old", DEAD_WORKER).allowed:
+            raise RuntimeError(f"demo: the execution ledger refused {key} to a fresh worker")
+    finally:
+        conn.close()
+        # It dies: no finish, no deregistration, no heartbeat (its connections just go away).
+        gate.ledger.close()
+        gate.workers.close()
+    return key
 
 
 @dataclass
 class Report:
-    """What the demo measured; `as_json` is the `demo --json` object."""
+    """What the demo measured; `as_json` is the `demo --json` object.
+
+    `lost` and `duplicated` come from the tasks' own side effects (the `ExecutionLog`: a
+    scheduled task that never ran, a task that ran more than once). `executed_twice` (must be
+    0) and `refused_executions` come from the migration's execution ledger: keys that
+    succeeded more than once, and claims the ledger refused (a worker took a task that ran or
+    runs elsewhere, and did not run it: a refusal is the ledger doing its job, not an
+    error). `ledger` is `Ledger.counts` as a whole, `workers` each side's pool (threads,
+    tasks run, refusals by reason, its gate's counters), `pauses` each `pause_consumers`
+    step of the journal (the side paused, how many live workers acknowledged, which were gone).
+    """
 
     scheduled: int = 0
     executed: int = 0
     executions: int = 0
     lost: int = 0
     duplicated: int = 0
+    executed_twice: int = 0
+    refused_executions: int = 0
+    ledger: dict[str, Any] = field(default_factory=dict)
     executions_by_side: dict[str, int] = field(default_factory=dict)
+    workers: dict[str, Any] = field(default_factory=dict)
+    pauses: list[dict[str, Any]] = field(default_factory=list)
     fallback_reads: int = 0
     reads: int = 0
     shadow_mismatches: int = 0
@@ -107,8 +175,13 @@ class Report:
             "executed": self.executed,
             "lost": self.lost,
             "duplicated": self.duplicated,
+            "executed_twice": self.executed_twice,
+            "refused_executions": self.refused_executions,
             "executions": self.executions,
             "executions_by_side": self.executions_by_side,
+            "ledger": self.ledger,
+            "workers": self.workers,
+            "pauses": self.pauses,
             "fallback_reads": self.fallback_reads,
             "reads": self.reads,
             "shadow_mismatches": self.shadow_mismatches,
@@ -178,20 +251,26 @@ def _demo_world(directory: Path, workers: int) -> Iterator[dict[str, Any]]:
     settings = demo_settings(directory)
     commands.db_upgrade(settings)
     commands.init(settings, MIGRATION)
-    ledger = Ledger(directory / "ledger.db")
+    log = ExecutionLog(directory / "execution_log.db")
     old_system, new_system = OldTaskManager(directory / "old.db"), NewQueue(directory / "new.db")
     client = PhaseClient(settings.database_url, migration=MIGRATION, ttl=0.05)
     old_store = build_store(settings.stores["old"], "old")
     new_store = build_store(settings.stores["new"], "new")
-    old_pool = WorkerPool(old_system, ledger, lambda: client.routing().consume_from == "old", workers=workers)
-    new_pool = WorkerPool(new_system, ledger, lambda: client.routing().consume_from == "new", workers=workers)
-    hooks.RUNTIME.update(old=old_pool, new=new_pool, crash_pending=True)
+    # One gate per pool of worker threads, as docs/WORKERS.md says: it alone decides what they take.
+    gates = {
+        side: WorkerGate(client, side, worker_ttl_seconds=settings.worker_ttl_seconds)
+        for side in ("old", "new")
+    }
+    old_pool = WorkerPool(old_system, log, gates["old"], workers=workers)
+    new_pool = WorkerPool(new_system, log, gates["new"], workers=workers)
+    hooks.RUNTIME.update(crash_pending=True)
     writer = DualWriter(client, old_store, new_store)
     reader = FallbackReader(client, old_store, new_store, shadow_sample=0.05)
     try:
         yield {
             "settings": settings,
-            "ledger": ledger,
+            "old_system": old_system,
+            "log": log,
             "client": client,
             "old_pool": old_pool,
             "new_pool": new_pool,
@@ -203,12 +282,14 @@ def _demo_world(directory: Path, workers: int) -> Iterator[dict[str, Any]]:
     finally:
         old_pool.stop()
         new_pool.stop()
+        for gate in gates.values():
+            gate.close()
         writer.close()
         client.close()
         for store in (old_store, new_store):
             if isinstance(store, Closeable):
                 store.close()
-        ledger.close()
+        log.close()
         hooks.RUNTIME.clear()
 
 
@@ -216,13 +297,15 @@ def run_demo(
     *,
     tasks: int = 2000,
     rate: float = 100.0,
-    workers: int = 2,
+    workers: int = 4,
     soak: float = 1.5,
     directory: Path | None = None,
     say: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     view: Callable[[dict[str, Any]], None] | None = None,
 ) -> Report:
-    """Run the whole story and return the report (see `Report`)."""
+    """Run the whole story and return the report (see `Report`). `workers`: threads per side
+    (4: a gated task costs two more commits, the execution ledger's claim and finish, and
+    with 2 threads per side the workers fell seconds behind 100 tasks per second on SQLite)."""
     if directory is None:
         with tempfile.TemporaryDirectory(prefix="migration-fsm-demo-") as tmp:
             return run_demo(
@@ -249,6 +332,8 @@ def run_demo(
         world["new_pool"].start()
         producer.start()
         say(f"demo: producing {tasks} tasks at {rate:.0f}/s through DualWriter; old workers consume")
+        dead = die_holding_a_task(client, world["old_system"], world["settings"])
+        say(f"demo: an old worker ({DEAD_WORKER}) took {dead} and died; the first cutover hands it over")
         walk = OperatorWalk(world["settings"], MIGRATION, report, soak=soak_for, seen=seen, say=say)
         walk.run(stop_traffic=producer.stop)
         _wait_until_executed(world, producer, timeout=max(30.0, tasks / 50))
@@ -261,7 +346,7 @@ def run_demo(
 
 class OperatorWalk:
     """The operator's part of the story, through `commands` (the code paths of the CLI):
-    preparation -> dual_write, backfill, validate, cutover (stop old workers, drain_old,
+    preparation -> dual_write, backfill, validate, cutover (pause_consumers, drain_old,
     transfer_state), ramp 10 -> 50 -> 100, cleanup with a crash inside its step finished by
     `resume --steal`, rollback cleanup -> cutover -> dual_write, forward again, complete.
 
@@ -309,7 +394,7 @@ class OperatorWalk:
         say(f"{self.label}: backfill copied {result.copied} tasks old -> new ({speed})")
         self.check("before cutover")
         self.step(
-            "advance: dual_write -> cutover (stop old workers, drain_old, transfer_state)",
+            "advance: dual_write -> cutover (pause_consumers, drain_old, transfer_state)",
             lambda: commands.advance(settings, migration),
         )
         for percent in (10, 50, 100):
@@ -317,7 +402,7 @@ class OperatorWalk:
             self.step(f"ramp {percent}%", functools.partial(commands.ramp, settings, migration, percent))
         soak(0.5)
         self.check("before cleanup")
-        say(f"{self.label}: advance: cutover -> cleanup, with a crash injected inside its step")
+        say(f"{self.label}: advance: cutover -> cleanup (retire_old), with a crash injected after it")
         try:
             with self._doing("advance: cutover -> cleanup"):
                 commands.advance(settings, migration)
@@ -332,7 +417,7 @@ class OperatorWalk:
             lambda: commands.rollback(settings, migration, reason=f"{self.label}: error rate up in cleanup"),
         )
         self.step(
-            "rollback: cutover -> dual_write (stop new workers, drain_new, reverse_sync, old workers back)",
+            "rollback: cutover -> dual_write (pause_consumers, drain_new, reverse_sync)",
             lambda: commands.rollback(settings, migration, reason=f"{self.label}: back to dual writes"),
         )
         self.report.rollbacks = 2
@@ -399,20 +484,37 @@ def _wait_until_executed(world: dict[str, Any], producer: Producer, timeout: flo
     deadline = time.monotonic() + timeout
     wanted = set(producer.scheduled)
     while time.monotonic() < deadline:
-        if wanted <= set(world["ledger"].executions()):
+        if wanted <= set(world["log"].executions()):
             return
         time.sleep(0.1)
 
 
+def ledger_figures(report: Report, settings: Settings, migration: str) -> None:
+    """Fill `report` with the execution ledger's figures and the journal's pauses."""
+    with Ledger.open(settings.ledger_database_url) as ledger:
+        counts = ledger.counts(migration)
+    report.executed_twice = counts.executed_twice
+    report.refused_executions = counts.refused_executions
+    report.ledger = counts.as_json()
+    report.pauses = [
+        {"edge": f"{entry.source}->{entry.dest}", **(step.checkpoint or {})}
+        for entry in commands.history(settings, migration)
+        for step in entry.steps
+        if step.name == "pause_consumers"
+    ]
+
+
 def _fill(report: Report, world: dict[str, Any], producer: Producer) -> None:
-    executions = world["ledger"].executions()
+    ledger_figures(report, world["settings"], MIGRATION)
+    report.workers = {pool.side: pool.figures() for pool in (world["old_pool"], world["new_pool"])}
+    executions = world["log"].executions()
     scheduled = set(producer.scheduled)
     report.scheduled = len(scheduled)
     report.executed = len(scheduled & set(executions))
     report.executions = sum(executions.values())
     report.lost = len(scheduled - set(executions))
     report.duplicated = sum(1 for count in executions.values() if count > 1)
-    report.executions_by_side = world["ledger"].by_side()
+    report.executions_by_side = world["log"].by_side()
     reader_counters = world["reader"].counters()
     report.reads = reader_counters["reads"]
     report.fallback_reads = reader_counters["fallbacks"]
@@ -436,8 +538,8 @@ def _live_state(world: dict[str, Any], producer: Producer) -> dict[str, Any]:
         "percent": snap.percent,
         "routing": snap.routing.as_dict(),
         "scheduled": len(producer.scheduled),
-        "executed": sum(world["ledger"].by_side().values()),
-        "by_side": world["ledger"].by_side(),
+        "executed": sum(world["log"].by_side().values()),
+        "by_side": world["log"].by_side(),
         "old": dict(world["old_store"].count_by_status()),
         "new": dict(world["new_store"].count_by_status()),
         "fallbacks": world["reader"].counters()["fallbacks"],

@@ -4,7 +4,10 @@ vocabulary, and its own workers that claim, run and complete tasks.
 - the old task manager (`runs` table): states queued/running/done/error/cancelled;
 - the new queue (`jobs` table): claimed with a lease, statuses pending/running/completed/...
 
-A shared ledger records every execution, so the demo can count tasks lost or run twice.
+A shared execution log (`ExecutionLog`) records every execution: it is the tasks' own side
+effect, so the demo can count tasks lost or run twice. It is not the migration's execution
+ledger (`migration_fsm.journal.ledger.Ledger`), which the workers' `WorkerGate` claims in
+before each task runs (`migration_fsm.demo.worker`).
 
 Each lives in a SQLite file (the demo) or a PostgreSQL database (the load run,
 `bench/load.py`): `SqliteDatabase` and `PostgresDatabase` are the small dialect switch.
@@ -21,10 +24,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from typing import Any, Final
 
 #: A DB-API connection in autocommit mode: `sqlite3.Connection` or `psycopg.Connection`.
 Connection = Any
@@ -245,6 +245,13 @@ class OldTaskManager:
         self._complete = self.database.sql(
             "UPDATE runs SET state = 'done', modified_at = ? WHERE run_id = ? AND state = 'running'"
         )
+        self._release = self.database.sql(
+            "UPDATE runs SET state = 'queued', tries = tries - 1, worker = NULL, modified_at = ?"
+            " WHERE run_id = ? AND state = 'running'"
+        )
+        self._settle = self.database.sql(
+            "UPDATE runs SET state = ?, modified_at = ? WHERE run_id = ? AND state = 'running'"
+        )
 
     def claim(self, conn: Connection, worker: str) -> str | None:
         """Mark the oldest queued run `running` for `worker`; its key, or None."""
@@ -271,6 +278,16 @@ class OldTaskManager:
     def complete(self, conn: Connection, key: str) -> None:
         conn.execute(self._complete, (_now_text(), key))
 
+    def release(self, conn: Connection, key: str) -> None:
+        """Put a run this worker claimed but did not start back in the queue (`queued`, the
+        try it counted undone): the execution ledger refused it for now."""
+        conn.execute(self._release, (_now_text(), key))
+
+    def settle(self, conn: Connection, key: str, *, ran: bool) -> None:
+        """Close a run this worker claimed but must not start: `done` when it ran elsewhere
+        (`ran`), else `cancelled` (it was handed over to the other side)."""
+        conn.execute(self._settle, ("done" if ran else "cancelled", _now_text(), key))
+
 
 class NewQueue:
     """The system being adopted: a `jobs` table whose workers take a lease on each job."""
@@ -283,6 +300,14 @@ class NewQueue:
         self.database.create(_schema(self.database, NEW_SCHEMA, NEW_SCHEMA_PG))
         self._complete = self.database.sql(
             "UPDATE jobs SET status = 'completed', lease_until = NULL, updated = ?"
+            " WHERE idempotency_key = ? AND status = 'running'"
+        )
+        self._release = self.database.sql(
+            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_until = NULL, updated = ?"
+            " WHERE idempotency_key = ? AND status = 'running'"
+        )
+        self._settle = self.database.sql(
+            "UPDATE jobs SET status = ?, lease_until = NULL, updated = ?"
             " WHERE idempotency_key = ? AND status = 'running'"
         )
 
@@ -321,9 +346,20 @@ class NewQueue:
     def complete(self, conn: Connection, key: str) -> None:
         conn.execute(self._complete, (_now_text(), key))
 
+    def release(self, conn: Connection, key: str) -> None:
+        """Put a job this worker leased but did not start back (`pending`, the attempt it
+        counted undone, no lease): the execution ledger refused it for now."""
+        conn.execute(self._release, (_now_text(), key))
 
-class Ledger:
-    """Every execution of every task, on either side.
+    def settle(self, conn: Connection, key: str, *, ran: bool) -> None:
+        """Close a job this worker leased but must not start: `completed` when it ran
+        elsewhere (`ran`), else `cancelled` (it was handed over to the other side)."""
+        conn.execute(self._settle, ("completed" if ran else "cancelled", _now_text(), key))
+
+
+class ExecutionLog:
+    """Every execution of every task, on either side: the tasks' own side effect (not the
+    migration's execution ledger, `migration_fsm.journal.ledger.Ledger`).
 
     On SQLite one connection records for every worker (SQLite has one writer anyway); on
     PostgreSQL each worker thread records through a connection of its own, so recording
@@ -368,77 +404,3 @@ class Ledger:
         for conn in connections:
             conn.close()
         self._conn.close()
-
-
-class WorkerPool:
-    """Threads that claim and run tasks of one system while `allowed()` says they may.
-
-    `pause()` returns only once no worker can start a new claim, which is what the
-    migration's "stop old workers" hook needs before it drains the in-flight tasks. A worker
-    that finds nothing to claim looks again after `idle_seconds`.
-    """
-
-    def __init__(
-        self,
-        system: OldTaskManager | NewQueue,
-        ledger: Ledger,
-        allowed: Callable[[], bool],
-        *,
-        workers: int = 2,
-        work_seconds: float = 0.01,
-        idle_seconds: float = 0.02,
-    ) -> None:
-        self.system = system
-        self.ledger = ledger
-        self.allowed = allowed
-        self.work_seconds = work_seconds
-        self.idle_seconds = idle_seconds
-        self._claim_lock = threading.Lock()
-        self._paused = False
-        self._stop = threading.Event()
-        self.executed = 0
-        self.errors: list[str] = []
-        self._threads = [
-            threading.Thread(target=self._work, args=(f"{system.side}-{i}",), daemon=True)
-            for i in range(workers)
-        ]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def pause(self) -> None:
-        with self._claim_lock:
-            self._paused = True
-
-    def resume(self) -> None:
-        with self._claim_lock:
-            self._paused = False
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
-
-    def _work(self, name: str) -> None:
-        conn = self.system.database.connect()
-        try:
-            while not self._stop.is_set():
-                with self._claim_lock:
-                    key = None if self._paused or not self.allowed() else self.system.claim(conn, name)
-                if key is None:
-                    self._stop.wait(self.idle_seconds)
-                    continue
-                self.ledger.record(key, self.system.side)
-                time.sleep(self.work_seconds)
-                self.system.complete(conn, key)
-                self.executed += 1
-        except Exception as exc:
-            self.errors.append(f"{name}: {exc}")  # a dead worker shows in the report, not only in stderr
-            raise
-        finally:
-            conn.close()

@@ -42,6 +42,8 @@ def test_load_run_loses_nothing_and_runs_nothing_twice(pg_database: str) -> None
         "executed",
         "lost",
         "duplicated",
+        "executed_twice",
+        "refused_executions",
         "achieved_rate",
         "write_latency_ms",
         "fallback_reads",
@@ -53,6 +55,14 @@ def test_load_run_loses_nothing_and_runs_nothing_twice(pg_database: str) -> None
     } <= set(report)
     assert (0, 0) == (report["lost"], report["duplicated"])
     assert report["scheduled"] == report["executed"] == report["executions"] > 0
+    # The gated workers claimed every execution in the execution ledger; no key succeeded twice.
+    assert 0 == report["executed_twice"] == report["ledger"]["executed_twice"]
+    assert report["executed"] == report["ledger"]["succeeded"]
+    assert report["refused_executions"] >= 0  # measured: a refusal is the ledger doing its job
+    assert [] == report["workers"]["errors"]
+    assert report["executions_by_side"].get("new", 0) == report["workers"]["new"]["executed"]
+    assert report["pauses"], "consumption moved only after an acknowledged pause"
+    assert all(pause["acknowledged"] == 1 and pause["gone"] == [] for pause in report["pauses"])
     assert 0 == report["executions_of_unscheduled_keys"]
     assert "old" in report["executions_by_side"]
     if report["traffic_stopped_early"] is None:  # else old may have run every task before cutover

@@ -1,0 +1,309 @@
+"""The demo's workers, gated as a real worker is (docs/WORKERS.md): each pool of worker
+threads of one side runs one `WorkerGate`, which alone decides whether the side may take a
+task (its routing and the pause `pause_consumers` publishes) and which claims each task in
+the execution ledger before it runs.
+
+One worker thread's loop (`WorkerPool._work`):
+
+```python
+with gate.dequeuing():                          # the gate's shared hold
+    key = system.claim(conn, name) if gate.may_consume() else None
+with gate.executing(key) as run:                # the claim in the execution ledger
+    if run.allowed:
+        log.record(key, side); time.sleep(work_seconds); system.complete(conn, key)
+# refused: "succeeded" / "handed_over" -> close this side's copy (done / cancelled);
+#          anything else -> put it back in the queue (release) and back off
+```
+
+On SQLite the claim's `BEGIN IMMEDIATE .. COMMIT` runs inside the hold, on PostgreSQL the
+single `UPDATE .. RETURNING` does: applying (and acknowledging) a new routing version waits
+for every dequeue begun under the old one, so once the pause is acknowledged every task the
+side took is visible as running to the drain.
+
+The same pool runs alone in a process (a worker of one side, as in production):
+
+    python -m migration_fsm.demo.worker --side old --control URL --system URL --log URL --seconds N
+
+`--control` is the migration database (the gate's `PhaseClient`, the workers' table and,
+unless `--ledger` names its own, the execution ledger), `--system` the side's task system
+(`runs` or `jobs` table), `--log` the `ExecutionLog`; `sqlite:///PATH` or a PostgreSQL URL.
+It works until `--seconds` have passed or SIGTERM/SIGINT, then prints its figures as one JSON
+object on stdout. A SIGKILL leaves its claims running on a worker that stops heartbeating:
+once `worker_ttl_seconds` have passed they may be taken over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from ..client import PhaseClient, WorkerGate
+from .systems import (
+    ExecutionLog,
+    NewQueue,
+    OldTaskManager,
+    PostgresDatabase,
+    SqliteDatabase,
+    TaskDatabase,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType
+
+#: Refusals after which this side's copy is closed rather than put back: the task ran
+#: (`succeeded`), or it belongs to the other side now (`handed_over`).
+SETTLED: Final = frozenset({"succeeded", "handed_over"})
+
+
+class WorkerPool:
+    """`workers` threads that dequeue and run tasks of one system through one `WorkerGate`
+    (thread-safe: one per pool), gated by the gate alone.
+
+    A worker that finds nothing to take (or may not take anything) looks again after
+    `idle_seconds`; one whose task the ledger refused for now (`running`, `failed`,
+    `ledger_unavailable`, `not_registered`) puts it back and waits `backoff_seconds`.
+    `executed` counts the tasks run, `dequeues` the looks at the queue, `refused` the
+    refusals by reason, `errors` the worker threads that died (a dead worker shows in the
+    report, not only in stderr).
+    """
+
+    def __init__(
+        self,
+        system: OldTaskManager | NewQueue,
+        log: ExecutionLog,
+        gate: WorkerGate,
+        *,
+        workers: int = 2,
+        work_seconds: float = 0.01,
+        idle_seconds: float = 0.02,
+        backoff_seconds: float = 0.1,
+    ) -> None:
+        if gate.side != system.side:
+            raise ValueError(f"a {gate.side} gate cannot gate the {system.side} system's workers")
+        self.system = system
+        self.log = log
+        self.gate = gate
+        self.side = system.side
+        self.workers = workers
+        self.work_seconds = work_seconds
+        self.idle_seconds = idle_seconds
+        self.backoff_seconds = backoff_seconds
+        self.refused: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self._executed = 0
+        self.dequeues = 0
+        self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, args=(f"{system.side}-{i}",), name=f"demo-{system.side}-{i}")
+            for i in range(workers)
+        ]
+
+    @property
+    def executed(self) -> int:
+        return self._executed
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop taking tasks; the tasks in progress finish first."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=10)
+
+    def figures(self) -> dict[str, Any]:
+        """Plain numbers for a report: threads, tasks run, refusals by reason, the gate's counters."""
+        gate = self.gate.counters()
+        return {
+            "threads": self.workers,
+            "executed": self.executed,
+            "refused": dict(sorted(self.refused.items())),
+            "gate": {
+                name: int(gate[name]) for name in ("claimed", "refused", "unavailable", "succeeded", "failed")
+            },
+            "errors": list(self.errors),
+        }
+
+    def take(self, conn: Any, name: str) -> str | None:
+        """One dequeue: inside the gate's shared hold, and only when the gate says this side
+        may consume (see the module's docstring)."""
+        with self._count_lock:
+            self.dequeues += 1
+        with self.gate.dequeuing():
+            return self.system.claim(conn, name) if self.gate.may_consume() else None
+
+    def run_one(self, conn: Any, key: str) -> bool:
+        """Run the task `key` this worker took, if the execution ledger allows it; whether it ran.
+
+        Refused: a task that ran (`succeeded`) or was handed over to the other side
+        (`handed_over`) is closed on this side; any other refusal puts it back in the queue."""
+        with self.gate.executing(key) as run:
+            if run.allowed:
+                self.log.record(key, self.side)  # the task's own side effect
+                time.sleep(self.work_seconds)
+                self.system.complete(conn, key)
+        if run.allowed:
+            with self._count_lock:
+                self._executed += 1
+            return True
+        with self._count_lock:
+            self.refused[run.reason] += 1
+        if run.reason in SETTLED:
+            self.system.settle(conn, key, ran=run.reason == "succeeded")
+        else:
+            self.system.release(conn, key)
+            self._stop.wait(self.backoff_seconds)
+        return False
+
+    def _work(self, name: str) -> None:
+        conn = self.system.database.connect()
+        try:
+            while not self._stop.is_set():
+                key = self.take(conn, name)
+                if key is None:
+                    self._stop.wait(self.idle_seconds)
+                    continue
+                self.run_one(conn, key)
+        except Exception as exc:
+            self.errors.append(f"{name}: {exc}")
+            raise
+        finally:
+            conn.close()
+
+
+def as_task_database(url: str, *, synchronous_commit: bool = True) -> TaskDatabase:
+    """`sqlite:///PATH` (a SQLite file) or a PostgreSQL URL, as a task system's database."""
+    if url.startswith("sqlite:///"):
+        return SqliteDatabase(Path(url.removeprefix("sqlite:///")))
+    return PostgresDatabase(url, synchronous_commit=synchronous_commit)
+
+
+def system_for(side: str, database: TaskDatabase) -> OldTaskManager | NewQueue:
+    """The side's task system (creates its table when missing)."""
+    if side == "old":
+        return OldTaskManager(database)
+    if side == "new":
+        return NewQueue(database)
+    raise ValueError(f"side must be 'old' or 'new', not {side!r}")
+
+
+def run_worker(
+    side: str,
+    control_url: str,
+    system_url: str,
+    log_url: str,
+    *,
+    migration: str = "demo",
+    seconds: float | None = None,
+    workers: int = 2,
+    work_seconds: float = 0.01,
+    idle_seconds: float = 0.02,
+    worker_ttl_seconds: float = 10.0,
+    ledger_url: str | None = None,
+    worker_id: str | None = None,
+    ttl: float = 0.05,
+    stop: threading.Event | None = None,
+    ready: threading.Event | None = None,
+) -> dict[str, Any]:
+    """One worker process's life: a `PhaseClient` and one `WorkerGate` of `side`, a pool of
+    `workers` threads, until `seconds` have passed (None: forever) or `stop` is set; then the
+    tasks in progress finish, the gate closes (flushes, deregisters) and the figures are
+    returned. `ready` is set once the gate is registered and the threads run."""
+    stop = stop or threading.Event()
+    system = system_for(side, as_task_database(system_url))
+    log = ExecutionLog(as_task_database(log_url, synchronous_commit=False))
+    started = time.monotonic()
+    try:
+        with (
+            PhaseClient(control_url, migration=migration, ttl=ttl) as client,
+            WorkerGate(
+                client, side, worker_id, ledger_url=ledger_url, worker_ttl_seconds=worker_ttl_seconds
+            ) as gate,
+        ):
+            pool = WorkerPool(
+                system, log, gate, workers=workers, work_seconds=work_seconds, idle_seconds=idle_seconds
+            )
+            pool.start()
+            if ready is not None:
+                ready.set()
+            try:
+                stop.wait(seconds)
+            finally:
+                pool.stop()
+            figures = {"side": side, "worker_id": gate.worker_id, **pool.figures()}
+    finally:
+        log.close()
+    figures["seconds"] = round(time.monotonic() - started, 2)
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m migration_fsm.demo.worker",
+        description="A gated worker process of one side of the demo's task systems.",
+    )
+    parser.add_argument("--side", choices=("old", "new"), required=True)
+    parser.add_argument("--control", required=True, help="the migration database URL")
+    parser.add_argument(
+        "--system", required=True, help="the side's task system (sqlite:///PATH or PostgreSQL URL)"
+    )
+    parser.add_argument(
+        "--log", required=True, help="the ExecutionLog's database (sqlite:///PATH or PostgreSQL URL)"
+    )
+    parser.add_argument("--seconds", type=float, default=None, help="work this long (default: until SIGTERM)")
+    parser.add_argument("--migration", default="demo")
+    parser.add_argument("--workers", type=int, default=2, help="worker threads")
+    parser.add_argument("--work-ms", type=float, default=10.0, help="what running one task takes")
+    parser.add_argument(
+        "--worker-ttl-seconds", type=float, default=10.0, help="the operators' worker_ttl_seconds"
+    )
+    parser.add_argument("--ledger", default=None, help="the execution ledger's URL (default: --control)")
+    parser.add_argument("--worker-id", default=None)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+
+    def end(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, end)
+    signal.signal(signal.SIGINT, end)
+    ready = threading.Event()
+
+    def say_ready() -> None:
+        ready.wait()
+        print(f"worker {args.side}: ready", file=sys.stderr, flush=True)
+
+    threading.Thread(target=say_ready, daemon=True).start()
+    figures = run_worker(
+        args.side,
+        args.control,
+        args.system,
+        args.log,
+        migration=args.migration,
+        seconds=args.seconds,
+        workers=args.workers,
+        work_seconds=args.work_ms / 1000,
+        worker_ttl_seconds=args.worker_ttl_seconds,
+        ledger_url=args.ledger,
+        worker_id=args.worker_id,
+        stop=stop,
+        ready=ready,
+    )
+    print(json.dumps(figures), flush=True)
+    return 1 if figures["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
