@@ -331,12 +331,15 @@ def import_(settings: Settings, *, side: str, path: str) -> Imported:
 def reconcile(settings: Settings, migration: str) -> Reconciled:
     """Replay the open dual-write repair entries from the side that took each write."""
     from .tasks.sides import open_sides
+    from .tools.ownership import open_ledger
     from .tools.reconcile import reconcile as replay_repairs
 
     with open_store(settings) as store:
         store.get(migration)  # an unknown migration is bad input, before any store is opened
-        with open_sides(settings) as (old, new):
-            return replay_repairs(store, migration, old, new, batch=settings.backfill_batch_size)
+        with open_sides(settings) as (old, new), open_ledger(settings, store.engine) as ledger:
+            return replay_repairs(
+                store, migration, old, new, batch=settings.backfill_batch_size, ledger=ledger
+            )
 
 
 def diagram() -> str:

@@ -10,8 +10,11 @@ from sqlalchemy import func, select, update
 from migration_fsm.fsm import RepairStatus
 from migration_fsm.journal import repair_log_table, utcnow
 
+from .ownership import carries_marker
+
 if TYPE_CHECKING:
     from migration_fsm.journal import Journal
+    from migration_fsm.journal.ledger import Ledger
 
     from ..tasks.records import TaskStore
 
@@ -21,7 +24,7 @@ class Reconciled:
     """What one `reconcile` run did."""
 
     replayed: int  # copied to the side that missed them
-    already_current: int  # the missing side already had this version or a newer one
+    already_current: int  # the missing side already had this version or a newer one, or owns the task
     absent: int  # no side has the record any more: nothing to copy
     failed: int  # still open: the copy failed again
     open: int  # open entries left afterwards
@@ -51,11 +54,21 @@ def open_entries(store: Journal, migration: str) -> int:
 
 
 def reconcile(
-    store: Journal, migration: str, old: TaskStore, new: TaskStore, *, batch: int = 500
+    store: Journal,
+    migration: str,
+    old: TaskStore,
+    new: TaskStore,
+    *,
+    batch: int = 500,
+    ledger: Ledger | None = None,
 ) -> Reconciled:
     """Replay every open entry: read the record from the side that took the write, put it on
     the side that missed it unless that side already holds the same or a newer version, and
-    close the entry. Idempotent: a second run finds nothing open and changes nothing."""
+    close the entry. Idempotent: a second run finds nothing open and changes nothing.
+
+    With the execution `ledger`, a hand-over marker (the giving side's `cancelled` copy) is
+    never put over the unfinished copy of the side the ledger gives the task to
+    (`ownership.carries_marker`): that copy is current, however late its updated_at."""
     sides = {"old": old, "new": new}
     replayed = current = absent = failed = 0
     last_id = 0
@@ -89,7 +102,12 @@ def reconcile(
                     absent += 1
                 else:
                     there = target.get(row["key"])
-                    if there is not None and there.updated_at >= record.updated_at:
+                    if (there is not None and there.updated_at >= record.updated_at) or (
+                        ledger is not None
+                        and carries_marker(
+                            record, there, ledger.claim_of(migration, record.key), missing_side
+                        )
+                    ):
                         current += 1
                     else:
                         target.put(record)

@@ -136,9 +136,13 @@ def test_a_forward_walk_and_rollback_with_the_default_guards_and_steps(
         ("checksums_match", True),
         ("no_double_execution", True),
     ] == [(g.name, g.passed) for g in to_cleanup.guards]
-    assert "1 runnable old copies of tasks that ran on the new side remain" in to_cleanup.guards[1].detail
+    # t0000101 ran on new; 11 more are pending on both sides: new owns them, so a stock old
+    # worker must not run them either (issue 12).
+    assert "12 runnable old copies of tasks the new side ran or owns remain" in to_cleanup.guards[1].detail
     assert ["retire_old"] == to_cleanup.steps
     assert (TaskStatus.COMPLETED, 1) == _statuses(old)["t0000101"]  # retired: it ran on new
+    assert (TaskStatus.CANCELLED, 0) == _statuses(old)["t0000100"]  # handed over: new runs it
+    assert (TaskStatus.PENDING, 0) == _statuses(new)["t0000100"]
 
     new.put(task(300))  # only the new side is written in cleanup
     new.put(task(301, status=TaskStatus.RUNNING))
@@ -150,8 +154,17 @@ def test_a_forward_walk_and_rollback_with_the_default_guards_and_steps(
     assert (TaskStatus.PENDING, 1) == _statuses(old)["t0000301"]
     assert (TaskStatus.CANCELLED, 0) == _statuses(new)["t0000301"]
     assert "t0000300" in _statuses(old)
-    # The keys handed over to new at cutover came back (reverse sync) as new had them.
-    _clean(old, new, handed_over=1)
+    # The keys handed over to new at cutover, never claimed there, are given back to old with
+    # the consumption (issue 12: the ledger kept giving them to new, and old's workers were
+    # refused them: they ran nowhere): pending on old, cancelled on new, old's in the ledger.
+    assert {(TaskStatus.PENDING, 1)} == {_statuses(old)[key] for key in running}
+    assert {(TaskStatus.CANCELLED, 1)} == {_statuses(new)[key] for key in running}
+    ledger = _ledger(engine)
+    assert all(ledger.claim(M, key, "old", "old-worker").allowed for key in running)
+    # So are the 11 that `retire_old` handed over to new at cleanup, still pending on new.
+    assert (TaskStatus.PENDING, 0) == _statuses(old)["t0000100"]
+    assert (TaskStatus.CANCELLED, 0) == _statuses(new)["t0000100"]
+    _clean(old, new, handed_over=1 + len(running) + 11)
 
 
 def test_drain_policy_fail_stops_the_transition_until_the_task_finishes(
