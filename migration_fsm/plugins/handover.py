@@ -50,8 +50,8 @@ from ..fsm import giving_side, routing_for
 from ..journal import utcnow
 from ..journal.ledger import HANDED_OVER, Ledger
 from ..journal.workers import Workers
-from ..tasks.capabilities import ForwardPut, SetProgress
-from ..tasks.records import TaskRecord, TaskStatus
+from ..tasks.capabilities import ForwardPut, SetProgress, SetProgressMany
+from ..tasks.records import ProgressUpdate, TaskRecord, TaskStatus
 from ..tasks.scan import merge, records
 from ..tasks.sides import open_side
 from ..tools.ownership import carries_marker, get_many
@@ -188,6 +188,39 @@ def set_progress(
         store.put(updated)
 
 
+class ProgressBatch:
+    """Progress changes of one store's copies, applied a batch per transaction
+    (`SetProgressMany`; one `set_progress` per row for a store without it). Each change is a
+    compare-and-set on the copy's status as it was read: a row a worker changed since is left
+    as it is (and not counted by `flush`)."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self.changes: list[tuple[TaskRecord, ProgressUpdate]] = []
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    def add(
+        self, record: TaskRecord, status: TaskStatus, attempts: int, updated_at: datetime | None = None
+    ) -> None:
+        """Set the copy `record`'s status and attempts (and updated_at, default now) at the next
+        `flush`, if its status is still `record.status` then."""
+        change = ProgressUpdate(record.key, status, attempts, updated_at or utcnow(), expected=record.status)
+        self.changes.append((record, change))
+
+    def flush(self) -> int:
+        """Apply the changes kept so far; returns how many rows changed."""
+        changes, self.changes = self.changes, []
+        if not changes:
+            return 0
+        if isinstance(self.store, SetProgressMany):
+            return self.store.set_progress_many([change for _, change in changes])
+        for record, change in changes:
+            set_progress(self.store, record, change.status, change.attempts, change.updated_at)
+        return len(changes)
+
+
 @dataclass(slots=True)
 class HandOvers:
     """Hands running tasks of the `giving` side over to the other side, and counts."""
@@ -245,18 +278,20 @@ class HandOvers:
         ):
             after = keys[-1]
             mine, theirs = get_many(self.giving_store, keys), get_many(self.receiving_store, keys)
-            for key in keys:
-                record = mine.get(key)
-                if record is None or record.status is not TaskStatus.PENDING:
-                    continue
-                other = theirs.get(key)
+            pending = [mine[key] for key in keys if key in mine and mine[key].status is TaskStatus.PENDING]
+            receivers, markers = ProgressBatch(self.receiving_store), ProgressBatch(self.giving_store)
+            for record in pending:
+                other = theirs.get(record.key)
                 if other is None:
                     self.receiving_store.put(record.model_copy(update={"updated_at": utcnow()}))
                 elif (other.status, other.attempts) != (TaskStatus.PENDING, record.attempts):
-                    set_progress(self.receiving_store, other, TaskStatus.PENDING, record.attempts)
-                if self.ledger.hand_over(self.migration, key, self.giving, receiving):
-                    set_progress(self.giving_store, record, TaskStatus.CANCELLED, record.attempts)
+                    receivers.add(other, TaskStatus.PENDING, record.attempts)
+            receivers.flush()  # every receiving copy of the page, before the ledger gives any
+            for record in pending:
+                if self.ledger.hand_over(self.migration, record.key, self.giving, receiving):
+                    markers.add(record, TaskStatus.CANCELLED, record.attempts)
                     given += 1
+            markers.flush()
         self.given_back += given
         return given
 
@@ -403,22 +438,29 @@ class _Sync:
         self.checkpoint = ctx.checkpoint or {}
         self.counts = {
             name: int(self.checkpoint.get(name, 0))
-            for name in ("updated", "created", "handed_over", "given_back", "kept")
+            for name in ("updated", "created", "handed_over", "given_back", "kept", "changed_meanwhile")
         }
         self.handing = giving_side(ctx.source, ctx.dest) == handovers.giving
         self.creates: list[TaskRecord] = []
+        self.progress: ProgressBatch | None = None
         self.cursor: str | None = self.checkpoint.get("cursor")
 
     def save(self, target: TaskStore, *, done: bool = False) -> None:
         if self.creates:
             target.put_many(self.creates)
         self.creates = []
+        if self.progress is not None:  # one transaction per batch; then the checkpoint
+            tried = len(self.progress)
+            applied = self.progress.flush()
+            self.counts["updated"] += applied
+            self.counts["changed_meanwhile"] += tried - applied
         self.counts["handed_over"] = int(self.checkpoint.get("handed_over", 0)) + self.handovers.handed_over
         self.counts["given_back"] = int(self.checkpoint.get("given_back", 0)) + self.handovers.given_back
         self.ctx.save_checkpoint({"cursor": self.cursor, **self.counts, "done": done})
 
     def run(self, source: TaskStore, target: TaskStore) -> None:
         batch_size = self.ctx.settings.backfill_batch_size
+        self.progress = ProgressBatch(target)
         after = self.cursor
         if not self.checkpoint:  # a fresh start says so at once: `status` shows the step's progress
             self.save(target)
@@ -427,7 +469,7 @@ class _Sync:
             if mine is None:  # only on the target: nothing to copy
                 continue
             self.cursor = mine.key
-            self.one(mine, theirs, target)
+            self.one(mine, theirs)
             seen += 1
             if seen % batch_size == 0:
                 self.save(target)
@@ -435,7 +477,7 @@ class _Sync:
             self.cursor = None  # `resume` looks at every key again: the live ones are behind the cursor
         self.save(target, done=not self.handovers.live)
 
-    def one(self, mine: TaskRecord, theirs: TaskRecord | None, target: TaskStore) -> None:
+    def one(self, mine: TaskRecord, theirs: TaskRecord | None) -> None:
         counts = self.counts
         if theirs is None or mine.status is TaskStatus.RUNNING:
             created = _absent_or_running(self.handovers, mine, theirs, handing=self.handing)
@@ -448,9 +490,8 @@ class _Sync:
             ledger = self.handovers.ledger
             if _handed_over_to(ledger, self.ctx.migration, mine, theirs, self.target_side):
                 counts["kept"] += 1
-            else:
-                set_progress(target, theirs, mine.status, mine.attempts, mine.updated_at)
-                counts["updated"] += 1
+            elif self.progress is not None:
+                self.progress.add(theirs, mine.status, mine.attempts, mine.updated_at)
 
 
 def _stop_if_live(live: list[str], source_side: Side, target_side: Side) -> None:
@@ -521,16 +562,18 @@ def retire(ctx: Context) -> None:
         open_side(ctx.settings, "new") as new,
         open_ledger(ctx) as ledger,
     ):
+        batch = ProgressBatch(old)
         for one in retirements(old, new, ledger, ctx.migration, batch_size):
             if one.hand_over:
                 given = ledger.hand_over(ctx.migration, one.record.key, "old", "new")
                 if not given and not (given.holder is not None and given.holder[0] == "new"):
                     continue  # the ledger gives it to old (a live old worker runs it): not new's
                 counts["handed_over"] += 1
-            set_progress(old, one.record, one.status, one.attempts)
-            counts["retired"] += 1
-            if counts["retired"] % batch_size == 0:
+            batch.add(one.record, one.status, one.attempts)  # the ledger first, the copy after
+            if len(batch) >= batch_size:
+                counts["retired"] += batch.flush()  # one transaction per batch
                 ctx.save_checkpoint(dict(counts))
                 ctx.heartbeat()
+        counts["retired"] += batch.flush()
     ctx.save_checkpoint({**counts, "done": True})
     ctx.log.info("old_retired", **counts)

@@ -89,7 +89,7 @@ IN_STEP_WRITES: Final = {
     "drain_new": 2,  # ... on the old side, still running on new
     "transfer_state": 3,  # two rows written after the first checkpoint: resume writes them again
     "reverse_sync": 3,
-    "retire_old": 3,  # two old copies retired after the first checkpoint
+    "retire_old": 3,  # a batch of old copies retired after the first checkpoint, then checkpointed
 }
 
 CONFIG_LINES: Final = (
