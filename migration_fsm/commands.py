@@ -429,9 +429,11 @@ def reconcile(settings: Settings, migration: str) -> Reconciled:
 
     Refused while a transition is in progress or interrupted (exit 3); each batch of entries
     is replayed under the data fence (`Journal.data_fence`), so a transition that begins
-    meanwhile stops it before its next batch."""
+    meanwhile stops it before its next batch. The execution ledger keeps a hand-over marker
+    off the side that owns the task (`tools.ownership`)."""
     from .journal.locks import lease_holder_name
     from .tasks.sides import open_sides, shares_migration_file
+    from .tools.ownership import open_ledger
     from .tools.reconcile import reconcile as replay_repairs
 
     with open_store(settings) as store:
@@ -443,8 +445,10 @@ def reconcile(settings: Settings, migration: str) -> Reconciled:
         def fence() -> AbstractContextManager[object]:
             return store.data_fence(migration, holder, tool="reconcile", version=state.version, hold=hold)
 
-        with open_sides(settings) as (old, new):
-            return replay_repairs(store, migration, old, new, batch=settings.backfill_batch_size, fence=fence)
+        with open_sides(settings) as (old, new), open_ledger(settings, store.engine) as ledger:
+            return replay_repairs(
+                store, migration, old, new, batch=settings.backfill_batch_size, fence=fence, ledger=ledger
+            )
 
 
 def diagram() -> str:

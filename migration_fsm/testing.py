@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .exceptions import DataError
-from .tasks.records import TaskRecord, TaskStatus
+from .tasks.records import ProgressUpdate, TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
     from .tasks.records import TaskStore
@@ -237,3 +237,35 @@ class TaskStoreContract:
         for key in keys[::2]:
             assert found[key] == task_store.get(key)
         assert {} == get_many([])
+
+    def test_set_progress_many_applies_each_row_under_its_own_condition(self, task_store: TaskStore) -> None:
+        """`set_progress_many` (the batched transfer, hand-over and `retire_old`) changes only the
+        status and attempts of the rows it names, each under its own condition: a key the store
+        lacks changes nothing, and a row whose status is no longer `expected` is left as it is;
+        it returns how many rows changed, so running it again is safe."""
+        set_progress_many = getattr(task_store, "set_progress_many", None)
+        if set_progress_many is None:
+            pytest.skip("this store has no set_progress_many (one set_progress per row is used)")
+        a, b, c = (changed(r, status=TaskStatus.PENDING, attempts=0) for r in self.records(["a", "b", "c"]))
+        task_store.put_many([a, b, c])
+        at = T0 + timedelta(days=1)
+        updates = [
+            ProgressUpdate("a", TaskStatus.COMPLETED, 2, at, expected=TaskStatus.PENDING),
+            ProgressUpdate("b", TaskStatus.FAILED, 3, at, expected=TaskStatus.RUNNING),  # not running: kept
+            ProgressUpdate("never-written", TaskStatus.FAILED, 1, at),
+            ProgressUpdate("c", TaskStatus.RUNNING, 1, at),
+        ]
+        assert 2 == set_progress_many(updates)
+        found = {key: task_store.get(key) for key in ("a", "b", "c", "never-written")}
+        assert found["never-written"] is None
+        for key, record, status, attempts in (
+            ("a", a, TaskStatus.COMPLETED, 2),
+            ("b", b, TaskStatus.PENDING, 0),
+            ("c", c, TaskStatus.RUNNING, 1),
+        ):
+            stored = found[key]
+            assert stored is not None
+            assert (status, attempts) == (stored.status, stored.attempts)
+            assert record.checksum() == stored.checksum()  # identity untouched
+        assert 1 == set_progress_many(updates)  # a moved on from pending; c has no condition
+        assert 0 == set_progress_many([])

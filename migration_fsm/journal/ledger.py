@@ -521,6 +521,22 @@ class Ledger:
             row = conn.execute(_READ_CLAIM, {"m": migration, "k": key}).first()
         return None if row is None else ClaimState(row.side, row.worker_id, int(row.attempt), row.state)
 
+    def claims_of(self, migration: str, keys: Iterable[str]) -> dict[str, ClaimState]:
+        """The claim rows of these keys as they stand (a key never claimed is left out), in
+        one query."""
+        c = execution_claims_table.c
+        wanted = list(keys)
+        if not wanted:
+            return {}
+        query = select(c.key, c.side, c.worker_id, c.attempt, c.state).where(
+            c.migration == migration, c.key.in_(wanted)
+        )
+        with self._transaction() as conn:
+            return {
+                row.key: ClaimState(row.side, row.worker_id, int(row.attempt), row.state)
+                for row in conn.execute(query)
+            }
+
     def succeeded_keys(
         self, migration: str, side: str, *, after: str | None = None, limit: int = 1000
     ) -> list[str]:
@@ -529,6 +545,28 @@ class Ledger:
         query = select(c.key).where(c.migration == migration, c.state == SUCCEEDED, c.side == side)
         if after is not None:
             query = query.where(c.key > after)
+        with self._transaction() as conn:
+            return list(conn.execute(query.order_by(c.key).limit(limit)).scalars())
+
+    def owned_keys(
+        self,
+        migration: str,
+        side: str,
+        states: Iterable[str],
+        *,
+        after: str | None = None,
+        upto: str | None = None,
+        limit: int = 1000,
+    ) -> list[str]:
+        """Keys whose claim is on `side` in one of `states`, in key order, `limit` at a time,
+        with `after` < key <= `upto` (either bound optional): for instance the hand-overs to
+        `side` no worker there has claimed yet (`states=(HANDED_OVER,)`)."""
+        c = execution_claims_table.c
+        query = select(c.key).where(c.migration == migration, c.side == side, c.state.in_(tuple(states)))
+        if after is not None:
+            query = query.where(c.key > after)
+        if upto is not None:
+            query = query.where(c.key <= upto)
         with self._transaction() as conn:
             return list(conn.execute(query.order_by(c.key).limit(limit)).scalars())
 

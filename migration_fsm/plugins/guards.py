@@ -126,7 +126,7 @@ def checksums_match(ctx: Context) -> GuardVerdict:
 
 def old_drained(ctx: Context) -> GuardVerdict:
     """No task is `running` on the old side; says how many runnable old copies remain of
-    tasks that already ran on the new side (`retire_old` marks them finished)."""
+    tasks the new side ran or owns (`retire_old` retires them)."""
     from .handover import runnable_copies
 
     with open_side(ctx.settings, "old") as old:
@@ -134,13 +134,11 @@ def old_drained(ctx: Context) -> GuardVerdict:
     if running:
         return GuardVerdict(False, f"{running} tasks still running on the old side: wait for them")
     copies = runnable_copies(ctx)
-    retire = (
-        "; `retire_old` marks them finished on the old side" if copies and ctx.source is Phase.CUTOVER else ""
-    )
+    retire = "; `retire_old` retires them on the old side" if copies and ctx.source is Phase.CUTOVER else ""
     return GuardVerdict(
         True,
-        f"no task running on the old side; {copies} runnable old copies of tasks that ran on"
-        f" the new side remain{retire}",
+        f"no task running on the old side; {copies} runnable old copies of tasks the new side"
+        f" ran or owns remain{retire}",
     )
 
 

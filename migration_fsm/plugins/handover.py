@@ -15,16 +15,25 @@ acknowledged pause, the drain and its hand-over, the status transfer, and `retir
   is not to run there: nothing re-queues it on the giving side). A task whose ledger claim
   is running on a **live** worker is not handed over (it is executing right now: a copy on
   the other side would run it twice): the drain stops naming them; `resume` once they have
-  finished, or once their worker is gone. `fail` stops the transition.
+  finished, or once their worker is gone. `fail` stops the transition. On an edge that moves
+  consumption away from `side`, the drain also **gives back** every key the ledger handed
+  over to `side` earlier that no worker there claimed (`HandOvers.give_back`): pending on the
+  receiving side, given to it in the ledger, `cancelled` on `side`. A side that stops
+  consuming owns no task, or the task would run nowhere (issue 12).
 - `sync_status(ctx, source, target)` copies every source task's status and attempts to its
   target copy (the whole task when the target has no copy). It never copies `running`:
   a task running on the giving side is handed over as by the drain; a task running on a
   side that keeps consuming leaves the target's status alone. A task the drain handed over
-  keeps what the drain gave it. A target row changes only in its status, attempts and
-  updated_at columns (`SetProgress`), in the target's own formats.
-- `retire(ctx)` marks every old task that ran on the new side (its new copy finished, or the
-  ledger says it succeeded there) finished on the old side, so that an old worker started
-  later runs nothing twice. `runnable_copies` counts the ones left.
+  keeps what the drain gave it: a hand-over **marker** (the giving copy's `cancelled`) is never
+  copied over the copy of the side the ledger gives the task to (`tools/ownership.py`, which
+  `backfill` and `reconcile` follow too). When the source is the giving side it gives back its
+  unclaimed hand-overs first, as the drain does. A target row changes only in its status,
+  attempts and updated_at columns (`SetProgress`), in the target's own formats.
+- `retire(ctx)` retires every runnable old copy of a task the new side ran or owns
+  (`tools/retire.py`): finished on old when it ran on new (its new copy finished, or the
+  ledger says it succeeded there); handed over to new (the ledger first, then the old copy
+  `cancelled`) when new has not finished it; so that a stock old worker started later runs
+  nothing twice, nor alongside new. `runnable_copies` counts the ones left.
 
 All are idempotent and checkpointed, so `resume` after a crash finishes the work.
 """
@@ -37,15 +46,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
-from ..fsm import giving_side
+from ..fsm import giving_side, routing_for
 from ..journal import utcnow
-from ..journal.ledger import Ledger
+from ..journal.ledger import HANDED_OVER, Ledger
 from ..journal.workers import Workers
-from ..tasks.capabilities import ForwardPut, SetProgress
-from ..tasks.records import TaskRecord, TaskStatus
+from ..tasks.capabilities import ForwardPut, SetProgress, SetProgressMany
+from ..tasks.records import ProgressUpdate, TaskRecord, TaskStatus
 from ..tasks.scan import merge, records
 from ..tasks.sides import open_side
-from ..tools.retire import FINISHED, ran_on_new
+from ..tools.ownership import carries_marker, get_many
+from ..tools.ownership import open_ledger as ledger_of
+from ..tools.retire import retirements
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -82,13 +93,7 @@ def running_count(store: TaskStore) -> int:
 def open_ledger(ctx: Context) -> Iterator[Ledger]:
     """The execution ledger (`ledger_url`, else the migration database), with the workers'
     table to tell gone workers from live ones."""
-    settings = ctx.settings
-    workers = Workers(ctx.store.engine, ttl_seconds=settings.worker_ttl_seconds)
-    url = settings.ledger_database_url
-    if url == settings.database_url:
-        yield Ledger(url, engine=ctx.store.engine, workers=workers)
-        return
-    with Ledger(url, workers=workers) as ledger:
+    with ledger_of(ctx.settings, ctx.store.engine) as ledger:
         yield ledger
 
 
@@ -183,6 +188,39 @@ def set_progress(
         store.put(updated)
 
 
+class ProgressBatch:
+    """Progress changes of one store's copies, applied a batch per transaction
+    (`SetProgressMany`; one `set_progress` per row for a store without it). Each change is a
+    compare-and-set on the copy's status as it was read: a row a worker changed since is left
+    as it is (and not counted by `flush`)."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self.changes: list[tuple[TaskRecord, ProgressUpdate]] = []
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    def add(
+        self, record: TaskRecord, status: TaskStatus, attempts: int, updated_at: datetime | None = None
+    ) -> None:
+        """Set the copy `record`'s status and attempts (and updated_at, default now) at the next
+        `flush`, if its status is still `record.status` then."""
+        change = ProgressUpdate(record.key, status, attempts, updated_at or utcnow(), expected=record.status)
+        self.changes.append((record, change))
+
+    def flush(self) -> int:
+        """Apply the changes kept so far; returns how many rows changed."""
+        changes, self.changes = self.changes, []
+        if not changes:
+            return 0
+        if isinstance(self.store, SetProgressMany):
+            return self.store.set_progress_many([change for _, change in changes])
+        for record, change in changes:
+            set_progress(self.store, record, change.status, change.attempts, change.updated_at)
+        return len(changes)
+
+
 @dataclass(slots=True)
 class HandOvers:
     """Hands running tasks of the `giving` side over to the other side, and counts."""
@@ -193,6 +231,7 @@ class HandOvers:
     giving_store: TaskStore
     receiving_store: TaskStore
     handed_over: int = 0
+    given_back: int = 0
     live: list[str] = field(default_factory=list)  # "key (worker)": running on a live worker
 
     def take(self, record: TaskRecord, receiving: TaskRecord | None) -> None:
@@ -222,6 +261,40 @@ class HandOvers:
         set_progress(self.giving_store, record, TaskStatus.CANCELLED, record.attempts)
         self.handed_over += 1
 
+    def give_back(self, batch_size: int) -> int:
+        """Give the receiving side every key the ledger handed over to the giving side that no
+        worker there has claimed: the giving side stops consuming, so left with it such a task
+        would run nowhere (issue 12). For each: the receiving copy pending, with the giving
+        copy's attempts (the task has not run since it was handed over; that side does not
+        consume before the commit), then the ledger, then the giving copy `cancelled` (the
+        marker). A key whose giving copy is not pending is left alone: a running one is the
+        drain's to hand over, a finished one the status transfer's to carry. Idempotent and
+        resumable: a key stays listed until the ledger has given it on. Returns how many."""
+        receiving = _other(self.giving)
+        given = 0
+        after: str | None = None
+        while keys := self.ledger.owned_keys(
+            self.migration, self.giving, (HANDED_OVER,), after=after, limit=batch_size
+        ):
+            after = keys[-1]
+            mine, theirs = get_many(self.giving_store, keys), get_many(self.receiving_store, keys)
+            pending = [mine[key] for key in keys if key in mine and mine[key].status is TaskStatus.PENDING]
+            receivers, markers = ProgressBatch(self.receiving_store), ProgressBatch(self.giving_store)
+            for record in pending:
+                other = theirs.get(record.key)
+                if other is None:
+                    self.receiving_store.put(record.model_copy(update={"updated_at": utcnow()}))
+                elif (other.status, other.attempts) != (TaskStatus.PENDING, record.attempts):
+                    receivers.add(other, TaskStatus.PENDING, record.attempts)
+            receivers.flush()  # every receiving copy of the page, before the ledger gives any
+            for record in pending:
+                if self.ledger.hand_over(self.migration, record.key, self.giving, receiving):
+                    markers.add(record, TaskStatus.CANCELLED, record.attempts)
+                    given += 1
+            markers.flush()
+        self.given_back += given
+        return given
+
 
 # -- the drain -------------------------------------------------------------------------------
 
@@ -247,7 +320,10 @@ def drain(ctx: Context, side: Side) -> None:
             left = (deadline - utcnow()).total_seconds()
             ctx.log.info("drain", side=side, running=running, seconds_left=round(max(left, 0), 1))
             if running == 0:
-                ctx.save_checkpoint({"deadline": deadline.isoformat(), "requeued": 0, "done": True})
+                given = give_back(ctx, side)
+                ctx.save_checkpoint(
+                    {"deadline": deadline.isoformat(), "requeued": 0, "given_back": given, "done": True}
+                )
                 return
             if left <= 0:
                 break
@@ -263,7 +339,12 @@ def drain(ctx: Context, side: Side) -> None:
             )
     done = requeue(ctx, side)
     ctx.save_checkpoint(
-        {"deadline": deadline.isoformat(), "requeued": done.handed_over, "done": not done.live}
+        {
+            "deadline": deadline.isoformat(),
+            "requeued": done.handed_over,
+            "given_back": done.given_back,
+            "done": not done.live,
+        }
     )
     ctx.log.info("drain_requeued", side=side, target=_other(side), requeued=done.handed_over)
     if done.live:
@@ -300,7 +381,27 @@ def requeue(ctx: Context, side: Side) -> HandOvers:
         done = HandOvers(ledger, ctx.migration, side, giving, receiving)
         for record in _running(giving, batch_size):
             done.take(record, receiving.get(record.key))
+        if giving_side(ctx.source, ctx.dest) == side:
+            done.give_back(batch_size)
     return done
+
+
+def give_back(ctx: Context, side: Side) -> int:
+    """On an edge that moves consumption away from `side`: give the other side every key the
+    ledger handed over to `side` that no worker there claimed (`HandOvers.give_back`)."""
+    if giving_side(ctx.source, ctx.dest) != side:
+        return 0
+    with (
+        open_side(ctx.settings, side) as giving,
+        open_side(ctx.settings, _other(side)) as receiving,
+        open_ledger(ctx) as ledger,
+    ):
+        given = HandOvers(ledger, ctx.migration, side, giving, receiving).give_back(
+            ctx.settings.backfill_batch_size
+        )
+    if given:
+        ctx.log.info("handed_back", side=side, target=_other(side), given_back=given)
+    return given
 
 
 # -- status transfer -------------------------------------------------------------------------
@@ -320,6 +421,8 @@ def sync_status(ctx: Context, source_side: Side, target_side: Side) -> None:
         open_ledger(ctx) as ledger,
     ):
         sync = _Sync(ctx, HandOvers(ledger, ctx.migration, source_side, source, target), target_side)
+        if sync.handing:  # before the merge, which then keeps what the give-back wrote
+            sync.handovers.give_back(settings.backfill_batch_size)
         sync.run(source, target)
     ctx.log.info("status_synced", source=source_side, target=target_side, **sync.counts)
     _stop_if_live(sync.handovers.live, source_side, target_side)
@@ -334,21 +437,30 @@ class _Sync:
         self.target_side = target_side
         self.checkpoint = ctx.checkpoint or {}
         self.counts = {
-            name: int(self.checkpoint.get(name, 0)) for name in ("updated", "created", "handed_over", "kept")
+            name: int(self.checkpoint.get(name, 0))
+            for name in ("updated", "created", "handed_over", "given_back", "kept", "changed_meanwhile")
         }
         self.handing = giving_side(ctx.source, ctx.dest) == handovers.giving
         self.creates: list[TaskRecord] = []
+        self.progress: ProgressBatch | None = None
         self.cursor: str | None = self.checkpoint.get("cursor")
 
     def save(self, target: TaskStore, *, done: bool = False) -> None:
         if self.creates:
             target.put_many(self.creates)
         self.creates = []
+        if self.progress is not None:  # one transaction per batch; then the checkpoint
+            tried = len(self.progress)
+            applied = self.progress.flush()
+            self.counts["updated"] += applied
+            self.counts["changed_meanwhile"] += tried - applied
         self.counts["handed_over"] = int(self.checkpoint.get("handed_over", 0)) + self.handovers.handed_over
+        self.counts["given_back"] = int(self.checkpoint.get("given_back", 0)) + self.handovers.given_back
         self.ctx.save_checkpoint({"cursor": self.cursor, **self.counts, "done": done})
 
     def run(self, source: TaskStore, target: TaskStore) -> None:
         batch_size = self.ctx.settings.backfill_batch_size
+        self.progress = ProgressBatch(target)
         after = self.cursor
         if not self.checkpoint:  # a fresh start says so at once: `status` shows the step's progress
             self.save(target)
@@ -357,7 +469,7 @@ class _Sync:
             if mine is None:  # only on the target: nothing to copy
                 continue
             self.cursor = mine.key
-            self.one(mine, theirs, target)
+            self.one(mine, theirs)
             seen += 1
             if seen % batch_size == 0:
                 self.save(target)
@@ -365,7 +477,7 @@ class _Sync:
             self.cursor = None  # `resume` looks at every key again: the live ones are behind the cursor
         self.save(target, done=not self.handovers.live)
 
-    def one(self, mine: TaskRecord, theirs: TaskRecord | None, target: TaskStore) -> None:
+    def one(self, mine: TaskRecord, theirs: TaskRecord | None) -> None:
         counts = self.counts
         if theirs is None or mine.status is TaskStatus.RUNNING:
             created = _absent_or_running(self.handovers, mine, theirs, handing=self.handing)
@@ -378,9 +490,8 @@ class _Sync:
             ledger = self.handovers.ledger
             if _handed_over_to(ledger, self.ctx.migration, mine, theirs, self.target_side):
                 counts["kept"] += 1
-            else:
-                set_progress(target, theirs, mine.status, mine.attempts, mine.updated_at)
-                counts["updated"] += 1
+            elif self.progress is not None:
+                self.progress.add(theirs, mine.status, mine.attempts, mine.updated_at)
 
 
 def _stop_if_live(live: list[str], source_side: Side, target_side: Side) -> None:
@@ -410,47 +521,59 @@ def _absent_or_running(
 def _handed_over_to(ledger: Ledger, migration: str, mine: TaskRecord, theirs: TaskRecord, side: Side) -> bool:
     """Whether the source copy `mine` is the giving end of a hand-over to `side` (cancelled
     there by a drain, while the target's copy waits or runs): then the target keeps what the
-    drain gave it. Only a cancelled source copy of an unfinished target copy asks the ledger."""
-    if mine.status is not TaskStatus.CANCELLED or theirs.status in FINISHED:
+    drain gave it (`ownership.carries_marker`). Only a cancelled source copy asks the ledger."""
+    if mine.status is not TaskStatus.CANCELLED:
         return False
-    claim = ledger.claim_of(migration, mine.key)
-    return claim is not None and claim.side == side
+    return carries_marker(mine, theirs, ledger.claim_of(migration, mine.key), side)
 
 
 # -- retire_old ------------------------------------------------------------------------------
 
 
 def runnable_copies(ctx: Context) -> int:
-    """How many old copies a stock old worker would still run although they ran on new."""
+    """How many old copies a stock old worker would still run although the new side ran them
+    or, while it consumes (in the edge's source phase), owns them (`tools.retire.retirements`:
+    what `retire_old` retires, and what `validate` counts as `runnable_old_copies`)."""
     batch_size = ctx.settings.backfill_batch_size
     with (
         open_side(ctx.settings, "old") as old,
         open_side(ctx.settings, "new") as new,
         open_ledger(ctx) as ledger,
     ):
-        return sum(1 for _ in ran_on_new(old, new, ledger, ctx.migration, batch_size))
+        owned = routing_for(ctx.source, ctx.percent).consume_from == "new"
+        return sum(1 for _ in retirements(old, new, ledger, ctx.migration, batch_size, owned_by_new=owned))
 
 
 def retire(ctx: Context) -> None:
-    """Mark every old copy of a task that ran on the new side finished on the old side, in the
-    old store's own status vocabulary (its status map), so a stock old worker runs none of
-    them again. Idempotent: a retired copy is no longer runnable."""
+    """Retire every runnable old copy of a task the new side ran or owns, in the old store's
+    own status vocabulary (its status map), so a stock old worker runs none of them: finished
+    as on new when new ran it; a hand-over to new when new has not finished it (the ledger
+    gives the key to new first, then the old copy is `cancelled`; a key the ledger refuses to
+    hand over is left alone). Idempotent: a retired copy is no longer runnable, and a crash
+    between the ledger and the old copy leaves the copy runnable, so the next run redoes it."""
     checkpoint = ctx.checkpoint or {}
     if checkpoint.get("done"):
         return
-    retired = 0
+    counts = {"retired": 0, "handed_over": 0}
     batch_size = ctx.settings.backfill_batch_size
-    ctx.save_checkpoint({"retired": 0})
+    ctx.save_checkpoint(dict(counts))
     with (
         open_side(ctx.settings, "old") as old,
         open_side(ctx.settings, "new") as new,
         open_ledger(ctx) as ledger,
     ):
-        for record, status, attempts in ran_on_new(old, new, ledger, ctx.migration, batch_size):
-            set_progress(old, record, status, attempts)
-            retired += 1
-            if retired % batch_size == 0:
-                ctx.save_checkpoint({"retired": retired})
+        batch = ProgressBatch(old)
+        for one in retirements(old, new, ledger, ctx.migration, batch_size):
+            if one.hand_over:
+                given = ledger.hand_over(ctx.migration, one.record.key, "old", "new")
+                if not given and not (given.holder is not None and given.holder[0] == "new"):
+                    continue  # the ledger gives it to old (a live old worker runs it): not new's
+                counts["handed_over"] += 1
+            batch.add(one.record, one.status, one.attempts)  # the ledger first, the copy after
+            if len(batch) >= batch_size:
+                counts["retired"] += batch.flush()  # one transaction per batch
+                ctx.save_checkpoint(dict(counts))
                 ctx.heartbeat()
-    ctx.save_checkpoint({"retired": retired, "done": True})
-    ctx.log.info("old_retired", retired=retired)
+        counts["retired"] += batch.flush()
+    ctx.save_checkpoint({**counts, "done": True})
+    ctx.log.info("old_retired", **counts)

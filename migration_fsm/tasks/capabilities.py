@@ -10,10 +10,12 @@ back to the plain `TaskStore` methods otherwise; they never probe with `getattr`
 | `IdentityScan` | `scan_identities`, `identity_checksum` | validation | identity rows from `scan`'s records |
 | `ForwardPut` | `put_forward(record)` | `DualWriter`'s writes | `put` |
 | `SetProgress` | `set_progress(...)` | transfer, hand-over, `retire_old` | `get` + `put_forward` |
+| `SetProgressMany` | `set_progress_many(updates)` | the same, a batch at a time | `set_progress` per row |
 | `Count` | `count()` | backfill's total | the sum of `count_by_status()` |
 | `Closeable` | `close()` | whoever opened the store (`sides.open_side`, the demo) | nothing to release |
 
-`MemoryTaskStore` offers `BulkGet`, `ForwardPut` and `SetProgress`; `SqlTaskStore` offers all six.
+`MemoryTaskStore` offers `BulkGet`, `ForwardPut`, `SetProgress` and `SetProgressMany`;
+`SqlTaskStore` offers all seven.
 Pure: this module imports nothing at run time but `typing`.
 """
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from .identity import IdentityRow
-    from .records import TaskRecord, TaskStatus
+    from .records import ProgressUpdate, TaskRecord, TaskStatus
 
 
 @runtime_checkable
@@ -71,6 +73,19 @@ class SetProgress(Protocol):
         """Set the status, attempts and updated_at of the stored task `key`, in the store's own
         formats, leaving every other column as it is (a legacy table's payload text and
         created_at stay byte for byte); False when the store has no task `key`."""
+        ...
+
+
+@runtime_checkable
+class SetProgressMany(Protocol):
+    """`SetProgress` for a batch of rows, in one transaction (a store's
+    `set_progress` costs a transaction, a commit, per row)."""
+
+    def set_progress_many(self, updates: Sequence[ProgressUpdate]) -> int:
+        """Apply each update as `set_progress` would, all in one transaction; each row keeps
+        its own condition: its key, and with `expected` the stored status it must still read
+        as (a row that changed since the caller read it is left as it is). Returns how many
+        rows were updated (a key the store does not have, or a failed `expected`, counts 0)."""
         ...
 
 

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from datetime import datetime
 
+    from .records import ProgressUpdate
+
 
 class MemoryTaskStore:
     """A `TaskStore` held in a dict; `scan` is in Python string order of keys."""
@@ -60,6 +62,24 @@ class MemoryTaskStore:
                 update={"status": status, "attempts": attempts, "updated_at": updated_at}
             )
             return True
+
+    def set_progress_many(self, updates: Sequence[ProgressUpdate]) -> int:
+        """`set_progress` for a batch, each row under its own condition (`capabilities.SetProgressMany`)."""
+        done = 0
+        with self._lock:
+            for update in updates:
+                stored = self._records.get(update.key)
+                if stored is None or (update.expected is not None and stored.status is not update.expected):
+                    continue
+                self._records[update.key] = stored.model_copy(
+                    update={
+                        "status": update.status,
+                        "attempts": update.attempts,
+                        "updated_at": update.updated_at,
+                    }
+                )
+                done += 1
+        return done
 
     def put_many(self, records: Sequence[TaskRecord]) -> int:
         with self._lock:

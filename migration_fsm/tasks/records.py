@@ -10,7 +10,7 @@ import json
 import math
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -139,6 +139,18 @@ class TaskRecord(BaseModel):
         ]
         fields += [name for name in PROGRESS_FIELDS if getattr(self, name) != getattr(other, name)]
         return fields
+
+
+class ProgressUpdate(NamedTuple):
+    """One row of `set_progress_many` (`capabilities.SetProgressMany`): set task `key`'s
+    status, attempts and updated_at; with `expected`, only while its stored status still reads
+    as `expected` (a compare-and-set on what the caller read)."""
+
+    key: str
+    status: TaskStatus
+    attempts: int
+    updated_at: datetime
+    expected: TaskStatus | None = None
 
 
 @runtime_checkable

@@ -16,6 +16,13 @@ Between two SQL stores of one kind of database the batches are copied as rows (`
 the source database reads each field in the target column's form and checks it, so no
 record is decoded and encoded again; a batch with a row that needs converting goes the
 record path.
+
+A backfill never carries a hand-over marker onto the side that owns the task
+(`ownership.py`): while a key the ledger gives to the new side, unfinished there, lies ahead
+of the cursor, batches go the record path and leave the new copy of such a key as it is
+when the old copy is the marker (`cancelled`). Those keys are the few handed over and not
+yet claimed, or running on new; with none (the usual case, since the default rollback gives
+hand-overs back to old) every batch is a row copy.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from ..tasks.scan import page
 from ..tasks.sides import open_sides, shares_migration_file
 from ..tasks.sql import RowCopy
 from . import runs
+from .ownership import OwnedKeys, open_ledger
 from .progress import NoProgress, Progress
 
 if TYPE_CHECKING:
@@ -82,6 +90,7 @@ def copy_tasks(
     progress: Progress | None = None,
     done_before: int = 0,
     fence: Callable[[], AbstractContextManager[object]] | None = None,
+    owned: OwnedKeys | None = None,
 ) -> BackfillResult:
     """Copy the tasks of `old` with keys > `after` into `new`, `batch_size` at a time.
 
@@ -89,7 +98,9 @@ def copy_tasks(
     rows per second (the run sleeps between batches), so the copy never starves the
     database it reads. `done_before` is what earlier runs copied (for the progress ETA).
     Each batch is read and written inside `fence()` (`Journal.data_fence`: it raises, and
-    the copy stops, when the migration changed since the backfill began)."""
+    the copy stops, when the migration changed since the backfill began). `owned`: the keys
+    the ledger gives to the new side, whose new copy no hand-over marker may replace
+    (`OwnedKeys.without_markers`); such a copy counts as copied (it is current)."""
     fenced = fence or nullcontext
     progress = progress or NoProgress()
     if max_rate is not None:
@@ -103,7 +114,7 @@ def copy_tasks(
     try:
         while True:
             with fenced():
-                written, last = _copy_batch(old, new, rows, cursor, batch_size)
+                written, last = _copy_batch(old, new, rows, cursor, batch_size, owned)
             if last is None:
                 break
             copied += written
@@ -129,17 +140,24 @@ def copy_tasks(
     )
 
 
-def _copy_batch(
-    old: TaskStore, new: TaskStore, rows: RowCopy | None, after: str | None, batch_size: int
+def _copy_batch(  # noqa: PLR0917 - both stores, the row copy, the page, the owned keys
+    old: TaskStore,
+    new: TaskStore,
+    rows: RowCopy | None,
+    after: str | None,
+    batch_size: int,
+    owned: OwnedKeys | None = None,
 ) -> tuple[int, str | None]:
-    """Copy the next batch after `after`: as rows when the two stores allow it, else as
-    records. Returns (tasks written, the batch's last key or None when there was none)."""
-    if rows is not None:
+    """Copy the next batch after `after`: as rows when the two stores allow it and no owned
+    key lies ahead, else as records. Returns (tasks copied, the batch's last key or None when
+    there was none)."""
+    guarded = owned is not None and owned.any_after(after)
+    if rows is not None and not guarded:
         copied = rows.copy_batch(after, batch_size)
         if copied is not None:
             return copied
     records = page(old, batch_size, after)  # also the rows' fallback: it converts or names the bad row
-    new.put_many(records)
+    new.put_many(owned.without_markers(records, new) if owned is not None and guarded else records)
     return len(records), records[-1].key if records else None
 
 
@@ -183,17 +201,20 @@ def backfill_migration(
         def fence() -> AbstractContextManager[object]:
             return store.data_fence(migration, holder, tool="backfill", version=state.version, hold=hold)
 
-        result = copy_tasks(
-            old,
-            new,
-            batch_size=batch_size or settings.backfill_batch_size,
-            after=after,
-            checkpoint=checkpoint,
-            max_rate=max_rate,
-            progress=progress,
-            done_before=before,
-            fence=fence,
-        )
+        with open_ledger(settings, store.engine) as ledger:
+            owned = OwnedKeys(ledger, migration, "new")
+            result = copy_tasks(
+                old,
+                new,
+                batch_size=batch_size or settings.backfill_batch_size,
+                after=after,
+                checkpoint=checkpoint,
+                max_rate=max_rate,
+                progress=progress,
+                done_before=before,
+                fence=fence,
+                owned=owned,
+            )
         final = runs.backfill_progress(store, migration)
         cursor = final.cursor if final is not None else after
         runs.save_backfill(store, migration, cursor=cursor, copied=before + result.copied, done=True)

@@ -11,11 +11,14 @@ from sqlalchemy import func, select, update
 from migration_fsm.fsm import RepairStatus
 from migration_fsm.journal import repair_log_table, utcnow
 
+from .ownership import carries_marker
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextlib import AbstractContextManager
 
     from migration_fsm.journal import Journal
+    from migration_fsm.journal.ledger import Ledger
 
     from ..tasks.records import TaskStore
 
@@ -25,7 +28,7 @@ class Reconciled:
     """What one `reconcile` run did."""
 
     replayed: int  # copied to the side that missed them
-    already_current: int  # the missing side already had this version or a newer one
+    already_current: int  # the missing side already had this version or a newer one, or owns the task
     absent: int  # no side has the record any more: nothing to copy
     failed: int  # still open: the copy failed again
     open: int  # open entries left afterwards
@@ -62,11 +65,16 @@ def reconcile(
     *,
     batch: int = 500,
     fence: Callable[[], AbstractContextManager[object]] | None = None,
+    ledger: Ledger | None = None,
 ) -> Reconciled:
     """Replay every open entry: read the record from the side that took the write, put it on
     the side that missed it unless that side already holds the same or a newer version, and
     close the entry. Idempotent: a second run finds nothing open and changes nothing. Each
-    batch of entries is replayed inside `fence()` (`Journal.data_fence`)."""
+    batch of entries is replayed inside `fence()` (`Journal.data_fence`).
+
+    With the execution `ledger`, a hand-over marker (the giving side's `cancelled` copy) is
+    never put over the unfinished copy of the side the ledger gives the task to
+    (`ownership.carries_marker`): that copy is current, however late its updated_at."""
     fenced = fence or nullcontext
     sides = {"old": old, "new": new}
     replayed = current = absent = failed = 0
@@ -103,7 +111,12 @@ def reconcile(
                         absent += 1
                     else:
                         there = target.get(row["key"])
-                        if there is not None and there.updated_at >= record.updated_at:
+                        if (there is not None and there.updated_at >= record.updated_at) or (
+                            ledger is not None
+                            and carries_marker(
+                                record, there, ledger.claim_of(migration, record.key), missing_side
+                            )
+                        ):
                             current += 1
                         else:
                             target.put(record)

@@ -20,6 +20,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import DatabaseUnavailable
+from ..fsm import routing_for
 from ..journal import utcnow
 from ..journal.ledger import Ledger
 from ..tasks.capabilities import IdentityScan
@@ -39,7 +40,7 @@ from ..tasks.identity import (
 from ..tasks.records import IDENTITY_FIELDS, PROGRESS_FIELDS, TaskRecord, TaskStatus, same_json
 from ..tasks.sides import open_sides
 from . import runs
-from .retire import FINISHED, RUNNABLE, ledger_ran_on_new
+from .retire import FINISHED, RUNNABLE, ledger_ran_on_new, retirements
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -77,8 +78,9 @@ class ValidationReport:
     sample_extra: list[str] = field(default_factory=list)
     sample_mismatched: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    #: Old copies still pending or running of tasks that ran on the new side (a stock old
-    #: worker would run them again; `retire_old` marks them finished).
+    #: Old copies still pending or running of tasks that ran on the new side, and (while the
+    #: new side consumes) of tasks it owns and has not finished: a stock old worker would run
+    #: them (again, or alongside new); `retire_old` retires them (`retire.retirements`).
     runnable_old_copies: int = 0
     #: From the execution ledger (None when validate ran without it, or it was unreachable).
     executed_twice: int | None = None
@@ -357,7 +359,8 @@ def validate_migration(
             sample_size=settings.validate_sample_size,
             settle=settle,
         )
-        ledger_figures(report, old, new, settings, migration, store)
+        owned_by_new = routing_for(state.phase, state.percent).consume_from == "new"
+        ledger_figures(report, old, new, settings, migration, store, owned_by_new=owned_by_new)
     summary = report.as_json()
     summary["seconds"] = report.seconds
     run_id = runs.record_validation(
@@ -379,19 +382,30 @@ def ledger_figures(  # noqa: PLR0917 - the report, both sides and where the ledg
     settings: Settings,
     migration: str,
     store: Journal,
+    *,
+    owned_by_new: bool = False,
 ) -> None:
     """Add the execution ledger's figures to `report`: `executed_twice`, `refused_executions`,
     and the runnable old copies of keys the ledger alone says succeeded on the new side. An
-    unreachable ledger database leaves them None (and adds nothing)."""
+    unreachable ledger database leaves them None (and adds nothing).
+
+    `owned_by_new` (the new side consumes: `cutover`, `cleanup`, `complete`): every task with
+    a new copy is new's, so `runnable_old_copies` counts exactly what `retire_old` retires
+    and `old_drained` names (`retire.retirements`: ran on new, or owned by new and not
+    finished there), in a second pass over both sides."""
     url = settings.ledger_database_url
+    batch_size = settings.backfill_batch_size
     try:
         with Ledger(url, engine=store.engine if url == settings.database_url else None) as ledger:
             counts = ledger.counts(migration)
-            extra = sum(
-                1 for _ in ledger_ran_on_new(old, new, ledger, migration, settings.backfill_batch_size)
-            )
+            if owned_by_new:
+                runnable = sum(1 for _ in retirements(old, new, ledger, migration, batch_size))
+            else:
+                runnable = report.runnable_old_copies + sum(
+                    1 for _ in ledger_ran_on_new(old, new, ledger, migration, batch_size)
+                )
     except DatabaseUnavailable:
         return
     report.executed_twice = counts.executed_twice
     report.refused_executions = counts.refused_executions
-    report.runnable_old_copies += extra
+    report.runnable_old_copies = runnable

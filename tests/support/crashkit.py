@@ -7,7 +7,8 @@ transition runs exactly as in the CLI; at POINT the process sends itself SIGKILL
 
 - `after_claim`: the claim (intent row, lease, planned steps) has committed, no step has run;
 - `in_step=NAME#N`: step NAME has made its N-th write (a task `put_many`, one task's
-  `put` or `set_progress`, a checkpoint save or a pause, counted once it returned), and has
+  `put` or `set_progress`, a batch's `set_progress_many`, a checkpoint save or a pause,
+  counted once it returned), and has
   not finished;
 - `after_step=NAME`: step NAME is recorded `done`; the next step has not begun;
 - `before_commit`: the commit transaction has run all its statements; its COMMIT has not
@@ -141,6 +142,7 @@ def arm(point: CrashPoint) -> Tripwire:
     # One task's write: `put` / `put_forward` (through `_put_one`) and the progress update.
     _after(SqlTaskStore, "_put_one", lambda args, kwargs, _: wire.wrote())
     _after(SqlTaskStore, "set_progress", lambda args, kwargs, _: wire.wrote())
+    _after(SqlTaskStore, "set_progress_many", lambda args, kwargs, _: wire.wrote())  # a batch: one write
     _after(Lease, "pause", lambda args, kwargs, _: wire.wrote())
     original_close = Lease._close  # commit and abort both close through it
 

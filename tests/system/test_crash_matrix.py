@@ -89,7 +89,7 @@ IN_STEP_WRITES: Final = {
     "drain_new": 2,  # ... on the old side, still running on new
     "transfer_state": 3,  # two rows written after the first checkpoint: resume writes them again
     "reverse_sync": 3,
-    "retire_old": 3,  # two old copies retired after the first checkpoint
+    "retire_old": 3,  # a batch of old copies retired after the first checkpoint, then checkpointed
 }
 
 CONFIG_LINES: Final = (
@@ -293,17 +293,34 @@ def _hand_over(sides: Sides, handed: Handed, side: Side, key: str) -> None:
     handed[key] = other
 
 
+def _give_back(sides: Sides, handed: Handed, side: Side) -> None:
+    """`side` stops consuming: each key handed over to it and pending there (no worker claims
+    in the matrix) goes to the other side, pending with the same attempts, cancelled on `side`."""
+    other = _other(side)
+    for key, owner in list(handed.items()):
+        mine = sides[side].get(key)
+        if owner != side or mine is None or mine[1] is not TaskStatus.PENDING:
+            continue
+        theirs = sides[other].get(key)
+        sides[other][key] = (mine[0] if theirs is None else theirs[0], TaskStatus.PENDING, mine[2])
+        sides[side][key] = (mine[0], TaskStatus.CANCELLED, mine[2])
+        handed[key] = other
+
+
 def _drain(side: Side) -> Callable[[Sides, Handed], None]:
     def effect(sides: Sides, handed: Handed) -> None:
         for key, (_, status, _) in list(sides[side].items()):
             if status is TaskStatus.RUNNING:
                 _hand_over(sides, handed, side, key)
+        _give_back(sides, handed, side)  # the default drains run where their side gives
 
     return effect
 
 
 def _sync(source: Side, target: Side, *, handing: bool) -> Callable[[Sides, Handed], None]:
     def effect(sides: Sides, handed: Handed) -> None:
+        if handing:
+            _give_back(sides, handed, source)
         for key, (checksum, status, attempts) in list(sides[source].items()):
             theirs = sides[target].get(key)
             if status is TaskStatus.RUNNING:  # never copied as running
@@ -324,12 +341,13 @@ def _sync(source: Side, target: Side, *, handing: bool) -> Callable[[Sides, Hand
 def _retire_old(sides: Sides, handed: Handed) -> None:  # the ledger has no success: no key of its own
     for key, (checksum, status, attempts) in list(sides["old"].items()):
         theirs = sides["new"].get(key)
-        if (
-            status in (TaskStatus.PENDING, TaskStatus.RUNNING)
-            and theirs is not None
-            and theirs[1] in FINISHED
-        ):
+        if status not in (TaskStatus.PENDING, TaskStatus.RUNNING) or theirs is None:
+            continue
+        if theirs[1] in FINISHED:  # ran on new
             sides["old"][key] = (checksum, theirs[1], max(attempts, theirs[2]))
+        else:  # new's, not finished there: handed over to new (issue 12)
+            sides["old"][key] = (checksum, TaskStatus.CANCELLED, attempts)
+            handed[key] = "new"
 
 
 EFFECTS: Final[dict[str, Callable[[Sides, Handed], None]]] = {

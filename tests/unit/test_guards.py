@@ -111,7 +111,7 @@ def test_store_and_count_guards_say_their_figures(
     old.put_many([task(3), task(4)])
     assert (
         True,
-        "no task running on the old side; 0 runnable old copies of tasks that ran on the new side remain",
+        "no task running on the old side; 0 runnable old copies of tasks the new side ran or owns remain",
     ) == check(engine, "old_drained")
 
     passed, detail = check(engine, "failure_rate_ok")  # the test tasks finished long before this phase

@@ -23,7 +23,7 @@ from migration_fsm.plugins import guards
 from migration_fsm.plugins import handover as cutover
 from migration_fsm.plugins.context import Context
 from migration_fsm.tasks.memory import MemoryTaskStore
-from migration_fsm.tasks.records import TaskRecord, TaskStatus
+from migration_fsm.tasks.records import ProgressUpdate, TaskRecord, TaskStatus
 from migration_fsm.tasks.sql import SqlTaskStore
 from migration_fsm.tools import runs
 from migration_fsm.tools.backfill import backfill_migration
@@ -37,7 +37,8 @@ class Crash(BaseException):
 
 class CrashingStore(MemoryTaskStore):
     """A memory store whose `put_many` number `crash_on` raises `error` once, and whose
-    `set_progress` raises it once for the first key at or above `crash_at`."""
+    `set_progress` (or `set_progress_many`) raises it once for the first key at or above
+    `crash_at`."""
 
     def __init__(
         self,
@@ -59,6 +60,14 @@ class CrashingStore(MemoryTaskStore):
             raise self.error
         self.progress.append(key)
         return super().set_progress(key, status, attempts, updated_at)
+
+    def set_progress_many(self, updates: Sequence[ProgressUpdate]) -> int:
+        """The batched path: the whole batch (one transaction) crashes when it holds the key."""
+        if self.crash_at is not None and any(u.key >= self.crash_at for u in updates):
+            self.crash_at = None
+            raise self.error
+        self.progress.extend(u.key for u in updates)
+        return super().set_progress_many(updates)
 
     def put_many(self, records: Sequence[TaskRecord]) -> int:
         self.puts += 1
@@ -136,9 +145,13 @@ def test_a_forward_walk_and_rollback_with_the_default_guards_and_steps(
         ("checksums_match", True),
         ("no_double_execution", True),
     ] == [(g.name, g.passed) for g in to_cleanup.guards]
-    assert "1 runnable old copies of tasks that ran on the new side remain" in to_cleanup.guards[1].detail
+    # t0000101 ran on new; 11 more are pending on both sides: new owns them, so a stock old
+    # worker must not run them either (issue 12).
+    assert "12 runnable old copies of tasks the new side ran or owns remain" in to_cleanup.guards[1].detail
     assert ["retire_old"] == to_cleanup.steps
     assert (TaskStatus.COMPLETED, 1) == _statuses(old)["t0000101"]  # retired: it ran on new
+    assert (TaskStatus.CANCELLED, 0) == _statuses(old)["t0000100"]  # handed over: new runs it
+    assert (TaskStatus.PENDING, 0) == _statuses(new)["t0000100"]
 
     new.put(task(300))  # only the new side is written in cleanup
     new.put(task(301, status=TaskStatus.RUNNING))
@@ -150,8 +163,17 @@ def test_a_forward_walk_and_rollback_with_the_default_guards_and_steps(
     assert (TaskStatus.PENDING, 1) == _statuses(old)["t0000301"]
     assert (TaskStatus.CANCELLED, 0) == _statuses(new)["t0000301"]
     assert "t0000300" in _statuses(old)
-    # The keys handed over to new at cutover came back (reverse sync) as new had them.
-    _clean(old, new, handed_over=1)
+    # The keys handed over to new at cutover, never claimed there, are given back to old with
+    # the consumption (issue 12: the ledger kept giving them to new, and old's workers were
+    # refused them: they ran nowhere): pending on old, cancelled on new, old's in the ledger.
+    assert {(TaskStatus.PENDING, 1)} == {_statuses(old)[key] for key in running}
+    assert {(TaskStatus.CANCELLED, 1)} == {_statuses(new)[key] for key in running}
+    ledger = _ledger(engine)
+    assert all(ledger.claim(M, key, "old", "old-worker").allowed for key in running)
+    # So are the 11 that `retire_old` handed over to new at cleanup, still pending on new.
+    assert (TaskStatus.PENDING, 0) == _statuses(old)["t0000100"]
+    assert (TaskStatus.CANCELLED, 0) == _statuses(new)["t0000100"]
+    _clean(old, new, handed_over=1 + len(running) + 11)
 
 
 def test_drain_policy_fail_stops_the_transition_until_the_task_finishes(
@@ -665,3 +687,41 @@ def test_an_edge_that_moves_consumption_without_a_pause_step_warns(
     )
     assert [] == engine.advance(dry_run=True).warnings
     assert [] == engine.rollback(reason="r", dry_run=True)[0].warnings  # dual_write -> preparation
+
+
+class CountingStore(MemoryTaskStore):
+    """A memory store that counts its progress writes: single rows and batches."""
+
+    def __init__(self, name: str, records: Sequence[TaskRecord]) -> None:
+        self.singles = 0
+        self.batches: list[int] = []
+        super().__init__(name, records)
+
+    def set_progress(self, key: str, status: TaskStatus, attempts: int, updated_at: datetime) -> bool:
+        self.singles += 1
+        return super().set_progress(key, status, attempts, updated_at)
+
+    def set_progress_many(self, updates: Sequence[ProgressUpdate]) -> int:
+        self.batches.append(len(updates))
+        return super().set_progress_many(updates)
+
+
+def test_transfer_and_retire_write_progress_a_batch_per_transaction(walk: tuple[Migration, Settings]) -> None:
+    """transfer_state and retire_old apply progress `set_progress_many` a batch at a time (the
+    defect: one transaction per row, about 2,000 to 5,000 rows a second on SQLite WAL and
+    PostgreSQL), each row a compare-and-set on the status it was read with."""
+    engine, settings = walk
+    engine.settings = settings.model_copy(update={"guards": {TO_CUTOVER: []}})
+    source = tasks(30)
+    memory_store("old").put_many([r.model_copy(update={"status": TaskStatus.COMPLETED}) for r in source])
+    MEMORY["new"] = new = CountingStore("new", source)
+    engine.advance()
+    engine.advance()
+    assert (0, [7, 7, 7, 7, 2]) == (new.singles, new.batches)  # backfill_batch_size = 7
+    assert {(TaskStatus.COMPLETED, 0)} == set(_statuses(new).values())
+    engine.ramp(100)
+    MEMORY["old"] = old = CountingStore("old", [task(i) for i in range(40, 55)])
+    new.put_many([task(i, status=TaskStatus.COMPLETED, attempts=1) for i in range(40, 55)])
+    cutover.retire(_edge_context(engine, Phase.CUTOVER, Phase.CLEANUP))
+    assert (0, [7, 7, 1]) == (old.singles, old.batches)
+    assert {(TaskStatus.COMPLETED, 1)} == set(_statuses(old).values())

@@ -121,6 +121,7 @@ class Statements:
             .values({f.column: f.bind for f in self.progress_fields}),
             dialect,
         )
+        self._progress_if: dict[TaskStatus, Query | None] = {}
         order = mapping.key_order
         # Whether any key of a batch exists, in one probe of the key index (exact: the
         # batch's keys lie between its first and last in code point order).
@@ -146,6 +147,26 @@ class Statements:
             names = ", ".join(preparer.quote(field.column.name) for field in fields)
             self.copy_sql = f"COPY {preparer.format_table(table)} ({names}) FROM STDIN"
         self._forward: dict[TaskStatus | None, DriverStatement] = {}
+
+    def progress_if(self, expected: TaskStatus) -> Query | None:
+        """`progress` that updates the row only while its stored status reads as `expected`
+        (any stored value the status map reads so); None when no stored value does."""
+        if expected not in self._progress_if:
+            mapping = self.mapping
+            values = [value for value, status in mapping.read_status.items() if status is expected]
+            query = None
+            if values:
+                column = mapping.by_name["status"].column
+                query = Query.compile(
+                    update(mapping.table)
+                    .where(
+                        mapping.key_column == mapping.fields[0].bind, column.in_([literal(v) for v in values])
+                    )
+                    .values({f.column: f.bind for f in self.progress_fields}),
+                    self.dialect,
+                )
+            self._progress_if[expected] = query
+        return self._progress_if[expected]
 
     def driver_statement(self, stmt: UpdateBase) -> DriverStatement:
         """`stmt` (whose binds are the fields' params) compiled for the driver's executemany."""

@@ -26,6 +26,9 @@ from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.journal import make_engine, safe_url, scrub
 from migration_fsm.tasks.identity import IdentityRow, checksum_of
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, is_behind
+
+if TYPE_CHECKING:
+    from migration_fsm.tasks.records import ProgressUpdate
 from migration_fsm.tasks.sql.columns import (
     ColumnKind,
     integer_key,
@@ -426,6 +429,53 @@ class SqlTaskStore:
                 if shaped is not None:
                     values[updated.param] = shaped
             return int(conn.exec_driver_sql(query.sql, query.params(**values)).rowcount) > 0
+
+    def set_progress_many(self, updates: Sequence[ProgressUpdate]) -> int:
+        """`set_progress` for a batch, in one transaction (`capabilities.SetProgressMany`):
+        one executemany per kind of condition, rows in key order (one lock order for every
+        writer). Each row keeps its own condition: its key and, with `expected`, its stored
+        status (`Statements.progress_if`). Text timestamps keep each row's own format, read in
+        one query. Returns how many rows were updated."""
+        mapping, statements = self.mapping, self.statements
+        wanted = [u for u in updates if self._key_values([u.key])]
+        if not wanted:
+            return 0
+        wanted.sort(key=lambda u: u.key)
+        key_field = mapping.fields[0]
+        updated = mapping.by_name.get("updated_at")
+        text_time = updated is not None and updated.kind is ColumnKind.ISO_TEXT
+        groups: dict[TaskStatus | None, list[dict[str, Any]]] = {}
+        done = 0
+        with self.connect() as conn:
+            stored_times: dict[str, Any] = {}
+            if text_time and updated is not None:
+                keys = self._key_values([u.key for u in wanted])
+                rows = conn.execute(
+                    select(mapping.key_column, updated.column).where(mapping.key_column.in_(keys))
+                )
+                stored_times = {str(key): stored for key, stored in rows}
+            for one in wanted:
+                progress = TaskRecord.model_construct(
+                    key=one.key,
+                    status=TaskStatus(one.status),
+                    attempts=one.attempts,
+                    updated_at=one.updated_at,
+                )
+                values = {key_field.param: key_field.write(progress)}
+                values.update({f.param: f.write(progress) for f in statements.progress_fields})
+                if text_time and updated is not None:
+                    stored = stored_times.get(one.key)
+                    shaped = time_text_like(stored, one.updated_at) if isinstance(stored, str) else None
+                    if shaped is not None:
+                        values[updated.param] = shaped
+                groups.setdefault(one.expected, []).append(values)
+            for expected, rows_of in groups.items():
+                query = statements.progress if expected is None else statements.progress_if(expected)
+                if query is None:  # no stored value reads as `expected`: no row can match
+                    continue
+                result = conn.exec_driver_sql(query.sql, [query.params(**values) for values in rows_of])
+                done += max(int(result.rowcount), 0)
+        return done
 
     def _put_one(self, statement: DriverStatement, record: TaskRecord) -> int:
         """Run one of `Statements.forward`'s statements for `record`: the rows written, 0 or 1."""
