@@ -119,6 +119,11 @@ def make_engine(
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"database URL '{safe_url(url)}' is not usable: {exc}") from exc
+    except ImportError as exc:  # the URL names a driver that is not installed
+        raise ConfigError(
+            f"database URL '{safe_url(url)}' needs the Python module '{exc.name or exc}', which is not"
+            " installed: install it, or name a driver that is (sqlite://, postgresql+psycopg://)"
+        ) from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect_wal if wal else _sqlite_on_connect)
         if timeout_seconds is not None:
