@@ -222,8 +222,50 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_file.get()
         if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            sources.append(_ConfigFileSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+
+class _ConfigFileSource(TomlConfigSettingsSource):
+    """The TOML file, with its relative SQLite paths made relative to the file's folder (not
+    to wherever the operator runs the command from): `database_url`, `ledger_url`, each
+    store's `url`, and `backup_path`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path) -> None:
+        super().__init__(settings_cls, toml_file=toml_file)
+        self.folder = toml_file.resolve().parent
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        for key in ("database_url", "ledger_url"):
+            if isinstance(data.get(key), str):
+                data[key] = resolve_sqlite_url(data[key], self.folder)
+        stores = data.get("stores")
+        if isinstance(stores, dict):
+            for store in stores.values():
+                if isinstance(store, dict) and isinstance(store.get("url"), str):
+                    store["url"] = resolve_sqlite_url(store["url"], self.folder)
+        backup = data.get("backup_path")
+        if isinstance(backup, str) and backup and not Path(backup).is_absolute():
+            data["backup_path"] = str(self.folder / backup)
+        return data
+
+
+def resolve_sqlite_url(url: str, folder: Path) -> str:
+    """`url` with a relative SQLite file path made relative to `folder` (any other URL as it is)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return url  # reported as invalid where it is used
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return url
+    if Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(folder / database)).render_as_string(hide_password=False)
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

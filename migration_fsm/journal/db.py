@@ -96,7 +96,8 @@ def make_engine(
     sqlite_file = sqlite_path(url)
     if sqlite_file is not None and not create and not sqlite_file.exists():
         raise DatabaseUnavailable(
-            f"database file {sqlite_file} does not exist: run `migration-fsm db upgrade` to create it"
+            f"database file {sqlite_file.absolute()} does not exist: run `migration-fsm db upgrade` to"
+            " create it (a relative path in a config file is relative to that file's folder)"
         )
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in (
         "",
