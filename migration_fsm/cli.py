@@ -348,7 +348,10 @@ def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
     from .demo.run import run_demo
 
     if directory is not None:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission, ...
+            raise BadInput(f"cannot use --dir {directory}: {exc.strerror or exc}: give a folder") from exc
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if err.is_terminal:
         with Live(console=err, auto_refresh=False, transient=True) as live:

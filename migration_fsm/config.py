@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -136,6 +138,10 @@ def _check_edge_keys(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+#: Upper bounds of durations are in days: a finite, representable time (`1e308` seconds is not).
+_DAY: Final = 86_400
+
+
 class Settings(BaseSettings):
     """Everything configurable; see `config/migration-fsm.toml` for a commented example."""
 
@@ -145,21 +151,21 @@ class Settings(BaseSettings):
 
     database_url: str = DEFAULT_DATABASE_URL
     actor: str = Field(default_factory=default_actor, min_length=1, max_length=200)  # journal column
-    lease_seconds: float = Field(default=30.0, gt=0)
-    heartbeat_seconds: float | None = Field(default=None, gt=0)
-    min_soak_seconds: float = Field(default=0.0, ge=0)
-    max_failure_rate: float = Field(default=0.01, ge=0, le=1)
+    lease_seconds: float = Field(default=30.0, gt=0, le=_DAY, allow_inf_nan=False)
+    heartbeat_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    min_soak_seconds: float = Field(default=0.0, ge=0, le=365 * _DAY, allow_inf_nan=False)
+    max_failure_rate: float = Field(default=0.01, ge=0, le=1, allow_inf_nan=False)
     guards: dict[str, list[str]] = Field(default_factory=dict)
     steps: dict[str, list[str | StepSpec]] = Field(default_factory=dict)
     stores: dict[Literal["old", "new"], StoreConfig] = Field(default_factory=dict)
-    backfill_batch_size: int = Field(default=1000, gt=0)
-    drain_timeout_seconds: float = Field(default=300.0, ge=0)
+    backfill_batch_size: int = Field(default=1000, gt=0, le=1_000_000)
+    drain_timeout_seconds: float = Field(default=300.0, ge=0, le=7 * _DAY, allow_inf_nan=False)
     drain_policy: Literal["requeue", "fail"] = "requeue"
-    validate_sample_size: int = Field(default=20, ge=0)
+    validate_sample_size: int = Field(default=20, ge=0, le=100_000)
     backup_path: str | None = None
     # Workers and the execution ledger (DESIGN.md section 10).
-    worker_ttl_seconds: float = Field(default=30.0, gt=0)
-    pause_timeout_seconds: float = Field(default=120.0, gt=0)
+    worker_ttl_seconds: float = Field(default=30.0, gt=0, le=_DAY, allow_inf_nan=False)
+    pause_timeout_seconds: float = Field(default=120.0, gt=0, le=7 * _DAY, allow_inf_nan=False)
     ledger_url: str | None = None
 
     _check_guards = field_validator("guards")(_check_edge_keys)
@@ -170,6 +176,15 @@ class Settings(BaseSettings):
     def _check_ledger_url(cls, value: str | None) -> str | None:
         if value is not None and value.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql"):
             raise ValueError("the ledger is a SQLite or PostgreSQL database (sqlite:// or postgresql:// URL)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql"):
+            raise ValueError(
+                "the migration database is a SQLite or PostgreSQL database (sqlite:// or postgresql:// URL)"
+            )
         return value
 
     @field_validator("heartbeat_seconds")
@@ -207,8 +222,50 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_file.get()
         if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            sources.append(_ConfigFileSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+
+class _ConfigFileSource(TomlConfigSettingsSource):
+    """The TOML file, with its relative SQLite paths made relative to the file's folder (not
+    to wherever the operator runs the command from): `database_url`, `ledger_url`, each
+    store's `url`, and `backup_path`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path) -> None:
+        super().__init__(settings_cls, toml_file=toml_file)
+        self.folder = toml_file.resolve().parent
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        for key in ("database_url", "ledger_url"):
+            if isinstance(data.get(key), str):
+                data[key] = resolve_sqlite_url(data[key], self.folder)
+        stores = data.get("stores")
+        if isinstance(stores, dict):
+            for store in stores.values():
+                if isinstance(store, dict) and isinstance(store.get("url"), str):
+                    store["url"] = resolve_sqlite_url(store["url"], self.folder)
+        backup = data.get("backup_path")
+        if isinstance(backup, str) and backup and not Path(backup).is_absolute():
+            data["backup_path"] = str(self.folder / backup)
+        return data
+
+
+def resolve_sqlite_url(url: str, folder: Path) -> str:
+    """`url` with a relative SQLite file path made relative to `folder` (any other URL as it is)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return url  # reported as invalid where it is used
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return url
+    if Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(folder / database)).render_as_string(hide_password=False)
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
@@ -224,13 +281,46 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
             tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    _check_environment()
     token = _config_file.set(path)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from exc
+    except SettingsError as exc:  # an environment variable that is not valid JSON, say
+        cause = first_line_of(str(exc.__cause__ or exc))
+        field = re.search(r'field "(\w+)"', str(exc))
+        if field is None:
+            raise ConfigError(f"{first_line_of(str(exc))}: {cause}") from exc
+        raise ConfigError(
+            f"environment variable MIGRATION_FSM_{field.group(1).upper()} is invalid: {cause}"
+            " (a table such as stores or guards is given as JSON)"
+        ) from exc
     finally:
         _config_file.reset(token)
+
+
+#: `MIGRATION_FSM_*` variables that are not settings: the CLI reads them itself.
+_CLI_VARIABLES: Final = frozenset({"MIGRATION_FSM_CONFIG"})
+#: Variables of this project's own test suite and benchmarks (`MIGRATION_FSM_TEST_POSTGRES_URL`).
+_TEST_PREFIX: Final = "MIGRATION_FSM_TEST_"
+
+
+def _check_environment() -> None:
+    """An unknown `MIGRATION_FSM_*` variable is an error, like an unknown config key (a typo
+    such as `MIGRATION_FSM_LEASE_SECOND` would otherwise be ignored in silence)."""
+    known = {f"MIGRATION_FSM_{name.upper()}" for name in Settings.model_fields} | _CLI_VARIABLES
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if upper.startswith("MIGRATION_FSM_") and upper not in known and not upper.startswith(_TEST_PREFIX):
+            raise ConfigError(
+                f"environment variable {name} is not a known setting: remove or rename it"
+                " (every setting has one: MIGRATION_FSM_ and its config key in capitals)"
+            )
+
+
+def first_line_of(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 def refuse_process_local_stores(settings: Settings) -> None:

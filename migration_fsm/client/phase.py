@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from zlib import crc32  # the same hash as fsm.bucket, bound here: routing(key) is the hot path
 
@@ -89,6 +90,9 @@ class PhaseClient:
         self._backend = parsed.get_backend_name()
         if self._backend == "sqlite":
             self._sqlite_path = parsed.database or ""
+            # An escaped read-only URI, fixed now (a later chdir changes nothing): a path
+            # holding '#', '?' or '%' still names its own file, and it is never created.
+            self._sqlite_uri = f"{Path(self._sqlite_path).absolute().as_uri()}?mode=ro"
         elif self._backend == "postgresql":
             self._conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
         else:
@@ -236,7 +240,7 @@ class PhaseClient:
     def _read_sqlite(self) -> tuple[Any, ...] | None:
         # Read-only, opened per refresh: it never creates the file and never holds a lock.
         conn = sqlite3.connect(
-            f"file:{self._sqlite_path}?mode=ro",
+            self._sqlite_uri,
             uri=True,
             timeout=self.connect_timeout,
             check_same_thread=False,

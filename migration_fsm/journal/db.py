@@ -96,7 +96,8 @@ def make_engine(
     sqlite_file = sqlite_path(url)
     if sqlite_file is not None and not create and not sqlite_file.exists():
         raise DatabaseUnavailable(
-            f"database file {sqlite_file} does not exist: run `migration-fsm db upgrade` to create it"
+            f"database file {sqlite_file.absolute()} does not exist: run `migration-fsm db upgrade` to"
+            " create it (a relative path in a config file is relative to that file's folder)"
         )
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in (
         "",
@@ -119,6 +120,11 @@ def make_engine(
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"database URL '{safe_url(url)}' is not usable: {exc}") from exc
+    except ImportError as exc:  # the URL names a driver that is not installed
+        raise ConfigError(
+            f"database URL '{safe_url(url)}' needs the Python module '{exc.name or exc}', which is not"
+            " installed: install it, or name a driver that is (sqlite://, postgresql+psycopg://)"
+        ) from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect_wal if wal else _sqlite_on_connect)
         if timeout_seconds is not None:

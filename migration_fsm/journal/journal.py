@@ -43,7 +43,7 @@ from .records import (
     replace,
     step_from_row,
 )
-from .revisions import alembic_config, head_revisions
+from .revisions import alembic_config, head_revisions, known_revisions
 from .schema import journal_table, migrations_table, steps_table
 
 if TYPE_CHECKING:
@@ -123,17 +123,42 @@ class Journal:
         """Raise `SchemaNotCurrent` unless the schema is at the Alembic head."""
         current, head = self.current_revisions(), head_revisions()
         if current != head:
+            self._check_upgradable(current)
             at = ", ".join(sorted(current)) or "no schema"
             raise SchemaNotCurrent(
                 f"database {self.safe_url} is at {at}, expected {', '.join(sorted(head))}:"
                 " run `migration-fsm db upgrade`"
             )
 
+    def _check_upgradable(self, current: set[str]) -> None:
+        """`SchemaNotCurrent` when `db upgrade` cannot help: the database is at a revision this
+        version does not know (a newer migration-fsm wrote it), or it holds our tables with no
+        revision recorded (its `alembic_version` table was lost or never written)."""
+        unknown = current - known_revisions()
+        if unknown:
+            raise SchemaNotCurrent(
+                f"database {self.safe_url} is at revision {', '.join(sorted(unknown))}, which this"
+                f" version of migration-fsm does not know (it expects {', '.join(sorted(head_revisions()))}):"
+                " a newer migration-fsm wrote it; run that version (never downgrade the schema by hand)"
+            )
+        if not current:
+            from sqlalchemy import inspect
+
+            with self.transaction(readonly=True) as conn:
+                ours = sorted(name for name in inspect(conn).get_table_names() if name.startswith("mfsm_"))
+            if ours:
+                raise SchemaNotCurrent(
+                    f"database {self.safe_url} holds migration-fsm tables ({', '.join(ours[:3])}, ...)"
+                    " but no schema revision (its alembic_version table is missing): restore the"
+                    " database from a backup; `db upgrade` would not know what it holds"
+                )
+
     def upgrade(self) -> tuple[set[str], set[str]]:
         """Create or upgrade the schema to the Alembic head; returns (before, after)."""
         from alembic import command
 
         before = self.current_revisions()
+        self._check_upgradable(before)
         cfg = alembic_config()
         with self.transaction() as conn:
             if self.dialect == "postgresql":  # two concurrent upgrades queue up

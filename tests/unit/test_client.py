@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy.engine import make_url
 
+from migration_fsm import commands
 from migration_fsm.client import (
     AsyncDualWriter,
     DualWriteError,
@@ -573,3 +575,27 @@ def test_client_started_before_init_keeps_one_connection(upgraded_url: str, stor
         assert 1 == sessions
         store.create("later", "tester")
         assert wait_for(lambda: not phase_client.snapshot().stale)
+
+
+@pytest.mark.parametrize("name", ["a#b", "a?b", "100%", "x#y?z%20w"])
+def test_a_sqlite_path_with_uri_characters_is_read_and_never_created(tmp_path: Path, name: str) -> None:
+    """'#', '?' and '%' in the path (percent-encoded in the URL, as SQLAlchemy reads it): the
+    client reads that file, creates no other, and a missing file stays missing."""
+    folder = tmp_path / name
+    folder.mkdir()
+    url = f"sqlite:///{quote(str(folder / 'journal.db'))}"
+    settings = Settings(database_url=url, actor="test")
+    commands.db_upgrade(settings)
+    commands.init(settings, "default")
+    commands.advance(settings, "default")
+
+    def files() -> set[Path]:
+        return {p for p in tmp_path.rglob("*") if not p.name.endswith(("-wal", "-shm"))}
+
+    before = files()
+    with PhaseClient(url, ttl=30) as client:
+        assert (Phase.DUAL_WRITE, False) == (client.phase, client.snapshot().stale)
+    missing = f"sqlite:///{quote(str(folder / 'nothing.db'))}"
+    with PhaseClient(missing, ttl=30) as client:
+        assert client.snapshot().stale
+    assert before == files()

@@ -203,3 +203,36 @@ def test_the_cli_refuses_memory_stores_and_changes_nothing(
     assert "stores.old" in result.error_line
     assert "memory" in result.error_line
     assert before == cli("history", "--json", "--db", upgraded_url).stdout
+
+
+def test_relative_sqlite_paths_in_a_config_file_are_relative_to_its_folder(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator who runs the CLI from another folder reaches the same journal (not a second,
+    empty one `db upgrade` would create there); a missing file is named by its absolute path."""
+    ops = tmp_path / "ops"
+    (ops / "data").mkdir(parents=True)
+    config = ops / "migration-fsm.toml"
+    config.write_text(
+        'database_url = "sqlite:///journal.db"\nledger_url = "sqlite:///data/ledger.db"\n'
+        'backup_path = "backups/old.jsonl.gz"\n'
+        '[stores.old]\nkind = "sql"\nurl = "sqlite:///old.db"\ntable = "runs"\n',
+        encoding="utf-8",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings(config)
+    assert f"sqlite:///{ops / 'journal.db'}" == settings.database_url
+    assert f"sqlite:///{ops / 'data' / 'ledger.db'}" == settings.ledger_url
+    assert f"sqlite:///{ops / 'old.db'}" == settings.stores["old"].url
+    assert str(ops / "backups" / "old.jsonl.gz") == settings.backup_path
+    missing = cli("status", "--config", str(config))
+    assert 4 == missing.code, missing.stderr
+    assert str(ops / "journal.db") in missing.error_line
+    assert 0 == cli("db", "upgrade", "--config", str(config)).code
+    assert 0 == cli("init", "--config", str(config)).code
+    assert (ops / "journal.db").exists()
+    assert [] == list(elsewhere.iterdir())  # nothing created where the command ran
+    # A URL given on the command line or in the environment is relative to where it runs.
+    assert "sqlite:///x.db" == load_settings(config, database_url="sqlite:///x.db").database_url
