@@ -133,7 +133,7 @@ def status(settings: Settings, migration: str, as_json: bool, watch: bool) -> in
 
 
 def _watch(settings: Settings, migration: str) -> int:
-    with commands.open_store(settings) as store, Live(console=out, auto_refresh=False) as live:
+    with commands.open_store(settings, readonly=True) as store, Live(console=out, auto_refresh=False) as live:
         try:
             while True:
                 live.update(_watch_view(settings, migration, store), refresh=True)

@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def open_store(settings: Settings) -> Iterator[Journal]:
-    """The migration database, checked to be at the schema head."""
-    store = Journal.open(settings.database_url)
+def open_store(settings: Settings, *, readonly: bool = False) -> Iterator[Journal]:
+    """The migration database, checked to be at the schema head (`readonly`: for a command
+    that only reads; a SQLite file is then opened read-only)."""
+    store = Journal.open(settings.database_url, readonly=readonly)
     try:
         yield store
     finally:
@@ -148,7 +149,7 @@ class Status:
 def status(settings: Settings, migration: str, store: Journal | None = None) -> Status:
     """Where the migration stands (reusing `store` when given, as `status --watch` does)."""
     if store is None:
-        with open_store(settings) as opened:
+        with open_store(settings, readonly=True) as opened:
             return status(settings, migration, opened)
     state = store.get(migration)
     entry = None if state.in_progress_seq is None else store.entry(state, state.in_progress_seq)
@@ -166,15 +167,18 @@ def ledger_counts(
     try:
         if url == settings.database_url:
             return Ledger(url, engine=store.engine).counts(migration), None
-        with Ledger(url) as ledger:
-            return ledger.counts(migration), None
+        engine = make_engine(url, readonly=True)
+        try:
+            return Ledger(url, engine=engine).counts(migration), None
+        finally:
+            engine.dispose()
     except (DatabaseUnavailable, ConfigError) as exc:
         return None, str(exc)
 
 
 def history(settings: Settings, migration: str) -> list[JournalEntry]:
     """The journal, oldest first."""
-    with open_store(settings) as store:
+    with open_store(settings, readonly=True) as store:
         return store.journal(store.get(migration))
 
 
@@ -182,7 +186,7 @@ def validation_runs(settings: Settings, migration: str) -> list[ValidationRun]:
     """The stored `validate` runs of the migration, oldest first (shown by `history`)."""
     from .tools.runs import validation_runs as stored_runs
 
-    with open_store(settings) as store:
+    with open_store(settings, readonly=True) as store:
         return list(reversed(stored_runs(store, migration)))
 
 
@@ -224,7 +228,7 @@ def verify(settings: Settings, migration: str) -> Verified:
 
     Raises `JournalCorrupt` (exit 4) saying which row is wrong.
     """
-    with open_store(settings) as store:
+    with open_store(settings, readonly=True) as store:
         state = store.get(migration)
         entries = store.journal(state, with_steps=False)
     return verify_entries(state, entries)

@@ -7,6 +7,7 @@ the WAL journal; PostgreSQL URLs get the psycopg 3 driver and a connect timeout.
 from __future__ import annotations
 
 import re
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -82,13 +83,20 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def make_engine(
-    url: str, *, create: bool = False, wal: bool = True, timeout_seconds: float | None = None
+    url: str,
+    *,
+    create: bool = False,
+    wal: bool = True,
+    timeout_seconds: float | None = None,
+    readonly: bool = False,
 ) -> Engine:
     """An engine for `url`. SQLite gets a busy timeout, `BEGIN IMMEDIATE` transactions (so two
     writers queue instead of deadlocking) and, when `wal`, the WAL journal; a missing SQLite
     file is an error unless `create`. `timeout_seconds` bounds how long a statement may wait:
     SQLite's busy timeout, PostgreSQL's connect, statement and lock timeouts (default: a 30 s
-    busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL)."""
+    busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL).
+    `readonly` (SQLite): open the file read-only and write nothing on connect (no WAL pragma),
+    so an archived journal or a read-only user can be read (`readonly_sqlite_engine`)."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
@@ -99,6 +107,8 @@ def make_engine(
             f"database file {sqlite_file.absolute()} does not exist: run `migration-fsm db upgrade` to"
             " create it (a relative path in a config file is relative to that file's folder)"
         )
+    if readonly and sqlite_file is not None:
+        return readonly_sqlite_engine(sqlite_file, timeout_seconds)
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in (
         "",
         "psycopg2",
@@ -136,6 +146,33 @@ def make_engine(
             event.listen(engine, "connect", _bounded)  # after the default one: it wins
         event.listen(engine, "begin", _sqlite_on_begin)
     return engine
+
+
+def readonly_sqlite_engine(path: Path, timeout_seconds: float | None = None) -> Engine:
+    """An engine that reads the SQLite file `path` and never writes it, nor anything beside it
+    that it can avoid. A database in WAL mode needs its `-shm` file to be read; when the file
+    or its folder is read-only and there is none (an archived journal, a read-only on-call
+    user), the file is read as it is (`immutable=1`): right for a journal nobody writes any
+    more, and the only way to read one at all without write access."""
+    uri = path.absolute().as_uri()
+    busy = SQLITE_BUSY_TIMEOUT_MS / 1000 if timeout_seconds is None else timeout_seconds
+
+    def connect() -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=busy, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the WAL index
+            return conn
+        except sqlite3.OperationalError:
+            return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+
+    engine = create_engine(f"sqlite:///{path}", creator=connect)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin_readonly)
+    return engine
+
+
+def _sqlite_on_begin_readonly(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:  # noqa: ARG001  "connect" event

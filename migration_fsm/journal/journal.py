@@ -59,9 +59,11 @@ class Journal:
         self.engine = engine or make_engine(url)
 
     @classmethod
-    def open(cls, url: str) -> Journal:
-        """Open an existing database whose schema is at the Alembic head (else exit 4)."""
-        store = cls(url)
+    def open(cls, url: str, *, readonly: bool = False) -> Journal:
+        """Open an existing database whose schema is at the Alembic head (else exit 4); with
+        `readonly`, a SQLite file is opened read-only (`make_engine(readonly=True)`): for the
+        commands that only read (`status`, `history`, `verify`)."""
+        store = cls(url, engine=make_engine(url, readonly=True)) if readonly else cls(url)
         try:
             store.check_schema()
         except BaseException:
