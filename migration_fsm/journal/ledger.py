@@ -35,11 +35,30 @@ says so in `mfsm_workers` (`defers_finishes`), and its running claims are never 
 when it is gone: a finish `succeeded` it had not flushed is lost with it, and the claim would
 look running for a task that ran (`Workers.may_take_over`).
 
-This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can use it.
+**The hot path on PostgreSQL** (`claim`, `finish`, `finish_many`) does not go through
+SQLAlchemy: with the psycopg 3 driver each thread that claims or finishes keeps one raw
+connection of its own in autocommit (`_PgConnections`) and sends the statements as plain SQL,
+one round trip and one commit each (docs/PERFORMANCE.md measured SQLAlchemy's per-call
+`connect` / `execution_options` / compile as most of the client's CPU per task). The rules are
+the same statements as before. A connection that raised anything is closed and replaced, never
+reused, and every driver error surfaces as `DatabaseUnavailable`, like `_transaction`. psycopg
+prepares a statement it has run 5 times on a connection (its default, which the engine's
+connections have too, so the ledger did so before): planning the data-modifying CTEs is most of
+the server's CPU per task. PgBouncer in transaction pooling breaks those prepared statements:
+behind it, use `Ledger(prepared_statements=False)` (`prepare_threshold=None`). The rare
+paths (take-over, refusal counting, hand-over, reads) and SQLite use SQLAlchemy.
+
+This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can use it; psycopg
+is imported by a PostgreSQL ledger only (its engine has imported it already).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -56,6 +75,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from datetime import datetime
 
+    import psycopg
     from sqlalchemy import ColumnElement, Connection, Engine
 
     from .workers import Workers
@@ -68,43 +88,151 @@ HANDED_OVER: Final = "handed_over"
 OUTCOMES: Final = (RUNNING, SUCCEEDED, FAILED, HANDED_OVER)
 
 
+def _compact(sql: str) -> str:
+    """One line (fewer bytes per round trip; the statements hold no string with two spaces)."""
+    return " ".join(sql.split())
+
+
 #: The claim on PostgreSQL: the upsert under the claims' primary key and, when it wins, the
-#: history row, in one statement (a data-modifying CTE).
-_PG_CLAIM: Final = text(
-    """
-    WITH won AS (
-        INSERT INTO mfsm_execution_claims AS c (migration, key, side, worker_id, attempt, state, started_at)
-        VALUES (:m, :k, :side, :w, 1, 'running', :now)
-        ON CONFLICT (migration, key) DO UPDATE
-            SET side = excluded.side, worker_id = excluded.worker_id, attempt = c.attempt + 1,
-                state = 'running', started_at = excluded.started_at
-            WHERE c.state IN ('failed', 'handed_over') AND c.side = excluded.side
-        RETURNING c.attempt
-    )
-    INSERT INTO mfsm_executions (migration, key, attempt, side, worker_id, started_at, outcome)
-    SELECT :m, :k, won.attempt, :side, :w, :now, 'running' FROM won
-    RETURNING attempt
-    """
-).bindparams(bindparam("now", type_=UTCDateTime))
+#: history row, in one statement (a data-modifying CTE). Plain SQL for psycopg (`%(name)s`).
+_PG_CLAIM: Final = _compact("""
+WITH won AS (
+    INSERT INTO mfsm_execution_claims AS c (migration, key, side, worker_id, attempt, state, started_at)
+    VALUES (%(m)s, %(k)s, %(side)s, %(w)s, 1, 'running', %(now)s)
+    ON CONFLICT (migration, key) DO UPDATE
+        SET side = excluded.side, worker_id = excluded.worker_id, attempt = c.attempt + 1,
+            state = 'running', started_at = excluded.started_at
+        WHERE c.state IN ('failed', 'handed_over') AND c.side = excluded.side
+    RETURNING c.attempt
+)
+INSERT INTO mfsm_executions (migration, key, attempt, side, worker_id, started_at, outcome)
+SELECT %(m)s, %(k)s, won.attempt, %(side)s, %(w)s, %(now)s, 'running' FROM won
+RETURNING attempt
+""")
 
 #: A finish on PostgreSQL, in one statement: the history row as it went, and the claim when
-#: it is still ours (a success also closes a hand-over nobody has claimed yet).
-_PG_FINISH: Final = text(
-    """
-    WITH done AS (
-        UPDATE mfsm_executions SET outcome = :o, finished_at = :now
-        WHERE migration = :m AND key = :k AND attempt = :a AND finished_at IS NULL
-    )
-    UPDATE mfsm_execution_claims SET state = :o, side = :side, worker_id = :w
-    WHERE migration = :m AND key = :k AND attempt = :a
-      AND (state = 'running' OR (:closes AND state = 'handed_over'))
-    RETURNING attempt
-    """
-).bindparams(bindparam("now", type_=UTCDateTime))
+#: it is still ours (a success also closes a hand-over nobody has claimed yet). Its row count
+#: (the claims updated) says whether the claim was still ours.
+_PG_FINISH: Final = _compact("""
+WITH done AS (
+    UPDATE mfsm_executions SET outcome = %(o)s, finished_at = %(now)s
+    WHERE migration = %(m)s AND key = %(k)s AND attempt = %(a)s AND finished_at IS NULL
+)
+UPDATE mfsm_execution_claims SET state = %(o)s, side = %(side)s, worker_id = %(w)s
+WHERE migration = %(m)s AND key = %(k)s AND attempt = %(a)s
+  AND (state = 'running' OR (%(closes)s AND state = 'handed_over'))
+""")
+
+_PG_READ_CLAIM: Final = (
+    "SELECT side, worker_id, attempt, state FROM mfsm_execution_claims"
+    " WHERE migration = %(m)s AND key = %(k)s"
+)
+
+
+def _sqlalchemy_text(sql: str) -> Any:
+    """The same statement for SQLAlchemy (`:name` parameters), for another PostgreSQL driver."""
+    return text(re.sub(r"%\((\w+)\)s", r":\1", sql)).bindparams(bindparam("now", type_=UTCDateTime))
+
 
 _READ_CLAIM: Final = text(
     "SELECT side, worker_id, attempt, state FROM mfsm_execution_claims WHERE migration = :m AND key = :k"
 )
+
+
+#: psycopg's default `prepare_threshold`: a statement run that often on a connection is prepared.
+_PSYCOPG_PREPARE_THRESHOLD: Final = 5
+
+
+class _PgConnections:
+    """One raw psycopg connection per thread (and per process: a forked child opens its own),
+    in autocommit, for the ledger's hot path on PostgreSQL.
+
+    `cursor()` yields a cursor on the calling thread's connection, opening it when there is
+    none or the last one was closed. Whatever escapes the block (a driver error, a timeout, an
+    interrupt in the middle of a statement) closes that connection and forgets it, so the next
+    call connects afresh instead of reusing a connection in an unknown state; driver errors
+    surface as `DatabaseUnavailable`. A thread's connection is closed when the thread ends
+    (its holder is garbage), or by `close()`."""
+
+    def __init__(self, engine: Engine, url: str, safe: str, *, prepared_statements: bool) -> None:
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        cparams.pop("context", None)  # SQLAlchemy's adapters: plain psycopg types suffice here
+        cparams.setdefault("connect_timeout", 5)  # as make_engine
+        self._cargs, self._cparams = cargs, cparams
+        import psycopg  # only a PostgreSQL ledger needs the driver (the engine imported it)
+
+        self._psycopg = psycopg
+        # None: never prepare (PgBouncer in transaction pooling breaks prepared statements);
+        # otherwise psycopg's default threshold (5), which the engine's connections have.
+        self._prepare_threshold = _PSYCOPG_PREPARE_THRESHOLD if prepared_statements else None
+        self._url, self._safe = url, safe
+        self._local = threading.local()
+        self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        holder: _Holder | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.pid == os.getpid() and not holder.conn.closed:
+            return holder.conn
+        conn = self._psycopg.connect(
+            *self._cargs, **self._cparams, autocommit=True, prepare_threshold=self._prepare_threshold
+        )
+        holder = _Holder(conn)
+        self._local.holder = holder
+        with self._lock:
+            self._holders.add(holder)
+        return conn
+
+    @contextmanager
+    def cursor(self) -> Iterator[psycopg.Cursor[Any]]:
+        conn = None
+        try:
+            conn = self._connection()
+            with conn.cursor() as cur:
+                yield cur
+        except BaseException as exc:
+            self._discard(conn)
+            if isinstance(exc, self._psycopg.Error):
+                raise DatabaseUnavailable(
+                    f"ledger database {self._safe} is unavailable: {scrub(str(exc), self._url)}"
+                ) from exc
+            raise
+
+    def _discard(self, conn: psycopg.Connection[Any] | None) -> None:
+        holder: _Holder | None = getattr(self._local, "holder", None)
+        if holder is not None and (conn is None or holder.conn is conn):
+            self._local.holder = None
+            holder.close()
+        elif conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Close every thread's connection (a thread that uses the ledger again reconnects)."""
+        with self._lock:
+            holders = list(self._holders)
+        for holder in holders:
+            holder.close()
+
+
+class _Holder:
+    """A thread's connection; closed when the holder is garbage (its thread ended)."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+        weakref.finalize(self, _close_quietly, conn, self.pid)
+
+    def close(self) -> None:
+        _close_quietly(self.conn, self.pid)
+
+
+def _close_quietly(conn: psycopg.Connection[Any], pid: int) -> None:
+    if pid != os.getpid():
+        return  # a forked child's copy: the connection belongs to the parent
+    with contextlib.suppress(Exception):  # closing a broken connection must not raise
+        conn.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +332,27 @@ class Ledger:
     `workers` (on the migration database) tells which workers are gone; without it a running
     claim is never taken over."""
 
-    def __init__(self, url: str, *, engine: Engine | None = None, workers: Workers | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        engine: Engine | None = None,
+        workers: Workers | None = None,
+        prepared_statements: bool = True,
+    ) -> None:
         self.url = url
         self.safe_url = safe_url(url)
         self._owns_engine = engine is None
         self.engine = engine or make_engine(url)
         self.workers = workers
+        # The hot path's raw connections (PostgreSQL with psycopg 3; see the module's docstring).
+        self._pg: _PgConnections | None = None
+        if self.engine.dialect.name == "postgresql":
+            self._pg_claim, self._pg_finish = _sqlalchemy_text(_PG_CLAIM), _sqlalchemy_text(_PG_FINISH)
+            if self.engine.dialect.driver == "psycopg":
+                self._pg = _PgConnections(
+                    self.engine, url, self.safe_url, prepared_statements=prepared_statements
+                )
         self._insert = upsert(self.engine, execution_claims_table)
         c = execution_claims_table.c
         claim = self._insert.values(
@@ -252,7 +395,10 @@ class Ledger:
         return self.engine.dialect.name
 
     def close(self) -> None:
-        """Dispose of the engine this ledger created (one it was given is left alone)."""
+        """Close the hot path's connections, and dispose of the engine this ledger created (one
+        it was given is left alone)."""
+        if self._pg is not None:
+            self._pg.close()
         if self._owns_engine:
             self.engine.dispose()
 
@@ -291,11 +437,21 @@ class Ledger:
             raise ValueError(f"side must be 'old' or 'new', not {side!r}")
         now = utcnow()
         params = {"m": migration, "k": key, "side": side, "w": worker_id, "now": now}
-        if self.dialect == "postgresql":
-            # One statement, one round trip, committed on its own (AUTOCOMMIT): the claim and
-            # its history row in a data-modifying CTE.
+        row: Any
+        if self._pg is not None:
+            # One statement, one round trip, committed on its own (autocommit): the claim and
+            # its history row in a data-modifying CTE, on this thread's raw connection.
+            with self._pg.cursor() as cur:
+                won = cur.execute(_PG_CLAIM, params).fetchone()
+                if won is not None:
+                    return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, won[0]))
+                # Lost: the claim row says why (it exists: the upsert conflicted with it).
+                found = cur.execute(_PG_READ_CLAIM, params).fetchone()
+            assert found is not None
+            row = ClaimState(*found)
+        elif self.dialect == "postgresql":  # another driver than psycopg: the same statements
             with self._transaction(autocommit=True) as conn:
-                attempt = conn.execute(_PG_CLAIM, params).scalar()
+                attempt = conn.execute(self._pg_claim, params).scalar()
             if attempt is not None:
                 return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, attempt))
             with self._transaction(autocommit=True) as conn:
@@ -398,25 +554,31 @@ class Ledger:
         now = utcnow()
         if self.dialect == "postgresql":
             # One statement per finish (a data-modifying CTE); a batch in one transaction.
+            params = [
+                {
+                    "m": claim.migration,
+                    "k": claim.key,
+                    "a": claim.attempt,
+                    "side": claim.side,
+                    "w": claim.worker_id,
+                    "o": outcome,
+                    "now": now,
+                    "closes": outcome == SUCCEEDED,
+                }
+                for claim, outcome in items
+            ]
+            if not params:
+                return 0
+            if self._pg is not None:
+                with self._pg.cursor() as cur:
+                    if len(params) == 1:  # one round trip, committed by itself
+                        return cur.execute(_PG_FINISH, params[0]).rowcount
+                    # A batch: one transaction, BEGIN, the statements and COMMIT pipelined.
+                    with cur.connection.pipeline(), cur.connection.transaction():
+                        cur.executemany(_PG_FINISH, params)
+                    return cur.rowcount  # the sum over the batch
             with self._transaction(autocommit=len(items) == 1) as conn:
-                return sum(
-                    len(
-                        conn.execute(
-                            _PG_FINISH,
-                            {
-                                "m": claim.migration,
-                                "k": claim.key,
-                                "a": claim.attempt,
-                                "side": claim.side,
-                                "w": claim.worker_id,
-                                "o": outcome,
-                                "now": now,
-                                "closes": outcome == SUCCEEDED,
-                            },
-                        ).all()
-                    )
-                    for claim, outcome in items
-                )
+                return sum(conn.execute(self._pg_finish, one).rowcount for one in params)
         ours = 0
         with self._transaction() as conn:
             for claim, outcome in items:
