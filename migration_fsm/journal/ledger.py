@@ -36,8 +36,8 @@ when it is gone: a finish `succeeded` it had not flushed is lost with it, and th
 look running for a task that ran (`Workers.may_take_over`).
 
 **The hot path on PostgreSQL** (`claim`, `finish`, `finish_many`) does not go through
-SQLAlchemy: with the psycopg 3 driver each thread that claims or finishes keeps one raw
-connection of its own in autocommit (`_PgConnections`) and sends the statements as plain SQL,
+SQLAlchemy: with the psycopg 3 driver each call takes a raw connection in autocommit from a stack of idle
+ones (`_PgConnections`: as many as calls ran at once) and sends the statements as plain SQL,
 one round trip and one commit each (docs/PERFORMANCE.md measured SQLAlchemy's per-call
 `connect` / `execution_options` / compile as most of the client's CPU per task). The rules are
 the same statements as before. A connection that raised anything is closed and replaced, never
@@ -144,15 +144,15 @@ _PSYCOPG_PREPARE_THRESHOLD: Final = 5
 
 
 class _PgConnections:
-    """One raw psycopg connection per thread (and per process: a forked child opens its own),
-    in autocommit, for the ledger's hot path on PostgreSQL.
+    """Raw psycopg connections in autocommit for the ledger's hot path on PostgreSQL: a stack of
+    idle ones, each taken for one call and given back after it, so a process holds as many as
+    it had calls at the same time (not one per thread that ever called; a forked child opens its
+    own).
 
-    `cursor()` yields a cursor on the calling thread's connection, opening it when there is
-    none or the last one was closed. Whatever escapes the block (a driver error, a timeout, an
-    interrupt in the middle of a statement) closes that connection and forgets it, so the next
-    call connects afresh instead of reusing a connection in an unknown state; driver errors
-    surface as `DatabaseUnavailable`. A thread's connection is closed when the thread ends
-    (its holder is garbage), or by `close()`."""
+    `cursor()` yields a cursor on an idle connection, or a new one. Whatever escapes the block
+    (a driver error, a timeout, an interrupt in the middle of a statement) closes that
+    connection instead of giving it back, so it is never reused in an unknown state; driver
+    errors surface as `DatabaseUnavailable`. `close()` closes the idle ones."""
 
     def __init__(self, engine: Engine, url: str, safe: str, *, prepared_statements: bool) -> None:
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
@@ -162,75 +162,73 @@ class _PgConnections:
         import psycopg  # only a PostgreSQL ledger needs the driver (the engine imported it)
 
         self._psycopg = psycopg
+        self._idle_status = psycopg.pq.TransactionStatus.IDLE
         # None: never prepare (PgBouncer in transaction pooling breaks prepared statements);
         # otherwise psycopg's default threshold (5), which the engine's connections have.
         self._prepare_threshold = _PSYCOPG_PREPARE_THRESHOLD if prepared_statements else None
         self._url, self._safe = url, safe
-        self._local = threading.local()
-        self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._pid = os.getpid()
+        # A ledger dropped without close() still closes its idle connections.
+        weakref.finalize(self, _close_all, self._idle, self._pid)
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        holder: _Holder | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.pid == os.getpid() and not holder.conn.closed:
-            return holder.conn
-        conn = self._psycopg.connect(
+    def _take(self) -> psycopg.Connection[Any]:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's connections are not ours
+                self._idle.clear()
+                self._pid = os.getpid()
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+        return self._psycopg.connect(
             *self._cargs, **self._cparams, autocommit=True, prepare_threshold=self._prepare_threshold
         )
-        holder = _Holder(conn)
-        self._local.holder = holder
+
+    def _give(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.info.transaction_status != self._idle_status:
+            _close_quietly(conn)
+            return
         with self._lock:
-            self._holders.add(holder)
-        return conn
+            if self._pid == os.getpid():
+                self._idle.append(conn)
+                return
+        _close_quietly(conn)
 
     @contextmanager
     def cursor(self) -> Iterator[psycopg.Cursor[Any]]:
         conn = None
         try:
-            conn = self._connection()
+            conn = self._take()
             with conn.cursor() as cur:
                 yield cur
         except BaseException as exc:
-            self._discard(conn)
+            if conn is not None:
+                _close_quietly(conn)  # never given back: the next call connects afresh
             if isinstance(exc, self._psycopg.Error):
                 raise DatabaseUnavailable(
                     f"ledger database {self._safe} is unavailable: {scrub(str(exc), self._url)}"
                 ) from exc
             raise
-
-    def _discard(self, conn: psycopg.Connection[Any] | None) -> None:
-        holder: _Holder | None = getattr(self._local, "holder", None)
-        if holder is not None and (conn is None or holder.conn is conn):
-            self._local.holder = None
-            holder.close()
-        elif conn is not None:
-            conn.close()
+        self._give(conn)
 
     def close(self) -> None:
-        """Close every thread's connection (a thread that uses the ledger again reconnects)."""
+        """Close the idle connections (the ledger connects again if it is used after this)."""
         with self._lock:
-            holders = list(self._holders)
-        for holder in holders:
-            holder.close()
+            idle = list(self._idle)
+            self._idle.clear()
+        for conn in idle:
+            _close_quietly(conn)
 
 
-class _Holder:
-    """A thread's connection; closed when the holder is garbage (its thread ended)."""
-
-    __slots__ = ("__weakref__", "conn", "pid")
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn = conn
-        self.pid = os.getpid()
-        weakref.finalize(self, _close_quietly, conn, self.pid)
-
-    def close(self) -> None:
-        _close_quietly(self.conn, self.pid)
+def _close_all(idle: list[psycopg.Connection[Any]], pid: int) -> None:
+    if pid == os.getpid():  # never a forked child's copy of the parent's connections
+        for conn in idle:
+            _close_quietly(conn)
 
 
-def _close_quietly(conn: psycopg.Connection[Any], pid: int) -> None:
-    if pid != os.getpid():
-        return  # a forked child's copy: the connection belongs to the parent
+def _close_quietly(conn: psycopg.Connection[Any]) -> None:
     with contextlib.suppress(Exception):  # closing a broken connection must not raise
         conn.close()
 

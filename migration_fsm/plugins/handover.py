@@ -86,7 +86,8 @@ def open_ledger(ctx: Context) -> Iterator[Ledger]:
     workers = Workers(ctx.store.engine, ttl_seconds=settings.worker_ttl_seconds)
     url = settings.ledger_database_url
     if url == settings.database_url:
-        yield Ledger(url, engine=ctx.store.engine, workers=workers)
+        with Ledger(url, engine=ctx.store.engine, workers=workers) as shared:  # leaves the engine open
+            yield shared
         return
     with Ledger(url, workers=workers) as ledger:
         yield ledger

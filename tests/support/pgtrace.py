@@ -1,17 +1,19 @@
-"""Count what the ledger's hot path sends to PostgreSQL: libpq's protocol trace of the calling
-thread's raw connection (`Ledger._pg`), read back as statements, round trips and commits."""
+"""Count what the ledger's hot path sends to PostgreSQL: libpq's protocol trace of its next raw
+connection (`Ledger._pg`), read back as statements, round trips and commits."""
 
 from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from psycopg.pq import Trace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    import psycopg
 
     from migration_fsm.journal.ledger import Ledger
 
@@ -58,11 +60,19 @@ class PgTrace:
         return sum(1 for message, _ in self.messages if message in ("Sync", "Query"))
 
 
+def next_connection(ledger: Ledger) -> psycopg.Connection[Any]:
+    """The raw connection the ledger's next call on this thread takes (the top of its idle
+    stack; opened now if there is none)."""
+    assert ledger._pg is not None
+    conn = ledger._pg._take()
+    ledger._pg._give(conn)
+    return conn
+
+
 @contextmanager
 def pg_trace(ledger: Ledger) -> Iterator[PgTrace]:
-    """Trace the calling thread's hot-path connection for the block."""
-    assert ledger._pg is not None
-    conn = ledger._pg._connection()
+    """Trace the hot-path connection the ledger's next calls take, for the block (one thread)."""
+    conn = next_connection(ledger)
     trace = PgTrace()
     with tempfile.TemporaryFile("w+") as f:
         conn.pgconn.trace(f.fileno())

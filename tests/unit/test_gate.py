@@ -20,6 +20,7 @@ from migration_fsm import commands
 from migration_fsm.client import PhaseClient, Run, WorkerGate
 from migration_fsm.journal import Journal, Lease, utcnow, workers_table
 from migration_fsm.journal.workers import Workers
+from tests.support.pgtrace import next_connection
 from tests.unit.test_lease import _intent
 
 if TYPE_CHECKING:
@@ -222,8 +223,7 @@ def test_a_ledger_connection_killed_by_the_server_starts_no_task_then_recovers(
     with gate.executing("k1") as run:
         assert run.allowed
     if gate.ledger.dialect == "postgresql":
-        assert gate.ledger._pg is not None
-        victim = gate.ledger._pg._connection().info.backend_pid
+        victim = next_connection(gate.ledger).info.backend_pid
         with Journal(upgraded_url) as journal, journal.engine.connect() as conn:
             conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(victim)})")
             conn.commit()

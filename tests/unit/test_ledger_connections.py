@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from migration_fsm.exceptions import DatabaseUnavailable
 from migration_fsm.journal.ledger import Ledger
 from migration_fsm.journal.workers import Workers
-from tests.support.pgtrace import pg_trace
+from tests.support.pgtrace import next_connection, pg_trace
 from tests.support.proxy import TcpProxy
 
 if TYPE_CHECKING:
@@ -34,10 +34,8 @@ def ledger(upgraded_url: str, store: Journal) -> Iterator[Ledger]:
 
 
 def _backend_pid(ledger: Ledger) -> int:
-    assert ledger._pg is not None
-    row = ledger._pg._connection().execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    return int(row[0])
+    """The backend of the connection the ledger's next call takes."""
+    return int(next_connection(ledger).info.backend_pid)
 
 
 def _only_postgresql(ledger: Ledger) -> None:
@@ -85,28 +83,43 @@ def test_finish_many_counts_only_the_claims_still_ours(ledger: Ledger, store: Jo
     assert ledger.claim_of(M, "b") is not None
 
 
-def test_each_thread_has_its_own_connection_and_close_closes_them_all(ledger: Ledger) -> None:
+def test_concurrent_calls_take_their_own_connections_and_idle_ones_are_reused(ledger: Ledger) -> None:
+    """As many connections as calls ran at once: two threads inside a call at the same time
+    hold two; afterwards both are idle, reused by the next calls, and closed by close()."""
     _only_postgresql(ledger)
-    pids: dict[str, int] = {}
+    assert ledger._pg is not None
+    pg = ledger._pg
+    inside, release = threading.Barrier(2), threading.Event()
+    seen: list[int] = []
 
-    def work(name: str) -> None:
-        assert ledger.claim(M, name, "new", name).allowed
-        pids[name] = _backend_pid(ledger)
+    def work() -> None:
+        with pg.cursor() as cur:
+            row = cur.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            seen.append(int(row[0]))
+            inside.wait(timeout=10)
+            release.wait(timeout=10)
 
-    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(3)]
+    threads = [threading.Thread(target=work) for _ in range(2)]
     for t in threads:
         t.start()
+    while len(seen) < 2:  # both are inside a call (bounded by the barrier's timeout)
+        release.wait(0.005)
+    release.set()
     for t in threads:
         t.join()
-    mine = _backend_pid(ledger)
-    assert len({*pids.values(), mine}) == 4
-    assert ledger._pg is not None
-    conn = ledger._pg._connection()
+    assert len(set(seen)) == 2
+    assert len(pg._idle) == 2  # given back, not closed
+    for i in range(5):  # one thread: the same connection again and again
+        assert ledger.claim(M, f"k{i}", "new", "w").allowed
+    assert len(pg._idle) == 2
+    assert _backend_pid(ledger) in seen
+    idle = list(pg._idle)
     ledger.close()
-    assert conn.closed
-    # Used again after close(): the thread connects afresh.
+    assert all(conn.closed for conn in idle)
+    # Used again after close(): it connects afresh.
     assert ledger.claim(M, "after-close", "new", "w").allowed
-    assert _backend_pid(ledger) != mine
+    assert _backend_pid(ledger) not in seen
 
 
 def test_a_terminated_connection_raises_database_unavailable_once_then_is_replaced(
@@ -161,8 +174,7 @@ def test_an_interrupted_statement_drops_the_connection(
     reused in an unknown state."""
     _only_postgresql(ledger)
     assert ledger.claim(M, "k1", "new", "w").allowed
-    assert ledger._pg is not None
-    conn = ledger._pg._connection()
+    conn = next_connection(ledger)
 
     class Interrupted(BaseException):
         pass
@@ -192,8 +204,8 @@ def test_prepared_statements_are_the_default_and_can_be_turned_off(upgraded_url:
         assert plain._pg is not None
         assert prepared._pg is not None
         count = "SELECT count(*) FROM pg_prepared_statements"
-        assert plain._pg._connection().execute(count).fetchone() == (0,)
-        row = prepared._pg._connection().execute(count).fetchone()
+        assert next_connection(plain).execute(count).fetchone() == (0,)
+        row = next_connection(prepared).execute(count).fetchone()
         assert row is not None
         assert row[0] >= 2  # the claim and the finish
 
