@@ -160,7 +160,9 @@ class WorkerGate:
     `finish_batch_seconds` (default None: every finish written when its task ends) and
     `finish_batch_size`: batched finishes, with the trade-off the module's docstring states.
     With `background=False` a full batch is written by the thread that finished the task, and
-    the rest by `refresh()`, `flush()` or `close()`."""
+    the rest by `refresh()`, `flush()` or `close()`. `ledger_prepared_statements`: False behind
+    PgBouncer in transaction pooling (`Ledger(prepared_statements=...)`: by default psycopg
+    prepares the ledger's claim and finish on PostgreSQL, as the engine's connections do)."""
 
     def __init__(
         self,
@@ -175,6 +177,7 @@ class WorkerGate:
         background: bool = True,
         finish_batch_seconds: float | None = None,
         finish_batch_size: int = 256,
+        ledger_prepared_statements: bool = True,
     ) -> None:
         if side not in SIDES:
             raise ValueError(f"side must be 'old' or 'new', not {side!r}")
@@ -192,7 +195,9 @@ class WorkerGate:
         self.heartbeat_seconds = heartbeat_seconds or worker_ttl_seconds / 3
         self.poll_seconds = poll_seconds
         self.workers = Workers.from_url(client.url, ttl_seconds=worker_ttl_seconds)
-        self.ledger = Ledger(ledger_url or client.url, workers=self.workers)
+        self.ledger = Ledger(
+            ledger_url or client.url, workers=self.workers, prepared_statements=ledger_prepared_statements
+        )
         self._lock = _SharedExclusive()
         self._apply_lock = threading.Lock()
         self._state_lock = threading.Lock()

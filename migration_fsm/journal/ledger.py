@@ -35,11 +35,30 @@ says so in `mfsm_workers` (`defers_finishes`), and its running claims are never 
 when it is gone: a finish `succeeded` it had not flushed is lost with it, and the claim would
 look running for a task that ran (`Workers.may_take_over`).
 
-This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can use it.
+**The hot path on PostgreSQL** (`claim`, `finish`, `finish_many`) does not go through
+SQLAlchemy: with the psycopg 3 driver each call takes a raw connection in autocommit from a stack of idle
+ones (`_PgConnections`: as many as calls ran at once) and sends the statements as plain SQL,
+one round trip and one commit each (docs/PERFORMANCE.md measured SQLAlchemy's per-call
+`connect` / `execution_options` / compile as most of the client's CPU per task). The rules are
+the same statements as before. A connection that raised anything is closed and replaced, never
+reused, and every driver error surfaces as `DatabaseUnavailable`, like `_transaction`. psycopg
+prepares a statement it has run 5 times on a connection (its default, which the engine's
+connections have too, so the ledger did so before): planning the data-modifying CTEs is most of
+the server's CPU per task. PgBouncer in transaction pooling breaks those prepared statements:
+behind it, use `Ledger(prepared_statements=False)` (`prepare_threshold=None`). The rare
+paths (take-over, refusal counting, hand-over, reads) and SQLite use SQLAlchemy.
+
+This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can use it; psycopg
+is imported by a PostgreSQL ledger only (its engine has imported it already).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -56,6 +75,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from datetime import datetime
 
+    import psycopg
     from sqlalchemy import ColumnElement, Connection, Engine
 
     from .workers import Workers
@@ -68,43 +88,149 @@ HANDED_OVER: Final = "handed_over"
 OUTCOMES: Final = (RUNNING, SUCCEEDED, FAILED, HANDED_OVER)
 
 
+def _compact(sql: str) -> str:
+    """One line (fewer bytes per round trip; the statements hold no string with two spaces)."""
+    return " ".join(sql.split())
+
+
 #: The claim on PostgreSQL: the upsert under the claims' primary key and, when it wins, the
-#: history row, in one statement (a data-modifying CTE).
-_PG_CLAIM: Final = text(
-    """
-    WITH won AS (
-        INSERT INTO mfsm_execution_claims AS c (migration, key, side, worker_id, attempt, state, started_at)
-        VALUES (:m, :k, :side, :w, 1, 'running', :now)
-        ON CONFLICT (migration, key) DO UPDATE
-            SET side = excluded.side, worker_id = excluded.worker_id, attempt = c.attempt + 1,
-                state = 'running', started_at = excluded.started_at
-            WHERE c.state IN ('failed', 'handed_over') AND c.side = excluded.side
-        RETURNING c.attempt
-    )
-    INSERT INTO mfsm_executions (migration, key, attempt, side, worker_id, started_at, outcome)
-    SELECT :m, :k, won.attempt, :side, :w, :now, 'running' FROM won
-    RETURNING attempt
-    """
-).bindparams(bindparam("now", type_=UTCDateTime))
+#: history row, in one statement (a data-modifying CTE). Plain SQL for psycopg (`%(name)s`).
+_PG_CLAIM: Final = _compact("""
+WITH won AS (
+    INSERT INTO mfsm_execution_claims AS c (migration, key, side, worker_id, attempt, state, started_at)
+    VALUES (%(m)s, %(k)s, %(side)s, %(w)s, 1, 'running', %(now)s)
+    ON CONFLICT (migration, key) DO UPDATE
+        SET side = excluded.side, worker_id = excluded.worker_id, attempt = c.attempt + 1,
+            state = 'running', started_at = excluded.started_at
+        WHERE c.state IN ('failed', 'handed_over') AND c.side = excluded.side
+    RETURNING c.attempt
+)
+INSERT INTO mfsm_executions (migration, key, attempt, side, worker_id, started_at, outcome)
+SELECT %(m)s, %(k)s, won.attempt, %(side)s, %(w)s, %(now)s, 'running' FROM won
+RETURNING attempt
+""")
 
 #: A finish on PostgreSQL, in one statement: the history row as it went, and the claim when
-#: it is still ours (a success also closes a hand-over nobody has claimed yet).
-_PG_FINISH: Final = text(
-    """
-    WITH done AS (
-        UPDATE mfsm_executions SET outcome = :o, finished_at = :now
-        WHERE migration = :m AND key = :k AND attempt = :a AND finished_at IS NULL
-    )
-    UPDATE mfsm_execution_claims SET state = :o, side = :side, worker_id = :w
-    WHERE migration = :m AND key = :k AND attempt = :a
-      AND (state = 'running' OR (:closes AND state = 'handed_over'))
-    RETURNING attempt
-    """
-).bindparams(bindparam("now", type_=UTCDateTime))
+#: it is still ours (a success also closes a hand-over nobody has claimed yet). Its row count
+#: (the claims updated) says whether the claim was still ours.
+_PG_FINISH: Final = _compact("""
+WITH done AS (
+    UPDATE mfsm_executions SET outcome = %(o)s, finished_at = %(now)s
+    WHERE migration = %(m)s AND key = %(k)s AND attempt = %(a)s AND finished_at IS NULL
+)
+UPDATE mfsm_execution_claims SET state = %(o)s, side = %(side)s, worker_id = %(w)s
+WHERE migration = %(m)s AND key = %(k)s AND attempt = %(a)s
+  AND (state = 'running' OR (%(closes)s AND state = 'handed_over'))
+""")
+
+_PG_READ_CLAIM: Final = (
+    "SELECT side, worker_id, attempt, state FROM mfsm_execution_claims"
+    " WHERE migration = %(m)s AND key = %(k)s"
+)
+
+
+def _sqlalchemy_text(sql: str) -> Any:
+    """The same statement for SQLAlchemy (`:name` parameters), for another PostgreSQL driver."""
+    return text(re.sub(r"%\((\w+)\)s", r":\1", sql)).bindparams(bindparam("now", type_=UTCDateTime))
+
 
 _READ_CLAIM: Final = text(
     "SELECT side, worker_id, attempt, state FROM mfsm_execution_claims WHERE migration = :m AND key = :k"
 )
+
+
+#: psycopg's default `prepare_threshold`: a statement run that often on a connection is prepared.
+_PSYCOPG_PREPARE_THRESHOLD: Final = 5
+
+
+class _PgConnections:
+    """Raw psycopg connections in autocommit for the ledger's hot path on PostgreSQL: a stack of
+    idle ones, each taken for one call and given back after it, so a process holds as many as
+    it had calls at the same time (not one per thread that ever called; a forked child opens its
+    own).
+
+    `cursor()` yields a cursor on an idle connection, or a new one. Whatever escapes the block
+    (a driver error, a timeout, an interrupt in the middle of a statement) closes that
+    connection instead of giving it back, so it is never reused in an unknown state; driver
+    errors surface as `DatabaseUnavailable`. `close()` closes the idle ones."""
+
+    def __init__(self, engine: Engine, url: str, safe: str, *, prepared_statements: bool) -> None:
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        cparams.pop("context", None)  # SQLAlchemy's adapters: plain psycopg types suffice here
+        cparams.setdefault("connect_timeout", 5)  # as make_engine
+        self._cargs, self._cparams = cargs, cparams
+        import psycopg  # only a PostgreSQL ledger needs the driver (the engine imported it)
+
+        self._psycopg = psycopg
+        self._idle_status = psycopg.pq.TransactionStatus.IDLE
+        # None: never prepare (PgBouncer in transaction pooling breaks prepared statements);
+        # otherwise psycopg's default threshold (5), which the engine's connections have.
+        self._prepare_threshold = _PSYCOPG_PREPARE_THRESHOLD if prepared_statements else None
+        self._url, self._safe = url, safe
+        self._lock = threading.Lock()
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._pid = os.getpid()
+        # A ledger dropped without close() still closes its idle connections.
+        weakref.finalize(self, _close_all, self._idle, self._pid)
+
+    def _take(self) -> psycopg.Connection[Any]:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's connections are not ours
+                self._idle.clear()
+                self._pid = os.getpid()
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+        return self._psycopg.connect(
+            *self._cargs, **self._cparams, autocommit=True, prepare_threshold=self._prepare_threshold
+        )
+
+    def _give(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.info.transaction_status != self._idle_status:
+            _close_quietly(conn)
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                self._idle.append(conn)
+                return
+        _close_quietly(conn)
+
+    @contextmanager
+    def cursor(self) -> Iterator[psycopg.Cursor[Any]]:
+        conn = None
+        try:
+            conn = self._take()
+            with conn.cursor() as cur:
+                yield cur
+        except BaseException as exc:
+            if conn is not None:
+                _close_quietly(conn)  # never given back: the next call connects afresh
+            if isinstance(exc, self._psycopg.Error):
+                raise DatabaseUnavailable(
+                    f"ledger database {self._safe} is unavailable: {scrub(str(exc), self._url)}"
+                ) from exc
+            raise
+        self._give(conn)
+
+    def close(self) -> None:
+        """Close the idle connections (the ledger connects again if it is used after this)."""
+        with self._lock:
+            idle = list(self._idle)
+            self._idle.clear()
+        for conn in idle:
+            _close_quietly(conn)
+
+
+def _close_all(idle: list[psycopg.Connection[Any]], pid: int) -> None:
+    if pid == os.getpid():  # never a forked child's copy of the parent's connections
+        for conn in idle:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(Exception):  # closing a broken connection must not raise
+        conn.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +330,27 @@ class Ledger:
     `workers` (on the migration database) tells which workers are gone; without it a running
     claim is never taken over."""
 
-    def __init__(self, url: str, *, engine: Engine | None = None, workers: Workers | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        engine: Engine | None = None,
+        workers: Workers | None = None,
+        prepared_statements: bool = True,
+    ) -> None:
         self.url = url
         self.safe_url = safe_url(url)
         self._owns_engine = engine is None
         self.engine = engine or make_engine(url)
         self.workers = workers
+        # The hot path's raw connections (PostgreSQL with psycopg 3; see the module's docstring).
+        self._pg: _PgConnections | None = None
+        if self.engine.dialect.name == "postgresql":
+            self._pg_claim, self._pg_finish = _sqlalchemy_text(_PG_CLAIM), _sqlalchemy_text(_PG_FINISH)
+            if self.engine.dialect.driver == "psycopg":
+                self._pg = _PgConnections(
+                    self.engine, url, self.safe_url, prepared_statements=prepared_statements
+                )
         self._insert = upsert(self.engine, execution_claims_table)
         c = execution_claims_table.c
         claim = self._insert.values(
@@ -252,7 +393,10 @@ class Ledger:
         return self.engine.dialect.name
 
     def close(self) -> None:
-        """Dispose of the engine this ledger created (one it was given is left alone)."""
+        """Close the hot path's connections, and dispose of the engine this ledger created (one
+        it was given is left alone)."""
+        if self._pg is not None:
+            self._pg.close()
         if self._owns_engine:
             self.engine.dispose()
 
@@ -291,11 +435,21 @@ class Ledger:
             raise ValueError(f"side must be 'old' or 'new', not {side!r}")
         now = utcnow()
         params = {"m": migration, "k": key, "side": side, "w": worker_id, "now": now}
-        if self.dialect == "postgresql":
-            # One statement, one round trip, committed on its own (AUTOCOMMIT): the claim and
-            # its history row in a data-modifying CTE.
+        row: Any
+        if self._pg is not None:
+            # One statement, one round trip, committed on its own (autocommit): the claim and
+            # its history row in a data-modifying CTE, on this thread's raw connection.
+            with self._pg.cursor() as cur:
+                won = cur.execute(_PG_CLAIM, params).fetchone()
+                if won is not None:
+                    return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, won[0]))
+                # Lost: the claim row says why (it exists: the upsert conflicted with it).
+                found = cur.execute(_PG_READ_CLAIM, params).fetchone()
+            assert found is not None
+            row = ClaimState(*found)
+        elif self.dialect == "postgresql":  # another driver than psycopg: the same statements
             with self._transaction(autocommit=True) as conn:
-                attempt = conn.execute(_PG_CLAIM, params).scalar()
+                attempt = conn.execute(self._pg_claim, params).scalar()
             if attempt is not None:
                 return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, attempt))
             with self._transaction(autocommit=True) as conn:
@@ -398,25 +552,31 @@ class Ledger:
         now = utcnow()
         if self.dialect == "postgresql":
             # One statement per finish (a data-modifying CTE); a batch in one transaction.
+            params = [
+                {
+                    "m": claim.migration,
+                    "k": claim.key,
+                    "a": claim.attempt,
+                    "side": claim.side,
+                    "w": claim.worker_id,
+                    "o": outcome,
+                    "now": now,
+                    "closes": outcome == SUCCEEDED,
+                }
+                for claim, outcome in items
+            ]
+            if not params:
+                return 0
+            if self._pg is not None:
+                with self._pg.cursor() as cur:
+                    if len(params) == 1:  # one round trip, committed by itself
+                        return cur.execute(_PG_FINISH, params[0]).rowcount
+                    # A batch: one transaction, BEGIN, the statements and COMMIT pipelined.
+                    with cur.connection.pipeline(), cur.connection.transaction():
+                        cur.executemany(_PG_FINISH, params)
+                    return cur.rowcount  # the sum over the batch
             with self._transaction(autocommit=len(items) == 1) as conn:
-                return sum(
-                    len(
-                        conn.execute(
-                            _PG_FINISH,
-                            {
-                                "m": claim.migration,
-                                "k": claim.key,
-                                "a": claim.attempt,
-                                "side": claim.side,
-                                "w": claim.worker_id,
-                                "o": outcome,
-                                "now": now,
-                                "closes": outcome == SUCCEEDED,
-                            },
-                        ).all()
-                    )
-                    for claim, outcome in items
-                )
+                return sum(conn.execute(self._pg_finish, one).rowcount for one in params)
         ours = 0
         with self._transaction() as conn:
             for claim, outcome in items:

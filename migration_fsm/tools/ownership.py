@@ -52,7 +52,8 @@ def open_ledger(settings: Settings, engine: Engine) -> Iterator[Ledger]:
     workers = Workers(engine, ttl_seconds=settings.worker_ttl_seconds)
     url = settings.ledger_database_url
     if url == settings.database_url:
-        yield Ledger(url, engine=engine, workers=workers)
+        with Ledger(url, engine=engine, workers=workers) as shared:  # closes its own connections only
+            yield shared
         return
     with Ledger(url, workers=workers) as ledger:
         yield ledger

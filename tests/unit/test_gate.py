@@ -20,6 +20,7 @@ from migration_fsm import commands
 from migration_fsm.client import PhaseClient, Run, WorkerGate
 from migration_fsm.journal import Journal, Lease, utcnow, workers_table
 from migration_fsm.journal.workers import Workers
+from tests.support.pgtrace import next_connection
 from tests.unit.test_lease import _intent
 
 if TYPE_CHECKING:
@@ -209,6 +210,30 @@ def test_an_unreachable_ledger_starts_no_task_and_logs_once(
     assert ran == []
     assert sum("execution ledger" in r.getMessage() for r in caplog.records) == 1
     assert gate.counters()["unavailable"] == 3
+    gate.close()
+
+
+def test_a_ledger_connection_killed_by_the_server_starts_no_task_then_recovers(
+    client: PhaseClient, upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL: the hot path's raw connection is terminated by the server; the next task is
+    not started (`ledger_unavailable`, never a driver error escaping `executing`), and the one
+    after runs on a new connection. SQLite: the option is ignored and tasks run as usual."""
+    gate = _gate(client, "old", "o1", ledger_prepared_statements=True)
+    with gate.executing("k1") as run:
+        assert run.allowed
+    if gate.ledger.dialect == "postgresql":
+        victim = next_connection(gate.ledger).info.backend_pid
+        with Journal(upgraded_url) as journal, journal.engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(victim)})")
+            conn.commit()
+        with caplog.at_level(logging.WARNING, logger="migration_fsm.client"), gate.executing("k2") as lost:
+            assert not lost.allowed
+            assert lost.reason == "ledger_unavailable"
+        assert sum("execution ledger" in r.getMessage() for r in caplog.records) == 1
+    with gate.executing("k2") as run:
+        assert run.allowed
+    assert gate.ledger.counts(M).succeeded == 2
     gate.close()
 
 

@@ -18,6 +18,7 @@ from migration_fsm.journal import Journal, make_engine, utcnow
 from migration_fsm.journal.ledger import Claim, Ledger
 from migration_fsm.journal.schema import workers_table
 from migration_fsm.journal.workers import Workers
+from tests.support.pgtrace import pg_trace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -221,12 +222,19 @@ def test_claim_is_one_statement_under_the_constraint(upgraded_url: str) -> None:
     statements: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0].upper()))
     with Ledger(upgraded_url, engine=engine) as ledger:
-        statements.clear()
-        assert ledger.claim(M, "k", "old", "w").allowed
-        # PostgreSQL: one data-modifying CTE, committed by itself; SQLite: the upsert, then the
-        # history row, in one BEGIN IMMEDIATE transaction.
-        expected = ["WITH"] if ledger.dialect == "postgresql" else ["INSERT", "INSERT"]
-        assert [s for s in statements if s not in ("BEGIN",)] == expected
+        if ledger.dialect == "postgresql":
+            # One data-modifying CTE in one round trip, committed by itself, on the thread's
+            # raw connection (not through the engine): see test_ledger_connections.py.
+            with pg_trace(ledger) as trace:
+                assert ledger.claim(M, "k", "old", "w").allowed
+            assert trace.statements == ["WITH"]
+            assert trace.round_trips == 1
+            assert statements == []
+        else:
+            statements.clear()
+            assert ledger.claim(M, "k", "old", "w").allowed
+            # SQLite: the upsert, then the history row, in one BEGIN IMMEDIATE transaction.
+            assert [s for s in statements if s not in ("BEGIN",)] == ["INSERT", "INSERT"]
     engine.dispose()  # the ledger leaves an engine it was given alone
 
 

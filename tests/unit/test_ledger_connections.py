@@ -1,0 +1,230 @@
+"""The ledger's hot path on PostgreSQL (`claim`, `finish`, `finish_many` on per-thread raw
+psycopg connections in autocommit, `journal/ledger.py`): round trips and commits counted
+from libpq's protocol trace, a broken connection replaced rather than reused, connection loss
+surfacing as `DatabaseUnavailable`, and the same rules through SQLAlchemy for another driver.
+On SQLite the ledger has no raw connections (every path is SQLAlchemy's)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from migration_fsm.exceptions import DatabaseUnavailable
+from migration_fsm.journal.ledger import Ledger
+from migration_fsm.journal.workers import Workers
+from tests.support.pgtrace import next_connection, pg_trace
+from tests.support.proxy import TcpProxy
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from migration_fsm.journal import Journal
+
+M = "default"
+
+
+@pytest.fixture
+def ledger(upgraded_url: str, store: Journal) -> Iterator[Ledger]:
+    with Ledger(upgraded_url, workers=Workers(store.engine, ttl_seconds=30)) as opened:
+        yield opened
+
+
+def _backend_pid(ledger: Ledger) -> int:
+    """The backend of the connection the ledger's next call takes."""
+    return int(next_connection(ledger).info.backend_pid)
+
+
+def _only_postgresql(ledger: Ledger) -> None:
+    if ledger.dialect != "postgresql":
+        assert ledger._pg is None
+        pytest.skip("the raw connections are PostgreSQL's hot path")
+
+
+def test_claim_and_finish_are_one_round_trip_and_one_commit_each(ledger: Ledger) -> None:
+    _only_postgresql(ledger)
+    with pg_trace(ledger) as claim_trace:
+        result = ledger.claim(M, "k", "new", "w")
+    assert result.claim is not None
+    with pg_trace(ledger) as finish_trace:
+        assert ledger.finish(result.claim, "succeeded")
+    # Autocommit: no BEGIN / COMMIT around the single statement; it commits by itself.
+    assert (claim_trace.statements, claim_trace.round_trips) == (["WITH"], 1)
+    assert (finish_trace.statements, finish_trace.round_trips) == (["WITH"], 1)
+    # A batch: one transaction (BEGIN, the statements and COMMIT sent as one pipeline).
+    claims = [ledger.claim(M, f"b{i}", "new", "w").claim for i in range(3)]
+    with pg_trace(ledger) as batch_trace:
+        assert ledger.finish_many([(c, "succeeded") for c in claims if c is not None]) == 3
+    assert batch_trace.statements == ["BEGIN", "WITH", "WITH", "WITH", "COMMIT"]
+    # A lost claim reads the claim row to say why: a second round trip, still no transaction.
+    with pg_trace(ledger) as lost_trace:
+        assert ledger.claim(M, "k", "new", "w2").reason == "succeeded"
+    assert lost_trace.statements[:2] == ["WITH", "SELECT"]
+    assert ledger.counts(M).succeeded == 4
+
+
+def test_finish_many_counts_only_the_claims_still_ours(ledger: Ledger, store: Journal) -> None:
+    """The batch's row count is the claims updated, not the history rows."""
+    _only_postgresql(ledger)
+    Workers(store.engine, ttl_seconds=30).register(M, "old", "w1")
+    first = ledger.claim(M, "a", "old", "w1").claim
+    second = ledger.claim(M, "b", "old", "w1").claim
+    assert first is not None
+    assert second is not None
+    assert ledger.hand_over(M, "b", "old", "new").reason == "live"
+    assert ledger.finish(second, "failed")
+    assert ledger.hand_over(M, "b", "old", "new")  # the failed claim is handed over
+    # A repeated failure of b is no longer ours (handed over); a's success is.
+    assert ledger.finish_many([(first, "succeeded"), (second, "failed")]) == 1
+    assert [e.outcome for e in ledger.executions(M, "b")] == ["failed"]  # recorded once, as it went
+    assert ledger.claim_of(M, "b") is not None
+
+
+def test_concurrent_calls_take_their_own_connections_and_idle_ones_are_reused(ledger: Ledger) -> None:
+    """As many connections as calls ran at once: two threads inside a call at the same time
+    hold two; afterwards both are idle, reused by the next calls, and closed by close()."""
+    _only_postgresql(ledger)
+    assert ledger._pg is not None
+    pg = ledger._pg
+    inside, release = threading.Barrier(2), threading.Event()
+    seen: list[int] = []
+
+    def work() -> None:
+        with pg.cursor() as cur:
+            row = cur.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            seen.append(int(row[0]))
+            inside.wait(timeout=10)
+            release.wait(timeout=10)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while len(seen) < 2:  # both are inside a call (bounded by the barrier's timeout)
+        release.wait(0.005)
+    release.set()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 2
+    assert len(pg._idle) == 2  # given back, not closed
+    for i in range(5):  # one thread: the same connection again and again
+        assert ledger.claim(M, f"k{i}", "new", "w").allowed
+    assert len(pg._idle) == 2
+    assert _backend_pid(ledger) in seen
+    idle = list(pg._idle)
+    ledger.close()
+    assert all(conn.closed for conn in idle)
+    # Used again after close(): it connects afresh.
+    assert ledger.claim(M, "after-close", "new", "w").allowed
+    assert _backend_pid(ledger) not in seen
+
+
+def test_a_terminated_connection_raises_database_unavailable_once_then_is_replaced(
+    ledger: Ledger, upgraded_url: str
+) -> None:
+    """The server kills the backend: the next call fails as DatabaseUnavailable (the task is
+    not started), the broken connection is dropped, and the call after that reconnects."""
+    _only_postgresql(ledger)
+    assert ledger.claim(M, "k1", "new", "w").allowed
+    victim = _backend_pid(ledger)
+    admin = create_engine(upgraded_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": victim}).scalar()
+    admin.dispose()
+    with pytest.raises(DatabaseUnavailable, match="ledger database"):
+        ledger.claim(M, "k2", "new", "w")
+    assert ledger.claim_of(M, "k2") is None  # nothing was claimed
+    result = ledger.claim(M, "k2", "new", "w")
+    assert result.claim is not None
+    assert _backend_pid(ledger) != victim
+    assert ledger.finish(result.claim, "succeeded")
+
+
+def test_a_cut_network_surfaces_as_database_unavailable_and_recovers(upgraded_url: str) -> None:
+    """Through a proxy that drops every connection: claims and finishes fail as
+    DatabaseUnavailable (never a raw driver error), and work again once it is back."""
+    parsed = make_url(upgraded_url)
+    if parsed.get_backend_name() != "postgresql":
+        pytest.skip("the raw connections are PostgreSQL's hot path")
+    proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+    url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with Ledger(url) as ledger:
+            held = ledger.claim(M, "k1", "new", "w").claim
+            assert held is not None
+            proxy.cut()
+            with pytest.raises(DatabaseUnavailable, match="ledger database"):
+                ledger.finish(held, "succeeded")
+            with pytest.raises(DatabaseUnavailable, match="ledger database"):
+                ledger.claim(M, "k2", "new", "w")  # reconnecting fails too
+            proxy.restore()
+            assert ledger.finish(held, "succeeded")  # the finish kept by the caller, written now
+            assert ledger.claim(M, "k2", "new", "w").allowed
+    finally:
+        proxy.close()
+
+
+def test_an_interrupted_statement_drops_the_connection(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anything escaping a statement (here an interrupt) closes the connection: it is never
+    reused in an unknown state."""
+    _only_postgresql(ledger)
+    assert ledger.claim(M, "k1", "new", "w").allowed
+    conn = next_connection(ledger)
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(*_: object, **__: object) -> None:
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(conn), "cursor", interrupt)
+        with pytest.raises(Interrupted):
+            ledger.claim(M, "k2", "new", "w")
+    assert conn.closed
+    assert ledger.claim(M, "k2", "new", "w").allowed
+
+
+def test_prepared_statements_are_the_default_and_can_be_turned_off(upgraded_url: str) -> None:
+    """Prepared after psycopg's default threshold, like the engine's connections; off for
+    PgBouncer in transaction pooling (`prepared_statements=False`)."""
+    if make_url(upgraded_url).get_backend_name() != "postgresql":
+        pytest.skip("prepared statements are psycopg's")
+    with Ledger(upgraded_url) as prepared, Ledger(upgraded_url, prepared_statements=False) as plain:
+        for ledger, name in ((plain, "p"), (prepared, "q")):
+            for i in range(6):
+                result = ledger.claim(M, f"{name}{i}", "new", "w")
+                assert result.claim is not None
+                assert ledger.finish(result.claim, "succeeded")
+        assert plain._pg is not None
+        assert prepared._pg is not None
+        count = "SELECT count(*) FROM pg_prepared_statements"
+        assert next_connection(plain).execute(count).fetchone() == (0,)
+        row = next_connection(prepared).execute(count).fetchone()
+        assert row is not None
+        assert row[0] >= 2  # the claim and the finish
+
+
+def test_another_postgresql_driver_runs_the_same_statements_through_sqlalchemy(
+    ledger: Ledger, store: Journal
+) -> None:
+    """Without psycopg 3 (`_pg` None) the same claim and finish statements go through the engine."""
+    _only_postgresql(ledger)
+    Workers(store.engine, ttl_seconds=30).register(M, "old", "w1")
+    ledger._pg = None
+    first = ledger.claim(M, "k", "old", "w1")
+    assert first.claim is not None
+    assert not ledger.claim(M, "k", "new", "n1").allowed
+    assert ledger.finish(first.claim, "failed")
+    retry = ledger.claim(M, "k", "old", "w2")
+    assert retry.claim is not None
+    assert retry.claim.attempt == 2
+    other = ledger.claim(M, "k2", "old", "w2").claim
+    assert other is not None
+    assert ledger.finish_many([(retry.claim, "succeeded"), (other, "succeeded")]) == 2
+    assert [e.outcome for e in ledger.executions(M, "k")] == ["failed", "succeeded"]
