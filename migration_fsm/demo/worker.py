@@ -35,6 +35,9 @@ once `worker_ttl_seconds` have passed they may be taken over.
 same in every process) take M ms instead of `--work-ms`. `--hold-file PATH` is for a test that
 kills the worker mid-task (`Hold`): once PATH exists, the next task this worker may run stops
 inside `executing()`, claimed in the ledger and before its effect, and PATH.held names it.
+`--lease-seconds S` (new side) shortens the new queue's lease: a job that runs longer is
+delivered again to another worker while it runs, as a queue's visibility timeout does, and
+the execution ledger refuses that second delivery.
 """
 
 from __future__ import annotations
@@ -288,6 +291,7 @@ def run_worker(
     slow_seconds: float = 0.0,
     slow_share: float = 0.0,
     hold_file: Path | None = None,
+    lease_seconds: float | None = None,
     idle_seconds: float = 0.02,
     worker_ttl_seconds: float = 10.0,
     ledger_url: str | None = None,
@@ -300,9 +304,13 @@ def run_worker(
     `workers` threads, until `seconds` have passed (None: forever) or `stop` is set; then the
     tasks in progress finish, the gate closes (flushes, deregisters) and the figures are
     returned. `ready` is set once the gate is registered and the threads run. `slow_seconds`,
-    `slow_share` and `hold_file`: see the module's docstring."""
+    `slow_share`, `hold_file` and `lease_seconds`: see the module's docstring."""
     stop = stop or threading.Event()
     system = system_for(side, as_task_database(system_url))
+    if lease_seconds is not None:
+        if not isinstance(system, NewQueue):
+            raise ValueError("lease_seconds is the new queue's: only for --side new")
+        system.lease_seconds = lease_seconds
     log = ExecutionLog(as_task_database(log_url, synchronous_commit=False))
     started = time.monotonic()
     try:
@@ -359,6 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--slow-share", type=float, default=0.0, help="the share of the keys that are slow (0..1, stable)"
     )
     parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=None,
+        help="the new queue's lease (default 30 s): a job running longer is delivered again",
+    )
+    parser.add_argument(
         "--hold-file",
         type=Path,
         default=None,
@@ -396,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slow_seconds=args.slow_ms / 1000,
         slow_share=args.slow_share,
         hold_file=args.hold_file,
+        lease_seconds=args.lease_seconds,
         worker_ttl_seconds=args.worker_ttl_seconds,
         ledger_url=args.ledger,
         worker_id=args.worker_id,

@@ -86,6 +86,11 @@ PAUSE_TIMEOUT_SECONDS = 20.0
 WORK_MS = 10
 SLOW_MS = 300
 SLOW_SHARE = 0.1
+#: The new queue's lease of new-1 and new-3: shorter than a slow task, so the queue delivers
+#: a slow job again while it runs (as a visibility timeout does) and the execution ledger
+#: must refuse the second delivery. The victim keeps the default (30 s): its held jobs stay
+#: `running` until the drain hands them over.
+SHORT_LEASE_SECONDS = 0.2
 #: The most any single wait may take before the test fails.
 WAIT = 60.0
 
@@ -156,7 +161,9 @@ class Workers:
         self.urls = urls
         self.started: list[WorkerProcess] = []
 
-    def start(self, name: str, side: str, *, hold: bool = False) -> WorkerProcess:
+    def start(
+        self, name: str, side: str, *, hold: bool = False, lease_seconds: float | None = None
+    ) -> WorkerProcess:
         log = self.folder / name
         hold_file = self.folder / f"{name}.arm" if hold else None
         argv = [
@@ -177,6 +184,8 @@ class Workers:
         ]
         if hold_file is not None:
             argv += ["--hold-file", str(hold_file)]
+        if lease_seconds is not None:
+            argv += ["--lease-seconds", str(lease_seconds)]
         with log.with_suffix(".out").open("wb") as out, log.with_suffix(".err").open("wb") as err:
             proc = subprocess.Popen(
                 argv, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
@@ -365,7 +374,7 @@ def test_every_task_runs_exactly_once_across_a_sigkill_a_rollback_and_re_sends(
 
     workers.start("old-1", "old")
     workers.start("old-2", "old")
-    workers.start("new-1", "new")
+    workers.start("new-1", "new", lease_seconds=SHORT_LEASE_SECONDS)
     victim = workers.start("new-2", "new", hold=True)
     workers.wait_ready()
 
@@ -409,7 +418,8 @@ def test_every_task_runs_exactly_once_across_a_sigkill_a_rollback_and_re_sends(
         for key in held:  # claimed by the victim and running: its effect never happened
             assert [("new", "new-2", "running")] == [(c.side, c.worker_id, c.outcome) for c in claims[key]]
             assert key not in executions_by_key(urls["log"])
-        workers.start("new-3", "new")  # its replacement, as an orchestrator would start one
+        # Its replacement, as an orchestrator would start one.
+        workers.start("new-3", "new", lease_seconds=SHORT_LEASE_SECONDS)
         soak(0.5)
 
         walk.step(
@@ -464,6 +474,8 @@ def test_every_task_runs_exactly_once_across_a_sigkill_a_rollback_and_re_sends(
     assert (0, 0) == (counts.running, counts.failed)
     assert len(scheduled) == counts.succeeded
     assert counts.handed_over >= len(held) >= 1
+    # The new queue delivered running slow jobs again (short leases): the ledger refused them.
+    assert counts.refused_by_side.get("new", 0) > 0
     validation = commands.validate(settings, MIGRATION)
     assert 0 == validation.executed_twice
     assert validation.ok, validation.as_json()
@@ -518,6 +530,7 @@ def test_every_task_runs_exactly_once_across_a_sigkill_a_rollback_and_re_sends(
         "held": held,
         "handed_over": counts.handed_over,
         "refused": counts.refused_executions,
+        "refused_by_side": counts.refused_by_side,
         "rollback_seconds": round(rollback_seconds, 1),
         "seconds": round(seconds, 1),
         "validations": report.validations,
