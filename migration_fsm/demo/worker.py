@@ -30,16 +30,26 @@ unless `--ledger` names its own, the execution ledger), `--system` the side's ta
 It works until `--seconds` have passed or SIGTERM/SIGINT, then prints its figures as one JSON
 object on stdout. A SIGKILL leaves its claims running on a worker that stops heartbeating:
 once `worker_ttl_seconds` have passed they may be taken over.
+
+`--slow-ms M --slow-share S` makes a stable share S of the keys (by a hash of the key, the
+same in every process) take M ms instead of `--work-ms`. `--hold-file PATH` is for a test that
+kills the worker mid-task (`Hold`): once PATH exists, the next task this worker may run stops
+inside `executing()`, claimed in the ledger and before its effect, and PATH.held names it.
+`--lease-seconds S` (new side) shortens the new queue's lease: a job that runs longer is
+delivered again to another worker while it runs, as a queue's visibility timeout does, and
+the execution ledger refuses that second delivery.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -61,6 +71,55 @@ if TYPE_CHECKING:
 #: Refusals after which this side's copy is closed rather than put back: the task ran
 #: (`succeeded`), or it belongs to the other side now (`handed_over`).
 SETTLED: Final = frozenset({"succeeded", "handed_over"})
+
+
+class Hold:
+    """A test's way to kill a worker exactly *before* a task's effect (docs/WORKERS.md: a crash
+    after the effect and before the ledger's finish cannot be told from one before it, and the
+    task runs again; no ledger closes that window, so a test that means to prove "none run
+    twice" with a SIGKILL must land it before the effect).
+
+    Once the file `arm` exists, the first worker thread allowed to run a task stops inside
+    `executing()` (the ledger's claim is `running`) before the task's effect; every other
+    thread that reaches that point stops there too, and no thread starts an effect any more.
+    Once no thread of the pool is between an effect and its finish, `arm`.held is written
+    with the held keys, one a line: the process may now be killed. The held threads wait
+    until the pool stops, then run their tasks as usual (an unkilled worker loses nothing).
+    """
+
+    def __init__(self, arm: Path) -> None:
+        self.arm = arm
+        self.marker = arm.with_name(arm.name + ".held")
+        self._lock = threading.Condition()
+        self._in_effect = 0
+        self._held: list[str] = []
+
+    def before_effect(self, key: str, stop: threading.Event) -> None:
+        """Called inside `executing()`, claimed, before the effect: hold here when armed."""
+        with self._lock:
+            if not self._held and not self.arm.exists():
+                self._in_effect += 1
+                return
+            self._held.append(key)
+            while self._in_effect:  # the effects begun before the hold reach their finish
+                self._lock.wait(0.05)
+            tmp = self.marker.with_name(self.marker.name + ".tmp")
+            tmp.write_text("\n".join(self._held) + "\n", encoding="utf-8")
+            os.replace(tmp, self.marker)
+        stop.wait()
+        with self._lock:
+            self._in_effect += 1
+
+    def after_finish(self) -> None:
+        """Called once the task's execution is finished in the ledger."""
+        with self._lock:
+            self._in_effect -= 1
+            self._lock.notify_all()
+
+
+def stable_share(key: str) -> float:
+    """Where `key` falls in [0, 1), the same in every process (crc32, never `hash()`)."""
+    return (zlib.crc32(key.encode("utf-8")) % 10_000) / 10_000
 
 
 class WorkerPool:
@@ -85,6 +144,9 @@ class WorkerPool:
         work_seconds: float = 0.01,
         idle_seconds: float = 0.02,
         backoff_seconds: float = 0.1,
+        slow_seconds: float = 0.0,
+        slow_share: float = 0.0,
+        hold: Hold | None = None,
     ) -> None:
         if gate.side != system.side:
             raise ValueError(f"a {gate.side} gate cannot gate the {system.side} system's workers")
@@ -96,6 +158,9 @@ class WorkerPool:
         self.work_seconds = work_seconds
         self.idle_seconds = idle_seconds
         self.backoff_seconds = backoff_seconds
+        self.slow_seconds = slow_seconds
+        self.slow_share = slow_share
+        self.hold = hold
         self.refused: Counter[str] = Counter()
         self.errors: list[str] = []
         self._executed = 0
@@ -149,11 +214,19 @@ class WorkerPool:
 
         Refused: a task that ran (`succeeded`) or was handed over to the other side
         (`handed_over`) is closed on this side; any other refusal puts it back in the queue."""
-        with self.gate.executing(key) as run:
-            if run.allowed:
-                self.log.record(key, self.side)  # the task's own side effect
-                time.sleep(self.work_seconds)
-                self.system.complete(conn, key)
+        effect = False
+        try:
+            with self.gate.executing(key) as run:
+                if run.allowed:
+                    if self.hold is not None:
+                        self.hold.before_effect(key, self._stop)
+                        effect = True
+                    self.log.record(key, self.side)  # the task's own side effect
+                    time.sleep(self.task_seconds(key))
+                    self.system.complete(conn, key)
+        finally:
+            if effect and self.hold is not None:
+                self.hold.after_finish()  # the finish is written (or the task failed)
         if run.allowed:
             with self._count_lock:
                 self._executed += 1
@@ -166,6 +239,12 @@ class WorkerPool:
             self.system.release(conn, key)
             self._stop.wait(self.backoff_seconds)
         return False
+
+    def task_seconds(self, key: str) -> float:
+        """What running `key` takes: `slow_seconds` for a stable `slow_share` of the keys."""
+        if self.slow_share > 0 and stable_share(key) < self.slow_share:
+            return self.slow_seconds
+        return self.work_seconds
 
     def _work(self, name: str) -> None:
         conn = self.system.database.connect()
@@ -209,6 +288,10 @@ def run_worker(
     seconds: float | None = None,
     workers: int = 2,
     work_seconds: float = 0.01,
+    slow_seconds: float = 0.0,
+    slow_share: float = 0.0,
+    hold_file: Path | None = None,
+    lease_seconds: float | None = None,
     idle_seconds: float = 0.02,
     worker_ttl_seconds: float = 10.0,
     ledger_url: str | None = None,
@@ -220,9 +303,14 @@ def run_worker(
     """One worker process's life: a `PhaseClient` and one `WorkerGate` of `side`, a pool of
     `workers` threads, until `seconds` have passed (None: forever) or `stop` is set; then the
     tasks in progress finish, the gate closes (flushes, deregisters) and the figures are
-    returned. `ready` is set once the gate is registered and the threads run."""
+    returned. `ready` is set once the gate is registered and the threads run. `slow_seconds`,
+    `slow_share`, `hold_file` and `lease_seconds`: see the module's docstring."""
     stop = stop or threading.Event()
     system = system_for(side, as_task_database(system_url))
+    if lease_seconds is not None:
+        if not isinstance(system, NewQueue):
+            raise ValueError("lease_seconds is the new queue's: only for --side new")
+        system.lease_seconds = lease_seconds
     log = ExecutionLog(as_task_database(log_url, synchronous_commit=False))
     started = time.monotonic()
     try:
@@ -233,7 +321,15 @@ def run_worker(
             ) as gate,
         ):
             pool = WorkerPool(
-                system, log, gate, workers=workers, work_seconds=work_seconds, idle_seconds=idle_seconds
+                system,
+                log,
+                gate,
+                workers=workers,
+                work_seconds=work_seconds,
+                idle_seconds=idle_seconds,
+                slow_seconds=slow_seconds,
+                slow_share=slow_share,
+                hold=None if hold_file is None else Hold(hold_file),
             )
             pool.start()
             if ready is not None:
@@ -266,6 +362,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--migration", default="demo")
     parser.add_argument("--workers", type=int, default=2, help="worker threads")
     parser.add_argument("--work-ms", type=float, default=10.0, help="what running one task takes")
+    parser.add_argument("--slow-ms", type=float, default=0.0, help="what running a slow task takes")
+    parser.add_argument(
+        "--slow-share", type=float, default=0.0, help="the share of the keys that are slow (0..1, stable)"
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=None,
+        help="the new queue's lease (default 30 s): a job running longer is delivered again",
+    )
+    parser.add_argument(
+        "--hold-file",
+        type=Path,
+        default=None,
+        help="once this file exists, stop the next task before its effect and write FILE.held (tests)",
+    )
     parser.add_argument(
         "--worker-ttl-seconds", type=float, default=10.0, help="the operators' worker_ttl_seconds"
     )
@@ -295,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds,
         workers=args.workers,
         work_seconds=args.work_ms / 1000,
+        slow_seconds=args.slow_ms / 1000,
+        slow_share=args.slow_share,
+        hold_file=args.hold_file,
+        lease_seconds=args.lease_seconds,
         worker_ttl_seconds=args.worker_ttl_seconds,
         ledger_url=args.ledger,
         worker_id=args.worker_id,

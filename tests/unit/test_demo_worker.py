@@ -20,7 +20,7 @@ import pytest
 
 from migration_fsm.client import PhaseClient, WorkerGate
 from migration_fsm.demo.systems import ExecutionLog, OldTaskManager
-from migration_fsm.demo.worker import WorkerPool, as_task_database
+from migration_fsm.demo.worker import Hold, WorkerPool, as_task_database, run_worker, stable_share
 from migration_fsm.journal import Journal
 from migration_fsm.journal.ledger import Ledger
 from migration_fsm.journal.workers import Workers
@@ -150,6 +150,62 @@ def test_a_refused_task_is_closed_when_it_ran_and_put_back_when_it_runs_elsewher
     assert {"task-01": 1} == log.executions()
     assert {"succeeded": 1, "running": 1, "failed": 1} == pool.refused
     assert 1 == pool.executed
+
+
+def test_a_held_pool_stops_before_the_effect_and_says_so(
+    client: PhaseClient, old_system: OldTaskManager, log: ExecutionLog, tmp_path: Path
+) -> None:
+    """`Hold` (`--hold-file`, for a test's SIGKILL): once armed, each worker thread stops at its
+    next task inside `executing()`, claimed in the ledger and before the effect, and the
+    marker names the held tasks; when the pool stops, the held tasks run as usual."""
+    gate = WorkerGate(client, "old", "o1", background=False)
+    arm = tmp_path / "arm"
+    arm.touch()
+    pool = WorkerPool(
+        old_system, log, gate, workers=2, work_seconds=0.001, idle_seconds=0.002, hold=Hold(arm)
+    )
+    marker = tmp_path / "arm.held"
+    pool.start()
+    try:
+        wait_until(
+            lambda: marker.exists() and len(marker.read_text(encoding="utf-8").split()) == 2,
+            "both worker threads hold a task",
+        )
+        held = marker.read_text(encoding="utf-8").split()
+        assert {} == log.executions()  # no effect happened
+        with Ledger.open(client.url) as ledger:
+            claims = [ledger.claim_of(M, key) for key in held]
+        assert [("old", "o1", "running")] * 2 == [
+            (c.side, c.worker_id, c.state) for c in claims if c is not None
+        ]
+    finally:
+        pool.stop()
+        gate.close()
+    assert dict.fromkeys(held, 1) == log.executions()  # released by the stop: run once
+
+
+def test_a_stable_share_of_the_keys_is_slow(old_system: OldTaskManager, log: ExecutionLog) -> None:
+    """`--slow-ms/--slow-share`: the same keys are slow in every process (crc32)."""
+    gate = WorkerGate.__new__(WorkerGate)
+    gate.side = "old"
+    pool = WorkerPool(old_system, log, gate, work_seconds=0.01, slow_seconds=0.3, slow_share=0.1)
+    keys = [f"task-{i:06d}" for i in range(2000)]
+    slow = [key for key in keys if pool.task_seconds(key) == 0.3]
+    assert 100 < len(slow) < 300
+    assert all(stable_share(key) < 0.1 for key in slow)
+    assert 0.01 == pool.task_seconds(next(key for key in keys if key not in slow))
+
+
+def test_a_lease_is_the_new_queue_s_alone(tmp_path: Path) -> None:
+    """`--lease-seconds` shortens the new queue's lease; the old task manager has none."""
+    with pytest.raises(ValueError, match="only for --side new"):
+        run_worker(
+            "old",
+            "sqlite:///unused.db",
+            f"sqlite:///{tmp_path / 'old.db'}",
+            "sqlite:///unused-log.db",
+            lease_seconds=1,
+        )
 
 
 def test_a_pool_of_the_other_side_is_refused() -> None:
