@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console, Group
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
 
 from . import commands, log, views
 from .config import Settings, load_settings, refuse_process_local_stores
 from .exceptions import UNEXPECTED_ERROR_EXIT_CODE, BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
+from .views import escape
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -112,7 +112,7 @@ def db_upgrade(
 def init(settings: Settings, migration: str) -> int:
     """Create the migration in `preparation`."""
     state = commands.init(settings, migration)
-    out.print(f"migration '{state.name}' created in {state.phase}")
+    out.print(f"migration '{escape(state.name)}' created in {state.phase}")
     return 0
 
 
@@ -224,7 +224,7 @@ def verify(settings: Settings, migration: str) -> int:
     """Check the hash chain and that replaying the journal gives the stored phase."""
     result = commands.verify(settings, migration)
     out.print(
-        f"journal of '{result.migration}' verified: {result.rows} rows,"
+        f"journal of '{escape(result.migration)}' verified: {result.rows} rows,"
         f" replay gives {result.phase} at {result.percent}%, head {(result.head_hash or '')[:12]}"
     )
     return 0
@@ -250,7 +250,7 @@ def backfill(
     if as_json:
         _print_json(result.as_json())
     else:
-        after = f" after key '{result.resumed_from}'" if result.resumed_from is not None else ""
+        after = f" after key '{escape(result.resumed_from)}'" if result.resumed_from is not None else ""
         out.print(
             f"backfill done: copied {result.copied} tasks{after} in {result.seconds:.1f} s"
             f" ({result.rows_per_second:,.0f}/s); the new side holds {result.total}"
@@ -284,7 +284,7 @@ def export(settings: Settings, migration: str, side: str, out_path: str, overwri
     """Write every task of one side to a file, with a verifiable summary line."""
     summary = commands.export(settings, migration, side=side, out=out_path, overwrite=overwrite)
     out.print(
-        f"exported {summary.count} tasks of the {side} side ('{summary.store}') to {out_path}"
+        f"exported {summary.count} tasks of the {side} side ('{escape(summary.store)}') to {escape(out_path)}"
         f" (digest {summary.digest[:16]})"
     )
     return 0
@@ -303,8 +303,8 @@ def import_(settings: Settings, migration: str, side: str, in_path: str, into_ot
     """Verify an export, then load its tasks into one side (idempotent; journaled)."""
     result = commands.import_(settings, migration, side=side, path=in_path, into_other_side=into_other_side)
     out.print(
-        f"verified {in_path} ({result.summary.count} tasks exported from the {result.summary.side}"
-        f" side) and loaded {result.loaded} tasks into the {side} side"
+        f"verified {escape(in_path)} ({result.summary.count} tasks exported from the"
+        f" {escape(result.summary.side)} side) and loaded {result.loaded} tasks into the {side} side"
     )
     return 0
 
@@ -395,7 +395,7 @@ def _print_outcomes(outcomes: Sequence[TransitionResult], *, force: bool) -> int
             verdict = "[red]would be refused[/red]" if refusing else "[green]would be taken[/green]"
             out.print(f"plan: {edge.trigger} {edge.source} -> {edge.dest} ({outcome.percent}%): {verdict}")
             _print_guards(outcome.guards)
-            out.print(f"steps: {', '.join(outcome.steps) or '(none)'}")
+            out.print(f"steps: {escape(', '.join(outcome.steps) or '(none)')}")
             for warning in outcome.warnings:
                 out.print(f"[yellow]warning:[/yellow] {escape(warning)}")
             code = max(code, 1 if refusing else 0)
@@ -482,7 +482,8 @@ def _print_traceback(exc: BaseException) -> None:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(message.split())
+    """One line, its control characters shown (`\\x1b`): never raw to the terminal."""
+    return log.visible(" ".join(message.split()))
 
 
 def run() -> None:

@@ -6,8 +6,9 @@ Only the CLI calls `configure`; library users keep whatever structlog setup they
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
@@ -28,12 +29,13 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
         ]
         if json
         else [
+            _visible_values,  # a terminal never gets raw control characters from data
             structlog.dev.ConsoleRenderer(
                 colors=colors,
                 exception_formatter=structlog.dev.RichTracebackFormatter(
                     color_system="truecolor" if colors else None, show_locals=False
                 ),
-            )
+            ),
         ]
     )
     structlog.configure(
@@ -52,3 +54,24 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
 def get_logger(**context: Any) -> Any:
     """A bound structlog logger carrying `context`."""
     return structlog.get_logger("migration_fsm").bind(**context)
+
+
+#: C0 and C1 controls, DEL, and the Unicode line separators and bidirectional overrides that
+#: can reorder or hide what a terminal shows.
+_CONTROLS: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(value: object) -> str:
+    """`value` as text with every control character shown as an escape (`\\x1b`, `\\u202e`):
+    text from the database or an operator never reaches a terminal raw."""
+
+    def show(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _CONTROLS.sub(show, str(value))
+
+
+def _visible_values(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """The console renderer's values with their control characters shown (JSON escapes them)."""
+    return {key: visible(value) if isinstance(value, str) else value for key, value in event_dict.items()}

@@ -1,7 +1,10 @@
 """What the CLI draws: the rich tables of `status`, `history`, `validate` and `demo`.
 
 Pure functions from reports to renderables; `cli` prints them. Text that comes from the
-database is escaped, so a reason like "[drill] go" is not read as markup.
+database or from an operator (names, reasons, errors, keys) goes through `escape`: rich
+markup in it is shown as written (a reason like "[drill] go" is not markup, a name like
+"[/x]" does not crash the table), and control characters are shown visibly (`\x1b`), so
+an escape sequence in a reason cannot clear or recolour the operator's terminal.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from .fsm import PHASES, EntryStatus
+from .log import visible
 from .tasks.records import TaskStatus
 
 if TYPE_CHECKING:
@@ -21,10 +25,15 @@ if TYPE_CHECKING:
     from .tools.runs import ValidationRun
 
 
+def escape(value: object) -> str:
+    """`visible(value)`, with rich markup in it escaped: safe inside any rich text."""
+    return escape_markup(visible(value))
+
+
 def status_view(report: commands.Status) -> Table:
     data = report.as_json()
     state = report.state
-    table = Table(title=f"migration '{state.name}'", show_header=False, title_justify="left")
+    table = Table(title=f"migration '{escape(state.name)}'", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     table.add_row(
@@ -45,7 +54,7 @@ def status_view(report: commands.Status) -> Table:
         table.add_row(
             "[red]interrupted[/red]",
             f"#{entry.seq} {entry.trigger} {entry.source}->{entry.dest}"
-            f" at step {step or '(commit)'}; lease {lease}",
+            f" at step {escape(step or '(commit)')}; lease {lease}",
         )
         if entry.error:
             table.add_row("[red]error[/red]", escape(entry.error))
@@ -84,7 +93,7 @@ def validation_runs_table(checks: list[ValidationRun]) -> Table:
         table.add_row(
             str(run.id),
             f"{run.started_at:%Y-%m-%d %H:%M:%S}",
-            run.phase or "",
+            escape(run.phase or ""),
             "[green]ok[/green]" if run.ok else "[red]NOT OK[/red]",
             *(str(run.summary[k]) for k in figures),
         )
@@ -92,7 +101,7 @@ def validation_runs_table(checks: list[ValidationRun]) -> Table:
 
 
 def history_table(migration: str, entries: list[JournalEntry]) -> Table:
-    table = Table(title=f"journal of '{migration}'", title_justify="left")
+    table = Table(title=f"journal of '{escape(migration)}'", title_justify="left")
     for column in (
         "seq",
         "started (UTC)",
@@ -121,7 +130,9 @@ def history_table(migration: str, entries: list[JournalEntry]) -> Table:
             note = f"[bold]FORCED[/bold] {note}"
         for takeover in e.takeovers:
             how = "stolen by" if takeover.get("stolen") else "taken over by"
-            note = f"{note} ({takeover.get('command')}: {how} {escape(str(takeover.get('actor')))})".strip()
+            note = (
+                f"{note} ({escape(takeover.get('command'))}: {how} {escape(takeover.get('actor'))})".strip()
+            )
         if e.error:
             note = f"{note} [red]{escape(e.error)}[/red]".strip()
         table.add_row(
@@ -153,11 +164,11 @@ def validation_view(data: dict[str, Any]) -> Group:
     found.add_column("count", justify="right")
     found.add_column("first keys")
     samples = data["samples"]
-    mismatched = [f"{m['key']} ({', '.join(m['fields'])})" for m in samples["mismatched"]]
+    mismatched = [f"{escape(m['key'])} ({', '.join(m['fields'])})" for m in samples["mismatched"]]
     for kind, why, keys in (
-        ("missing", "on old, not on new", samples["missing"]),
+        ("missing", "on old, not on new", [escape(key) for key in samples["missing"]]),
         ("mismatched", "identity differs", mismatched),
-        ("extra", "on new, not on old", samples["extra"]),
+        ("extra", "on new, not on old", [escape(key) for key in samples["extra"]]),
         ("status_differs", "other status or attempts", []),
     ):
         count = data[kind]
