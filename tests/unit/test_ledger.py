@@ -22,6 +22,7 @@ from tests.support.pgtrace import pg_trace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 M = "default"
 
@@ -243,3 +244,15 @@ def test_an_unreachable_ledger_raises_database_unavailable(tmp_path: object) -> 
     with pytest.raises(DatabaseUnavailable, match="ledger database"):
         ledger.claim(M, "k", "old", "w")
     ledger.close()
+
+
+def test_sqlite_has_no_raw_connections(tmp_path: Path) -> None:
+    """The raw psycopg hot path is PostgreSQL's (test_ledger_connections.py); SQLite's ledger
+    goes through the engine alone."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    journal = Journal(url, engine=make_engine(url, create=True))
+    journal.upgrade()
+    journal.close()
+    with Ledger(url) as ledger:
+        assert ledger.claim("m", "k", "new", "w").allowed
+        assert ledger._pg is None

@@ -38,14 +38,12 @@ def _backend_pid(ledger: Ledger) -> int:
     return int(next_connection(ledger).info.backend_pid)
 
 
-def _only_postgresql(ledger: Ledger) -> None:
-    if ledger.dialect != "postgresql":
-        assert ledger._pg is None
-        pytest.skip("the raw connections are PostgreSQL's hot path")
+#: The raw connections are PostgreSQL's hot path: these tests run on PostgreSQL only (SQLite's
+#: ledger has none: `test_ledger.py::test_sqlite_has_no_raw_connections`), never skipped.
+pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
 def test_claim_and_finish_are_one_round_trip_and_one_commit_each(ledger: Ledger) -> None:
-    _only_postgresql(ledger)
     with pg_trace(ledger) as claim_trace:
         result = ledger.claim(M, "k", "new", "w")
     assert result.claim is not None
@@ -68,7 +66,6 @@ def test_claim_and_finish_are_one_round_trip_and_one_commit_each(ledger: Ledger)
 
 def test_finish_many_counts_only_the_claims_still_ours(ledger: Ledger, store: Journal) -> None:
     """The batch's row count is the claims updated, not the history rows."""
-    _only_postgresql(ledger)
     Workers(store.engine, ttl_seconds=30).register(M, "old", "w1")
     first = ledger.claim(M, "a", "old", "w1").claim
     second = ledger.claim(M, "b", "old", "w1").claim
@@ -86,7 +83,6 @@ def test_finish_many_counts_only_the_claims_still_ours(ledger: Ledger, store: Jo
 def test_concurrent_calls_take_their_own_connections_and_idle_ones_are_reused(ledger: Ledger) -> None:
     """As many connections as calls ran at once: two threads inside a call at the same time
     hold two; afterwards both are idle, reused by the next calls, and closed by close()."""
-    _only_postgresql(ledger)
     assert ledger._pg is not None
     pg = ledger._pg
     inside, release = threading.Barrier(2), threading.Event()
@@ -127,7 +123,6 @@ def test_a_terminated_connection_raises_database_unavailable_once_then_is_replac
 ) -> None:
     """The server kills the backend: the next call fails as DatabaseUnavailable (the task is
     not started), the broken connection is dropped, and the call after that reconnects."""
-    _only_postgresql(ledger)
     assert ledger.claim(M, "k1", "new", "w").allowed
     victim = _backend_pid(ledger)
     admin = create_engine(upgraded_url, isolation_level="AUTOCOMMIT")
@@ -147,8 +142,6 @@ def test_a_cut_network_surfaces_as_database_unavailable_and_recovers(upgraded_ur
     """Through a proxy that drops every connection: claims and finishes fail as
     DatabaseUnavailable (never a raw driver error), and work again once it is back."""
     parsed = make_url(upgraded_url)
-    if parsed.get_backend_name() != "postgresql":
-        pytest.skip("the raw connections are PostgreSQL's hot path")
     proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
     url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     try:
@@ -172,7 +165,6 @@ def test_an_interrupted_statement_drops_the_connection(
 ) -> None:
     """Anything escaping a statement (here an interrupt) closes the connection: it is never
     reused in an unknown state."""
-    _only_postgresql(ledger)
     assert ledger.claim(M, "k1", "new", "w").allowed
     conn = next_connection(ledger)
 
@@ -193,8 +185,6 @@ def test_an_interrupted_statement_drops_the_connection(
 def test_prepared_statements_are_the_default_and_can_be_turned_off(upgraded_url: str) -> None:
     """Prepared after psycopg's default threshold, like the engine's connections; off for
     PgBouncer in transaction pooling (`prepared_statements=False`)."""
-    if make_url(upgraded_url).get_backend_name() != "postgresql":
-        pytest.skip("prepared statements are psycopg's")
     with Ledger(upgraded_url) as prepared, Ledger(upgraded_url, prepared_statements=False) as plain:
         for ledger, name in ((plain, "p"), (prepared, "q")):
             for i in range(6):
@@ -214,7 +204,6 @@ def test_another_postgresql_driver_runs_the_same_statements_through_sqlalchemy(
     ledger: Ledger, store: Journal
 ) -> None:
     """Without psycopg 3 (`_pg` None) the same claim and finish statements go through the engine."""
-    _only_postgresql(ledger)
     Workers(store.engine, ttl_seconds=30).register(M, "old", "w1")
     ledger._pg = None
     first = ledger.claim(M, "k", "old", "w1")
