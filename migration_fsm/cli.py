@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 import traceback
@@ -113,6 +114,7 @@ def init(settings: Settings, migration: str) -> int:
     """Create the migration in `preparation`."""
     state = commands.init(settings, migration)
     out.print(f"migration '{escape(state.name)}' created in {state.phase}")
+    out.print("next: `migration-fsm advance` starts dual writes (docs/MIGRATION.md)")
     return 0
 
 
@@ -179,10 +181,10 @@ def rollback(settings: Settings, migration: str, reason: str, to: str | None, dr
 @click.option("--reason", metavar="TEXT", help="Why (journaled).")
 def ramp(settings: Settings, migration: str, percent: str, reason: str | None) -> int:
     """Set the cutover percent (0..100)."""
-    try:
-        value = int(percent)
-    except ValueError:
-        raise BadInput(f"percent must be a whole number from 0 to 100, not '{percent}'") from None
+    # Plain ASCII digits only: `int()` would also take ' 50', '+50', '050' and other scripts' digits.
+    if re.fullmatch(r"0|[1-9][0-9]?|100", percent) is None:
+        raise BadInput(f"percent must be a whole number from 0 to 100, not '{escape(percent)}'")
+    value = int(percent)
     return _print_outcomes([commands.ramp(settings, migration, value, reason=reason)], force=False)
 
 
@@ -255,6 +257,7 @@ def backfill(
             f"backfill done: copied {result.copied} tasks{after} in {result.seconds:.1f} s"
             f" ({result.rows_per_second:,.0f}/s); the new side holds {result.total}"
         )
+        out.print("next: `migration-fsm reconcile`, then `migration-fsm validate`")
     return 0
 
 
@@ -268,6 +271,11 @@ def validate(settings: Settings, migration: str, as_json: bool) -> int:
         _print_json(report.as_json())
     else:
         out.print(views.validation_view(report.as_json()))
+        out.print(
+            "next: `migration-fsm advance --dry-run` shows the guards of the next edge"
+            if report.ok
+            else "next: fix what differs (docs/VALIDATION.md says how for each kind), then validate again"
+        )
     return 0 if report.ok else 1
 
 

@@ -36,8 +36,10 @@ def status_view(report: commands.Status) -> Table:
     table = Table(title=f"migration '{escape(state.name)}'", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
+    # The current phase is marked in words too: piped or on a dumb terminal reverse video is lost.
     table.add_row(
-        "phase", " -> ".join(f"[reverse]{p}[/reverse]" if p is state.phase else str(p) for p in PHASES)
+        "phase",
+        " -> ".join(f"[reverse]\\[{p}][/reverse]" if p is state.phase else str(p) for p in PHASES),
     )
     table.add_row("version", str(state.version))
     table.add_row("percent", f"{state.percent}%")
@@ -47,7 +49,7 @@ def status_view(report: commands.Status) -> Table:
         entry = report.interrupted
         step = data["interrupted"]["step"]
         lease = (
-            f"held by {escape(state.lease_holder or '')} until {state.lease_expires_at:%H:%M:%S} UTC"
+            f"held by {escape(state.lease_holder or '')} until {state.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
             if state.lease_live()
             else "free: run `migration-fsm resume` or `abort --reason TEXT`"
         )
@@ -135,6 +137,9 @@ def history_table(migration: str, entries: list[JournalEntry]) -> Table:
             )
         if e.error:
             note = f"{note} [red]{escape(e.error)}[/red]".strip()
+        if e.status == EntryStatus.REFUSED:  # why, without --json: the refusing guards' details
+            refusals = "; ".join(f"{g['name']}: {g['detail']}" for g in e.guards if not g["passed"])
+            note = f"{note} [yellow]refused by {escape(refusals)}[/yellow]".strip()
         table.add_row(
             str(e.seq),
             f"{e.started_at:%Y-%m-%d %H:%M:%S}",
