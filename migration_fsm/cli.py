@@ -25,6 +25,7 @@ from . import commands, log, views
 from .config import Settings, load_settings, refuse_process_local_stores
 from .exceptions import UNEXPECTED_ERROR_EXIT_CODE, BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
+from .journal.db import redact_text, remember_secrets
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -65,6 +66,9 @@ def common_options(func: F) -> F:
         migration: str, database_url: str | None, config_path: str | None, actor: str | None, **kwargs: Any
     ) -> Any:
         settings = load_settings(config_path, database_url=database_url, actor=actor)
+        remember_secrets(
+            settings.database_url, settings.ledger_url, *(store.url for store in settings.stores.values())
+        )
         refuse_process_local_stores(settings)
         return func(settings, migration, **kwargs)
 
@@ -146,7 +150,7 @@ def _watch_view(settings: Settings, migration: str, store: Journal) -> Any:
     try:
         view: Any = views.status_view(commands.status(settings, migration, store))
     except MigrationFSMError as exc:  # keep watching through an outage
-        view = f"[red]{exc}[/red]"
+        view = f"[red]{escape(redact_text(str(exc)))}[/red]"
     return Group(view, f"[dim]{time.strftime('%H:%M:%S')}  (Ctrl-C to stop)[/dim]")
 
 
@@ -443,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     global out  # noqa: PLW0603 - one console per run, on the stdout of that run
     out = _console()
-    log.configure()
+    log.configure(redact=redact_text)
     run = _Run()
     try:
         code = cli.main(
@@ -462,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationFSMError as exc:
         if run.show_traceback:
             _print_traceback(exc)
-        click.echo(f"error: {_one_line(str(exc))}", err=True)
+        click.echo(f"error: {_one_line(redact_text(str(exc)))}", err=True)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, with its own exit code
         if run.show_traceback:
@@ -470,14 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = "please report it with the traceback above"
         else:
             hint = "run it again as `migration-fsm --traceback COMMAND ...` to see where"
-        what = _one_line(f"{type(exc).__name__}: {exc}")
+        what = _one_line(redact_text(f"{type(exc).__name__}: {exc}"))
         click.echo(f"error: unexpected {what}; this is a bug in migration-fsm: {hint}", err=True)
         return UNEXPECTED_ERROR_EXIT_CODE
     return code if isinstance(code, int) else 0
 
 
 def _print_traceback(exc: BaseException) -> None:
-    sys.stderr.write("".join(traceback.format_exception(exc)))
+    sys.stderr.write(redact_text("".join(traceback.format_exception(exc))))
     sys.stderr.flush()
 
 

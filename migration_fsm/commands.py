@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import BadInput, ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
 from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
-from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
+from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine, redact_text
 from .journal.ledger import Ledger, LedgerCounts
 from .journal.records import version_bumps
 from .journal.workers import SideWorkers, Workers
@@ -173,7 +173,7 @@ def ledger_counts(
         finally:
             engine.dispose()
     except (DatabaseUnavailable, ConfigError) as exc:
-        return None, str(exc)
+        return None, redact_text(str(exc))
 
 
 def history(settings: Settings, migration: str) -> list[JournalEntry]:
@@ -421,7 +421,9 @@ def import_(
                 )
             except BaseException as exc:
                 if run is not None:
-                    runs.finish_import(store, run, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
+                    runs.finish_import(
+                        store, run, loaded=loaded, error=redact_text(f"{type(exc).__name__}: {exc}")
+                    )
                 raise
         assert run is not None
         runs.finish_import(store, run, loaded=result.loaded)

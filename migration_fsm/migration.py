@@ -36,6 +36,7 @@ from .journal import (
     MigrationState,
     lease_held_error,
     lease_holder_name,
+    redact_text,
     utcnow,
 )
 from .log import get_logger
@@ -319,6 +320,8 @@ class Migration:
             except Exception as exc:  # noqa: BLE001 - a guard that crashes refuses; it never passes
                 result = GuardVerdict(False, f"raised {type(exc).__name__}: {exc}")
             ms = round((time.perf_counter() - started) * 1000)
+            # A detail is printed, logged and journaled for good: never with a secret in it.
+            result = GuardVerdict(result.passed, redact_text(result.detail))
             outcomes.append(GuardRecord(name, result.passed, result.detail, ms, forceable))
             self.log.info(
                 "guard",
