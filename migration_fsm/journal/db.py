@@ -59,8 +59,8 @@ _SENSITIVE_PARAM = (
     r"[A-Za-z_]*"
 )
 _URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s'\"<>]*)")
-_SECRET_VALUE = r"""('(?:[^'\\]|\\.)*'|"[^"]*"|[^\s&;,)'"\\]*)"""
-_SECRET_PAIR = re.compile(rf"(?i)\b({_SENSITIVE_PARAM})(\s*=\s*){_SECRET_VALUE}")
+_PAIR_VALUE = r"""('(?:[^'\\]|\\.)*'|"[^"]*"|[^\s&;,)'"\\]*)"""
+_SECRET_PAIR = re.compile(rf"(?i)\b({_SENSITIVE_PARAM})(\s*=\s*){_PAIR_VALUE}")
 _MASK = "***"
 #: The secrets of every URL this process was given (`remember_secrets`): a driver message may
 #: quote one without its key (e.g. a user-info that does not parse).
