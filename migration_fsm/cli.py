@@ -224,13 +224,23 @@ def history(settings: Settings, migration: str, as_json: bool) -> int:
 
 @cli.command()
 @common_options
-def verify(settings: Settings, migration: str) -> int:
-    """Check the hash chain and that replaying the journal gives the stored phase."""
-    result = commands.verify(settings, migration)
+@click.option(
+    "--expect-head",
+    metavar="HASH",
+    help="A head hash printed by an earlier verify and kept outside the database (e.g. in the"
+    " change ticket): fail unless it is still a row of the chain.",
+)
+def verify(settings: Settings, migration: str, expect_head: str | None) -> int:
+    """Check the hash chain, the replayed phase and the digests of the rows guards trust;
+    print the head hash to keep outside the database (see docs/VERIFY.md)."""
+    result = commands.verify(settings, migration, expect_head=expect_head)
+    anchored = "" if result.anchor_seq is None else f", the expected head is row #{result.anchor_seq}"
     out.print(
         f"journal of '{result.migration}' verified: {result.rows} rows,"
-        f" replay gives {result.phase} at {result.percent}%, head {(result.head_hash or '')[:12]}"
+        f" replay gives {result.phase} at {result.percent}%{anchored}"
     )
+    # On a line of its own, whole, to paste into the change ticket (`--expect-head` later).
+    out.print(f"head {result.head_hash or ''}", soft_wrap=True)
     return 0
 
 
