@@ -61,13 +61,20 @@ def upgrade() -> None:
             batch.add_column(sa.Column("digest", sa.String(80), nullable=True))
     conn = op.get_bind()
     for row in conn.execute(sa.select(_runs)).mappings().all():
-        fields = {key: row[key] for key in ("id", "migration", "phase", "started_at", "finished_at", "ok", "summary")}
+        fields = {
+            key: row[key]
+            for key in ("id", "migration", "phase", "started_at", "finished_at", "ok", "summary")
+        }
         fields["ok"] = bool(fields["ok"])
         conn.execute(
-            sa.update(_runs).where(_runs.c.id == row["id"]).values(digest=row_digest("validation_run", fields))
+            sa.update(_runs)
+            .where(_runs.c.id == row["id"])
+            .values(digest=row_digest("validation_run", fields))
         )
     for row in conn.execute(sa.select(_backfill)).mappings().all():
-        fields = {key: row[key] for key in ("migration", "cursor", "copied", "done", "started_at", "updated_at")}
+        fields = {
+            key: row[key] for key in ("migration", "cursor", "copied", "done", "started_at", "updated_at")
+        }
         fields["copied"], fields["done"] = int(fields["copied"]), bool(fields["done"])
         conn.execute(
             sa.update(_backfill)
