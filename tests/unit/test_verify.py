@@ -191,6 +191,7 @@ def test_a_row_that_no_longer_decodes_is_corruption_named_by_every_reader(
     store: Journal,
     upgraded_url: str,
     cli: Callable[..., CliResult],
+    *,
     sql: str,
     named: str,
     sqlite_only: bool,
@@ -399,7 +400,8 @@ def test_revision_0007_digests_the_rows_written_before_it(db_url: str, cli: Call
         with store.transaction() as conn:
             conn.execute(
                 text(
-                    "INSERT INTO mfsm_validation_runs (migration, phase, started_at, finished_at, ok, summary)"
+                    "INSERT INTO mfsm_validation_runs"
+                    " (migration, phase, started_at, finished_at, ok, summary)"
                     " VALUES (:m, 'dual_write', :t, :t, false, :s)"
                 ),
                 {"m": NAME, "t": PINNED_AT, "s": '{"missing": 1, "mismatched": 0}'},
