@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import BadInput, ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
 from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
-from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine, redact_text
+from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine, redact, redact_text
 from .journal.ledger import Ledger, LedgerCounts
 from .journal.records import corrupt_rows, phase_entered_at, version_bumps
 from .journal.workers import SideWorkers, Workers
@@ -177,9 +177,25 @@ def ledger_counts(
 
 
 def history(settings: Settings, migration: str) -> list[JournalEntry]:
-    """The journal, oldest first."""
+    """The journal, oldest first, with any secret a row written before they were hidden
+    (a guard's detail, an error) redacted for display (`verify` reads the rows as stored)."""
     with open_store(settings, readonly=True) as store:
-        return store.journal(store.get(migration))
+        return [_redacted(entry) for entry in store.journal(store.get(migration))]
+
+
+def _redacted(entry: JournalEntry) -> JournalEntry:
+    from dataclasses import replace as replaced
+
+    return replaced(
+        entry,
+        reason=redact(entry.reason),
+        error=redact(entry.error),
+        guards=[
+            {**g, "detail": redact_text(g["detail"])} if isinstance(g["detail"], str) else g
+            for g in entry.guards
+        ],
+        steps=[replaced(step, error=redact(step.error)) for step in entry.steps],
+    )
 
 
 def validation_runs(settings: Settings, migration: str) -> list[ValidationRun]:
