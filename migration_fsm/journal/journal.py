@@ -35,6 +35,7 @@ from .chain import chain_hash
 from .db import make_engine, safe_url, scrub, utcnow
 from .lease import Lease, conflict
 from .records import (
+    UNDECODABLE,
     JournalEntry,
     MigrationState,
     StepRecord,
@@ -45,6 +46,7 @@ from .records import (
     migration_from_row,
     replace,
     step_from_row,
+    undecodable,
 )
 from .revisions import alembic_config, head_revisions, known_revisions
 from .schema import journal_table, migrations_table, steps_table
@@ -256,22 +258,17 @@ class Journal:
             return self._get(conn, name)
 
     def _get(self, conn: Connection, name: str) -> MigrationState:
-        found = conn.execute(select(migrations_table.c.id).where(migrations_table.c.name == name)).first()
-        if found is None:
+        query = select(migrations_table).where(migrations_table.c.name == name)
+        try:  # one query; a malformed timestamp raises while the row is fetched
+            row = conn.execute(query).mappings().first()
+            state = None if row is None else migration_from_row(row)
+        except UNDECODABLE as exc:
+            raise corrupt_rows(name, [undecodable(f"the migration row of '{name}'", exc)]) from exc
+        if state is None:
             raise UnknownMigration(
                 f"no migration named '{name}' in {self.safe_url}: run `migration-fsm init -m {name}`"
             )
-        states, bad = decode_rows(
-            conn,
-            migrations_table,
-            where=[migrations_table.c.id == found[0]],
-            keys=[migrations_table.c.id],
-            decode=migration_from_row,
-            label=lambda _: f"the migration row of '{name}'",
-        )
-        if bad:
-            raise corrupt_rows(name, bad)
-        return states[0]
+        return state
 
     def names(self) -> list[str]:
         """Every migration in this database, by name."""
