@@ -25,6 +25,7 @@ from . import commands, log, views
 from .config import Settings, load_settings, refuse_process_local_stores
 from .exceptions import UNEXPECTED_ERROR_EXIT_CODE, BadInput, MigrationFSMError
 from .fsm import PHASES, Phase
+from .journal.db import redact_text, remember_secrets
 from .views import escape
 
 if TYPE_CHECKING:
@@ -66,6 +67,9 @@ def common_options(func: F) -> F:
         migration: str, database_url: str | None, config_path: str | None, actor: str | None, **kwargs: Any
     ) -> Any:
         settings = load_settings(config_path, database_url=database_url, actor=actor)
+        remember_secrets(
+            settings.database_url, settings.ledger_url, *(store.url for store in settings.stores.values())
+        )
         refuse_process_local_stores(settings)
         return func(settings, migration, **kwargs)
 
@@ -148,7 +152,7 @@ def _watch_view(settings: Settings, migration: str, store: Journal) -> Any:
     try:
         view: Any = views.status_view(commands.status(settings, migration, store))
     except MigrationFSMError as exc:  # keep watching through an outage
-        view = f"[red]{exc}[/red]"
+        view = f"[red]{escape(redact_text(str(exc)))}[/red]"
     return Group(view, f"[dim]{time.strftime('%H:%M:%S')}  (Ctrl-C to stop)[/dim]")
 
 
@@ -222,13 +226,23 @@ def history(settings: Settings, migration: str, as_json: bool) -> int:
 
 @cli.command()
 @common_options
-def verify(settings: Settings, migration: str) -> int:
-    """Check the hash chain and that replaying the journal gives the stored phase."""
-    result = commands.verify(settings, migration)
+@click.option(
+    "--expect-head",
+    metavar="HASH",
+    help="A head hash printed by an earlier verify and kept outside the database (e.g. in the"
+    " change ticket): fail unless it is still a row of the chain.",
+)
+def verify(settings: Settings, migration: str, expect_head: str | None) -> int:
+    """Check the hash chain, the replayed phase and the digests of the rows guards trust;
+    print the head hash to keep outside the database (see docs/VERIFY.md)."""
+    result = commands.verify(settings, migration, expect_head=expect_head)
+    anchored = "" if result.anchor_seq is None else f", the expected head is row #{result.anchor_seq}"
     out.print(
         f"journal of '{escape(result.migration)}' verified: {result.rows} rows,"
-        f" replay gives {result.phase} at {result.percent}%, head {(result.head_hash or '')[:12]}"
+        f" replay gives {result.phase} at {result.percent}%{anchored}"
     )
+    # On a line of its own, whole, to paste into the change ticket (`--expect-head` later).
+    out.print(f"head {result.head_hash or ''}", soft_wrap=True)
     return 0
 
 
@@ -451,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     global out  # noqa: PLW0603 - one console per run, on the stdout of that run
     out = _console()
-    log.configure()
+    log.configure(redact=redact_text)
     run = _Run()
     try:
         code = cli.main(
@@ -470,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationFSMError as exc:
         if run.show_traceback:
             _print_traceback(exc)
-        click.echo(f"error: {_one_line(str(exc))}", err=True)
+        click.echo(f"error: {_one_line(redact_text(str(exc)))}", err=True)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - anything else is a bug: say so, with its own exit code
         if run.show_traceback:
@@ -478,14 +492,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = "please report it with the traceback above"
         else:
             hint = "run it again as `migration-fsm --traceback COMMAND ...` to see where"
-        what = _one_line(f"{type(exc).__name__}: {exc}")
+        what = _one_line(redact_text(f"{type(exc).__name__}: {exc}"))
         click.echo(f"error: unexpected {what}; this is a bug in migration-fsm: {hint}", err=True)
         return UNEXPECTED_ERROR_EXIT_CODE
     return code if isinstance(code, int) else 0
 
 
 def _print_traceback(exc: BaseException) -> None:
-    sys.stderr.write("".join(traceback.format_exception(exc)))
+    sys.stderr.write(redact_text("".join(traceback.format_exception(exc))))
     sys.stderr.flush()
 
 

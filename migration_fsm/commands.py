@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import BadInput, ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
 from .fsm import EntryStatus, Phase, StepStatus, Trigger, allowed_triggers, mermaid, replay, routing_for
-from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine
+from .journal import Journal, JournalEntry, MigrationState, chain_hash, make_engine, redact, redact_text
 from .journal.ledger import Ledger, LedgerCounts
-from .journal.records import version_bumps
+from .journal.records import corrupt_rows, phase_entered_at, version_bumps
 from .journal.workers import SideWorkers, Workers
 from .migration import Migration, TransitionResult
 
@@ -173,13 +173,29 @@ def ledger_counts(
         finally:
             engine.dispose()
     except (DatabaseUnavailable, ConfigError) as exc:
-        return None, str(exc)
+        return None, redact_text(str(exc))
 
 
 def history(settings: Settings, migration: str) -> list[JournalEntry]:
-    """The journal, oldest first."""
+    """The journal, oldest first, with any secret a row written before they were hidden
+    (a guard's detail, an error) redacted for display (`verify` reads the rows as stored)."""
     with open_store(settings, readonly=True) as store:
-        return store.journal(store.get(migration))
+        return [_redacted(entry) for entry in store.journal(store.get(migration))]
+
+
+def _redacted(entry: JournalEntry) -> JournalEntry:
+    from dataclasses import replace as replaced
+
+    return replaced(
+        entry,
+        reason=redact(entry.reason),
+        error=redact(entry.error),
+        guards=[
+            {**g, "detail": redact_text(g["detail"])} if isinstance(g["detail"], str) else g
+            for g in entry.guards
+        ],
+        steps=[replaced(step, error=redact(step.error)) for step in entry.steps],
+    )
 
 
 def validation_runs(settings: Settings, migration: str) -> list[ValidationRun]:
@@ -221,20 +237,34 @@ class Verified:
     head_hash: str | None
     phase: Phase
     percent: int
+    #: With `--expect-head`: the row whose hash is the anchor (None: no anchor given).
+    anchor_seq: int | None = None
 
 
-def verify(settings: Settings, migration: str) -> Verified:
-    """Check the hash chain and that replaying the journal gives the stored phase and percent.
+def verify(settings: Settings, migration: str, *, expect_head: str | None = None) -> Verified:
+    """Check the hash chain, that replaying the journal gives the stored phase and percent,
+    that `phase_entered_at` is when the journal says the phase was entered, and the digests
+    of the validation runs and the backfill checkpoint (revision 0007). With `expect_head`
+    (a head hash kept outside the database, e.g. pasted into the change ticket by an earlier
+    `verify`), also that this hash is still a row of the chain: a rewind or a rewrite of the
+    journal since then is detected.
 
-    Raises `JournalCorrupt` (exit 4) saying which row is wrong.
+    Raises `JournalCorrupt` (exit 4) naming every row that is wrong or does not decode.
     """
+    from .tools.runs import check_rows
+
     with open_store(settings, readonly=True) as store:
         state = store.get(migration)
-        entries = store.journal(state, with_steps=False)
-    return verify_entries(state, entries)
+        entries, problems = store.decoded_journal(state)
+        problems += check_rows(store, migration)
+    if problems:
+        raise corrupt_rows(migration, problems)
+    return verify_entries(state, entries, expect_head=expect_head)
 
 
-def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verified:
+def verify_entries(
+    state: MigrationState, entries: list[JournalEntry], *, expect_head: str | None = None
+) -> Verified:
     """`verify` on rows already read."""
     name = state.name
 
@@ -260,7 +290,34 @@ def verify_entries(state: MigrationState, entries: list[JournalEntry]) -> Verifi
             f"it has {len(committed)} committed rows and {bumps} pauses or lifts,"
             f" the stored version is {state.version}"
         )
-    return Verified(name, len(entries), prev, phase, percent)
+    entered = phase_entered_at(entries)
+    if entered is not None and entered != state.phase_entered_at:
+        raise corrupt(
+            f"the migration row's phase_entered_at ({state.phase_entered_at.isoformat()}) is not when"
+            f" the journal says {state.phase} was entered ({entered.isoformat()})"
+        )
+    anchor = None
+    if expect_head is not None:
+        anchor = _find_anchor(entries, expect_head, corrupt)
+    return Verified(name, len(entries), prev, phase, percent, anchor)
+
+
+def _find_anchor(
+    entries: list[JournalEntry], expect_head: str, corrupt: Callable[[str], JournalCorrupt]
+) -> int:
+    """The seq of the closed row whose hash is `expect_head` (a full hash, or its first 12 or
+    more characters); `JournalCorrupt` when no row has it: the journal was rewound past the
+    anchor, or rewritten (every hash recomputed) since the anchor was taken."""
+    wanted = expect_head.strip().lower()
+    if len(wanted) < 12:
+        raise BadInput(f"--expect-head needs at least 12 characters of the hash, not '{expect_head}'")
+    for entry in reversed(entries):
+        if entry.hash is not None and entry.hash.startswith(wanted):
+            return entry.seq
+    raise corrupt(
+        f"no row has the expected head hash {wanted}: the journal was rewound or rewritten since"
+        " that hash was taken (restore it from a backup and compare)"
+    )
 
 
 def _check_chain(
@@ -421,7 +478,9 @@ def import_(
                 )
             except BaseException as exc:
                 if run is not None:
-                    runs.finish_import(store, run, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
+                    runs.finish_import(
+                        store, run, loaded=loaded, error=redact_text(f"{type(exc).__name__}: {exc}")
+                    )
                 raise
         assert run is not None
         runs.finish_import(store, run, loaded=result.loaded)

@@ -8,14 +8,21 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
-    """Send structlog events to stderr: JSON lines unless stderr is a terminal."""
+
+def configure(
+    *, json: bool | None = None, level: int = logging.INFO, redact: Callable[[str], str] | None = None
+) -> None:
+    """Send structlog events to stderr: JSON lines unless stderr is a terminal. `redact`
+    (the CLI passes `journal.db.redact_text`) rewrites every string value of every event, so
+    no secret of a database URL reaches a log line."""
     colors = sys.stderr.isatty()
     if json is None:
         json = not colors
@@ -44,11 +51,21 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             *tail,
+            *([_redacting(redact)] if redact is not None else []),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _redacting(redact: Callable[[str], str]) -> Callable[[Any, str, Any], Any]:
+    """The last processor: the rendered line (traceback included), redacted."""
+
+    def processor(logger: Any, method: str, rendered: Any) -> Any:  # noqa: ARG001  structlog's signature
+        return redact(rendered) if isinstance(rendered, str) else rendered
+
+    return processor
 
 
 def get_logger(**context: Any) -> Any:

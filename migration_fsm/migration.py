@@ -14,6 +14,7 @@ from typing import Any
 from .config import Settings, StepSpec
 from .exceptions import (
     BadInput,
+    JournalCorrupt,
     Refused,
     TransitionInterrupted,
 )
@@ -36,8 +37,10 @@ from .journal import (
     MigrationState,
     lease_held_error,
     lease_holder_name,
+    redact_text,
     utcnow,
 )
+from .journal.records import phase_entered_at
 from .log import get_logger
 from .plugins.context import GuardVerdict
 from .plugins.defaults import guards_for, steps_for
@@ -311,6 +314,8 @@ class Migration:
             if undo:
                 resolve_step(undo, f'steps."{edge.key}"')
         outcomes = []
+        if guards:
+            self._check_entry_time(state)
         ctx = self._runner.context(state, edge, percent, None, None)
         for name, forceable, fn in guards:
             started = time.perf_counter()
@@ -319,6 +324,8 @@ class Migration:
             except Exception as exc:  # noqa: BLE001 - a guard that crashes refuses; it never passes
                 result = GuardVerdict(False, f"raised {type(exc).__name__}: {exc}")
             ms = round((time.perf_counter() - started) * 1000)
+            # A detail is printed, logged and journaled for good: never with a secret in it.
+            result = GuardVerdict(result.passed, redact_text(result.detail))
             outcomes.append(GuardRecord(name, result.passed, result.detail, ms, forceable))
             self.log.info(
                 "guard",
@@ -329,6 +336,19 @@ class Migration:
                 duration_ms=ms,
             )
         return Plan(edge, percent, outcomes, steps, pause_warnings(self.settings, edge, steps))
+
+    def _check_entry_time(self, state: MigrationState) -> None:
+        """Before guards trust `state.phase_entered_at` (outside the hash chain: `min_soak`,
+        `checksums_match`, `backup_exists`, `failure_rate_ok` measure from it), check it is when
+        the chained journal says the phase was entered; `JournalCorrupt` (exit 4) otherwise."""
+        entered = phase_entered_at(self.store.journal(state, with_steps=False))
+        if entered is not None and entered != state.phase_entered_at:
+            raise JournalCorrupt(
+                f"journal of migration '{state.name}' does not verify: the migration row's"
+                f" phase_entered_at ({state.phase_entered_at.isoformat()}) is not when the journal says"
+                f" {state.phase} was entered ({entered.isoformat()}): it was altered outside"
+                " migration-fsm; no guard trusts it (`migration-fsm verify` says more)"
+            )
 
     def _dry_run(self, state: MigrationState, edge: Edge, requested: int | None) -> TransitionResult:
         plan = self._plan(state, edge, requested)

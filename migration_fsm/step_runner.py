@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import StepFailed
 from .fsm import Edge, StepStatus, edge_for
+from .journal.db import redact_text
 from .plugins.context import Context, StepFn
 from .plugins.registry import resolve_step
 
@@ -93,7 +94,7 @@ class StepRunner:
             error = (
                 "interrupted (Ctrl-C)"
                 if isinstance(exc, KeyboardInterrupt)
-                else f"{type(exc).__name__}: {exc}"
+                else redact_text(f"{type(exc).__name__}: {exc}")
             )
             ms = round((time.perf_counter() - began) * 1000)
             self.log.error(
@@ -180,7 +181,7 @@ class StepRunner:
                         self.log.warning("lease_lost", seq=seq)
                         return
                 except Exception as exc:  # noqa: BLE001 - keep trying: the database may come back
-                    self.log.warning("heartbeat_failed", seq=seq, error=str(exc))
+                    self.log.warning("heartbeat_failed", seq=seq, error=redact_text(str(exc)))
 
         thread = threading.Thread(target=renew, name=f"migration-fsm-lease-{seq}", daemon=True)
         thread.start()

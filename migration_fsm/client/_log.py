@@ -10,5 +10,7 @@ log = logging.getLogger("migration_fsm.client")
 
 def first_line(exc: BaseException) -> str:
     """`Type: first line of the message`, for one-line logs and repair entries."""
-    text = str(exc).strip()
+    from ..journal.db import redact_text
+
+    text = redact_text(str(exc).strip())
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -2,7 +2,7 @@
 
 Other layers import from here (or from one submodule):
 
-- `db`: `make_engine`, `utcnow`, `UTCDateTime`, `safe_url`, `scrub`
+- `db`: `make_engine`, `utcnow`, `UTCDateTime`, `safe_url`, `scrub`, `redact`, `redact_text`
 - `schema`: `metadata` and every table (`migrations_table`, `journal_table`, ...)
 - `revisions`: `migrations_dir`, `alembic_config`, `head_revisions`
 - `records`: `MigrationState`, `StepRecord`, `JournalEntry`
@@ -15,7 +15,7 @@ Other layers import from here (or from one submodule):
 """
 
 from .chain import chain_hash
-from .db import SQLITE_BUSY_TIMEOUT_MS, UTCDateTime, make_engine, safe_url, scrub, utcnow
+from .db import SQLITE_BUSY_TIMEOUT_MS, UTCDateTime, make_engine, redact, redact_text, safe_url, scrub, utcnow
 from .journal import Journal
 from .lease import Lease, lease_held_error, lease_lost
 from .ledger import Claim, ClaimResult, Ledger, LedgerCounts
@@ -69,6 +69,8 @@ __all__ = [
     "metadata",
     "migrations_dir",
     "migrations_table",
+    "redact",
+    "redact_text",
     "repair_log_table",
     "safe_url",
     "scrub",

@@ -51,24 +51,114 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+#: Query parameters whose value is a secret (libpq and psycopg accept `password`,
+#: `sslpassword`, ... in the URL's query as well as in its user-info): matched on the key's
+#: name, case-insensitively, so `passfile`, `sslkey`, `token`, `api_key`, `secret` are too.
+_SENSITIVE_PARAM = (
+    r"[A-Za-z_]*(?:password|passwd|pwd|passfile|passphrase|secret|token|apikey|api_key|sslkey|credential)"
+    r"[A-Za-z_]*"
+)
+_URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s'\"<>]*)")
+_PAIR_VALUE = r"""('(?:[^'\\]|\\.)*'|"[^"]*"|[^\s&;,)'"\\]*)"""
+_SECRET_PAIR = re.compile(rf"(?i)\b({_SENSITIVE_PARAM})(\s*=\s*){_PAIR_VALUE}")
+_MASK = "***"
+#: The secrets of every URL this process was given (`remember_secrets`): a driver message may
+#: quote one without its key (e.g. a user-info that does not parse).
+_SECRETS: set[str] = set()
+#: A secret shorter than this is not searched for in free text (it would mask ordinary words).
+_MIN_SECRET = 4
+
+
+def _split_url(url: str) -> tuple[str, str, str, str] | None:
+    """(scheme://, user-info or '', host and path, query or '') of `url`, without parsing
+    anything else: the user-info ends at the LAST `@` before the path, so a password with an
+    unescaped `@` or `:` is never taken for the host."""
+    found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*)\Z", url, re.S)
+    if found is None:
+        return None
+    scheme, rest = found.groups()
+    rest, _, query = rest.partition("?")
+    slash = rest.find("/")
+    netloc, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
+    userinfo, at, host = netloc.rpartition("@")
+    return scheme, userinfo if at else "", host + path, query
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The secret values `url` carries: its user-info password and its secret query values,
+    as written and percent-decoded."""
+    from urllib.parse import unquote
+
+    parts = _split_url(url)
+    if parts is None:
+        return []
+    _, userinfo, _, query = parts
+    values = []
+    if ":" in userinfo:
+        password = userinfo.split(":", 1)[1]
+        # A malformed user-info (`us:er:secret@`, `u:p@secret@`): a driver may quote any piece.
+        values += [password, *re.split(r"[:@]", password)]
+    for pair in query.split("&"):
+        key, eq, value = pair.partition("=")
+        if eq and re.fullmatch(_SENSITIVE_PARAM, key, re.I):
+            values.append(value)
+    return [v for value in values for v in {value, unquote(value)} if v]
+
+
+def remember_secrets(*urls: str | None) -> None:
+    """Remember the secrets of `urls`, so `redact` hides them wherever they are quoted."""
+    for url in urls:
+        if url:
+            _SECRETS.update(s for s in _url_secrets(url) if len(s) >= _MIN_SECRET)
+
+
 def safe_url(url: str) -> str:
-    """The URL with its password masked, for any message a person may see."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # ValueError: a non-numeric port
-        return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+    """The URL for any message a person may see: the user-info's password and the value of
+    every secret query parameter (`password`, `sslpassword`, `passfile`, tokens, ...) masked.
+    The one function every URL is rendered through; it never fails, whatever the URL."""
+    remember_secrets(url)
+    parts = _split_url(url)
+    if parts is None:
+        return redact_text(url)
+    scheme, userinfo, rest, query = parts
+    if ":" in userinfo:
+        userinfo = f"{userinfo.split(':', 1)[0]}:{_MASK}"
+    pairs = []
+    for pair in query.split("&") if query else []:
+        key, eq, _ = pair.partition("=")
+        pairs.append(f"{key}={_MASK}" if eq and re.fullmatch(_SENSITIVE_PARAM, key, re.I) else pair)
+    return f"{scheme}{userinfo + '@' if userinfo else ''}{rest}{'?' + '&'.join(pairs) if pairs else ''}"
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL in it rendered by `safe_url`, every `password=...`-like pair
+    (a libpq conninfo, a query string) masked, and every remembered secret replaced."""
+    if not text:
+        return text
+    text = _URL.sub(lambda m: _safe_url_only(m.group(0)), text)
+    text = _SECRET_PAIR.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MASK}", text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, _MASK)
+    return text
+
+
+def _safe_url_only(url: str) -> str:
+    parts = _split_url(url)
+    if parts is None:
+        return url
+    return safe_url(url)
+
+
+def redact(text: str | None) -> str | None:
+    """`redact_text`, passing None through (for optional columns)."""
+    return None if text is None else redact_text(text)
 
 
 def scrub(message: str, url: str) -> str:
-    """Remove the password of `url` from a driver message, and keep its first line."""
-    try:
-        password = make_url(url).password
-    except (ArgumentError, ValueError):
-        password = None
+    """A driver message about `url` for people: its first line, with every secret hidden."""
+    remember_secrets(url)
     first = message.strip().splitlines()[0] if message.strip() else message
-    if password:
-        first = first.replace(str(password), "***")
-    return first
+    return redact_text(first)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -97,6 +187,7 @@ def make_engine(
     busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL).
     `readonly` (SQLite): open the file read-only and write nothing on connect (no WAL pragma),
     so an archived journal or a read-only user can be read (`readonly_sqlite_engine`)."""
+    remember_secrets(url)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port

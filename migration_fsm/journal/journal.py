@@ -23,6 +23,7 @@ from ..exceptions import (
     ConcurrentChange,
     Conflict,
     DatabaseUnavailable,
+    JournalCorrupt,
     LeaseHeld,
     SchemaNotCurrent,
     TransitionInterrupted,
@@ -34,14 +35,18 @@ from .chain import chain_hash
 from .db import make_engine, safe_url, scrub, utcnow
 from .lease import Lease, conflict
 from .records import (
+    UNDECODABLE,
     JournalEntry,
     MigrationState,
     StepRecord,
+    corrupt_rows,
+    decode_rows,
     entry_from_row,
     entry_values,
     migration_from_row,
     replace,
     step_from_row,
+    undecodable,
 )
 from .revisions import alembic_config, head_revisions, known_revisions
 from .schema import journal_table, migrations_table, steps_table
@@ -253,12 +258,17 @@ class Journal:
             return self._get(conn, name)
 
     def _get(self, conn: Connection, name: str) -> MigrationState:
-        row = conn.execute(select(migrations_table).where(migrations_table.c.name == name)).mappings().first()
-        if row is None:
+        query = select(migrations_table).where(migrations_table.c.name == name)
+        try:  # one query; a malformed timestamp raises while the row is fetched
+            row = conn.execute(query).mappings().first()
+            state = None if row is None else migration_from_row(row)
+        except UNDECODABLE as exc:
+            raise corrupt_rows(name, [undecodable(f"the migration row of '{name}'", exc)]) from exc
+        if state is None:
             raise UnknownMigration(
                 f"no migration named '{name}' in {self.safe_url}: run `migration-fsm init -m {name}`"
             )
-        return migration_from_row(row)
+        return state
 
     def names(self) -> list[str]:
         """Every migration in this database, by name."""
@@ -270,26 +280,53 @@ class Journal:
             )
 
     def journal(self, migration: MigrationState, *, with_steps: bool = True) -> list[JournalEntry]:
-        """The journal, oldest first, with each entry's steps."""
+        """The journal, oldest first, with each entry's steps. A row altered outside
+        migration-fsm so that it no longer decodes raises `JournalCorrupt` (exit 4) naming
+        every such row."""
+        entries, bad = self.decoded_journal(migration, with_steps=with_steps)
+        if bad:
+            raise corrupt_rows(migration.name, bad)
+        return entries
+
+    def decoded_journal(
+        self, migration: MigrationState, *, with_steps: bool = True
+    ) -> tuple[list[JournalEntry], list[str]]:
+        """The journal rows that decode, oldest first, and a description of every journal or
+        step row that does not (`verify` names them all)."""
         with self.transaction(readonly=True) as conn:
-            rows = (
-                conn.execute(
-                    select(journal_table)
-                    .where(journal_table.c.migration_id == migration.id)
-                    .order_by(journal_table.c.seq)
-                )
-                .mappings()
-                .all()
+            return self._journal(conn, migration.id, None, with_steps=with_steps)
+
+    def _journal(
+        self, conn: Connection, migration_id: int, seq: int | None, *, with_steps: bool
+    ) -> tuple[list[JournalEntry], list[str]]:
+        """The journal rows of migration `migration_id` (only row `seq` when given), decoded."""
+        rows = [journal_table.c.migration_id == migration_id]
+        step_rows = [steps_table.c.migration_id == migration_id]
+        if seq is not None:
+            rows.append(journal_table.c.seq == seq)
+            step_rows.append(steps_table.c.seq == seq)
+        steps: dict[int, list[StepRecord]] = {}
+        bad: list[str] = []
+        if with_steps:
+            decoded, bad = decode_rows(
+                conn,
+                steps_table,
+                where=step_rows,
+                keys=[steps_table.c.seq, steps_table.c.position],
+                decode=lambda row: (row["seq"], step_from_row(row)),
+                label=lambda key: f"step {key[1]} of row #{key[0]}",
             )
-            steps: dict[int, list[StepRecord]] = {}
-            if with_steps:
-                for row in conn.execute(
-                    select(steps_table)
-                    .where(steps_table.c.migration_id == migration.id)
-                    .order_by(steps_table.c.seq, steps_table.c.position)
-                ).mappings():
-                    steps.setdefault(row["seq"], []).append(step_from_row(row))
-        return [entry_from_row(row, steps.get(row["seq"], [])) for row in rows]
+            for at, step in decoded:
+                steps.setdefault(at, []).append(step)
+        entries, bad_entries = decode_rows(
+            conn,
+            journal_table,
+            where=rows,
+            keys=[journal_table.c.seq],
+            decode=lambda row: entry_from_row(row, steps.get(row["seq"], [])),
+            label=lambda key: f"row #{key[0]}",
+        )
+        return entries, [*bad_entries, *bad]
 
     def entry(self, migration: MigrationState, seq: int) -> JournalEntry:
         """One journal entry with its steps."""
@@ -297,25 +334,18 @@ class Journal:
             return self._entry(conn, migration.id, seq)
 
     def _entry(self, conn: Connection, migration_id: int, seq: int) -> JournalEntry:
-        row = (
-            conn.execute(
-                select(journal_table).where(
-                    journal_table.c.migration_id == migration_id,
-                    journal_table.c.seq == seq,
-                )
+        name = conn.execute(
+            select(migrations_table.c.name).where(migrations_table.c.id == migration_id)
+        ).scalar()
+        entries, bad = self._journal(conn, migration_id, seq, with_steps=True)
+        if bad:
+            raise corrupt_rows(str(name), bad)
+        if not entries:
+            raise JournalCorrupt(
+                f"journal of migration '{name}' does not verify: row #{seq}, the transition in"
+                " progress, is missing: restore the database from a backup"
             )
-            .mappings()
-            .one()
-        )
-        steps = [
-            step_from_row(step)
-            for step in conn.execute(
-                select(steps_table)
-                .where(steps_table.c.migration_id == migration_id, steps_table.c.seq == seq)
-                .order_by(steps_table.c.position)
-            ).mappings()
-        ]
-        return entry_from_row(row, steps)
+        return entries[0]
 
     # -- writes -----------------------------------------------------------------------
 

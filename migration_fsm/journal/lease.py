@@ -32,7 +32,7 @@ from sqlalchemy import exists, select, text, update
 from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
 from ..fsm import EntryStatus, StepStatus
 from .chain import chain_hash
-from .db import utcnow
+from .db import redact, utcnow
 from .records import MigrationState, entry_from_row, migration_from_row, read_migration, replace
 from .schema import NOTIFY_CHANNEL, journal_table, migrations_table, steps_table
 
@@ -109,7 +109,7 @@ class Lease:
     def mark_step(self, position: int, status: str, error: str | None = None) -> None:
         """Record step `position`'s new `status` (and `error`); `done`, `failed` and `undone`
         also set its `finished_at`."""
-        values: dict[str, Any] = {"status": status, "error": error}
+        values: dict[str, Any] = {"status": status, "error": redact(error)}
         if status in FINISHED:
             values["finished_at"] = utcnow()
         self._update_step(position, values)
@@ -183,7 +183,7 @@ class Lease:
             conn.execute(
                 update(journal_table)
                 .where(journal_table.c.migration_id == self.migration_id, journal_table.c.seq == self.seq)
-                .values(error=error)
+                .values(error=redact(error))
             )
 
     def commit(self) -> MigrationState:

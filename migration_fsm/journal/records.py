@@ -9,14 +9,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
 
-from ..fsm import Phase, Trigger
+from ..exceptions import JournalCorrupt
+from ..fsm import EntryStatus, Phase, StepStatus, Trigger
 from .db import utcnow
 from .schema import migrations_table
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
+    from collections.abc import Callable, Sequence
+
+    from sqlalchemy import Column, ColumnElement, Connection, Table
 
 _Record = TypeVar("_Record", "JournalEntry", "MigrationState")
+_Decoded = TypeVar("_Decoded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +146,73 @@ def entry_values(entry: JournalEntry) -> dict[str, Any]:
     }
 
 
+#: What decoding a row that was altered outside migration-fsm raises: invalid JSON or a
+#: malformed timestamp (ValueError, raised by the driver's result processing on SQLite), an
+#: unknown trigger, phase or status (ValueError), a JSON value of the wrong shape (TypeError,
+#: KeyError, AttributeError).
+UNDECODABLE = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def undecodable(what: str, exc: BaseException) -> str:
+    """`what does not decode (Type: first line)`."""
+    lines = str(exc).strip().splitlines()
+    return f"{what} does not decode ({type(exc).__name__}: {lines[0] if lines else ''})"
+
+
+def _one_of(value: Any, allowed: type[EntryStatus] | type[StepStatus]) -> str:
+    return allowed(value).value  # ValueError when it is not one of them
+
+
+def _records(value: Any, field: str, keys: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A JSON list of objects (each with `keys`), or TypeError / KeyError naming `field`."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise TypeError(f"{field} is not a list of objects: {str(value)[:60]}")
+    for item in value:
+        missing = [key for key in keys if key not in item]
+        if missing:
+            raise KeyError(f"{field}: an entry has no {', '.join(missing)}")
+    return list(value)
+
+
+def decode_rows(
+    conn: Connection,
+    table: Table,
+    *,
+    where: Sequence[ColumnElement[bool]],
+    keys: Sequence[Column[Any]],
+    decode: Callable[[Any], _Decoded],
+    label: Callable[[tuple[Any, ...]], str],
+) -> tuple[list[_Decoded], list[str]]:
+    """The rows of `table` matching `where`, ordered by `keys`, each decoded by `decode`, and
+    the description of every row that does not decode (named by `label(keys)`). One query
+    when every row decodes; row by row otherwise, so that every bad row is named."""
+    query = select(table).where(*where).order_by(*keys)
+    try:
+        return [decode(row) for row in conn.execute(query).mappings()], []
+    except UNDECODABLE:
+        pass
+    decoded: list[_Decoded] = []
+    bad: list[str] = []
+    for key in conn.execute(select(*keys).where(*where).order_by(*keys)).all():
+        same = [column == value for column, value in zip(keys, key, strict=True)]
+        try:
+            decoded.append(decode(conn.execute(select(table).where(*where, *same)).mappings().one()))
+        except UNDECODABLE as exc:
+            bad.append(undecodable(label(tuple(key)), exc))
+    return decoded, bad
+
+
+def corrupt_rows(migration: str, bad: Sequence[str]) -> JournalCorrupt:
+    """The exit-4 error naming every row of `migration` that does not decode."""
+    return JournalCorrupt(
+        f"journal of migration '{migration}' does not verify: {'; '.join(bad)}: altered outside"
+        " migration-fsm; restore the database from a backup (`migration-fsm verify` names every"
+        " such row)"
+    )
+
+
 def migration_from_row(row: Any) -> MigrationState:
+    """A `mfsm_migrations` row (a bad phase raises ValueError: see `UNDECODABLE`)."""
     return MigrationState(
         id=row["id"],
         name=row["name"],
@@ -162,11 +232,14 @@ def migration_from_row(row: Any) -> MigrationState:
 
 
 def step_from_row(row: Any) -> StepRecord:
+    checkpoint = row["checkpoint"]
+    if checkpoint is not None and not isinstance(checkpoint, dict):
+        raise TypeError(f"checkpoint is not an object: {str(checkpoint)[:60]}")
     return StepRecord(
         position=row["position"],
         name=row["name"],
         undo=row["undo"],
-        status=row["status"],
+        status=_one_of(row["status"], StepStatus),
         attempts=row["attempts"],
         checkpoint=row["checkpoint"],
         error=row["error"],
@@ -182,12 +255,12 @@ def entry_from_row(row: Any, steps: list[StepRecord]) -> JournalEntry:
         source=None if row["source"] is None else Phase(row["source"]),
         dest=Phase(row["dest"]),
         percent=row["percent"],
-        status=row["status"],
+        status=_one_of(row["status"], EntryStatus),
         actor=row["actor"],
         reason=row["reason"],
         forced=bool(row["forced"]),
-        guards=list(row["guards"] or []),
-        takeovers=list(row["takeovers"] or []),
+        guards=_records(row["guards"] or [], "guards", ("name", "passed", "detail")),
+        takeovers=_records(row["takeovers"] or [], "takeovers"),
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         host=row["host"],
@@ -208,6 +281,18 @@ VERSION_BUMPS = frozenset({"pause", "lift"})
 def version_bumps(entry: JournalEntry) -> int:
     """How many times the transition of `entry` bumped the version besides its commit."""
     return sum(1 for takeover in entry.takeovers if takeover.get("command") in VERSION_BUMPS)
+
+
+def phase_entered_at(entries: Sequence[JournalEntry]) -> datetime | None:
+    """When the current phase was entered, as the hash-chained journal says: the `finished_at`
+    of the last committed row that changed the phase (`init` included). The migration row's
+    `phase_entered_at` is outside the chain; `verify` and the guards that rely on it check it
+    against this."""
+    entered = None
+    for entry in entries:
+        if entry.status == EntryStatus.COMMITTED and entry.source is not entry.dest:
+            entered = entry.finished_at
+    return entered
 
 
 def read_migration(conn: Connection, migration_id: int) -> MigrationState:

@@ -118,6 +118,9 @@ validation_runs_table = Table(
     Column("finished_at", UTCDateTime, nullable=False),
     Column("ok", Boolean, nullable=False),
     Column("summary", JSON, nullable=False),
+    # Revision 0007: `journal.chain.row_digest("validation_run", ...)`, checked by `verify`
+    # and by `checksums_match` before it trusts the run.
+    Column("digest", String(80), nullable=True),
     Index("ix_mfsm_validation_runs_latest", "migration", "id"),
 )
 
@@ -131,6 +134,9 @@ backfill_table = Table(
     Column("done", Boolean, nullable=False),
     Column("started_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Revision 0007: `journal.chain.row_digest("backfill", ...)`, checked by `verify` and by
+    # `backfill_complete` before it trusts the checkpoint.
+    Column("digest", String(80), nullable=True),
 )
 
 #: Revision 0004: one row per worker (a `WorkerGate`) of each side: its registration, heartbeat

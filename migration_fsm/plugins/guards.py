@@ -28,6 +28,14 @@ def _since(ctx: Context) -> str:
     return f"{ctx.state.phase} was entered at {_at(ctx.state.phase_entered_at)}"
 
 
+def _altered(what: str) -> GuardVerdict:
+    return GuardVerdict(
+        False,
+        f"{what} was altered outside migration-fsm (its digest does not match): run"
+        " `migration-fsm verify`, then run the tool again",
+    )
+
+
 def _total(store: TaskStore) -> int:
     return sum(store.count_by_status().values())
 
@@ -71,6 +79,8 @@ def backfill_complete(ctx: Context) -> GuardVerdict:
     progress = runs.backfill_progress(ctx.store, ctx.migration)
     if progress is None:
         return GuardVerdict(False, "no backfill has run: run `migration-fsm backfill`")
+    if not progress.intact:
+        return _altered("the backfill checkpoint")
     if not progress.done:
         return GuardVerdict(
             False,
@@ -111,6 +121,8 @@ def checksums_match(ctx: Context) -> GuardVerdict:
     """The latest `validate` run since the current phase was entered found nothing missing
     and no identity mismatched."""
     run = runs.latest_validation(ctx.store, ctx.migration)
+    if run is not None and not run.intact:
+        return _altered(f"validate run #{run.id}")
     if run is None or run.started_at < ctx.state.phase_entered_at:
         return GuardVerdict(False, f"no validate run since {_since(ctx)}: run `migration-fsm validate`")
     s = run.summary

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 
 from migration_fsm.fsm import RepairStatus
-from migration_fsm.journal import repair_log_table, utcnow
+from migration_fsm.journal import redact_text, repair_log_table, utcnow
 
 from .ownership import carries_marker
 
@@ -122,7 +122,7 @@ def reconcile(
                             target.put(record)
                             replayed += 1
                 except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the others
-                    outcome, error = RepairStatus.OPEN, f"{type(exc).__name__}: {exc}"
+                    outcome, error = RepairStatus.OPEN, redact_text(f"{type(exc).__name__}: {exc}")
                     failed += 1
                 outcomes.append((row["id"], outcome, error))
         for entry_id, outcome, error in outcomes:
