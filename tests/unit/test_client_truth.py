@@ -124,6 +124,30 @@ def test_cli_engines_bound_their_postgresql_connections(upgraded_url: str) -> No
     assert "10min" == timeout
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_ledger_and_the_client_bound_their_postgresql_connections(
+    upgraded_url: str, store: Journal
+) -> None:
+    """The gate's ledger (raw psycopg connections) connects as `make_engine` does; the
+    client with keepalives after `ttl` of silence and `tcp_user_timeout` of `connect_timeout`."""
+    from migration_fsm.journal.ledger import Ledger
+
+    ledger = Ledger(upgraded_url)
+    try:
+        with ledger._pg.cursor() as cur:  # type: ignore[union-attr]
+            params = cur.connection.info.get_parameters()
+    finally:
+        ledger.close()
+    assert ("1", "10", "30000") == tuple(
+        params.get(n) for n in ("keepalives", "keepalives_idle", "tcp_user_timeout")
+    )
+    with PhaseClient(upgraded_url, migration="none", ttl=7, connect_timeout=3) as client:
+        params = client._conn.info.get_parameters()
+    assert ("1", "7", "3", "3000") == tuple(
+        params.get(n) for n in ("keepalives", "keepalives_idle", "keepalives_interval", "tcp_user_timeout")
+    )
+
+
 # -- a forged notification ---------------------------------------------------------------
 
 
