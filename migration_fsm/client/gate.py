@@ -148,6 +148,11 @@ class _SharedExclusive:
                 self._cond.notify_all()
 
 
+def _state(snap: Snapshot) -> tuple[int, str, int, str | None]:
+    """What a gate applies from a snapshot (its staleness and read time are not part of it)."""
+    return (snap.version, snap.phase, snap.percent, snap.paused)
+
+
 class WorkerGate:
     """The gate of one worker of `side` ("old" or "new") of `client.migration`. Thread-safe.
 
@@ -278,13 +283,16 @@ class WorkerGate:
     # -- applying and acknowledging ---------------------------------------------------------
 
     def refresh(self) -> int:
-        """Apply the client's current snapshot if it is newer (waiting for the dequeues in
-        progress), then acknowledge it, heartbeat and flush pending finishes. Returns the
-        applied version. The background thread calls it; a test or a worker may too (never
-        from inside `dequeuing()`)."""
+        """Apply the client's current snapshot if it differs (a newer version, or a lower one
+        after a restore; waiting for the dequeues in progress), then acknowledge it,
+        heartbeat and flush pending finishes. Returns the applied version. The background
+        thread calls it; a test or a worker may too (never from inside `dequeuing()`)."""
         with self._apply_lock:
             snap = self.client.snapshot()
-            if snap.version > self._applied.version:
+            if _state(snap) != _state(self._applied):
+                # A newer version, or a lower one: the migration database was restored and the
+                # client follows it (its reads are adopted in order), so the gate does too and
+                # acknowledges exactly that version (`exact`: `seen_version` may move back).
                 with self._lock.exclusive():  # every dequeue begun under the old version has finished
                     self._applied = snap
             version = self._applied.version
@@ -300,6 +308,7 @@ class WorkerGate:
                 self.side,
                 self.worker_id,
                 seen_version=version,
+                exact=True,  # what this gate applied, even lower than before (a restore)
                 host=self._host,
                 pid=self._pid,
                 defers_finishes=self._deferred,

@@ -5,12 +5,30 @@ section 7).
 daemon refresher thread), so it is safe on every request path and in asyncio code. This
 module imports neither click, rich nor alembic; it logs through the standard `logging`
 module (logger `migration_fsm.client`) so that it fits whatever the application uses.
+
+**The database row is the only truth.** A NOTIFY is a wake-up, never a state: it makes the
+refresher read the row at once (anyone who may `pg_notify` on the channel can wake clients,
+none can route them). Reads are serialized and every read's result is adopted, a lower
+version too: that is a migration database restored from a backup, logged as a restore. So a
+client never holds a state the database does not hold for longer than one `ttl` (plus the
+read's bound).
+
+**Every read is bounded.** On PostgreSQL the connection has a connect timeout, TCP
+keepalives and `tcp_user_timeout` (libpq parameters; any the URL sets win), and a watchdog
+thread shuts the socket of a read that has not answered within `connect_timeout` (a
+partition that drops packets, or a proxy that stops forwarding, would otherwise block it for
+good), so the refresher reconnects. The watchdog also marks the snapshot `stale` (one
+warning) once no read has completed for `ttl + connect_timeout`. No server setting is sent
+(`options` would be refused by PgBouncer). On SQLite a read is bounded by the busy timeout
+(`connect_timeout`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -24,7 +42,7 @@ from ..fsm import ROUTING, Phase, Routing, routing_for
 from ._log import first_line, log
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
     from types import TracebackType
 
 _QUERY: Final = "SELECT phase, percent, version, paused_side FROM mfsm_migrations WHERE name = "
@@ -61,10 +79,12 @@ class PhaseClient:
     """Follows one migration's phase: cached, refreshed off the caller's path, fail-static.
 
     The constructor makes one synchronous read (bounded by `connect_timeout`); after that a
-    daemon thread reads the database at most once per `ttl` seconds. On PostgreSQL it also
-    LISTENs for the NOTIFY that every committed transition sends, which carries the new
-    state, so a change is seen within milliseconds without any extra query. When the
-    database cannot be read the last snapshot is kept, marked `stale`, and one warning is
+    daemon thread reads the database once per `ttl` seconds. On PostgreSQL it also LISTENs
+    for the NOTIFY that every committed transition sends: a notification wakes the refresher,
+    which reads the row at once (its payload is never applied), so a change is seen within
+    milliseconds. Every read's result is adopted, a lower version too (a restored database,
+    logged). When the database cannot be read, or no read has completed for
+    `ttl + connect_timeout`, the last snapshot is kept, marked `stale`, and one warning is
     logged per outage; before any successful read the client answers `default_phase`.
     """
 
@@ -104,11 +124,29 @@ class PhaseClient:
         self._snapshot = Snapshot(migration, default, 0, 0, ROUTING[default], True, None)
         self._stop = threading.Event()
         self._counters_lock = threading.Lock()
-        self._counters = {"refreshes": 0, "refresh_errors": 0, "notifications": 0, "outages": 0}
+        self._counters = {
+            "refreshes": 0,
+            "refresh_errors": 0,
+            "notifications": 0,
+            "outages": 0,
+            "restores": 0,
+        }
         self._stale_since: float | None = time.monotonic()
         self._stale_total = 0.0
+        self._last_read = time.monotonic()  # when a read last completed (the watchdog's clock)
+        self._read_lock = threading.Lock()  # one read at a time, adopted in the order made
+        self._conn_lock = threading.Lock()  # `_conn`, `_busy_since`, `_timed_out` (the watchdog's view)
         self._conn: Any = None
+        self._busy_since: float | None = None  # when the read in flight on `_conn` began
+        self._timed_out = False  # the watchdog shut `_conn`'s socket: its read did not answer
         self._query = _QUERY
+        self._watchdog: threading.Thread | None = None
+        if self._backend == "postgresql":
+            self._bounds = _connection_bounds(parsed.query, ttl, connect_timeout)
+            self._watchdog = threading.Thread(
+                target=self._watch, name=f"migration-fsm-client-watchdog-{migration}", daemon=True
+            )
+            self._watchdog.start()
         self._refresh()
         self._thread = threading.Thread(
             target=self._run, name=f"migration-fsm-client-{migration}", daemon=True
@@ -156,8 +194,13 @@ class PhaseClient:
     def close(self) -> None:
         """Stop the refresher and close its connection (idempotent)."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        with self._conn_lock:
+            busy = self._busy_since
+        if busy is not None:  # a read that hangs would hold the refresher past the join
+            self._abort_read(busy)
+        for thread in (self._thread, self._watchdog):
+            if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout=5)
         self._close_conn()
 
     def __enter__(self) -> PhaseClient:
@@ -180,48 +223,65 @@ class PhaseClient:
                 self._refresh()
 
     def _wait_for_notifications(self, seconds: float) -> None:
-        """Block up to `seconds` on LISTEN, applying each notification's state at once."""
+        """Block up to `seconds` on LISTEN; a notification of this migration wakes a read of
+        the row at once (and restarts the `seconds`: a read was just made)."""
         import psycopg
 
         deadline = time.monotonic() + seconds
         while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            woken = False
             try:
-                for note in self._conn.notifies(timeout=min(left, 0.25)):
-                    self._apply_notification(note.payload)
+                # A burst (or what arrived during the last read) yields together: one read.
+                # Short waits: a caller's `refresh()` waits for the connection meanwhile.
+                wait = min(left, 0.25, self.connect_timeout / 2)
+                for note in self._conn.notifies(timeout=wait, stop_after=1):
+                    woken = self._wakes(note.payload) or woken
             except (psycopg.Error, OSError) as exc:
                 self._failed(exc)
                 return
+            if woken:
+                self._refresh()
+                if self._conn is None:  # the read failed: reconnect on the next poll
+                    return
+                deadline = time.monotonic() + seconds
 
-    def _apply_notification(self, payload: str) -> None:
-        """Apply a notification's state; anything unexpected in it is ignored (and the next
-        poll reads the truth), so no payload can stop the refresher."""
+    def _wakes(self, payload: str) -> bool:
+        """Whether a notification is about this migration (it then wakes a read). Its state is
+        never applied: anyone allowed to `pg_notify` could forge one, and only the row is the
+        truth. Anything unexpected in it is ignored, so no payload can stop the refresher."""
         try:
             data = json.loads(payload)
-            if not isinstance(data, dict) or data.get("migration") != self.migration:
-                return
-            paused = data.get("paused")
-            state = (
-                Phase(data["phase"]),
-                int(data["percent"]),
-                int(data["version"]),
-                paused if paused in ("old", "new") else None,
-            )
-        except (ValueError, KeyError, TypeError):
-            log.debug("ignored a malformed notification: %.200s", payload)
-            return
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or data.get("migration") != self.migration:
+            log.debug("ignored a notification: %.200s", payload)
+            return False
         with self._counters_lock:
             self._counters["notifications"] += 1
-        self._install(*state)
+        return True
 
     def _refresh(self) -> None:
+        # One read at a time (the refresher's, a caller's `refresh()`), each adopted before
+        # the next begins: a read's result is never older than the one it replaces.
+        with self._read_lock:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
         try:
             row = self._read_sqlite() if self._backend == "sqlite" else self._read_postgres()
         except Exception as exc:  # noqa: BLE001 - any failure to read means "keep the last snapshot"
             if "paused_side" in str(exc) and self._query is _QUERY:  # a database before revision 0004
                 self._query = _QUERY_BEFORE_0004
                 self._close_conn()
-                self._refresh()
+                self._refresh_locked()
                 return
+            with self._conn_lock:
+                timed_out = self._timed_out
+            if self._stop.is_set():  # closing (`close()` may have shut a read in flight)
+                self._close_conn()
+                return
+            if timed_out:
+                exc = TimeoutError(f"the database did not answer within {self.connect_timeout:g} s")
             self._failed(exc, reconnect=True)
             return
         with self._counters_lock:
@@ -255,69 +315,150 @@ class PhaseClient:
         if self._conn is None:
             import psycopg
 
-            self._conn = psycopg.connect(
+            conn = psycopg.connect(
                 self._conninfo,
                 autocommit=True,
-                connect_timeout=max(1, round(self.connect_timeout)),
                 application_name="migration-fsm client",
+                **self._bounds,  # connect timeout, keepalives, tcp_user_timeout
             )
+            with self._conn_lock:
+                self._conn, self._timed_out = conn, False
             if self._listen:
                 from ..journal import NOTIFY_CHANNEL
 
-                self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        row: tuple[Any, ...] | None = self._conn.execute(self._query + "%s", (self.migration,)).fetchone()
+                with self._busy():
+                    self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        with self._busy():
+            row: tuple[Any, ...] | None = self._conn.execute(self._query + "%s", (self.migration,)).fetchone()
         return row
 
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Mark a statement in flight on `_conn`, for the watchdog to bound."""
+        with self._conn_lock:
+            self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._conn_lock:
+                self._busy_since = None
+
+    def _watch(self) -> None:
+        """The watchdog (PostgreSQL): shuts the socket of a statement that has not answered
+        within `connect_timeout` (the blocked read then fails and the refresher reconnects),
+        and marks the snapshot stale once no read has completed for `ttl + connect_timeout`
+        (whatever the refresher is stuck in). Wakes about once per `ttl`."""
+        limit = self.connect_timeout
+        overdue = self.ttl + limit
+        while True:
+            now = time.monotonic()
+            with self._conn_lock:
+                busy = self._busy_since
+            if busy is not None and now >= busy + limit:
+                self._abort_read(busy)
+                busy = None
+            with self._counters_lock:
+                stale_due = self._last_read + overdue
+                stale = self._snapshot.stale
+            if not stale and now >= stale_due:
+                self._failed(TimeoutError(f"no read completed for {overdue:g} s"), overdue=overdue)
+                stale = True
+            wake = now + self.ttl
+            if not stale:
+                wake = min(wake, stale_due)
+            if busy is not None:
+                wake = min(wake, busy + limit)
+            if self._stop.wait(max(0.01, wake - now)):
+                return
+
+    def _abort_read(self, busy_since: float) -> None:
+        """Shut the socket of `_conn` under the read begun at `busy_since` (not closed: the
+        reader's thread owns the connection and closes it when its read fails)."""
+        with self._conn_lock:
+            if self._conn is None or self._busy_since != busy_since:
+                return  # that read finished meanwhile
+            try:
+                fd = os.dup(self._conn.fileno())  # under the lock: the descriptor is still open
+            except Exception:  # noqa: BLE001 - a connection closed meanwhile: nothing to abort
+                return
+            self._timed_out = True
+        with contextlib.suppress(OSError), socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
     def _install(self, phase: Phase, percent: int, version: int, paused: str | None = None) -> None:
-        current = self._snapshot
-        if version < current.version:  # an older read raced a newer notification: never go back
-            return
-        self._snapshot = Snapshot(
-            self.migration,
-            phase,
-            version,
-            percent,
-            routing_for(phase, percent),
-            False,
-            datetime.now(UTC),
-            paused,
-        )
+        """Adopt what a read found, whatever its version: the row is the only truth. Reads
+        are serialized (`_read_lock`), so this is never older than the state it replaces; a
+        lower version is the database restored from a backup (logged, counted)."""
+        extra = {"migration": self.migration, "phase": phase.value, "version": version}
         with self._counters_lock:
+            current = self._snapshot
+            self._last_read = time.monotonic()
+            self._snapshot = Snapshot(
+                self.migration,
+                phase,
+                version,
+                percent,
+                routing_for(phase, percent),
+                False,
+                datetime.now(UTC),
+                paused,
+            )
+            restored = current.read_at is not None and version < current.version
+            if restored:
+                self._counters["restores"] += 1
+            recovered = self._stale_since is not None and current.read_at is not None
             if self._stale_since is not None:
                 self._stale_total += time.monotonic() - self._stale_since
                 self._stale_since = None
-                if current.read_at is not None:
-                    log.warning(
-                        "migration-fsm client recovered: %s is %s at %d%%",
-                        self.migration,
-                        phase.value,
-                        percent,
-                        extra={"migration": self.migration, "phase": phase.value, "version": version},
-                    )
+        if restored:
+            log.warning(
+                "migration-fsm client: %s went back from version %d (%s) to version %d (%s): the"
+                " migration database was restored; following it",
+                self.migration,
+                current.version,
+                current.phase.value,
+                version,
+                phase.value,
+                extra=extra,
+            )
+        if recovered:
+            log.warning(
+                "migration-fsm client recovered: %s is %s at %d%%",
+                self.migration,
+                phase.value,
+                percent,
+                extra=extra,
+            )
 
-    def _failed(self, exc: BaseException, *, reconnect: bool = True) -> None:
+    def _failed(self, exc: BaseException, *, reconnect: bool = True, overdue: float | None = None) -> None:
+        """Keep the last snapshot, marked stale; one warning per outage. `overdue` (the
+        watchdog): only if still no read has completed for that long, and no refresh error
+        is counted."""
         if reconnect:
             self._close_conn()
-        current = self._snapshot
         with self._counters_lock:
-            self._counters["refresh_errors"] += 1
+            if overdue is not None and time.monotonic() - self._last_read < overdue:
+                return  # a read completed meanwhile
+            current = self._snapshot
+            if overdue is None:
+                self._counters["refresh_errors"] += 1
             first = self._stale_since is None or (
                 current.read_at is None and self._counters["refresh_errors"] == 1
             )
             if self._stale_since is None:
                 self._stale_since = time.monotonic()
                 self._counters["outages"] += 1
-        if not current.stale:
-            self._snapshot = Snapshot(
-                current.migration,
-                current.phase,
-                current.version,
-                current.percent,
-                current.routing,
-                True,
-                current.read_at,
-                current.paused,
-            )
+            if not current.stale:
+                self._snapshot = Snapshot(
+                    current.migration,
+                    current.phase,
+                    current.version,
+                    current.percent,
+                    current.routing,
+                    True,
+                    current.read_at,
+                    current.paused,
+                )
         if first:  # once per outage, not once per call or per refresh
             log.warning(
                 "migration-fsm client cannot read %s, keeping phase %s (stale): %s",
@@ -328,7 +469,30 @@ class PhaseClient:
             )
 
     def _close_conn(self) -> None:
-        conn, self._conn = self._conn, None
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):  # closing a broken connection may fail; nothing to do
                 conn.close()
+
+
+#: TCP keepalives on the client's connection (libpq parameters): a dead peer is noticed
+#: within about `idle + interval * count` seconds of silence.
+_KEEPALIVE_COUNT: Final = 3
+
+
+def _connection_bounds(query: Mapping[str, Any], ttl: float, connect_timeout: float) -> dict[str, Any]:
+    """The libpq parameters that bound the client's connection: the connect timeout, TCP
+    keepalives (first probe after `ttl` of silence, then every `connect_timeout`) and
+    `tcp_user_timeout` (data unacknowledged for `connect_timeout` drops the connection).
+    A parameter the URL sets is left to it."""
+    seconds = max(1, round(connect_timeout))
+    bounds = {
+        "connect_timeout": seconds,
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(ttl)),
+        "keepalives_interval": seconds,
+        "keepalives_count": _KEEPALIVE_COUNT,
+        "tcp_user_timeout": max(1000, round(connect_timeout * 1000)),
+    }
+    return {name: value for name, value in bounds.items() if name not in query}

@@ -1,7 +1,9 @@
 """Connections to the migration database: engines, the UTC timestamp type, URL scrubbing.
 
 SQLite gets a busy timeout, `BEGIN IMMEDIATE` write transactions and (for our own database)
-the WAL journal; PostgreSQL URLs get the psycopg 3 driver and a connect timeout.
+the WAL journal; PostgreSQL URLs get the psycopg 3 driver, a connect timeout, TCP keepalives
+and `tcp_user_timeout` (a partition that drops packets fails a statement instead of hanging
+it for good).
 """
 
 from __future__ import annotations
@@ -22,6 +24,21 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS: Final = 15_000
+
+#: What bounds every PostgreSQL connection of `make_engine` (libpq parameters; any the URL
+#: sets wins). TCP keepalives probe a connection silent for 10 s every 5 s, 3 times: a peer
+#: gone behind a packet-dropping partition is noticed within about 25 s, and data left
+#: unacknowledged for 30 s drops the connection (`tcp_user_timeout`). A healthy server's
+#: kernel answers the probes however long a statement runs (a backfill batch, a validate
+#: scan), so neither limits a legitimate statement; no `statement_timeout` is set unless
+#: `timeout_seconds` asks for one.
+PG_CONNECTION_BOUNDS: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 
 def utcnow() -> datetime:
@@ -184,7 +201,8 @@ def make_engine(
     writers queue instead of deadlocking) and, when `wal`, the WAL journal; a missing SQLite
     file is an error unless `create`. `timeout_seconds` bounds how long a statement may wait:
     SQLite's busy timeout, PostgreSQL's connect, statement and lock timeouts (default: a 30 s
-    busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL).
+    busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL, whose
+    connections always get TCP keepalives and `tcp_user_timeout`: `PG_CONNECTION_BOUNDS`).
     `readonly` (SQLite): open the file read-only and write nothing on connect (no WAL pragma),
     so an archived journal or a read-only user can be read (`readonly_sqlite_engine`)."""
     remember_secrets(url)
@@ -207,7 +225,8 @@ def make_engine(
         parsed = parsed.set(drivername="postgresql+psycopg")
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = {"connect_timeout": 5}
+        bounds = {name: value for name, value in PG_CONNECTION_BOUNDS.items() if name not in parsed.query}
+        kwargs["connect_args"] = {"connect_timeout": 5, **bounds}
         if timeout_seconds is not None:
             ms = max(1, int(timeout_seconds * 1000))
             given = parsed.query.get("options", "")  # e.g. a search_path: kept, not replaced
@@ -216,6 +235,7 @@ def make_engine(
             kwargs["connect_args"] = {
                 "connect_timeout": max(1, round(timeout_seconds)),
                 "options": " ".join(option for option in options if option),
+                **bounds,
             }
     try:
         engine = create_engine(parsed, **kwargs)

@@ -67,7 +67,7 @@ from sqlalchemy import and_, bindparam, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from ..exceptions import DatabaseUnavailable
-from .db import UTCDateTime, make_engine, safe_url, scrub, utcnow
+from .db import PG_CONNECTION_BOUNDS, UTCDateTime, make_engine, safe_url, scrub, utcnow
 from .schema import execution_claims_table, execution_refusals_table, executions_table
 from .workers import SIDES, upsert
 
@@ -158,6 +158,8 @@ class _PgConnections:
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         cparams.pop("context", None)  # SQLAlchemy's adapters: plain psycopg types suffice here
         cparams.setdefault("connect_timeout", 5)  # as make_engine
+        for name, value in PG_CONNECTION_BOUNDS.items():  # keepalives, tcp_user_timeout: as make_engine
+            cparams.setdefault(name, value)
         self._cargs, self._cparams = cargs, cparams
         import psycopg  # only a PostgreSQL ledger needs the driver (the engine imported it)
 

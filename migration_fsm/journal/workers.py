@@ -125,11 +125,15 @@ class Workers:
         host: str | None = None,
         pid: int | None = None,
         defers_finishes: bool = False,
+        exact: bool = False,
     ) -> None:
         """Register the worker, renew its heartbeat and acknowledge `seen_version`, in one
-        upsert. The acknowledged version only moves forward; host and pid are those of the
-        registration. `defers_finishes`: the worker batches its finishes (see `may_take_over`);
-        once set for a worker it stays set."""
+        upsert. The acknowledged version only moves forward, unless `exact`: a gate writes
+        the version it applied, which is lower after the migration database was restored
+        (else a stale, higher `seen_version` would count as acknowledging the next versions,
+        a pause among them, before the worker applied them). Host and pid are those of the
+        registration. `defers_finishes`: the worker batches its finishes (see
+        `may_take_over`); once set for a worker it stays set."""
         _check_side(side)
         c = workers_table.c
         stmt = upsert(self.engine, workers_table).values(
@@ -147,7 +151,9 @@ class Workers:
             set_={
                 "heartbeat_at": stmt.excluded.heartbeat_at,
                 "defers_finishes": c.defers_finishes | stmt.excluded.defers_finishes,
-                "seen_version": case(
+                "seen_version": stmt.excluded.seen_version
+                if exact
+                else case(
                     (stmt.excluded.seen_version > c.seen_version, stmt.excluded.seen_version),
                     else_=c.seen_version,
                 ),

@@ -10,17 +10,27 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:`port` to `target`; `cut()` drops every connection and stops
-    listening, `restore()` listens again on the same port."""
+    listening, `restore()` listens again on the same port. `blackhole()` is a partition that
+    drops packets: every connection stays open and new ones are accepted, but no byte goes
+    through either way (each is read and thrown away, so nobody sees an error or a reset);
+    `restore()` forwards again (what was dropped stays lost)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._blackhole = threading.Event()
         self.port = 0
         self.restore()
 
+    def blackhole(self) -> None:
+        self._blackhole.set()
+
     def restore(self) -> None:
+        self._blackhole.clear()
+        if self._listener is not None:
+            return  # it was a blackhole: forwarding again
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -50,6 +60,11 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self._blackhole.is_set():  # accepted (the kernel would anyway), never answered
+                with self._lock:
+                    self._sockets.append(client)
+                threading.Thread(target=self._drop, args=(client,), daemon=True).start()
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -62,10 +77,16 @@ class TcpProxy:
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _drop(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._blackhole.is_set():
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

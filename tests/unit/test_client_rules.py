@@ -1,14 +1,15 @@
 """What the client decides, pinned: which side is written first, what an interrupt between
-the two writes leaves, that a stale version never moves the snapshot back, where reads and
-shadow reads go; the sync and async twins alike."""
+the two writes leaves, that a read made earlier never lands after a later one (a late
+NOTIFY moves nothing), where reads and shadow reads go; the sync and async twins alike."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -294,35 +295,48 @@ def test_the_repair_log_stores_an_open_entry_and_reopens_after_close(store: Jour
 # -- the snapshot never goes back ------------------------------------------------------
 
 
-@pytest.fixture
-def dual_write_client(engine: Migration, upgraded_url: str) -> Iterator[PhaseClient]:
-    """A client that has seen the migration reach `dual_write`."""
-    engine.advance()
-    version = engine.store.get("default").version
-    with PhaseClient(upgraded_url, ttl=0.05) as client:
-        assert wait_for(lambda: client.snapshot().version == version)
-        yield client
-
-
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_stale_poll_does_not_move_the_snapshot_back(
-    dual_write_client: PhaseClient, monkeypatch: pytest.MonkeyPatch
+def test_a_read_that_began_earlier_never_lands_after_a_later_one(
+    engine: Migration, upgraded_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read that returns an older version (it raced a newer notification) is ignored."""
-    client = dual_write_client
-    before = client.snapshot()
-    older = ("preparation", 0, before.version - 1)
-    monkeypatch.setattr(client, "_read_sqlite", lambda: older)
-    refreshes = client.counters()["refreshes"]
-    assert wait_for(lambda: client.counters()["refreshes"] >= refreshes + 3)
-    snap = client.snapshot()
-    assert (Phase.DUAL_WRITE, before.version, False) == (snap.phase, snap.version, snap.stale)
-    assert before.read_at == snap.read_at
+    """The old rule's case, kept: a slow read made before a transition must not overwrite a
+    read made after it. Reads are serialized, so the later read waits for the slow one and
+    lands last (the slow one's older result is adopted first, then replaced)."""
+    engine.advance()
+    with PhaseClient(upgraded_url, ttl=3600) as client:
+        assert Phase.DUAL_WRITE == client.phase
+        real_read = client._read_sqlite
+        reading, release = threading.Event(), threading.Event()
+
+        def slow_read() -> tuple[Any, ...] | None:
+            row = real_read()  # dual_write, read before the transition below
+            monkeypatch.setattr(client, "_read_sqlite", real_read)
+            reading.set()
+            release.wait(10)
+            return row
+
+        monkeypatch.setattr(client, "_read_sqlite", slow_read)
+        slow = threading.Thread(target=client.refresh)
+        slow.start()
+        assert reading.wait(10)
+        engine.advance()  # cutover, after the slow read began
+        later = threading.Thread(target=client.refresh)
+        later.start()
+        time.sleep(0.05)
+        release.set()
+        slow.join(10)
+        later.join(10)
+        assert (Phase.CUTOVER, engine.store.get("default").version) == (
+            client.phase,
+            client.snapshot().version,
+        )
+        assert 0 == client.counters()["restores"]
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_stale_notification_does_not_move_the_snapshot_back(engine: Migration, upgraded_url: str) -> None:
-    """A NOTIFY carrying an older version (delivered late) leaves the snapshot where it is."""
+    """A NOTIFY carrying an older version (delivered late) leaves the snapshot where it is:
+    it only wakes a read of the row (which says the current version)."""
     from sqlalchemy import text
 
     engine.advance()
