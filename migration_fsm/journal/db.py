@@ -96,7 +96,11 @@ def make_engine(
     SQLite's busy timeout, PostgreSQL's connect, statement and lock timeouts (default: a 30 s
     busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL).
     `readonly` (SQLite): open the file read-only and write nothing on connect (no WAL pragma),
-    so an archived journal or a read-only user can be read (`readonly_sqlite_engine`)."""
+    so an archived journal or a read-only user can be read (`readonly_sqlite_engine`).
+    PostgreSQL connections never use prepared statements (`prepare_threshold=None`): a pooler
+    in transaction pooling (PgBouncer) runs each transaction on any server connection, where
+    psycopg's automatic prepared statements do not exist; the control plane's statements are
+    few, so parsing each is no cost worth a setting."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
@@ -116,13 +120,14 @@ def make_engine(
         parsed = parsed.set(drivername="postgresql+psycopg")
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = {"connect_timeout": 5}
+        kwargs["connect_args"] = {"connect_timeout": 5, "prepare_threshold": None}
         if timeout_seconds is not None:
             ms = max(1, int(timeout_seconds * 1000))
             given = parsed.query.get("options", "")  # e.g. a search_path: kept, not replaced
             options = [given] if isinstance(given, str) else list(given)
             options += [f"-c statement_timeout={ms}", f"-c lock_timeout={ms}"]
             kwargs["connect_args"] = {
+                "prepare_threshold": None,
                 "connect_timeout": max(1, round(timeout_seconds)),
                 "options": " ".join(option for option in options if option),
             }
