@@ -167,7 +167,8 @@ class WorkerGate:
     With `background=False` a full batch is written by the thread that finished the task, and
     the rest by `refresh()`, `flush()` or `close()`. `ledger_prepared_statements`: False behind
     PgBouncer in transaction pooling (`Ledger(prepared_statements=...)`: by default psycopg
-    prepares the ledger's claim and finish on PostgreSQL, as the engine's connections do)."""
+    prepares the ledger's claim and finish on PostgreSQL; behind transaction pooling the first
+    prepared statement the server does not have turns that off, with one warning)."""
 
     def __init__(
         self,

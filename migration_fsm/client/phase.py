@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import threading
@@ -44,6 +45,10 @@ from ._log import first_line, log
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from types import TracebackType
+
+#: How long a NOTIFY sent from a second connection may take to reach the listening one
+#: before the client decides that LISTEN does not work there (and polls every `ttl`).
+_LISTEN_PROBE_SECONDS: Final = 1.0
 
 _QUERY: Final = "SELECT phase, percent, version, paused_side FROM mfsm_migrations WHERE name = "
 #: The same before revision 0004 (no pause): a client deployed before `db upgrade` still works.
@@ -82,7 +87,8 @@ class PhaseClient:
     daemon thread reads the database once per `ttl` seconds. On PostgreSQL it also LISTENs
     for the NOTIFY that every committed transition sends: a notification wakes the refresher,
     which reads the row at once (its payload is never applied), so a change is seen within
-    milliseconds. Every read's result is adopted, a lower version too (a restored database,
+    milliseconds; where LISTEN cannot work (behind PgBouncer in transaction pooling) it says so
+    once and polls. Every read's result is adopted, a lower version too (a restored database,
     logged). When the database cannot be read, or no read has completed for
     `ttl + connect_timeout`, the last snapshot is kept, marked `stale`, and one warning is
     logged per outage; before any successful read the client answers `default_phase`.
@@ -313,16 +319,11 @@ class PhaseClient:
 
     def _read_postgres(self) -> tuple[Any, ...] | None:
         if self._conn is None:
-            import psycopg
-
-            conn = psycopg.connect(
-                self._conninfo,
-                autocommit=True,
-                application_name="migration-fsm client",
-                **self._bounds,  # connect timeout, keepalives, tcp_user_timeout
-            )
+            conn = self._connect()
             with self._conn_lock:
                 self._conn, self._timed_out = conn, False
+            if self._listen:
+                self._listen = self._listen_works()
             if self._listen:
                 from ..journal import NOTIFY_CHANNEL
 
@@ -384,6 +385,46 @@ class PhaseClient:
             self._timed_out = True
         with contextlib.suppress(OSError), socket.socket(fileno=fd) as sock:
             sock.shutdown(socket.SHUT_RDWR)
+
+    def _connect(self, name: str = "migration-fsm client") -> Any:
+        import psycopg
+
+        # No prepared statements: behind a pooler in transaction pooling (PgBouncer) the next
+        # statement may run on a server connection where psycopg's prepared one does not exist.
+        return psycopg.connect(
+            self._conninfo,
+            autocommit=True,
+            application_name=name,
+            prepare_threshold=None,
+            **self._bounds,  # connect timeout, keepalives, tcp_user_timeout
+        )
+
+    def _listen_works(self) -> bool:
+        """Whether a LISTEN on our connection hears a NOTIFY sent from another one. Behind a
+        pooler in transaction pooling (PgBouncer) it never does: the LISTEN ran on whichever
+        server connection served that one statement. Then say so once and poll every `ttl`."""
+        channel = f"mfsm_probe_{secrets.token_hex(8)}"
+        self._conn.execute(f"LISTEN {channel}")
+        with self._connect("migration-fsm client (LISTEN probe)") as other:
+            other.execute("SELECT pg_notify(%s, '')", (channel,))
+        heard = any(True for _ in self._conn.notifies(timeout=_LISTEN_PROBE_SECONDS, stop_after=1))
+        self._conn.execute(f"UNLISTEN {channel}")
+        if not heard:
+            log.warning(
+                "migration-fsm client: LISTEN does not work through %s (a pooler in transaction"
+                " pooling?): following %s by polling every %g s",
+                self._safe_target(),
+                self.migration,
+                self.ttl,
+                extra={"migration": self.migration},
+            )
+        return heard
+
+    def _safe_target(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
     def _install(self, phase: Phase, percent: int, version: int, paused: str | None = None) -> None:
         """Adopt what a read found, whatever its version: the row is the only truth. Reads

@@ -204,7 +204,11 @@ def make_engine(
     busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL, whose
     connections always get TCP keepalives and `tcp_user_timeout`: `PG_CONNECTION_BOUNDS`).
     `readonly` (SQLite): open the file read-only and write nothing on connect (no WAL pragma),
-    so an archived journal or a read-only user can be read (`readonly_sqlite_engine`)."""
+    so an archived journal or a read-only user can be read (`readonly_sqlite_engine`).
+    PostgreSQL connections never use prepared statements (`prepare_threshold=None`): a pooler
+    in transaction pooling (PgBouncer) runs each transaction on any server connection, where
+    psycopg's automatic prepared statements do not exist; the control plane's statements are
+    few, so parsing each is no cost worth a setting."""
     remember_secrets(url)
     try:
         parsed = make_url(url)
@@ -226,13 +230,14 @@ def make_engine(
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
         bounds = {name: value for name, value in PG_CONNECTION_BOUNDS.items() if name not in parsed.query}
-        kwargs["connect_args"] = {"connect_timeout": 5, **bounds}
+        kwargs["connect_args"] = {"connect_timeout": 5, "prepare_threshold": None, **bounds}
         if timeout_seconds is not None:
             ms = max(1, int(timeout_seconds * 1000))
             given = parsed.query.get("options", "")  # e.g. a search_path: kept, not replaced
             options = [given] if isinstance(given, str) else list(given)
             options += [f"-c statement_timeout={ms}", f"-c lock_timeout={ms}"]
             kwargs["connect_args"] = {
+                "prepare_threshold": None,
                 "connect_timeout": max(1, round(timeout_seconds)),
                 "options": " ".join(option for option in options if option),
                 **bounds,

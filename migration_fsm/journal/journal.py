@@ -178,16 +178,22 @@ class Journal:
 
     @contextmanager
     def operator_lock(self, name: str, holder: str, *, steal: bool = False) -> Iterator[None]:
-        """Hold a session advisory lock on PostgreSQL for the duration of a command, so two
-        commands never interleave and a dead operator's lock vanishes with its connection.
+        """Hold an advisory lock on PostgreSQL for the duration of a command, so two commands
+        never interleave and a dead operator's lock vanishes with its connection.
         With `steal` (`resume --steal`), a session that still holds the lock (a hung
         operator) is terminated first, so its command cannot write any more.
+        The lock is transaction-scoped, held by a transaction of its own that stays open
+        (idle, writing nothing) until the command ends: a transaction keeps its server
+        connection in every pool mode, so this works behind PgBouncer in transaction pooling
+        too (`locks`; the command's other statements run in transactions of their own).
         On SQLite the `BEGIN IMMEDIATE` transactions and the lease are enough."""
         if self.dialect != "postgresql":
             yield
             return
         try:
-            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            # READ COMMITTED: between its statements the transaction holds no snapshot.
+            conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
+            conn.begin()
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc
         params = locks.lock_params(name)
@@ -204,9 +210,9 @@ class Journal:
             yield
         finally:
             try:
-                locks.release(conn, params)
+                locks.release(conn)
             except DBAPIError:
-                conn.invalidate()  # a broken connection's session lock is already gone
+                conn.invalidate()  # a broken connection's transaction, and its lock, are already gone
             conn.close()
 
     # -- reads ------------------------------------------------------------------------

@@ -42,11 +42,13 @@ one round trip and one commit each (docs/PERFORMANCE.md measured SQLAlchemy's pe
 `connect` / `execution_options` / compile as most of the client's CPU per task). The rules are
 the same statements as before. A connection that raised anything is closed and replaced, never
 reused, and every driver error surfaces as `DatabaseUnavailable`, like `_transaction`. psycopg
-prepares a statement it has run 5 times on a connection (its default, which the engine's
-connections have too, so the ledger did so before): planning the data-modifying CTEs is most of
-the server's CPU per task. PgBouncer in transaction pooling breaks those prepared statements:
-behind it, use `Ledger(prepared_statements=False)` (`prepare_threshold=None`). The rare
-paths (take-over, refusal counting, hand-over, reads) and SQLite use SQLAlchemy.
+prepares a statement it has run 5 times on a connection (its default; the engine's connections
+prepare nothing, see `make_engine`): planning the data-modifying CTEs is most of the server's
+CPU per task. PgBouncer in transaction pooling breaks those prepared statements: behind it,
+use `Ledger(prepared_statements=False)` (`prepare_threshold=None`); a ledger that meets a
+missing or taken prepared statement turns them off itself and runs the call again
+(`_PgConnections.run`). The rare paths (take-over, refusal counting, hand-over, reads) and
+SQLite use SQLAlchemy.
 
 This module imports SQLAlchemy only (no Alembic, no CLI), so `WorkerGate` can use it; psycopg
 is imported by a PostgreSQL ledger only (its engine has imported it already).
@@ -55,13 +57,14 @@ is imported by a PostgreSQL ledger only (its engine has imported it already).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import and_, bindparam, func, select, text, update
 from sqlalchemy.exc import DBAPIError
@@ -72,7 +75,7 @@ from .schema import execution_claims_table, execution_refusals_table, executions
 from .workers import SIDES, upsert
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from datetime import datetime
 
     import psycopg
@@ -139,6 +142,15 @@ _READ_CLAIM: Final = text(
 )
 
 
+#: SQLSTATEs of a prepared statement that does not exist (26000) or already exists (42P05) on
+#: the server connection: what psycopg's prepared statements meet behind PgBouncer in
+#: transaction pooling.
+_PREPARED_GONE: Final = frozenset({"26000", "42P05"})
+
+_T = TypeVar("_T")
+
+log = logging.getLogger("migration_fsm.ledger")
+
 #: psycopg's default `prepare_threshold`: a statement run that often on a connection is prepared.
 _PSYCOPG_PREPARE_THRESHOLD: Final = 5
 
@@ -166,7 +178,8 @@ class _PgConnections:
         self._psycopg = psycopg
         self._idle_status = psycopg.pq.TransactionStatus.IDLE
         # None: never prepare (PgBouncer in transaction pooling breaks prepared statements);
-        # otherwise psycopg's default threshold (5), which the engine's connections have.
+        # otherwise psycopg's default threshold (5). Turned off for good (`run`) the first time
+        # the server says a prepared statement is missing or already taken.
         self._prepare_threshold = _PSYCOPG_PREPARE_THRESHOLD if prepared_statements else None
         self._url, self._safe = url, safe
         self._lock = threading.Lock()
@@ -214,6 +227,31 @@ class _PgConnections:
                 ) from exc
             raise
         self._give(conn)
+
+    def run(self, work: Callable[[psycopg.Cursor[Any]], _T]) -> _T:
+        """`work(cursor)` on an idle connection. When the server says one of psycopg's prepared
+        statements does not exist or already exists, a pooler in transaction pooling
+        (PgBouncer) runs our statements on server connections shared with other clients:
+        prepared statements are turned off for this ledger (said once in the log) and `work`
+        runs once more on a new connection. Nothing ran the first time (the failing statement
+        did not execute; a batch's transaction rolled back), so that is no second write."""
+        try:
+            with self.cursor() as cur:
+                return work(cur)
+        except DatabaseUnavailable as exc:
+            cause = exc.__cause__
+            if self._prepare_threshold is None or getattr(cause, "sqlstate", None) not in _PREPARED_GONE:
+                raise
+            self._prepare_threshold = None
+            self.close()
+            log.warning(
+                "ledger database %s: %s; prepared statements are off for this ledger (behind a"
+                " pooler in transaction pooling, pass prepared_statements=False)",
+                self._safe,
+                str(cause).strip().splitlines()[0],
+            )
+        with self.cursor() as cur:
+            return work(cur)
 
     def close(self) -> None:
         """Close the idle connections (the ledger connects again if it is used after this)."""
@@ -441,12 +479,16 @@ class Ledger:
         if self._pg is not None:
             # One statement, one round trip, committed on its own (autocommit): the claim and
             # its history row in a data-modifying CTE, on this thread's raw connection.
-            with self._pg.cursor() as cur:
+            def pg_claim(cur: psycopg.Cursor[Any]) -> tuple[bool, Any]:
                 won = cur.execute(_PG_CLAIM, params).fetchone()
                 if won is not None:
-                    return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, won[0]))
+                    return True, won[0]
                 # Lost: the claim row says why (it exists: the upsert conflicted with it).
-                found = cur.execute(_PG_READ_CLAIM, params).fetchone()
+                return False, cur.execute(_PG_READ_CLAIM, params).fetchone()
+
+            claimed, found = self._pg.run(pg_claim)
+            if claimed:
+                return ClaimResult(True, "claimed", Claim(migration, key, side, worker_id, found))
             assert found is not None
             row = ClaimState(*found)
         elif self.dialect == "postgresql":  # another driver than psycopg: the same statements
@@ -570,13 +612,16 @@ class Ledger:
             if not params:
                 return 0
             if self._pg is not None:
-                with self._pg.cursor() as cur:
+
+                def finish(cur: psycopg.Cursor[Any]) -> int:
                     if len(params) == 1:  # one round trip, committed by itself
                         return cur.execute(_PG_FINISH, params[0]).rowcount
                     # A batch: one transaction, BEGIN, the statements and COMMIT pipelined.
                     with cur.connection.pipeline(), cur.connection.transaction():
                         cur.executemany(_PG_FINISH, params)
                     return cur.rowcount  # the sum over the batch
+
+                return self._pg.run(finish)
             with self._transaction(autocommit=len(items) == 1) as conn:
                 return sum(conn.execute(self._pg_finish, one).rowcount for one in params)
         ours = 0

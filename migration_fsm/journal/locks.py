@@ -1,4 +1,14 @@
-"""Who holds what: lease holder names and the PostgreSQL session advisory lock on a migration."""
+"""Who holds what: lease holder names and the PostgreSQL advisory lock on a migration.
+
+The lock is transaction-scoped (`pg_try_advisory_xact_lock`), held by one transaction that
+stays open, idle, for the whole command and ends with it (or with its connection). A
+session lock would not survive a connection pooler in transaction pooling (PgBouncer):
+taken on one server connection and released on another, it stayed held on a connection
+that other clients then reuse. A transaction keeps its server connection from its first
+statement to its end in every pool mode, so the lock, the connection it lives on and the
+operator's name (`application_name`, set local to the transaction) come and go together.
+The transaction takes no row lock and no snapshot between statements and writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +36,11 @@ def lock_params(name: str) -> dict[str, int]:
 
 
 def acquire(conn: Connection, name: str, holder: str, params: dict[str, int], *, steal: bool) -> None:
-    """Take the session advisory lock `params` on the AUTOCOMMIT connection `conn`, or raise
-    `LeaseHeld` naming who has it; with `steal`, terminate that session first."""
-    # The application name lets a refused operator see who holds the lock.
-    try_lock = text("SELECT pg_try_advisory_lock(:c, :k), set_config('application_name', :n, false)")
+    """Take the transaction-scoped advisory lock `params` in the transaction open on `conn`
+    (held until that transaction ends), or raise `LeaseHeld` naming who has it; with `steal`,
+    terminate the holder's server session first (which ends its transaction and its lock)."""
+    # The application name, local to the transaction, lets a refused operator see who holds it.
+    try_lock = text("SELECT pg_try_advisory_xact_lock(:c, :k), set_config('application_name', :n, true)")
     values = {**params, "n": f"migration-fsm {holder}"[:63]}
     if conn.execute(try_lock, values).scalar():
         return
@@ -61,9 +72,6 @@ def acquire(conn: Connection, name: str, holder: str, params: dict[str, int], *,
     )
 
 
-def release(conn: Connection, params: dict[str, int]) -> None:
-    """Give the advisory lock `params` back and clear the connection's application name."""
-    conn.execute(
-        text("SELECT pg_advisory_unlock(:c, :k), set_config('application_name', '', false)"),
-        params,
-    )
+def release(conn: Connection) -> None:
+    """End the lock's transaction on `conn`: the lock and the application name go with it."""
+    conn.rollback()

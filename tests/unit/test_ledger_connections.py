@@ -183,8 +183,8 @@ def test_an_interrupted_statement_drops_the_connection(
 
 
 def test_prepared_statements_are_the_default_and_can_be_turned_off(upgraded_url: str) -> None:
-    """Prepared after psycopg's default threshold, like the engine's connections; off for
-    PgBouncer in transaction pooling (`prepared_statements=False`)."""
+    """Prepared after psycopg's default threshold; off for PgBouncer in transaction pooling
+    (`prepared_statements=False`)."""
     with Ledger(upgraded_url) as prepared, Ledger(upgraded_url, prepared_statements=False) as plain:
         for ledger, name in ((plain, "p"), (prepared, "q")):
             for i in range(6):
