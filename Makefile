@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench lint typecheck pytest mutate clean
+.PHONY: test test-fast demo bench lint typecheck pytest pgbouncer mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,11 +29,19 @@ typecheck: $(STAMP)
 # The tests run in PYTEST_WORKERS processes (pytest-xdist); PYTEST_WORKERS=0 runs them in this one.
 PYTEST_WORKERS ?= 2
 
-pytest: $(STAMP)
-	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+# tests/system/test_pgbouncer.py runs PgBouncers of its own: the distribution's package.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || { \
+	    echo "installing the distribution's pgbouncer package (tests/system/test_pgbouncer.py)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null; }; }
+
+# --dist loadgroup: tests marked with one xdist_group run on one worker, one after the other.
+pytest: $(STAMP) pgbouncer
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: lint typecheck
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 # Mutation testing (mutmut, configured under [tool.mutmut] in pyproject.toml) of the journal, the
 # machine, the transition runner, the client and validate: every mutant must be killed by the tests

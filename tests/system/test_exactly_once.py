@@ -81,7 +81,9 @@ from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from tests.support.cli import ROOT
 from tests.support.forkserver import child_env
 
-pytestmark = pytest.mark.slow
+#: With the load run (about 40 PostgreSQL connections each), never beside it: on one xdist
+#: worker, so the two never exceed the shared server's connection limit together.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("many_pg_connections")]
 
 MIGRATION = "prove"
 #: Tasks scheduled per second, and the most the producer schedules (it stops before).

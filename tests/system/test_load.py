@@ -16,6 +16,7 @@ PHASE_NAMES = ["preparation", "dual_write", "cutover", "cleanup", "complete"]
 
 @pytest.mark.postgres
 @pytest.mark.slow
+@pytest.mark.xdist_group("many_pg_connections")  # never beside test_exactly_once (connections)
 def test_load_run_loses_nothing_and_runs_nothing_twice(pg_database: str) -> None:
     """A few seconds of the load run on the shared PostgreSQL report lost 0 and duplicated 0."""
     # `pg_database` only proves the server is reachable (or skips); the run makes its own four.
