@@ -123,7 +123,7 @@ def pause_warnings(settings: Settings, edge: Edge, steps: list[tuple[str, str | 
     return [
         f'steps."{edge.key}" moves consumption off the {side} side but has no pause_consumers step:'
         f" {side} workers may still take tasks while the drain counts, and run them a second time on"
-        ' the other side; add "pause_consumers" first (DESIGN.md section 10, docs/MIGRATION.md)'
+        ' the other side; add "pause_consumers" first (docs/REFERENCE.md, docs/MIGRATION.md)'
     ]
 
 

@@ -39,7 +39,7 @@ def open_side(settings: Settings, side: Side) -> Iterator[TaskStore]:
     if config is None:
         raise ConfigError(
             f"no [stores.{side}] table in the config: the data tools need both stores"
-            " (see DESIGN.md section 6)"
+            ' (docs/REFERENCE.md, "Stores")'
         )
     from .factory import build_store
 

@@ -155,3 +155,35 @@ def test_workers_page_example_runs(tmp_path: Path) -> None:
         )
     assert "['job-1', 'job-2'] 2" in text
     assert "['job-1', 'job-2'] 2" == _run_python(block, tmp_path).strip()
+
+
+USER_DOCS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "config" / "migration-fsm.toml",
+]
+
+
+def test_user_docs_never_send_a_reader_outside_the_repository() -> None:
+    """No user doc names the design document (it is not in the repository), and every file a
+    user doc points to exists."""
+    for doc in USER_DOCS:
+        text = doc.read_text(encoding="utf-8")
+        assert "DESIGN.md" not in text, doc
+        for target in re.findall(
+            r"\b((?:docs|config|bench|tests|migration_fsm)/[\w./-]+\.(?:md|toml|py))", text
+        ):
+            assert (ROOT / target).exists(), (doc, target)
+
+
+def test_the_reference_names_every_setting_guard_and_step() -> None:
+    from migration_fsm.config import Settings
+    from migration_fsm.plugins.defaults import GUARD_NAMES, STEP_NAMES
+    from migration_fsm.plugins.registry import BUILTIN_GUARDS
+
+    reference = (ROOT / "docs" / "REFERENCE.md").read_text(encoding="utf-8")
+    for name in Settings.model_fields:
+        assert f"`{name}`" in reference, name
+        assert f"`MIGRATION_FSM_{name.upper()}`" in reference, name
+    for name in {*GUARD_NAMES, *BUILTIN_GUARDS, *STEP_NAMES} - {"lift_pause"}:
+        assert f"`{name}`" in reference, name
