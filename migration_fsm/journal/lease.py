@@ -357,10 +357,18 @@ def lease_held_error(migration: MigrationState) -> LeaseHeld:
 
 
 def lease_lost(migration: MigrationState, seq: int) -> LeaseHeld:
-    """The error of a command whose lease on transition `seq` was taken over."""
+    """The error of a command whose lease on transition `seq` is no longer its own: another
+    operator holds it, or it was released (the transition waits for `resume` or `abort`), or
+    the operator who took it over has already ended the transition."""
+    lost = f"the lease on transition #{seq} of migration '{migration.name}'"
+    if migration.lease_holder is not None:
+        what = f"{lost} was taken over by {migration.lease_holder}"
+    elif migration.in_progress_seq == seq:
+        what = f"{lost} is no longer held (the transition waits for `resume` or `abort`)"
+    else:
+        what = f"{lost} was taken over, and the transition has ended since (see `migration-fsm history`)"
     return LeaseHeld(
-        f"the lease on transition #{seq} of migration '{migration.name}' was taken over by"
-        f" {migration.lease_holder or 'nobody'}: this command stops here",
+        f"{what}: this command stops here",
         holder=migration.lease_holder,
         expires_at=migration.lease_expires_at,
     )

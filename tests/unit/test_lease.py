@@ -174,7 +174,9 @@ def test_release_keeps_the_transition_interrupted(store: Journal) -> None:
     assert ("intent", "step x failed: boom") == (entry.status, entry.error)
     # Released: the lease is no longer ours, so it cannot write any more.
     assert not lease.heartbeat()
-    with pytest.raises(LeaseHeld, match="taken over by nobody"):
+    with pytest.raises(
+        LeaseHeld, match=r"is no longer held \(the transition waits for `resume` or `abort`\)"
+    ):
         lease.commit()
 
 
@@ -408,9 +410,12 @@ def test_the_lease_errors_name_the_holder_the_expiry_and_what_to_do(store: Journ
     assert "transition #2 is held by alice [h:1] until ?: wait for it" in str(unknown)
     lost = lease_lost(replace(state, lease_holder=None), 2)
     assert (
-        f"the lease on transition #2 of migration '{NAME}' was taken over by nobody: this command stops here"
-        == str(lost)
-    )
+        f"the lease on transition #2 of migration '{NAME}' is no longer held (the transition waits"
+        " for `resume` or `abort`): this command stops here"
+    ) == str(lost)
+    ended = lease_lost(replace(state, lease_holder=None, in_progress_seq=None), 2)
+    assert "nobody" not in str(ended)
+    assert "was taken over, and the transition has ended since (see `migration-fsm history`)" in str(ended)
     assert (None, state.lease_expires_at) == (lost.holder, lost.expires_at)
     seen = replace(state, version=0, in_progress_seq=None)
     interrupted = conflict(replace(state, lease_expires_at=utcnow() - timedelta(seconds=1)), seen)
