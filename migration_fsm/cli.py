@@ -422,6 +422,9 @@ def _print_outcomes(outcomes: Sequence[TransitionResult], *, force: bool) -> int
                 out.print(f"[yellow]warning:[/yellow] {escape(warning)}")
             code = max(code, 1 if refusing else 0)
             continue
+        if outcome.status == "unchanged":
+            out.print(f"unchanged: already at {outcome.percent}% (nothing journaled)")
+            continue
         if outcome.guards:
             _print_guards(outcome.guards)
         state = outcome.state

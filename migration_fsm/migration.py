@@ -90,7 +90,7 @@ class Plan:
 class TransitionResult:
     """What a command did to one edge."""
 
-    status: str  # committed, refused, aborted, planned
+    status: str  # committed, refused, aborted, planned; unchanged (a ramp to the current percent)
     edge: Edge
     percent: int
     seq: int | None
@@ -284,6 +284,9 @@ class Migration:
             edge = resolve_edge(state.phase, trigger)
             if dry_run:
                 return self._dry_run(state, edge, percent)
+            if trigger is Trigger.RAMP and percent == state.percent:
+                # Nothing changes: nothing is journaled, no guard or step runs, no version bump.
+                return TransitionResult("unchanged", edge, state.percent, None, state=state)
             return self._take(state, edge, reason=reason, force=force, percent=percent)
 
     def _writable(self) -> MigrationState:

@@ -241,6 +241,8 @@ class Model:
             self._writable()
             if self.phase is not Phase.CUTOVER:
                 raise _Stop(TriggerNotAllowed)
+            if percent == self.percent:
+                return  # unchanged: nothing journaled
             self._take("ramp", Phase.CUTOVER, counter, requested=percent)
 
         return self._attempt(run, fault)
@@ -554,10 +556,15 @@ class EngineVersusModel(RuleBasedStateMachine):
     @precondition(lambda self: self.model.phase is Phase.CUTOVER and not self.model.interrupted)
     @rule(percent=percents(), fault=faults())
     def ramp(self, percent: int, fault: Fault | None) -> None:
+        unchanged = self.model.phase is Phase.CUTOVER and percent == self.model.percent
         expected = self.model.ramp(percent, fault=fault)
         outcome = self._call(expected, lambda: self.engine.ramp(percent), fault=fault)
         if outcome is not None:
-            self._check_committed(outcome)
+            assert isinstance(outcome, TransitionResult)
+            if unchanged:
+                assert ("unchanged", None) == (outcome.status, outcome.seq)
+            else:
+                self._check_committed(outcome)
             assert percent == outcome.percent
 
     @precondition(lambda self: self.model.phase in ROLLBACK and not self.model.interrupted)

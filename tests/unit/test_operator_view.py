@@ -59,3 +59,22 @@ def test_ramp_takes_only_a_plain_number_from_0_to_100(
     assert "percent must be a whole number from 0 to 100" in result.error_line
     assert before == cli("history", "--json", "--db", upgraded_url).stdout
     assert 0 == cli("ramp", "50", "--db", upgraded_url, "--config", cfg).code
+
+
+def test_a_ramp_to_the_current_percent_changes_and_journals_nothing(
+    upgraded_url: str, cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, '[guards]\n"dual_write->cutover" = []\n')
+    for command in (("init",), ("advance",), ("advance",), ("ramp", "40")):
+        assert 0 == cli(*command, "--db", upgraded_url, "--config", cfg).code
+    before = (
+        cli("history", "--json", "--db", upgraded_url).stdout,
+        cli("status", "--json", "--db", upgraded_url).stdout,
+    )
+    again = cli("ramp", "40", "--db", upgraded_url, "--config", cfg)
+    assert 0 == again.code, again.stderr
+    assert "unchanged: already at 40%" in again.stdout
+    assert before == (
+        cli("history", "--json", "--db", upgraded_url).stdout,
+        cli("status", "--json", "--db", upgraded_url).stdout,
+    )
