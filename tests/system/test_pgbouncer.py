@@ -312,21 +312,35 @@ def test_racing_operators_through_pgbouncer(
         assert 0 == bouncer.advisory_locks()
 
 
+def _advance_into_a_sleepy_step(
+    bouncer: Bouncer,
+    tmp_path: Path,
+    reaper: list[subprocess.Popen[bytes]],
+    actor: str,
+    *,
+    lease: float,
+    heartbeat: float,
+) -> tuple[Operator, subprocess.Popen[bytes]]:
+    """An `advance` process of `actor` through the PgBouncer, inside its sleepy step."""
+    ok(run_cli("db", "upgrade", "--db", bouncer.url))
+    config = write_config(
+        tmp_path / "cfg.toml", steps=[QUICK, SLEEPY], lease_seconds=lease, heartbeat_seconds=heartbeat
+    )
+    op = Operator(bouncer.url, config, tmp_path)
+    create_migration(bouncer.url)
+    log = tmp_path / actor
+    proc = spawn(["-m", "migration_fsm", *op.args(["advance"], actor)], tmp_path, log)
+    reaper.append(proc)
+    wait_for(lambda: (tmp_path / "inside_sleepy_step").exists() or proc.poll() is not None, "the step")
+    assert None is proc.poll(), finished(proc, log).stderr
+    return op, proc
+
+
 def test_sigkill_then_resume_steal_through_pgbouncer(
     bouncer: Bouncer, tmp_path: Path, reaper: list[subprocess.Popen[bytes]]
 ) -> None:
     """A SIGKILLed transition's lock goes with it; `resume --steal` finishes it; a later command works."""
-    ok(run_cli("db", "upgrade", "--db", bouncer.url))
-    config = write_config(
-        tmp_path / "cfg.toml", steps=[QUICK, SLEEPY], lease_seconds=120, heartbeat_seconds=1
-    )
-    op = Operator(bouncer.url, config, tmp_path)
-    create_migration(bouncer.url)
-    log = tmp_path / "doomed"
-    proc = spawn(["-m", "migration_fsm", *op.args(["advance"], "doomed")], tmp_path, log)
-    reaper.append(proc)
-    wait_for(lambda: (tmp_path / "inside_sleepy_step").exists() or proc.poll() is not None, "the step")
-    assert None is proc.poll(), finished(proc, log).stderr
+    op, proc = _advance_into_a_sleepy_step(bouncer, tmp_path, reaper, "doomed", lease=120, heartbeat=1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=WAIT)
     # PgBouncer closes the server connection its client left in a transaction: the lock goes.
@@ -347,17 +361,7 @@ def test_resume_steal_ends_a_hung_holder_through_pgbouncer(
     bouncer: Bouncer, tmp_path: Path, reaper: list[subprocess.Popen[bytes]]
 ) -> None:
     """`resume --steal` takes over from a holder that hangs (SIGSTOP) holding the lock."""
-    ok(run_cli("db", "upgrade", "--db", bouncer.url))
-    config = write_config(
-        tmp_path / "cfg.toml", steps=[QUICK, SLEEPY], lease_seconds=300, heartbeat_seconds=100
-    )
-    op = Operator(bouncer.url, config, tmp_path)
-    create_migration(bouncer.url)
-    log = tmp_path / "hung"
-    proc = spawn(["-m", "migration_fsm", *op.args(["advance"], "hung")], tmp_path, log)
-    reaper.append(proc)
-    wait_for(lambda: (tmp_path / "inside_sleepy_step").exists() or proc.poll() is not None, "the step")
-    assert None is proc.poll(), finished(proc, log).stderr
+    op, proc = _advance_into_a_sleepy_step(bouncer, tmp_path, reaper, "hung", lease=300, heartbeat=100)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         assert 1 == bouncer.advisory_locks()  # held by the hung command's open transaction

@@ -152,6 +152,26 @@ def test_renaming_the_migration_fails_verify(
 # -- rows that no longer decode ------------------------------------------------------------
 
 
+def _guard_context(store: Journal, url: str) -> Any:
+    """The `ctx` a guard gets, on the migration as it stands."""
+    from migration_fsm.config import load_settings
+    from migration_fsm.log import get_logger
+    from migration_fsm.plugins.context import Context
+
+    state = store.get(NAME)
+    return Context(
+        migration=NAME,
+        seq=None,
+        source=state.phase,
+        dest=state.phase,
+        settings=load_settings(None, database_url=url),
+        log=get_logger(),
+        state=state,
+        store=store,
+        percent=state.percent,
+    )
+
+
 def _raw(store: Journal, sql: str) -> None:
     with store.transaction() as conn:
         conn.execute(text(sql))
@@ -268,10 +288,7 @@ def test_a_validation_run_edited_to_pass_fails_verify_and_the_guard(
 ) -> None:
     """The defect: editing a failed run to "missing 0" made `checksums_match` pass while
     `verify` said the journal was fine."""
-    from migration_fsm.config import load_settings
-    from migration_fsm.log import get_logger
     from migration_fsm.plugins import guards
-    from migration_fsm.plugins.context import Context
 
     _journal(store)
     run = _validation(store, missing=2)
@@ -287,18 +304,7 @@ def test_a_validation_run_edited_to_pass_fails_verify_and_the_guard(
     result = _run(cli, upgraded_url, "verify")
     assert result.code == 4
     assert f"validate run #{run} was altered" in result.error_line
-    state = store.get(NAME)
-    ctx = Context(
-        migration=NAME,
-        seq=None,
-        source=state.phase,
-        dest=state.phase,
-        settings=load_settings(None, database_url=upgraded_url),
-        log=get_logger(),
-        state=state,
-        store=store,
-        percent=state.percent,
-    )
+    ctx = _guard_context(store, upgraded_url)
     verdict = guards.checksums_match(ctx)
     assert not verdict.passed
     assert f"validate run #{run} was altered" in verdict.detail
@@ -309,10 +315,7 @@ def test_a_validation_run_edited_to_pass_fails_verify_and_the_guard(
 def test_a_backfill_checkpoint_edited_to_done_fails_verify_and_the_guard(
     store: Journal, upgraded_url: str, cli: Callable[..., CliResult]
 ) -> None:
-    from migration_fsm.config import load_settings
-    from migration_fsm.log import get_logger
     from migration_fsm.plugins import guards
-    from migration_fsm.plugins.context import Context
 
     _journal(store)
     runs.start_backfill(store, NAME)
@@ -325,18 +328,7 @@ def test_a_backfill_checkpoint_edited_to_done_fails_verify_and_the_guard(
     result = _run(cli, upgraded_url, "verify")
     assert result.code == 4
     assert "the backfill checkpoint was altered" in result.error_line
-    state = store.get(NAME)
-    ctx = Context(
-        migration=NAME,
-        seq=None,
-        source=state.phase,
-        dest=state.phase,
-        settings=load_settings(None, database_url=upgraded_url),
-        log=get_logger(),
-        state=state,
-        store=store,
-        percent=state.percent,
-    )
+    ctx = _guard_context(store, upgraded_url)
     verdict = guards.backfill_complete(ctx)
     assert not verdict.passed
     assert "altered" in verdict.detail
