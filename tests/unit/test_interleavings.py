@@ -20,6 +20,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any, Final, cast
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import Phase as HypothesisPhase
 from hypothesis import strategies as st
@@ -312,6 +313,7 @@ class Interleavings(RuleBasedStateMachine):
         assert report.ok is (not (old.keys() - new.keys()) and not identity)
 
 
+@pytest.mark.timeout(3600 if os.environ.get("CI") else 300)  # CI=1: the long run (100/40 examples)
 def test_interleavings_lose_nothing_and_run_nothing_twice(upgraded_url: str) -> None:
     class OnThisDatabase(Interleavings):
         url = upgraded_url
