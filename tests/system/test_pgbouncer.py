@@ -187,17 +187,6 @@ def bouncer(tmp_path: Path) -> Iterator[Bouncer]:
 
 
 @pytest.fixture
-def reaper() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test started; any still running at the end are killed and reaped."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=WAIT)
-
-
-@pytest.fixture
 def fork_server(tmp_path: Path) -> Iterator[ForkServer]:
     folder = tmp_path / "fork_server"
     folder.mkdir()

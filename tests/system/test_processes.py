@@ -96,17 +96,6 @@ def finished(proc: subprocess.Popen[bytes], log: Path) -> CliResult:
     )
 
 
-@pytest.fixture
-def reaper() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test started; any still running at the end are killed and reaped."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=WAIT)
-
-
 def jsonl(path: Path) -> list[dict[str, Any]]:
     """The records a step appended to `path`."""
     if not path.exists():
