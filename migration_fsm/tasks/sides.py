@@ -58,12 +58,12 @@ def open_sides(settings: Settings) -> Iterator[tuple[TaskStore, TaskStore]]:
         yield old, new
 
 
-def shares_migration_file(settings: Settings, side: str) -> bool:
+def shares_migration_file(settings: Settings, side: Side) -> bool:
     """Whether `side`'s store is a table in the migration database's own SQLite file (a data
     fence then cannot hold that file's write lock while the tool writes)."""
     from ..journal.db import sqlite_path
 
-    store = settings.stores.get(side)  # type: ignore[call-overload]
+    store = settings.stores.get(side)
     if store is None or not store.url:
         return False
     mine, theirs = sqlite_path(settings.database_url), sqlite_path(store.url)

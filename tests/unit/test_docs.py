@@ -12,6 +12,21 @@ from migration_fsm.fsm import mermaid
 from tests.support.cli import ROOT
 
 
+def _fresh_migration(folder: Path) -> dict[str, str]:
+    """`db upgrade` and `init` in `folder`, as a reader of the docs runs them first; returns
+    the environment they ran in (ours without `MIGRATION_FSM_*`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
+    for args in (["db", "upgrade"], ["init"]):
+        subprocess.run(
+            [sys.executable, "-m", "migration_fsm", *args],
+            cwd=folder,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    return env
+
+
 def test_architecture_diagram_is_the_generated_one() -> None:
     """docs/ARCHITECTURE.md's Mermaid block equals `migration-fsm diagram` output."""
     text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
@@ -42,15 +57,7 @@ def test_readme_backend_examples_run(tmp_path: Path) -> None:
         b for b in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL) if "prometheus" not in b
     ]
     assert 2 == len(blocks)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
-    for args in (["db", "upgrade"], ["init"]):
-        subprocess.run(
-            [sys.executable, "-m", "migration_fsm", *args],
-            cwd=tmp_path,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+    env = _fresh_migration(tmp_path)
     outputs = [
         subprocess.run(
             [sys.executable, "-c", block],
@@ -144,15 +151,7 @@ def test_workers_page_example_runs(tmp_path: Path) -> None:
     """docs/WORKERS.md's worker runs as written on a fresh database and prints what it says."""
     text = (ROOT / "docs" / "WORKERS.md").read_text(encoding="utf-8")
     [block] = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
-    for args in (["db", "upgrade"], ["init"]):
-        subprocess.run(
-            [sys.executable, "-m", "migration_fsm", *args],
-            cwd=tmp_path,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+    _fresh_migration(tmp_path)
     assert "['job-1', 'job-2'] 2" in text
     assert "['job-1', 'job-2'] 2" == _run_python(block, tmp_path).strip()
 
