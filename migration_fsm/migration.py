@@ -408,8 +408,10 @@ class Migration:
             unforceable = [g.name for g in refusing if not g.forceable]
             if unforceable:
                 hint = f"{', '.join(unforceable)} cannot be forced; fix the cause first"
-            else:
+            elif edge.trigger is Trigger.ADVANCE:
                 hint = "fix the cause, or use --force --reason TEXT"
+            else:  # rollback and ramp have no --force
+                hint = "fix the cause first"
             raise Refused(f"{edge.trigger} {edge.key} refused by {names}: {hint}")
         lease, entry = self.store.claim(state, entry, plan.steps, self.holder, self.settings.lease_seconds)
         seq = entry.seq

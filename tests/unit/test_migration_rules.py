@@ -34,7 +34,7 @@ from migration_fsm.exceptions import (
 )
 from migration_fsm.fsm import EDGES_BY_KEY, Phase, Trigger, resolve_edge
 from migration_fsm.journal import Journal, JournalEntry, migrations_table, utcnow
-from migration_fsm.migration import GuardRecord, Migration, edge_guards, edge_steps, pause_warnings
+from migration_fsm.migration import GuardRecord, Migration, Plan, edge_guards, edge_steps, pause_warnings
 from migration_fsm.plugins.context import Context, GuardVerdict
 from tests.support import steps as engsteps
 from tests.support.datatools import memory_stores
@@ -882,4 +882,113 @@ def _intent(edge: Any) -> JournalEntry:
         error=None,
         prev_hash=None,
         hash=None,
+    )
+
+
+# -- what a guard sees, what cannot be resolved, what cannot be forced ----------------------
+
+
+def seen_guard(ctx: Context) -> GuardVerdict:
+    """A guard that says what it was shown."""
+    return GuardVerdict(True, f"{ctx.migration} {ctx.source}->{ctx.dest} at {ctx.percent}% seq {ctx.seq}")
+
+
+def test_a_guard_sees_the_edge_and_the_percent_it_would_set(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
+    engine.advance()
+    engine.advance()
+    eng = make(engine.store, make_settings, guards={"cutover->cutover": [f"{HERE}:seen_guard"]})
+    planned = eng.ramp(60, dry_run=True)
+    taken = eng.ramp(70)
+    assert ["default cutover->cutover at 60% seq None", "default cutover->cutover at 70% seq None"] == [
+        planned.guards[0].detail,
+        taken.guards[0].detail,
+    ]
+
+
+def test_a_rollback_refused_by_a_guard_is_not_forced_and_offers_no_force(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
+    """rollback (and ramp) have no --force: their refusal says to fix the cause, and nothing else."""
+    engine.advance()
+    eng = make(engine.store, make_settings, guards={"dual_write->preparation": [FLAG]})
+    engsteps.FLAG["passed"] = False
+    with pytest.raises(Refused) as info:
+        eng.rollback(reason="back")
+    assert f"rollback dual_write->preparation refused by {FLAG} (flag is False): fix the cause first" == str(
+        info.value
+    )
+    row = last_row(engine.store)
+    assert ("refused", False, "back") == (row.status, row.forced, row.reason)
+    assert Phase.DUAL_WRITE == engine.store.get("default").phase
+
+
+def test_a_ramp_refused_by_a_guard_offers_no_force(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
+    engine.advance()
+    engine.advance()
+    eng = make(engine.store, make_settings, guards={"cutover->cutover": [FLAG]})
+    engsteps.FLAG["passed"] = False
+    with pytest.raises(Refused) as info:
+        eng.ramp(50)
+    assert f"ramp cutover->cutover refused by {FLAG} (flag is False): fix the cause first" == str(info.value)
+    assert 0 == engine.store.get("default").percent
+
+
+def test_unresolvable_names_say_where_they_are_configured(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
+    engine.advance()
+    for settings, message in (
+        (
+            {"guards": {"dual_write->cutover": ["no_such_guard"]}},
+            "guards.\"dual_write->cutover\": unknown guard 'no_such_guard'",
+        ),
+        (
+            {"steps": {"dual_write->cutover": ["tests.support.steps:no_such_step"]}},
+            "steps.\"dual_write->cutover\": module 'tests.support.steps' has no 'no_such_step'",
+        ),
+        (
+            {"steps": {"dual_write->cutover": [{"do": STEP_A, "undo": "tests.support.steps:no_such_undo"}]}},
+            "steps.\"dual_write->cutover\": module 'tests.support.steps' has no 'no_such_undo'",
+        ),
+    ):
+        with pytest.raises(ConfigError) as info:
+            make(engine.store, make_settings, **settings).advance()
+        assert str(info.value).startswith(message), info.value
+    assert 2 == engine.store.get("default").last_seq
+
+
+def test_abort_of_an_undo_that_no_longer_resolves_takes_nothing_over(
+    engine: Migration, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = interrupted_at_step_b(engine, make_settings)
+    monkeypatch.delattr(engsteps, "undo_a")
+    with pytest.raises(ConfigError) as info:
+        eng.abort(reason="stop")
+    assert str(info.value).startswith(
+        f"undo of step '{STEP_A}': module 'tests.support.steps' has no 'undo_a'"
+    )
+    state = engine.store.get("default")
+    assert (3, None, []) == (state.in_progress_seq, state.lease_holder, last_row(engine.store).takeovers)
+
+
+def test_abort_and_resume_are_not_forced(engine: Migration, make_settings: Callable[..., Settings]) -> None:
+    eng = interrupted_at_step_b(engine, make_settings)
+    assert False is eng.abort(reason="stop").forced
+    engsteps.FAIL_ONCE.add("step_b")
+    with pytest.raises(StepFailed):
+        eng.advance()
+    assert False is eng.resume().forced
+
+
+def test_a_guard_record_made_by_hand_is_forceable() -> None:
+    record = GuardRecord("by_hand", False, "failed", 0)
+    edge = EDGES_BY_KEY["preparation->dual_write"]
+    assert (True, [], [record]) == (
+        record.forceable,
+        Plan(edge, 0, [record], []).refused(force=True),
+        Plan(edge, 0, [record], []).refused(force=False),
     )
