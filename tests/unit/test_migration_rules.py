@@ -992,3 +992,36 @@ def test_a_guard_record_made_by_hand_is_forceable() -> None:
         Plan(edge, 0, [record], []).refused(force=True),
         Plan(edge, 0, [record], []).refused(force=False),
     )
+
+
+#: What `holder_step` saw: the migration's lease holder while it ran, and the migration it was shown.
+HOLDERS: list[tuple[str | None, str, Phase]] = []
+
+
+def holder_step(ctx: Context) -> None:
+    HOLDERS.append((ctx.store.get(ctx.migration).lease_holder, ctx.state.name, ctx.state.phase))
+
+
+def test_the_operator_holds_the_lease_while_its_steps_run(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
+    """Its steps (run, resumed, undone) run under the lease of the operator who runs them,
+    and see the migration in the edge's source phase."""
+    HOLDERS.clear()
+    engine.advance()
+    holder = f"{HERE}:holder_step"
+    steps = {"dual_write->cutover": [{"do": holder, "undo": holder}, STEP_B, holder, STEP_C]}
+    first = make(engine.store, make_settings, actor="heidi", steps=steps)
+    engsteps.FAIL_ONCE.add("step_b")
+    with pytest.raises(StepFailed):
+        first.advance()
+    engsteps.FAIL_ONCE.add("step_c")
+    with pytest.raises(StepFailed):
+        make(engine.store, make_settings, actor="ivan", steps=steps).resume()
+    make(engine.store, make_settings, actor="judy", steps=steps).abort(reason="stop")
+    where = f"[{socket.gethostname()}:{os.getpid()}]"
+    assert [
+        (f"heidi {where}", "default", Phase.DUAL_WRITE),
+        (f"ivan {where}", "default", Phase.DUAL_WRITE),
+        (f"judy {where}", "default", Phase.DUAL_WRITE),
+    ] == HOLDERS
