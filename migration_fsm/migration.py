@@ -166,13 +166,13 @@ class Migration:
         self, *, reason: str | None = None, force: bool = False, dry_run: bool = False
     ) -> TransitionResult:
         """Take the edge to the next phase."""
-        return self._single(Trigger.ADVANCE, reason=reason, force=force, dry_run=dry_run)
+        return self._single(Trigger.ADVANCE, reason=reason, force=force, dry_run=dry_run, percent=None)
 
     def ramp(self, percent: int, *, reason: str | None = None, dry_run: bool = False) -> TransitionResult:
         """Set the cutover percent."""
         if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
             raise BadInput(f"percent must be a whole number from 0 to 100, not {percent!r}")
-        return self._single(Trigger.RAMP, reason=reason, percent=percent, dry_run=dry_run)
+        return self._single(Trigger.RAMP, reason=reason, force=False, dry_run=dry_run, percent=percent)
 
     def rollback(
         self, *, reason: str, to: Phase | None = None, dry_run: bool = False
@@ -273,9 +273,9 @@ class Migration:
         trigger: Trigger,
         *,
         reason: str | None,
-        force: bool = False,
-        dry_run: bool = False,
-        percent: int | None = None,
+        force: bool,
+        dry_run: bool,
+        percent: int | None,
     ) -> TransitionResult:
         if force:
             _require_reason(reason, "--force")

@@ -111,7 +111,7 @@ def without_level(logs: list[MutableMapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_init_logs_its_transition(store: Journal, make_settings: Callable[..., Settings]) -> None:
-    eng = Migration(store, make_settings(actor="carol"), "default")
+    eng = Migration(store, make_settings(actor="carol"))  # the migration is `default` unless named
     with capture_logs() as logs:
         state = eng.init()
     assert [
@@ -1025,3 +1025,19 @@ def test_the_operator_holds_the_lease_while_its_steps_run(
         (f"ivan {where}", "default", Phase.DUAL_WRITE),
         (f"judy {where}", "default", Phase.DUAL_WRITE),
     ] == HOLDERS
+
+
+def wrong_guard(ctx: Context) -> int:
+    """A guard returning neither a bool nor a verdict."""
+    return 1
+
+
+def test_a_guard_returning_neither_bool_nor_verdict_refuses_naming_itself(
+    engine: Migration, make_settings: Callable[..., Settings]
+) -> None:
+    eng = make(engine.store, make_settings, guards={"preparation->dual_write": [f"{HERE}:wrong_guard"]})
+    with pytest.raises(Refused):
+        eng.advance()
+    assert [f"raised TypeError: guard {HERE}:wrong_guard returned int, not bool or GuardVerdict"] == [
+        g["detail"] for g in last_row(engine.store).guards
+    ]
