@@ -71,7 +71,6 @@ class GuardRecord:
 class Plan:
     """What an edge would do: its guards' results and the steps it would run."""
 
-    edge: Edge
     percent: int
     guards: list[GuardRecord]
     steps: list[tuple[str, str | None]]
@@ -338,7 +337,7 @@ class Migration:
                 detail=result.detail,
                 duration_ms=ms,
             )
-        return Plan(edge, percent, outcomes, steps, pause_warnings(self.settings, edge, steps))
+        return Plan(percent, outcomes, steps, pause_warnings(self.settings, edge, steps))
 
     def _check_entry_time(self, state: MigrationState) -> None:
         """Before guards trust `state.phase_entered_at` (outside the hash chain: `min_soak`,
