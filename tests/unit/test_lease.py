@@ -485,3 +485,20 @@ def test_the_lease_expiry_is_shown_in_utc_whatever_the_local_time_zone(store: Jo
     assert datetime(2999, 1, 2, 3, 4, 5).astimezone().utcoffset() == timedelta(hours=5, minutes=30)
     held = lease_held_error(replace(store.get(NAME), lease_expires_at=expires))
     assert " until 2999-01-02T03:04:05Z (in " in str(held)
+
+
+def test_step_writes_stamp_and_touch_their_own_migration_only(store: Journal) -> None:
+    """Two migrations each at transition #2: starting and finishing a step of one stamps it
+    (`started_at`, `finished_at`) and leaves the other's step 0 pending."""
+    _, lease = _claim(store)
+    store.create("other", "carol")
+    store.claim(store.get("other"), _intent("carol"), STEPS, "carol [h:3]", 30)
+    before = utcnow()
+    lease.start_step(0)
+    started = store.entry(store.get(NAME), 2).steps[0]
+    assert started.started_at is not None
+    assert before <= started.started_at <= utcnow()
+    assert (started.status, started.finished_at) == ("started", None)
+    lease.mark_step(0, "done")
+    other = store.entry(store.get("other"), 2).steps[0]
+    assert ("pending", 0, None, None) == (other.status, other.attempts, other.started_at, other.finished_at)

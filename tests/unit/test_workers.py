@@ -314,3 +314,19 @@ def test_a_pause_or_lift_without_the_lease_names_the_transition_and_why(
     store.take_over(store.get(M), "bob [h:2]", 30, {"command": "resume", "actor": "bob"})
     with pytest.raises(LeaseHeld, match=rf"^{lost} was taken over by bob \[h:2\]: this command stops here$"):
         lease.pause("old")
+
+
+def test_the_lift_of_an_abort_is_journaled_with_its_holder_time_and_version(
+    store: Journal, engine: Migration
+) -> None:
+    lease, before = _into_transition(store, engine)
+    lease.pause("old")
+    final = lease.abort()
+    entry = store.entry(final, lease.seq)
+    assert entry.takeovers[-1] == {
+        "command": "lift",
+        "actor": "alice [h:1]",
+        "at": final.updated_at.isoformat(timespec="microseconds"),
+        "version": before + 2,
+    }
+    assert final.version == before + 2
