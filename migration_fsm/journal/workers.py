@@ -31,7 +31,8 @@ SIDES = ("old", "new")
 
 
 def upsert(engine_or_dialect: Any, table: Any) -> Any:
-    """`INSERT` with `ON CONFLICT` for the engine's dialect (SQLite or PostgreSQL)."""
+    """`INSERT` with `ON CONFLICT` for the dialect (SQLite or PostgreSQL) of an engine or a
+    connection, of a dialect, or named."""
     name = getattr(getattr(engine_or_dialect, "dialect", engine_or_dialect), "name", engine_or_dialect)
     if name == "postgresql":
         return postgresql.insert(table)

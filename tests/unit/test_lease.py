@@ -8,6 +8,7 @@ a stolen lease, a heartbeat that does nothing, two take-overs at once.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -430,3 +431,74 @@ def test_the_lease_errors_name_the_holder_the_expiry_and_what_to_do(store: Journ
         f"migration '{NAME}' changed while this command ran (version 0 -> 3, phase preparation):"
         " run `migration-fsm status` and decide again"
     ) == str(moved)
+
+
+def test_release_stamps_the_row_and_records_the_error_on_its_own_migration_only(store: Journal) -> None:
+    """Two migrations each at transition #2: releasing one writes the error on its own row
+    and moves its `updated_at`; the other's row keeps no error."""
+    _, lease = _claim(store)
+    store.create("other", "carol")
+    store.claim(store.get("other"), _intent("carol"), STEPS, "carol [h:3]", 30)
+    claimed = store.get(NAME).updated_at
+    lease.release("step a failed: boom")
+    assert store.get(NAME).updated_at > claimed
+    assert "step a failed: boom" == store.entry(store.get(NAME), 2).error
+    assert store.entry(store.get("other"), 2).error is None
+
+
+def test_abort_records_who_aborted_and_why_in_the_chained_row(store: Journal) -> None:
+    _, lease = _claim(store)
+    state = lease.abort(actor="bob", reason="the window closed")
+    entry = store.entry(state, 2)
+    assert ("aborted", "bob", "the window closed") == (entry.status, entry.actor, entry.reason)
+    assert entry.hash == state.head_hash == chain_hash(entry.prev_hash, NAME, entry)
+    _, lease = _claim_again(store)
+    state = lease.abort(reason="only a reason")
+    assert ("alice", "only a reason") == (store.entry(state, 3).actor, store.entry(state, 3).reason)
+
+
+def _claim_again(store: Journal) -> tuple[MigrationState, Lease]:
+    state = store.get(NAME)
+    lease, _ = store.claim(state, _intent(), STEPS, "alice [h:1]", 30)
+    return state, lease
+
+
+@pytest.fixture
+def local_time_far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone set to UTC+05:30 (the test machines run in UTC)."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_far_from_utc")
+def test_the_lease_expiry_is_shown_in_utc_whatever_the_local_time_zone(store: Journal) -> None:
+    from migration_fsm.journal import lease_held_error
+    from migration_fsm.journal.records import replace
+
+    _claim(store)
+    expires = datetime(2999, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert datetime(2999, 1, 2, 3, 4, 5).astimezone().utcoffset() == timedelta(hours=5, minutes=30)
+    held = lease_held_error(replace(store.get(NAME), lease_expires_at=expires))
+    assert " until 2999-01-02T03:04:05Z (in " in str(held)
+
+
+def test_step_writes_stamp_and_touch_their_own_migration_only(store: Journal) -> None:
+    """Two migrations each at transition #2: starting and finishing a step of one stamps it
+    (`started_at`, `finished_at`) and leaves the other's step 0 pending."""
+    _, lease = _claim(store)
+    store.create("other", "carol")
+    store.claim(store.get("other"), _intent("carol"), STEPS, "carol [h:3]", 30)
+    before = utcnow()
+    lease.start_step(0)
+    started = store.entry(store.get(NAME), 2).steps[0]
+    assert started.started_at is not None
+    assert before <= started.started_at <= utcnow()
+    assert (started.status, started.finished_at) == ("started", None)
+    lease.mark_step(0, "done")
+    other = store.entry(store.get("other"), 2).steps[0]
+    assert ("pending", 0, None, None) == (other.status, other.attempts, other.started_at, other.finished_at)

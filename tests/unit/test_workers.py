@@ -133,3 +133,200 @@ def test_lift_and_a_lost_lease(
         lease.pause("old")
     Lease(store, state.id, state.in_progress_seq or 0, "bob [h:2]", 30).commit()
     commands.verify(make_settings(), M)
+
+
+# -- the registry's details, one behaviour each ----------------------------------------------
+
+
+def test_upsert_takes_an_engine_a_connection_a_dialect_or_its_name(store: Journal) -> None:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from migration_fsm.journal import workers_table
+    from migration_fsm.journal.workers import upsert
+
+    expected = {"sqlite": sqlite.Insert, "postgresql": postgresql.Insert}
+    with store.engine.connect() as conn:
+        for given in (store.engine, conn, store.engine.dialect, store.engine.dialect.name):
+            assert isinstance(upsert(given, workers_table), expected[store.engine.dialect.name]), given
+    for name, insert in expected.items():
+        assert isinstance(upsert(name, workers_table), insert)
+    with pytest.raises(
+        ValueError, match=r"^the workers' table and the ledger support SQLite and PostgreSQL, not mysql$"
+    ):
+        upsert("mysql", workers_table)
+
+
+def test_default_worker_id_is_host_pid_and_six_random_hex_digits() -> None:
+    import os
+    import socket
+
+    from migration_fsm.journal.workers import default_worker_id
+
+    host, pid, tail = default_worker_id().rsplit(":", 2)
+    assert (host, pid) == (socket.gethostname(), str(os.getpid()))
+    assert len(tail) == 6
+    int(tail, 16)
+
+
+def test_the_ttl_must_be_positive_and_defaults_to_thirty_seconds(store: Journal, upgraded_url: str) -> None:
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"^ttl_seconds must be positive$"):
+            Workers(store.engine, ttl_seconds=bad)
+    short = Workers(store.engine, ttl_seconds=0.5)
+    short.register(M, "old", "w")
+    (beat,) = [r.heartbeat_at for r in short.records(M)]
+    assert short.is_gone(M, "old", "w", now=beat + timedelta(seconds=0.6))
+    assert not short.is_gone(M, "old", "w", now=beat + timedelta(seconds=0.4))
+    for default in (Workers(store.engine), Workers.from_url(upgraded_url)):
+        assert not default.is_gone(M, "old", "w", now=beat + timedelta(seconds=30))
+        assert default.is_gone(M, "old", "w", now=beat + timedelta(seconds=30, microseconds=1))
+        default.close()
+    from_url = Workers.from_url(upgraded_url, ttl_seconds=5)
+    assert from_url.is_gone(M, "old", "w", now=beat + timedelta(seconds=6))
+    from_url.close()
+
+
+def test_close_disposes_only_the_engine_from_url_created(store: Journal, upgraded_url: str) -> None:
+    disposed: list[object] = []
+    given = Workers(store.engine)
+    event.listen(store.engine, "engine_disposed", disposed.append)
+    given.close()
+    assert disposed == []
+    owned = Workers.from_url(upgraded_url)
+    event.listen(owned.engine, "engine_disposed", disposed.append)
+    owned.close()
+    assert disposed == [owned.engine]
+
+
+def test_a_registration_acknowledges_nothing_and_defers_no_finishes(workers: Workers) -> None:
+    workers.register(M, "old", "w")
+    (record,) = workers.records(M)
+    assert (record.seen_version, record.defers_finishes) == (0, False)
+    assert [w.worker_id for w in workers.side(M, "old", 1).waiting] == ["w"]
+
+
+def test_defers_finishes_once_set_stays_set_and_exact_moves_the_version_back(workers: Workers) -> None:
+    workers.heartbeat(M, "old", "w", seen_version=5, defers_finishes=True)
+    workers.heartbeat(M, "old", "w", seen_version=5)
+    workers.heartbeat(M, "old", "w", seen_version=3)  # not exact: never moves back
+    (record,) = workers.records(M)
+    assert (record.seen_version, record.defers_finishes) == (5, True)
+    workers.heartbeat(M, "old", "w", seen_version=3, exact=True)  # a restored database
+    (record,) = workers.records(M)
+    assert (record.seen_version, record.defers_finishes) == (3, True)
+
+
+def test_records_are_ordered_by_side_then_worker(workers: Workers) -> None:
+    for side, worker in (("old", "b"), ("old", "a"), ("new", "z"), ("new", "c")):
+        workers.register(M, side, worker)
+    assert [(r.side, r.worker_id) for r in workers.records(M)] == [
+        ("new", "c"),
+        ("new", "z"),
+        ("old", "a"),
+        ("old", "b"),
+    ]
+    assert [r.worker_id for r in workers.records(M, "old")] == ["a", "b"]
+
+
+def test_one_worker_id_in_another_side_or_migration_is_another_worker(workers: Workers) -> None:
+    """`is_gone`, `may_take_over` and `deregister` name one row: (migration, side, worker)."""
+    workers.register(M, "new", "w")
+    workers.register("other", "old", "w")
+    assert workers.is_gone(M, "old", "w")
+    assert workers.may_take_over(M, "old", "w")
+    assert not workers.is_gone(M, "new", "w")
+    assert not workers.may_take_over(M, "new", "w")
+    workers.register(M, "old", "w")
+    workers.deregister(M, "old", "w")
+    assert [(r.migration, r.side) for r in (*workers.records(M), *workers.records("other"))] == [
+        (M, "new"),
+        ("other", "old"),
+    ]
+
+
+def test_live_and_gone_at_the_ttl_boundary(workers: Workers) -> None:
+    """A heartbeat exactly `ttl` old is still live; a microsecond more and it is gone (for
+    `side`, `sides`, `is_gone` and `may_take_over` alike)."""
+    workers.register(M, "old", "w")
+    (beat,) = [r.heartbeat_at for r in workers.records(M)]
+    edge = beat + timedelta(seconds=30)
+    past = edge + timedelta(microseconds=1)
+    assert [w.worker_id for w in workers.side(M, "old", 0, now=edge).live] == ["w"]
+    assert [w.worker_id for w in workers.sides(M, 0, now=edge)["old"].live] == ["w"]
+    assert not workers.is_gone(M, "old", "w", now=edge)
+    assert not workers.may_take_over(M, "old", "w", now=edge)
+    assert [w.worker_id for w in workers.side(M, "old", 0, now=past).gone] == ["w"]
+    assert [w.worker_id for w in workers.sides(M, 0, now=past)["old"].gone] == ["w"]
+    assert workers.is_gone(M, "old", "w", now=past)
+    assert workers.may_take_over(M, "old", "w", now=past)
+    assert not workers.may_take_over(M, "old", "w")  # live now
+
+
+def test_side_and_sides_name_the_side_they_judged(workers: Workers) -> None:
+    assert workers.side(M, "new", 3).side == "new"
+    assert {s: judged.side for s, judged in workers.sides(M, 3).items()} == {"old": "old", "new": "new"}
+    assert {judged.version for judged in workers.sides(M, 3).values()} == {3}
+
+
+# -- the pause's details ----------------------------------------------------------------------
+
+
+def test_pause_refuses_a_side_that_is_not_old_or_new(store: Journal, engine: Migration) -> None:
+    lease, _ = _into_transition(store, engine)
+    with pytest.raises(ValueError, match=r"^side must be 'old' or 'new', not 'middle'$"):
+        lease.pause("middle")
+
+
+def test_each_pause_and_lift_is_journaled_with_its_holder_time_and_version(
+    store: Journal, engine: Migration
+) -> None:
+    """The `takeovers` record of a pause and of a lift, field by field: its `at` is the
+    migration row's `updated_at` of the same statement."""
+    lease, before = _into_transition(store, engine)
+    records: list[dict[str, object]] = []
+    signals: list[Callable[[], int]] = [lambda: lease.pause("new"), lease.lift]
+    for signal in signals:
+        version = signal()
+        state = store.get(M)
+        records.append(
+            {
+                "command": "?",
+                "actor": "alice [h:1]",
+                "at": state.updated_at.isoformat(timespec="microseconds"),
+                "version": version,
+            }
+        )
+    records[0].update(command="pause", side="new")
+    records[1].update(command="lift")
+    entry = store.entry(store.get(M), lease.seq)
+    assert entry.takeovers == records
+    assert entry.takeovers[0]["version"] == before + 1
+
+
+def test_a_pause_or_lift_without_the_lease_names_the_transition_and_why(
+    store: Journal, engine: Migration
+) -> None:
+    lease, _ = _into_transition(store, engine)
+    lost = f"the lease on transition #{lease.seq} of migration '{M}'"
+    lease.release("step failed")
+    with pytest.raises(LeaseHeld, match=rf"^{lost} is no longer held \(the transition waits for"):
+        lease.lift()
+    store.take_over(store.get(M), "bob [h:2]", 30, {"command": "resume", "actor": "bob"})
+    with pytest.raises(LeaseHeld, match=rf"^{lost} was taken over by bob \[h:2\]: this command stops here$"):
+        lease.pause("old")
+
+
+def test_the_lift_of_an_abort_is_journaled_with_its_holder_time_and_version(
+    store: Journal, engine: Migration
+) -> None:
+    lease, before = _into_transition(store, engine)
+    lease.pause("old")
+    final = lease.abort()
+    entry = store.entry(final, lease.seq)
+    assert entry.takeovers[-1] == {
+        "command": "lift",
+        "actor": "alice [h:1]",
+        "at": final.updated_at.isoformat(timespec="microseconds"),
+        "version": before + 2,
+    }
+    assert final.version == before + 2
