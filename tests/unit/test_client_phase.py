@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from migration_fsm.client import PhaseClient
 from migration_fsm.fsm import Phase, routing_for
 from migration_fsm.journal.schema import migrations_table
 from migration_fsm.migration import Migration
+from tests.unit.test_client_rules import FakeClock
 
 HOUR = 3600.0
 
@@ -118,11 +120,33 @@ def test_an_unusable_row_keeps_the_last_snapshot_stale_and_warns_once(
     _set_row(engine, phase="cutover", percent=0)
     snap = client.refresh()
     assert (Phase.CUTOVER, False) == (snap.phase, snap.stale)
+    _set_row(engine, phase="")  # a second outage, counted and reported as such
+    assert client.refresh().stale
+    _set_row(engine, phase="cutover")
+    assert not client.refresh().stale
+    counters = client.counters()
+    assert (8, 4, 2, 0.0) == tuple(counters[k] for k in ("refreshes", "refresh_errors", "outages", "stale"))
     assert [
         "migration-fsm client cannot read default, keeping phase dual_write (stale):"
         " ValueError: 'nonsense' is not a valid Phase",
         "migration-fsm client recovered: default is cutover at 0%",
+        "migration-fsm client cannot read default, keeping phase cutover (stale):"
+        " ValueError: '' is not a valid Phase",
+        "migration-fsm client recovered: default is cutover at 0%",
     ] == _warnings(caplog)
+
+
+def test_stale_seconds_are_counted_to_the_millisecond(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`counters()["stale_seconds"]`: the time without a good read, rounded to 3 decimals."""
+    from migration_fsm.client import phase as phase_module
+
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(phase_module, "time", clock)
+    with PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}", ttl=HOUR) as client:
+        clock.now = 100.12346
+        assert 0.123 == client.counters()["stale_seconds"]
 
 
 def test_a_migration_not_created_yet_is_named_in_the_warning(
