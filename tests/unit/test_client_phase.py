@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,39 +102,41 @@ def test_a_database_before_revision_0004_is_read_without_a_pause(
 def test_an_unusable_row_keeps_the_last_snapshot_stale_and_warns_once(
     engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A phase the client does not know: the last snapshot is kept, marked stale, with one
-    warning naming the error however many reads fail; the next good read recovers it."""
+    """A phase the client does not know: the last snapshot is kept whole (phase, percent,
+    routing, paused side, version, when it was read), marked stale, with one warning naming
+    the error (and the migration and phase as log fields) however many reads fail; the next
+    good read recovers it. A second outage is counted and reported as such."""
     caplog.set_level(logging.WARNING, logger="migration_fsm.client")
     engine.advance()
+    engine.advance()
+    engine.ramp(40)
+    _set_row(engine, paused_side="old")
     good = client.refresh()
+    assert (Phase.CUTOVER, 40, "old") == (good.phase, good.percent, good.paused)
     _set_row(engine, phase="nonsense")
     for _ in range(3):
-        snap = client.refresh()
-        assert (Phase.DUAL_WRITE, good.version, True, good.read_at) == (
-            snap.phase,
-            snap.version,
-            snap.stale,
-            snap.read_at,
-        )
+        assert replace(good, stale=True) == client.refresh()
     counters = client.counters()
     assert (5, 3, 1, 1.0) == tuple(counters[k] for k in ("refreshes", "refresh_errors", "outages", "stale"))
     _set_row(engine, phase="cutover", percent=0)
     snap = client.refresh()
     assert (Phase.CUTOVER, False) == (snap.phase, snap.stale)
-    _set_row(engine, phase="")  # a second outage, counted and reported as such
+    _set_row(engine, phase="")  # a second outage
     assert client.refresh().stale
-    _set_row(engine, phase="cutover")
+    _set_row(engine, phase="dual_write")
     assert not client.refresh().stale
     counters = client.counters()
     assert (8, 4, 2, 0.0) == tuple(counters[k] for k in ("refreshes", "refresh_errors", "outages", "stale"))
     assert [
-        "migration-fsm client cannot read default, keeping phase dual_write (stale):"
+        "migration-fsm client cannot read default, keeping phase cutover (stale):"
         " ValueError: 'nonsense' is not a valid Phase",
         "migration-fsm client recovered: default is cutover at 0%",
         "migration-fsm client cannot read default, keeping phase cutover (stale):"
         " ValueError: '' is not a valid Phase",
-        "migration-fsm client recovered: default is cutover at 0%",
+        "migration-fsm client recovered: default is dual_write at 0%",
     ] == _warnings(caplog)
+    first = next(r for r in caplog.records if r.name == "migration_fsm.client")
+    assert ("default", "cutover") == (vars(first)["migration"], vars(first)["phase"])
 
 
 def test_stale_seconds_are_counted_to_the_millisecond(
