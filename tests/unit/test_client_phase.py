@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def test_refresh_adopts_the_row_and_counts_each_read(engine: Migration, client: 
         first.paused,
     )
     assert first.read_at is not None
+    assert UTC == first.read_at.tzinfo  # an aware time: comparable with the journal's
     engine.advance()
     engine.advance()
     engine.ramp(40)
