@@ -7,7 +7,7 @@ warning naming the error) and recovered from. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
@@ -17,7 +17,9 @@ import pytest
 from sqlalchemy import text, update
 
 from migration_fsm.client import PhaseClient
+from migration_fsm.config import Settings
 from migration_fsm.fsm import Phase, routing_for
+from migration_fsm.journal import Journal, make_engine
 from migration_fsm.journal.schema import migrations_table
 from migration_fsm.migration import Migration
 from tests.unit.test_client_rules import FakeClock
@@ -171,4 +173,26 @@ def test_a_migration_not_created_yet_is_named_in_the_warning(
     assert [
         "migration-fsm client cannot read later, keeping phase dual_write (stale):"
         " LookupError: no migration named 'later' (yet)"
+    ] == _warnings(caplog)
+
+
+def test_a_read_error_is_reported_and_the_pause_is_read_once_the_database_exists(
+    tmp_path: Path, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that cannot be opened is reported with its error (not taken for a database
+    before revision 0004): once it exists, the client reads the phase and the paused side."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    url = f"sqlite:///{tmp_path / 'later.db'}"
+    with PhaseClient(url, ttl=HOUR) as client:
+        assert client.refresh().stale
+        Journal(url, engine=make_engine(url, create=True)).upgrade()
+        with Journal.open(url) as store:
+            Migration(store, make_settings(database_url=url), "default").init()
+            with store.engine.begin() as conn:
+                conn.execute(update(migrations_table).values(paused_side="new"))
+        snap = client.refresh()
+        assert (Phase.PREPARATION, "new", False) == (snap.phase, snap.paused, snap.stale)
+    assert [
+        "migration-fsm client cannot read default, keeping phase preparation (stale):"
+        " OperationalError: unable to open database file"
     ] == _warnings(caplog)
