@@ -443,25 +443,30 @@ def test_validate_migration_reads_the_ledger_where_ledger_url_says(
     assert not (tmp_path / "absent.db").exists()
 
 
-def test_the_counts_follow_the_re_read() -> None:
-    """A difference is counted by status as its re-read found it: a status that changed after
-    the scan moves to its new status, a copy deleted after the scan is not counted, and one
-    written after the scan (a dual write in flight) is."""
+@pytest.mark.parametrize("batch_size", [1000, 2], ids=["re-read-at-the-end", "re-read-during-the-scan"])
+def test_the_counts_follow_the_re_read(batch_size: int) -> None:
+    """A difference is counted as its re-read found it: a copy deleted after the scan is not
+    counted, and one written after the scan (a dual write in flight) is; whether the re-read
+    comes after the scan or during it (a full batch of differences)."""
     records = tasks(10)
-    new = MemoryTaskStore("new", [r for r in records if r.key not in ("t0000007", "t0000008")])
+    new = MemoryTaskStore("new", [r for r in records if r.key != "t0000007"])
     new.put(task(3, status=TaskStatus.COMPLETED, attempts=1))
 
     class ReReadAfterWrites(MemoryTaskStore):
         def get_many(self, keys: Sequence[str]) -> dict[str, TaskRecord]:  # the re-read
-            if self.get("t0000007") is not None:
-                self.delete("t0000007")
-                new.put(task(3, status=TaskStatus.FAILED, attempts=1))
-                new.put(task(8))
+            if self.get("t0000003") is not None:
+                self.delete("t0000003")
+                new.put(task(7))
             return super().get_many(keys)
 
-    report = validate(ReReadAfterWrites("old", records), new, settle=0)
-    assert (9, 9) == (report.old_count, report.new_count)
+    report = validate(ReReadAfterWrites("old", records), new, settle=0, batch_size=batch_size)
+    assert (9, 10) == (report.old_count, report.new_count)
     none = dict.fromkeys(TaskStatus, 0)
     assert {**none, TaskStatus.PENDING: 9} == report.counts_old
-    assert {**none, TaskStatus.PENDING: 8, TaskStatus.FAILED: 1} == report.counts_new
-    assert (0, 0, 1) == (report.missing, report.extra, report.status_differs)
+    assert {**none, TaskStatus.PENDING: 9, TaskStatus.COMPLETED: 1} == report.counts_new
+    assert (0, 1, ["t0000003"], 0) == (
+        report.missing,
+        report.extra,
+        report.sample_extra,
+        report.status_differs,
+    )
