@@ -196,3 +196,28 @@ def test_a_read_error_is_reported_and_the_pause_is_read_once_the_database_exists
         "migration-fsm client cannot read default, keeping phase preparation (stale):"
         " OperationalError: unable to open database file"
     ] == _warnings(caplog)
+
+
+def test_every_restore_is_counted_and_logged(
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each read that finds a lower version (the database restored) is adopted, counted and
+    logged with the migration, the phase and the version it went back to."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    engine.advance()
+    engine.advance()
+    high = client.refresh().version
+    for restored in (high - 1, high - 2):
+        _set_row(engine, version=restored, phase="dual_write")
+        assert (restored, Phase.DUAL_WRITE) == (client.refresh().version, client.phase)
+    assert 2 == client.counters()["restores"]
+    records = [r for r in caplog.records if r.name == "migration_fsm.client"]
+    assert [
+        f"migration-fsm client: default went back from version {high} (cutover) to version {high - 1}"
+        " (dual_write): the migration database was restored; following it",
+        f"migration-fsm client: default went back from version {high - 1} (dual_write) to version"
+        f" {high - 2} (dual_write): the migration database was restored; following it",
+    ] == [r.getMessage() for r in records]
+    assert ("default", "dual_write", high - 2) == tuple(
+        vars(records[-1])[k] for k in ("migration", "phase", "version")
+    )
