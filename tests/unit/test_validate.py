@@ -470,3 +470,11 @@ def test_the_counts_follow_the_re_read(batch_size: int) -> None:
         report.sample_extra,
         report.status_differs,
     )
+
+
+def test_validate_reads_1000_rows_at_a_time_and_samples_20_keys_by_default() -> None:
+    """The defaults of `validate`: pages of 1000 rows, samples of 20 keys."""
+    old = ScanRecorder("old")
+    old.put_many(tasks(25))
+    report = validate(old, MemoryTaskStore("new"), settle=0)
+    assert ({1000}, 25, 20) == (set(old.limits), report.missing, len(report.sample_missing))
