@@ -368,14 +368,16 @@ def test_validate_migration_passes_its_settings_and_records_the_run(
     old = MEMORY["old"] = ScanRecorder("old")
     old.put_many(tasks(5))
     settings = memory_sides.model_copy(update={"validate_sample_size": 1})
-    run_id, report = validate_migration(store, settings, M, settle=7.0)
+    settle = 2**-10  # exact in binary: the sums below are too
+    run_id, report = validate_migration(store, settings, M, settle=settle)
     assert {2} == set(old.limits)
     assert (5, ["t0000000"]) == (report.missing, report.sample_missing)
-    assert ([7.0, 7.0, 7.0], 21.0) == (clock.slept, report.seconds)  # 5 differences: 2 + 2 + 1
+    assert [settle] * 3 == clock.slept  # 5 differences: 2 + 2 + 1
+    assert 0.003 == report.seconds  # 0.0029296875 s, to the millisecond
     latest = runs.latest_validation(store, M)
     assert latest is not None
     assert (run_id, False, "preparation") == (latest.id, latest.ok, latest.phase)
-    assert {**report.as_json(), "seconds": 21.0} == latest.summary
+    assert {**report.as_json(), "seconds": 0.003} == latest.summary
 
 
 def test_validate_migration_adds_the_ledger_s_figures_while_old_consumes(
