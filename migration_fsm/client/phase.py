@@ -295,7 +295,7 @@ class PhaseClient:
         try:
             if row is None:
                 raise LookupError(f"no migration named '{self.migration}' (yet)")
-            paused = row[3] if len(row) > 3 and row[3] in ("old", "new") else None
+            paused = row[3] if row[3] in ("old", "new") else None  # both queries have 4 columns
             state = (Phase(row[0]), int(row[1]), int(row[2]), paused)
         except (LookupError, ValueError, TypeError) as exc:
             # The connection is fine, the row is not (yet) usable: keep listening.

@@ -383,7 +383,7 @@ def ledger_figures(  # noqa: PLR0917 - the report, both sides and where the ledg
     migration: str,
     store: Journal,
     *,
-    owned_by_new: bool = False,
+    owned_by_new: bool,
 ) -> None:
     """Add the execution ledger's figures to `report`: `executed_twice`, `refused_executions`,
     and the runnable old copies of keys the ledger alone says succeeded on the new side. An

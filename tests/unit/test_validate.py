@@ -8,25 +8,30 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from migration_fsm.cli import cli
-from migration_fsm.config import load_settings
-from migration_fsm.journal import Journal
+from migration_fsm.config import Settings, load_settings
+from migration_fsm.fsm import Phase
+from migration_fsm.journal import Journal, make_engine
+from migration_fsm.journal.ledger import Ledger
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from migration_fsm.tasks.sql import SqlTaskStore
 from migration_fsm.tools import runs
-from migration_fsm.tools.validate import classify, validate
+from migration_fsm.tools.validate import classify, validate, validate_migration
 from tests.support.cli import run_cli
 from tests.support.datatools import (
+    MEMORY,
     create_task_table,
     hundred_thousand,
+    memory_store,
+    memory_stores,
     sql_stores,
     task,
     tasks,
@@ -263,3 +268,215 @@ def test_a_mismatch_alone_is_not_ok_and_the_cli_exits_1(upgraded_url: str, tmp_p
         latest = runs.latest_validation(store, "default")
     assert latest is not None
     assert latest.ok is False
+
+
+def test_a_run_at_difference_alone_is_a_mismatch() -> None:
+    """Two copies that differ only in `run_at` (same type, payload and created_at, same
+    status) hold different identities: the raw comparison cannot settle them as equal."""
+    records = tasks(5)
+    at = records[0].created_at + timedelta(hours=1)
+    changed = [*records[:2], records[2].model_copy(update={"run_at": at}), *records[3:]]
+    report = validate(MemoryTaskStore("old", records), MemoryTaskStore("new", changed), settle=0)
+    assert (0, 0, 1, 0) == (report.missing, report.extra, report.mismatched, report.status_differs)
+    assert [{"key": "t0000002", "fields": ["run_at"]}] == report.sample_mismatched
+
+
+def test_json_types_of_a_decoded_payload_are_part_of_its_identity() -> None:
+    """Payloads that Python's `==` calls equal but whose JSON differs (`true` and `1`, `1` and
+    `1.0`) are mismatches, inside a run of equal rows as well as alone; equal JSON is not."""
+    records = tasks(40)
+    changed = list(records)
+    for i, value in ((10, True), (11, 1.0), (39, 1)):
+        records[i] = records[i].model_copy(update={"payload": {"n": 1}})
+        changed[i] = changed[i].model_copy(update={"payload": {"n": value}})
+    report = validate(MemoryTaskStore("old", records), MemoryTaskStore("new", changed), settle=0)
+    assert ["t0000010", "t0000011"] == [s["key"] for s in report.sample_mismatched]
+    assert (0, 0, 2, False) == (report.missing, report.extra, report.mismatched, report.ok)
+
+
+def test_every_sample_is_capped_at_the_sample_size() -> None:
+    """`sample_size` caps the extra and mismatched samples too; the counts cover everything."""
+    records = tasks(6)
+    changed = [r.model_copy(update={"type": "sms"}) for r in records[:3]] + tasks(3, start=10)
+    report = validate(
+        MemoryTaskStore("old", records[:3]), MemoryTaskStore("new", changed), sample_size=2, settle=0
+    )
+    assert (3, ["t0000010", "t0000011"]) == (report.extra, report.sample_extra)
+    assert (3, ["t0000000", "t0000001"]) == (report.mismatched, [s["key"] for s in report.sample_mismatched])
+
+
+# -- validate_migration: the configured stores, the execution ledger, the stored run --------
+
+M = "default"
+
+
+class ScanRecorder(MemoryTaskStore):
+    """A memory store that remembers how many rows each `scan` asked for."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.limits: list[int] = []
+
+    def scan(self, after: str | None, limit: int) -> Sequence[TaskRecord]:
+        self.limits.append(limit)
+        return super().scan(after, limit)
+
+
+class FakeClock:
+    """`time` for the validate module: `sleep` moves `monotonic` on and is remembered."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def memory_sides(store: Journal, make_settings: Callable[..., Settings]) -> Iterator[Settings]:
+    """Settings naming the shared memory stores (`old`, `new`), the migration initialised."""
+    MEMORY.clear()
+    settings = make_settings(stores=memory_stores(), backfill_batch_size=2, drain_timeout_seconds=0.2)
+    Migration(store, settings, M).init()
+    yield settings
+    MEMORY.clear()
+
+
+def _succeeded_on_new(ledger: Ledger, *keys: str) -> None:
+    for key in keys:
+        claim = ledger.claim(M, key, "new", "new-worker").claim
+        assert claim is not None
+        ledger.finish(claim, "succeeded")
+
+
+def test_validate_migration_passes_its_settings_and_records_the_run(
+    store: Journal, memory_sides: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan reads `backfill_batch_size` rows at a time and re-reads the differences in
+    batches of that size, each batch `settle` seconds after its newest difference; the
+    samples hold at most `validate_sample_size` keys; the stored run holds the report and
+    its duration."""
+    from migration_fsm.tools import validate as validate_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(validate_module, "time", clock)
+    old = MEMORY["old"] = ScanRecorder("old")
+    old.put_many(tasks(5))
+    settings = memory_sides.model_copy(update={"validate_sample_size": 1})
+    settle = 2**-10  # exact in binary: the sums below are too
+    run_id, report = validate_migration(store, settings, M, settle=settle)
+    assert {2} == set(old.limits)
+    assert (5, ["t0000000"]) == (report.missing, report.sample_missing)
+    assert [settle] * 3 == clock.slept  # 5 differences: 2 + 2 + 1
+    assert 0.003 == report.seconds  # 0.0029296875 s, to the millisecond
+    latest = runs.latest_validation(store, M)
+    assert latest is not None
+    assert (run_id, False, "preparation") == (latest.id, latest.ok, latest.phase)
+    assert {**report.as_json(), "seconds": 0.003} == latest.summary
+
+
+def test_validate_migration_adds_the_ledger_s_figures_while_old_consumes(
+    store: Journal, memory_sides: Settings
+) -> None:
+    """Before cutover (old consumes): the runnable old copies are those whose new copy
+    finished plus those the ledger alone says succeeded on new; the tasks new merely holds
+    are old's to run. `executed_twice` and `refused_executions` come from the ledger."""
+    old, new = memory_store("old"), memory_store("new")
+    old.put_many(tasks(6, start=1))
+    new.put_many([task(1, status=TaskStatus.COMPLETED, attempts=1), *tasks(5, start=2)])
+    with Ledger(memory_sides.database_url, engine=store.engine) as ledger:
+        _succeeded_on_new(ledger, "t0000002", "t0000003", "t0000004")
+        for key in ("t0000002", "t0000003"):
+            assert not ledger.claim(M, key, "old", "old-worker").allowed  # refused, counted
+    report = validate_migration(store, memory_sides, M, settle=0)[1]
+    assert (4, 0, 2) == (report.runnable_old_copies, report.executed_twice, report.refused_executions)
+    assert (0, 0, 0, 1) == (report.missing, report.extra, report.mismatched, report.status_differs)
+
+
+def test_validate_migration_counts_every_old_copy_new_owns_once_new_consumes(
+    store: Journal, memory_sides: Settings
+) -> None:
+    """From cutover (new consumes) every task with a new copy is new's: each runnable old copy
+    counts (what `retire_old` retires), at any percent, except one the ledger says runs on
+    old; a key the ledger knows is counted once."""
+    engine = Migration(store, memory_sides.model_copy(update={"guards": {"dual_write->cutover": []}}), M)
+    engine.advance()
+    engine.advance()
+    assert (Phase.CUTOVER, 0) == (store.get(M).phase, store.get(M).percent)
+    old, new = memory_store("old"), memory_store("new")
+    old.put_many(tasks(5, start=1))
+    new.put_many([task(1, status=TaskStatus.COMPLETED, attempts=1), *tasks(4, start=2)])
+    with Ledger(memory_sides.database_url, engine=store.engine) as ledger:
+        _succeeded_on_new(ledger, "t0000002")
+        assert not ledger.claim(M, "t0000002", "old", "old-worker").allowed
+        assert ledger.claim(M, "t0000003", "old", "old-worker").allowed  # runs on old: not new's yet
+    report = validate_migration(store, memory_sides, M, settle=0)[1]
+    assert (4, 0, 1) == (report.runnable_old_copies, report.executed_twice, report.refused_executions)
+
+
+def test_validate_migration_reads_the_ledger_where_ledger_url_says(
+    store: Journal, memory_sides: Settings, tmp_path: Path
+) -> None:
+    """With `ledger_url` the figures come from that database, not the migration database;
+    a ledger that cannot be reached leaves them None and the store's own count stands."""
+    old, new = memory_store("old"), memory_store("new")
+    old.put_many(tasks(3))
+    new.put_many([task(0, status=TaskStatus.COMPLETED, attempts=1), *tasks(2, start=1)])
+    with Ledger(memory_sides.database_url, engine=store.engine) as ledger:
+        _succeeded_on_new(ledger, "t0000001")  # in the migration database: not the ledger's
+        assert not ledger.claim(M, "t0000001", "old", "old-worker").allowed
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Journal(ledger_url, engine=make_engine(ledger_url, create=True)).upgrade()
+    with Ledger(ledger_url) as ledger:
+        _succeeded_on_new(ledger, "t0000002")
+        for _ in range(3):
+            assert not ledger.claim(M, "t0000002", "old", "old-worker").allowed
+    elsewhere = memory_sides.model_copy(update={"ledger_url": ledger_url})
+    report = validate_migration(store, elsewhere, M, settle=0)[1]
+    assert (2, 0, 3) == (report.runnable_old_copies, report.executed_twice, report.refused_executions)
+    gone = memory_sides.model_copy(update={"ledger_url": f"sqlite:///{tmp_path / 'absent.db'}"})
+    report = validate_migration(store, gone, M, settle=0)[1]
+    assert (1, None, None) == (report.runnable_old_copies, report.executed_twice, report.refused_executions)
+    assert not (tmp_path / "absent.db").exists()
+
+
+@pytest.mark.parametrize("batch_size", [1000, 2], ids=["re-read-at-the-end", "re-read-during-the-scan"])
+def test_the_counts_follow_the_re_read(batch_size: int) -> None:
+    """A difference is counted as its re-read found it: a copy deleted after the scan is not
+    counted, and one written after the scan (a dual write in flight) is; whether the re-read
+    comes after the scan or during it (a full batch of differences)."""
+    records = tasks(10)
+    new = MemoryTaskStore("new", [r for r in records if r.key != "t0000007"])
+    new.put(task(3, status=TaskStatus.COMPLETED, attempts=1))
+
+    class ReReadAfterWrites(MemoryTaskStore):
+        def get_many(self, keys: Sequence[str]) -> dict[str, TaskRecord]:  # the re-read
+            if self.get("t0000003") is not None:
+                self.delete("t0000003")
+                new.put(task(7))
+            return super().get_many(keys)
+
+    report = validate(ReReadAfterWrites("old", records), new, settle=0, batch_size=batch_size)
+    assert (9, 10) == (report.old_count, report.new_count)
+    none = dict.fromkeys(TaskStatus, 0)
+    assert {**none, TaskStatus.PENDING: 9} == report.counts_old
+    assert {**none, TaskStatus.PENDING: 9, TaskStatus.COMPLETED: 1} == report.counts_new
+    assert (0, 1, ["t0000003"], 0) == (
+        report.missing,
+        report.extra,
+        report.sample_extra,
+        report.status_differs,
+    )
+
+
+def test_validate_reads_1000_rows_at_a_time_and_samples_20_keys_by_default() -> None:
+    """The defaults of `validate`: pages of 1000 rows, samples of 20 keys."""
+    old = ScanRecorder("old")
+    old.put_many(tasks(25))
+    report = validate(old, MemoryTaskStore("new"), settle=0)
+    assert ({1000}, 25, 20) == (set(old.limits), report.missing, len(report.sample_missing))

@@ -1,0 +1,223 @@
+"""`PhaseClient` (`client/phase.py`) read by `refresh()` on the caller's thread (a ttl of an
+hour: the refresher never reads during a test): what a read adopts from the row (phase,
+percent, version, the paused side, on a database from before revision 0004 too), what it
+counts, and how a row that cannot be used is reported (the last snapshot kept, stale, one
+warning naming the error) and recovered from. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text, update
+
+from migration_fsm.client import PhaseClient
+from migration_fsm.config import Settings
+from migration_fsm.fsm import Phase, routing_for
+from migration_fsm.journal import Journal, make_engine
+from migration_fsm.journal.schema import migrations_table
+from migration_fsm.migration import Migration
+from tests.unit.test_client_rules import FakeClock
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def client(engine: Migration, upgraded_url: str) -> Iterator[PhaseClient]:
+    with PhaseClient(upgraded_url, ttl=HOUR, listen=False) as phase_client:
+        yield phase_client
+
+
+def _set_row(engine: Migration, **values: Any) -> None:
+    """Write columns of the migration's row directly, as a restore or a broken tool would."""
+    with engine.store.engine.begin() as conn:
+        conn.execute(update(migrations_table).where(migrations_table.c.name == "default").values(**values))
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "migration_fsm.client"]
+
+
+def test_refresh_adopts_the_row_and_counts_each_read(engine: Migration, client: PhaseClient) -> None:
+    """`refresh()` reads the row now and returns the new snapshot; every read is counted."""
+    first = client.snapshot()
+    assert (Phase.PREPARATION, 1, 0, False, None) == (
+        first.phase,
+        first.version,
+        first.percent,
+        first.stale,
+        first.paused,
+    )
+    assert first.read_at is not None
+    assert UTC == first.read_at.tzinfo  # an aware time: comparable with the journal's
+    engine.advance()
+    engine.advance()
+    engine.ramp(40)
+    assert first is client.snapshot()  # nothing is read until the refresh
+    snap = client.refresh()
+    assert snap is client.snapshot()
+    state = engine.store.get("default")
+    assert (Phase.CUTOVER, 40, state.version, routing_for(Phase.CUTOVER, 40), False, "default") == (
+        snap.phase,
+        snap.percent,
+        snap.version,
+        snap.routing,
+        snap.stale,
+        snap.migration,
+    )
+    client.refresh()
+    counters = client.counters()
+    assert (3, 0, 0, 0, 0, float(state.version), 0.0) == tuple(
+        counters[k]
+        for k in ("refreshes", "refresh_errors", "outages", "restores", "notifications", "version", "stale")
+    )
+
+
+def test_the_paused_side_is_read_and_anything_else_is_no_pause(
+    engine: Migration, client: PhaseClient
+) -> None:
+    """The snapshot carries the paused side (`old` or `new`); any other value is no pause."""
+    for stored, seen in (("old", "old"), ("new", "new"), ("both", None), (None, None)):
+        _set_row(engine, paused_side=stored)
+        assert seen == client.refresh().paused, stored
+
+
+def test_a_database_before_revision_0004_is_read_without_a_pause(
+    engine: Migration, upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client deployed before `db upgrade` added `paused_side` still follows the phase,
+    with no pause and no warning."""
+    engine.advance()
+    with engine.store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE mfsm_migrations DROP COLUMN paused_side"))
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    with PhaseClient(upgraded_url, ttl=HOUR, listen=False) as client:
+        snap = client.refresh()
+        assert (Phase.DUAL_WRITE, None, False) == (snap.phase, snap.paused, snap.stale)
+        assert (2, 0) == (client.counters()["refreshes"], client.counters()["refresh_errors"])
+    assert [] == _warnings(caplog)
+
+
+def test_an_unusable_row_keeps_the_last_snapshot_stale_and_warns_once(
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A phase the client does not know: the last snapshot is kept whole (phase, percent,
+    routing, paused side, version, when it was read), marked stale, with one warning naming
+    the error (and the migration and phase as log fields) however many reads fail; the next
+    good read recovers it. A second outage is counted and reported as such."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    engine.advance()
+    engine.advance()
+    engine.ramp(40)
+    _set_row(engine, paused_side="old")
+    good = client.refresh()
+    assert (Phase.CUTOVER, 40, "old") == (good.phase, good.percent, good.paused)
+    _set_row(engine, phase="nonsense")
+    for _ in range(3):
+        assert replace(good, stale=True) == client.refresh()
+    counters = client.counters()
+    assert (5, 3, 1, 1.0) == tuple(counters[k] for k in ("refreshes", "refresh_errors", "outages", "stale"))
+    _set_row(engine, phase="cutover", percent=0)
+    snap = client.refresh()
+    assert (Phase.CUTOVER, False) == (snap.phase, snap.stale)
+    _set_row(engine, phase="")  # a second outage
+    assert client.refresh().stale
+    _set_row(engine, phase="dual_write")
+    assert not client.refresh().stale
+    counters = client.counters()
+    assert (8, 4, 2, 0.0) == tuple(counters[k] for k in ("refreshes", "refresh_errors", "outages", "stale"))
+    assert [
+        "migration-fsm client cannot read default, keeping phase cutover (stale):"
+        " ValueError: 'nonsense' is not a valid Phase",
+        "migration-fsm client recovered: default is cutover at 0%",
+        "migration-fsm client cannot read default, keeping phase cutover (stale):"
+        " ValueError: '' is not a valid Phase",
+        "migration-fsm client recovered: default is dual_write at 0%",
+    ] == _warnings(caplog)
+    first = next(r for r in caplog.records if r.name == "migration_fsm.client")
+    assert ("default", "cutover") == (vars(first)["migration"], vars(first)["phase"])
+
+
+def test_stale_seconds_are_counted_to_the_millisecond(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`counters()["stale_seconds"]`: the time without a good read, rounded to 3 decimals."""
+    from migration_fsm.client import phase as phase_module
+
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(phase_module, "time", clock)
+    with PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}", ttl=HOUR) as client:
+        clock.now = 100.12346
+        assert 0.123 == client.counters()["stale_seconds"]
+
+
+def test_a_migration_not_created_yet_is_named_in_the_warning(
+    engine: Migration, upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client of a migration that does not exist (yet) answers its default phase, stale,
+    and says why once; its first good read is not a recovery."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    with PhaseClient(upgraded_url, "later", ttl=HOUR, default_phase=Phase.DUAL_WRITE, listen=False) as client:
+        client.refresh()
+        snap = client.snapshot()
+        assert (Phase.DUAL_WRITE, True, None, 0) == (snap.phase, snap.stale, snap.read_at, snap.version)
+        assert (2, 2, 0) == tuple(client.counters()[k] for k in ("refreshes", "refresh_errors", "outages"))
+        Migration(engine.store, engine.settings, "later").init()
+        snap = client.refresh()
+        assert (Phase.PREPARATION, False) == (snap.phase, snap.stale)
+    assert [
+        "migration-fsm client cannot read later, keeping phase dual_write (stale):"
+        " LookupError: no migration named 'later' (yet)"
+    ] == _warnings(caplog)
+
+
+def test_a_read_error_is_reported_and_the_pause_is_read_once_the_database_exists(
+    tmp_path: Path, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that cannot be opened is reported with its error (not taken for a database
+    before revision 0004): once it exists, the client reads the phase and the paused side."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    url = f"sqlite:///{tmp_path / 'later.db'}"
+    with PhaseClient(url, ttl=HOUR) as client:
+        assert client.refresh().stale
+        Journal(url, engine=make_engine(url, create=True)).upgrade()
+        with Journal.open(url) as store:
+            Migration(store, make_settings(database_url=url), "default").init()
+            with store.engine.begin() as conn:
+                conn.execute(update(migrations_table).values(paused_side="new"))
+        snap = client.refresh()
+        assert (Phase.PREPARATION, "new", False) == (snap.phase, snap.paused, snap.stale)
+    assert [
+        "migration-fsm client cannot read default, keeping phase preparation (stale):"
+        " OperationalError: unable to open database file"
+    ] == _warnings(caplog)
+
+
+def test_every_restore_is_counted_and_logged(
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each read that finds a lower version (the database restored) is adopted, counted and
+    logged with the migration, the phase and the version it went back to."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    engine.advance()
+    engine.advance()
+    high = client.refresh().version
+    for restored in (high - 1, high - 2):
+        _set_row(engine, version=restored, phase="dual_write")
+        assert (restored, Phase.DUAL_WRITE) == (client.refresh().version, client.phase)
+    assert 2 == client.counters()["restores"]
+    records = [r for r in caplog.records if r.name == "migration_fsm.client"]
+    assert [
+        f"migration-fsm client: default went back from version {high} (cutover) to version {high - 1}"
+        " (dual_write): the migration database was restored; following it",
+        f"migration-fsm client: default went back from version {high - 1} (dual_write) to version"
+        f" {high - 2} (dual_write): the migration database was restored; following it",
+    ] == [r.getMessage() for r in records]
+    assert ("default", "dual_write", high - 2) == tuple(
+        vars(records[-1])[k] for k in ("migration", "phase", "version")
+    )
