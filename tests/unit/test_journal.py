@@ -6,12 +6,13 @@ data fence and schema checks, on SQLite and on PostgreSQL (the lease is `test_le
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import os
 import socket
 import sys
 import warnings
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, text, update
@@ -35,12 +36,11 @@ from migration_fsm.journal import (
     head_revisions,
     make_engine,
     migrations_table,
+    revisions,
     steps_table,
     utcnow,
 )
-
-if TYPE_CHECKING:
-    from pathlib import Path
+from migration_fsm.journal.locks import lease_holder_name, lock_params
 
 #: Every public name of the old one-file `store` module (before the journal was split).
 OLD_STORE_NAMES = [
@@ -464,3 +464,41 @@ def test_a_readonly_journal_writes_nothing(tmp_path: Path) -> None:
         assert NAME == readonly.get(NAME).name
         with pytest.raises(DatabaseUnavailable, match="readonly database"):
             readonly.create("other", "alice")
+
+
+# -- who holds what (locks.py) and where the revisions are (revisions.py) -----------------------
+
+
+def test_a_lease_holder_is_named_by_actor_host_and_process() -> None:
+    assert f"alice [{socket.gethostname()}:{os.getpid()}]" == lease_holder_name("alice")
+
+
+def test_the_advisory_lock_keys_are_pinned() -> None:
+    """Two versions of migration-fsm running at once must take the same lock for a migration:
+    the keys never change (a CRC-32 of the UTF-8 name, made a non-negative 32-bit key)."""
+    assert {"c": 0x6D66736D, "k": 1697644014} == lock_params("orders")
+    assert {"c": 0x6D66736D, "k": 235179326} == lock_params("é")
+
+
+def test_the_revisions_of_an_installed_package_are_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "_migrations").mkdir()
+    (tmp_path / "_migrations" / "env.py").write_text("", encoding="utf-8")
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
+    assert tmp_path / "_migrations" == revisions.migrations_dir()
+    (tmp_path / "_migrations").rename(tmp_path / "elsewhere")
+    (tmp_path / "_migrations").mkdir()  # no env.py: not the revisions
+    assert revisions.migrations_dir() == Path(revisions.__file__).resolve().parents[2] / "migrations"
+
+
+def test_alembic_config_keeps_a_percent_in_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(revisions, "migrations_dir", lambda: tmp_path / "100%")
+    assert str(tmp_path / "100%") == revisions.alembic_config().get_main_option("script_location")
+
+
+def test_the_head_is_one_of_the_known_revisions() -> None:
+    assert {"0007"} <= revisions.known_revisions()
+    assert {"0001", "0004", "0007"} <= revisions.known_revisions()
+    assert 1 == len(revisions.head_revisions())
+    assert revisions.head_revisions() < revisions.known_revisions()
