@@ -401,6 +401,10 @@ def test_the_held_data_fence_holds_off_a_claim_on_sqlite(tmp_path: Path) -> None
                 )
                 # a read is not held off: it does not take the write lock
                 assert other.get(NAME) == seen
+                assert [NAME] == other.names()
+                assert [1] == [entry.seq for entry in other.journal(seen)]
+                assert 1 == other.entry(seen, 1).seq
+                assert head_revisions() == other.current_revisions()
             with store.data_fence(NAME, "tool [h:1]", tool="backfill", version=1, hold=False):
                 other.claim(seen, _intent(), [], "bob [h:2]", 30)
 

@@ -468,3 +468,55 @@ def test_close_disposes_of_its_own_engine_only(upgraded_url: str) -> None:
         assert 1 == pool.checkedin()  # type: ignore[attr-defined]
     assert 0 == owned.engine.pool.checkedin()  # type: ignore[attr-defined]
     assert pool is not owned.engine.pool
+
+
+def _bystanders(ledger: Ledger, workers: Workers, worker: str) -> None:
+    """Running claims (attempt 1, like the key under test) of another key and of the same key
+    in another migration, by a live worker: what happens to `k` of `M` must leave them alone."""
+    workers.register(M, "old", worker)
+    workers.register("other", "old", worker)
+    assert ledger.claim(M, "bystander", "old", worker).allowed
+    assert ledger.claim("other", "k", "old", worker).allowed
+
+
+def _untouched(ledger: Ledger, worker: str) -> None:
+    for migration, key in ((M, "bystander"), ("other", "k")):
+        assert ClaimState("old", worker, 1, "running") == ledger.claim_of(migration, key)
+        assert [(1, "old", worker, "running")] == [
+            (e.attempt, e.side, e.worker_id, e.outcome) for e in ledger.executions(migration, key)
+        ]
+
+
+def test_a_take_over_moves_the_claim_and_closes_the_gone_worker_s_execution_only(
+    ledger: Ledger, workers: Workers, store: Journal
+) -> None:
+    _bystanders(ledger, workers, "alive")
+    workers.register(M, "old", "dead")
+    assert ledger.claim(M, "k", "old", "dead").allowed
+    _age(store, "old", "dead", 31)
+    before = utcnow()
+    taken = ledger.claim(M, "k", "new", "n1")
+    assert taken.claim == Claim(M, "k", "new", "n1", 2)
+    assert ClaimState("new", "n1", 2, "running") == ledger.claim_of(M, "k")
+    history = ledger.executions(M, "k")
+    assert [(1, "old", "dead", "handed_over"), (2, "new", "n1", "running")] == [
+        (e.attempt, e.side, e.worker_id, e.outcome) for e in history
+    ]
+    assert before <= history[1].started_at <= utcnow()
+    _untouched(ledger, "alive")
+
+
+def test_a_hand_over_of_a_gone_worker_s_claim_closes_its_execution_only(
+    ledger: Ledger, workers: Workers, store: Journal
+) -> None:
+    _bystanders(ledger, workers, "alive")
+    workers.register(M, "old", "dead")
+    assert ledger.claim(M, "k", "old", "dead").allowed
+    _age(store, "old", "dead", 31)
+    assert ledger.hand_over(M, "k", "old", "new")
+    assert ClaimState("new", "dead", 1, "handed_over") == ledger.claim_of(M, "k")
+    assert ["handed_over"] == [e.outcome for e in ledger.executions(M, "k")]
+    _untouched(ledger, "alive")
+    # the bystander's worker is live, on this migration and side: its claim is not handed over
+    live = ledger.hand_over(M, "bystander", "old", "new")
+    assert ("live", ("old", "alive")) == (live.reason, live.holder)
