@@ -190,13 +190,20 @@ def test_a_step_checkpoint_that_is_not_an_object_does_not_decode() -> None:
 def test_a_journal_row_altered_outside_is_named_in_the_exit_4_error(store: Journal) -> None:
     """Every row that does not decode is named, with its reason and what to do."""
     state = store.create("orders", "alice")
+    store.append_refused(
+        state, _entry(trigger=Trigger.ADVANCE, source=Phase.PREPARATION, dest=Phase.DUAL_WRITE)
+    )
+    store.append_refused(
+        store.get("orders"), _entry(trigger=Trigger.ADVANCE, source=Phase.PREPARATION, dest=Phase.DUAL_WRITE)
+    )
     with store.transaction() as conn:
-        conn.execute(update(journal_table).values(status="bogus"))
+        conn.execute(update(journal_table).where(journal_table.c.seq != 2).values(status="bogus"))
     with pytest.raises(JournalCorrupt) as info:
         store.journal(state)
     assert (
         "journal of migration 'orders' does not verify: row #1 does not decode (ValueError: 'bogus'"
-        " is not a valid EntryStatus): altered outside migration-fsm; restore the database from a"
+        " is not a valid EntryStatus); row #3 does not decode (ValueError: 'bogus' is not a valid"
+        " EntryStatus): altered outside migration-fsm; restore the database from a"
         " backup (`migration-fsm verify` names every such row)"
     ) == str(info.value)
     assert 4 == info.value.exit_code
