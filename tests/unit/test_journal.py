@@ -41,6 +41,7 @@ from migration_fsm.journal import (
     utcnow,
 )
 from migration_fsm.journal.locks import lease_holder_name, lock_params
+from migration_fsm.journal.records import replace
 
 #: Every public name of the old one-file `store` module (before the journal was split).
 OLD_STORE_NAMES = [
@@ -466,8 +467,11 @@ def test_a_readonly_journal_writes_nothing(tmp_path: Path) -> None:
         store.create(NAME, "alice")
     with Journal.open(url, readonly=True) as readonly:
         assert NAME == readonly.get(NAME).name
-        with pytest.raises(DatabaseUnavailable, match="readonly database"):
+        with pytest.raises(DatabaseUnavailable) as info:
             readonly.create("other", "alice")
+        assert f"database {readonly.safe_url} is unavailable: attempt to write a readonly database" == str(
+            info.value
+        )
 
 
 # -- who holds what (locks.py) and where the revisions are (revisions.py) -----------------------
@@ -506,3 +510,19 @@ def test_the_head_is_one_of_the_known_revisions() -> None:
     assert {"0001", "0004", "0007"} <= revisions.known_revisions()
     assert 1 == len(revisions.head_revisions())
     assert revisions.head_revisions() < revisions.known_revisions()
+
+
+def test_one_entry_reads_its_own_steps_only(store: Journal) -> None:
+    """`entry(seq)` decodes the steps of row `seq` alone: a step of another row altered
+    outside migration-fsm does not make it fail."""
+    seen = store.create(NAME, "alice")
+    lease, _ = store.claim(seen, _intent(), [("a", None)], "bob [h:2]", 30)
+    lease.commit()
+    state = store.get(NAME)
+    again = replace(_intent(), source=Phase.DUAL_WRITE, dest=Phase.CUTOVER)
+    store.claim(state, again, [("b", None), ("c", None)], "bob [h:2]", 30)
+    with store.transaction() as conn:
+        conn.execute(update(steps_table).where(steps_table.c.seq == 2).values(status="bogus"))
+    assert ["b", "c"] == [step.name for step in store.entry(state, 3).steps]
+    with pytest.raises(JournalCorrupt, match=r"step 0 of row #2 does not decode"):
+        store.entry(state, 2)
