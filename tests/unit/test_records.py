@@ -15,7 +15,7 @@ from migration_fsm.exceptions import JournalCorrupt
 from migration_fsm.fsm import Phase, Trigger
 from migration_fsm.journal import Journal, JournalEntry, chain_hash, journal_table, steps_table
 from migration_fsm.journal.chain import row_digest, row_digest_ok
-from migration_fsm.journal.records import phase_entered_at, step_from_row, version_bumps
+from migration_fsm.journal.records import phase_entered_at, step_from_row, undecodable, version_bumps
 
 if TYPE_CHECKING:
     pass
@@ -247,3 +247,8 @@ def test_a_journal_that_decodes_is_read_in_one_query_per_table(store: Journal) -
     assert [1, 2, 3] == [entry.seq for entry in entries]
     assert [[], [], ["a", "b"]] == [[step.name for step in entry.steps] for entry in entries]
     assert 2 == len(selects)
+
+
+def test_undecodable_names_the_error_s_type_and_first_line() -> None:
+    assert "row #1 does not decode (ValueError: one)" == undecodable("row #1", ValueError(" one\ntwo "))
+    assert "row #1 does not decode (KeyError: )" == undecodable("row #1", KeyError())
