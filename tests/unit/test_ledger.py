@@ -520,3 +520,24 @@ def test_a_hand_over_of_a_gone_worker_s_claim_closes_its_execution_only(
     # the bystander's worker is live, on this migration and side: its claim is not handed over
     live = ledger.hand_over(M, "bystander", "old", "new")
     assert ("live", ("old", "alive")) == (live.reason, live.holder)
+
+
+def test_a_finish_is_succeeded_or_failed(ledger: Ledger) -> None:
+    running = ledger.claim(M, "k", "old", "w").claim
+    assert running is not None
+    with pytest.raises(ValueError, match="an execution finishes") as info:
+        ledger.finish_many([(running, "handed_over")])
+    assert "an execution finishes succeeded or failed, not 'handed_over'" == str(info.value)
+    assert ClaimState("old", "w", 1, "running") == ledger.claim_of(M, "k")
+    assert 0 == ledger.finish_many([])
+
+
+def test_a_late_success_takes_back_a_hand_over_nobody_claimed(ledger: Ledger) -> None:
+    """The key is closed as the execution that really ran it: side and worker are the finisher's."""
+    slow = ledger.claim(M, "k", "old", "w")
+    assert slow.claim is not None
+    assert ledger.hand_over(M, "k", "old", "new")
+    assert ClaimState("new", "w", 1, "handed_over") == ledger.claim_of(M, "k")
+    assert ledger.finish(slow.claim, "succeeded")
+    assert ClaimState("old", "w", 1, "succeeded") == ledger.claim_of(M, "k")
+    assert ["succeeded"] == [e.outcome for e in ledger.executions(M, "k")]
