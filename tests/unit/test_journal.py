@@ -526,3 +526,49 @@ def test_one_entry_reads_its_own_steps_only(store: Journal) -> None:
     assert ["b", "c"] == [step.name for step in store.entry(state, 3).steps]
     with pytest.raises(JournalCorrupt, match=r"step 0 of row #2 does not decode"):
         store.entry(state, 2)
+
+
+def test_a_refusal_writes_its_own_migration_only(store: Journal) -> None:
+    seen = store.create(NAME, "alice")
+    other = store.create("other", "alice")
+    store.append_refused(seen, _intent())
+    assert other == store.get("other")
+    assert [1] == [entry.seq for entry in store.journal(other)]
+
+
+def test_a_refusal_is_not_journaled_inside_a_transition_in_progress(store: Journal) -> None:
+    seen = store.create(NAME, "alice")
+    store.claim(seen, _intent(), [], "bob [h:2]", 30)
+    during = store.get(NAME)
+    with pytest.raises(LeaseHeld, match=r"transition #2 is held by bob \[h:2\]"):
+        store.append_refused(during, _intent())
+    assert during == store.get(NAME)
+    assert [1, 2] == [entry.seq for entry in store.journal(during)]
+
+
+def test_a_take_over_moves_its_own_migration_only(store: Journal) -> None:
+    for name in (NAME, "other"):
+        lease, _ = store.claim(store.create(name, "alice"), _intent(), [], "bob [h:2]", 30)
+        lease.release("boom")
+    other = store.get("other")
+    store.take_over(store.get(NAME), "carol [h:3]", 60, {"command": "resume"})
+    assert "carol [h:3]" == store.get(NAME).lease_holder
+    assert other == store.get("other")
+    assert [] == store.entry(other, 2).takeovers
+
+
+def test_a_take_over_of_a_transition_that_ended_is_refused(store: Journal) -> None:
+    """Seen at transition #2 (released); #2 was resumed and committed and #3 began and was
+    released meanwhile: the take-over must not take #3 (nor record itself on #2)."""
+    lease, _ = store.claim(store.create(NAME, "alice"), _intent(), [], "bob [h:2]", 30)
+    lease.release("boom")
+    stale = store.get(NAME)
+    store.take_over(stale, "carol [h:3]", 60, {"command": "resume"}).commit()
+    again = replace(_intent(), source=Phase.DUAL_WRITE, dest=Phase.CUTOVER)
+    third, _ = store.claim(store.get(NAME), again, [], "dave [h:4]", 30)
+    third.release("boom")
+    before = store.get(NAME)
+    with pytest.raises(TransitionInterrupted, match=r"interrupted transition #3"):
+        store.take_over(stale, "erin [h:5]", 60, {"command": "resume"})
+    assert before == store.get(NAME)
+    assert [[], [{"command": "resume"}], []] == [entry.takeovers for entry in store.journal(before)]
