@@ -524,7 +524,9 @@ def test_one_entry_reads_its_own_steps_only(store: Journal) -> None:
     with store.transaction() as conn:
         conn.execute(update(steps_table).where(steps_table.c.seq == 2).values(status="bogus"))
     assert ["b", "c"] == [step.name for step in store.entry(state, 3).steps]
-    with pytest.raises(JournalCorrupt, match=r"step 0 of row #2 does not decode"):
+    with pytest.raises(
+        JournalCorrupt, match=rf"^journal of migration '{NAME}' does not verify: step 0 of row #2"
+    ):
         store.entry(state, 2)
 
 
