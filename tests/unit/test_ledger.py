@@ -22,6 +22,7 @@ from tests.support.pgtrace import pg_trace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from datetime import datetime
     from pathlib import Path
 
 M = "default"
@@ -541,3 +542,46 @@ def test_a_late_success_takes_back_a_hand_over_nobody_claimed(ledger: Ledger) ->
     assert ledger.finish(slow.claim, "succeeded")
     assert ClaimState("old", "w", 1, "succeeded") == ledger.claim_of(M, "k")
     assert ["succeeded"] == [e.outcome for e in ledger.executions(M, "k")]
+
+
+class _FinishesWhileJudged(Workers):
+    """Workers that say every worker is gone, and finish `claim` (as its worker would, at that
+    very moment) while they are asked: the claim moves between the ledger's read and its
+    compare-and-set, deterministically."""
+
+    claim: Claim | None = None
+    ledger: Ledger | None = None
+
+    def _finish(self) -> None:
+        if self.claim is not None and self.ledger is not None:
+            assert self.ledger.finish(self.claim, "succeeded")
+            self.claim = None
+
+    def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
+        self._finish()
+        return True
+
+    def may_take_over(
+        self, migration: str, side: str, worker_id: str, *, now: datetime | None = None
+    ) -> bool:
+        self._finish()
+        return True
+
+
+@pytest.mark.parametrize("command", ["claim", "hand_over"])
+def test_a_claim_that_moves_under_a_take_over_or_hand_over_is_decided_again(
+    store: Journal, upgraded_url: str, command: str
+) -> None:
+    workers = _FinishesWhileJudged(store.engine)
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        running = ledger.claim(M, "k", "old", "w1").claim
+        assert running is not None
+        workers.claim, workers.ledger = running, ledger
+        if command == "claim":
+            result = ledger.claim(M, "k", "new", "n1")
+            assert (False, "succeeded", ("old", "w1")) == (result.allowed, result.reason, result.holder)
+        else:
+            handed = ledger.hand_over(M, "k", "old", "new")
+            assert (False, "succeeded", ("old", "w1")) == (bool(handed), handed.reason, handed.holder)
+        assert ClaimState("old", "w1", 1, "succeeded") == ledger.claim_of(M, "k")
+        assert [(1, "succeeded")] == [(e.attempt, e.outcome) for e in ledger.executions(M, "k")]
