@@ -574,3 +574,33 @@ def test_a_take_over_of_a_transition_that_ended_is_refused(store: Journal) -> No
         store.take_over(stale, "erin [h:5]", 60, {"command": "resume"})
     assert before == store.get(NAME)
     assert [[], [{"command": "resume"}], []] == [entry.takeovers for entry in store.journal(before)]
+
+
+def test_a_state_seen_during_a_transition_is_stale_once_it_commits(store: Journal) -> None:
+    """The commit moves `version` but not `last_seq`: a claim or a refusal from the state seen
+    while the transition was in progress loses its compare-and-set on the version."""
+    lease, _ = store.claim(store.create(NAME, "alice"), _intent(), [], "bob [h:2]", 30)
+    during = store.get(NAME)
+    committed = lease.commit()
+    assert (during.last_seq, during.version + 1, None) == (
+        committed.last_seq,
+        committed.version,
+        committed.in_progress_seq,
+    )
+    again = replace(_intent(), source=Phase.DUAL_WRITE, dest=Phase.CUTOVER)
+    for write in (
+        lambda: store.claim(during, again, [], "carol [h:3]", 30),
+        lambda: store.append_refused(during, again),
+    ):
+        with pytest.raises(ConcurrentChange, match=r"version 1 -> 2"):
+            write()
+    assert committed == store.get(NAME)
+
+
+def test_a_claim_writes_its_own_migration_only_and_journals_intent(store: Journal) -> None:
+    seen = store.create(NAME, "alice")
+    other = store.create("other", "alice")
+    _, entry = store.claim(seen, replace(_intent(), status="committed"), [("a", None)], "bob [h:2]", 30)
+    assert "intent" == entry.status == store.entry(store.get(NAME), 2).status
+    assert other == store.get("other")
+    assert [1] == [row.seq for row in store.journal(other)]

@@ -190,6 +190,7 @@ def test_a_step_checkpoint_that_is_not_an_object_does_not_decode() -> None:
 def test_a_journal_row_altered_outside_is_named_in_the_exit_4_error(store: Journal) -> None:
     """Every row that does not decode is named, with its reason and what to do."""
     state = store.create("orders", "alice")
+    store.create("other", "alice")  # its row #1 decodes: each row is read by migration and seq
     store.append_refused(
         state, _entry(trigger=Trigger.ADVANCE, source=Phase.PREPARATION, dest=Phase.DUAL_WRITE)
     )
@@ -197,7 +198,11 @@ def test_a_journal_row_altered_outside_is_named_in_the_exit_4_error(store: Journ
         store.get("orders"), _entry(trigger=Trigger.ADVANCE, source=Phase.PREPARATION, dest=Phase.DUAL_WRITE)
     )
     with store.transaction() as conn:
-        conn.execute(update(journal_table).where(journal_table.c.seq != 2).values(status="bogus"))
+        conn.execute(
+            update(journal_table)
+            .where(journal_table.c.migration_id == state.id, journal_table.c.seq != 2)
+            .values(status="bogus")
+        )
     with pytest.raises(JournalCorrupt) as info:
         store.journal(state)
     assert (
