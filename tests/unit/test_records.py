@@ -257,3 +257,29 @@ def test_a_journal_that_decodes_is_read_in_one_query_per_table(store: Journal) -
 def test_undecodable_names_the_error_s_type_and_first_line() -> None:
     assert "row #1 does not decode (ValueError: one)" == undecodable("row #1", ValueError(" one\ntwo "))
     assert "row #1 does not decode (KeyError: )" == undecodable("row #1", KeyError())
+
+
+def test_guards_and_takeovers_of_the_wrong_shape_do_not_decode(store: Journal) -> None:
+    """Each row names what is wrong with its JSON: not a list of objects (the first 60
+    characters of it), or a guard without the keys every guard has."""
+    state = store.create("orders", "alice")
+    intent = _entry(trigger=Trigger.ADVANCE, source=Phase.PREPARATION, dest=Phase.DUAL_WRITE)
+    for _ in range(3):
+        store.append_refused(store.get("orders"), intent)
+    long = {"detail": "x" * 80}
+    shapes = {1: {"guards": long}, 2: {"takeovers": [1, 2]}, 3: {"guards": [{"name": "g"}]}, 4: {}}
+    with store.transaction() as conn:
+        for seq, values in shapes.items():
+            if values:
+                conn.execute(
+                    update(journal_table)
+                    .where(journal_table.c.migration_id == state.id, journal_table.c.seq == seq)
+                    .values(**values)
+                )
+    entries, bad = store.decoded_journal(state)
+    assert [4] == [entry.seq for entry in entries]
+    assert [
+        f"row #1 does not decode (TypeError: guards is not a list of objects: {str(long)[:60]})",
+        "row #2 does not decode (TypeError: takeovers is not a list of objects: [1, 2])",
+        "row #3 does not decode (KeyError: 'guards: an entry has no passed, detail')",
+    ] == bad
