@@ -267,7 +267,12 @@ def test_guards_and_takeovers_of_the_wrong_shape_do_not_decode(store: Journal) -
     for _ in range(3):
         store.append_refused(store.get("orders"), intent)
     long = {"detail": "x" * 80}
-    shapes = {1: {"guards": long}, 2: {"takeovers": [1, 2]}, 3: {"guards": [{"name": "g"}]}, 4: {}}
+    shapes: dict[int, dict[str, Any]] = {
+        1: {"guards": long},
+        2: {"takeovers": [1, 2]},
+        3: {"guards": [{"name": "g"}]},
+        4: {},
+    }
     with store.transaction() as conn:
         for seq, values in shapes.items():
             if values:
