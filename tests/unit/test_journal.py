@@ -604,3 +604,12 @@ def test_a_claim_writes_its_own_migration_only_and_journals_intent(store: Journa
     assert "intent" == entry.status == store.entry(store.get(NAME), 2).status
     assert other == store.get("other")
     assert [1] == [row.seq for row in store.journal(other)]
+
+
+def test_the_paused_side_reads_back(store: Journal) -> None:
+    lease, _ = store.claim(store.create(NAME, "alice"), _intent(), [], "bob [h:2]", 30)
+    assert store.get(NAME).paused_side is None
+    lease.pause("old")
+    assert "old" == store.get(NAME).paused_side
+    lease.lift()
+    assert store.get(NAME).paused_side is None
