@@ -233,3 +233,16 @@ def test_scrub_keeps_the_first_line_without_secrets() -> None:
     assert "" == scrub("", url)
     assert "   " == scrub("   ", url)
     journal_db._SECRETS.clear()
+
+
+@pytest.mark.parametrize(("seconds", "ms"), [(None, 15_000), (0.25, 250)])
+def test_a_readonly_engine_waits_timeout_seconds(
+    file_url: str, engines: list[Engine], seconds: float | None, ms: int
+) -> None:
+    """The read-only engine's busy timeout is `timeout_seconds` too (it was always 15 s)."""
+    with make_engine(file_url, create=True).connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        conn.commit()
+    engines.append(make_engine(file_url, readonly=True, timeout_seconds=seconds))
+    with engines[0].connect() as conn:
+        assert ms == conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
