@@ -9,6 +9,7 @@ PostgreSQL fails the run instead of skipping.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,3 +105,15 @@ def engine(store: Journal, make_settings: Callable[..., Settings]) -> Migration:
 def cli() -> Callable[..., CliResult]:
     """The CLI, run in this process unless called with `subprocess=True` (see `run_cli`)."""
     return run_cli
+
+
+@pytest.fixture
+def local_time_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone set to UTC+05:30 (a POSIX TZ string: no tz database
+    needed), and back to what it was afterwards: what is stored or hashed in UTC must not
+    depend on the machine's time zone."""
+    monkeypatch.setenv("TZ", "IST-05:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()

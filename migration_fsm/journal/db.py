@@ -282,7 +282,13 @@ def readonly_sqlite_engine(path: Path, timeout_seconds: float | None = None) -> 
             return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
 
     engine = create_engine(f"sqlite:///{path}", creator=connect)
-    event.listen(engine, "connect", _sqlite_on_connect)
+    busy_ms = max(1, int(busy * 1000))
+
+    def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        _sqlite_on_connect(dbapi_connection, record)
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {busy_ms}")  # `timeout_seconds`, not the default
+
+    event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _sqlite_on_begin_readonly)
     return engine
 

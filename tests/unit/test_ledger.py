@@ -13,15 +13,16 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy import event, update
 
-from migration_fsm.exceptions import DatabaseUnavailable
+from migration_fsm.exceptions import DatabaseUnavailable, SchemaNotCurrent
 from migration_fsm.journal import Journal, make_engine, utcnow
-from migration_fsm.journal.ledger import Claim, Ledger
+from migration_fsm.journal.ledger import Claim, ClaimState, Ledger
 from migration_fsm.journal.schema import workers_table
 from migration_fsm.journal.workers import Workers
 from tests.support.pgtrace import pg_trace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from datetime import datetime
     from pathlib import Path
 
 M = "default"
@@ -256,3 +257,331 @@ def test_sqlite_has_no_raw_connections(tmp_path: Path) -> None:
     with Ledger(url) as ledger:
         assert ledger.claim("m", "k", "new", "w").allowed
         assert ledger._pg is None
+
+
+# -- the rest of the ledger's contract (each assertion fails on a mutation of ledger.py) -----
+
+
+def test_a_claim_names_a_side(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match=r"^side must be 'old' or 'new', not 'both'$"):
+        ledger.claim(M, "k", "both", "w")
+    assert ledger.claim_of(M, "k") is None
+
+
+@pytest.mark.parametrize(("from_side", "to_side"), [("old", "old"), ("old", "both")])
+def test_a_hand_over_goes_from_one_side_to_the_other(ledger: Ledger, from_side: str, to_side: str) -> None:
+    with pytest.raises(ValueError, match="a hand-over goes from one side") as info:
+        ledger.hand_over(M, "k", from_side, to_side)
+    assert f"a hand-over goes from one side to the other, not {from_side!r} -> {to_side!r}" == str(info.value)
+    assert ledger.claim_of(M, "k") is None
+
+
+def test_the_history_and_the_claim_read_back_as_they_went(ledger: Ledger) -> None:
+    before = utcnow()
+    first = ledger.claim(M, "k", "old", "w1")
+    assert first.claim is not None
+    assert ClaimState("old", "w1", 1, "running") == ledger.claim_of(M, "k")
+    (running,) = ledger.executions(M, "k")
+    assert (M, "k", 1, "old", "w1", None, "running") == (
+        running.migration,
+        running.key,
+        running.attempt,
+        running.side,
+        running.worker_id,
+        running.finished_at,
+        running.outcome,
+    )
+    assert before <= running.started_at <= utcnow()
+    assert ledger.finish(first.claim, "failed")
+    assert ClaimState("old", "w1", 1, "failed") == ledger.claim_of(M, "k")
+    (failed,) = ledger.executions(M, "k")
+    assert failed.finished_at is not None
+    assert running.started_at <= failed.finished_at <= utcnow()
+    again = ledger.claim(M, "k", "old", "w2")
+    assert again.claim == Claim(M, "k", "old", "w2", 2)
+    assert ClaimState("old", "w2", 2, "running") == ledger.claim_of(M, "k")
+    assert [(1, "w1", "failed"), (2, "w2", "running")] == [
+        (e.attempt, e.worker_id, e.outcome) for e in ledger.executions(M, "k")
+    ]
+
+
+def test_one_migration_s_claims_leave_another_s_alone(ledger: Ledger, workers: Workers) -> None:
+    """Every statement is scoped to its migration: the same key of another one is another claim."""
+    workers.register("other", "old", "w1")
+    mine = ledger.claim(M, "k", "old", "w1")
+    theirs = ledger.claim("other", "k", "old", "w1")
+    assert mine.allowed
+    assert theirs.allowed
+    assert mine.claim is not None
+    assert ledger.finish(mine.claim, "failed")
+    assert ledger.hand_over(M, "k", "old", "new")
+    assert ledger.claim_of("other", "k") == ClaimState("old", "w1", 1, "running")
+    assert not ledger.claim("other", "k", "new", "w2").allowed
+    assert ledger.claims_of("other", ["k"]) == {"k": ClaimState("old", "w1", 1, "running")}
+    assert [1] == [e.attempt for e in ledger.executions("other", "k")]
+    assert (1, 0, 0) == (
+        ledger.counts("other").running,
+        ledger.counts(M).running,
+        ledger.counts(M).refused_executions,
+    )
+    assert {"old": 0, "new": 1} == ledger.counts("other").refused_by_side
+
+
+def test_claims_of_reads_many_keys_at_once(ledger: Ledger) -> None:
+    assert {} == ledger.claims_of(M, [])
+    ledger.claim(M, "a", "old", "w1")
+    ledger.hand_over(M, "b", "old", "new")
+    assert {
+        "a": ClaimState("old", "w1", 1, "running"),
+        "b": ClaimState("new", None, 0, "handed_over"),
+    } == ledger.claims_of(M, iter(["a", "b", "c"]))
+
+
+def test_owned_keys_pages_between_bounds(ledger: Ledger) -> None:
+    for key in ("a", "b", "c", "d", "e"):
+        ledger.hand_over(M, key, "old", "new")
+    ledger.claim(M, "c", "new", "n1")
+    ledger.hand_over(M, "z", "new", "old")
+    handed = ("handed_over",)
+    assert ["a", "b", "d", "e"] == ledger.owned_keys(M, "new", handed)
+    assert ["b", "d"] == ledger.owned_keys(M, "new", handed, after="a", upto="d")
+    assert ["b"] == ledger.owned_keys(M, "new", handed, after="a", limit=1)
+    assert ["a", "b"] == ledger.owned_keys(M, "new", handed, upto="b")
+    assert ["c"] == ledger.owned_keys(M, "new", ("running", "failed"))
+    assert ["z"] == ledger.owned_keys(M, "old", iter(handed))
+    assert [] == ledger.succeeded_keys(M, "new")
+
+
+def test_counts_by_state_and_side_and_as_json(ledger: Ledger, workers: Workers) -> None:
+    workers.register(M, "old", "w1")
+    done = ledger.claim(M, "done", "old", "w1").claim
+    failed = ledger.claim(M, "failed", "new", "n1").claim
+    assert done is not None
+    assert failed is not None
+    ledger.finish(done, "succeeded")
+    ledger.finish(failed, "failed")
+    ledger.claim(M, "running", "old", "w1")
+    ledger.hand_over(M, "given", "new", "old")
+    for side in ("old", "new", "new"):
+        ledger.claim(M, "done", side, "x")
+    counts = ledger.counts(M)
+    assert {
+        "executed_twice": 0,
+        "refused_executions": 3,
+        "refused_by_side": {"old": 1, "new": 2},
+        "running": 1,
+        "handed_over": 0,
+        "succeeded": 1,
+        "failed": 1,
+    } == counts.as_json()
+    assert counts.refused_by_side is not counts.as_json()["refused_by_side"]
+
+
+def test_a_running_claim_of_a_gone_worker_is_handed_over(
+    ledger: Ledger, workers: Workers, store: Journal
+) -> None:
+    workers.register(M, "old", "gone")
+    slow = ledger.claim(M, "k", "old", "gone")
+    assert slow.claim is not None
+    live = ledger.hand_over(M, "k", "old", "new")
+    assert (False, "live", ("old", "gone")) == (bool(live), live.reason, live.holder)
+    _age(store, "old", "gone", 31)
+    handed = ledger.hand_over(M, "k", "old", "new")
+    assert (True, "handed_over", ("old", "gone")) == (bool(handed), handed.reason, handed.holder)
+    assert ClaimState("new", "gone", 1, "handed_over") == ledger.claim_of(M, "k")
+    assert ["handed_over"] == [e.outcome for e in ledger.executions(M, "k")]
+    assert 1 == ledger.counts(M).handed_over
+    received = ledger.claim(M, "k", "new", "n1")
+    assert received.claim == Claim(M, "k", "new", "n1", 2)
+
+
+def test_a_hand_over_without_workers_counts_every_running_claim_as_live(upgraded_url: str) -> None:
+    with Ledger(upgraded_url) as ledger:
+        ledger.claim(M, "k", "old", "w")
+        refused = ledger.hand_over(M, "k", "old", "new")
+        assert ("live", ("old", "w")) == (refused.reason, refused.holder)
+        # and a running claim is never taken over
+        assert ("running", ("old", "w")) == (
+            ledger.claim(M, "k", "new", "n").reason,
+            ledger.claim(M, "k", "new", "n").holder,
+        )
+
+
+def test_a_hand_over_of_a_key_the_other_side_holds_says_what_stands(ledger: Ledger) -> None:
+    theirs = ledger.claim(M, "k", "new", "n1")
+    assert theirs.claim is not None
+    running = ledger.hand_over(M, "k", "old", "new")
+    assert ("running", ("new", "n1")) == (running.reason, running.holder)
+    ledger.finish(theirs.claim, "failed")
+    failed = ledger.hand_over(M, "k", "old", "new")
+    assert ("failed", ("new", "n1")) == (failed.reason, failed.holder)
+    given_back = ledger.hand_over(M, "k", "new", "old")
+    assert given_back
+    assert ledger.hand_over(M, "k", "old", "new")  # not claimed on old yet: old gives it on
+    assert ClaimState("new", "n1", 1, "handed_over") == ledger.claim_of(M, "k")
+
+
+def test_a_failure_after_a_hand_over_leaves_the_key_to_the_receiving_side(ledger: Ledger) -> None:
+    slow = ledger.claim(M, "k", "old", "w")
+    assert slow.claim is not None
+    ledger.hand_over(M, "k", "old", "new")
+    assert not ledger.finish(slow.claim, "failed")
+    assert ClaimState("new", "w", 1, "handed_over") == ledger.claim_of(M, "k")
+    assert ["failed"] == [e.outcome for e in ledger.executions(M, "k")]
+    assert ledger.claim(M, "k", "new", "n").allowed
+
+
+def test_a_finish_is_recorded_once(ledger: Ledger) -> None:
+    """A second finish of the same attempt changes neither the history nor the claim."""
+    first = ledger.claim(M, "k", "old", "w")
+    assert first.claim is not None
+    assert ledger.finish(first.claim, "failed")
+    (done,) = ledger.executions(M, "k")
+    assert not ledger.finish(first.claim, "succeeded")
+    assert [done] == ledger.executions(M, "k")
+    assert ClaimState("old", "w", 1, "failed") == ledger.claim_of(M, "k")
+
+
+def test_open_checks_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with make_engine(url, create=True).connect():
+        pass
+    with pytest.raises(SchemaNotCurrent, match="is at no schema"):
+        Ledger.open(url)
+    journal = Journal(url)
+    journal.upgrade()
+    journal.close()
+    with Ledger.open(url) as ledger:
+        assert ledger.claim(M, "k", "old", "w").allowed
+
+
+def test_close_disposes_of_its_own_engine_only(upgraded_url: str) -> None:
+    """A ledger given an engine leaves its pooled connections alone; its own are closed."""
+    engine = make_engine(upgraded_url)
+    with Ledger(upgraded_url, engine=engine) as given:
+        assert given.engine is engine
+        assert given.claim_of(M, "k") is None
+    assert 1 == engine.pool.checkedin()  # type: ignore[attr-defined]
+    engine.dispose()
+    with Ledger(upgraded_url) as owned:
+        assert owned.claim_of(M, "k") is None
+        pool = owned.engine.pool
+        assert 1 == pool.checkedin()  # type: ignore[attr-defined]
+    assert 0 == owned.engine.pool.checkedin()  # type: ignore[attr-defined]
+    assert pool is not owned.engine.pool
+
+
+def _bystanders(ledger: Ledger, workers: Workers, worker: str) -> None:
+    """Running claims (attempt 1, like the key under test) of another key and of the same key
+    in another migration, by a live worker: what happens to `k` of `M` must leave them alone."""
+    workers.register(M, "old", worker)
+    workers.register("other", "old", worker)
+    assert ledger.claim(M, "bystander", "old", worker).allowed
+    assert ledger.claim("other", "k", "old", worker).allowed
+
+
+def _untouched(ledger: Ledger, worker: str) -> None:
+    for migration, key in ((M, "bystander"), ("other", "k")):
+        assert ClaimState("old", worker, 1, "running") == ledger.claim_of(migration, key)
+        assert [(1, "old", worker, "running")] == [
+            (e.attempt, e.side, e.worker_id, e.outcome) for e in ledger.executions(migration, key)
+        ]
+
+
+def test_a_take_over_moves_the_claim_and_closes_the_gone_worker_s_execution_only(
+    ledger: Ledger, workers: Workers, store: Journal
+) -> None:
+    _bystanders(ledger, workers, "alive")
+    workers.register(M, "old", "dead")
+    assert ledger.claim(M, "k", "old", "dead").allowed
+    _age(store, "old", "dead", 31)
+    before = utcnow()
+    taken = ledger.claim(M, "k", "new", "n1")
+    assert taken.claim == Claim(M, "k", "new", "n1", 2)
+    assert ClaimState("new", "n1", 2, "running") == ledger.claim_of(M, "k")
+    history = ledger.executions(M, "k")
+    assert [(1, "old", "dead", "handed_over"), (2, "new", "n1", "running")] == [
+        (e.attempt, e.side, e.worker_id, e.outcome) for e in history
+    ]
+    assert before <= history[1].started_at <= utcnow()
+    _untouched(ledger, "alive")
+
+
+def test_a_hand_over_of_a_gone_worker_s_claim_closes_its_execution_only(
+    ledger: Ledger, workers: Workers, store: Journal
+) -> None:
+    _bystanders(ledger, workers, "alive")
+    workers.register(M, "old", "dead")
+    assert ledger.claim(M, "k", "old", "dead").allowed
+    _age(store, "old", "dead", 31)
+    assert ledger.hand_over(M, "k", "old", "new")
+    assert ClaimState("new", "dead", 1, "handed_over") == ledger.claim_of(M, "k")
+    assert ["handed_over"] == [e.outcome for e in ledger.executions(M, "k")]
+    _untouched(ledger, "alive")
+    # the bystander's worker is live, on this migration and side: its claim is not handed over
+    live = ledger.hand_over(M, "bystander", "old", "new")
+    assert ("live", ("old", "alive")) == (live.reason, live.holder)
+
+
+def test_a_finish_is_succeeded_or_failed(ledger: Ledger) -> None:
+    running = ledger.claim(M, "k", "old", "w").claim
+    assert running is not None
+    with pytest.raises(ValueError, match="an execution finishes") as info:
+        ledger.finish_many([(running, "handed_over")])
+    assert "an execution finishes succeeded or failed, not 'handed_over'" == str(info.value)
+    assert ClaimState("old", "w", 1, "running") == ledger.claim_of(M, "k")
+    assert 0 == ledger.finish_many([])
+
+
+def test_a_late_success_takes_back_a_hand_over_nobody_claimed(ledger: Ledger) -> None:
+    """The key is closed as the execution that really ran it: side and worker are the finisher's."""
+    slow = ledger.claim(M, "k", "old", "w")
+    assert slow.claim is not None
+    assert ledger.hand_over(M, "k", "old", "new")
+    assert ClaimState("new", "w", 1, "handed_over") == ledger.claim_of(M, "k")
+    assert ledger.finish(slow.claim, "succeeded")
+    assert ClaimState("old", "w", 1, "succeeded") == ledger.claim_of(M, "k")
+    assert ["succeeded"] == [e.outcome for e in ledger.executions(M, "k")]
+
+
+class _FinishesWhileJudged(Workers):
+    """Workers that say every worker is gone, and finish `claim` (as its worker would, at that
+    very moment) while they are asked: the claim moves between the ledger's read and its
+    compare-and-set, deterministically."""
+
+    claim: Claim | None = None
+    ledger: Ledger | None = None
+
+    def _finish(self) -> None:
+        if self.claim is not None and self.ledger is not None:
+            assert self.ledger.finish(self.claim, "succeeded")
+            self.claim = None
+
+    def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
+        self._finish()
+        return True
+
+    def may_take_over(
+        self, migration: str, side: str, worker_id: str, *, now: datetime | None = None
+    ) -> bool:
+        self._finish()
+        return True
+
+
+@pytest.mark.parametrize("command", ["claim", "hand_over"])
+def test_a_claim_that_moves_under_a_take_over_or_hand_over_is_decided_again(
+    store: Journal, upgraded_url: str, command: str
+) -> None:
+    workers = _FinishesWhileJudged(store.engine)
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        running = ledger.claim(M, "k", "old", "w1").claim
+        assert running is not None
+        workers.claim, workers.ledger = running, ledger
+        if command == "claim":
+            result = ledger.claim(M, "k", "new", "n1")
+            assert (False, "succeeded", ("old", "w1")) == (result.allowed, result.reason, result.holder)
+        else:
+            handed = ledger.hand_over(M, "k", "old", "new")
+            assert (False, "succeeded", ("old", "w1")) == (bool(handed), handed.reason, handed.holder)
+        assert ClaimState("old", "w1", 1, "succeeded") == ledger.claim_of(M, "k")
+        assert [(1, "succeeded")] == [(e.attempt, e.outcome) for e in ledger.executions(M, "k")]
