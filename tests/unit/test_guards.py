@@ -143,6 +143,13 @@ def test_store_and_count_guards_say_their_figures(
     passed, detail = check(engine, "stores_reachable")
     assert not passed
     assert detail.startswith("new store unreachable: ")
+    engine.settings = make_settings(
+        stores={
+            **memory_stores(),
+            "old": {"kind": "tests.support.datatools:UnreadyStore", "problem": "set X: run `fix-x`"},
+        }
+    )
+    assert (False, "old store not set up: set X: run `fix-x`") == check(engine, "stores_reachable")
 
 
 def test_run_guards_read_backfill_validate_and_backup_records(engine: Migration) -> None:
