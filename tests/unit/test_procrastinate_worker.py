@@ -140,6 +140,29 @@ def test_a_side_that_may_not_consume_takes_nothing_then_runs_each_task_once(
     assert worker.counters["ran"] == len(keys)
 
 
+def test_a_job_deferred_without_the_adapter_runs_once_under_its_reserved_key(
+    pq_url: str, client: PhaseClient, engine: Migration, store: Journal
+) -> None:
+    """Code that knows nothing of the migration defers through Procrastinate itself: the gated
+    worker claims the job under its reserved key and runs it."""
+    engine.advance()
+    engine.advance()
+    [(job_id,)] = sql(
+        pq_url,
+        "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW('default', 'effect', 0, NULL, NULL,"
+        ' \'{"key": "outsider"}\'::jsonb, NULL)::procrastinate_job_to_defer_v1]))[1]',
+    )
+    key = f"procrastinate-job-{job_id:020d}"
+    with WorkerGate(client, "new", "pq-1") as gate, running_worker(pq_url, gate):
+        wait_until(lambda: ["outsider"] == effects(pq_url), "the outsider ran")
+        wait_until(
+            lambda: [("succeeded",)] == sql(pq_url, "SELECT status::text FROM procrastinate_jobs"),
+            "its job succeeded",
+        )
+    claim = Ledger(store.url, engine=store.engine).claims_of(M, [key])[key]
+    assert ("new", SUCCEEDED) == (claim.side, claim.state)
+
+
 def test_ledger_refusals_settle_or_put_back_the_job(
     pq_url: str, pq_store: ProcrastinateTaskStore, client: PhaseClient, engine: Migration, store: Journal
 ) -> None:

@@ -16,8 +16,9 @@ consume fetches nothing; the worker then waits for Procrastinate's next poll
 **Around each execution.** A worker middleware (`worker_middleware`, which wraps every job,
 sync or async) claims the job's key in the execution ledger before the task runs and
 finishes it after. The key is the one the adapter registered for the job
-(`mfsm_procrastinate_tasks`), or the reserved key of a job deferred without the adapter. When
-the ledger refuses:
+(`mfsm_procrastinate_tasks`), or the reserved key of a job deferred without the adapter; a task
+declared with `pass_context=True` finds it in `context.additional_context["migration_key"]`.
+When the ledger refuses:
 
 - the task succeeded elsewhere: the job is finished `succeeded` here without running;
 - it was handed over to the other side: the job ends `aborted` (read as cancelled);
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 
     from migration_fsm.client import WorkerGate
 
+#: Where a task (`pass_context=True`) finds its migration key: `context.additional_context[KEY_CONTEXT]`.
+KEY_CONTEXT: Final = "migration_key"
 #: Ledger refusals after which the job is finished here rather than put back.
 _RAN_ELSEWHERE: Final = "succeeded"
 _HANDED_OVER: Final = "handed_over"
@@ -136,6 +139,7 @@ class GatedWorker:
             await asyncio.sleep(self.backoff_seconds)
             return await self._put_job_back(job.id)
         self.counters["ran"] += 1
+        context.additional_context[KEY_CONTEXT] = key  # the task may read its migration key
         try:
             result = await call_next()
         except BaseException as exc:
@@ -149,7 +153,14 @@ class GatedWorker:
         self._put_back.add(job_id)
 
     async def _key_of(self, job_id: int) -> str:
-        row = await self.app.connector.execute_query_one_async(query=_KEY_OF_JOB, job_id=job_id)
+        """The registered key of the job, or the reserved key of a job deferred without the
+        adapter (Procrastinate's connector raises `NoResult` for a query with no row)."""
+        from procrastinate.exceptions import NoResult
+
+        try:
+            row = await self.app.connector.execute_query_one_async(query=_KEY_OF_JOB, job_id=job_id)
+        except NoResult:
+            row = None
         if row is not None and row.get("key") is not None:
             return str(row["key"])
         return f"{JOB_KEY_PREFIX}{job_id:020d}"
