@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -72,12 +73,13 @@ RATE = 30.0
 LIMIT = 5000
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def urls(request: pytest.FixtureRequest, tmp_path: Path, pg_database: str) -> Iterator[dict[str, str]]:
-    """control, old and log (SQLite files or PostgreSQL schemas) and new (Procrastinate's schema)."""
+@contextmanager
+def move_databases(kind: str, tmp_path: Path, pg_database: str) -> Iterator[dict[str, str]]:
+    """control, old and log (SQLite files or PostgreSQL schemas, by `kind`) and new
+    (Procrastinate's schema in PostgreSQL), dropped afterwards."""
     roles = ("control", "old", "log")
     with procrastinate_schema(pg_database) as pq_url:
-        if request.param == "sqlite":
+        if kind == "sqlite":
             yield {**{role: f"sqlite:///{tmp_path / f'{role}.db'}" for role in roles}, "new": pq_url}
             return
         schemas = {role: f"p_{role}_{uuid.uuid4().hex[:10]}" for role in roles}
@@ -85,14 +87,25 @@ def urls(request: pytest.FixtureRequest, tmp_path: Path, pg_database: str) -> It
         with engine.connect() as conn:
             for schema in schemas.values():
                 conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        yield {
-            **{role: f"{pg_database}?options=-csearch_path%3D{schema}" for role, schema in schemas.items()},
-            "new": pq_url,
-        }
-        with engine.connect() as conn:
-            for schema in schemas.values():
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
+        try:
+            yield {
+                **{
+                    role: f"{pg_database}?options=-csearch_path%3D{schema}"
+                    for role, schema in schemas.items()
+                },
+                "new": pq_url,
+            }
+        finally:
+            with engine.connect() as conn:
+                for schema in schemas.values():
+                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def urls(request: pytest.FixtureRequest, tmp_path: Path, pg_database: str) -> Iterator[dict[str, str]]:
+    with move_databases(request.param, tmp_path, pg_database) as found:
+        yield found
 
 
 class MixedWorkers(Workers):

@@ -81,6 +81,7 @@ def test_default_guards_and_steps_apply_only_with_stores_and_when_the_edge_names
     assert [("repair_log_empty", True), ("no_double_execution", True)] == edge_guards(
         stored, EDGES_BY_KEY["cleanup->complete"]
     )
+    assert [("retire_old", None)] == edge_steps(stored, EDGES_BY_KEY["cleanup->complete"])
     assert [("pause_consumers", "lift_pause"), ("drain_new", None), ("reverse_sync", None)] == edge_steps(
         stored, EDGES_BY_KEY["cutover->dual_write"]
     )
