@@ -35,7 +35,8 @@ from migration_fsm.demo.systems import ExecutionLog
 from migration_fsm.demo.worker import Hold, as_task_database, stable_share
 from tests.support.queues import libpq_url
 
-TASK_TYPES = ("send_email", "resize_image", "charge_card")
+#: The demo producer's types, and the types of the old systems' own test tasks (`add`, `flaky`).
+TASK_TYPES = ("send_email", "resize_image", "charge_card", "add", "flaky")
 _EFFECT = "effect_started"
 
 

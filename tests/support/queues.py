@@ -36,3 +36,33 @@ def procrastinate_schema(database_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+REDIS_URL = "redis://127.0.0.1:6379"
+_CLAIM = "mfsm:test:claim"
+
+
+@contextmanager
+def private_redis_db() -> Iterator[str]:
+    """The URL of a Redis database number of our own (1 to 15): one that was empty, claimed
+    with a key of ours; its keys (all ours) are deleted afterwards. Never a flush of the server."""
+    import redis
+
+    token = uuid.uuid4().hex
+    for number in range(1, 16):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{number}")
+        if client.set(_CLAIM, token, nx=True, ex=3600) and client.dbsize() == 1:
+            break
+        if client.get(_CLAIM) == token.encode():
+            client.delete(_CLAIM)
+        client.close()
+    else:
+        raise RuntimeError("no empty Redis database number from 1 to 15 is free")
+    try:
+        yield f"{REDIS_URL}/{number}"
+    finally:
+        for key in client.scan_iter(count=1000):
+            if key != _CLAIM.encode():
+                client.delete(key)
+        client.delete(_CLAIM)
+        client.close()

@@ -68,7 +68,10 @@ from tests.system.test_procrastinate_move import (
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("many_pg_connections")]
 
 #: The Huey task names of the producer's types (module-prefixed, as Huey names them).
-TYPE_MAP = {f"tests.support.huey_app.{name}": name for name in ("send_email", "resize_image", "charge_card")}
+TYPE_MAP = {
+    f"tests.support.huey_app.{name}": name
+    for name in ("send_email", "resize_image", "charge_card", "add", "flaky")
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
