@@ -151,7 +151,11 @@ EDGES: Final[tuple[Edge, ...]] = (
         Trigger.ADVANCE,
         Phase.CLEANUP,
         Phase.COMPLETE,
-        EdgeRules(100, guards=("repair_log_empty", "no_double_execution")),
+        # `retire_old` again: the old copies that producers still on cutover's routing wrote
+        # during the cutover -> cleanup transition (after its own `retire_old` had looked).
+        EdgeRules(
+            100, guards=("repair_log_empty", "no_double_execution"), steps=(DefaultStep("retire_old"),)
+        ),
     ),
     Edge(
         Trigger.ROLLBACK,

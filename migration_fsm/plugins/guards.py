@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..exceptions import MigrationFSMError
 from ..fsm import ROUTING, EntryStatus, Phase, Trigger
+from ..tasks.capabilities import SetupCheck
 from ..tasks.records import TaskStatus
 from ..tasks.scan import records
 from ..tasks.sides import SIDES, open_side, open_sides, stores_configured
@@ -41,13 +42,17 @@ def _total(store: TaskStore) -> int:
 
 
 def stores_reachable(ctx: Context) -> GuardVerdict:
-    """Both stores answer a scan and a count (so their table, columns and statuses map)."""
+    """Both stores answer a scan and a count (so their table, columns and statuses map), and a
+    store over a real queue finds its setup complete (`SetupCheck`)."""
     if not stores_configured(ctx.settings):
         return GuardVerdict(False, "configure [stores.old] and [stores.new] first")
     figures = []
     for side in SIDES:
         try:
             with open_side(ctx.settings, side) as store:
+                problems = store.check_setup() if isinstance(store, SetupCheck) else []
+                if problems:
+                    return GuardVerdict(False, f"{side} store not set up: {'; '.join(problems)}")
                 store.scan(None, 1)
                 figures.append(f"{side} '{store.name}' has {_total(store)} tasks")
         except Exception as exc:  # noqa: BLE001 - any failure to read is the verdict

@@ -13,9 +13,11 @@ back to the plain `TaskStore` methods otherwise; they never probe with `getattr`
 | `SetProgressMany` | `set_progress_many(updates)` | the same, a batch at a time | `set_progress` per row |
 | `Count` | `count()` | backfill's total | the sum of `count_by_status()` |
 | `Closeable` | `close()` | whoever opened the store (`sides.open_side`, the demo) | nothing to release |
+| `SetupCheck` | `check_setup()` | `stores_reachable` (so `advance --dry-run`) | a scan and a count only |
 
 `MemoryTaskStore` offers `BulkGet`, `ForwardPut`, `SetProgress` and `SetProgressMany`;
-`SqlTaskStore` offers all seven.
+`SqlTaskStore` offers all seven but `SetupCheck`; the queue adapters (`migration_fsm.adapters`)
+offer `SetupCheck` and what their system allows.
 Pure: this module imports nothing at run time but `typing`.
 """
 
@@ -104,4 +106,15 @@ class Closeable(Protocol):
 
     def close(self) -> None:
         """Release them; the store is not used afterwards."""
+        ...
+
+
+@runtime_checkable
+class SetupCheck(Protocol):
+    """A store over a real queue knows what it needs: the library's version, its schema, the
+    settings that keep its tasks (DESIGN.md section 10, "Real queues")."""
+
+    def check_setup(self) -> list[str]:
+        """What keeps the store from working safely, one line each saying what to fix;
+        empty when it is ready."""
         ...

@@ -28,6 +28,17 @@ def memory_store(slot: str) -> MemoryTaskStore:
     return MEMORY.setdefault(slot, MemoryTaskStore(name=slot))
 
 
+class UnreadyStore(MemoryTaskStore):
+    """A store that reads and writes but says its setup is incomplete (`SetupCheck`)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(name="unready")
+        self.problem = problem
+
+    def check_setup(self) -> list[str]:
+        return [self.problem]
+
+
 def memory_stores() -> dict[str, dict[str, Any]]:
     """A `stores` setting naming the shared in-memory stores `old` and `new`."""
     return {side: {"kind": "tests.support.datatools:memory_store", "slot": side} for side in ("old", "new")}

@@ -246,6 +246,12 @@ class World:
         elif edge.key == "cutover->cleanup":
             self.engine.ramp(100)
             self.validate()
+        elif edge.key == "cleanup->complete":
+            # What producers still on cutover's routing wrote while `cutover -> cleanup` ran:
+            # old copies that the second `retire_old` must retire.
+            late = tasks(60, start=20_000)  # more than a batch (`backfill_batch_size` 50)
+            self.stores["old"].put_many(late)
+            self.stores["new"].put_many(late)
 
     def reach(self, edge: Edge) -> None:
         """Create the migration and walk it, in this process, to where `edge` may be taken:
@@ -610,6 +616,7 @@ def test_the_matrix_covers_every_edge_and_every_step() -> None:
         EDGES_BY_KEY["dual_write->cutover"]
     )
     assert ("retire_old",) == edge_step_names(EDGES_BY_KEY["cutover->cleanup"])
+    assert ("retire_old",) == edge_step_names(EDGES_BY_KEY["cleanup->complete"])
     assert ("pause_consumers", "drain_new", "reverse_sync") == edge_step_names(
         EDGES_BY_KEY["cutover->dual_write"]
     )

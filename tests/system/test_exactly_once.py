@@ -503,6 +503,7 @@ def test_every_task_runs_exactly_once_across_a_sigkill_a_rollback_and_re_sends(
         ("cutover->dual_write", ["pause_consumers", "drain_new", "reverse_sync"]),
         ("dual_write->cutover", ["pause_consumers", "drain_old", "transfer_state"]),
         ("cutover->cleanup", ["retire_old"]),
+        ("cleanup->complete", ["retire_old"]),
     ] == moves
     rollback = next(e for e in history if (e.source, e.dest) == (Phase.CUTOVER, Phase.DUAL_WRITE))
     pause, drain_new, _ = rollback.steps

@@ -233,7 +233,7 @@ OLD_TABLES: dict[str, tuple[int | str, tuple[str, ...], tuple[str, ...], tuple[s
         ("percent_is_100", "old_drained", "checksums_match", "no_double_execution"),
         ("retire_old",),
     ),
-    "cleanup->complete": (100, (), ("repair_log_empty", "no_double_execution"), ()),
+    "cleanup->complete": (100, (), ("repair_log_empty", "no_double_execution"), ("retire_old",)),
     "dual_write->preparation": (0, (), (), ()),
     "cutover->dual_write": (
         0,

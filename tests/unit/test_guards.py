@@ -81,6 +81,7 @@ def test_default_guards_and_steps_apply_only_with_stores_and_when_the_edge_names
     assert [("repair_log_empty", True), ("no_double_execution", True)] == edge_guards(
         stored, EDGES_BY_KEY["cleanup->complete"]
     )
+    assert [("retire_old", None)] == edge_steps(stored, EDGES_BY_KEY["cleanup->complete"])
     assert [("pause_consumers", "lift_pause"), ("drain_new", None), ("reverse_sync", None)] == edge_steps(
         stored, EDGES_BY_KEY["cutover->dual_write"]
     )
@@ -143,6 +144,13 @@ def test_store_and_count_guards_say_their_figures(
     passed, detail = check(engine, "stores_reachable")
     assert not passed
     assert detail.startswith("new store unreachable: ")
+    engine.settings = make_settings(
+        stores={
+            **memory_stores(),
+            "old": {"kind": "tests.support.datatools:UnreadyStore", "problem": "set X: run `fix-x`"},
+        }
+    )
+    assert (False, "old store not set up: set X: run `fix-x`") == check(engine, "stores_reachable")
 
 
 def test_run_guards_read_backfill_validate_and_backup_records(engine: Migration) -> None:

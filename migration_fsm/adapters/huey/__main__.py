@@ -1,0 +1,41 @@
+"""`python -m migration_fsm.adapters.huey setup --app MODULE:HUEY` creates the adapter's registry
+table in the application's SQLite file and registers the tasks already queued or scheduled;
+`check --app MODULE:HUEY` prints what keeps the store from working (exit 1) or `ok`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from migration_fsm.exceptions import MigrationFSMError
+
+from .store import HueyTaskStore, setup
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m migration_fsm.adapters.huey")
+    parser.add_argument("command", choices=["setup", "check"])
+    parser.add_argument("--app", required=True, help="the Huey application, package.module:attribute")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "setup":
+            for line in setup(args.app):
+                print(line)
+            return 0
+        store = HueyTaskStore(args.app)
+        try:
+            problems = store.check_setup()
+        finally:
+            store.close()
+    except MigrationFSMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print("ok")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
