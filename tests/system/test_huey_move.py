@@ -16,54 +16,29 @@ old storage runs nothing. Counted from the tasks' own side effects: lost 0, exec
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from huey.storage import SqliteStorage
 
-from migration_fsm import commands
-from migration_fsm.client import DualWriter, PhaseClient
 from migration_fsm.config import Settings, StoreConfig
-from migration_fsm.demo.run import OperatorWalk, Report
-from migration_fsm.demo.systems import ExecutionLog
-from migration_fsm.demo.worker import as_task_database
-from migration_fsm.fsm import Phase
-from migration_fsm.journal.ledger import Ledger
-from migration_fsm.tasks.capabilities import Closeable
-from migration_fsm.tasks.factory import build_store
 from tests.support import huey_app
 from tests.support.cli import ROOT
 from tests.support.forkserver import child_env
+from tests.system.moves import MIGRATION, Hooks, assert_exactly_once, prepare, walk_the_move
 from tests.system.test_exactly_once import (
-    RESEND_SHARE,
     SLOW_MS,
     SLOW_SHARE,
-    WAIT,
     WORK_MS,
     WORKER_TTL_SECONDS,
-    ResendingProducer,
     WorkerProcess,
-    consuming_windows,
     execution_rows,
-    executions_by_key,
     wait_for,
 )
-from tests.system.test_procrastinate_move import (
-    LIMIT,
-    MIGRATION,
-    RATE,
-    MixedWorkers,
-    move_databases,
-    move_settings,
-)
+from tests.system.test_procrastinate_move import MixedWorkers, move_databases, move_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("many_pg_connections")]
 
@@ -151,93 +126,34 @@ def huey_settings(urls: dict[str, str]) -> Settings:
 
 
 def test_huey_moves_onto_procrastinate_with_every_task_run_exactly_once(
-    urls: dict[str, str], workers: HueyWorkers, tmp_path: Path
+    urls: dict[str, str], workers: HueyWorkers
 ) -> None:
     from migration_fsm.adapters.huey import setup
 
-    started = time.monotonic()
     settings = huey_settings(urls)
-    commands.db_upgrade(settings)
-    commands.init(settings, MIGRATION)
+    prepare(settings, urls["log"])
     setup(huey_app.huey)
-    ExecutionLog(as_task_database(urls["log"])).close()
-
     workers.start_huey("old-1")
     workers.start_huey("old-2")
     workers.start_procrastinate("new-1")
-    victim = workers.start_procrastinate("new-2", hold=True)
+    workers.start_procrastinate("new-2", hold=True)
     workers.wait_ready()
+    flaky: list[str] = []
 
-    client = PhaseClient(settings.database_url, migration=MIGRATION, ttl=0.05)
-    old_store = build_store(settings.stores["old"], "old")
-    new_store = build_store(settings.stores["new"], "new")
-    writer = DualWriter(client, old_store, new_store)
-    producer = ResendingProducer(writer, RATE, LIMIT, RESEND_SHARE)
-    report = Report()
+    def enqueued_through_huey() -> list[str]:
+        """Code that knows nothing of the migration enqueues through Huey's own API:
+        positional arguments, and a task that fails once and that Huey retries."""
+        flaky.append(huey_app.flaky("flaky-1", 1).id)
+        return [*(huey_app.add(i, 1000).id for i in range(5)), *flaky]
 
-    def seen(version: int) -> None:
-        wait_for(lambda: client.snapshot().version >= version, f"the producer to see version {version}")
-
-    walk = OperatorWalk(
-        settings, MIGRATION, report, soak=time.sleep, seen=seen, say=lambda _: None, label="huey"
+    run = walk_the_move(
+        settings,
+        urls["log"],
+        workers,
+        start_new=workers.start_procrastinate,
+        hooks=Hooks(in_dual_write=enqueued_through_huey),
+        label="huey",
     )
-    outsiders: list[str] = []
-    try:
-        producer.start()
-        time.sleep(1.5)
-        walk.step("advance: preparation -> dual_write", lambda: commands.advance(settings, MIGRATION))
-        # Code that knows nothing of the migration enqueues through Huey's own API.
-        outsiders += [huey_app.add(i, 1000).id for i in range(5)]
-        outsiders.append(huey_app.flaky("flaky-1", 1).id)
-        time.sleep(1.0)
-        backfilled = commands.backfill(settings, MIGRATION)
-        walk.check("before cutover")
-        walk.step("advance: dual_write -> cutover", lambda: commands.advance(settings, MIGRATION))
-        walk.step("ramp 100%", lambda: commands.ramp(settings, MIGRATION, 100))
-        time.sleep(1.0)
-
-        assert victim.hold_file is not None
-        victim.hold_file.touch()
-        marker = victim.hold_file.with_name(victim.hold_file.name + ".held")
-        wait_for(marker.exists, "the victim worker to hold a task before its effect")
-        os.kill(victim.proc.pid, signal.SIGKILL)
-        assert -signal.SIGKILL == victim.proc.wait(timeout=WAIT)
-        held = marker.read_text(encoding="utf-8").split()
-        workers.start_procrastinate("new-3")
-        time.sleep(0.5)
-        walk.step(
-            "rollback: cutover -> dual_write",
-            lambda: commands.rollback(settings, MIGRATION, reason="prove: a Procrastinate worker died"),
-        )
-        time.sleep(1.0)
-        walk.check("before the second cutover")
-        walk.step("advance: dual_write -> cutover again", lambda: commands.advance(settings, MIGRATION))
-        walk.step("ramp 100% again", lambda: commands.ramp(settings, MIGRATION, 100))
-        time.sleep(1.0)
-        walk.check("before cleanup")
-        walk.step("advance: cutover -> cleanup (retire_old)", lambda: commands.advance(settings, MIGRATION))
-        time.sleep(1.0)
-        producer.stop()
-        wanted = {*producer.scheduled, *outsiders}
-        try:
-            wait_for(lambda: wanted <= set(executions_by_key(urls["log"])), "every task to run")
-        except BaseException:
-            missing = sorted(wanted - set(executions_by_key(urls["log"])))
-            print("MISSING", len(missing), [(k, old_store.get(k), new_store.get(k)) for k in missing[:10]])
-            for w in workers.started:
-                print(w.name, w.stderr()[-3000:])
-            raise
-        commands.reconcile(settings, MIGRATION)
-        walk.step("advance: cleanup -> complete", lambda: commands.advance(settings, MIGRATION))
-    finally:
-        producer.stop()
-        writer.close()
-        client.close()
-        for store in (old_store, new_store):
-            if isinstance(store, Closeable):
-                store.close()
-    workers.stop_all()
-
     # A stock Huey consumer (no gate) started against the old storage after `complete` runs nothing.
     before = execution_rows(urls["log"])
     stock = workers.start_huey("stock", gated=False)
@@ -246,63 +162,5 @@ def test_huey_moves_onto_procrastinate_with_every_task_run_exactly_once(
         "the stock consumer to take every message left in Huey's queue",
     )
     workers.stop(stock)
-    extra = execution_rows(urls["log"])[len(before) :]
-    if extra:
-        check = build_store(settings.stores["old"], "old")
-        with Ledger.open(settings.ledger_database_url) as ledger:
-            claims = ledger.claims_of(MIGRATION, [key for key, _, _ in extra[:5]])
-        for key, _, _ in extra[:5]:
-            print(
-                "EXTRA",
-                key,
-                check.get(key),
-                huey_app.huey.is_revoked(key),
-                claims.get(key),
-                executions_by_key(urls["log"])[key],
-            )
-    assert [] == extra
-
-    executions = executions_by_key(urls["log"])
-    scheduled = {*producer.scheduled, *outsiders}
-    lost = sorted(scheduled - set(executions))
-    twice = {key: sides for key, sides in executions.items() if len(sides) > 1 and key != outsiders[-1]}
-    assert ([], {}) == (lost, twice), f"lost {len(lost)}: {lost[:10]}; executed twice {len(twice)}: {twice}"
-    assert set(executions) == scheduled
-    assert [] == producer.errors
-    flaky = executions[outsiders[-1]]
-    assert flaky in (["old", "old"], ["old", "new"], ["new"], ["old"]), flaky  # its retry is its own
-    for key in held:
-        assert ["old"] == executions[key], key
-
-    with Ledger.open(settings.ledger_database_url) as ledger:
-        counts = ledger.counts(MIGRATION)
-    assert 0 == counts.executed_twice
-    assert (0, 0) == (counts.running, counts.failed)
-    assert len(scheduled) == counts.succeeded
-    validation = commands.validate(settings, MIGRATION)
-    assert validation.ok, validation.as_json()
-    assert Phase.COMPLETE == commands.verify(settings, MIGRATION).phase
-
-    history = commands.history(settings, MIGRATION)
-    windows = consuming_windows(history)
-    outside = [
-        (key, side, at)
-        for key, side, at in execution_rows(urls["log"])
-        if not any(start <= at <= end for start, end in windows[side])
-    ]
-    assert [] == outside, f"{len(outside)} executions outside their side's windows: {outside[:10]}"
-    ran = Counter(side for sides in executions.values() for side in sides)
-    assert min(ran["old"], ran["new"]) > 0
-    print(
-        json.dumps(
-            {
-                "database": urls["control"].split(":", 1)[0],
-                "scheduled": len(scheduled),
-                "executions_by_side": dict(ran),
-                "backfilled": backfilled.copied,
-                "held": held,
-                "handed_over": counts.handed_over,
-                "seconds": round(time.monotonic() - started, 1),
-            }
-        )
-    )
+    assert before == execution_rows(urls["log"])
+    assert_exactly_once(settings, urls["log"], run, retried=flaky)

@@ -4,27 +4,18 @@ sides: the demo's gated old workers, and Procrastinate's own worker (`tests.supp
 `App.run_worker_async` with `gated(app, gate)`) on the new side. The migration database and the
 old table are SQLite files or PostgreSQL schemas; Procrastinate is always PostgreSQL.
 
-The walk is `test_exactly_once`'s, through the default edge table with no steps configured:
-traffic through `DualWriter` that re-sends 5% of its tasks, backfill, validate, cutover (the
-old workers' pause, drain, `transfer_state` into Procrastinate's jobs), ramp 100; a
-Procrastinate worker process SIGKILLed while it executes a task (held before its effect: see
-`test_exactly_once` for why there); rollback (the pause names it gone, `drain_new` hands its
-`doing` job over to the old side, `reverse_sync`), a replacement worker, cutover again, cleanup
-(`retire_old`), complete. Also: tasks enqueued with a scheduled time, and a task deferred
-through Procrastinate's own API by code that knows nothing of the migration (the adapter sees
-it; its worker runs it once). Counted from the tasks' own side effects: lost 0, executed twice 0.
+The walk is `tests/system/moves.py`'s (traffic with re-sends, a SIGKILLed Procrastinate worker,
+a rollback, the default edges only). Also: tasks enqueued with a scheduled time (none runs
+early), and a job deferred through Procrastinate's own API by code that knows nothing of the
+migration (the adapter sees it; its worker runs it once). Counted from the tasks' own side
+effects: lost 0, executed twice 0.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -33,44 +24,30 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from migration_fsm import commands
-from migration_fsm.client import DualWriter, PhaseClient
+from migration_fsm.client import DualWriter
 from migration_fsm.config import Settings, StoreConfig
-from migration_fsm.demo.run import OperatorWalk, Report, walk_settings
-from migration_fsm.demo.systems import ExecutionLog, OldTaskManager
+from migration_fsm.demo.run import walk_settings
+from migration_fsm.demo.systems import OldTaskManager
 from migration_fsm.demo.worker import as_task_database
-from migration_fsm.fsm import Phase
-from migration_fsm.journal.ledger import Ledger
-from migration_fsm.tasks.capabilities import Closeable
-from migration_fsm.tasks.factory import build_store
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from tests.support.cli import ROOT
 from tests.support.forkserver import child_env
 from tests.support.queues import procrastinate_schema
+from tests.system.moves import MIGRATION, Hooks, assert_exactly_once, not_before, prepare, walk_the_move
 from tests.system.test_exactly_once import (
     DRAIN_TIMEOUT_SECONDS,
     PAUSE_TIMEOUT_SECONDS,
-    RESEND_SHARE,
     SLOW_MS,
     SLOW_SHARE,
-    WAIT,
     WORK_MS,
     WORKER_TTL_SECONDS,
-    ResendingProducer,
     WorkerProcess,
     Workers,
-    consuming_windows,
-    execution_rows,
     executions_by_key,
-    wait_for,
 )
 from tests.unit.test_procrastinate_store import sql
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("many_pg_connections")]
-
-MIGRATION = "prove"
-RATE = 30.0
-LIMIT = 5000
 
 
 @contextmanager
@@ -171,155 +148,56 @@ def move_settings(urls: dict[str, str]) -> Settings:
 
 
 def test_a_sql_table_moves_onto_procrastinate_with_every_task_run_exactly_once(
-    urls: dict[str, str], workers: MixedWorkers, tmp_path: Path
+    urls: dict[str, str], workers: MixedWorkers
 ) -> None:
-    started = time.monotonic()
     settings = move_settings(urls)
-    commands.db_upgrade(settings)
-    commands.init(settings, MIGRATION)
+    prepare(settings, urls["log"])
     OldTaskManager(as_task_database(urls["old"]))
-    ExecutionLog(as_task_database(urls["log"])).close()
-
     workers.start("old-1", "old")
     workers.start("old-2", "old")
     workers.start_procrastinate("new-1")
-    victim = workers.start_procrastinate("new-2", hold=True)
+    workers.start_procrastinate("new-2", hold=True)
     workers.wait_ready()
+    later: dict[str, datetime] = {}
 
-    client = PhaseClient(settings.database_url, migration=MIGRATION, ttl=0.05)
-    old_store = build_store(settings.stores["old"], "old")
-    new_store = build_store(settings.stores["new"], "new")
-    writer = DualWriter(client, old_store, new_store)
-    producer = ResendingProducer(writer, RATE, LIMIT, RESEND_SHARE)
-    report = Report()
-
-    def seen(version: int) -> None:
-        wait_for(lambda: client.snapshot().version >= version, f"the producer to see version {version}")
-
-    walk = OperatorWalk(
-        settings, MIGRATION, report, soak=time.sleep, seen=seen, say=lambda _: None, label="pq"
-    )
-    scheduled_soon: dict[str, datetime] = {}
-    try:
-        producer.start()
-        time.sleep(1.5)
-        walk.step("advance: preparation -> dual_write", lambda: commands.advance(settings, MIGRATION))
-        time.sleep(1.0)
-        backfilled = commands.backfill(settings, MIGRATION)
-        walk.check("before cutover")
-        walk.step("advance: dual_write -> cutover", lambda: commands.advance(settings, MIGRATION))
-        walk.step("ramp 100%", lambda: commands.ramp(settings, MIGRATION, 100))
-        time.sleep(1.0)
-
-        assert victim.hold_file is not None
-        victim.hold_file.touch()
-        marker = victim.hold_file.with_name(victim.hold_file.name + ".held")
-        wait_for(marker.exists, "the victim worker to hold a task before its effect")
-        os.kill(victim.proc.pid, signal.SIGKILL)
-        assert -signal.SIGKILL == victim.proc.wait(timeout=WAIT)
-        held = marker.read_text(encoding="utf-8").split()
-        for key in held:
-            assert key not in executions_by_key(urls["log"])
-        workers.start_procrastinate("new-3")
-        time.sleep(0.5)
-
-        walk.step(
-            "rollback: cutover -> dual_write",
-            lambda: commands.rollback(settings, MIGRATION, reason="prove: a Procrastinate worker died"),
-        )
-        time.sleep(1.0)
-        walk.check("before the second cutover")
-        walk.step("advance: dual_write -> cutover again", lambda: commands.advance(settings, MIGRATION))
-        walk.step("ramp 100% again", lambda: commands.ramp(settings, MIGRATION, 100))
-        # A job deferred through Procrastinate's own function, by code that knows nothing of the migration.
+    def deferred_by_procrastinate() -> list[str]:
+        """A job deferred through Procrastinate's own function, by code that knows nothing of
+        the migration: the adapter sees it under its reserved key, its worker runs it."""
         [(job_id,)] = sql(
             urls["new"],
             "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW('default', 'charge_card', 0, NULL, NULL,"
             " '{\"n\": 999}'::jsonb, NULL)::procrastinate_job_to_defer_v1]))[1]",
         )
-        outsider = f"procrastinate-job-{job_id:020d}"
-        time.sleep(1.0)
-        walk.check("before cleanup")
-        walk.step("advance: cutover -> cleanup (retire_old)", lambda: commands.advance(settings, MIGRATION))
-        # Tasks with a scheduled time (the old table has no column for one: from cleanup on,
-        # DualWriter writes the new side only), which Procrastinate must not run early.
+        return [f"procrastinate-job-{job_id:020d}"]
+
+    def scheduled_tasks(writer: DualWriter) -> list[str]:
+        """Tasks with a scheduled time (the old table has no column for one: from cleanup on,
+        DualWriter writes the new side only), which Procrastinate must not run early."""
         now = datetime.now(UTC)
         for i in range(5):
-            record = TaskRecord(
-                key=f"later-{i}",
-                type="send_email",
-                payload={"n": -i},
-                status=TaskStatus.PENDING,
-                created_at=now,
-                updated_at=now,
-                run_at=now + timedelta(seconds=2),
+            at = now + timedelta(seconds=2)
+            writer.write(
+                TaskRecord(
+                    key=f"later-{i}",
+                    type="send_email",
+                    payload={"n": -i},
+                    status=TaskStatus.PENDING,
+                    created_at=now,
+                    updated_at=now,
+                    run_at=at,
+                )
             )
-            writer.write(record)
-            scheduled_soon[record.key] = now + timedelta(seconds=2)
-        time.sleep(1.0)
-        producer.stop()
-        wanted = {*producer.scheduled, *scheduled_soon, outsider}
-        try:
-            wait_for(lambda: wanted <= set(executions_by_key(urls["log"])), "every task to run")
-        except BaseException:
-            missing = sorted(wanted - set(executions_by_key(urls["log"])))
-            with Ledger.open(settings.ledger_database_url) as ledger:
-                claims = ledger.claims_of(MIGRATION, missing[:20])
-            print("MISSING", len(missing), missing[:20])
-            for key in missing[:20]:
-                print(key, old_store.get(key), new_store.get(key), claims.get(key))
-            for w in workers.started:
-                print(w.name, w.stderr()[-3000:])
-            raise
-        commands.reconcile(settings, MIGRATION)
-        walk.step("advance: cleanup -> complete", lambda: commands.advance(settings, MIGRATION))
-    finally:
-        producer.stop()
-        writer.close()
-        client.close()
-        for store in (old_store, new_store):
-            if isinstance(store, Closeable):
-                store.close()
-    workers.stop_all()
+            later[f"later-{i}"] = at
+        return list(later)
 
-    executions = executions_by_key(urls["log"])
-    scheduled = {*producer.scheduled, *scheduled_soon, outsider}
-    lost = sorted(scheduled - set(executions))
-    twice = {key: sides for key, sides in executions.items() if len(sides) > 1}
-    assert ([], {}) == (lost, twice), f"lost {len(lost)}: {lost[:10]}; executed twice {len(twice)}: {twice}"
-    assert set(executions) == scheduled
-    assert [] == producer.errors
-    for key in held:  # handed over to the old side at the rollback, and run there
-        assert ["old"] == executions[key], key
-    assert ["new"] == executions[outsider]
-    ran_at = {key: at for key, _, at in execution_rows(urls["log"])}
-    early = {key: (ran_at[key], at) for key, at in scheduled_soon.items() if ran_at[key] < at.timestamp()}
-    assert {} == early
-
-    with Ledger.open(settings.ledger_database_url) as ledger:
-        counts = ledger.counts(MIGRATION)
-    assert 0 == counts.executed_twice
-    assert (0, 0) == (counts.running, counts.failed)
-    assert len(scheduled) == counts.succeeded
-    assert counts.handed_over >= len(held) >= 1
-    validation = commands.validate(settings, MIGRATION)
-    assert validation.ok, validation.as_json()
-    assert Phase.COMPLETE == commands.verify(settings, MIGRATION).phase
-
-    history = commands.history(settings, MIGRATION)
-    rollback = next(e for e in history if (e.source, e.dest) == (Phase.CUTOVER, Phase.DUAL_WRITE))
-    pause = rollback.steps[0]
-    assert pause.checkpoint is not None
-    assert ("new", ["new-2"]) == (pause.checkpoint["side"], pause.checkpoint["gone"])
-    windows = consuming_windows(history)
-    outside = [
-        (key, side, at)
-        for key, side, at in execution_rows(urls["log"])
-        if not any(start <= at <= end for start, end in windows[side])
-    ]
-    assert [] == outside, f"{len(outside)} executions outside their side's windows: {outside[:10]}"
-    ran = Counter(side for sides in executions.values() for side in sides)
-    assert min(ran["old"], ran["new"]) > 0
+    hooks = Hooks(in_cutover=deferred_by_procrastinate, in_cleanup=scheduled_tasks)
+    run = walk_the_move(
+        settings, urls["log"], workers, start_new=workers.start_procrastinate, hooks=hooks, label="pq"
+    )
+    assert_exactly_once(settings, urls["log"], run)
+    [outsider] = [key for key in run.scheduled if key.startswith("procrastinate-job-")]
+    assert ["new"] == executions_by_key(urls["log"])[outsider]
+    assert {} == not_before(urls["log"], later)
     # Procrastinate's own view: every job of the migration finished, none left to run.
     statuses = {
         str(status): int(str(count))
@@ -328,17 +206,3 @@ def test_a_sql_table_moves_onto_procrastinate_with_every_task_run_exactly_once(
         )
     }
     assert not {"todo", "doing"} & set(statuses), statuses
-    print(
-        json.dumps(
-            {
-                "database": urls["control"].split(":", 1)[0],
-                "scheduled": len(scheduled),
-                "executions_by_side": dict(ran),
-                "backfilled": backfilled.copied,
-                "held": held,
-                "handed_over": counts.handed_over,
-                "procrastinate_jobs": statuses,
-                "seconds": round(time.monotonic() - started, 1),
-            }
-        )
-    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from migration_fsm.exceptions import MigrationFSMError
+from migration_fsm.adapters._cli import run
 
 from .store import RqTaskStore, setup
 
@@ -17,24 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0", help="the Redis RQ uses")
     parser.add_argument("--queue", default="default")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "setup":
-            for line in setup(args.url, args.queue):
-                print(line)
-            return 0
-        store = RqTaskStore(args.url, queue=args.queue)
-        try:
-            problems = store.check_setup()
-        finally:
-            store.close()
-    except MigrationFSMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if not problems:
-        print("ok")
-    return 1 if problems else 0
+    return run(args, lambda a: setup(a.url, a.queue), lambda a: RqTaskStore(a.url, queue=a.queue))
 
 
 if __name__ == "__main__":
