@@ -28,7 +28,14 @@ from migration_fsm.config import Settings, StoreConfig
 from tests.support import huey_app
 from tests.support.cli import ROOT
 from tests.support.forkserver import child_env
-from tests.system.moves import MIGRATION, Hooks, assert_exactly_once, prepare, walk_the_move
+from tests.system.moves import (
+    MIGRATION,
+    OLD_SYSTEM_MOVE_DATABASES,
+    Hooks,
+    assert_exactly_once,
+    prepare,
+    walk_the_move,
+)
 from tests.system.test_exactly_once import (
     SLOW_MS,
     SLOW_SHARE,
@@ -49,7 +56,7 @@ TYPE_MAP = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=OLD_SYSTEM_MOVE_DATABASES)
 def urls(request: pytest.FixtureRequest, tmp_path: Path, pg_database: str) -> Iterator[dict[str, str]]:
     """As in test_procrastinate_move (control and log SQLite or PostgreSQL, new Procrastinate),
     and `huey`: the Huey application's SQLite file, which this process's `huey_app.huey` uses too."""

@@ -31,7 +31,14 @@ from tests.support import rq_tasks
 from tests.support.cli import ROOT
 from tests.support.forkserver import child_env
 from tests.support.queues import private_redis_db
-from tests.system.moves import MIGRATION, Hooks, assert_exactly_once, prepare, walk_the_move
+from tests.system.moves import (
+    MIGRATION,
+    OLD_SYSTEM_MOVE_DATABASES,
+    Hooks,
+    assert_exactly_once,
+    prepare,
+    walk_the_move,
+)
 from tests.system.test_exactly_once import (
     SLOW_MS,
     SLOW_SHARE,
@@ -51,7 +58,7 @@ TYPE_MAP = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=OLD_SYSTEM_MOVE_DATABASES)
 def urls(request: pytest.FixtureRequest, tmp_path: Path, pg_database: str) -> Iterator[dict[str, str]]:
     """As in test_procrastinate_move (control and log SQLite or PostgreSQL, new Procrastinate),
     and `redis`: a Redis database number of the test's own, for RQ."""
