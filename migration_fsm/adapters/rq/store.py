@@ -219,7 +219,7 @@ class RqTaskStore:
                 current = self._status(job)
                 if update.expected is not None and current != update.expected:
                     continue
-                self._move(job, current, update.status)
+                move(job, self.queue, current, update.status)
                 job = Job.fetch(update.key, connection=self.redis)
                 self._write_meta(job, attempts=update.attempts, updated_at=update.updated_at)
                 changed += 1
@@ -291,7 +291,7 @@ class RqTaskStore:
                     job.args, job.kwargs = (), record.payload
                     job.created_at = record.created_at.astimezone(UTC).replace(tzinfo=None)
                     job.save()
-            self._move(job, current, record.status)
+            move(job, self.queue, current, record.status)
             job = Job.fetch(record.key, connection=self.redis)
             self._write_meta(
                 job,
@@ -319,13 +319,6 @@ class RqTaskStore:
         job.save()
         return job
 
-    def _move(self, job: Any, current: TaskStatus, target: TaskStatus) -> None:
-        move(job, self.queue, current, target)
-
-    @staticmethod
-    def _set_meta(job: Any, **values: Any) -> None:
-        set_meta(job, **values)
-
     def _write_meta(
         self,
         job: Any,
@@ -345,7 +338,7 @@ class RqTaskStore:
             values["metadata"] = dict(metadata)
         if run_at != "keep":
             values["run_at"] = utc_text(run_at) if isinstance(run_at, datetime) else None
-        self._set_meta(job, **values)
+        set_meta(job, **values)
 
     def _remember_run_at(self, job: Any) -> None:
         """A scheduled job's time into `meta` (RQ forgets it once it enqueues the job)."""
@@ -355,7 +348,7 @@ class RqTaskStore:
         from rq.registry import ScheduledJobRegistry
 
         at = ScheduledJobRegistry(queue=self.queue).get_scheduled_time(job)  # type: ignore[no-untyped-call]
-        self._set_meta(job, run_at=utc_text(at))
+        set_meta(job, run_at=utc_text(at))
 
     def _status(self, job: Any) -> TaskStatus:
         status = _status_text(job)
