@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench lint typecheck pytest pgbouncer mutate clean
+.PHONY: test test-fast demo bench lint typecheck pytest pgbouncer chromium mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,15 @@ pgbouncer:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null; }; }
 
+# tests/system/test_status_page.py opens the status page in the distribution's Chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	    echo "installing the distribution's chromium package (tests/system/test_status_page.py)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
+
 # --dist loadgroup: tests marked with one xdist_group run on one worker, one after the other.
-pytest: $(STAMP) pgbouncer
+pytest: $(STAMP) pgbouncer chromium
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: lint typecheck

@@ -395,6 +395,49 @@ def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
 
 
 @cli.command()
+@common_options
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    default="127.0.0.1:9464",
+    show_default=True,
+    help="Where to listen (port 0: a free one).",
+)
+@click.option(
+    "--token",
+    metavar="TEXT",
+    envvar="MIGRATION_FSM_SERVE_TOKEN",
+    help="Require this token (Authorization: Bearer, or ?token= on the page)"
+    " [env MIGRATION_FSM_SERVE_TOKEN].",
+)
+def serve(settings: Settings, migration: str, listen: str, token: str | None) -> int:
+    """Serve Prometheus /metrics, /api/status, /api/history and a live status page (read-only)."""
+    import signal
+
+    from .serve import StatusServer, is_loopback
+
+    server = StatusServer(settings, migration, listen=listen, token=token)
+    host = server.address[0]
+    if not token and not is_loopback(host):
+        click.echo(f"warning: serving on {host} to anyone who can reach it: consider --token", err=True)
+    click.echo(f"serving migration '{migration}' on {server.url} (metrics: {server.url}metrics)")
+    sys.stdout.flush()
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.shutdown()
+    return 0
+
+
+@cli.command()
 def diagram() -> int:
     """Print the state machine as a Mermaid stateDiagram-v2."""
     click.echo(commands.diagram(), nl=False)

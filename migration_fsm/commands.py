@@ -176,11 +176,14 @@ def ledger_counts(
         return None, redact_text(str(exc))
 
 
-def history(settings: Settings, migration: str) -> list[JournalEntry]:
+def history(settings: Settings, migration: str, store: Journal | None = None) -> list[JournalEntry]:
     """The journal, oldest first, with any secret a row written before they were hidden
-    (a guard's detail, an error) redacted for display (`verify` reads the rows as stored)."""
-    with open_store(settings, readonly=True) as store:
-        return [_redacted(entry) for entry in store.journal(store.get(migration))]
+    (a guard's detail, an error) redacted for display (`verify` reads the rows as stored);
+    reusing `store` when given, as `serve` does."""
+    if store is None:
+        with open_store(settings, readonly=True) as opened:
+            return history(settings, migration, opened)
+    return [_redacted(entry) for entry in store.journal(store.get(migration))]
 
 
 def _redacted(entry: JournalEntry) -> JournalEntry:

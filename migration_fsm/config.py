@@ -301,7 +301,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
 
 
 #: `MIGRATION_FSM_*` variables that are not settings: the CLI reads them itself.
-_CLI_VARIABLES: Final = frozenset({"MIGRATION_FSM_CONFIG"})
+_CLI_VARIABLES: Final = frozenset({"MIGRATION_FSM_CONFIG", "MIGRATION_FSM_SERVE_TOKEN"})
 #: Variables of this project's own test suite and benchmarks (`MIGRATION_FSM_TEST_POSTGRES_URL`).
 _TEST_PREFIX: Final = "MIGRATION_FSM_TEST_"
 
