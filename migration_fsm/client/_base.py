@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import DualWriteError
 from ..tasks.capabilities import ForwardPut
 from ..tasks.records import PROGRESS_FIELDS, is_behind
+from . import metrics
 from ._log import first_line, log
 from .repair import RepairLog
 
@@ -94,6 +95,7 @@ class WriterBase:
             "failed_writes": 0,
             "resends_kept": 0,
         }
+        metrics.track(self, "writer", client.migration)
         for side, store in (("old", old), ("new", new)):
             if not isinstance(store, ForwardPut):
                 log.warning(
@@ -196,6 +198,7 @@ class WriterBase:
 
     def close(self) -> None:
         """Close the repair log's connections (the client and stores are the caller's)."""
+        metrics.untrack(self)
         self.repair.close()
 
     def __enter__(self) -> Any:
@@ -275,6 +278,7 @@ class ReaderBase:
             "shadow_mismatches": 0,
             "shadow_status_lag": 0,
         }
+        metrics.track(self, "reader", client.migration)
 
     def _plan(self, key: str) -> ReadPlan:
         """Where `key` is read from, what backs it up, and whether new is compared."""

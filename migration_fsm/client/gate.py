@@ -79,6 +79,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..exceptions import DatabaseUnavailable
 from ..journal.ledger import FAILED, SUCCEEDED, Claim, Ledger
 from ..journal.workers import SIDES, Workers, default_worker_id
+from . import metrics
 from ._log import first_line, log
 
 if TYPE_CHECKING:
@@ -217,6 +218,7 @@ class WorkerGate:
         self._stop = threading.Event()
         self._host, self._pid = socket.gethostname(), os.getpid()
         self.refresh()  # apply the current version and register, on the caller's thread
+        metrics.track(self, "gate", self.migration, side)
         self._thread: threading.Thread | None = None
         self._flusher: threading.Thread | None = None
         if background:
@@ -437,6 +439,7 @@ class WorkerGate:
         says it deferred finishes) keeps its running claims from being taken over."""
         if self._stop.is_set():
             return
+        metrics.untrack(self)
         self._stop.set()
         self._flush_wanted.set()
         for thread in (self._thread, self._flusher):

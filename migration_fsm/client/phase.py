@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zlib import crc32  # the same hash as fsm.bucket, bound here: routing(key) is the hot path
 
 from ..fsm import ROUTING, Phase, Routing, routing_for
+from . import metrics
 from ._log import first_line, log
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class PhaseClient:
         }
         self._stale_since: float | None = time.monotonic()
         self._stale_total = 0.0
+        metrics.track(self, "phase", migration)
         self._last_read = time.monotonic()  # when a read last completed (the watchdog's clock)
         self._read_lock = threading.Lock()  # one read at a time, adopted in the order made
         self._conn_lock = threading.Lock()  # `_conn`, `_busy_since`, `_timed_out` (the watchdog's view)
@@ -199,6 +201,7 @@ class PhaseClient:
 
     def close(self) -> None:
         """Stop the refresher and close its connection (idempotent)."""
+        metrics.untrack(self)
         self._stop.set()
         with self._conn_lock:
             busy = self._busy_since
