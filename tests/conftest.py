@@ -9,14 +9,16 @@ PostgreSQL fails the run instead of skipping.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
@@ -65,12 +67,78 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     engine.dispose()
 
 
-@pytest.fixture
-def upgraded_url(db_url: str) -> str:
-    """A database whose schema is at the Alembic head."""
-    store = Journal(db_url, engine=make_engine(db_url, create=True))
+def alembic_upgrade(url: str) -> list[tuple[str, Any, bool]]:
+    """Upgrade `url` to the Alembic head as `db upgrade` does; returns every statement it
+    sent (text, parameters, executemany), in order."""
+    engine = make_engine(url, create=True)
+    sent: list[tuple[str, Any, bool]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _record(_conn: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, many: bool) -> None:
+        sent.append((statement, parameters, many))
+
+    store = Journal(url, engine=engine)
     store.upgrade()
     store.close()
+    return sent
+
+
+@pytest.fixture(scope="session")
+def head_schema(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The Alembic head, made once per test session (per xdist worker) by a real upgrade:
+    a SQLite file to copy, and the statements the PostgreSQL upgrade sent, to send again into
+    each test's schema (`upgraded_url`). About 0.1 s (SQLite) and 0.2 s (PostgreSQL) less per
+    test than running Alembic each time; `alembic_upgraded_url` still runs it."""
+    template = tmp_path_factory.mktemp("head") / "mfsm.db"
+    alembic_upgrade(f"sqlite:///{template}")
+    return {"sqlite": template, "postgresql": None}
+
+
+def _postgresql_head(
+    head_schema: dict[str, Any], request: pytest.FixtureRequest
+) -> list[tuple[str, Any, bool]]:
+    if head_schema["postgresql"] is None:
+        base = request.getfixturevalue("pg_database")
+        schema = f"head_{uuid.uuid4().hex[:12]}"
+        admin = create_engine(base, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        admin.dispose()
+        head_schema["postgresql"] = alembic_upgrade(f"{base}?options=-csearch_path%3D{schema}")
+    statements: list[tuple[str, Any, bool]] = head_schema["postgresql"]
+    return statements
+
+
+@pytest.fixture
+def alembic_upgraded_url(db_url: str) -> str:
+    """A database brought to the Alembic head by Alembic itself (`db upgrade`)."""
+    alembic_upgrade(db_url)
+    return db_url
+
+
+@pytest.fixture
+def upgraded_url(db_url: str, head_schema: dict[str, Any], request: pytest.FixtureRequest) -> str:
+    """A database whose schema is at the Alembic head: a copy of the session's upgraded
+    SQLite file, or the session's PostgreSQL upgrade sent again into this test's schema."""
+    if db_url.startswith("sqlite"):
+        with (
+            closing(sqlite3.connect(head_schema["sqlite"])) as source,
+            closing(sqlite3.connect(db_url.removeprefix("sqlite:///"))) as copy,
+        ):
+            source.backup(copy)
+        return db_url
+    statements = _postgresql_head(head_schema, request)
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for statement, parameters, many in statements:
+                if many:
+                    cursor.executemany(statement, parameters)
+                else:
+                    cursor.execute(statement, parameters or None)
+    finally:
+        engine.dispose()
     return db_url
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import Index
 
 from migration_fsm.journal import Journal, make_engine, metadata
 from migration_fsm.journal import schema as journal_schema
+from migration_fsm.journal.revisions import head_revisions
 
 EXPECTED_INDEXES = {
     ("mfsm_repair_log", "ix_mfsm_repair_log_open", ("migration", "status", "id")),
@@ -21,15 +22,28 @@ EXPECTED_INDEXES = {
 }
 
 
-def test_metadata_matches_the_alembic_head(upgraded_url: str) -> None:
-    """`compare_metadata` between the upgraded database and `metadata` returns no difference."""
-    engine = make_engine(upgraded_url)
+def _differences(url: str) -> list[Any]:
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
             diff: list[Any] = compare_metadata(MigrationContext.configure(conn), metadata)
     finally:
         engine.dispose()
-    assert [] == diff
+    return diff
+
+
+def test_metadata_matches_the_alembic_head(alembic_upgraded_url: str) -> None:
+    """`compare_metadata` between the database Alembic upgraded and `metadata` returns no
+    difference."""
+    assert [] == _differences(alembic_upgraded_url)
+
+
+def test_the_head_the_tests_get_is_the_alembic_head(upgraded_url: str) -> None:
+    """The head every other test starts from (a copy of one upgrade, `upgraded_url`) is what
+    Alembic makes: no difference from `metadata`, and at the head revision."""
+    assert [] == _differences(upgraded_url)
+    with Journal.open(upgraded_url) as journal:
+        assert head_revisions() == journal.current_revisions()
 
 
 def test_every_index_of_the_revisions_is_on_the_tables() -> None:
