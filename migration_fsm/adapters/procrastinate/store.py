@@ -402,17 +402,20 @@ class ProcrastinateTaskStore:
                         f" beginning {JOB_KEY_PREFIX!r} are reserved for jobs the adapter did not write"
                     )
                 job = self._defer(conn, record)
-                register = True
-            else:
-                register = not job.registered
-                conn.execute(
-                    text(
-                        "UPDATE procrastinate_jobs SET task_name = :task_name, args = CAST(:args AS jsonb),"
-                        " scheduled_at = :run_at WHERE id = :id AND (task_name, args, scheduled_at)"
-                        " IS DISTINCT FROM (:task_name, CAST(:args AS jsonb), :run_at)"
-                    ),
-                    {**self._identity(record), "id": job.job_id},
-                )
+                job = self._move(conn, job, record.status)
+                if record.attempts:  # a deferred job starts at 0 attempts
+                    self._set_attempts(conn, job.job_id, record.attempts)
+                stored[record.key] = _Stored(job.job_id, job.status, True)
+                continue
+            register = not job.registered
+            conn.execute(
+                text(
+                    "UPDATE procrastinate_jobs SET task_name = :task_name, args = CAST(:args AS jsonb),"
+                    " scheduled_at = :run_at WHERE id = :id AND (task_name, args, scheduled_at)"
+                    " IS DISTINCT FROM (:task_name, CAST(:args AS jsonb), :run_at)"
+                ),
+                {**self._identity(record), "id": job.job_id},
+            )
             job = self._move(conn, job, record.status)
             self._set_attempts(conn, job.job_id, record.attempts)
             values = {
@@ -448,13 +451,24 @@ class ProcrastinateTaskStore:
         }
 
     def _defer(self, conn: Connection, record: TaskRecord) -> _Stored:
-        """A new job in `todo`, deferred as Procrastinate's own `defer` does."""
+        """A new job in `todo`, deferred as Procrastinate's own `defer` does, and its registry
+        row, in one statement (one round trip). A plain INSERT: a writer that inserted this key
+        meanwhile makes it fail (and `_write` retry)."""
         job_id = conn.execute(
             text(
-                "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task_name, 0, NULL, NULL,"
-                " CAST(:args AS jsonb), :run_at)::procrastinate_job_to_defer_v1]))[1]"
+                f"INSERT INTO {REGISTRY} (key, job_id, created_at, updated_at, metadata)"
+                " VALUES (:key, (procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task_name, 0, NULL, NULL,"
+                " CAST(:args AS jsonb), :run_at)::procrastinate_job_to_defer_v1]))[1],"
+                " :created_at, :updated_at, CAST(:metadata AS jsonb)) RETURNING job_id"
             ),
-            {**self._identity(record), "queue": self.queue},
+            {
+                **self._identity(record),
+                "queue": self.queue,
+                "key": record.key,
+                "created_at": record.created_at,
+                "updated_at": record.updated_at,
+                "metadata": json.dumps(record.metadata),
+            },
         ).scalar_one()
         return _Stored(int(job_id), "todo", True)
 
