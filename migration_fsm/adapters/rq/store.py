@@ -276,8 +276,11 @@ class RqTaskStore:
             if job is not None and forward and is_behind(record.status, self._status(job)):
                 return False
             func_name = self.func_of.get(record.type, record.type)
+            if job is None and record.status is TaskStatus.PENDING:
+                self._enqueue(record, func_name)
+                return True
             if job is None:
-                job = self._enqueue(record, func_name)
+                job = self._enqueue(record, func_name, save=False)
                 current = TaskStatus.PENDING
             else:
                 current = self._status(job)
@@ -303,7 +306,10 @@ class RqTaskStore:
             self.redis.zadd(self.index, {record.key: 0})
         return True
 
-    def _enqueue(self, record: TaskRecord, func_name: str) -> Any:
+    def _enqueue(self, record: TaskRecord, func_name: str, *, save: bool = True) -> Any:
+        """A new job for `record` through RQ's enqueue; then, with `save`, its creation time,
+        the adapter's `meta` and its place in the key index written in one pipeline (the task
+        is then whole: a new pending task needs nothing more)."""
         options: dict[str, Any] = {
             "job_id": record.key,
             "kwargs": record.payload,
@@ -316,7 +322,21 @@ class RqTaskStore:
         else:
             job = self.queue.enqueue_call(func_name, **options)
         job.created_at = record.created_at.astimezone(UTC).replace(tzinfo=None)
-        job.save()
+        if not save:
+            job.save()
+            return job
+        values = self._meta_values(
+            job,
+            attempts=record.attempts,
+            updated_at=record.updated_at,
+            metadata=record.metadata,
+            run_at=record.run_at,
+        )
+        job.meta.setdefault(META, {}).update(values)
+        pipe = self.redis.pipeline()
+        job.save(pipeline=pipe)  # written_at is now, after RQ's enqueued_at
+        pipe.zadd(self.index, {record.key: 0})
+        pipe.execute()
         return job
 
     def _write_meta(
@@ -328,6 +348,23 @@ class RqTaskStore:
         metadata: Mapping[str, Any] | None = None,
         run_at: datetime | str | None = "keep",
     ) -> None:
+        set_meta(
+            job,
+            **self._meta_values(
+                job, attempts=attempts, updated_at=updated_at, metadata=metadata, run_at=run_at
+            ),
+        )
+
+    @staticmethod
+    def _meta_values(
+        job: Any,
+        *,
+        attempts: int,
+        updated_at: datetime,
+        metadata: Mapping[str, Any] | None = None,
+        run_at: datetime | str | None = "keep",
+    ) -> dict[str, Any]:
+        """The adapter's `meta` values for a write (`run_at` "keep": leave the one kept)."""
         values: dict[str, Any] = {
             "attempts": attempts,
             "retries_at_write": job.number_of_retries or 0,
@@ -338,7 +375,7 @@ class RqTaskStore:
             values["metadata"] = dict(metadata)
         if run_at != "keep":
             values["run_at"] = utc_text(run_at) if isinstance(run_at, datetime) else None
-        set_meta(job, **values)
+        return values
 
     def _remember_run_at(self, job: Any) -> None:
         """A scheduled job's time into `meta` (RQ forgets it once it enqueues the job)."""
