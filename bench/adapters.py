@@ -459,16 +459,37 @@ def versus(ours: dict[str, Any], theirs: dict[str, Any], goal: float | None = No
     return result
 
 
-def interleaved(pieces: dict[str, Callable[[int], int]], rounds: int) -> dict[str, list[dict[str, float]]]:
-    """Each piece once per round, in an order rotated by one each round; `piece(round)` runs it."""
+Piece = Callable[[list[TaskRecord]], None]
+
+
+def interleaved(
+    pieces: dict[str, Piece], n: int, rounds: int, blocks: int
+) -> dict[str, list[dict[str, float]]]:
+    """`rounds` rounds of `n` tasks per piece; within a round the pieces take turns by blocks
+    of `n / blocks` tasks, in an order rotated by one each block (so a change in the machine's
+    load falls on every piece alike), each block's tasks made before its clock starts. Per
+    round and piece: the tasks, and the wall and CPU seconds of its blocks added up."""
     names = list(pieces)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    size = max(n // blocks, 1)
     for number in range(rounds):
-        order = names[number % len(names) :] + names[: number % len(names)]
-        for name in order:
-            print(f"adapters: round {number + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
-            runs[name].append(timed(functools.partial(pieces[name], number)))
+        print(f"adapters: dual write, round {number + 1}/{rounds}", file=sys.stderr, flush=True)
+        totals = {name: {"tasks": 0.0, "seconds": 0.0, "cpu_seconds": 0.0} for name in names}
+        for block in range(blocks):
+            turn = number * blocks + block
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                records = tasks(f"{name.replace(' ', '').replace(':', '-')}-{number}-{block}", size)
+                took = timed(functools.partial(run_piece, pieces[name], records))
+                for field in totals[name]:
+                    totals[name][field] += took[field]
+        for name in names:
+            runs[name].append({field: round(value, 4) for field, value in totals[name].items()})
     return runs
+
+
+def run_piece(piece: Piece, records: list[TaskRecord]) -> int:
+    piece(records)
+    return len(records)
 
 
 # -- 1. dual write ----------------------------------------------------------------------------
@@ -497,7 +518,7 @@ def close_store(store: object) -> None:
         store.close()
 
 
-def system_pieces(stack: ExitStack, system: System, n: int) -> dict[str, Callable[[int], int]]:
+def system_pieces(stack: ExitStack, system: System) -> dict[str, Piece]:
     """A system alone: its adapter store's `put_forward`, and its own enqueue."""
     name = system.name
     store = build_store(StoreConfig.model_validate(system.store_config()), name)
@@ -505,22 +526,18 @@ def system_pieces(stack: ExitStack, system: System, n: int) -> dict[str, Callabl
     assert isinstance(store, ForwardPut)
     native = stack.enter_context(opened(system.native()))
 
-    def store_write(number: int) -> int:
-        for record in tasks(f"{name}-store-{number}", n):
+    def store_write(records: list[TaskRecord]) -> None:
+        for record in records:
             assert store.put_forward(record)
-        return n
 
-    def native_enqueue(number: int) -> int:
-        for record in tasks(f"{name}-native-{number}", n):
+    def native_enqueue(records: list[TaskRecord]) -> None:
+        for record in records:
             native.enqueue(record)
-        return n
 
     return {f"{name}: store put_forward": store_write, f"{name}: own enqueue": native_enqueue}
 
 
-def move_pieces(
-    stack: ExitStack, res: Resources, old: System, new: System, n: int
-) -> dict[str, Callable[[int], int]]:
+def move_pieces(stack: ExitStack, res: Resources, old: System, new: System) -> dict[str, Piece]:
     """A move in `dual_write`: `DualWriter` over the configured stores, and the two systems'
     own enqueues one after the other."""
     settings = migration_settings(res, old, new)
@@ -539,32 +556,30 @@ def move_pieces(
     old_native = stack.enter_context(opened(old.native()))
     new_native = stack.enter_context(opened(new.native()))
 
-    def dual(number: int) -> int:
-        for record in tasks(f"{migration}-dw-{number}", n):
+    def dual(records: list[TaskRecord]) -> None:
+        for record in records:
             assert "old" == writer.write(record)
-        return n
 
-    def direct(number: int) -> int:
-        for record in tasks(f"{migration}-direct-{number}", n):
+    def direct(records: list[TaskRecord]) -> None:
+        for record in records:
             old_native.enqueue(record)
             new_native.enqueue(record)
-        return n
 
     return {f"{migration}: DualWriter": dual, f"{migration}: direct": direct}
 
 
-def measure_dual_write(res: Resources, n: int, rounds: int) -> dict[str, Any]:
+def measure_dual_write(res: Resources, n: int, rounds: int, blocks: int) -> dict[str, Any]:
     with ExitStack() as stack:
         systems = {}
         for name, make in SYSTEMS.items():
             systems[name] = make(res, "dw")
             stack.callback(systems[name].close)
-        pieces: dict[str, Callable[[int], int]] = {}
+        pieces: dict[str, Piece] = {}
         for system in systems.values():
-            pieces |= system_pieces(stack, system, n)
+            pieces |= system_pieces(stack, system)
         for old_name, new_name in MOVES:
-            pieces |= move_pieces(stack, res, systems[old_name], systems[new_name], n)
-        runs = interleaved(pieces, rounds)
+            pieces |= move_pieces(stack, res, systems[old_name], systems[new_name])
+        runs = interleaved(pieces, n, rounds, blocks)
     report: dict[str, Any] = {"systems": {}, "moves": {}}
     for name in systems:
         ours, theirs = summary(runs[f"{name}: store put_forward"]), summary(runs[f"{name}: own enqueue"])
@@ -659,17 +674,16 @@ def measure_backfill(res: Resources, old_name: str, n: int, rounds: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--n", type=int, default=1000, help="tasks per piece and round of the dual write")
-    parser.add_argument(
-        "--backfill-n", type=int, default=10_000, help="tasks backfilled from each old system"
-    )
+    parser.add_argument("--n", type=int, default=500, help="tasks per piece and round of the dual write")
+    parser.add_argument("--backfill-n", type=int, default=5000, help="tasks backfilled from each old system")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--blocks", type=int, default=10, help="turns per round of the dual write's pieces")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run")
     parser.add_argument("--postgres", default=os.environ.get("MIGRATION_FSM_TEST_POSTGRES_URL", DEFAULT_PG))
     parser.add_argument("--only", choices=("dual-write", "backfill"), help="run one part only")
     args = parser.parse_args()
     if args.quick:
-        args.n, args.backfill_n, args.rounds = 20, 200, 1
+        args.n, args.backfill_n, args.rounds, args.blocks = 20, 200, 1, 2
     log.configure(json=True, level=logging.WARNING)  # measure the writes, not a log renderer
     logging.getLogger("procrastinate").setLevel(logging.ERROR)  # its "App in __main__" advice
     report: dict[str, Any] = {
@@ -677,6 +691,7 @@ def main() -> None:
         "n": args.n,
         "backfill_n": args.backfill_n,
         "rounds": args.rounds,
+        "blocks": args.blocks,
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_before": [round(x, 2) for x in os.getloadavg()],
@@ -687,7 +702,7 @@ def main() -> None:
     with ExitStack() as stack:
         res = Resources(stack, args.postgres)
         if args.only in (None, "dual-write"):
-            report["dual_write"] = measure_dual_write(res, args.n, args.rounds)
+            report["dual_write"] = measure_dual_write(res, args.n, args.rounds, args.blocks)
         if args.only in (None, "backfill"):
             report["backfill"] = {
                 old: measure_backfill(res, old, args.backfill_n, args.rounds) for old, _new in MOVES
