@@ -265,10 +265,11 @@ class ProcrastinateTaskStore:
         self._check(record)
 
         def forward(conn: Connection) -> bool:
-            stored = self._stored(conn, [record.key]).get(record.key)
+            found = self._stored(conn, [record.key])
+            stored = found.get(record.key)
             if stored is not None and is_behind(record.status, self._status(stored.status, record.key)):
                 return False
-            self._put_all(conn, [record])
+            self._put_all(conn, [record], found)  # the job read (and locked) above: not read again
             return True
 
         return self._write(forward)
@@ -391,8 +392,13 @@ class ProcrastinateTaskStore:
                     stored[job_ids[int(job_id)]] = _Stored(int(job_id), str(status), False)
         return stored
 
-    def _put_all(self, conn: Connection, records: Sequence[TaskRecord]) -> None:
-        stored = self._stored(conn, [record.key for record in records])
+    def _put_all(
+        self, conn: Connection, records: Sequence[TaskRecord], stored: dict[str, _Stored] | None = None
+    ) -> None:
+        """Write `records` (one per key); `stored`: what `_stored` read of their keys in this
+        transaction, when the caller already read it."""
+        if stored is None:
+            stored = self._stored(conn, [record.key for record in records])
         new = [record for record in records if record.key not in stored]
         for record in new:
             if record.key.startswith(JOB_KEY_PREFIX):
