@@ -152,6 +152,27 @@ class RqTaskStore:
             after = batch[-1].key
         return counts
 
+    def count(self) -> int:
+        """How many tasks a scan of the whole store finds (the indexed jobs that exist and belong
+        to the queue), read as each job's `origin` alone, not the whole job."""
+        from rq.job import Job
+
+        prefix = Job.redis_job_namespace_prefix
+        total = 0
+        with self._redis():
+            self.sync()
+            queue = self.queue.name.encode("utf-8")
+            after = b"-"
+            while True:
+                raw_keys: list[bytes] = list(self.redis.zrangebylex(self.index, after, b"+", 0, 1000))  # type: ignore[arg-type]
+                if not raw_keys:
+                    return total
+                pipe = self.redis.pipeline(transaction=False)
+                for raw in raw_keys:
+                    pipe.hget(prefix + raw.decode("utf-8"), "origin")
+                total += sum(origin == queue for origin in pipe.execute())
+                after = b"(" + raw_keys[-1]
+
     def sync(self) -> int:
         """Index the queue's jobs the index has not seen (found with SCAN); how many."""
         from rq.job import Job
