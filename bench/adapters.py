@@ -35,11 +35,11 @@ median of the rounds' ratios. Within a round of the dual write the pieces take t
 blocks of `n / --blocks` tasks (the order rotated by one each block), so a change in the
 machine's load falls on all of them alike; a round of the backfill runs its three pieces once
 each, in an order rotated from round to round, the clock started after each piece's setup (a
-fresh Procrastinate schema, a migration in `dual_write`). Private resources: a PostgreSQL database created for the run and dropped at
-the end, an empty Redis database number (1 to 15) whose keys are deleted at the end, SQLite
-files in a temporary folder. The machine may be shared: the load average is reported; read
-the ratios. `--quick` is a smoke run (a test runs it); the defaults take about 3 to 4 minutes
-on 2 cores.
+fresh Procrastinate schema, a migration in `dual_write`). Private resources: a PostgreSQL
+database created for the run and dropped at the end, an empty Redis database number (1 to 15)
+whose keys are deleted at the end, SQLite files in a temporary folder. The machine may be
+shared: the load average is reported; read the ratios. `--quick` is a smoke run (a test runs
+it); the defaults take about 3 to 4 minutes on 2 cores.
 
     .venv/bin/python bench/adapters.py [--n 500] [--backfill-n 5000] [--rounds 3] [--blocks 10]
         [--only dual-write|backfill] [--quick] [--postgres URL]
