@@ -284,6 +284,51 @@ def ledger_rows(r: dict[str, Any]) -> Rows:
     return rows
 
 
+def adapters_rows(r: dict[str, Any]) -> Rows:
+    rows = []
+    for move, m in r.get("dual_write", {}).get("moves", {}).items():
+        ours, base, versus = m["dual_writer"], m["direct_old_then_new"], m["vs_direct"]
+        rows.append(
+            Row(
+                "adapters",
+                f"DualWriter tasks/s, {move}, dual_write",
+                fmt(ours["tasks_per_second"], "/s"),
+                f"{fmt(base['tasks_per_second'], '/s')} own enqueue into both",
+                f"{versus['ratio']:.2f}x",
+                f">= {versus['goal']}x",
+                bool(versus["met"]),
+            )
+        )
+    for system, s in r.get("dual_write", {}).get("systems", {}).items():
+        ours, base = s["store_put_forward"], s["own_enqueue"]
+        rows.append(
+            Row(
+                "adapters",
+                f"{system} store put_forward tasks/s",
+                fmt(ours["tasks_per_second"], "/s"),
+                f"{fmt(base['tasks_per_second'], '/s')} own enqueue",
+                f"{s['vs_own_enqueue']['ratio']:.2f}x",
+                "-",
+                None,
+            )
+        )
+    for old, b in r.get("backfill", {}).items():
+        ours, scan, insert = b["backfill"], b["plain_scan_of_old"], b["plain_insert_into_procrastinate"]
+        rows.append(
+            Row(
+                "adapters",
+                f"backfill {old} -> procrastinate tasks/s, N={ours['tasks']:,}",
+                fmt(ours["tasks_per_second"], "/s"),
+                f"{fmt(scan['tasks_per_second'], '/s')} plain scan; "
+                f"{fmt(insert['tasks_per_second'], '/s')} plain insert",
+                f"{b['vs_plain_scan']['ratio']:.2f}x; {b['vs_plain_insert']['ratio']:.2f}x",
+                "-",
+                None,
+            )
+        )
+    return rows
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -309,6 +354,7 @@ BENCHES = (
         lambda a: ["load.py", "--seconds", str(a.load_seconds), "--rate", "500", "--clients", "50"],
         load_rows,
     ),
+    Bench("adapters", lambda _a: ["adapters.py"], adapters_rows),
 )
 
 

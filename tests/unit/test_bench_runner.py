@@ -5,10 +5,13 @@ are not checked against any time, only that they are read from the benchmark's J
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.support import ROOT
 
@@ -33,3 +36,34 @@ def test_runner_tabulates_the_routing_benchmark(tmp_path: Path) -> None:
     assert shown in done.stdout  # the figure in the table is the JSON's
     assert set(results) >= {"cpus", "load_average_at_start", "routing"}
     assert "transition" not in results  # --only ran that one alone
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_adapters_benchmark_smoke_runs_and_tabulates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench/adapters.py --quick` runs every move and old system against private PostgreSQL and
+    Redis resources, and the runner's rows read its JSON (no time is checked)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "adapters.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert {"sql -> procrastinate", "huey -> procrastinate", "rq -> procrastinate"} == set(
+        result["dual_write"]["moves"]
+    )
+    assert {"sql", "procrastinate", "huey", "rq"} == set(result["dual_write"]["systems"])
+    assert {"sql", "huey", "rq"} == set(result["backfill"])
+    assert 200 == result["backfill"]["huey"]["backfill"]["tasks"]
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+    assert spec is not None
+    assert spec.loader is not None
+    run_all = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "run_all", run_all)  # its dataclasses look their module up
+    spec.loader.exec_module(run_all)
+    rows = run_all.adapters_rows(result)
+    assert 3 + 4 + 3 == len(rows)  # a row per move, per system alone, per old system's backfill

@@ -18,6 +18,7 @@ from migration_fsm.adapters.rq import RqTaskStore, setup
 from migration_fsm.exceptions import DataError
 from migration_fsm.tasks.records import ProgressUpdate, TaskStatus
 from migration_fsm.testing import T0, TaskStoreContract, changed, make_records
+from tests.support.datatools import everything
 from tests.support.queues import private_redis_db
 
 
@@ -121,3 +122,16 @@ def test_setup_indexes_what_is_already_there_and_checks(redis_url: str, queue: Q
         assert "python -m migration_fsm.adapters.rq setup" in problem
     finally:
         store.close()
+
+
+def test_count_is_what_a_whole_scan_finds(redis_url: str, queue: Queue, rq_store: RqTaskStore) -> None:
+    """`count()` (backfill's total) agrees with a scan: jobs written through the adapter and
+    enqueued through RQ count; a job of another queue and a deleted job do not."""
+    rq_store.put_many(make_records(["a", "b", "c"], metadata=True, run_at=True))
+    queue.enqueue(add, 1, 2)
+    connection = redis.Redis.from_url(redis_url)
+    Queue("other", connection=connection).enqueue(add, 3, 4)
+    assert 4 == rq_store.count()
+    Job.fetch("b", connection=connection).delete()
+    connection.close()
+    assert len(everything(rq_store)) == rq_store.count() == 3

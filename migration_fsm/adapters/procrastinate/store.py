@@ -265,10 +265,11 @@ class ProcrastinateTaskStore:
         self._check(record)
 
         def forward(conn: Connection) -> bool:
-            stored = self._stored(conn, [record.key]).get(record.key)
+            found = self._stored(conn, [record.key])
+            stored = found.get(record.key)
             if stored is not None and is_behind(record.status, self._status(stored.status, record.key)):
                 return False
-            self._put_all(conn, [record])
+            self._put_all(conn, [record], found)  # the job read (and locked) above: not read again
             return True
 
         return self._write(forward)
@@ -391,28 +392,39 @@ class ProcrastinateTaskStore:
                     stored[job_ids[int(job_id)]] = _Stored(int(job_id), str(status), False)
         return stored
 
-    def _put_all(self, conn: Connection, records: Sequence[TaskRecord]) -> None:
-        stored = self._stored(conn, [record.key for record in records])
-        for record in records:
-            job = stored.get(record.key)
-            if job is None:
-                if record.key.startswith(JOB_KEY_PREFIX):
-                    raise DataError(
-                        f"store '{self.name}': key {record.key!r} names no Procrastinate job; keys"
-                        f" beginning {JOB_KEY_PREFIX!r} are reserved for jobs the adapter did not write"
-                    )
-                job = self._defer(conn, record)
-                register = True
-            else:
-                register = not job.registered
-                conn.execute(
-                    text(
-                        "UPDATE procrastinate_jobs SET task_name = :task_name, args = CAST(:args AS jsonb),"
-                        " scheduled_at = :run_at WHERE id = :id AND (task_name, args, scheduled_at)"
-                        " IS DISTINCT FROM (:task_name, CAST(:args AS jsonb), :run_at)"
-                    ),
-                    {**self._identity(record), "id": job.job_id},
+    def _put_all(
+        self, conn: Connection, records: Sequence[TaskRecord], stored: dict[str, _Stored] | None = None
+    ) -> None:
+        """Write `records` (one per key); `stored`: what `_stored` read of their keys in this
+        transaction, when the caller already read it."""
+        if stored is None:
+            stored = self._stored(conn, [record.key for record in records])
+        new = [record for record in records if record.key not in stored]
+        for record in new:
+            if record.key.startswith(JOB_KEY_PREFIX):
+                raise DataError(
+                    f"store '{self.name}': key {record.key!r} names no Procrastinate job; keys"
+                    f" beginning {JOB_KEY_PREFIX!r} are reserved for jobs the adapter did not write"
                 )
+        for record, deferred in zip(new, self._defer(conn, new), strict=True):
+            job = self._move(conn, deferred, record.status)
+            if record.attempts:  # a deferred job starts at 0 attempts
+                self._set_attempts(conn, job.job_id, record.attempts)
+            stored[record.key] = _Stored(job.job_id, job.status, True)
+        written = {record.key for record in new}
+        for record in records:
+            if record.key in written:
+                continue
+            job = stored[record.key]
+            register = not job.registered
+            conn.execute(
+                text(
+                    "UPDATE procrastinate_jobs SET task_name = :task_name, args = CAST(:args AS jsonb),"
+                    " scheduled_at = :run_at WHERE id = :id AND (task_name, args, scheduled_at)"
+                    " IS DISTINCT FROM (:task_name, CAST(:args AS jsonb), :run_at)"
+                ),
+                {**self._identity(record), "id": job.job_id},
+            )
             job = self._move(conn, job, record.status)
             self._set_attempts(conn, job.job_id, record.attempts)
             values = {
@@ -447,16 +459,61 @@ class ProcrastinateTaskStore:
             "run_at": record.run_at,
         }
 
-    def _defer(self, conn: Connection, record: TaskRecord) -> _Stored:
-        """A new job in `todo`, deferred as Procrastinate's own `defer` does."""
-        job_id = conn.execute(
+    def _defer(self, conn: Connection, records: Sequence[TaskRecord]) -> list[_Stored]:
+        """A new job in `todo` per record, deferred as Procrastinate's own `defer` does (all in
+        one call of `procrastinate_defer_jobs_v1`, whose ids come back in the order of its jobs,
+        as Procrastinate's own batch defer reads them), and their registry rows: one statement.
+        A plain INSERT: a writer that inserted one of these keys meanwhile makes it fail (and
+        `_write` retry)."""
+        if not records:
+            return []
+        if len(records) == 1:  # a task at a time (`DualWriter`): the plainer statement costs less
+            [record] = records
+            job_id = conn.execute(
+                text(
+                    f"INSERT INTO {REGISTRY} (key, job_id, created_at, updated_at, metadata) VALUES (:key,"
+                    " (procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task_name, 0, NULL, NULL,"
+                    " CAST(:args AS jsonb), :run_at)::procrastinate_job_to_defer_v1]))[1],"
+                    " :created_at, :updated_at, CAST(:metadata AS jsonb)) RETURNING job_id"
+                ),
+                {
+                    **self._identity(record),
+                    "queue": self.queue,
+                    "key": record.key,
+                    "created_at": record.created_at,
+                    "updated_at": record.updated_at,
+                    "metadata": json.dumps(record.metadata),
+                },
+            ).scalar_one()
+            return [_Stored(int(job_id), "todo", True)]
+        identities = [self._identity(record) for record in records]
+        rows = conn.execute(
             text(
-                "SELECT (procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task_name, 0, NULL, NULL,"
-                " CAST(:args AS jsonb), :run_at)::procrastinate_job_to_defer_v1]))[1]"
+                "WITH deferred AS (SELECT procrastinate_defer_jobs_v1(ARRAY("
+                " SELECT ROW(:queue, t.task_name, 0, NULL, NULL, t.args, t.run_at)"
+                "::procrastinate_job_to_defer_v1 FROM unnest(CAST(:task_names AS text[]),"
+                " CAST(:args AS jsonb[]), CAST(:run_ats AS timestamptz[]))"
+                " WITH ORDINALITY AS t(task_name, args, run_at, n) ORDER BY t.n)) AS ids)"
+                f" INSERT INTO {REGISTRY} (key, job_id, created_at, updated_at, metadata)"
+                " SELECT r.key, deferred.ids[r.n], r.created_at, r.updated_at, r.metadata FROM deferred,"
+                " unnest(CAST(:keys AS text[]), CAST(:created AS timestamptz[]),"
+                " CAST(:updated AS timestamptz[]), CAST(:metadata AS jsonb[]))"
+                " WITH ORDINALITY AS r(key, created_at, updated_at, metadata, n)"
+                " RETURNING key, job_id"
             ),
-            {**self._identity(record), "queue": self.queue},
-        ).scalar_one()
-        return _Stored(int(job_id), "todo", True)
+            {
+                "queue": self.queue,
+                "task_names": [identity["task_name"] for identity in identities],
+                "args": [identity["args"] for identity in identities],
+                "run_ats": [identity["run_at"] for identity in identities],
+                "keys": [record.key for record in records],
+                "created": [record.created_at for record in records],
+                "updated": [record.updated_at for record in records],
+                "metadata": [json.dumps(record.metadata) for record in records],
+            },
+        )
+        job_ids = {str(key): int(job_id) for key, job_id in rows}
+        return [_Stored(job_ids[record.key], "todo", True) for record in records]
 
     def _move(self, conn: Connection, job: _Stored, status: TaskStatus) -> _Stored:
         """The job moved to `status` (through Procrastinate's function for the move, if any)."""

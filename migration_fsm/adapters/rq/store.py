@@ -152,6 +152,27 @@ class RqTaskStore:
             after = batch[-1].key
         return counts
 
+    def count(self) -> int:
+        """How many tasks a scan of the whole store finds (the indexed jobs that exist and belong
+        to the queue), read as each job's `origin` alone, not the whole job."""
+        from rq.job import Job
+
+        prefix = Job.redis_job_namespace_prefix
+        total = 0
+        with self._redis():
+            self.sync()
+            queue = self.queue.name.encode("utf-8")
+            after = b"-"
+            while True:
+                raw_keys: list[bytes] = list(self.redis.zrangebylex(self.index, after, b"+", 0, 1000))  # type: ignore[arg-type]
+                if not raw_keys:
+                    return total
+                pipe = self.redis.pipeline(transaction=False)
+                for raw in raw_keys:
+                    pipe.hget(prefix + raw.decode("utf-8"), "origin")
+                total += sum(origin == queue for origin in pipe.execute())
+                after = b"(" + raw_keys[-1]
+
     def sync(self) -> int:
         """Index the queue's jobs the index has not seen (found with SCAN); how many."""
         from rq.job import Job
@@ -276,8 +297,11 @@ class RqTaskStore:
             if job is not None and forward and is_behind(record.status, self._status(job)):
                 return False
             func_name = self.func_of.get(record.type, record.type)
+            if job is None and record.status is TaskStatus.PENDING:
+                self._enqueue(record, func_name)
+                return True
             if job is None:
-                job = self._enqueue(record, func_name)
+                job = self._enqueue(record, func_name, save=False)
                 current = TaskStatus.PENDING
             else:
                 current = self._status(job)
@@ -303,7 +327,10 @@ class RqTaskStore:
             self.redis.zadd(self.index, {record.key: 0})
         return True
 
-    def _enqueue(self, record: TaskRecord, func_name: str) -> Any:
+    def _enqueue(self, record: TaskRecord, func_name: str, *, save: bool = True) -> Any:
+        """A new job for `record` through RQ's enqueue; then, with `save`, its creation time,
+        the adapter's `meta` and its place in the key index written in one pipeline (the task
+        is then whole: a new pending task needs nothing more)."""
         options: dict[str, Any] = {
             "job_id": record.key,
             "kwargs": record.payload,
@@ -316,7 +343,21 @@ class RqTaskStore:
         else:
             job = self.queue.enqueue_call(func_name, **options)
         job.created_at = record.created_at.astimezone(UTC).replace(tzinfo=None)
-        job.save()
+        if not save:
+            job.save()
+            return job
+        values = self._meta_values(
+            job,
+            attempts=record.attempts,
+            updated_at=record.updated_at,
+            metadata=record.metadata,
+            run_at=record.run_at,
+        )
+        job.meta.setdefault(META, {}).update(values)
+        pipe = self.redis.pipeline()
+        job.save(pipeline=pipe)  # written_at is now, after RQ's enqueued_at
+        pipe.zadd(self.index, {record.key: 0})
+        pipe.execute()
         return job
 
     def _write_meta(
@@ -328,6 +369,23 @@ class RqTaskStore:
         metadata: Mapping[str, Any] | None = None,
         run_at: datetime | str | None = "keep",
     ) -> None:
+        set_meta(
+            job,
+            **self._meta_values(
+                job, attempts=attempts, updated_at=updated_at, metadata=metadata, run_at=run_at
+            ),
+        )
+
+    @staticmethod
+    def _meta_values(
+        job: Any,
+        *,
+        attempts: int,
+        updated_at: datetime,
+        metadata: Mapping[str, Any] | None = None,
+        run_at: datetime | str | None = "keep",
+    ) -> dict[str, Any]:
+        """The adapter's `meta` values for a write (`run_at` "keep": leave the one kept)."""
         values: dict[str, Any] = {
             "attempts": attempts,
             "retries_at_write": job.number_of_retries or 0,
@@ -338,7 +396,7 @@ class RqTaskStore:
             values["metadata"] = dict(metadata)
         if run_at != "keep":
             values["run_at"] = utc_text(run_at) if isinstance(run_at, datetime) else None
-        set_meta(job, **values)
+        return values
 
     def _remember_run_at(self, job: Any) -> None:
         """A scheduled job's time into `meta` (RQ forgets it once it enqueues the job)."""
