@@ -194,6 +194,19 @@ def ramp(settings: Settings, migration: str, percent: str, reason: str | None) -
 
 @cli.command()
 @common_options
+@click.option("--edge", metavar="EDGE", required=True, help="The edge to approve, e.g. cutover->cleanup.")
+@click.option("--reason", metavar="TEXT", required=True, help="Why (journaled).")
+def approve(settings: Settings, migration: str, edge: str, reason: str) -> int:
+    """Approve an edge of [approvals] for another operator to take (two-person rule)."""
+    entry = commands.approve(settings, migration, edge=edge, reason=reason)
+    out.print(
+        f"approved {escape(edge)} as {escape(entry.actor)} (#{entry.seq}): another operator may take it"
+    )
+    return 0
+
+
+@cli.command()
+@common_options
 @click.option("--steal", is_flag=True, help="Take the lease now, even if its holder's has not expired.")
 def resume(settings: Settings, migration: str, steal: bool) -> int:
     """Finish an interrupted transition."""

@@ -94,6 +94,12 @@ def ramp(settings: Settings, migration: str, percent: int, *, reason: str | None
         return engine.ramp(percent, reason=reason)
 
 
+def approve(settings: Settings, migration: str, *, edge: str, reason: str) -> JournalEntry:
+    """Approve `edge` (one of `[approvals]`) for another operator to take."""
+    with open_engine(settings, migration) as engine:
+        return engine.approve(edge, reason=reason)
+
+
 def resume(settings: Settings, migration: str, *, steal: bool = False) -> TransitionResult:
     """Finish the interrupted transition."""
     with open_engine(settings, migration) as engine:

@@ -30,7 +30,7 @@ from pydantic_settings import (
 )
 
 from .exceptions import ConfigError
-from .fsm import EDGES_BY_KEY
+from .fsm import EDGES_BY_KEY, Trigger
 
 DEFAULT_DATABASE_URL = "sqlite:///migration_fsm.db"
 
@@ -131,6 +131,27 @@ class StoreConfig(BaseModel):
                 )
 
 
+class Approvals(BaseModel):
+    """`[approvals]`: the edges that need an operator's approval (`migration-fsm approve`)
+    by someone other than the operator who takes them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    edges: list[str] = Field(default_factory=list)
+    #: An approval lapses this long after it was given, and when the phase changes.
+    approval_ttl_seconds: float = Field(default=86_400.0, gt=0, le=7 * 86_400, allow_inf_nan=False)
+
+    @field_validator("edges")
+    @classmethod
+    def _check_edges(cls, value: list[str]) -> list[str]:
+        for key in value:
+            edge = EDGES_BY_KEY.get(key)
+            if edge is None or edge.trigger not in (Trigger.ADVANCE, Trigger.ROLLBACK):
+                wanted = ", ".join(k for k, e in EDGES_BY_KEY.items() if e.trigger is not Trigger.RAMP)
+                raise ValueError(f"'{key}' is not an advance or rollback edge (edges: {wanted})")
+        return value
+
+
 def _check_edge_keys(value: dict[str, Any]) -> dict[str, Any]:
     for key in value:
         if key not in EDGES_BY_KEY:
@@ -167,6 +188,8 @@ class Settings(BaseSettings):
     worker_ttl_seconds: float = Field(default=30.0, gt=0, le=_DAY, allow_inf_nan=False)
     pause_timeout_seconds: float = Field(default=120.0, gt=0, le=7 * _DAY, allow_inf_nan=False)
     ledger_url: str | None = None
+    # Operators' approvals (DESIGN.md section 11).
+    approvals: Approvals = Field(default_factory=Approvals)
 
     _check_guards = field_validator("guards")(_check_edge_keys)
     _check_steps = field_validator("steps")(_check_edge_keys)

@@ -44,6 +44,8 @@ class EntryStatus(StrEnum):
     COMMITTED = "committed"
     REFUSED = "refused"
     ABORTED = "aborted"
+    #: An operator's approval of the edge the row names (`approve`); it changes nothing.
+    APPROVED = "approved"
 
 
 class StepStatus(StrEnum):

@@ -19,6 +19,7 @@ from .exceptions import (
     TransitionInterrupted,
 )
 from .fsm import (
+    EDGES_BY_KEY,
     DefaultStep,
     Edge,
     EntryStatus,
@@ -129,7 +130,9 @@ def pause_warnings(settings: Settings, edge: Edge, steps: list[tuple[str, str | 
 def edge_guards(settings: Settings, edge: Edge) -> list[tuple[str, bool]]:
     """The (guard, forceable) pairs of an edge: always-on guards first, then configured ones
     (its defaults when stores are configured)."""
-    always = edge.rules.always_on
+    always = list(edge.rules.always_on)
+    if edge.key in settings.approvals.edges:  # never replaced by --force
+        always.append("approval")
     names = [(name, False) for name in always]
     names += [(name, True) for name in guards_for(settings, edge) if name not in always]
     return names
@@ -194,6 +197,47 @@ class Migration:
                 assert outcome.state is not None
                 state = outcome.state
             return outcomes
+
+    def approve(self, edge_key: str, *, reason: str) -> JournalEntry:
+        """Journal this operator's approval of `edge_key` (an edge of `[approvals]` leaving
+        the current phase); it changes nothing else. Another operator then takes the edge."""
+        _require_reason(reason, "approve")
+        edge = EDGES_BY_KEY.get(edge_key)
+        if edge is None or edge_key not in self.settings.approvals.edges:
+            needed = ", ".join(self.settings.approvals.edges) or "none: [approvals] lists no edge"
+            raise BadInput(f"--edge '{edge_key}' needs no approval (edges that do: {needed})")
+        with self.store.operator_lock(self.migration, self.holder):
+            state = self._writable()
+            if edge.source is not state.phase:
+                raise BadInput(
+                    f"--edge {edge_key} does not leave the current phase {state.phase}: approve it"
+                    f" once the migration is in {edge.source}"
+                )
+            entry = self.store.append_approval(
+                state,
+                JournalEntry(
+                    seq=0,
+                    trigger=edge.trigger,
+                    source=edge.source,
+                    dest=edge.dest,
+                    percent=state.percent,
+                    status=EntryStatus.APPROVED,
+                    actor=self.settings.actor,
+                    reason=reason,
+                    forced=False,
+                    guards=[],
+                    takeovers=[],
+                    started_at=utcnow(),
+                    finished_at=utcnow(),
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    error=None,
+                    prev_hash=None,
+                    hash=None,
+                ),
+            )
+        self.log.info("approval", seq=entry.seq, edge=edge_key, actor=self.settings.actor)
+        return entry
 
     def resume(self, *, steal: bool = False) -> TransitionResult:
         """Finish the interrupted transition from its first unfinished step."""
@@ -405,7 +449,9 @@ class Migration:
             self._log_transition(entry, EntryStatus.REFUSED, started)
             names = ", ".join(f"{g.name} ({g.detail})" for g in refusing)
             unforceable = [g.name for g in refusing if not g.forceable]
-            if unforceable:
+            if unforceable == ["approval"]:
+                hint = "an approval cannot be replaced by --force: get one"
+            elif unforceable:
                 hint = f"{', '.join(unforceable)} cannot be forced; fix the cause first"
             elif edge.trigger is Trigger.ADVANCE:
                 hint = "fix the cause, or use --force --reason TEXT"

@@ -122,6 +122,7 @@ def history_table(migration: str, entries: list[JournalEntry]) -> Table:
         EntryStatus.REFUSED: "yellow",
         EntryStatus.ABORTED: "magenta",
         EntryStatus.INTENT: "red",
+        EntryStatus.APPROVED: "cyan",
     }
     for e in entries:
         # Text from the database is escaped: a reason like "[drill] go" is not markup.

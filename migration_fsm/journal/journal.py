@@ -409,9 +409,19 @@ class Journal:
 
     def append_refused(self, seen: MigrationState, entry: JournalEntry) -> JournalEntry:
         """Journal a guard's refusal; the phase, percent and version stay as they were."""
+        return self._append_closed(seen, entry, EntryStatus.REFUSED)
+
+    def append_approval(self, seen: MigrationState, entry: JournalEntry) -> JournalEntry:
+        """Journal an operator's approval of the edge `entry` names; the phase, percent and
+        version stay as they were."""
+        return self._append_closed(seen, entry, EntryStatus.APPROVED)
+
+    def _append_closed(self, seen: MigrationState, entry: JournalEntry, status: EntryStatus) -> JournalEntry:
+        """Append a closed row that changes nothing but the journal (a compare-and-set on
+        `seen`: no transition in progress, nothing else appended meanwhile)."""
         with self.transaction() as conn:
             seq = seen.last_seq + 1
-            entry = replace(entry, seq=seq, status=EntryStatus.REFUSED, prev_hash=seen.head_hash)
+            entry = replace(entry, seq=seq, status=status, prev_hash=seen.head_hash)
             digest = chain_hash(seen.head_hash, seen.name, entry)
             updated = conn.execute(
                 update(migrations_table)

@@ -51,8 +51,39 @@ def repair_log_empty(ctx: Context) -> GuardVerdict:
     return GuardVerdict(True, "repair log is empty")
 
 
+def approval(ctx: Context) -> GuardVerdict:
+    """An edge of `[approvals]` has a live approval (`migration-fsm approve`) by an operator
+    other than the one taking it: given since the current phase was entered, within
+    `approval_ttl_seconds`. The migration's journal (hash-chained) is where approvals are."""
+    from ..fsm import EntryStatus
+
+    edge = f"{ctx.source}->{ctx.dest}"
+    ttl = ctx.settings.approvals.approval_ttl_seconds
+    now = utcnow()
+    live: list[Any] = []
+    for entry in ctx.store.journal(ctx.state, with_steps=False):
+        if entry.status == EntryStatus.COMMITTED and entry.source is not entry.dest:
+            live = []  # the phase changed: earlier approvals lapse
+        elif entry.status == EntryStatus.APPROVED and f"{entry.source}->{entry.dest}" == edge:
+            assert entry.finished_at is not None
+            if (now - entry.finished_at).total_seconds() <= ttl:
+                live.append(entry)
+    others = [e for e in live if e.actor != ctx.settings.actor]
+    if others:
+        last = others[-1]
+        return GuardVerdict(True, f"approved by {last.actor} (#{last.seq}): {last.reason}")
+    ask = f"ask another operator to run `migration-fsm approve --edge {edge} --reason TEXT`"
+    if live:
+        who = ctx.settings.actor
+        return GuardVerdict(
+            False, f"{edge} is approved only by {who}, who is taking it: {ask} (two-person rule)"
+        )
+    return GuardVerdict(False, f"{edge} needs an approval given in this phase within {ttl:g} s: {ask}")
+
+
 BUILTIN_GUARDS: Final[dict[str, GuardFn]] = {
     "percent_is_100": percent_is_100,
+    "approval": approval,
     "min_soak": min_soak,
     "repair_log_empty": repair_log_empty,
 }
