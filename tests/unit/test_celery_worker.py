@@ -118,7 +118,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         ]
         err = folder / "worker.err"
         with err.open("wb") as out:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(env), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            proc = subprocess.Popen(
+                argv, cwd=ROOT, env=child_env(env), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
         client = PhaseClient(control, migration=M, ttl=0.05, listen=False)
         store = CeleryTaskStore(app)
         connection = redis.Redis.from_url(redis_url)
@@ -145,11 +147,97 @@ def test_each_task_runs_once_claimed_and_finished_in_the_ledger(rig: Rig) -> Non
 
     keys = [celery_app.add.delay(i, 1).id for i in range(4)]
     flaky = celery_app.flaky.delay("flaky", 1).id
-    wait_for(lambda: set(keys) <= set(rig.effects()) and rig.status(flaky) == TaskStatus.COMPLETED, "the tasks")
+    wait_for(
+        lambda: set(keys) <= set(rig.effects()) and rig.status(flaky) == TaskStatus.COMPLETED, "the tasks"
+    )
     assert 2 == rig.effects().count(flaky)  # failed once, retried by Celery
     claims = Ledger(rig.control_url).claims_of(M, [*keys, flaky])
     assert dict.fromkeys([*keys, flaky], SUCCEEDED) == {k: c.state for k, c in claims.items()}
     records = {key: rig.store.get(key) for key in [*keys, flaky]}
-    assert {k: TaskStatus.COMPLETED for k in records} == {k: r.status for k, r in records.items() if r}
+    assert dict.fromkeys(records, TaskStatus.COMPLETED) == {k: r.status for k, r in records.items() if r}
     assert (0, 1) == (records[keys[0]].attempts, records[flaky].attempts)  # type: ignore[union-attr]
     assert {"a": 0, "b": 1} == records[keys[0]].payload  # type: ignore[union-attr]
+
+
+def test_a_paused_side_stops_consuming_and_takes_nothing_until_it_consumes_again(rig: Rig) -> None:
+    from tests.support import celery_app
+
+    rig.engine.advance()
+    rig.engine.advance()  # cutover: the old side does not consume
+    wait_for(lambda: rig.acknowledged() and not rig.consuming(), "the worker to stop consuming")
+    keys = [celery_app.add.delay(i, 2).id for i in range(3)]
+    time.sleep(0.5)  # long enough for a consuming worker to take them (the first test: ~0.1 s)
+    assert [] == [key for key in keys if key in rig.effects()]
+    assert 3 == rig.connection.llen("celery")
+    assert {TaskStatus.PENDING} == {rig.status(key) for key in keys}
+    rig.engine.rollback(reason="the old side consumes again")
+    wait_for(lambda: set(keys) <= set(rig.effects()), "the tasks to run once the side consumes")
+    assert all(rig.effects().count(key) == 1 for key in keys)
+
+
+def test_ledger_refusals_settle_or_put_back_the_task_without_running_it(rig: Rig) -> None:
+    from tests.support import celery_app
+
+    ran, handed, running = (f"refused-{i}-{uuid.uuid4().hex[:6]}" for i in range(3))
+    ledger = Ledger(rig.control_url)
+    with WorkerGate(rig.client, "new", "new-1", background=False) as new:
+        with new.executing(ran) as run:
+            assert run.allowed
+        ledger.hand_over(M, handed, "old", "new")
+        holding = new.executing(running)
+        assert holding.__enter__().allowed
+        for key in (ran, handed, running):
+            celery_app.add.apply_async((1, 1), task_id=key)
+        wait_for(
+            lambda: (rig.status(ran), rig.status(handed)) == (TaskStatus.COMPLETED, TaskStatus.CANCELLED),
+            "the worker to settle what ran elsewhere and what was handed over",
+        )
+        wait_for(lambda: rig.status(running) == TaskStatus.PENDING, "the running one to be put back")
+        holding.__exit__(None, None, None)  # new finished it: settled on old without running
+    wait_for(lambda: rig.status(running) == TaskStatus.COMPLETED, "the put-back task to be settled")
+    assert [] == [key for key in (ran, handed, running) if key in rig.effects()]
+    assert (0, 0) == (rig.connection.llen("celery"), rig.connection.hlen("unacked"))
+
+
+def test_a_task_the_migration_stopped_is_acknowledged_without_running(rig: Rig) -> None:
+    """The refusal persists in the registry: a message of a cancelled task that reaches the
+    worker later (sent after the revoke was broadcast, or restored) is not run."""
+    from tests.support import celery_app
+
+    key = f"stopped-{uuid.uuid4().hex[:6]}"
+    rig.store.put(  # cancelled by the migration before any message: no revoke reached the worker
+        TaskRecord(
+            key=key,
+            type="add",
+            payload={"a": 1, "b": 2},
+            status=TaskStatus.CANCELLED,
+            created_at=T0,
+            updated_at=T0,
+        )
+    )
+    celery_app.add.apply_async((1, 2), task_id=key)  # a stray message of the stopped task
+    wait_for(lambda: rig.connection.llen("celery") == 0 and rig.connection.hlen("unacked") == 0, "the take")
+    celery_app.add.apply_async((0, 0), task_id=f"after-{key}").get(timeout=WAIT)  # the worker went past it
+    assert key not in rig.effects()
+    assert TaskStatus.CANCELLED == rig.status(key)
+
+
+def test_a_pool_child_killed_mid_task_gives_the_task_back_and_it_runs_once(rig: Rig) -> None:
+    from tests.support import celery_app
+
+    rig.hold.touch()
+    key = celery_app.add.delay(7, 7).id
+    marker = rig.hold.with_name(rig.hold.name + ".held")
+    wait_for(marker.exists, "a pool child to hold the task")
+    held, pid = marker.read_text(encoding="utf-8").split()
+    assert key == held
+    assert TaskStatus.RUNNING == rig.status(key)
+    os.kill(int(pid), signal.SIGKILL)
+    wait_for(lambda: key in rig.effects(), "the task to come back and run")
+    wait_for(lambda: rig.status(key) == TaskStatus.COMPLETED, "the task to complete")
+    assert 1 == rig.effects().count(key)
+    [claim] = Ledger(rig.control_url).claims_of(M, [key]).values()
+    assert SUCCEEDED == claim.state
+    record = rig.store.get(key)
+    assert record is not None
+    assert 1 == record.attempts  # the lost execution

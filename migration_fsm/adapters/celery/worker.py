@@ -346,10 +346,10 @@ class GatedConsumer:
 
         def put_back() -> None:
             self._release(request, lambda: request.reject(requeue=True))
-            if self.store is not None:
-                self.store.update(key, change)
             self._count("put_back")
 
+        if self.store is not None:  # pending from now on: it waits, it does not run
+            self.store.update(key, change)
         if later and self.consumer is not None:
             self.consumer.timer.call_after(self.backoff_seconds, put_back)
         else:
