@@ -64,7 +64,8 @@ class Rig:
     connection: redis.Redis
 
     def effects(self) -> list[str]:
-        return sorted(raw.decode() for raw in self.connection.lrange("effects", 0, -1))
+        raws: list[bytes] = self.connection.lrange("effects", 0, -1)  # type: ignore[assignment]
+        return sorted(raw.decode() for raw in raws)
 
     def status(self, key: str) -> TaskStatus | None:
         record = self.store.get(key)
