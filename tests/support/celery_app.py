@@ -23,7 +23,9 @@ from celery import Celery
 from migration_fsm.demo.systems import ExecutionLog
 from migration_fsm.demo.worker import as_task_database, stable_share
 
-REDIS = os.environ.get("MFSM_TEST_CELERY_REDIS", "redis://127.0.0.1:6379/0")
+#: Nothing listens on port 1: an application not pointed at a test's own Redis fails, it never
+#: writes into a database of someone else's.
+REDIS = os.environ.get("MFSM_TEST_CELERY_REDIS", "redis://127.0.0.1:1/0")
 app = Celery("mfsm_test", broker=REDIS, backend=REDIS)
 app.conf.update(
     task_acks_late=True,
@@ -51,6 +53,18 @@ if os.environ.get("MFSM_TEST_CONTROL"):
         worker_id=os.environ.get("MFSM_TEST_WORKER_ID"),
         worker_ttl_seconds=float(os.environ.get("MFSM_TEST_WORKER_TTL", "10")),
     )
+
+
+def use_redis(url: str) -> None:
+    """Point this process's application (broker and result backend) at `url`, dropping the
+    connections and the backend it made for the Redis it used before."""
+    import kombu.pools
+
+    app.conf.broker_url = app.conf.result_backend = url
+    app._pool = None  # Celery caches its broker connections here,
+    app.amqp._producer_pool = None
+    kombu.pools.reset()  # type: ignore[no-untyped-call]  # kombu its producers,
+    app._local.__dict__.pop("backend", None)  # and Celery its result backend
 
 
 def effect(key: str) -> None:

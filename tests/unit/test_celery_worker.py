@@ -91,11 +91,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     folder = tmp_path_factory.mktemp("celery-worker")
     control = f"sqlite:///{folder / 'control.db'}"
     with private_redis_db() as redis_url:
-        os.environ["MFSM_TEST_CELERY_REDIS"] = redis_url
         from tests.support import celery_app
 
+        celery_app.use_redis(redis_url)
         app = celery_app.app
-        app.conf.broker_url = app.conf.result_backend = redis_url
         journal = Journal(control, engine=make_engine(control, create=True))
         journal.upgrade()
         from migration_fsm.config import Settings
@@ -141,6 +140,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             connection.close()
             client.close()
             journal.close()
+            celery_app.use_redis(celery_app.REDIS)
 
 
 def test_each_task_runs_once_claimed_and_finished_in_the_ledger(rig: Rig) -> None:

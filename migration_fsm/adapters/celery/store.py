@@ -46,8 +46,9 @@ task_id=key, eta=run_at, queue=queue)` (a task written twice is one task: the se
 finds it registered and sends nothing); a task moved from pending or running to another status
 is recorded as stopped, its messages are taken out of the broker's queue and `unacked` hash,
 and, to a finished status, revoked (`app.control.revoke`, which reaches live workers only: the
-registry is what makes the refusal persist); a task moved back to pending is sent again (a
-gated worker forgets the revoke the adapter broadcast for it).
+registry is what makes the refusal persist); a task moved back to pending is sent again (its
+old result record is deleted first, since Celery never overwrites a `SUCCESS`, and a gated
+worker forgets the revoke the adapter broadcast for it).
 """
 
 from __future__ import annotations
@@ -528,6 +529,9 @@ class CeleryTaskStore:
             if fields.get("status") != TaskStatus.PENDING.value or fields.get("sent") == "1":
                 continue
             run_at = _parse(fields["run_at"]) if fields.get("run_at") else None
+            # Celery never overwrites a SUCCESS result record: the one of the last execution goes.
+            self.results.delete(self.meta_key(key))
+            self.results.hset(self.task_key(key), "seen", "")
             self.app.send_task(
                 fields["type"],
                 kwargs=json.loads(fields["payload"]),

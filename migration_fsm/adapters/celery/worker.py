@@ -293,18 +293,21 @@ class GatedConsumer:
         state = json.loads(meta).get("status") if meta is not None else None
         # A hard time limit acknowledges before the failure is reported; a child lost after it
         # stored SUCCESS is reported as a failure: the result record tells.
-        if state == "SUCCESS" or (not failed and state not in ("FAILURE", "RETRY", "REVOKED")):
+        ok = state == "SUCCESS" or (not failed and state not in ("FAILURE", "RETRY", "REVOKED"))
+        if ok:
             executing.__exit__(None, None, None)
-            return
-        error = RuntimeError(f"Celery task {key} ended {state or 'without a result'}")
-        executing.__exit__(RuntimeError, error, None)
+        else:
+            error = RuntimeError(f"Celery task {key} ended {state or 'without a result'}")
+            executing.__exit__(RuntimeError, error, None)
         requeued = bool(request.__dict__.get("mfsm_requeued"))
 
         def change(fields: dict[str, str], meta: bytes | None) -> dict[str, str] | None:
-            new = {"attempts": str(int(fields.get("attempts") or 0) + 1)}
-            if requeued and not fields.get("stopped"):  # Celery's state still says STARTED
-                new |= {"status": TaskStatus.PENDING.value, "seen": digest(meta)}
-            return new
+            new = {} if ok else {"attempts": str(int(fields.get("attempts") or 0) + 1)}
+            if fields.get("stopped") or state == "RETRY":  # a retry may run already
+                return new or None
+            # requeued (a lost child): pending, though Celery's state still says STARTED
+            status = TaskStatus.COMPLETED if ok else TaskStatus.PENDING if requeued else TaskStatus.FAILED
+            return {**new, "status": status.value, "seen": digest(meta)}
 
         self.store.update(key, change)
 
