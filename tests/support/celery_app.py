@@ -72,10 +72,14 @@ def effect(key: str) -> None:
     global _log  # noqa: PLW0603 - one log per process, opened on first use
     hold = os.environ.get("MFSM_TEST_HOLD_FILE")
     if hold and Path(hold).exists():
-        Path(hold).unlink(missing_ok=True)
-        Path(hold + ".held").write_text(f"{key} {os.getpid()}", encoding="utf-8")
-        while True:  # until this process is killed
-            time.sleep(1)
+        try:
+            Path(hold).unlink()  # the one pool child that removes it holds: never two
+        except FileNotFoundError:
+            pass
+        else:
+            Path(hold + ".held").write_text(f"{key} {os.getpid()}", encoding="utf-8")
+            while True:  # until this process is killed
+                time.sleep(1)
     if os.environ.get("MFSM_TEST_LOG"):
         if _log is None:
             _log = ExecutionLog(as_task_database(os.environ["MFSM_TEST_LOG"]))
