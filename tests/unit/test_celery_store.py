@@ -105,12 +105,14 @@ def test_register_published_tasks_records_a_task_as_it_is_sent(celery_store: Cel
     assert ("add", {"a": 4, "b": 5}) == (found.type, found.payload)
 
 
-def test_star_args_are_refused(celery_store: CeleryTaskStore) -> None:
+def test_star_args_are_refused_and_nothing_is_registered(celery_store: CeleryTaskStore) -> None:
     from tests.support import celery_app
 
+    celery_app.add.delay(1, 2)
     celery_app.spread.delay(1, 2, 3)
     with pytest.raises(DataError, match=r"\*args"):
         celery_store.scan(None, 10)
+    assert 0 == celery_store.results.zcard(celery_store.index)
 
 
 def test_positional_arguments_of_a_task_the_application_does_not_know_are_refused(

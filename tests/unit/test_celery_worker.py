@@ -81,6 +81,12 @@ class Rig:
             workers.close()
         return bool(rows) and all(w.seen_version == version for w in rows)
 
+    def pause_old(self) -> None:
+        """To cutover (the old side does not consume), and wait for the worker to stop consuming."""
+        while self.client.refresh().phase != "cutover":
+            self.engine.advance()
+        wait_for(lambda: self.acknowledged() and not self.consuming(), "the worker to stop consuming")
+
     def consuming(self) -> bool:
         replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
         return any(q["name"] == "celery" for queues in replies.values() for q in queues)
@@ -163,9 +169,7 @@ def test_each_task_runs_once_claimed_and_finished_in_the_ledger(rig: Rig) -> Non
 def test_a_paused_side_stops_consuming_and_takes_nothing_until_it_consumes_again(rig: Rig) -> None:
     from tests.support import celery_app
 
-    rig.engine.advance()
-    rig.engine.advance()  # cutover: the old side does not consume
-    wait_for(lambda: rig.acknowledged() and not rig.consuming(), "the worker to stop consuming")
+    rig.pause_old()
     keys = [celery_app.add.delay(i, 2).id for i in range(3)]
     time.sleep(0.5)  # long enough for a consuming worker to take them (the first test: ~0.1 s)
     assert [] == [key for key in keys if key in rig.effects()]
@@ -174,6 +178,35 @@ def test_a_paused_side_stops_consuming_and_takes_nothing_until_it_consumes_again
     rig.engine.rollback(reason="the old side consumes again")
     wait_for(lambda: set(keys) <= set(rig.effects()), "the tasks to run once the side consumes")
     assert all(rig.effects().count(key) == 1 for key in keys)
+
+
+def test_a_task_the_migration_revoked_then_sent_again_runs_once(rig: Rig) -> None:
+    """Celery's revoke lives in each worker's memory: a gated worker forgets the one the adapter
+    broadcast once the migration sends the task again."""
+    key = f"again-{uuid.uuid4().hex[:6]}"
+    rig.pause_old()  # the message waits in the queue
+    rig.store.put(
+        TaskRecord(
+            key=key,
+            type="add",
+            payload={"a": 3, "b": 4},
+            status=TaskStatus.PENDING,
+            created_at=T0,
+            updated_at=T0,
+        )
+    )
+    assert rig.store.set_progress(key, TaskStatus.CANCELLED, 0, T0)
+
+    def revoked() -> bool:
+        replies = rig.app.control.inspect(timeout=1.0).revoked() or {}
+        return any(key in ids for ids in replies.values())
+
+    wait_for(revoked, "the worker to hold the revoke")
+    assert rig.store.set_progress(key, TaskStatus.PENDING, 0, T0)
+    rig.engine.rollback(reason="the old side consumes again")
+    wait_for(lambda: key in rig.effects(), "the task sent again to run")
+    wait_for(lambda: rig.status(key) == TaskStatus.COMPLETED, "the task to complete")
+    assert 1 == rig.effects().count(key)
 
 
 def test_ledger_refusals_settle_or_put_back_the_task_without_running_it(rig: Rig) -> None:

@@ -282,7 +282,8 @@ class CeleryTaskStore:
             pipe.exists(self.task_key(message.id))
         unseen = [m for m, known in zip(messages, pipe.execute(), strict=True) if not known]
         now = datetime.now(UTC)
-        return sum(self.register(self.record_of(m.id, m.task, m.arguments(), m.eta(), now)) for m in unseen)
+        records = [self.record_of(m.id, m.task, m.arguments(), m.eta(), now) for m in unseen]
+        return sum(self.register(record) for record in records)  # none when one is refused
 
     def messages(self) -> list[Message]:
         """The task messages of the queue the broker holds, waiting or taken but not acknowledged."""
