@@ -28,7 +28,7 @@ from migration_fsm.demo.worker import as_task_database, stable_share
 REDIS = os.environ.get("MFSM_TEST_CELERY_REDIS", "redis://127.0.0.1:1/0")
 app = Celery("mfsm_test", broker=REDIS, backend=REDIS)
 app.conf.update(
-    task_acks_late=True,
+    task_acks_late=os.environ.get("MFSM_TEST_ACKS_LATE", "1") == "1",  # "0": a setting the gate refuses
     task_reject_on_worker_lost=True,
     task_track_started=True,
     result_expires=None,

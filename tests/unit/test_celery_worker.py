@@ -275,3 +275,24 @@ def test_a_pool_child_killed_mid_task_gives_the_task_back_and_it_runs_once(rig: 
     record = rig.store.get(key)
     assert record is not None
     assert 1 == record.attempts  # the lost execution
+
+
+def test_a_worker_whose_settings_would_lose_tasks_refuses_to_start(tmp_path: Path) -> None:
+    with private_redis_db() as redis_url:
+        env = {
+            "MFSM_TEST_CELERY_REDIS": redis_url,
+            "MFSM_TEST_CONTROL": f"sqlite:///{tmp_path / 'control.db'}",
+            "MFSM_TEST_ACKS_LATE": "0",
+        }
+        argv = [
+            str(Path(sys.executable).parent / "celery"),
+            *("-A", "tests.support.celery_app", "worker", "-c", "1", "--without-gossip", "--without-mingle"),
+        ]
+        done = subprocess.run(
+            argv, cwd=ROOT, env=child_env(env), capture_output=True, text=True, timeout=WAIT, check=False
+        )
+    assert 0 != done.returncode
+    assert (
+        "the migration gate cannot run this worker: Celery setting task_acks_late is False; set it to True"
+        in done.stderr
+    )

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from celery import bootsteps
 
+from migration_fsm.exceptions import DataError
 from migration_fsm.log import get_logger
 from migration_fsm.tasks.records import TaskStatus
 
@@ -215,7 +216,11 @@ class GatedConsumer:
         def received(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             key = str((message.headers or {}).get("id", ""))
             if key in state.revoked and self.store is not None:
-                [(fields, _meta)] = self.store.read([key])
+                try:
+                    [(fields, _meta)] = self.store.read([key])
+                except Exception as exc:  # noqa: BLE001 - Celery's revoke then stands
+                    self.log.warning("registry_unreadable", key=key, error=str(exc))
+                    fields = {}
                 if fields.get("revoked") == "1" and fields.get("status") == TaskStatus.PENDING.value:
                     state.revoked.discard(key)
                     self._count("unrevoked")
@@ -225,23 +230,12 @@ class GatedConsumer:
 
     def on_task_request(self, request: Any, original: Callable[[Any], Any]) -> Any:
         """Take the task (under the gate's hold), claim it, hand it to the pool."""
-        gate = self.gate
-        if gate is None:
-            return self._put_back(request, later=False)
-        key = str(request.id)
         if not self._gated(request.name):
             return original(request)
-        with gate.dequeuing():
-            if not gate.may_consume():
-                return self._put_back(request, later=False)
-            if not self._take(request):
-                self._count("stopped")
-                return self._release(request, request.acknowledge)
-        executing = gate.executing(key)
-        run = executing.__enter__()
-        if not run.allowed:
-            executing.__exit__(None, None, None)
-            return self._refused(request, run.reason)
+        executing = self._admit(request)
+        if executing is None:
+            return None
+        key = str(request.id)
         with self._lock:
             self._claims[key] = executing
         self._count("ran")
@@ -250,6 +244,34 @@ class GatedConsumer:
         except BaseException as exc:
             self._finish(key, exc)
             raise
+
+    def _admit(self, request: Any) -> Any:
+        """The entered claim of a task this worker runs now; None when it does not run (put
+        back, settled, or acknowledged as stopped)."""
+        gate = self.gate
+        if gate is None:
+            self._put_back(request, later=False)
+            return None
+        try:
+            with gate.dequeuing():
+                if not gate.may_consume():
+                    self._put_back(request, later=False)
+                    return None
+                if not self._take(request):
+                    self._count("stopped")
+                    self._release(request, request.acknowledge)
+                    return None
+            executing = gate.executing(str(request.id))
+            run = executing.__enter__()
+        except Exception as exc:  # noqa: BLE001 - a task is put back rather than run unchecked
+            self.log.error("take_failed", key=str(request.id), error=str(exc))
+            self._put_back(request, later=True)
+            return None
+        if not run.allowed:
+            executing.__exit__(None, None, None)
+            self._refused(request, run.reason)
+            return None
+        return executing
 
     def _take(self, request: Any) -> bool:
         """Mark the task running in the registry (registering it first if it is new); False
@@ -273,7 +295,10 @@ class GatedConsumer:
                 return {**store.fields_of(record), "stopped": "", "sent": "1", "seen": digest(meta)}
             return {"status": TaskStatus.RUNNING.value, "seen": digest(meta)}
 
-        store.update(key, change, create=True)
+        try:
+            store.update(key, change, create=True)
+        except DataError as exc:  # a message the registry cannot hold: the store refuses it too
+            self.log.warning("not_registered", key=key, error=str(exc))
         if not stopped:
             self._count("taken")
         return not stopped
@@ -289,8 +314,12 @@ class GatedConsumer:
         if executing is None:
             return
         assert self.store is not None
-        [(_fields, meta)] = self.store.read([key])
-        state = json.loads(meta).get("status") if meta is not None else None
+        try:
+            [(_fields, meta)] = self.store.read([key])
+            state = json.loads(meta).get("status") if meta is not None else None
+        except Exception as exc:  # noqa: BLE001 - the claim is finished all the same
+            self.log.warning("result_unreadable", key=key, error=str(exc))
+            state = "FAILURE" if failed else None
         # A hard time limit acknowledges before the failure is reported; a child lost after it
         # stored SUCCESS is reported as a failure: the result record tells.
         ok = state == "SUCCESS" or (not failed and state not in ("FAILURE", "RETRY", "REVOKED"))
@@ -309,7 +338,10 @@ class GatedConsumer:
             status = TaskStatus.COMPLETED if ok else TaskStatus.PENDING if requeued else TaskStatus.FAILED
             return {**new, "status": status.value, "seen": digest(meta)}
 
-        self.store.update(key, change)
+        try:
+            self.store.update(key, change)
+        except Exception as exc:  # noqa: BLE001 - never into Celery's own callbacks
+            self.log.warning("registry_unwritten", key=key, error=str(exc))
 
     def _finish(self, key: str, exc: BaseException) -> None:
         with self._lock:
@@ -319,15 +351,15 @@ class GatedConsumer:
 
     # -- refusals -----------------------------------------------------------------------------
 
-    def _refused(self, request: Any, reason: str) -> Any:
-        assert self.store is not None
+    def _refused(self, request: Any, reason: str) -> None:
         if reason == _RAN_ELSEWHERE:
             self._settle(str(request.id), TaskStatus.COMPLETED, "ran_elsewhere")
-            return self._release(request, request.acknowledge)
-        if reason == _HANDED_OVER:
+            self._release(request, request.acknowledge)
+        elif reason == _HANDED_OVER:
             self._settle(str(request.id), TaskStatus.CANCELLED, "handed_over")
-            return self._release(request, request.acknowledge)
-        return self._put_back(request, later=True)
+            self._release(request, request.acknowledge)
+        else:
+            self._put_back(request, later=True)
 
     def _settle(self, key: str, status: TaskStatus, counter: str) -> None:
         assert self.store is not None
@@ -351,8 +383,11 @@ class GatedConsumer:
             self._release(request, lambda: request.reject(requeue=True))
             self._count("put_back")
 
-        if self.store is not None:  # pending from now on: it waits, it does not run
-            self.store.update(key, change)
+        try:  # pending from now on: it waits, it does not run
+            if self.store is not None:
+                self.store.update(key, change)
+        except Exception as exc:  # noqa: BLE001 - put back all the same
+            self.log.warning("registry_unwritten", key=key, error=str(exc))
         if later and self.consumer is not None:
             self.consumer.timer.call_after(self.backoff_seconds, put_back)
         else:
