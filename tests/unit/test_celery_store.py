@@ -233,12 +233,15 @@ def test_setup_registers_what_is_waiting_and_check_asks_for_the_settings(app: An
         store.close()
 
 
-def test_a_batch_with_a_key_celery_cannot_hold_writes_nothing(celery_store: CeleryTaskStore) -> None:
+def test_a_batch_with_a_record_celery_cannot_carry_writes_nothing(celery_store: CeleryTaskStore) -> None:
+    """A payload that is not JSON cannot be a Celery message: the batch is refused, nothing sent."""
     now = datetime.now(UTC)
     records = [
-        TaskRecord(key=key, type="add", payload={}, status=TaskStatus.PENDING, created_at=now, updated_at=now)
-        for key in ("fine", "bad\x00key")
+        TaskRecord(
+            key=key, type="add", payload=payload, status=TaskStatus.PENDING, created_at=now, updated_at=now
+        )
+        for key, payload in (("fine", {"a": 1}), ("bad", {"a": now}))
     ]
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="bad's payload or metadata is not JSON"):
         celery_store.put_many(records)
     assert ([], []) == (celery_store.scan(None, 10), queued(celery_store))

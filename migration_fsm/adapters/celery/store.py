@@ -363,14 +363,14 @@ class CeleryTaskStore:
 
     def put_many(self, records: Sequence[TaskRecord]) -> int:
         last = {record.key: record for record in records}
-        for key in last:
-            self._check_key(key)
+        for record in last.values():  # every record first: a batch with one Celery cannot hold writes nothing
+            self._check(record)
         for record in last.values():
             self._write(record, forward=False)
         return len(records)
 
     def put_forward(self, record: TaskRecord) -> bool:
-        self._check_key(record.key)
+        self._check(record)
         return self._write(record, forward=True)
 
     def set_progress(self, key: str, status: TaskStatus, attempts: int, updated_at: datetime) -> bool:
@@ -401,9 +401,15 @@ class CeleryTaskStore:
             self.follow(moves)
         return changed
 
-    def _check_key(self, key: str) -> None:
-        if not key or "\x00" in key:
-            raise DataError(f"store '{self.name}': key {key!r} cannot be a Celery task id")
+    def _check(self, record: TaskRecord) -> None:
+        """A Celery message carries JSON: a payload or metadata that is not JSON is refused."""
+        try:
+            canonical_json(record.payload)
+            canonical_json(record.metadata)
+        except (TypeError, ValueError) as exc:
+            raise DataError(
+                f"store '{self.name}': task {record.key}'s payload or metadata is not JSON: {exc}"
+            ) from exc
 
     def _write(self, record: TaskRecord, *, forward: bool) -> bool:
         moves: list[tuple[str, TaskStatus | None, TaskStatus]] = []
