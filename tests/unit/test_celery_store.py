@@ -245,3 +245,14 @@ def test_a_batch_with_a_record_celery_cannot_carry_writes_nothing(celery_store: 
     with pytest.raises(DataError, match="bad's payload or metadata is not JSON"):
         celery_store.put_many(records)
     assert ([], []) == (celery_store.scan(None, 10), queued(celery_store))
+
+
+def test_writing_the_status_a_task_already_has_does_not_stop_it(celery_store: CeleryTaskStore) -> None:
+    """A running task written as running (or a completed one as completed) is not a refusal:
+    the message Celery gives back after a lost pool child must still run."""
+    [record] = make_records(["k"])
+    celery_store.put(changed(record, type="add", payload={"a": 1, "b": 1}, status=TaskStatus.PENDING))
+    result(celery_store, "k", "STARTED")
+    celery_store.put(changed(record, type="add", payload={"a": 1, "b": 1}, status=TaskStatus.RUNNING))
+    assert "" == celery_store.read(["k"])[0][0]["stopped"]
+    assert TaskStatus.RUNNING == getattr(celery_store.get("k"), "status", None)

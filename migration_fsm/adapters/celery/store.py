@@ -417,9 +417,10 @@ class CeleryTaskStore:
 
         def change(fields: dict[str, str], meta: bytes | None) -> dict[str, str] | None:
             nonlocal replaced
-            if not fields:
+            if not fields:  # a new task that is not pending is nothing to run here
                 moves.append((record.key, None, record.status))
-                return {**self.fields_of(record), "seen": digest(meta), "sent": ""}
+                stopped = "" if record.status is TaskStatus.PENDING else "1"
+                return {**self.fields_of(record), "seen": digest(meta), "sent": "", "stopped": stopped}
             current = self.status(fields, meta)
             if forward and is_behind(record.status, current):
                 return None
@@ -440,7 +441,7 @@ class CeleryTaskStore:
         return bool(wrote)
 
     def fields_of(self, record: TaskRecord) -> dict[str, str]:
-        stopped = record.status is not TaskStatus.PENDING
+        """The registry fields of a record but `stopped`, `seen`, `sent` and `revoked`."""
         return {
             "type": self.task_of.get(record.type, record.type),
             "payload": canonical_json(record.payload),
@@ -450,7 +451,6 @@ class CeleryTaskStore:
             "metadata": canonical_json(record.metadata),
             "attempts": str(record.attempts),
             "status": record.status.value,
-            "stopped": "1" if stopped else "",
         }
 
     def status_fields(
