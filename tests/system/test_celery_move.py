@@ -171,7 +171,7 @@ def test_celery_moves_onto_procrastinate_with_every_task_run_exactly_once(
     stock = workers.start_celery("stock", gated=False)
 
     def listening() -> bool:  # it consumes the old queue
-        replies = celery_app.app.control.inspect(timeout=1.0).active_queues() or {}
+        replies = celery_app.app.control.inspect(timeout=1.0, limit=1).active_queues() or {}
         return any(q["name"] == "celery" for queues in replies.values() for q in queues)
 
     wait_for(listening, "the stock Celery worker to consume the old queue")

@@ -95,7 +95,8 @@ def test_celery_check_setup_check_as_an_operator_runs_them() -> None:
         assert 0 == done.returncode, done.stderr
         assert "Celery queue 'celery': registry set up" in done.stdout
         assert "already set up" in run("setup").stdout
-        assert ("ok\n", 0) == (run("check").stdout, run("check").returncode)
+        ok = run("check")
+        assert ("ok\n", 0) == (ok.stdout, ok.returncode)
 
 
 def test_a_celery_application_not_on_redis_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:

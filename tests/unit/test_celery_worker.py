@@ -88,7 +88,7 @@ class Rig:
         wait_for(lambda: self.acknowledged() and not self.consuming(), "the worker to stop consuming")
 
     def consuming(self) -> bool:
-        replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+        replies = self.app.control.inspect(timeout=1.0, limit=1).active_queues() or {}
         return any(q["name"] == "celery" for queues in replies.values() for q in queues)
 
 
@@ -198,7 +198,7 @@ def test_a_task_the_migration_revoked_then_sent_again_runs_once(rig: Rig) -> Non
     assert rig.store.set_progress(key, TaskStatus.CANCELLED, 0, T0)
 
     def revoked() -> bool:
-        replies = rig.app.control.inspect(timeout=1.0).revoked() or {}
+        replies = rig.app.control.inspect(timeout=1.0, limit=1).revoked() or {}
         return any(key in ids for ids in replies.values())
 
     wait_for(revoked, "the worker to hold the revoke")
