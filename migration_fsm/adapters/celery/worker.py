@@ -33,7 +33,9 @@ failure. When the ledger refuses, the task does not run:
 - it succeeded elsewhere: acknowledged, completed (and stopped) in the registry;
 - it was handed over to the other side: acknowledged, cancelled (and stopped) in the registry;
 - anything else (it runs elsewhere right now, it failed there, the ledger cannot be reached):
-  after `backoff_seconds` (on the worker's timer) it is put back in the queue.
+  pending in the registry, and after `backoff_seconds` (on the worker's timer) put back in the
+  queue. So is a task whose take fails (the registry's Redis, the ledger's database): it is put
+  back rather than run unchecked.
 
 A prefork child killed mid-task (SIGKILL) comes back: with `task_acks_late` and
 `task_reject_on_worker_lost` Celery requeues its message, the claim is finished failed and
