@@ -256,3 +256,15 @@ def test_writing_the_status_a_task_already_has_does_not_stop_it(celery_store: Ce
     celery_store.put(changed(record, type="add", payload={"a": 1, "b": 1}, status=TaskStatus.RUNNING))
     assert "" == celery_store.read(["k"])[0][0]["stopped"]
     assert TaskStatus.RUNNING == getattr(celery_store.get("k"), "status", None)
+
+
+def test_a_revoked_record_of_a_task_the_migration_finished_keeps_the_migrations_status(
+    celery_store: CeleryTaskStore,
+) -> None:
+    """A worker that discards a task after the adapter's revoke writes REVOKED: the echo of the
+    migration's own stop, not a cancellation (the task ran on the other side)."""
+    [record] = make_records(["k"])
+    celery_store.put(changed(record, type="add", payload={"a": 1, "b": 1}, status=TaskStatus.PENDING))
+    assert celery_store.set_progress("k", TaskStatus.COMPLETED, 1, T0)
+    result(celery_store, "k", "REVOKED")
+    assert TaskStatus.COMPLETED == getattr(celery_store.get("k"), "status", None)

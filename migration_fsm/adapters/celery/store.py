@@ -28,7 +28,9 @@ before any of these saw it is not known (its result record has no name or argume
 **Status.** The registry's `status` stands while the task's result record is the one it saw
 (`seen`); once Celery wrote another, Celery's state tells: `PENDING` and `RECEIVED` pending;
 `STARTED` running; `RETRY` pending (Celery publishes the retry); `SUCCESS` completed; `FAILURE`
-failed; `REVOKED` cancelled; a custom state (`update_state` from a running task) running.
+failed; `REVOKED` cancelled (but a task the migration stopped keeps the status it was given:
+a worker that discards it after the adapter's revoke writes `REVOKED`); a custom state
+(`update_state` from a running task) running.
 Celery cannot represent `running elsewhere` or a task the migration finished on the other side:
 those live in the registry only (`stopped`), and only a gated worker honours them; the adapter
 also takes the task's messages out of the broker, so no worker started later finds them.
@@ -613,6 +615,8 @@ class CeleryTaskStore:
         if meta is None or digest(meta) == fields.get("seen"):
             return TaskStatus(fields.get("status") or TaskStatus.PENDING.value)
         state = str(json.loads(meta).get("status", ""))
+        if state == "REVOKED" and fields.get("stopped"):  # the echo of the adapter's own revoke
+            return TaskStatus(fields["status"])
         return STATUS_OF.get(state, TaskStatus.RUNNING)
 
     def _record(self, key: str, fields: Mapping[str, str], meta: bytes | None) -> TaskRecord:
