@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 
 _RAN_ELSEWHERE: Final = "succeeded"
 _HANDED_OVER: Final = "handed_over"
-_LIVE: Final = (TaskStatus.PENDING.value, TaskStatus.RUNNING.value)
 
 
 class GatedRequestMixin:
@@ -122,7 +121,7 @@ class GatedConsumer:
         self.consumer: Any = None
         self.consuming = True
         self.log = get_logger().bind(component="celery-gate", queue=queue)
-        self._claims: dict[str, Any] = {}
+        self._claims: dict[int, Any] = {}  # by request (two messages of one task are two requests)
         self._lock = threading.Lock()
         self._timer: Any = None
         self._requests: dict[type, type] = {}
@@ -237,14 +236,13 @@ class GatedConsumer:
         executing = self._admit(request)
         if executing is None:
             return None
-        key = str(request.id)
         with self._lock:
-            self._claims[key] = executing
+            self._claims[id(request)] = executing
         self._count("ran")
         try:
             return original(request)
         except BaseException as exc:
-            self._finish(key, exc)
+            self._finish(request, exc)
             raise
 
     def _admit(self, request: Any) -> Any:
@@ -312,7 +310,7 @@ class GatedConsumer:
         failure (one more attempt; pending again when Celery requeued or retries it)."""
         key = str(request.id)
         with self._lock:
-            executing = self._claims.pop(key, None)
+            executing = self._claims.pop(id(request), None)
         if executing is None:
             return
         assert self.store is not None
@@ -345,9 +343,9 @@ class GatedConsumer:
         except Exception as exc:  # noqa: BLE001 - never into Celery's own callbacks
             self.log.warning("registry_unwritten", key=key, error=str(exc))
 
-    def _finish(self, key: str, exc: BaseException) -> None:
+    def _finish(self, request: Any, exc: BaseException) -> None:
         with self._lock:
-            executing = self._claims.pop(key, None)
+            executing = self._claims.pop(id(request), None)
         if executing is not None:
             executing.__exit__(type(exc), exc, exc.__traceback__)
 
