@@ -76,7 +76,9 @@ def test_tasks_sent_through_celery_are_found_with_named_arguments(celery_store: 
     assert 2 == celery_store.count()
 
 
-def test_a_task_a_worker_holds_unacknowledged_is_found(celery_store: CeleryTaskStore) -> None:
+def test_a_task_a_worker_holds_unacknowledged_is_found_and_withdrawn_when_stopped(
+    celery_store: CeleryTaskStore,
+) -> None:
     """An ETA task a worker took sits in kombu's `unacked` hash, out of the queue's list."""
     from tests.support import celery_app
 
@@ -87,6 +89,8 @@ def test_a_task_a_worker_holds_unacknowledged_is_found(celery_store: CeleryTaskS
     found = celery_store.get(key)
     assert found is not None
     assert (TaskStatus.PENDING, {"a": 1, "b": 2}) == (found.status, found.payload)
+    assert celery_store.set_progress(key, TaskStatus.CANCELLED, 0, T0)
+    assert 0 == celery_store.broker.hlen("unacked")  # the worker's restore brings nothing back
 
 
 def test_register_published_tasks_records_a_task_as_it_is_sent(celery_store: CeleryTaskStore) -> None:
