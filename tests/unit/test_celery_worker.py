@@ -81,6 +81,15 @@ class Rig:
             workers.close()
         return bool(rows) and all(w.seen_version == version for w in rows)
 
+    def claims(self, keys: list[str]) -> dict[str, str]:
+        """The ledger's state of each key's claim (the worker finishes a claim just after the
+        task's result is stored)."""
+        ledger = Ledger(self.control_url)
+        try:
+            return {key: claim.state for key, claim in ledger.claims_of(M, keys).items()}
+        finally:
+            ledger.close()
+
     def pause_old(self) -> None:
         """To cutover (the old side does not consume), and wait for the worker to stop consuming."""
         while self.client.refresh().phase != "cutover":
@@ -158,8 +167,8 @@ def test_each_task_runs_once_claimed_and_finished_in_the_ledger(rig: Rig) -> Non
         lambda: set(keys) <= set(rig.effects()) and rig.status(flaky) == TaskStatus.COMPLETED, "the tasks"
     )
     assert 2 == rig.effects().count(flaky)  # failed once, retried by Celery
-    claims = Ledger(rig.control_url).claims_of(M, [*keys, flaky])
-    assert dict.fromkeys([*keys, flaky], SUCCEEDED) == {k: c.state for k, c in claims.items()}
+    wanted = dict.fromkeys([*keys, flaky], SUCCEEDED)
+    wait_for(lambda: wanted == rig.claims([*keys, flaky]), "every claim finished succeeded")
     records = {key: rig.store.get(key) for key in [*keys, flaky]}
     assert dict.fromkeys(records, TaskStatus.COMPLETED) == {k: r.status for k, r in records.items() if r}
     assert (0, 1) == (records[keys[0]].attempts, records[flaky].attempts)  # type: ignore[union-attr]
@@ -270,8 +279,7 @@ def test_a_pool_child_killed_mid_task_gives_the_task_back_and_it_runs_once(rig: 
     wait_for(lambda: key in rig.effects(), "the task to come back and run")
     wait_for(lambda: rig.status(key) == TaskStatus.COMPLETED, "the task to complete")
     assert 1 == rig.effects().count(key)
-    [claim] = Ledger(rig.control_url).claims_of(M, [key]).values()
-    assert SUCCEEDED == claim.state
+    wait_for(lambda: {key: SUCCEEDED} == rig.claims([key]), "the claim finished succeeded")
     record = rig.store.get(key)
     assert record is not None
     assert 1 == record.attempts  # the lost execution

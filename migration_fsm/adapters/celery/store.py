@@ -68,7 +68,7 @@ from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, canonical_json, is_behind, to_utc, utc_text
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     import redis
     from celery import Celery
@@ -382,7 +382,7 @@ class CeleryTaskStore:
 
     def set_progress_many(self, updates: Sequence[ProgressUpdate]) -> int:
         changed = 0
-        moves: list[tuple[str, TaskStatus | None, TaskStatus]] = []
+        moves: dict[str, tuple[TaskStatus | None, TaskStatus]] = {}  # the last try of each key
         with self._redis():
             for update in updates:
 
@@ -391,8 +391,9 @@ class CeleryTaskStore:
                 ) -> dict[str, str] | None:
                     current = self.status(fields, meta)
                     if update.expected is not None and current != update.expected:
+                        moves.pop(update.key, None)
                         return None
-                    moves.append((update.key, current, update.status))
+                    moves[update.key] = (current, update.status)
                     return {
                         **self.status_fields(current, update.status, meta, fields),
                         "attempts": str(update.attempts),
@@ -414,13 +415,15 @@ class CeleryTaskStore:
             ) from exc
 
     def _write(self, record: TaskRecord, *, forward: bool) -> bool:
-        moves: list[tuple[str, TaskStatus | None, TaskStatus]] = []
+        moves: dict[str, tuple[TaskStatus | None, TaskStatus]] = {}  # the last try's
         replaced = False
 
         def change(fields: dict[str, str], meta: bytes | None) -> dict[str, str] | None:
             nonlocal replaced
+            moves.clear()
+            replaced = False
             if not fields:  # a new task that is not pending is nothing to run here
-                moves.append((record.key, None, record.status))
+                moves[record.key] = (None, record.status)
                 stopped = "" if record.status is TaskStatus.PENDING else "1"
                 return {**self.fields_of(record), "seen": digest(meta), "sent": "", "stopped": stopped}
             current = self.status(fields, meta)
@@ -429,7 +432,7 @@ class CeleryTaskStore:
             replaced = current is TaskStatus.PENDING and self._identity(fields) != self._identity(
                 self.fields_of(record)
             )
-            moves.append((record.key, current, record.status))
+            moves[record.key] = (current, record.status)
             new = {**self.fields_of(record), **self.status_fields(current, record.status, meta, fields)}
             if replaced:
                 new["sent"] = ""
@@ -514,13 +517,16 @@ class CeleryTaskStore:
             argv += [name, value]
         return bool(self._register(keys=[self.task_key(record.key), self.index], args=argv))
 
-    def follow(self, moves: Iterable[tuple[str, TaskStatus | None, TaskStatus]]) -> None:
-        """Make Celery agree with the registry's moves (key, status before or None for a new
-        task, status after): messages of stopped tasks out of the broker (and revoked when
+    def follow(self, moves: Mapping[str, tuple[TaskStatus | None, TaskStatus]]) -> None:
+        """Make Celery agree with the registry's moves (key -> status before, None for a new
+        task, and after): messages of stopped tasks out of the broker (and revoked when
         finished), the tasks moved to pending sent."""
-        moves = list(moves)
-        stop = {key for key, before, after in moves if before in _LIVE and after is not TaskStatus.PENDING}
-        finished = sorted(key for key, _before, after in moves if key in stop and after in _FINISHED)
+        stop = {
+            key
+            for key, (before, after) in moves.items()
+            if before in _LIVE and after is not TaskStatus.PENDING
+        }
+        finished = sorted(key for key in stop if moves[key][1] in _FINISHED)
         if stop:
             self.withdraw(stop)
         if finished:
@@ -529,7 +535,7 @@ class CeleryTaskStore:
             for key in finished:
                 pipe.hset(self.task_key(key), "revoked", "1")
             pipe.execute()
-        self.send_unsent([key for key, _current, target in moves if target is TaskStatus.PENDING])
+        self.send_unsent([key for key, (_before, after) in moves.items() if after is TaskStatus.PENDING])
 
     def send_unsent(self, keys: Sequence[str]) -> int:
         """Publish the message of each pending task whose message is not sent yet."""
