@@ -50,7 +50,10 @@ is recorded as stopped, its messages are taken out of the broker's queue and `un
 and, to a finished status, revoked (`app.control.revoke`, which reaches live workers only: the
 registry is what makes the refusal persist); a task moved back to pending is sent again (its
 old result record is deleted first, since Celery never overwrites a `SUCCESS`, and a gated
-worker forgets the revoke the adapter broadcast for it).
+worker forgets the revoke the adapter broadcast for it). Each write is a compare-and-set of one
+task (WATCH on its registry hash and its result record), then Celery follows; Redis and the
+broker share no transaction, so a crash in between leaves a pending task whose message is not
+`sent`, and the next write of the task sends it.
 """
 
 from __future__ import annotations
