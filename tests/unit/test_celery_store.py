@@ -272,3 +272,18 @@ def test_a_revoked_record_of_a_task_the_migration_finished_keeps_the_migrations_
     assert celery_store.set_progress("k", TaskStatus.COMPLETED, 1, T0)
     result(celery_store, "k", "REVOKED")
     assert TaskStatus.COMPLETED == getattr(celery_store.get("k"), "status", None)
+
+
+def test_a_pending_task_whose_message_was_never_sent_is_sent_by_its_next_write(
+    celery_store: CeleryTaskStore,
+) -> None:
+    """The registry is written first, then Celery: after a crash in between (the message not
+    `sent`), writing the task again (a repair, a re-send) sends it, once."""
+    [record] = make_records(["k"])
+    pending = changed(record, type="add", payload={"a": 1, "b": 1}, status=TaskStatus.PENDING)
+    celery_store.put(pending)
+    celery_store.broker.delete("celery")
+    celery_store.results.hset(celery_store.task_key("k"), "sent", "")
+    celery_store.put(pending)
+    celery_store.put(pending)
+    assert ["k"] == queued(celery_store)
