@@ -6,7 +6,8 @@ with no steps configured, under traffic through `DualWriter` that re-sends 5% of
 
 The walk: preparation -> dual_write; tasks sent through Celery's own API by code that knows
 nothing of the migration (`add(a, b)` with positional arguments, tasks with an ETA two seconds
-ahead, a task that fails once and that Celery retries); a Celery pool child SIGKILLed while it
+ahead, a task that fails once and that Celery retries), and tasks with a scheduled time written
+through `DualWriter` (an ETA on Celery's side); a Celery pool child SIGKILLed while it
 holds a task before its effect (Celery requeues it; it runs once); backfill, validate, cutover
 (the Celery workers' pause, `drain_old`, `transfer_state` into Procrastinate), ramp 100; a
 Procrastinate worker process SIGKILLed while it holds a task (before its effect); rollback (the
@@ -29,7 +30,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from migration_fsm.client import DualWriter, PhaseClient
 from migration_fsm.config import Settings, StoreConfig
+from migration_fsm.tasks.capabilities import Closeable
+from migration_fsm.tasks.factory import build_store
+from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from tests.support import celery_app
 from tests.support.cli import ROOT
 from tests.support.forkserver import child_env
@@ -152,7 +157,37 @@ def test_celery_moves_onto_procrastinate_with_every_task_run_exactly_once(
         for i in range(5):
             at = datetime.now(UTC) + timedelta(seconds=2)
             later[celery_app.add.apply_async((i, 2000), eta=at).id] = at
-        return [*(celery_app.add.delay(i, 1000).id for i in range(5)), *flaky, *later]
+        return [*(celery_app.add.delay(i, 1000).id for i in range(5)), *flaky, *later, *scheduled()]
+
+    def scheduled() -> list[str]:
+        """Tasks with a scheduled time written through `DualWriter` (both sides: Celery's
+        message carries it as its ETA)."""
+        old_store, new_store = (
+            build_store(settings.stores["old"], "old"),
+            build_store(settings.stores["new"], "new"),
+        )
+        with PhaseClient(settings.database_url, migration=MIGRATION) as client:
+            writer = DualWriter(client, old_store, new_store)
+            now = datetime.now(UTC)
+            for i in range(5):
+                at = now + timedelta(seconds=2)
+                writer.write(
+                    TaskRecord(
+                        key=f"later-{i}",
+                        type="send_email",
+                        payload={"n": -i},
+                        status=TaskStatus.PENDING,
+                        created_at=now,
+                        updated_at=now,
+                        run_at=at,
+                    )
+                )
+                later[f"later-{i}"] = at
+            writer.close()
+        for store in (old_store, new_store):
+            if isinstance(store, Closeable):
+                store.close()
+        return [f"later-{i}" for i in range(5)]
 
     run = walk_the_move(
         settings,
