@@ -77,7 +77,8 @@ def effect(key: str) -> None:
         except FileNotFoundError:
             pass
         else:
-            Path(hold + ".held").write_text(f"{key} {os.getpid()}", encoding="utf-8")
+            Path(hold + ".tmp").write_text(f"{key} {os.getpid()}", encoding="utf-8")
+            Path(hold + ".tmp").replace(hold + ".held")  # whole, never read half written
             while True:  # until this process is killed
                 time.sleep(1)
     if os.environ.get("MFSM_TEST_LOG"):
