@@ -94,11 +94,15 @@ class Rig:
         """To cutover (the old side does not consume), and wait for the worker to stop consuming."""
         while self.client.refresh().phase != "cutover":
             self.engine.advance()
-        wait_for(lambda: self.acknowledged() and not self.consuming(), "the worker to stop consuming")
+        wait_for(lambda: self.acknowledged() and not self.queues(), "the worker to stop consuming")
+
+    def queues(self) -> set[str]:
+        """The queues the worker consumes now."""
+        replies = self.app.control.inspect(timeout=1.0, limit=1).active_queues() or {}
+        return {q["name"] for queues in replies.values() for q in queues}
 
     def consuming(self) -> bool:
-        replies = self.app.control.inspect(timeout=1.0, limit=1).active_queues() or {}
-        return any(q["name"] == "celery" for queues in replies.values() for q in queues)
+        return {"celery", "mail"} == self.queues()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +132,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         }
         argv = [
             str(Path(sys.executable).parent / "celery"),
-            *("-A", "tests.support.celery_app", "worker", "-c", "2", "-P", "prefork"),
+            *("-A", "tests.support.celery_app", "worker", "-c", "2", "-P", "prefork", "-Q", "celery,mail"),
             *("--without-gossip", "--without-mingle", "-l", "WARNING", "-n", f"w-{uuid.uuid4().hex[:6]}@%h"),
         ]
         err = folder / "worker.err"
@@ -178,15 +182,17 @@ def test_each_task_runs_once_claimed_and_finished_in_the_ledger(rig: Rig) -> Non
 def test_a_paused_side_stops_consuming_and_takes_nothing_until_it_consumes_again(rig: Rig) -> None:
     from tests.support import celery_app
 
-    rig.pause_old()
+    rig.pause_old()  # every queue the worker was started with (`-Q celery,mail`) is cancelled
     keys = [celery_app.add.delay(i, 2).id for i in range(3)]
+    other = celery_app.add.apply_async((9, 9), queue="mail").id
     time.sleep(0.5)  # long enough for a consuming worker to take them (the first test: ~0.1 s)
-    assert [] == [key for key in keys if key in rig.effects()]
-    assert 3 == rig.connection.llen("celery")
+    assert [] == [key for key in [*keys, other] if key in rig.effects()]
+    assert (3, 1) == (rig.connection.llen("celery"), rig.connection.llen("mail"))
     assert {TaskStatus.PENDING} == {rig.status(key) for key in keys}
     rig.engine.rollback(reason="the old side consumes again")
-    wait_for(lambda: set(keys) <= set(rig.effects()), "the tasks to run once the side consumes")
-    assert all(rig.effects().count(key) == 1 for key in keys)
+    wait_for(lambda: {*keys, other} <= set(rig.effects()), "the tasks to run once the side consumes")
+    assert all(rig.effects().count(key) == 1 for key in [*keys, other])
+    wait_for(rig.consuming, "the worker to consume both its queues again")
 
 
 def test_a_task_the_migration_revoked_then_sent_again_runs_once(rig: Rig) -> None:

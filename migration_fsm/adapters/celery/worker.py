@@ -19,8 +19,9 @@ registry's check and its `running` mark run under one `gate.dequeuing()` hold, s
 acknowledges a pause every task this worker took is `running` in the registry, where the drain
 sees it. While the side may not consume, a task reaching that point is put back in the queue
 (`reject(requeue=True)`) without running, and the step cancels the worker's consumption of the
-queue (Celery's `cancel_task_queue`, undone with `add_task_queue` when the side consumes again),
-checked every `poll_seconds` on the worker's own timer. A task the migration stopped (the
+queues it was started with (Celery's `cancel_task_queue`, undone with `add_task_queue` when the
+side consumes again), checked every `poll_seconds` on the worker's own timer (tested with the
+prefork pool, whose timer runs in the worker's event loop). A task the migration stopped (the
 registry's `stopped`) is acknowledged without running: the refusal persists in Redis, so it
 holds for a worker started after the revoke was broadcast.
 
@@ -124,6 +125,7 @@ class GatedConsumer:
         self._claims: dict[int, Any] = {}  # by request (two messages of one task are two requests)
         self._lock = threading.Lock()
         self._timer: Any = None
+        self._queues: list[str] | None = None
         self._requests: dict[type, type] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("put_back", "taken", "ran", "stopped", "ran_elsewhere", "handed_over", "unrevoked"), 0
@@ -161,7 +163,12 @@ class GatedConsumer:
         for name, strategy in list(consumer.strategies.items()):
             if self._gated(name):
                 consumer.strategies[name] = self._received(strategy)
-        self.consuming = True
+        selected = consumer.app.amqp.queues.consume_from
+        if self._queues is None:  # what this worker was started to consume (`-Q`): all paused together
+            self._queues = sorted(selected)
+        # After a reconnection the consumer consumes what Celery has selected: the queues this
+        # step cancelled stay cancelled until `follow` adds them back.
+        self.consuming = any(name in selected for name in self._queues)
         self.follow()
         self._timer = consumer.timer.call_repeatedly(self.poll_seconds, self.follow)
 
@@ -201,10 +208,11 @@ class GatedConsumer:
         wanted = gate.may_consume()
         if wanted == self.consuming:
             return
-        if wanted:
-            consumer.add_task_queue(self.queue)
-        else:
-            consumer.cancel_task_queue(self.queue)
+        for name in self._queues or ():
+            if wanted:
+                consumer.add_task_queue(name)
+            else:
+                consumer.cancel_task_queue(name)
         self.consuming = wanted
 
     # -- receiving and taking -----------------------------------------------------------------
