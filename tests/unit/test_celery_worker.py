@@ -193,6 +193,12 @@ def test_a_paused_side_stops_consuming_and_takes_nothing_until_it_consumes_again
     wait_for(lambda: {*keys, other} <= set(rig.effects()), "the tasks to run once the side consumes")
     assert all(rig.effects().count(key) == 1 for key in [*keys, other])
     wait_for(rig.consuming, "the worker to consume both its queues again")
+    mail = CeleryTaskStore(rig.app, queue="mail")  # each task in the registry of its own queue
+    try:
+        wait_for(lambda: getattr(mail.get(other), "status", None) == TaskStatus.COMPLETED, "mail's registry")
+    finally:
+        mail.close()
+    assert other not in {record.key for record in rig.store.scan(None, 1000)}
 
 
 def test_a_task_the_migration_revoked_then_sent_again_runs_once(rig: Rig) -> None:

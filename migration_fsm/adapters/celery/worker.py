@@ -118,7 +118,7 @@ class GatedConsumer:
         self.poll_seconds = poll_seconds
         self.type_map = type_map
         self.gate: WorkerGate | None = None
-        self.store: CeleryTaskStore | None = None
+        self.stores: dict[str, CeleryTaskStore] = {}  # a registry per queue
         self.consumer: Any = None
         self.consuming = True
         self.log = get_logger().bind(component="celery-gate", queue=queue)
@@ -146,7 +146,6 @@ class GatedConsumer:
             raise RuntimeError("the migration gate cannot run this worker: " + "; ".join(problems))
         if self.gate is None:
             self.gate = self.make_gate()
-            self.store = CeleryTaskStore(self.app, queue=self.queue, type_map=self.type_map)
         self.consumer = consumer
         if not getattr(consumer.on_task_request, "mfsm_gated", False):
             original = consumer.on_task_request
@@ -183,8 +182,16 @@ class GatedConsumer:
         if gate is not None:
             gate.close()
             gate.client.close()
-        if self.store is not None:
-            self.store.close()
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+
+    def store_of(self, delivery_info: Any) -> CeleryTaskStore:
+        """The store (the registry) of the queue a message came from (`queue` when it says none)."""
+        queue = str((delivery_info or {}).get("routing_key") or self.queue)
+        if queue not in self.stores:
+            self.stores[queue] = CeleryTaskStore(self.app, queue=queue, type_map=self.type_map)
+        return self.stores[queue]
 
     def _gated(self, name: str) -> bool:
         return not name.startswith("celery.")
@@ -224,9 +231,9 @@ class GatedConsumer:
 
         def received(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             key = str((message.headers or {}).get("id", ""))
-            if key in state.revoked and self.store is not None:
+            if key in state.revoked:
                 try:
-                    [(fields, _meta)] = self.store.read([key])
+                    [(fields, _meta)] = self.store_of(message.delivery_info).read([key])
                 except Exception as exc:  # noqa: BLE001 - Celery's revoke then stands
                     self.log.warning("registry_unreadable", key=key, error=str(exc))
                     fields = {}
@@ -286,8 +293,7 @@ class GatedConsumer:
         when the migration stopped it."""
         from datetime import UTC, datetime
 
-        assert self.store is not None
-        store = self.store
+        store = self.store_of(request.delivery_info)
         key = str(request.id)
         stopped = False
 
@@ -321,9 +327,9 @@ class GatedConsumer:
             executing = self._claims.pop(id(request), None)
         if executing is None:
             return
-        assert self.store is not None
+        store = self.store_of(request.delivery_info)
         try:
-            [(_fields, meta)] = self.store.read([key])
+            [(_fields, meta)] = store.read([key])
             state = json.loads(meta).get("status") if meta is not None else None
         except Exception as exc:  # noqa: BLE001 - the claim is finished all the same
             self.log.warning("result_unreadable", key=key, error=str(exc))
@@ -347,7 +353,7 @@ class GatedConsumer:
             return {**new, "status": status.value, "seen": digest(meta)}
 
         try:
-            self.store.update(key, change)
+            store.update(key, change)
         except Exception as exc:  # noqa: BLE001 - never into Celery's own callbacks
             self.log.warning("registry_unwritten", key=key, error=str(exc))
 
@@ -361,21 +367,20 @@ class GatedConsumer:
 
     def _refused(self, request: Any, reason: str) -> None:
         if reason == _RAN_ELSEWHERE:
-            self._settle(str(request.id), TaskStatus.COMPLETED, "ran_elsewhere")
+            self._settle(request, TaskStatus.COMPLETED, "ran_elsewhere")
             self._release(request, request.acknowledge)
         elif reason == _HANDED_OVER:
-            self._settle(str(request.id), TaskStatus.CANCELLED, "handed_over")
+            self._settle(request, TaskStatus.CANCELLED, "handed_over")
             self._release(request, request.acknowledge)
         else:
             self._put_back(request, later=True)
 
-    def _settle(self, key: str, status: TaskStatus, counter: str) -> None:
-        assert self.store is not None
+    def _settle(self, request: Any, status: TaskStatus, counter: str) -> None:
 
         def change(_fields: dict[str, str], meta: bytes | None) -> dict[str, str] | None:
             return {"status": status.value, "stopped": "1", "seen": digest(meta)}
 
-        self.store.update(key, change)
+        self.store_of(request.delivery_info).update(str(request.id), change)
         self._count(counter)
 
     def _put_back(self, request: Any, *, later: bool) -> None:
@@ -392,8 +397,7 @@ class GatedConsumer:
             self._count("put_back")
 
         try:  # pending from now on: it waits, it does not run
-            if self.store is not None:
-                self.store.update(key, change)
+            self.store_of(request.delivery_info).update(key, change)
         except Exception as exc:  # noqa: BLE001 - put back all the same
             self.log.warning("registry_unwritten", key=key, error=str(exc))
         if later and self.consumer is not None:
@@ -444,7 +448,8 @@ def gate_worker(
 ) -> GatedConsumer:
     """Gate `app`'s workers (see the module's docstring): each `celery worker` builds, in its
     main process, a `PhaseClient` on `control_url` and a `WorkerGate` for `side` (with
-    `gate_options`) when its consumer starts, and closes them when it stops."""
+    `gate_options`) when its consumer starts, and closes them when it stops. Each task is
+    recorded in the registry of the queue it came from (`queue` when its message names none)."""
     from migration_fsm.client import PhaseClient, WorkerGate
 
     def make_gate() -> WorkerGate:
