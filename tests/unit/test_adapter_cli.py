@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
+from migration_fsm.adapters.celery.__main__ import main as celery_main
 from migration_fsm.adapters.huey.__main__ import main as huey_main
 from migration_fsm.adapters.procrastinate.__main__ import main as procrastinate_main
 from migration_fsm.adapters.rq.__main__ import main as rq_main
@@ -19,6 +21,9 @@ from tests.support.queues import private_redis_db, procrastinate_schema
 from tests.unit.test_procrastinate_store import sql
 
 APP = "tests.support.huey_app:huey"
+CELERY_APP = "tests.support.celery_app:app"
+#: A Celery application whose broker and results are not Redis, which the adapter refuses.
+IN_MEMORY = Celery("in-memory", broker="memory://", backend="cache+memory://")
 
 
 def test_rq_check_setup_check(capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,4 +73,34 @@ def test_a_bad_application_is_one_error_line(capsys: pytest.CaptureFixture[str])
     assert 2 == huey_main(["check", "--app", "no.such.module:huey"])
     err = capsys.readouterr().err
     assert err.startswith("error: cannot load the Huey application 'no.such.module:huey'")
+    assert 1 == len(err.strip().splitlines())
+
+
+def test_celery_check_setup_check_as_an_operator_runs_them() -> None:
+    with private_redis_db() as url:
+        env = child_env({"MFSM_TEST_CELERY_REDIS": url})
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "migration_fsm.adapters.celery", *args, "--app", CELERY_APP],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+
+        missing = run("check")
+        assert (1, "") == (missing.returncode, missing.stdout)
+        assert (
+            "python -m migration_fsm.adapters.celery setup --app MODULE:APP --queue celery" in missing.stderr
+        )
+        done = run("setup")
+        assert 0 == done.returncode, done.stderr
+        assert "Celery queue 'celery': registry set up" in done.stdout
+        assert "already set up" in run("setup").stdout
+        ok = run("check")
+        assert ("ok\n", 0) == (ok.stdout, ok.returncode)
+
+
+def test_a_celery_application_not_on_redis_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert 2 == celery_main(["check", "--app", "tests.unit.test_adapter_cli:IN_MEMORY"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: store 'celery': the Celery application's result_backend is")
     assert 1 == len(err.strip().splitlines())
