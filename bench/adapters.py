@@ -5,8 +5,8 @@ scan of its storage, each baseline measured in the same run.
 **The systems** are a table (`SYSTEMS`): each entry knows how to make its storage (private to the
 run), its `[stores.X]` config table, its own enqueue API with the best plain settings a person
 would use, and, for an old side, how to fill it with N tasks through its own API and scan its
-storage plainly. The moves (`MOVES`) are pairs of them. Adding a system (Celery, say) is one
-`System` subclass and one line in each table.
+storage plainly. The moves (`MOVES`) are pairs of them. Adding a system is one `System` subclass
+and one line in each table.
 
 - `sql`, a task table of the default layout in PostgreSQL: one INSERT + COMMIT per task (raw
   psycopg, autocommit); scanned with keyset SELECTs of 1,000 rows;
@@ -14,7 +14,11 @@ storage plainly. The moves (`MOVES`) are pairs of them. Adding a system (Celery,
 - `huey`, a `SqliteHuey`: calling the task, `send_email(**payload)`; scanned with a sqlite3
   read of its `task` and `schedule` tables, each message unpickled;
 - `rq`: `queue.enqueue("bench_jobs.send_email", **payload)`; scanned as the queue's job ids
-  and a pipelined HGETALL of their hashes, each job's data unpickled.
+  and a pipelined HGETALL of their hashes, each job's data unpickled;
+- `celery`: `app.send_task("send_email", kwargs=payload, queue=queue)` on the application of
+  `bench/bench_celery.py` (`app = "bench_celery:app"` in the config), its broker and result
+  backend the run's Redis database; scanned as an LRANGE of the queue's list, each JSON
+  message's body decoded.
 
 **1. Dual write** (phase `dual_write`, both sides written): for each move, the tasks/s of
 `DualWriter.write(record)` with the stores `build_store` makes from the config tables, next to
@@ -39,23 +43,19 @@ fresh Procrastinate schema, a migration in `dual_write`). Private resources: a P
 database created for the run and dropped at the end, an empty Redis database number (1 to 15)
 whose keys are deleted at the end, SQLite files in a temporary folder. The machine may be
 shared: the load average is reported; read the ratios. `--quick` is a smoke run (a test runs
-it); the defaults take about 3 to 4 minutes on 2 cores.
+it); the defaults take about 4 to 6 minutes on 2 cores.
 
     .venv/bin/python bench/adapters.py [--n 500] [--backfill-n 5000] [--rounds 3] [--blocks 10]
-        [--only dual-write|backfill] [--quick] [--postgres URL]
+        [--only dual-write|backfill] [--old sql|huey|rq|celery ...] [--quick] [--postgres URL]
 
-**A Celery entry** (the adapter `migration_fsm.adapters.celery`): a `System` subclass whose
-`__init__` makes a Celery app on the run's Redis database (broker and result backend) that
-`store_config` can name as `app = "module:attribute"`, and runs the adapter's `setup(app,
-queue)`; `native` is `app.send_task(name, kwargs=payload, queue=queue)`; `fill` sends the N
-tasks (a producer's `send_task`) then runs `setup`; `plain_scan` reads the queue's Redis list
-(LRANGE) and decodes each JSON message's body. Then `"celery": Celery` in `SYSTEMS` and
-`("celery", "procrastinate")` in `MOVES`.
+`--old NAME` (repeatable) runs only the moves from those old systems (and, alone, only the
+systems of those moves).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import json
 import logging
@@ -421,18 +421,74 @@ class Rq(System):
         self.redis.close()
 
 
-#: The systems, by name. A Celery entry is one more `System` subclass here.
+class Celery(System):
+    """A Celery application (`bench_celery:app`) whose broker and result backend are the run's
+    Redis database, on a queue of its own (the adapter's registry created by its `setup`); its own
+    enqueue is `app.send_task(name, kwargs=payload, queue=queue)`."""
+
+    name = "celery"
+    APP = "bench_celery:app"
+
+    def __init__(self, res: Resources, tag: str) -> None:
+        import bench_celery
+        import redis
+
+        from migration_fsm.adapters.celery import setup
+
+        bench_celery.use_redis(res.redis)
+        self.app = bench_celery.app
+        self.queue = f"bench-{tag}"
+        self.redis = redis.Redis.from_url(res.redis)
+        setup(self.app, self.queue)
+
+    def store_config(self) -> dict[str, Any]:
+        return {"kind": "migration_fsm.adapters.celery:store", "app": self.APP, "queue": self.queue}
+
+    def native(self) -> Enqueue:
+        system = self
+
+        class SendTask(Enqueue):
+            def enqueue(self, record: TaskRecord) -> None:
+                system.app.send_task(TASK_TYPE, kwargs=record.payload, queue=system.queue)
+
+        return SendTask()
+
+    def fill(self, records: Sequence[TaskRecord]) -> None:
+        from migration_fsm.adapters.celery import setup
+
+        for record in records:  # Celery has no bulk send
+            self.app.send_task(TASK_TYPE, kwargs=record.payload, queue=self.queue)
+        setup(self.app, self.queue)
+
+    def plain_scan(self) -> int:
+        seen = 0
+        for raw in self.redis.lrange(self.queue, 0, -1):
+            message = json.loads(raw)
+            body = message["body"]
+            if message["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            _args, kwargs, _embed = json.loads(body)
+            seen += kwargs is not None
+        return seen
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+#: The systems, by name.
 SYSTEMS: dict[str, Callable[[Resources, str], System]] = {
     "sql": SqlTable,
     "procrastinate": Procrastinate,
     "huey": Huey,
     "rq": Rq,
+    "celery": Celery,
 }
 #: The moves the adapters make (old -> new), each one more row in both parts of the report.
 MOVES: tuple[tuple[str, str], ...] = (
     ("sql", "procrastinate"),
     ("huey", "procrastinate"),
     ("rq", "procrastinate"),
+    ("celery", "procrastinate"),
 )
 
 
@@ -585,16 +641,20 @@ def move_pieces(stack: ExitStack, res: Resources, old: System, new: System) -> d
     return {f"{migration}: DualWriter": dual, f"{migration}: direct": direct}
 
 
-def measure_dual_write(res: Resources, n: int, rounds: int, blocks: int) -> dict[str, Any]:
+def measure_dual_write(
+    res: Resources, n: int, rounds: int, blocks: int, moves: Sequence[tuple[str, str]] = MOVES
+) -> dict[str, Any]:
     with ExitStack() as stack:
         systems = {}
         for name, make in SYSTEMS.items():
+            if not any(name in move for move in moves):
+                continue
             systems[name] = make(res, "dw")
             stack.callback(systems[name].close)
         pieces: dict[str, Piece] = {}
         for system in systems.values():
             pieces |= system_pieces(stack, system)
-        for old_name, new_name in MOVES:
+        for old_name, new_name in moves:
             pieces |= move_pieces(stack, res, systems[old_name], systems[new_name])
         runs = interleaved(pieces, n, rounds, blocks)
     report: dict[str, Any] = {"systems": {}, "moves": {}}
@@ -605,7 +665,7 @@ def measure_dual_write(res: Resources, n: int, rounds: int, blocks: int) -> dict
             "own_enqueue": theirs,
             "vs_own_enqueue": versus(ours, theirs),
         }
-    for old_name, new_name in MOVES:
+    for old_name, new_name in moves:
         migration = f"{old_name}-to-{new_name}"
         ours, theirs = summary(runs[f"{migration}: DualWriter"]), summary(runs[f"{migration}: direct"])
         report["moves"][f"{old_name} -> {new_name}"] = {
@@ -698,7 +758,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run")
     parser.add_argument("--postgres", default=os.environ.get("MIGRATION_FSM_TEST_POSTGRES_URL", DEFAULT_PG))
     parser.add_argument("--only", choices=("dual-write", "backfill"), help="run one part only")
+    parser.add_argument(
+        "--old",
+        action="append",
+        choices=[old for old, _new in MOVES],
+        help="run only the moves from this old system (repeatable)",
+    )
     args = parser.parse_args()
+    moves = [move for move in MOVES if args.old is None or move[0] in args.old]
     if args.quick:
         args.n, args.backfill_n, args.rounds, args.blocks = 20, 200, 1, 2
     # A SIGTERM unwinds like an exception, so the database, the Redis keys and the files go too.
@@ -721,10 +788,10 @@ def main() -> None:
     with ExitStack() as stack:
         res = Resources(stack, args.postgres)
         if args.only in (None, "dual-write"):
-            report["dual_write"] = measure_dual_write(res, args.n, args.rounds, args.blocks)
+            report["dual_write"] = measure_dual_write(res, args.n, args.rounds, args.blocks, moves)
         if args.only in (None, "backfill"):
             report["backfill"] = {
-                old: measure_backfill(res, old, args.backfill_n, args.rounds) for old, _new in MOVES
+                old: measure_backfill(res, old, args.backfill_n, args.rounds) for old, _new in moves
             }
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=2))

@@ -47,10 +47,10 @@ from tests.system.test_exactly_once import (
 )
 
 MIGRATION = "prove"
-#: The migration databases the Huey and RQ moves run on. `make test` runs them on SQLite only:
-#: what they add is the old system, whose adapter does not depend on the migration database,
-#: and the SQL-table move (`test_procrastinate_move`) and `test_exactly_once` walk the same
-#: gates, ledger and journal on both databases. `MIGRATION_FSM_TEST_MOVES=all` adds PostgreSQL
+#: The migration databases the Huey, RQ and Celery moves run on. `make test` runs them on SQLite
+#: only: what they add is the old system, whose adapter does not depend on the migration
+#: database, and the SQL-table move (`test_procrastinate_move`) and `test_exactly_once` walk the
+#: same gates, ledger and journal on both databases. `MIGRATION_FSM_TEST_MOVES=all` adds PostgreSQL
 #: (about 95 s more).
 OLD_SYSTEM_MOVE_DATABASES: list[str] = (
     ["sqlite", "postgresql"] if os.environ.get("MIGRATION_FSM_TEST_MOVES") == "all" else ["sqlite"]

@@ -53,11 +53,14 @@ def test_adapters_benchmark_smoke_runs_and_tabulates(monkeypatch: pytest.MonkeyP
     )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
-    assert {"sql -> procrastinate", "huey -> procrastinate", "rq -> procrastinate"} == set(
-        result["dual_write"]["moves"]
-    )
-    assert {"sql", "procrastinate", "huey", "rq"} == set(result["dual_write"]["systems"])
-    assert {"sql", "huey", "rq"} == set(result["backfill"])
+    assert {
+        "sql -> procrastinate",
+        "huey -> procrastinate",
+        "rq -> procrastinate",
+        "celery -> procrastinate",
+    } == set(result["dual_write"]["moves"])
+    assert {"sql", "procrastinate", "huey", "rq", "celery"} == set(result["dual_write"]["systems"])
+    assert {"sql", "huey", "rq", "celery"} == set(result["backfill"])
     assert 200 == result["backfill"]["huey"]["backfill"]["tasks"]
     spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
     assert spec is not None
@@ -66,4 +69,4 @@ def test_adapters_benchmark_smoke_runs_and_tabulates(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "run_all", run_all)  # its dataclasses look their module up
     spec.loader.exec_module(run_all)
     rows = run_all.adapters_rows(result)
-    assert 3 + 4 + 3 == len(rows)  # a row per move, per system alone, per old system's backfill
+    assert 4 + 5 + 4 == len(rows)  # a row per move, per system alone, per old system's backfill
