@@ -107,7 +107,10 @@ class StepRunner:
                 exc_info=exc,
             )
             lease.mark_step(
-                step.position, StepStatus.DONE if undo else StepStatus.FAILED, f"{label}: {error}"
+                step.position,
+                StepStatus.DONE if undo else StepStatus.FAILED,
+                f"{label}: {error}",
+                undo_failed=undo,
             )
             lease.release(f"step {label} failed: {error}")
             next_move = (
@@ -138,7 +141,7 @@ class StepRunner:
         step: StepRecord | None,
     ) -> Context:
         """The `ctx` a guard (no lease, no step) or a step receives."""
-        save = beat = pause = lift = None
+        save = beat = pause = lift = gone = None
         seq = None if lease is None else lease.seq
         if lease is not None and step is not None:
             position = step.position
@@ -150,6 +153,9 @@ class StepRunner:
                 lease.heartbeat()
 
             pause, lift = lease.pause, lease.lift
+
+            def gone(checkpoint: dict[str, Any], side: str, workers: list[str]) -> None:
+                lease.workers_gone(position, checkpoint, side, workers)
 
         return Context(
             migration=self.migration,
@@ -166,6 +172,7 @@ class StepRunner:
             _beat=beat,
             _pause=pause,
             _lift=lift,
+            _gone=gone,
         )
 
     @contextmanager

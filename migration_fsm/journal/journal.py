@@ -32,8 +32,9 @@ from ..exceptions import (
 from ..fsm import EntryStatus, Phase, StepStatus, Trigger
 from . import locks
 from .chain import chain_hash
-from .db import make_engine, safe_url, scrub, utcnow
+from .db import make_engine, redact_text, safe_url, scrub, utcnow
 from .lease import Lease, conflict
+from .outbox import emit
 from .records import (
     UNDECODABLE,
     JournalEntry,
@@ -405,6 +406,7 @@ class Journal:
             conn.execute(
                 insert(journal_table).values(migration_id=migration_id, **entry_values(entry), hash=digest)
             )
+            emit(conn, migration_id, "init", 1)
             return self._get(conn, name)
 
     def append_refused(self, seen: MigrationState, entry: JournalEntry) -> JournalEntry:
@@ -438,6 +440,7 @@ class Journal:
             conn.execute(
                 insert(journal_table).values(migration_id=seen.id, **entry_values(entry), hash=digest)
             )
+            emit(conn, seen.id, "refused", seq)
         return replace(entry, hash=digest)
 
     def claim(
@@ -498,6 +501,7 @@ class Journal:
                         for position, (name, undo) in enumerate(steps)
                     ],
                 )
+            emit(conn, seen.id, "claimed", seq)
         return Lease(self, seen.id, seq, holder, lease_seconds), entry
 
     def _conflict(self, conn: Connection, seen: MigrationState) -> Conflict:
@@ -552,4 +556,13 @@ class Journal:
                 )
                 .values(takeovers=[*takeovers, takeover])
             )
+            emit(conn, migration.id, "takeover", seq, takeover=_public_takeover(takeover))
         return Lease(self, migration.id, seq, holder, lease_seconds)
+
+
+def _public_takeover(record: dict[str, Any]) -> dict[str, Any]:
+    """A takeover record as an event shows it: its free text redacted."""
+    return {
+        key: redact_text(value) if key in ("reason", "transition_reason") and isinstance(value, str) else value
+        for key, value in record.items()
+    }

@@ -33,6 +33,7 @@ from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterr
 from ..fsm import EntryStatus, StepStatus
 from .chain import chain_hash
 from .db import redact, utcnow
+from .outbox import emit
 from .records import MigrationState, entry_from_row, migration_from_row, read_migration, replace
 from .schema import NOTIFY_CHANNEL, journal_table, migrations_table, steps_table
 
@@ -43,6 +44,12 @@ if TYPE_CHECKING:
 
 #: Step statuses that end a step (they set `finished_at`).
 FINISHED: Final = frozenset({StepStatus.DONE, StepStatus.FAILED, StepStatus.UNDONE})
+#: The event each of them writes (`journal/outbox.py`).
+_STEP_EVENTS: Final[dict[str, str]] = {
+    StepStatus.DONE: "step_done",
+    StepStatus.FAILED: "step_failed",
+    StepStatus.UNDONE: "step_undone",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +83,9 @@ class Lease:
                 == 1
             )
 
-    def _update_step(self, position: int, values: dict[str, Any]) -> None:
+    def _update_step(
+        self, position: int, values: dict[str, Any], event: str | None = None, **extra: Any
+    ) -> None:
         s = steps_table.c
         with self.journal.transaction() as conn:
             updated = conn.execute(
@@ -91,6 +100,8 @@ class Lease:
             ).rowcount
             if updated != 1:
                 raise self._lost(conn)
+            if event is not None:
+                emit(conn, self.migration_id, event, self.seq, step=position, **extra)
 
     def start_step(self, position: int) -> None:
         """Mark step `position` `started`, count an attempt and clear its last error."""
@@ -106,17 +117,29 @@ class Lease:
             },
         )
 
-    def mark_step(self, position: int, status: str, error: str | None = None) -> None:
+    def mark_step(
+        self, position: int, status: str, error: str | None = None, *, undo_failed: bool = False
+    ) -> None:
         """Record step `position`'s new `status` (and `error`); `done`, `failed` and `undone`
-        also set its `finished_at`."""
+        also set its `finished_at`. The event written with it is `step_done`, `step_failed`
+        or `step_undone` (`step_failed` with `"undo": true` when `undo_failed`: the undo of a
+        done step raised, the step stays `done`)."""
         values: dict[str, Any] = {"status": status, "error": redact(error)}
         if status in FINISHED:
             values["finished_at"] = utcnow()
-        self._update_step(position, values)
+        if undo_failed:
+            self._update_step(position, values, "step_failed", undo=True)
+        else:
+            self._update_step(position, values, _STEP_EVENTS.get(status))
 
     def save_checkpoint(self, position: int, checkpoint: dict[str, Any]) -> None:
         """Journal step `position`'s checkpoint (a plain JSON object)."""
         self._update_step(position, {"checkpoint": checkpoint})
+
+    def workers_gone(self, position: int, checkpoint: dict[str, Any], side: str, workers: list[str]) -> None:
+        """Journal step `position`'s checkpoint naming the `workers` of `side` found gone, with
+        the `workers_gone` event."""
+        self._update_step(position, {"checkpoint": checkpoint}, "workers_gone", side=side, workers=workers)
 
     def pause(self, side: str) -> int:
         """Publish the pause of `side`'s consumers; returns the version every live worker of
@@ -152,6 +175,7 @@ class Lease:
                 return current.version
             after = migration_from_row(row)
             self._journal_signal(conn, command, side, after.version, now)
+            emit(conn, self.migration_id, command, self.seq, side=side)
             _notify(self.journal, conn, after)
             return after.version
 
@@ -287,6 +311,13 @@ class Lease:
                     actor=entry.actor,
                     reason=entry.reason,
                 )
+            )
+            emit(
+                conn,
+                self.migration_id,
+                "committed" if status == EntryStatus.COMMITTED else "aborted",
+                self.seq,
+                lifted=lifted,
             )
             if status == EntryStatus.COMMITTED or lifted:
                 _notify(self.journal, conn, after)

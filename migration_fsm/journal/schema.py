@@ -216,6 +216,37 @@ imports_table = Table(
     Index("ix_mfsm_imports_latest", "migration", "id"),
 )
 
+#: Revision 0008: the transactional outbox of events (`journal/outbox.py`). Each row is written
+#: in the same transaction as the journal change it reports, so an event exists if and only if
+#: its change committed; `id` grows in commit order within a migration (the writing transaction
+#: holds the migration row's lock). `event` is the event as JSON (docs/OBSERVABILITY.md).
+events_table = Table(
+    "mfsm_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("migration", String(200), nullable=False),
+    Column("seq", Integer, nullable=True),
+    Column("kind", String(32), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("event", JSON, nullable=False),
+    Index("ix_mfsm_events_migration", "migration", "id"),
+)
+
+#: Revision 0008: each `[[notify]]` target's delivery state per migration: the last event id it
+#: received (`cursor`), its consecutive failures and last error.
+notify_targets_table = Table(
+    "mfsm_notify_targets",
+    metadata,
+    Column("migration", String(200), nullable=False),
+    Column("target", String(200), nullable=False),
+    Column("cursor", Integer, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("last_attempt_at", UTCDateTime, nullable=True),
+    Column("last_delivered_at", UTCDateTime, nullable=True),
+    PrimaryKeyConstraint("migration", "target"),
+)
+
 #: PostgreSQL channel every committed transition (and every pause or lift) NOTIFYs; the payload
 #: is a JSON object with the migration's name and its new phase, percent, version and
 #: `paused` side (null when none).

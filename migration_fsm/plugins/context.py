@@ -43,6 +43,7 @@ class Context:
     _beat: Callable[[], None] | None = field(default=None, repr=False)
     _pause: Callable[[str], int] | None = field(default=None, repr=False)
     _lift: Callable[[], int] | None = field(default=None, repr=False)
+    _gone: Callable[[dict[str, Any], str, list[str]], None] | None = field(default=None, repr=False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Persist `checkpoint` (a JSON object) for this step; `resume` hands it back."""
@@ -52,6 +53,16 @@ class Context:
             raise TypeError("a checkpoint is a dict")
         json.dumps(checkpoint)  # fail here, not in the driver, when it is not JSON
         self._save(checkpoint)
+        self.checkpoint = checkpoint
+
+    def record_workers_gone(self, side: str, workers: list[str], checkpoint: dict[str, Any]) -> None:
+        """Save `checkpoint` and, with it, the `workers_gone` event naming `workers` of `side`
+        (built-in `pause_consumers`)."""
+        if self._gone is None:
+            self.save_checkpoint(checkpoint)
+            return
+        json.dumps(checkpoint)
+        self._gone(checkpoint, side, workers)
         self.checkpoint = checkpoint
 
     def heartbeat(self) -> None:

@@ -122,6 +122,7 @@ def pause_consumers(ctx: Context) -> None:
         gone = [w.worker_id for w in judged.gone]
         if fresh := [w for w in gone if w not in named]:
             named.update(fresh)
+            ctx.record_workers_gone(side, fresh, {"side": side, "version": version, "gone": sorted(named)})
             ctx.log.warning(
                 "workers_gone",
                 side=side,

@@ -1,0 +1,233 @@
+"""The transactional outbox: every journal change writes its event, in the same transaction,
+to `mfsm_events`; `[[notify]]` targets read them in order (`plugins/notify.py`).
+
+`emit` is called by each write of the journal (`Journal.create`, `append_refused`, `claim`,
+`take_over`; the `Lease`'s steps, pauses, lifts and closes) inside that write's transaction,
+after its changes: the event is built from the rows as the transaction leaves them, so it
+says what committed, and a crash before the commit leaves neither. On PostgreSQL the row of
+the migration is locked first (`FOR UPDATE`; a no-op when the transaction already changed
+it), so the ids of one migration's events grow in commit order: a target that has received
+event N never has an event < N still to come.
+
+The event's shape is schema version 1 (docs/OBSERVABILITY.md): keys may be added, never
+changed or removed; a new kind of event (watch verdicts, approvals) is a new `event` value.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import func, insert, select, update
+
+from ..fsm import routing_for
+from .db import redact, redact_text, utcnow
+from .records import migration_from_row
+from .schema import events_table, journal_table, migrations_table, notify_targets_table, steps_table
+from .workers import upsert
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from sqlalchemy import Connection
+
+#: The version of the event's JSON shape (its `schema` key).
+EVENT_SCHEMA: Final = 1
+
+#: Every kind of event the journal writes, in the order a transition usually writes them.
+#: `before` is not here: it is sent to veto commands before the claim and never stored.
+EVENT_KINDS: Final = (
+    "init",
+    "refused",
+    "claimed",
+    "takeover",
+    "pause",
+    "lift",
+    "workers_gone",
+    "step_done",
+    "step_failed",
+    "step_undone",
+    "committed",
+    "aborted",
+)
+BEFORE: Final = "before"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="microseconds")
+
+
+def state_fields(phase: str, percent: int, version: int, paused: str | None) -> dict[str, Any]:
+    """The `state` object of an event: where the migration stands after it."""
+    from ..fsm import Phase
+
+    return {
+        "phase": phase,
+        "percent": percent,
+        "version": version,
+        "paused": paused,
+        "routing": routing_for(Phase(phase), percent).as_dict(),
+    }
+
+
+def emit(
+    conn: Connection,
+    migration_id: int,
+    kind: str,
+    seq: int | None,
+    *,
+    step: int | None = None,
+    **extra: Any,
+) -> None:
+    """Write one event of kind `kind` about journal row `seq` (and its step at position
+    `step`) of migration `migration_id`, inside the caller's transaction; `extra` keys are
+    added to the event as they are (JSON values)."""
+    m = migrations_table.c
+    query = select(migrations_table).where(m.id == migration_id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    state = migration_from_row(conn.execute(query).mappings().one())
+    now = utcnow()
+    event: dict[str, Any] = {
+        "schema": EVENT_SCHEMA,
+        "event": kind,
+        "migration": state.name,
+        "seq": seq,
+        "at": _iso(now),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    if seq is not None:
+        event.update(_row_fields(conn, migration_id, seq, step))
+    event.update(extra)
+    event["state"] = state_fields(state.phase.value, state.percent, state.version, state.paused_side)
+    conn.execute(
+        insert(events_table).values(
+            migration=state.name, seq=seq, kind=kind, created_at=now, event=event
+        )
+    )
+
+
+def _row_fields(conn: Connection, migration_id: int, seq: int, position: int | None) -> dict[str, Any]:
+    """What an event says about its journal row: the edge, who and why, the guards and steps."""
+    j, s = journal_table.c, steps_table.c
+    row = conn.execute(
+        select(journal_table).where(j.migration_id == migration_id, j.seq == seq)
+    ).mappings().one()
+    steps = conn.execute(
+        select(steps_table).where(s.migration_id == migration_id, s.seq == seq).order_by(s.position)
+    ).mappings().all()
+    listed = [
+        {
+            "name": st["name"],
+            "status": st["status"],
+            "attempts": st["attempts"],
+            "error": redact(st["error"]),
+        }
+        for st in steps
+    ]
+    fields: dict[str, Any] = {
+        "trigger": row["trigger"],
+        "edge": f"{row['source']}->{row['dest']}" if row["source"] else None,
+        "source": row["source"],
+        "dest": row["dest"],
+        "status": row["status"],
+        "actor": row["actor"],
+        "reason": redact(row["reason"]),
+        "forced": bool(row["forced"]),
+        "error": redact(row["error"]),
+        "guards": [
+            {
+                "name": g.get("name"),
+                "passed": g.get("passed"),
+                "detail": redact_text(g["detail"]) if isinstance(g.get("detail"), str) else g.get("detail"),
+            }
+            for g in row["guards"] or []
+        ],
+        "steps": listed,
+    }
+    if position is not None:
+        fields["step"] = {"position": position, **listed[position]}
+    return fields
+
+
+# -- reads and delivery state ------------------------------------------------------------------
+
+
+def last_event_id(conn: Connection, migration: str) -> int:
+    """The id of the migration's newest event (0 when it has none)."""
+    e = events_table.c
+    return int(conn.execute(select(func.max(e.id)).where(e.migration == migration)).scalar() or 0)
+
+
+def register_targets(conn: Connection, migration: str, targets: Iterable[str]) -> None:
+    """Give each target that has no delivery state for `migration` one that starts after the
+    newest event: a target added to the config receives what happens from now on, not the
+    migration's past."""
+    names = list(targets)
+    if not names:
+        return
+    t = notify_targets_table.c
+    known = set(
+        conn.execute(select(t.target).where(t.migration == migration, t.target.in_(names))).scalars()
+    )
+    fresh = [name for name in names if name not in known]
+    if not fresh:
+        return
+    start = last_event_id(conn, migration)
+    stmt = upsert(conn, notify_targets_table).values(
+        [{"migration": migration, "target": name, "cursor": start, "failures": 0} for name in fresh]
+    )
+    conn.execute(stmt.on_conflict_do_nothing(index_elements=[t.migration, t.target]))
+
+
+def target_states(conn: Connection, migration: str) -> dict[str, dict[str, Any]]:
+    """Each registered target's delivery state for `migration`, by name."""
+    t = notify_targets_table.c
+    rows = conn.execute(select(notify_targets_table).where(t.migration == migration)).mappings().all()
+    return {row["target"]: dict(row) for row in rows}
+
+
+def pending_events(
+    conn: Connection, migration: str, after: int, kinds: Sequence[str] | None, limit: int
+) -> list[dict[str, Any]]:
+    """Up to `limit` events of `migration` after id `after`, oldest first, each with its `id`;
+    with `kinds`, only those kinds."""
+    e = events_table.c
+    query = select(e.id, e.event).where(e.migration == migration, e.id > after)
+    if kinds is not None:
+        query = query.where(e.kind.in_(list(kinds)))
+    rows = conn.execute(query.order_by(e.id).limit(limit)).all()
+    return [{**row.event, "id": row.id} for row in rows]
+
+
+def pending_count(conn: Connection, migration: str, after: int, kinds: Sequence[str] | None) -> int:
+    """How many events of `migration` after id `after` (of `kinds`, when given) wait."""
+    e = events_table.c
+    query = select(func.count()).select_from(events_table).where(e.migration == migration, e.id > after)
+    if kinds is not None:
+        query = query.where(e.kind.in_(list(kinds)))
+    return int(conn.execute(query).scalar() or 0)
+
+
+def record_delivered(conn: Connection, migration: str, target: str, cursor: int) -> None:
+    """Move the target's cursor forward to `cursor` (never back) and clear its failures."""
+    t = notify_targets_table.c
+    now = utcnow()
+    conn.execute(
+        update(notify_targets_table)
+        .where(t.migration == migration, t.target == target, t.cursor < cursor)
+        .values(cursor=cursor, failures=0, last_error=None, last_attempt_at=now, last_delivered_at=now)
+    )
+
+
+def record_failure(conn: Connection, migration: str, target: str, error: str) -> None:
+    """Count one more failed delivery to the target, with why."""
+    t = notify_targets_table.c
+    conn.execute(
+        update(notify_targets_table)
+        .where(t.migration == migration, t.target == target)
+        .values(failures=t.failures + 1, last_error=redact_text(error)[:1000], last_attempt_at=utcnow())
+    )
