@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import BadInput, ConfigError, DatabaseUnavailable, JournalCorrupt, TriggerNotAllowed
@@ -14,12 +14,14 @@ from .journal.ledger import Ledger, LedgerCounts
 from .journal.records import corrupt_rows, phase_entered_at, version_bumps
 from .journal.workers import SideWorkers, Workers
 from .migration import Migration, TransitionResult
+from .plugins import notify
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from .config import Settings
+    from .plugins.notify import DeliveryReport, TargetState
     from .tools.archive import ArchiveSummary, Imported
     from .tools.backfill import BackfillResult
     from .tools.progress import Progress
@@ -40,9 +42,23 @@ def open_store(settings: Settings, *, readonly: bool = False) -> Iterator[Journa
 
 
 @contextmanager
-def open_engine(settings: Settings, migration: str) -> Iterator[Migration]:
+def open_engine(settings: Settings, migration: str, *, deliver: bool = True) -> Iterator[Migration]:
+    """A `Migration` on the migration database. With `[[notify]]` targets (and `deliver`),
+    the targets get their cursors first, and once the command is done (the operator lock
+    released), refused or stopped by a failing step, the events it wrote are delivered within
+    the targets' `timeout_seconds` (`plugins.notify.deliver_pending`, which never raises);
+    what is left waits in the outbox for the next command."""
     with open_store(settings) as store:
-        yield Migration(store, settings, migration)
+        if not (deliver and settings.notify):
+            yield Migration(store, settings, migration)
+            return
+        notify.register(store, settings, migration)
+        try:
+            yield Migration(store, settings, migration)
+        except Exception:
+            notify.deliver_pending(settings, migration, journal=store)
+            raise
+        notify.deliver_pending(settings, migration, journal=store)
 
 
 def db_upgrade(settings: Settings) -> tuple[set[str], set[str]]:
@@ -76,7 +92,7 @@ def advance(
     reason: str | None = None,
 ) -> TransitionResult:
     """Take the next edge."""
-    with open_engine(settings, migration) as engine:
+    with open_engine(settings, migration, deliver=not dry_run) as engine:
         return engine.advance(reason=reason, force=force, dry_run=dry_run)
 
 
@@ -84,7 +100,7 @@ def rollback(
     settings: Settings, migration: str, *, reason: str, to: Phase | None = None, dry_run: bool = False
 ) -> list[TransitionResult]:
     """Go back one edge, or edge by edge to `to`."""
-    with open_engine(settings, migration) as engine:
+    with open_engine(settings, migration, deliver=not dry_run) as engine:
         return engine.rollback(reason=reason, to=to, dry_run=dry_run)
 
 
@@ -123,6 +139,8 @@ class Status:
     #: The execution ledger's counts, when read (None: not read, or `ledger_error`).
     ledger: LedgerCounts | None = None
     ledger_error: str | None = None
+    #: Each `[[notify]]` target's delivery state (empty: no target configured).
+    notify: list[TargetState] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         interrupted = None
@@ -149,6 +167,7 @@ class Status:
             if self.workers is None
             else {side: judged.as_json() for side, judged in self.workers.items()},
             "ledger": None if self.ledger is None else self.ledger.as_json(),
+            "notify": [target.as_json() for target in self.notify],
         }
 
 
@@ -161,7 +180,7 @@ def status(settings: Settings, migration: str, store: Journal | None = None) -> 
     entry = None if state.in_progress_seq is None else store.entry(state, state.in_progress_seq)
     workers = Workers(store.engine, ttl_seconds=settings.worker_ttl_seconds).sides(migration, state.version)
     counts, error = ledger_counts(settings, migration, store)
-    return Status(state, entry, workers, counts, error)
+    return Status(state, entry, workers, counts, error, notify.target_report(store, settings, migration))
 
 
 def ledger_counts(
@@ -521,6 +540,14 @@ def reconcile(settings: Settings, migration: str) -> Reconciled:
             return replay_repairs(
                 store, migration, old, new, batch=settings.backfill_batch_size, fence=fence, ledger=ledger
             )
+
+
+def deliver_pending(
+    settings: Settings, migration: str, budget_seconds: float | None = None
+) -> DeliveryReport:
+    """Send the events of `migration` its `[[notify]]` targets have not received yet, in
+    order, within `budget_seconds` (default: the targets' largest `timeout_seconds`)."""
+    return notify.deliver_pending(settings, migration, budget_seconds)
 
 
 def diagram() -> str:

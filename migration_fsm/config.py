@@ -131,6 +131,69 @@ class StoreConfig(BaseModel):
                 )
 
 
+#: The kinds of event a `[[notify]]` target may name in `events` (journal/outbox.py's
+#: `EVENT_KINDS`, and `before`, sent to veto commands before a claim).
+NOTIFY_EVENTS: Final = (
+    "before", "init", "refused", "claimed", "takeover", "pause", "lift", "workers_gone",
+    "step_done", "step_failed", "step_undone", "committed", "aborted",
+)  # fmt: skip
+
+
+class NotifyTarget(BaseModel):
+    """One `[[notify]]` target: an HTTP endpoint (`url`) or a command (`command`) that
+    receives the migration's events (docs/OBSERVABILITY.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str | None = None
+    command: str | list[str] | None = None
+    format: Literal["json", "slack"] = "json"
+    events: list[str] | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0, le=600, allow_inf_nan=False)
+    veto: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> NotifyTarget:
+        if (self.url is None) == (self.command is None):
+            raise ValueError(f"target '{self.name}' needs exactly one of 'url' and 'command'")
+        if self.url is not None and self.url.split(":", 1)[0].lower() not in ("http", "https"):
+            raise ValueError(f"target '{self.name}': url must start with http:// or https://")
+        if self.command is not None and not self.argv:
+            raise ValueError(f"target '{self.name}': command is empty")
+        if self.veto and self.command is None:
+            raise ValueError(f"target '{self.name}': veto = true needs a 'command' target")
+        if self.format == "slack" and self.url is None:
+            raise ValueError(f"target '{self.name}': format 'slack' is for a 'url' target")
+        for kind in self.events or []:
+            if kind not in NOTIFY_EVENTS:
+                raise ValueError(
+                    f"target '{self.name}': '{kind}' is not an event (events: {', '.join(NOTIFY_EVENTS)})"
+                )
+        if self.url is not None and self.events is not None and "before" in self.events:
+            raise ValueError(f"target '{self.name}': 'before' is sent to command targets only")
+        return self
+
+    @property
+    def argv(self) -> list[str]:
+        """The command as a list of arguments (a string is split like a shell would, but
+        no shell runs it)."""
+        import shlex
+
+        if self.command is None:
+            return []
+        return shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
+
+    @property
+    def kinds(self) -> list[str] | None:
+        """The stored event kinds the target receives (None: every kind)."""
+        if self.events is None:
+            return ["before"] if self.veto else None
+        return [kind for kind in self.events if kind != "before"]
+
+    def wants_before(self) -> bool:
+        """Whether the target receives the `before` event of each edge."""
+        return self.command is not None and (self.veto or "before" in (self.events or []))
 class Approvals(BaseModel):
     """`[approvals]`: the edges that need an operator's approval (`migration-fsm approve`)
     by someone other than the operator who takes them."""
@@ -188,11 +251,23 @@ class Settings(BaseSettings):
     worker_ttl_seconds: float = Field(default=30.0, gt=0, le=_DAY, allow_inf_nan=False)
     pause_timeout_seconds: float = Field(default=120.0, gt=0, le=7 * _DAY, allow_inf_nan=False)
     ledger_url: str | None = None
+    # Events out (DESIGN.md section 11, docs/OBSERVABILITY.md).
+    notify: list[NotifyTarget] = Field(default_factory=list)
     # Operators' approvals (DESIGN.md section 11).
     approvals: Approvals = Field(default_factory=Approvals)
 
     _check_guards = field_validator("guards")(_check_edge_keys)
     _check_steps = field_validator("steps")(_check_edge_keys)
+
+    @field_validator("notify")
+    @classmethod
+    def _check_notify_names(cls, value: list[NotifyTarget]) -> list[NotifyTarget]:
+        seen: set[str] = set()
+        for target in value:
+            if target.name in seen:
+                raise ValueError(f"two targets are named '{target.name}': each needs a name of its own")
+            seen.add(target.name)
+        return value
 
     @field_validator("ledger_url")
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import Settings, StepSpec
@@ -41,8 +41,10 @@ from .journal import (
     redact_text,
     utcnow,
 )
+from .journal.outbox import BEFORE, EVENT_SCHEMA, state_fields
 from .journal.records import phase_entered_at
 from .log import get_logger
+from .plugins import notify
 from .plugins.context import GuardVerdict
 from .plugins.defaults import guards_for, steps_for
 from .plugins.registry import BUILTIN_UNDO, as_guard_result, resolve_guard, resolve_step
@@ -422,6 +424,8 @@ class Migration:
         plan = self._plan(state, edge, percent)
         for warning in plan.warnings:
             self.log.warning("no_pause_step", edge=edge.key, detail=warning)
+        if not plan.refused(force):
+            plan = self._before(state, edge, plan, reason=reason, force=force)
         refusing = plan.refused(force)
         forced = bool(plan.failing) and not refusing
         entry = JournalEntry(
@@ -473,6 +477,28 @@ class Migration:
             outcome.state,
         )
 
+    def _before(
+        self, state: MigrationState, edge: Edge, plan: Plan, *, reason: str | None, force: bool
+    ) -> Plan:
+        """Send the `before` event to the command targets that take it (after the guards
+        passed, before the claim); each `veto = true` target's answer joins the guards' results
+        as `notify:<name>` (a non-zero exit refuses like a failing guard)."""
+        if not any(t.wants_before() for t in self.settings.notify):
+            return plan
+        event = before_event(state, edge, plan, actor=self.settings.actor, reason=reason, force=force)
+        vetoes = notify.before(self.settings, event)
+        records = [GuardRecord(v.name, v.passed, v.detail, v.duration_ms) for v in vetoes]
+        for record in records:
+            self.log.info(
+                "guard",
+                guard=record.name,
+                edge=edge.key,
+                passed=record.passed,
+                detail=record.detail,
+                duration_ms=record.duration_ms,
+            )
+        return replace(plan, guards=[*plan.guards, *records])
+
     def _run_and_commit(
         self, state: MigrationState, lease: Lease, entry: JournalEntry, started: float
     ) -> TransitionResult:
@@ -520,6 +546,38 @@ class Migration:
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+
+def before_event(
+    state: MigrationState, edge: Edge, plan: Plan, *, actor: str, reason: str | None, force: bool
+) -> dict[str, Any]:
+    """The `before` event of `edge` (schema 1, docs/OBSERVABILITY.md): what the edge is about
+    to do; it has no `id` (it is not stored) and its `state` is the migration as it stands."""
+    return {
+        "schema": EVENT_SCHEMA,
+        "id": None,
+        "event": BEFORE,
+        "migration": state.name,
+        "seq": state.last_seq + 1,
+        "at": utcnow().isoformat(timespec="microseconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "trigger": str(edge.trigger),
+        "edge": edge.key,
+        "source": str(edge.source),
+        "dest": str(edge.dest),
+        "status": None,
+        "actor": actor,
+        "reason": redact_text(reason) if reason else reason,
+        "forced": bool(plan.failing) and force,
+        "error": None,
+        "percent": plan.percent,
+        "guards": [{"name": g.name, "passed": g.passed, "detail": g.detail} for g in plan.guards],
+        "steps": [
+            {"name": name, "status": "pending", "attempts": 0, "error": None} for name, _ in plan.steps
+        ],
+        "state": state_fields(state.phase.value, state.percent, state.version, state.paused_side),
+    }
 
 
 def _finished(entry: JournalEntry) -> JournalEntry:

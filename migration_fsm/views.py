@@ -82,6 +82,12 @@ def status_view(report: commands.Status) -> Table:
         )
     elif report.ledger_error:
         table.add_row("[red]ledger[/red]", escape(report.ledger_error))
+    for target in report.notify:
+        failing = f", [red]{target.failures} failed in a row: {escape(target.last_error or '')}[/red]"
+        table.add_row(
+            f"notify {escape(target.name)}",
+            f"{target.kind}, {target.pending} pending" + (failing if target.failures else ""),
+        )
     table.add_row("allowed", ", ".join(data["allowed"]) or "(none)")
     return table
 

@@ -563,6 +563,8 @@ class Journal:
 def _public_takeover(record: dict[str, Any]) -> dict[str, Any]:
     """A takeover record as an event shows it: its free text redacted."""
     return {
-        key: redact_text(value) if key in ("reason", "transition_reason") and isinstance(value, str) else value
+        key: redact_text(value)
+        if key in ("reason", "transition_reason") and isinstance(value, str)
+        else value
         for key, value in record.items()
     }

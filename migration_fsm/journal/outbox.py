@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import func, insert, select, update
@@ -30,6 +29,7 @@ from .workers import upsert
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
+    from datetime import datetime
 
     from sqlalchemy import Connection
 
@@ -104,21 +104,25 @@ def emit(
     event.update(extra)
     event["state"] = state_fields(state.phase.value, state.percent, state.version, state.paused_side)
     conn.execute(
-        insert(events_table).values(
-            migration=state.name, seq=seq, kind=kind, created_at=now, event=event
-        )
+        insert(events_table).values(migration=state.name, seq=seq, kind=kind, created_at=now, event=event)
     )
 
 
 def _row_fields(conn: Connection, migration_id: int, seq: int, position: int | None) -> dict[str, Any]:
     """What an event says about its journal row: the edge, who and why, the guards and steps."""
     j, s = journal_table.c, steps_table.c
-    row = conn.execute(
-        select(journal_table).where(j.migration_id == migration_id, j.seq == seq)
-    ).mappings().one()
-    steps = conn.execute(
-        select(steps_table).where(s.migration_id == migration_id, s.seq == seq).order_by(s.position)
-    ).mappings().all()
+    row = (
+        conn.execute(select(journal_table).where(j.migration_id == migration_id, j.seq == seq))
+        .mappings()
+        .one()
+    )
+    steps = (
+        conn.execute(
+            select(steps_table).where(s.migration_id == migration_id, s.seq == seq).order_by(s.position)
+        )
+        .mappings()
+        .all()
+    )
     listed = [
         {
             "name": st["name"],
@@ -170,9 +174,7 @@ def register_targets(conn: Connection, migration: str, targets: Iterable[str]) -
     if not names:
         return
     t = notify_targets_table.c
-    known = set(
-        conn.execute(select(t.target).where(t.migration == migration, t.target.in_(names))).scalars()
-    )
+    known = set(conn.execute(select(t.target).where(t.migration == migration, t.target.in_(names))).scalars())
     fresh = [name for name in names if name not in known]
     if not fresh:
         return

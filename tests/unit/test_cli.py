@@ -37,6 +37,8 @@ STATUS_KEYS = {"migration", "phase", "version", "percent", "routing", "interrupt
 #: Added by issue 12 (additive: the keys above keep their meaning): the paused side, the
 #: workers per side and the execution ledger's counts.
 STATUS_KEYS_WORKERS = {"paused", "workers", "ledger"}
+#: Added by issue 14 (additive): each `[[notify]]` target's delivery state.
+STATUS_KEYS_NOTIFY = {"notify"}
 ROUTING_KEYS = ("write_old", "write_new", "authoritative", "read_from", "read_fallback", "consume_from")
 INTERRUPTED_KEYS = {"seq", "trigger", "source", "dest", "step"}
 HISTORY_KEYS = {
@@ -171,7 +173,7 @@ def status_doc(result: CliResult) -> dict[str, Any]:
     """The one JSON object `status --json` printed, checked against the contract's keys."""
     assert 0 == result.code, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
-    assert STATUS_KEYS | STATUS_KEYS_WORKERS == set(doc)
+    assert STATUS_KEYS | STATUS_KEYS_WORKERS | STATUS_KEYS_NOTIFY == set(doc)
     assert set(ROUTING_KEYS) == set(doc["routing"])
     assert doc["interrupted"] is None or INTERRUPTED_KEYS == set(doc["interrupted"])
     return doc
