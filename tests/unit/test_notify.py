@@ -10,21 +10,23 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from migration_fsm import commands
 from migration_fsm.config import Settings
-from migration_fsm.exceptions import Refused
+from migration_fsm.exceptions import Refused, StepFailed
 from migration_fsm.fsm import Phase
-from migration_fsm.journal import Journal, make_engine
-from migration_fsm.journal.schema import events_table
+from migration_fsm.journal import Journal, make_engine, utcnow
+from migration_fsm.journal.schema import events_table, workers_table
 from migration_fsm.plugins.notify import summary
 from tests.support import ROOT
+from tests.support import steps as steps_module
 from tests.support.cli import CliResult
 
 NOOP = "tests.support.steps:noop_step"
@@ -204,6 +206,69 @@ def test_a_hanging_receiver_does_not_hold_the_transition(
     assert "committed" == result.status
     assert Phase.DUAL_WRITE == commands.status(settings, "default").state.phase
     receiver.hold.set()
+
+
+def test_a_failed_step_and_its_abort_are_events(
+    make_settings: Callable[..., Settings], receiver: Receiver
+) -> None:
+    """step_failed (the transition interrupted), then the abort: takeover, step_undone, aborted."""
+    steps_module.reset()
+    steps_module.FAIL_ONCE.add("step_b")
+    pair = {"do": "tests.support.steps:step_a", "undo": "tests.support.steps:undo_a"}
+    settings = make_settings(
+        notify=[target(url=receiver.url)],
+        steps={"preparation->dual_write": [pair, "tests.support.steps:step_b"]},
+    )
+    commands.init(settings, "default")
+    with pytest.raises(StepFailed):
+        commands.advance(settings, "default")
+    assert ["init", "claimed", "step_done", "step_failed"] == receiver.kinds()
+    failed = receiver.bodies[-1]
+    assert ("intent", "tests.support.steps:step_b") == (failed["status"], failed["step"]["name"])
+    assert "step_b broke" in failed["step"]["error"]
+    commands.abort(settings, "default", reason="give up for today")
+    assert ["takeover", "step_undone", "aborted"] == receiver.kinds()[4:]
+    aborted = receiver.bodies[-1]
+    assert ("aborted", "give up for today", "preparation") == (
+        aborted["status"],
+        aborted["reason"],
+        aborted["state"]["phase"],
+    )
+    assert "abort" == receiver.bodies[4]["takeover"]["command"]
+    steps_module.reset()
+
+
+def test_pause_and_gone_workers_are_events(
+    make_settings: Callable[..., Settings], receiver: Receiver
+) -> None:
+    """pause_consumers writes `pause` and names a worker whose heartbeat stopped (`workers_gone`)."""
+    settings = make_settings(
+        notify=[target(url=receiver.url, events=["pause", "workers_gone", "committed"])],
+        steps={"dual_write->cutover": ["pause_consumers"]},
+        worker_ttl_seconds=1,
+    )
+    commands.init(settings, "default")
+    commands.advance(settings, "default")
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(workers_table).values(
+                    migration="default",
+                    side="old",
+                    worker_id="w-dead",
+                    host="h",
+                    pid=1,
+                    seen_version=0,
+                    heartbeat_at=utcnow() - timedelta(minutes=5),
+                )
+            )
+    finally:
+        engine.dispose()
+    commands.advance(settings, "default")
+    assert ["committed", "pause", "workers_gone", "committed"] == receiver.kinds()
+    gone = receiver.bodies[2]
+    assert ("old", ["w-dead"], "old") == (gone["side"], gone["workers"], gone["state"]["paused"])
 
 
 def test_slack_format_posts_one_readable_line(
