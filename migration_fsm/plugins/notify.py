@@ -293,18 +293,16 @@ def _deliver_target(
     journal: Journal, migration: str, target: NotifyTarget, deadline: float, report: TargetDelivery
 ) -> None:
     try:
-        with journal.transaction(readonly=True) as conn:
-            state = target_states(conn, migration).get(target.name)
-        if state is None:
-            report.finished = True
-            return
-        cursor = int(state["cursor"])
+        cursor: int | None = None
         while time.monotonic() < deadline:
             with journal.transaction(readonly=True) as conn:
+                if cursor is None:
+                    state = target_states(conn, migration).get(target.name)
+                    if state is None:  # not registered (its database was unavailable)
+                        report.finished = True
+                        return
+                    cursor = int(state["cursor"])
                 events = pending_events(conn, migration, cursor, target.kinds, BATCH)
-            if not events:
-                report.finished = True
-                return
             for event in events:
                 try:
                     send_with_retries(target, event, deadline)
@@ -316,10 +314,14 @@ def _deliver_target(
                         "notify_failed", target=target.name, event_id=event["id"], error=report.error
                     )
                     return
+                # One event at a time: a crash between two sends re-sends one event at most.
                 with journal.transaction() as conn:
                     record_delivered(conn, migration, target.name, event["id"])
                 cursor = event["id"]
                 report.delivered += 1
+            if len(events) < BATCH:
+                report.finished = True
+                return
     except Exception as exc:  # noqa: BLE001 - events out never stops a command
         report.error = redact_text(f"{type(exc).__name__}: {exc}")
         _log.warning("notify_failed", target=target.name, error=report.error)
