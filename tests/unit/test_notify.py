@@ -401,11 +401,16 @@ def test_a_veto_command_that_exits_0_lets_the_edge_through(
     upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:
     """A passing veto is journaled as a passed guard and the edge is taken."""
-    config = veto_config(tmp_path / "veto.toml", upgraded_url, "import sys; sys.stdin.read(); print('ok')")
+    says = (
+        "import json, os, sys; e = json.load(sys.stdin);"
+        " print(os.environ['MFSM_EVENT'], e['edge'], e['seq'], e['id'])"
+    )
+    config = veto_config(tmp_path / "veto.toml", upgraded_url, says)
     assert 0 == cli("init", "--config", config).code
     assert 0 == cli("advance", "--config", config).code
     history = json.loads(cli("history", "--json", "--config", config).stdout)
-    assert ("committed", [{"name": "notify:cab", "passed": True, "detail": "exit 0: ok"}]) == (
+    passed = {"name": "notify:cab", "passed": True, "detail": "exit 0: before preparation->dual_write 2 None"}
+    assert ("committed", [passed]) == (
         history[-1]["status"],
         history[-1]["guards"],
     )
@@ -499,3 +504,21 @@ def test_bad_notify_config_is_one_line_exit_2_and_changes_nothing(
     assert before == outbox(upgraded_url)
     with Journal.open(upgraded_url) as journal:
         assert Phase.PREPARATION == journal.get("default").phase
+
+
+def test_status_shows_a_failing_target(
+    upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult], receiver: Receiver
+) -> None:
+    """`status` names each target with its pending events and failures in a row."""
+    receiver.status = 503
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'database_url = "{upgraded_url}"\n[[notify]]\nname = "pager"\nurl = "{receiver.url}"\n'
+        "timeout_seconds = 0.5\n",
+        encoding="utf-8",
+    )
+    assert 0 == cli("init", "--config", str(config)).code
+    shown = cli("status", "--config", str(config))
+    assert 0 == shown.code
+    line = next(line for line in shown.stdout.splitlines() if "notify pager" in line)
+    assert "url, 1 pending, 1 failed in a row: HTTP 503" in line
