@@ -16,8 +16,10 @@ database transaction while it waits on a target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -156,22 +158,34 @@ def _post(target: NotifyTarget, event: dict[str, Any], timeout: float) -> None:
 
 
 def _run(target: NotifyTarget, event: dict[str, Any], timeout: float) -> tuple[int, str]:
-    """Run the command with the event on stdin; (exit code, its output trimmed)."""
+    """Run the command with the event on stdin; (exit code, its output trimmed). It runs in a
+    process group of its own, killed whole at the timeout: a child it started (a shell's)
+    cannot keep us waiting on its output."""
     try:
-        done = subprocess.run(  # noqa: S603 - the operator's own configured command, no shell
+        proc = subprocess.Popen(  # noqa: S603 - the operator's own configured command, no shell
             target.argv,
-            input=json.dumps(event, sort_keys=True).encode("utf-8"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=environment(event),
-            capture_output=True,
-            timeout=timeout,
-            check=False,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise DeliveryFailed(f"no answer within {timeout:.3g} s (timeout_seconds)") from exc
     except OSError as exc:
         raise DeliveryFailed(f"could not run {target.argv[0]}: {exc}") from exc
-    output = (done.stdout + done.stderr).decode("utf-8", "replace").strip()
-    return done.returncode, redact_text(" ".join(output.split()))[-OUTPUT_LIMIT:]
+    try:
+        out, err = proc.communicate(json.dumps(event, sort_keys=True).encode("utf-8"), timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise DeliveryFailed(f"no answer within {timeout:.3g} s (timeout_seconds)") from exc
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    output = (out + err).decode("utf-8", "replace").strip()
+    return proc.returncode, redact_text(" ".join(output.split()))[-OUTPUT_LIMIT:]
 
 
 def send(target: NotifyTarget, event: dict[str, Any], timeout: float) -> None:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -414,6 +415,24 @@ def test_a_veto_command_that_exits_0_lets_the_edge_through(
         history[-1]["status"],
         history[-1]["guards"],
     )
+
+
+def test_a_veto_command_that_does_not_answer_in_time_refuses(
+    upgraded_url: str, tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """A veto that outlives `timeout_seconds` is killed with its children and refuses."""
+    config = tmp_path / "slow.toml"
+    config.write_text(
+        f'database_url = "{upgraded_url}"\n[[notify]]\nname = "slow"\n'
+        'command = ["sh", "-c", "sleep 60; exit 0"]\nveto = true\ntimeout_seconds = 0.5\n',
+        encoding="utf-8",
+    )
+    assert 0 == cli("init", "--config", str(config)).code
+    started = time.monotonic()
+    refused = cli("advance", "--config", str(config))
+    assert time.monotonic() - started < 30  # not the minute the command asked for
+    assert 1 == refused.code
+    assert "notify:slow (no answer within 0.5 s (timeout_seconds))" in refused.error_line
 
 
 def test_a_failing_command_without_veto_does_not_refuse(
