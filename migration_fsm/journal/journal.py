@@ -34,7 +34,7 @@ from . import locks
 from .chain import chain_hash
 from .db import make_engine, redact_text, safe_url, scrub, utcnow
 from .lease import Lease, conflict
-from .outbox import emit
+from .outbox import emit, emit_known
 from .records import (
     UNDECODABLE,
     JournalEntry,
@@ -440,7 +440,7 @@ class Journal:
             conn.execute(
                 insert(journal_table).values(migration_id=seen.id, **entry_values(entry), hash=digest)
             )
-            emit(conn, seen.id, "refused", seq)
+            emit_known(conn, "refused", seen, entry, [])
         return replace(entry, hash=digest)
 
     def claim(
@@ -501,7 +501,7 @@ class Journal:
                         for position, (name, undo) in enumerate(steps)
                     ],
                 )
-            emit(conn, seen.id, "claimed", seq)
+            emit_known(conn, "claimed", seen, entry, entry.steps)
         return Lease(self, seen.id, seq, holder, lease_seconds), entry
 
     def _conflict(self, conn: Connection, seen: MigrationState) -> Conflict:

@@ -33,7 +33,7 @@ from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterr
 from ..fsm import EntryStatus, StepStatus
 from .chain import chain_hash
 from .db import redact, utcnow
-from .outbox import emit
+from .outbox import emit, emit_known
 from .records import MigrationState, entry_from_row, migration_from_row, read_migration, replace
 from .schema import NOTIFY_CHANNEL, journal_table, migrations_table, steps_table
 
@@ -312,13 +312,8 @@ class Lease:
                     reason=entry.reason,
                 )
             )
-            emit(
-                conn,
-                self.migration_id,
-                "committed" if status == EntryStatus.COMMITTED else "aborted",
-                self.seq,
-                lifted=lifted,
-            )
+            kind = "committed" if status == EntryStatus.COMMITTED else "aborted"
+            emit_known(conn, kind, after, entry, None, lifted=lifted)
             if status == EntryStatus.COMMITTED or lifted:
                 _notify(self.journal, conn, after)
             return after

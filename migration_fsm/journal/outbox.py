@@ -23,7 +23,7 @@ from sqlalchemy import func, insert, select, update
 
 from ..fsm import routing_for
 from .db import redact, redact_text, utcnow
-from .records import migration_from_row
+from .records import JournalEntry, MigrationState, StepRecord, migration_from_row
 from .schema import events_table, journal_table, migrations_table, notify_targets_table, steps_table
 from .workers import upsert
 
@@ -82,62 +82,102 @@ def emit(
     **extra: Any,
 ) -> None:
     """Write one event of kind `kind` about journal row `seq` (and its step at position
-    `step`) of migration `migration_id`, inside the caller's transaction; `extra` keys are
-    added to the event as they are (JSON values)."""
-    m = migrations_table.c
+    `step`) of migration `migration_id`, inside the caller's transaction, reading the rows as
+    the transaction leaves them; `extra` keys are added to the event as they are (JSON
+    values). On PostgreSQL the migration row is locked first (see the module's docstring)."""
+    m, j, _s = migrations_table.c, journal_table.c, steps_table.c
     query = select(migrations_table).where(m.id == migration_id)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update()
     state = migration_from_row(conn.execute(query).mappings().one())
+    row: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = []
+    if seq is not None:
+        found = conn.execute(select(journal_table).where(j.migration_id == migration_id, j.seq == seq))
+        row = dict(found.mappings().one())
+        steps = _steps(conn, migration_id, seq)
+    emit_known(conn, kind, state, row, steps, step=step, **extra)
+
+
+def _steps(conn: Connection, migration_id: int, seq: int) -> list[dict[str, Any]]:
+    s = steps_table.c
+    rows = conn.execute(
+        select(s.name, s.status, s.attempts, s.error)
+        .where(s.migration_id == migration_id, s.seq == seq)
+        .order_by(s.position)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+def emit_known(
+    conn: Connection,
+    kind: str,
+    state: MigrationState,
+    row: JournalEntry | dict[str, Any] | None,
+    steps: Sequence[StepRecord | dict[str, Any]] | None,
+    *,
+    step: int | None = None,
+    **extra: Any,
+) -> None:
+    """`emit` from what the caller holds already: the migration as its transaction leaves it
+    (`state`, whose row the transaction has changed, so it holds the row's lock), the journal
+    row (`row`) and its steps (`steps`; None: read them). One `INSERT` on the hot path of a
+    transition (the claim, the commit, a refusal)."""
     now = utcnow()
     event: dict[str, Any] = {
         "schema": EVENT_SCHEMA,
         "event": kind,
         "migration": state.name,
-        "seq": seq,
+        "seq": None,
         "at": _iso(now),
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
-    if seq is not None:
-        event.update(_row_fields(conn, migration_id, seq, step))
+    if row is not None:
+        fields = row if isinstance(row, dict) else _entry_fields(row)
+        event["seq"] = fields["seq"]
+        if steps is None:
+            steps = _steps(conn, state.id, fields["seq"])
+        event.update(_row_fields(fields, [_step_fields(x) for x in steps], step))
     event.update(extra)
     event["state"] = state_fields(state.phase.value, state.percent, state.version, state.paused_side)
     conn.execute(
-        insert(events_table).values(migration=state.name, seq=seq, kind=kind, created_at=now, event=event)
-    )
-
-
-def _row_fields(conn: Connection, migration_id: int, seq: int, position: int | None) -> dict[str, Any]:
-    """What an event says about its journal row: the edge, who and why, the guards and steps."""
-    j, s = journal_table.c, steps_table.c
-    row = (
-        conn.execute(select(journal_table).where(j.migration_id == migration_id, j.seq == seq))
-        .mappings()
-        .one()
-    )
-    steps = (
-        conn.execute(
-            select(steps_table).where(s.migration_id == migration_id, s.seq == seq).order_by(s.position)
+        insert(events_table).values(
+            migration=state.name, seq=event["seq"], kind=kind, created_at=now, event=event
         )
-        .mappings()
-        .all()
     )
-    listed = [
-        {
-            "name": st["name"],
-            "status": st["status"],
-            "attempts": st["attempts"],
-            "error": redact(st["error"]),
-        }
-        for st in steps
-    ]
+
+
+def _entry_fields(entry: JournalEntry) -> dict[str, Any]:
+    return {
+        "seq": entry.seq,
+        "trigger": str(entry.trigger),
+        "source": None if entry.source is None else str(entry.source),
+        "dest": str(entry.dest),
+        "status": str(entry.status),
+        "actor": entry.actor,
+        "reason": entry.reason,
+        "forced": entry.forced,
+        "error": entry.error,
+        "guards": entry.guards,
+    }
+
+
+def _step_fields(step: StepRecord | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(step, dict):
+        return {k: step[k] for k in ("name", "status", "attempts", "error")}
+    return {"name": step.name, "status": str(step.status), "attempts": step.attempts, "error": step.error}
+
+
+def _row_fields(row: dict[str, Any], steps: list[dict[str, Any]], position: int | None) -> dict[str, Any]:
+    """What an event says about its journal row: the edge, who and why, the guards and steps."""
+    listed = [{**st, "error": redact(st["error"])} for st in steps]
     fields: dict[str, Any] = {
-        "trigger": row["trigger"],
+        "trigger": str(row["trigger"]),
         "edge": f"{row['source']}->{row['dest']}" if row["source"] else None,
-        "source": row["source"],
-        "dest": row["dest"],
-        "status": row["status"],
+        "source": None if row["source"] is None else str(row["source"]),
+        "dest": str(row["dest"]),
+        "status": str(row["status"]),
         "actor": row["actor"],
         "reason": redact(row["reason"]),
         "forced": bool(row["forced"]),
