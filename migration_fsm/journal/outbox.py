@@ -1,13 +1,15 @@
 """The transactional outbox: every journal change writes its event, in the same transaction,
 to `mfsm_events`; `[[notify]]` targets read them in order (`plugins/notify.py`).
 
-`emit` is called by each write of the journal (`Journal.create`, `append_refused`, `claim`,
-`take_over`; the `Lease`'s steps, pauses, lifts and closes) inside that write's transaction,
-after its changes: the event is built from the rows as the transaction leaves them, so it
-says what committed, and a crash before the commit leaves neither. On PostgreSQL the row of
-the migration is locked first (`FOR UPDATE`; a no-op when the transaction already changed
-it), so the ids of one migration's events grow in commit order: a target that has received
-event N never has an event < N still to come.
+Each write of the journal calls `emit` or `emit_known` inside that write's transaction,
+after its changes: `Journal.create`, `append_refused`, `claim` and `take_over`, and the
+`Lease`'s steps, pauses, lifts and closes. The event says what the transaction leaves (read
+back by `emit`; from what the caller holds, for the claim, the commit and a refusal, by
+`emit_known`: one INSERT on a transition's hot path), and a crash before the commit leaves
+neither. On PostgreSQL the row of the migration is locked before the event is inserted (each
+of those writes changes it first; `emit` takes `FOR UPDATE` for a step's), so the ids of one
+migration's events grow in commit order: a target that has received event N never has an
+event < N still to come.
 
 The event's shape is schema version 1 (docs/OBSERVABILITY.md): keys may be added, never
 changed or removed; a new kind of event (watch verdicts, approvals) is a new `event` value.
