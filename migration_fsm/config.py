@@ -134,7 +134,7 @@ class StoreConfig(BaseModel):
 #: The kinds of event a `[[notify]]` target may name in `events` (journal/outbox.py's
 #: `EVENT_KINDS`, and `before`, sent to veto commands before a claim).
 NOTIFY_EVENTS: Final = (
-    "before", "init", "refused", "claimed", "takeover", "pause", "lift", "workers_gone",
+    "before", "init", "refused", "approved", "claimed", "takeover", "pause", "lift", "workers_gone",
     "step_done", "step_failed", "step_undone", "committed", "aborted",
 )  # fmt: skip
 
@@ -194,6 +194,8 @@ class NotifyTarget(BaseModel):
     def wants_before(self) -> bool:
         """Whether the target receives the `before` event of each edge."""
         return self.command is not None and (self.veto or "before" in (self.events or []))
+
+
 class Approvals(BaseModel):
     """`[approvals]`: the edges that need an operator's approval (`migration-fsm approve`)
     by someone other than the operator who takes them."""

@@ -440,7 +440,7 @@ class Journal:
             conn.execute(
                 insert(journal_table).values(migration_id=seen.id, **entry_values(entry), hash=digest)
             )
-            emit_known(conn, "refused", seen, entry, [])
+            emit_known(conn, "approved" if status == EntryStatus.APPROVED else "refused", seen, entry, [])
         return replace(entry, hash=digest)
 
     def claim(

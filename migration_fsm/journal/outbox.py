@@ -43,6 +43,7 @@ EVENT_SCHEMA: Final = 1
 EVENT_KINDS: Final = (
     "init",
     "refused",
+    "approved",
     "claimed",
     "takeover",
     "pause",

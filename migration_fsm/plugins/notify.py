@@ -64,47 +64,51 @@ def body(target: NotifyTarget, event: dict[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True).encode("utf-8")
 
 
+#: The one-line text of each kind of event (`summary`), filled from the event.
+_SUMMARIES: Final = {
+    "init": "migration-fsm '{name}' created{by}: {where}",
+    "refused": "{head} REFUSED{by} by {failing}: still {where}",
+    "approved": "{head} approved{by}{reason}: another operator may take it",
+    "claimed": "{head} started{by}{forced}{reason}",
+    "takeover": "{head}: taken over by {taker} to {command}{stolen}",
+    "pause": "{head}: {side} consumers paused (version {version})",
+    "lift": "{head}: pause lifted (version {version})",
+    "workers_gone": "{head}: {side} workers gone: {workers}",
+    "step_done": "{head}: step {step} done",
+    "step_undone": "{head}: step {step} undone",
+    "step_failed": "{head}: {what} {step} FAILED: {step_error}; run resume or abort",
+    "committed": "{head} committed{by}: now {where}{reason}",
+    "aborted": "{head} aborted{by}: stays {where}{reason}",
+}
+
+
 def summary(event: dict[str, Any]) -> str:
     """One readable line about `event` (the `slack` format's text)."""
     state = event.get("state") or {}
-    name, seq, kind = event.get("migration"), event.get("seq"), event.get("event")
-    edge = event.get("edge") or ""
-    head = f"migration-fsm '{name}' #{seq} {event.get('trigger', '')} {edge}".rstrip()
-    by = f" by {event['actor']}" if event.get("actor") else ""
-    where = f"{state.get('phase')} at {state.get('percent')}% (version {state.get('version')})"
     step = event.get("step") or {}
+    takeover = event.get("takeover") or {}
     failing = [g for g in event.get("guards") or [] if not g.get("passed")]
-    reason = f"; reason: {event['reason']}" if event.get("reason") else ""
-    if kind == "committed":
-        text = f"{head} committed{by}: now {where}{reason}"
-    elif kind == "refused":
-        why = ", ".join(f"{g.get('name')} ({g.get('detail')})" for g in failing) or "a guard"
-        text = f"{head} REFUSED{by} by {why}: still {where}"
-    elif kind == "claimed":
-        text = f"{head} started{by}{' (forced)' if event.get('forced') else ''}{reason}"
-    elif kind == "step_done":
-        text = f"{head}: step {step.get('name')} done"
-    elif kind == "step_undone":
-        text = f"{head}: step {step.get('name')} undone"
-    elif kind == "step_failed":
-        what = "undo of step" if event.get("undo") else "step"
-        text = f"{head}: {what} {step.get('name')} FAILED: {step.get('error')}; run resume or abort"
-    elif kind == "aborted":
-        text = f"{head} aborted{by}: stays {where}{reason}"
-    elif kind == "takeover":
-        takeover = event.get("takeover") or {}
-        stolen = " (stolen)" if takeover.get("stolen") else ""
-        text = f"{head}: taken over by {takeover.get('actor')} to {takeover.get('command')}{stolen}"
-    elif kind in ("pause", "lift"):
-        what = f"{event.get('side')} consumers paused" if kind == "pause" else "pause lifted"
-        text = f"{head}: {what} (version {state.get('version')})"
-    elif kind == "workers_gone":
-        text = f"{head}: {event.get('side')} workers gone: {', '.join(event.get('workers') or [])}"
-    elif kind == "init":
-        text = f"migration-fsm '{name}' created{by}: {where}"
-    else:
-        text = f"{head}: {kind}; {where}"
-    return redact_text(" ".join(text.split()))
+    head = f"migration-fsm '{event.get('migration')}' #{event.get('seq')} {event.get('trigger', '')}"
+    values = {
+        "name": event.get("migration"),
+        "head": f"{head} {event.get('edge') or ''}".rstrip(),
+        "by": f" by {event['actor']}" if event.get("actor") else "",
+        "where": f"{state.get('phase')} at {state.get('percent')}% (version {state.get('version')})",
+        "version": state.get("version"),
+        "reason": f"; reason: {event['reason']}" if event.get("reason") else "",
+        "forced": " (forced)" if event.get("forced") else "",
+        "failing": ", ".join(f"{g.get('name')} ({g.get('detail')})" for g in failing) or "a guard",
+        "taker": takeover.get("actor"),
+        "command": takeover.get("command"),
+        "stolen": " (stolen)" if takeover.get("stolen") else "",
+        "side": event.get("side"),
+        "workers": ", ".join(event.get("workers") or []),
+        "step": step.get("name"),
+        "step_error": step.get("error"),
+        "what": "undo of step" if event.get("undo") else "step",
+    }
+    template = _SUMMARIES.get(str(event.get("event")), "{head}: " + str(event.get("event")) + "; {where}")
+    return redact_text(" ".join(template.format(**values).split()))
 
 
 def environment(event: dict[str, Any]) -> dict[str, str]:

@@ -272,6 +272,23 @@ def test_pause_and_gone_workers_are_events(
     assert ("old", ["w-dead"], "old") == (gone["side"], gone["workers"], gone["state"]["paused"])
 
 
+def test_an_approval_is_an_event(make_settings: Callable[..., Settings], receiver: Receiver) -> None:
+    """`approve` writes `approved`, with who approved which edge and why, and delivers it."""
+    edge = "preparation->dual_write"
+    settings = make_settings(notify=[target(url=receiver.url)], approvals={"edges": [edge]})
+    commands.init(settings, "default")
+    commands.approve(settings.model_copy(update={"actor": "ann"}), "default", edge=edge, reason="CAB-7")
+    assert ["init", "approved"] == receiver.kinds()
+    approved = receiver.bodies[-1]
+    assert ("approved", edge, "ann", "CAB-7", "preparation") == (
+        approved["status"],
+        approved["edge"],
+        approved["actor"],
+        approved["reason"],
+        approved["state"]["phase"],
+    )
+
+
 def test_slack_format_posts_one_readable_line(
     make_settings: Callable[..., Settings], receiver: Receiver
 ) -> None:
