@@ -222,7 +222,8 @@ def prometheus_series(guard: MetricGuard, now: float) -> list[Series]:
     Prometheus cannot be reached, answers an error or something that is not a query result."""
     assert guard.url is not None  # the config checks it
     assert guard.query is not None
-    form: dict[str, str] = {"query": guard.query, "timeout": f"{guard.timeout_seconds:g}s"}
+    # Prometheus reads a duration given as plain seconds ("0.5"), not "0.5s".
+    form: dict[str, str] = {"query": guard.query, "timeout": f"{guard.timeout_seconds:g}"}
     if guard.for_seconds:
         step = max(guard.step_seconds or DEFAULT_STEP_SECONDS, guard.for_seconds / MAX_SAMPLES)
         form.update(start=f"{now - guard.for_seconds:.3f}", end=f"{now:.3f}", step=f"{step:g}")
@@ -230,12 +231,13 @@ def prometheus_series(guard: MetricGuard, now: float) -> list[Series]:
     else:
         form["time"] = f"{now:.3f}"
         path = "/api/v1/query"
-    where = guard.url.rstrip("/") + path
+    base, authorization = _without_credentials(guard.url)
+    where = base.rstrip("/") + path  # what the detail names: never the URL's password
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+    if authorization:
+        headers["Authorization"] = authorization
     request = Request(  # noqa: S310  the config checks the URL is http(s)
-        where,
-        data=urlencode(form).encode(),
-        headers={"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
-        method="POST",
+        where, data=urlencode(form).encode(), headers=headers, method="POST"
     )
     try:
         with urlopen(request, timeout=guard.timeout_seconds) as response:  # noqa: S310  as above
@@ -250,6 +252,19 @@ def prometheus_series(guard: MetricGuard, now: float) -> list[Series]:
     if len(body) > MAX_RESPONSE_BYTES:
         raise Inconclusive(f"Prometheus {where} answered over {MAX_RESPONSE_BYTES} bytes: narrow the query")
     return _parse(body, where, guard, now)
+
+
+def _without_credentials(url: str) -> tuple[str, str | None]:
+    """`url` without `user:password@`, and the HTTP basic authorization they stand for."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return urlunsplit(parts._replace(netloc=host)), "Basic " + base64.b64encode(user.encode()).decode()
 
 
 def _error_of(body: bytes) -> str:
@@ -413,8 +428,9 @@ def _read_only_url(url: str) -> str:
 
 
 def _bound_sqlite(engine: Engine, timeout_seconds: float) -> None:
-    """On SQLite, interrupt a query still running after `timeout_seconds` (PostgreSQL has its
-    `statement_timeout`, which `make_engine` sets)."""
+    """On SQLite, refuse writes on the connection too (`query_only`: a database without a file,
+    which cannot be opened read-only) and interrupt a query still running after
+    `timeout_seconds` (PostgreSQL has its `statement_timeout`, which `make_engine` sets)."""
     if engine.dialect.name != "sqlite":
         return
     from sqlalchemy import event
@@ -422,6 +438,7 @@ def _bound_sqlite(engine: Engine, timeout_seconds: float) -> None:
     deadline = time.monotonic() + timeout_seconds
 
     def on_connect(dbapi_connection: Any, record: Any) -> None:  # noqa: ARG001  "connect" event
+        dbapi_connection.execute("PRAGMA query_only = ON")
         dbapi_connection.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
 
     event.listen(engine, "connect", on_connect)

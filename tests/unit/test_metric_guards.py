@@ -46,6 +46,7 @@ class FakePrometheus:
             vector(0.0),
         )
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.authorizations: list[str | None] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +54,7 @@ class FakePrometheus:
                 length = int(self.headers.get("Content-Length", "0"))
                 form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
                 fake.requests.append((self.path, form))
+                fake.authorizations.append(self.headers.get("Authorization"))
                 status, body = fake.answer(self.path, form)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -144,7 +146,7 @@ def test_an_instant_query_passes_or_fails_against_max_and_names_the_value(promet
         verdict.value,
         verdict.detail,
     )
-    assert "/api/v1/query" == prometheus.requests[-1][0]
+    assert ("/api/v1/query", None) == (prometheus.requests[-1][0], prometheus.authorizations[-1])
     assert "sum(rate(failed[5m])) / sum(rate(all[5m]))" == prometheus.requests[-1][1]["query"]
     prometheus.answer = lambda path, form: (200, vector(0.0123))
     verdict = evaluate_metric_guard(settings, "error_rate")
@@ -328,6 +330,42 @@ def test_a_dry_run_guard_journals_would_refuse_and_lets_the_edge_through(
     assert (True, 0.5) == (guard["passed"], guard["value"])
     assert "dry run: would refuse: error_rate = 0.5 (max 0.01): 0.5 is above max 0.01" == guard["detail"]
     assert 2 == verify(settings, "default").rows
+
+
+def test_the_journaled_value_is_covered_by_the_hash_chain(
+    store: Journal, make_settings: Callable[..., Settings], prometheus: FakePrometheus
+) -> None:
+    """A refused row's guard value edited in the database: `verify` says the row was altered."""
+    from sqlalchemy import update
+
+    from migration_fsm.exceptions import JournalCorrupt
+    from migration_fsm.journal.schema import journal_table
+
+    settings = prom_settings(make_settings, prometheus.url)
+    engine = Migration(store, settings, "default")
+    engine.init()
+    prometheus.answer = lambda path, form: (200, vector(0.02))
+    with pytest.raises(Refused):
+        engine.advance()
+    entry = store.journal(store.get("default"))[-1]
+    assert 2 == verify(settings, "default").rows
+    edited = [{**entry.guards[0], "value": 0.002}]
+    with store.transaction() as conn:
+        conn.execute(update(journal_table).where(journal_table.c.seq == entry.seq).values(guards=edited))
+    with pytest.raises(JournalCorrupt, match=f"row #{entry.seq} was altered"):
+        verify(settings, "default")
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_shown(prometheus: FakePrometheus) -> None:
+    """http://user:secret@host: an Authorization header; the detail names the URL without them."""
+    url = prometheus.url.replace("http://", "http://ops:s%40cret@")
+    prometheus.answer = lambda path, form: (503, b"down for maintenance")
+    verdict = evaluate_metric_guard(prom_settings(plain_settings, url), "error_rate")
+    assert ["Basic b3BzOnNAY3JldA=="] == prometheus.authorizations  # base64 of "ops:s@cret"
+    assert (
+        f"Prometheus {prometheus.url}/api/v1/query answered HTTP 503: down for maintenance" in verdict.detail
+    )
+    assert "cret" not in verdict.detail
 
 
 # -- sql ----------------------------------------------------------------------------------
