@@ -280,6 +280,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"'{name}' is the name of a built-in guard: give the metric guard another")
             if not _GUARD_NAME.fullmatch(name):
                 raise ValueError(f"'{name}' is not a guard name (letters, digits and _, not first a digit)")
+            if guard.kind in ("failure_rate", "completion_rate") and "new" not in stores:
+                raise ValueError(
+                    f"{name}: kind '{guard.kind}' counts the new side's tasks: configure [stores.new]"
+                )
             if guard.store is None:
                 continue
             store = stores.get(guard.store)

@@ -174,8 +174,12 @@ def evaluate_metric_guard(
             )
         if since is None:
             raise Inconclusive("the phase's start is not known")  # a caller's mistake, said plainly
+        try:
+            finished = finished_on_new_side(settings, since)
+        except MigrationFSMError as exc:
+            raise Inconclusive(f"the new side's tasks cannot be read: {exc}") from exc
         return task_rate_verdict(
-            name, guard.kind, finished_on_new_side(settings, since),
+            name, guard.kind, finished,
             since_text=f"the phase was entered at {_at(since)}", low=guard.min, high=guard.max,
             dry_run=guard.dry_run, bounds=bounds_text(guard.min, guard.max, percent),
         )  # fmt: skip

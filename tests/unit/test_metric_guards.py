@@ -522,6 +522,21 @@ def test_completion_rate_ok_counts_completed_among_finished_since_the_phase(
     )
 
 
+def test_a_task_rate_kind_whose_store_cannot_be_read_is_inconclusive(tmp_path: Path) -> None:
+    """kind = "failure_rate" over a table that does not exist: inconclusive, naming the store."""
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    create_task_table(url, "old_tasks")
+    settings = plain_settings(
+        stores=sql_stores(url), metric_guards={"failures": {"kind": "failure_rate", "max": 0.01}}
+    )
+    verdict = evaluate_metric_guard(settings, "failures", since=utcnow())
+    assert Outcome.INCONCLUSIVE is verdict.outcome
+    assert (
+        "inconclusive: the new side's tasks cannot be read: store 'new': table 'new_tasks' does not exist"
+        in (verdict.detail)
+    )
+
+
 # -- configuration ------------------------------------------------------------------------
 
 
@@ -537,6 +552,10 @@ def test_completion_rate_ok_counts_completed_among_finished_since_the_phase(
                 "max = 1",
             ],
             "config key 'metric_guards' in CONFIG is invalid: 'min_soak' is the name of a built-in guard",
+        ),
+        (
+            ["[metric_guards.rate]", 'kind = "completion_rate"', "min = 0.99", 'url = "http://p:9090"'],
+            "config key 'metric_guards.rate' in CONFIG is invalid: kind 'completion_rate' takes no 'url'",
         ),
         (
             ["[metric_guards.up]", 'kind = "prometheus"', 'url = "http://p:9090"', 'query = "up"'],
@@ -584,6 +603,18 @@ def test_a_bad_metric_guard_is_one_line_exit_2_and_writes_nothing(
     assert result.error_line.startswith("error: " + error.replace("CONFIG", str(config))), result.error_line
     shown = cli("history", "--json", "--db", db)
     assert 1 == len(json.loads(shown.stdout))
+
+
+def test_a_metric_guard_needs_the_store_it_reads() -> None:
+    """A sql guard's store, and the new store of a task rate kind, must be configured."""
+    from migration_fsm.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^config key 'metric_guards' is invalid: q: store 'new' has no"):
+        plain_settings(metric_guards={"q": {"kind": "sql", "store": "new", "query": "SELECT 1", "max": 1}})
+    with pytest.raises(
+        ConfigError, match=r"r: kind 'completion_rate' counts the new side's tasks: configure"
+    ):
+        plain_settings(metric_guards={"r": {"kind": "completion_rate", "min": 0.9}})
 
 
 def test_metric_guards_come_from_the_environment_as_json(
