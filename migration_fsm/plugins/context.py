@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class GuardVerdict:
-    """A guard's verdict and a short human explanation (shown by `advance` and `history`);
-    a metric guard adds the number it measured (journaled with the verdict)."""
+    """A guard's verdict, a short human explanation (shown by `advance` and `history`) and,
+    optionally, the number it measured (`value`, journaled with the verdict when finite)."""
 
     passed: bool
     detail: str = ""
