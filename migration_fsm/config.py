@@ -217,6 +217,78 @@ class Approvals(BaseModel):
         return value
 
 
+#: The built-in guards' names, which a metric guard may not take (`plugins.registry` checks at
+#: import that this is exactly its table; this leaf module cannot import it).
+BUILTIN_GUARD_NAMES: Final = frozenset({
+    "approval", "backfill_complete", "backup_exists", "checksums_match", "completion_rate_ok",
+    "counts_match", "failure_rate_ok", "min_soak", "no_double_execution", "old_drained",
+    "percent_is_100", "repair_log_empty", "stores_reachable",
+})  # fmt: skip
+#: What a metric guard measures: a Prometheus query, a query on a store's database, or the new
+#: side's tasks that finished since the phase was entered (what `failure_rate_ok` and
+#: `completion_rate_ok` measure).
+METRIC_KINDS: Final = ("prometheus", "sql", "failure_rate", "completion_rate")
+_METRIC_KEYS: Final = {
+    "prometheus": {"url", "query", "step_seconds"},
+    "sql": {"store", "query"},
+    "failure_rate": set(),
+    "completion_rate": set(),
+}
+_GUARD_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class MetricGuard(BaseModel):
+    """`[metric_guards.NAME]`: a guard that measures a number and holds it to `min` and/or `max`
+    (DESIGN.md section 11); named in `[guards]` lists like a built-in guard."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["prometheus", "sql", "failure_rate", "completion_rate"]
+    #: prometheus: the base URL of the Prometheus HTTP API (`http://prometheus:9090`).
+    url: str | None = None
+    #: prometheus: PromQL; sql: a SELECT returning one number.
+    query: str | None = None
+    #: sql: the store (`old` or `new`) whose database the query reads.
+    store: Literal["old", "new"] | None = None
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
+    #: prometheus: the condition holds over the last this many seconds (every sample of a
+    #: range query); 0: one instant query.
+    for_seconds: float = Field(default=0.0, ge=0, le=7 * 86_400, allow_inf_nan=False)
+    #: prometheus: the range query's resolution (raised so that no series has over 10,000 samples).
+    step_seconds: float | None = Field(default=None, gt=0, le=86_400, allow_inf_nan=False)
+    timeout_seconds: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    #: Record the verdict without ever refusing ("dry run: would refuse: ...").
+    dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricGuard:
+        if self.min is None and self.max is None:
+            raise ValueError("a metric guard needs 'min', 'max' or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}: no value could pass")
+        given = {key for key in ("url", "query", "store", "step_seconds") if getattr(self, key) is not None}
+        if self.for_seconds and self.kind != "prometheus":
+            given.add("for_seconds")
+        extra = sorted(given - _METRIC_KEYS[self.kind])
+        if extra:
+            raise ValueError(f"kind '{self.kind}' takes no '{extra[0]}'")
+        if self.kind in ("prometheus", "sql") and not (self.query or "").strip():
+            raise ValueError(f"a '{self.kind}' metric guard needs a non-empty 'query'")
+        if self.kind == "prometheus":
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.url or "")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"url '{self.url or ''}' is not an http:// or https:// URL of the Prometheus HTTP API"
+                    " (e.g. http://prometheus:9090)"
+                )
+        if self.kind == "sql" and self.store is None:
+            raise ValueError("a 'sql' metric guard needs 'store' (\"old\" or \"new\"): the database it reads")
+        return self
+
+
 def _check_edge_keys(value: dict[str, Any]) -> dict[str, Any]:
     for key in value:
         if key not in EDGES_BY_KEY:
@@ -241,6 +313,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     min_soak_seconds: float = Field(default=0.0, ge=0, le=365 * _DAY, allow_inf_nan=False)
     max_failure_rate: float = Field(default=0.01, ge=0, le=1, allow_inf_nan=False)
+    min_completion_rate: float = Field(default=0.99, ge=0, le=1, allow_inf_nan=False)
     guards: dict[str, list[str]] = Field(default_factory=dict)
     steps: dict[str, list[str | StepSpec]] = Field(default_factory=dict)
     stores: dict[Literal["old", "new"], StoreConfig] = Field(default_factory=dict)
@@ -257,6 +330,8 @@ class Settings(BaseSettings):
     notify: list[NotifyTarget] = Field(default_factory=list)
     # Operators' approvals (DESIGN.md section 11).
     approvals: Approvals = Field(default_factory=Approvals)
+    # Metric guards (DESIGN.md section 11), named in [guards] lists like built-in guards.
+    metric_guards: dict[str, MetricGuard] = Field(default_factory=dict)
 
     _check_guards = field_validator("guards")(_check_edge_keys)
     _check_steps = field_validator("steps")(_check_edge_keys)
@@ -269,6 +344,32 @@ class Settings(BaseSettings):
             if target.name in seen:
                 raise ValueError(f"two targets are named '{target.name}': each needs a name of its own")
             seen.add(target.name)
+        return value
+
+    @field_validator("metric_guards")
+    @classmethod
+    def _check_metric_guards(
+        cls, value: dict[str, MetricGuard], info: ValidationInfo
+    ) -> dict[str, MetricGuard]:
+        stores = info.data.get("stores", {})  # validated first (declared first); absent if bad
+        for name, guard in value.items():
+            if name in BUILTIN_GUARD_NAMES:
+                raise ValueError(f"'{name}' is the name of a built-in guard: give the metric guard another")
+            if not _GUARD_NAME.fullmatch(name):
+                raise ValueError(f"'{name}' is not a guard name (letters, digits and _, not first a digit)")
+            if guard.kind in ("failure_rate", "completion_rate") and "new" not in stores:
+                raise ValueError(
+                    f"{name}: kind '{guard.kind}' counts the new side's tasks: configure [stores.new]"
+                )
+            if guard.store is None:
+                continue
+            store = stores.get(guard.store)
+            url = None if store is None else store.url or store.options.get("url")
+            if not isinstance(url, str):
+                raise ValueError(
+                    f"{name}: store '{guard.store}' has no database URL to read: configure"
+                    f" [stores.{guard.store}] with kind 'sql'"
+                )
         return value
 
     @field_validator("ledger_url")

@@ -5,6 +5,7 @@ This is the only place that fires triggers (through `fsm.resolve_edge`). See DES
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -60,14 +61,19 @@ class GuardRecord:
     detail: str
     duration_ms: int
     forceable: bool = True
+    #: The number a metric guard measured (finite; journaled as `value` when there is one).
+    value: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "name": self.name,
             "passed": self.passed,
             "detail": self.detail,
             "duration_ms": self.duration_ms,
         }
+        if self.value is not None:
+            record["value"] = self.value
+        return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +359,7 @@ class Migration:
     def _plan(self, state: MigrationState, edge: Edge, requested: int | None) -> Plan:
         percent = percent_after(edge, requested=requested)
         guards = [
-            (name, forceable, resolve_guard(name, f'guards."{edge.key}"'))
+            (name, forceable, resolve_guard(name, f'guards."{edge.key}"', self.settings))
             for name, forceable in edge_guards(self.settings, edge)
         ]
         steps = edge_steps(self.settings, edge)
@@ -373,8 +379,10 @@ class Migration:
                 result = GuardVerdict(False, f"raised {type(exc).__name__}: {exc}")
             ms = round((time.perf_counter() - started) * 1000)
             # A detail is printed, logged and journaled for good: never with a secret in it.
-            result = GuardVerdict(result.passed, redact_text(result.detail))
-            outcomes.append(GuardRecord(name, result.passed, result.detail, ms, forceable))
+            value = result.value if _journalable(result.value) else None
+            result = GuardVerdict(result.passed, redact_text(result.detail), value)
+            outcomes.append(GuardRecord(name, result.passed, result.detail, ms, forceable, value))
+            measured = {} if value is None else {"value": value}
             self.log.info(
                 "guard",
                 guard=name,
@@ -382,6 +390,7 @@ class Migration:
                 passed=result.passed,
                 detail=result.detail,
                 duration_ms=ms,
+                **measured,
             )
         return Plan(percent, outcomes, steps, pause_warnings(self.settings, edge, steps))
 
@@ -589,3 +598,9 @@ def _finished(entry: JournalEntry) -> JournalEntry:
 def _require_reason(reason: str | None, what: str) -> None:
     if reason is None or not reason.strip():
         raise BadInput(f"{what} needs a reason: add --reason TEXT")
+
+
+def _journalable(value: object) -> bool:
+    """Whether a guard's `value` can be journaled: a finite number (JSON has no NaN; a bool
+    is not a measurement)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -15,10 +15,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class GuardVerdict:
-    """A guard's verdict and a short human explanation (shown by `advance` and `history`)."""
+    """A guard's verdict, a short human explanation (shown by `advance` and `history`) and,
+    optionally, the number it measured (`value`, journaled with the verdict when finite)."""
 
     passed: bool
     detail: str = ""
+    value: float | None = None
 
 
 @dataclass(slots=True)

@@ -56,6 +56,7 @@ GUARD_NAMES: Final = (
     "old_drained",
     "backup_exists",
     "failure_rate_ok",
+    "completion_rate_ok",
     "no_double_execution",
 )
 STEP_NAMES: Final = (

@@ -9,10 +9,10 @@ from ..exceptions import MigrationFSMError
 from ..fsm import ROUTING, EntryStatus, Phase, Trigger
 from ..tasks.capabilities import SetupCheck
 from ..tasks.records import TaskStatus
-from ..tasks.scan import records
 from ..tasks.sides import SIDES, open_side, open_sides, stores_configured
 from ..tools import runs
 from .context import GuardVerdict
+from .metric_guards import finished_on_new_side, percent, task_rate_verdict
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -210,23 +210,23 @@ def backup_exists(ctx: Context) -> GuardVerdict:
 
 def failure_rate_ok(ctx: Context) -> GuardVerdict:
     """Among tasks that finished on the new side since the current phase was entered,
-    failed / (completed + failed) is at most `max_failure_rate`."""
-    since = ctx.state.phase_entered_at
+    failed / (completed + failed) is at most `max_failure_rate` (a metric guard of kind
+    `failure_rate`: its value is journaled)."""
     limit = ctx.settings.max_failure_rate
-    completed = failed = 0
-    with open_side(ctx.settings, "new") as new:
-        for record in records(new, ctx.settings.backfill_batch_size):
-            if record.updated_at < since:
-                continue
-            if record.status is TaskStatus.COMPLETED:
-                completed += 1
-            elif record.status is TaskStatus.FAILED:
-                failed += 1
-    finished = completed + failed
-    if finished == 0:
-        return GuardVerdict(True, f"no task finished on the new side since {_since(ctx)} (limit {limit:.2%})")
-    rate = failed / finished
-    figure = f"{failed} failed of {finished} finished on the new side = {rate:.2%} (limit {limit:.2%})"
-    if rate > limit:
-        return GuardVerdict(False, f"{figure}: find out why tasks fail on the new side")
-    return GuardVerdict(True, figure)
+    finished = finished_on_new_side(ctx.settings, ctx.state.phase_entered_at)
+    return task_rate_verdict(
+        "failure_rate_ok", "failure_rate", finished, since_text=_since(ctx),
+        low=None, high=limit, bounds=f"limit {percent(limit)}",
+    ).as_guard_verdict()  # fmt: skip
+
+
+def completion_rate_ok(ctx: Context) -> GuardVerdict:
+    """Among tasks that finished on the new side since the current phase was entered,
+    completed / (completed + failed + cancelled) is at least `min_completion_rate` (a metric
+    guard of kind `completion_rate`: its value is journaled)."""
+    least = ctx.settings.min_completion_rate
+    finished = finished_on_new_side(ctx.settings, ctx.state.phase_entered_at)
+    return task_rate_verdict(
+        "completion_rate_ok", "completion_rate", finished, since_text=_since(ctx),
+        low=least, high=None, bounds=f"minimum {percent(least)}",
+    ).as_guard_verdict()  # fmt: skip

@@ -10,6 +10,7 @@ import importlib
 import math
 from typing import TYPE_CHECKING, Any, Final
 
+from ..config import BUILTIN_GUARD_NAMES
 from ..exceptions import ConfigError
 from ..fsm import EDGES, check_names, percent_routed
 from ..journal import utcnow
@@ -18,6 +19,8 @@ from .defaults import register as _register_data_tools
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+
+    from ..config import Settings
 
 
 def percent_is_100(ctx: Context) -> GuardVerdict:
@@ -96,6 +99,10 @@ _register_data_tools(BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO)
 
 # Every guard and step an edge's rules name is one of the above (ValueError at import if not).
 check_names(EDGES, BUILTIN_GUARDS, BUILTIN_STEPS, BUILTIN_UNDO)
+# The config refuses a metric guard named like a built-in by this list (it cannot import us).
+if set(BUILTIN_GUARDS) != BUILTIN_GUARD_NAMES:
+    differ = sorted(set(BUILTIN_GUARDS) ^ BUILTIN_GUARD_NAMES)
+    raise ValueError(f"config.BUILTIN_GUARD_NAMES differs from the built-in guards: {differ}")
 
 
 def resolve(
@@ -128,8 +135,13 @@ def resolve(
     return target  # type: ignore[no-any-return]
 
 
-def resolve_guard(name: str, where: str) -> GuardFn:
-    """The guard function for a configured name."""
+def resolve_guard(name: str, where: str, settings: Settings | None = None) -> GuardFn:
+    """The guard function for a configured name: a built-in, a metric guard of `settings`
+    (`[metric_guards.NAME]`) or an import path."""
+    if settings is not None and name in settings.metric_guards:
+        from .metric_guards import metric_guard
+
+        return metric_guard(name)
     return resolve(name, BUILTIN_GUARDS, "guard", where)
 
 

@@ -48,6 +48,10 @@ def test_the_page_shows_the_migration_and_follows_a_phase_change(
         page.wait_for_function(
             "document.getElementById('phase').textContent === 'preparation'", timeout=SHOWN_WITHIN_MS
         )
+        # The journal is read after the status (`refresh` in page.html): wait for it too.
+        page.wait_for_function(
+            "document.getElementById('journal').rows.length === 1", timeout=SHOWN_WITHIN_MS
+        )
         assert "preparation" == current_phase(page)
         assert "step" == page.locator("#phases li.current").get_attribute("aria-current")
         assert "old" in page.locator("#routing").inner_text()
