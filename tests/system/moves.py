@@ -47,11 +47,12 @@ from tests.system.test_exactly_once import (
 )
 
 MIGRATION = "prove"
-#: The migration databases the Huey, RQ and Celery moves run on. `make test` runs them on SQLite
-#: only: what they add is the old system, whose adapter does not depend on the migration
-#: database, and the SQL-table move (`test_procrastinate_move`) and `test_exactly_once` walk the
-#: same gates, ledger and journal on both databases. `MIGRATION_FSM_TEST_MOVES=all` adds PostgreSQL
-#: (about 95 s more).
+#: The migration databases the moves onto Procrastinate (from a SQL table, Huey, RQ and Celery)
+#: run on. `make test` runs them on SQLite only, to stay near ten minutes: what they add is the
+#: old system and Procrastinate (always PostgreSQL), whose adapters do not depend on the
+#: migration database, and `test_exactly_once` walks the same gates, ledger and journal with a
+#: SIGKILL and a rollback on both databases. `MIGRATION_FSM_TEST_MOVES=all` adds PostgreSQL
+#: (about 3 minutes more).
 OLD_SYSTEM_MOVE_DATABASES: list[str] = (
     ["sqlite", "postgresql"] if os.environ.get("MIGRATION_FSM_TEST_MOVES") == "all" else ["sqlite"]
 )

@@ -33,7 +33,15 @@ from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from tests.support.cli import ROOT
 from tests.support.forkserver import child_env
 from tests.support.queues import procrastinate_schema
-from tests.system.moves import MIGRATION, Hooks, assert_exactly_once, not_before, prepare, walk_the_move
+from tests.system.moves import (
+    MIGRATION,
+    OLD_SYSTEM_MOVE_DATABASES,
+    Hooks,
+    assert_exactly_once,
+    not_before,
+    prepare,
+    walk_the_move,
+)
 from tests.system.test_exactly_once import (
     DRAIN_TIMEOUT_SECONDS,
     PAUSE_TIMEOUT_SECONDS,
@@ -79,7 +87,7 @@ def move_databases(kind: str, tmp_path: Path, pg_database: str) -> Iterator[dict
             engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=OLD_SYSTEM_MOVE_DATABASES)
 def urls(request: pytest.FixtureRequest, tmp_path: Path, pg_database: str) -> Iterator[dict[str, str]]:
     with move_databases(request.param, tmp_path, pg_database) as found:
         yield found

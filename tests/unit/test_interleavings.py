@@ -46,7 +46,7 @@ SIDES: Final = ("old", "new")
 #: Examples per database: SQLite, PostgreSQL (each command opens and checks its database, which
 #: costs more on a server).
 EXAMPLES: Final = (
-    {"sqlite": 100, "postgresql": 40} if os.environ.get("CI") else {"sqlite": 12, "postgresql": 5}
+    {"sqlite": 100, "postgresql": 40} if os.environ.get("CI") else {"sqlite": 8, "postgresql": 3}
 )
 _numbers = itertools.count()
 
