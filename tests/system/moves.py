@@ -184,10 +184,10 @@ def assert_exactly_once(
     settings: Settings, log_url: str, run: MoveRun, *, retried: Collection[str] = ()
 ) -> dict[str, int]:
     """Lost 0, executed twice 0 and nothing else ran, from the tasks' own side effects; the
-    held tasks ran once, on the old side; the ledger, `validate`, `verify`, the rollback's pause
-    and the consuming windows agree. `retried` tasks fail on purpose and are retried by their
-    own system: each may run again, on the side that ran it first (a retry the ledger allows).
-    Returns the executions by side."""
+    held tasks ran once (on the side that had them when a worker reached them); the ledger,
+    `validate`, `verify`, the rollback's pause and the consuming windows agree. `retried` tasks
+    fail on purpose and are retried by their own system: each may run again, on the side that
+    ran it first (a retry the ledger allows). Returns the executions by side."""
     executions = executions_by_key(log_url)
     lost = sorted(run.scheduled - set(executions))
     twice = {
@@ -198,8 +198,11 @@ def assert_exactly_once(
     assert ([], {}) == (lost, twice), f"lost {len(lost)}: {lost[:10]}; executed twice {len(twice)}: {twice}"
     assert set(executions) == run.scheduled
     assert [] == run.producer_errors
-    for key in run.held:  # handed over to the old side at the rollback, and run there
-        assert ["old"] == executions[key], key
+    for key in run.held:
+        # Handed over to the old side at the rollback: run there once, or, when the old workers
+        # did not reach it before the second cutover (a loaded machine), handed back to the new
+        # side by that cutover's drain and transfer, and run there once.
+        assert len(executions[key]) == 1, (key, executions[key])
 
     with Ledger.open(settings.ledger_database_url) as ledger:
         counts = ledger.counts(MIGRATION)
