@@ -329,6 +329,59 @@ def adapters_rows(r: dict[str, Any]) -> Rows:
     return rows
 
 
+def _delivery_rows(db: str, d: dict[str, Any]) -> Rows:
+    rows = []
+    for kind, transport in (("json", "POST"), ("slack", "POST"), ("command", "subprocess")):
+        ours, base = d[kind]["ours"], d[kind]["baseline"]
+        rows.append(
+            Row(
+                "notify",
+                f"events/s delivered, {kind} target, {db}",
+                fmt(ours["events_per_second"], "/s"),
+                f"{fmt(base['events_per_second'], '/s')} plain {transport} loop",
+                f"{d[kind]['vs_baseline']['ratio']:.2f}x",
+                "-",
+                None,
+            )
+        )
+    per_event = d["json_cursor_per_event"]
+    rows.append(
+        Row(
+            "notify",
+            f"events/s, json target, cursor written per event, {db}",
+            fmt(per_event["ours"]["events_per_second"], "/s"),
+            f"{fmt(d['json']['ours']['events_per_second'], '/s')} batched cursor",
+            f"{1 / per_event['batched_over_per_event']['ratio']:.2f}x",
+            "-",
+            None,
+        )
+    )
+    return rows
+
+
+def notify_rows(r: dict[str, Any]) -> Rows:
+    rows = []
+    for db in ("sqlite", "postgresql"):
+        if "delivery" in r.get(db, {}):
+            rows += _delivery_rows(db, r[db]["delivery"])
+        if "transition" in r.get(db, {}):
+            t = r[db]["transition"]
+            for how, name in (("commands.ramp", "ramp"), ("Migration.ramp + deliver", "engine_ramp")):
+                on, off = t[f"{name}_notify_on"], t[f"{name}_notify_off"]
+                rows.append(
+                    Row(
+                        "notify",
+                        f"{how}, URL target, {db} (+{t[f'{name}_notify_on_added_ms']:.3g} ms a pair)",
+                        fmt(on["median_ms"], " ms"),
+                        f"{fmt(off['median_ms'], ' ms')} no target",
+                        ratio(on["median_ms"], off["median_ms"]),
+                        "-",
+                        None,
+                    )
+                )
+    return rows
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -355,6 +408,7 @@ BENCHES = (
         load_rows,
     ),
     Bench("adapters", lambda _a: ["adapters.py"], adapters_rows),
+    Bench("notify", lambda _a: ["notify.py", "--events", "300", "--rounds", "3"], notify_rows),
 )
 
 

@@ -2,11 +2,15 @@
 the `before` event's veto commands (docs/OBSERVABILITY.md).
 
 Delivery is at least once, in order, per target and migration: each target has a cursor
-(the id of the last event it received) in `mfsm_notify_targets`; an event is sent, and only
-once the target accepted it (HTTP 2xx, or exit 0 for a command) does the cursor move past it.
+(the id of the last event it received) in `mfsm_notify_targets`; events are sent one at a
+time, in id order, and the cursor only ever moves to an event the target accepted (HTTP 2xx,
+or exit 0 for a command) after every event before it was accepted. The cursor is written once
+per `CURSOR_EVENTS` accepted events or `CURSOR_SECONDS`, whichever comes first, and always
+before a delivery stops (backlog sent, a failure, the deadline): one commit per event held a
+backlog to the rate of commits. A crash in between sends the unwritten ones again (in order,
+first): receivers de-duplicate by the event's `id`, as they must for an answer that was lost.
 A failure stops that target at that event (the next call sends it again, first), counts a
-consecutive failure and keeps the error, which `status` shows. Receivers de-duplicate by the
-event's `id`.
+consecutive failure and keeps the error, which `status` shows.
 
 Nothing here raises into a command and nothing changes a transition's outcome, except a veto:
 `deliver_pending` waits at most its budget (by default the largest `timeout_seconds` of the
@@ -49,6 +53,11 @@ MAX_BACKOFF_SECONDS: Final = 2.0
 RECORDING_SECONDS: Final = 0.25
 #: Events read from the outbox at a time.
 BATCH: Final = 100
+#: A target's cursor is written after this many accepted events ...
+CURSOR_EVENTS: Final = 100
+#: ... or once this many seconds have passed since it was last written, whichever comes first
+#: (and always before a delivery stops): what a crash can make a target receive twice.
+CURSOR_SECONDS: Final = 1.0
 #: How much of a veto command's output the journal keeps.
 OUTPUT_LIMIT: Final = 500
 
@@ -307,11 +316,45 @@ def deliver_pending(
     return DeliveryReport(reports)
 
 
+@dataclass(slots=True)
+class _Cursor:
+    """A target's position in the outbox during one delivery: the newest event it accepted,
+    written to the database once per `CURSOR_EVENTS` accepted events or `CURSOR_SECONDS`, and
+    when the delivery stops. It only ever holds an event the target accepted after all those
+    before it (they are sent in id order and a failure stops the target), so what the database
+    says is never ahead of what was received: at least once, never a gap."""
+
+    journal: Journal
+    migration: str
+    target: str
+    position: int
+    unwritten: int = 0
+    written_at: float = field(default_factory=time.monotonic)
+
+    def accept(self, event_id: int) -> None:
+        self.position = event_id
+        self.unwritten += 1
+        if self.unwritten >= CURSOR_EVENTS or time.monotonic() - self.written_at >= CURSOR_SECONDS:
+            self.write()
+
+    def write(self, error: str | None = None) -> None:
+        """Record the accepted events (and `error`, a failed delivery) in one transaction."""
+        if not self.unwritten and error is None:
+            return
+        with self.journal.transaction() as conn:
+            if self.unwritten:
+                record_delivered(conn, self.migration, self.target, self.position)
+            if error is not None:
+                record_failure(conn, self.migration, self.target, error)
+        self.unwritten = 0
+        self.written_at = time.monotonic()
+
+
 def _deliver_target(
     journal: Journal, migration: str, target: NotifyTarget, deadline: float, report: TargetDelivery
 ) -> None:
+    cursor: _Cursor | None = None
     try:
-        cursor: int | None = None
         while time.monotonic() < deadline:
             with journal.transaction(readonly=True) as conn:
                 if cursor is None:
@@ -319,30 +362,32 @@ def _deliver_target(
                     if state is None:  # not registered (its database was unavailable)
                         report.finished = True
                         return
-                    cursor = int(state["cursor"])
-                events = pending_events(conn, migration, cursor, target.kinds, BATCH)
+                    cursor = _Cursor(journal, migration, target.name, int(state["cursor"]))
+                events = pending_events(conn, migration, cursor.position, target.kinds, BATCH)
             for event in events:
                 try:
                     send_with_retries(target, event, deadline)
                 except DeliveryFailed as exc:
                     report.error = redact_text(str(exc))
-                    with journal.transaction() as conn:
-                        record_failure(conn, migration, target.name, report.error)
+                    cursor.write(report.error)
                     _log.warning(
                         "notify_failed", target=target.name, event_id=event["id"], error=report.error
                     )
                     return
-                # One event at a time: a crash between two sends re-sends one event at most.
-                with journal.transaction() as conn:
-                    record_delivered(conn, migration, target.name, event["id"])
-                cursor = event["id"]
+                cursor.accept(event["id"])
                 report.delivered += 1
             if len(events) < BATCH:
+                cursor.write()
                 report.finished = True
                 return
+        if cursor is not None:  # the deadline, with events left: keep what was accepted
+            cursor.write()
     except Exception as exc:  # noqa: BLE001 - events out never stops a command
         report.error = redact_text(f"{type(exc).__name__}: {exc}")
         _log.warning("notify_failed", target=target.name, error=report.error)
+        if cursor is not None:
+            with contextlib.suppress(Exception):  # best effort: what is unwritten is sent again
+                cursor.write()
 
 
 # -- what status shows ---------------------------------------------------------------------------

@@ -70,3 +70,34 @@ def test_adapters_benchmark_smoke_runs_and_tabulates(monkeypatch: pytest.MonkeyP
     spec.loader.exec_module(run_all)
     rows = run_all.adapters_rows(result)
     assert 4 + 5 + 4 == len(rows)  # a row per move, per system alone, per old system's backfill
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_notify_benchmark_smoke_runs_and_tabulates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench/notify.py --quick` delivers a backlog to its own receiver and command on SQLite and
+    a private PostgreSQL database, times ramps with and without a target, and the runner's rows
+    read its JSON (no time is checked)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "notify.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    for db in ("sqlite", "postgresql"):
+        delivery = result[db]["delivery"]
+        assert {"json", "slack", "command", "json_cursor_per_event"} == set(delivery)
+        assert 20 == delivery["json"]["ours"]["events"]
+        assert 3 == result[db]["transition"]["ramp_notify_on"]["n"]
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+    assert spec is not None
+    assert spec.loader is not None
+    run_all = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "run_all", run_all)  # its dataclasses look their module up
+    spec.loader.exec_module(run_all)
+    rows = run_all.notify_rows(result)
+    assert 2 * (3 + 1 + 2) == len(rows)  # per database: a row per target, the per-event cursor, two ramps

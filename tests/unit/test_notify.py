@@ -24,11 +24,14 @@ from migration_fsm.config import Settings
 from migration_fsm.exceptions import Refused, StepFailed
 from migration_fsm.fsm import Phase
 from migration_fsm.journal import Journal, make_engine, utcnow
+from migration_fsm.journal import outbox as outbox_module
 from migration_fsm.journal.schema import events_table, workers_table
-from migration_fsm.plugins.notify import summary
+from migration_fsm.plugins import notify
+from migration_fsm.plugins.notify import TargetDelivery, summary
 from tests.support import ROOT
 from tests.support import steps as steps_module
 from tests.support.cli import CliResult
+from tests.support.strategies import SimulatedCrash
 
 NOOP = "tests.support.steps:noop_step"
 STEPS = {"preparation->dual_write": [NOOP], "dual_write->cutover": [NOOP]}
@@ -42,6 +45,7 @@ class Receiver:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.status = 200
+        self.fail_from: int | None = None  # from this many bodies on, answer 500
         self.hold = threading.Event()
         self.hold.set()
         self.waiting = threading.Event()  # set once a request is held
@@ -62,8 +66,9 @@ class Receiver:
                 if not receiver.hold.is_set():
                     receiver.waiting.set()
                     receiver.hold.wait(30)
+                failing = receiver.fail_from is not None and len(receiver.bodies) >= receiver.fail_from
                 receiver.bodies.append(json.loads(data))
-                self.send_response(receiver.status)
+                self.send_response(500 if failing else receiver.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -507,6 +512,112 @@ def test_a_crash_leaves_an_event_iff_its_change_committed_and_resume_delivers_it
     steps = [] if point == "before_commit" else ["step_done"]
     assert [*committed, "takeover", *steps, "committed"] == receiver.kinds()
     assert outbox(upgraded_url) == [(b["id"], b["event"]) for b in receiver.bodies]
+
+
+# -- the cursor, written once per batch of accepted events -----------------------------------------
+
+
+def eleven_events(make_settings: Callable[..., Settings], receiver: Receiver, **fields: Any) -> Settings:
+    """Settings with one URL target registered before migration `default` wrote 11 events (init,
+    two advances, three ramps), none delivered yet; the events are the outbox's."""
+    settings = make_settings(notify=[target(url=receiver.url, **fields)])
+    with Journal.open(settings.database_url) as journal:
+        notify.register(journal, settings, "default")
+    quiet = make_settings()
+    commands.init(quiet, "default")
+    commands.advance(quiet, "default")
+    commands.advance(quiet, "default")
+    for percent in (10, 50, 100):
+        commands.ramp(quiet, "default", percent)
+    assert 11 == len(outbox(settings.database_url))
+    assert [] == receiver.bodies
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("limits", "written_after"),
+    [((4, 3600.0), [4, 8, 11]), ((100, 3600.0), [11]), ((100, 0.0), list(range(1, 12)))],
+)
+def test_the_cursor_is_written_once_per_batch_of_accepted_events(
+    make_settings: Callable[..., Settings],
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    limits: tuple[int, float],
+    written_after: list[int],
+) -> None:
+    """The cursor moves after each `CURSOR_EVENTS` accepted events (or `CURSOR_SECONDS`) and at
+    the end of the backlog, each time to the newest accepted event; every event arrives once."""
+    settings = eleven_events(make_settings, receiver)
+    written: list[int] = []
+    record = outbox_module.record_delivered
+
+    def recording(conn: Any, migration: str, name: str, cursor: int) -> None:
+        written.append(cursor)
+        record(conn, migration, name, cursor)
+
+    monkeypatch.setattr(notify, "record_delivered", recording)
+    monkeypatch.setattr(notify, "CURSOR_EVENTS", limits[0])
+    monkeypatch.setattr(notify, "CURSOR_SECONDS", limits[1])
+    report = commands.deliver_pending(settings, "default")
+    assert (11, None) == (report.delivered, report.targets[0].error)
+    ids = [event_id for event_id, _ in outbox(settings.database_url)]
+    assert ids == [body["id"] for body in receiver.bodies]
+    assert [ids[n - 1] for n in written_after] == written
+    shown = commands.status(settings, "default").as_json()["notify"][0]
+    assert (0, ids[-1]) == (shown["pending"], shown["cursor"])
+
+
+def test_a_failure_mid_batch_keeps_the_accepted_events_and_resends_from_the_failed_one(
+    make_settings: Callable[..., Settings], receiver: Receiver
+) -> None:
+    """A target that accepted 5 events of a batch, then failed: its cursor is the 5th, written
+    with the failure in one transaction; the next call starts at the 6th."""
+    settings = eleven_events(make_settings, receiver, timeout_seconds=1)
+    ids = [event_id for event_id, _ in outbox(settings.database_url)]
+    receiver.fail_from = 5
+    report = commands.deliver_pending(settings, "default")
+    assert 5 == report.delivered
+    assert report.targets[0].error is not None
+    assert report.targets[0].error.startswith("HTTP 500")
+    assert ids[:5] == [body["id"] for body in receiver.bodies[:5]]
+    assert {ids[5]} == {body["id"] for body in receiver.bodies[5:]}  # retried, never skipped
+    shown = commands.status(settings, "default").as_json()["notify"][0]
+    assert (ids[4], 6, 1) == (shown["cursor"], shown["pending"], shown["failures"])
+    receiver.fail_from = None
+    receiver.bodies.clear()
+    assert 6 == commands.deliver_pending(settings, "default").delivered
+    assert ids[5:] == [body["id"] for body in receiver.bodies]
+
+
+def test_a_crash_before_the_cursor_is_written_resends_the_unwritten_events_and_loses_none(
+    make_settings: Callable[..., Settings], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deliverer dies at the 7th event with the cursor written after the 4th: the 5th and
+    6th were received but not written, so the next delivery sends them again, in order, then
+    the rest. Nothing is skipped; receivers de-duplicate the two by `id`."""
+    settings = eleven_events(make_settings, receiver)
+    ids = [event_id for event_id, _ in outbox(settings.database_url)]
+    monkeypatch.setattr(notify, "CURSOR_EVENTS", 4)
+    monkeypatch.setattr(notify, "CURSOR_SECONDS", 3600.0)
+    send = notify.send
+
+    def dies_at_the_seventh(chosen: Any, event: dict[str, Any], timeout: float) -> None:
+        if event["id"] == ids[6]:
+            raise SimulatedCrash
+        send(chosen, event, timeout)
+
+    monkeypatch.setattr(notify, "send", dies_at_the_seventh)
+    with Journal.open(settings.database_url) as journal, pytest.raises(SimulatedCrash):
+        notify._deliver_target(
+            journal, "default", settings.notify[0], time.monotonic() + 5, TargetDelivery("hook")
+        )
+    assert ids[:6] == [body["id"] for body in receiver.bodies]
+    shown = commands.status(settings, "default").as_json()["notify"][0]
+    assert (ids[3], 7) == (shown["cursor"], shown["pending"])
+    monkeypatch.setattr(notify, "send", send)
+    receiver.bodies.clear()
+    assert 7 == commands.deliver_pending(settings, "default").delivered
+    assert ids[4:] == [body["id"] for body in receiver.bodies]
 
 
 # -- bad config ----------------------------------------------------------------------------------
