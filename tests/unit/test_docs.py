@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from migration_fsm.config import load_settings
 from migration_fsm.fsm import mermaid
 from tests.support.cli import ROOT
 
@@ -175,3 +176,24 @@ def test_the_reference_names_every_setting_guard_and_step() -> None:
         assert f"`MIGRATION_FSM_{name.upper()}`" in reference, name
     for name in {*GUARD_NAMES, *BUILTIN_GUARDS, *STEP_NAMES} - {"lift_pause"}:
         assert f"`{name}`" in reference, name
+
+
+def test_the_whole_huey_move_is_the_glue_it_counts(tmp_path: Path) -> None:
+    """docs/ADAPTERS.md's whole Huey -> Procrastinate move: its config loads, its Python is
+    Python, and it is the number of lines it says (issue 13: under 50)."""
+    text = (ROOT / "docs" / "ADAPTERS.md").read_text(encoding="utf-8")
+    section = text.split("## A whole move, Huey -> Procrastinate", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(toml|python)\n(.*?)```", section, flags=re.DOTALL)
+    counted = sum(1 for _, block in blocks for line in block.splitlines() if line.strip())
+    claimed = int(re.findall(r"(\d+) lines", section)[0])
+    assert counted == claimed < 50
+    [config] = [block for kind, block in blocks if kind == "toml"]
+    (tmp_path / "migration-fsm.toml").write_text(config, encoding="utf-8")
+    settings = load_settings(tmp_path / "migration-fsm.toml")
+    assert ("migration_fsm.adapters.huey:store", "migration_fsm.adapters.procrastinate:store") == (
+        settings.stores["old"].kind,
+        settings.stores["new"].kind,
+    )
+    for kind, block in blocks:
+        if kind == "python":
+            compile(block, "ADAPTERS.md", "exec")
