@@ -451,6 +451,49 @@ def serve(settings: Settings, migration: str, listen: str, token: str | None) ->
 
 
 @cli.command()
+@common_options
+@click.option("--once", is_flag=True, help="Evaluate one round and exit (for cron and tests).")
+@click.option("--json", "as_json", is_flag=True, help="Print each round as one JSON object a line.")
+@click.option("--release", is_flag=True, help="Release the standing hold (needs --reason) and exit.")
+@click.option("--reason", metavar="TEXT", help="Why the hold is released (journaled).")
+def watch(
+    settings: Settings, migration: str, *, once: bool, as_json: bool, release: bool, reason: str | None
+) -> int:
+    """Evaluate the [watch] guards every interval while a phase soaks; pause, roll back or
+    notify after failure_limit failed verdicts in a row. Runs until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from . import watch as watching
+
+    if release:
+        entry = commands.release(settings, migration, reason=reason or "")
+        out.print(f"released the hold as {escape(entry.actor)} (#{entry.seq}): advance and ramp up allowed")
+        return 0
+    if reason is not None:
+        raise BadInput("--reason goes with --release")
+    stop = threading.Event()
+
+    def report(done: watching.WatchRound) -> None:
+        if as_json:
+            click.echo(json.dumps(done.as_json(), sort_keys=True))
+        else:
+            out.print(views.watch_round_line(done))
+        sys.stdout.flush()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        watching.run(settings, migration, once=once, report=report, stopped=stop.wait)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+@cli.command()
 def diagram() -> int:
     """Print the state machine as a Mermaid stateDiagram-v2."""
     click.echo(commands.diagram(), nl=False)

@@ -97,11 +97,25 @@ def advance(
 
 
 def rollback(
-    settings: Settings, migration: str, *, reason: str, to: Phase | None = None, dry_run: bool = False
+    settings: Settings,
+    migration: str,
+    *,
+    reason: str,
+    to: Phase | None = None,
+    dry_run: bool = False,
+    seen_version: int | None = None,
 ) -> list[TransitionResult]:
-    """Go back one edge, or edge by edge to `to`."""
+    """Go back one edge, or edge by edge to `to` (with `seen_version`: only if the migration
+    is still at that version, else exit 3; what `watch` does)."""
     with open_engine(settings, migration, deliver=not dry_run) as engine:
-        return engine.rollback(reason=reason, to=to, dry_run=dry_run)
+        return engine.rollback(reason=reason, to=to, dry_run=dry_run, seen_version=seen_version)
+
+
+def release(settings: Settings, migration: str, *, reason: str) -> JournalEntry:
+    """Release the hold `watch` placed (`on_failure = "pause"`): `advance` and a ramp up are
+    allowed again. Exit 2 when no hold stands."""
+    with open_engine(settings, migration) as engine:
+        return engine.release(reason=reason)
 
 
 def ramp(settings: Settings, migration: str, percent: int, *, reason: str | None = None) -> TransitionResult:
