@@ -378,7 +378,12 @@ def reconcile(settings: Settings, migration: str, as_json: bool) -> int:
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep the demo's SQLite files here instead of a temporary folder.",
 )
-def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Also run `watch` on the demo's own error rate: an error burst in cutover rolls it back.",
+)
+def demo(tasks: int, rate: float, as_json: bool, directory: Path | None, watch: bool) -> int:
     """Run a whole migration under live traffic on SQLite and report what was lost or run twice."""
     from .demo.run import run_demo
 
@@ -396,9 +401,10 @@ def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
                 directory=directory,
                 say=live.console.print,
                 view=lambda state: live.update(views.demo_view(state), refresh=True),
+                watch=watch,
             )
     else:
-        report = run_demo(tasks=tasks, rate=rate, directory=directory, say=err.print)
+        report = run_demo(tasks=tasks, rate=rate, directory=directory, say=err.print, watch=watch)
     data = report.as_json()
     if as_json:
         _print_json(data)

@@ -238,6 +238,12 @@ def demo_report(data: dict[str, Any]) -> Group:
     table.add_row("crash resumed", str(data["crash_resumed"]))
     table.add_row("validations ok", str(data["validations_ok"]))
     table.add_row("journal verified", str(data["journal_verified"]))
+    rolled = data.get("watch_rollback")
+    if rolled:
+        value = "" if rolled["value"] is None else f" at error rate {rolled['value']:.2%}"
+        table.add_row(
+            "rolled back by watch", escape(f"#{rolled['seq']} {rolled['edge']} by {rolled['actor']}{value}")
+        )
     for side, pool in data.get("workers", {}).items():
         table.add_row(f"{side} workers", f"{pool['threads']} threads, ran {pool['executed']}")
     acknowledged = [

@@ -411,3 +411,33 @@ def test_bad_watch_config_is_one_line_and_exit_2(
     result = run_cli_process("watch", "--once", "--db", upgraded_url, "--config", str(path))
     assert 2 == result.code
     assert result.error_line.startswith(line.format(path=path)) or line.format(path=path) in result.error_line
+
+
+# -- the demo -----------------------------------------------------------------------------------
+
+
+def test_demo_watch_rolls_back_an_error_burst_by_itself(tmp_path: Path) -> None:
+    """`demo --watch`: the error burst injected in the first cutover is rolled back by `watch`
+    (actor watch, the measured error rate in its reason and in the report), and still nothing
+    is lost or run twice."""
+    result = run_cli_process(
+        *("demo", "--watch", "--json", "--tasks", "400", "--rate", "80", "--dir", str(tmp_path / "demo")),
+        timeout=300,
+    )
+    assert 0 == result.code, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert (0, 0, 0) == (report["lost"], report["duplicated"], report["executed_twice"])
+    rolled = report["watch_rollback"]
+    assert ("watch", "cutover->dual_write") == (rolled["actor"], rolled["edge"])
+    assert rolled["value"] > 0.05
+    assert "error_rate failed 3 times in a row" in rolled["reason"]
+    assert "watch: rolled back cutover->dual_write" in result.stderr
+    rows = json.loads(
+        run_cli_process(
+            "history", "--json", "-m", "demo", "--db", f"sqlite:///{tmp_path / 'demo' / 'control.db'}"
+        ).stdout
+    )
+    assert ["watch"] == [
+        row["actor"] for row in rows if row["trigger"] == "rollback" and row["actor"] == "watch"
+    ]
+    assert 3 == sum(1 for row in rows if row["trigger"] == "rollback")
