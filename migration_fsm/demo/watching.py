@@ -2,11 +2,11 @@
 demo's process, watched by `migration-fsm watch`'s rounds in a thread; a burst of errors
 injected during the first cutover makes the watch roll the migration back by itself.
 
-The error rate is the share of the new side's task executions of the last `WINDOW_SECONDS`
-that fell inside a burst: during a burst every execution on the new side counts as an error
-(what a downstream dependency failing would make the application report). The tasks
-themselves still run once: the burst feeds the error counter, not the tasks' outcome, so the
-demo's exactly-once count is unaffected.
+The error rate is errors / (errors + the new side's task executions) over the last
+`WINDOW_SECONDS`. The errors are the demo's own failure counter: during a burst it grows by
+`BURST_ERRORS_PER_SECOND` (what a failing downstream dependency would make the application
+count), and outside one it stays still. The tasks themselves still run once: the burst feeds
+the error counter, not the tasks' outcome, so the demo's exactly-once count is unaffected.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ WINDOW_SECONDS: Final = 2.0
 MAX_ERROR_RATE: Final = 0.05
 INTERVAL_SECONDS: Final = 0.3
 FAILURE_LIMIT: Final = 3
+#: How fast the failure counter grows during a burst.
+BURST_ERRORS_PER_SECOND: Final = 20.0
 
 
 class ErrorRate:
@@ -55,15 +57,20 @@ class ErrorRate:
             start, _ = self.bursts[-1]
             self.bursts[-1] = (start, time.time())
 
-    def value(self, now: float) -> float:
-        """Errors / executions on the new side over the last `WINDOW_SECONDS` (0 without any)."""
-        times = self.log.times("new", since=now - WINDOW_SECONDS)
-        if not times:
-            return 0.0
+    def errors(self, since: float, now: float) -> float:
+        """The failure counter's growth from `since` to `now`."""
         with self._lock:
             bursts = list(self.bursts)
-        errors = sum(1 for at in times if any(s <= at and (e is None or at < e) for s, e in bursts))
-        return errors / len(times)
+        seconds = sum(max(0.0, min(now, end or now) - max(since, start)) for start, end in bursts)
+        return seconds * BURST_ERRORS_PER_SECOND
+
+    def value(self, now: float) -> float:
+        """Errors / (errors + executions on the new side) over the last `WINDOW_SECONDS`
+        (0 when there were neither)."""
+        since = now - WINDOW_SECONDS
+        errors = self.errors(since, now)
+        total = errors + len(self.log.times("new", since=since))
+        return errors / total if total else 0.0
 
 
 class PrometheusAPI:
