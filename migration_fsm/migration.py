@@ -475,7 +475,11 @@ class Migration:
             f"held by {held.actor} (#{held.seq}): {held.reason}; release it with"
             " `migration-fsm watch --release --reason TEXT`, or roll back"
         )
-        return [GuardRecord("watch_hold", False, redact_text(detail), 0, forceable=False)]
+        record = GuardRecord("watch_hold", False, redact_text(detail), 0, forceable=False)
+        self.log.info(
+            "guard", guard=record.name, edge=edge.key, passed=False, detail=record.detail, duration_ms=0
+        )
+        return [record]
 
     def _check_entry_time(self, state: MigrationState) -> None:
         """Before guards trust `state.phase_entered_at` (outside the hash chain: `min_soak`,
