@@ -442,3 +442,25 @@ def test_demo_watch_rolls_back_an_error_burst_by_itself(tmp_path: Path) -> None:
         row["actor"] for row in rows if row["trigger"] == "rollback" and row["actor"] == "watch"
     ]
     assert 3 == sum(1 for row in rows if row["trigger"] == "rollback")
+
+
+def test_each_round_delivers_the_pending_events_to_the_notify_targets(
+    prometheus: FakePrometheus, soaking: Settings, upgraded_url: str, tmp_path: Path
+) -> None:
+    """A `watch_alert` (on_failure = "notify") reaches a [[notify]] command target in the same
+    round; a target whose `events` do not name `watch_verdict` gets no verdict."""
+    prometheus.answer = lambda path, form: (200, vector(0.7))
+    received = tmp_path / "received.jsonl"
+    config = write_config(tmp_path / "watch.toml", prometheus.url, on_failure="notify", failure_limit=1)
+    with config.open("a", encoding="utf-8") as toml:
+        toml.write(
+            "\n[[notify]]\nname = 'pager'\n"
+            f"command = ['sh', '-c', 'cat >> {received}; echo >> {received}']\n"
+            "events = ['watch_alert', 'held']\n"
+        )
+    result = run_cli_process("watch", "--once", "--json", "--db", upgraded_url, "--config", str(config))
+    assert 0 == result.code, result.stderr
+    assert ("notify", True) == (json.loads(result.stdout)["action"], json.loads(result.stdout)["acted"])
+    events_received = [json.loads(line) for line in received.read_text(encoding="utf-8").splitlines() if line]
+    assert ["watch_alert"] == [e["event"] for e in events_received]
+    assert 0.7 == events_received[0]["guards"][0]["value"]
