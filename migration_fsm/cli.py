@@ -378,7 +378,12 @@ def reconcile(settings: Settings, migration: str, as_json: bool) -> int:
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep the demo's SQLite files here instead of a temporary folder.",
 )
-def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Also run `watch` on the demo's own error rate: an error burst in cutover rolls it back.",
+)
+def demo(tasks: int, rate: float, as_json: bool, directory: Path | None, watch: bool) -> int:
     """Run a whole migration under live traffic on SQLite and report what was lost or run twice."""
     from .demo.run import run_demo
 
@@ -396,9 +401,10 @@ def demo(tasks: int, rate: float, as_json: bool, directory: Path | None) -> int:
                 directory=directory,
                 say=live.console.print,
                 view=lambda state: live.update(views.demo_view(state), refresh=True),
+                watch=watch,
             )
     else:
-        report = run_demo(tasks=tasks, rate=rate, directory=directory, say=err.print)
+        report = run_demo(tasks=tasks, rate=rate, directory=directory, say=err.print, watch=watch)
     data = report.as_json()
     if as_json:
         _print_json(data)
@@ -447,6 +453,49 @@ def serve(settings: Settings, migration: str, listen: str, token: str | None) ->
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.shutdown()
+    return 0
+
+
+@cli.command()
+@common_options
+@click.option("--once", is_flag=True, help="Evaluate one round and exit (for cron and tests).")
+@click.option("--json", "as_json", is_flag=True, help="Print each round as one JSON object a line.")
+@click.option("--release", is_flag=True, help="Release the standing hold (needs --reason) and exit.")
+@click.option("--reason", metavar="TEXT", help="Why the hold is released (journaled).")
+def watch(
+    settings: Settings, migration: str, *, once: bool, as_json: bool, release: bool, reason: str | None
+) -> int:
+    """Evaluate the [watch] guards every interval while a phase soaks; pause, roll back or
+    notify after failure_limit failed verdicts in a row. Runs until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from . import watch as watching
+
+    if release:
+        entry = commands.release(settings, migration, reason=reason or "")
+        out.print(f"released the hold as {escape(entry.actor)} (#{entry.seq}): advance and ramp up allowed")
+        return 0
+    if reason is not None:
+        raise BadInput("--reason goes with --release")
+    stop = threading.Event()
+
+    def report(done: watching.WatchRound) -> None:
+        if as_json:
+            click.echo(json.dumps(done.as_json(), sort_keys=True))
+        else:
+            out.print(views.watch_round_line(done))
+        sys.stdout.flush()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        watching.run(settings, migration, once=once, report=report, stopped=stop.wait)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -97,11 +97,25 @@ def advance(
 
 
 def rollback(
-    settings: Settings, migration: str, *, reason: str, to: Phase | None = None, dry_run: bool = False
+    settings: Settings,
+    migration: str,
+    *,
+    reason: str,
+    to: Phase | None = None,
+    dry_run: bool = False,
+    seen_version: int | None = None,
 ) -> list[TransitionResult]:
-    """Go back one edge, or edge by edge to `to`."""
+    """Go back one edge, or edge by edge to `to` (with `seen_version`: only if the migration
+    is still at that version, else exit 3; what `watch` does)."""
     with open_engine(settings, migration, deliver=not dry_run) as engine:
-        return engine.rollback(reason=reason, to=to, dry_run=dry_run)
+        return engine.rollback(reason=reason, to=to, dry_run=dry_run, seen_version=seen_version)
+
+
+def release(settings: Settings, migration: str, *, reason: str) -> JournalEntry:
+    """Release the hold `watch` placed (`on_failure = "pause"`): `advance` and a ramp up are
+    allowed again. Exit 2 when no hold stands."""
+    with open_engine(settings, migration) as engine:
+        return engine.release(reason=reason)
 
 
 def ramp(settings: Settings, migration: str, percent: int, *, reason: str | None = None) -> TransitionResult:
@@ -141,6 +155,8 @@ class Status:
     ledger_error: str | None = None
     #: Each `[[notify]]` target's delivery state (empty: no target configured).
     notify: list[TargetState] = field(default_factory=list)
+    #: The hold of `watch` that stands (`held` row), if any.
+    hold: JournalEntry | None = None
 
     def as_json(self) -> dict[str, Any]:
         interrupted = None
@@ -168,6 +184,14 @@ class Status:
             else {side: judged.as_json() for side, judged in self.workers.items()},
             "ledger": None if self.ledger is None else self.ledger.as_json(),
             "notify": [target.as_json() for target in self.notify],
+            "hold": None
+            if self.hold is None
+            else {
+                "seq": self.hold.seq,
+                "actor": self.hold.actor,
+                "reason": redact(self.hold.reason),
+                "at": None if self.hold.finished_at is None else self.hold.finished_at.isoformat(),
+            },
         }
 
 
@@ -180,7 +204,15 @@ def status(settings: Settings, migration: str, store: Journal | None = None) -> 
     entry = None if state.in_progress_seq is None else store.entry(state, state.in_progress_seq)
     workers = Workers(store.engine, ttl_seconds=settings.worker_ttl_seconds).sides(migration, state.version)
     counts, error = ledger_counts(settings, migration, store)
-    return Status(state, entry, workers, counts, error, notify.target_report(store, settings, migration))
+    return Status(
+        state,
+        entry,
+        workers,
+        counts,
+        error,
+        notify.target_report(store, settings, migration),
+        store.standing_hold(state),
+    )
 
 
 def ledger_counts(

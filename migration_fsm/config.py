@@ -135,8 +135,11 @@ class StoreConfig(BaseModel):
 #: `EVENT_KINDS`, and `before`, sent to veto commands before a claim).
 NOTIFY_EVENTS: Final = (
     "before", "init", "refused", "approved", "claimed", "takeover", "pause", "lift", "workers_gone",
-    "step_done", "step_failed", "step_undone", "committed", "aborted",
+    "step_done", "step_failed", "step_undone", "committed", "aborted", "held", "released",
+    "watch_verdict", "watch_alert",
 )  # fmt: skip
+#: Kinds a target receives only when its `events` names them (journal/outbox.py's `FREQUENT_KINDS`).
+FREQUENT_EVENTS: Final = ("watch_verdict",)
 
 
 class NotifyTarget(BaseModel):
@@ -186,9 +189,12 @@ class NotifyTarget(BaseModel):
 
     @property
     def kinds(self) -> list[str] | None:
-        """The stored event kinds the target receives (None: every kind)."""
+        """The stored event kinds the target receives (None: every kind). Without `events`,
+        every kind but `watch_verdict` (written every interval by `watch`)."""
         if self.events is None:
-            return ["before"] if self.veto else None
+            if self.veto:
+                return ["before"]
+            return [kind for kind in NOTIFY_EVENTS if kind != "before" and kind not in FREQUENT_EVENTS]
         return [kind for kind in self.events if kind != "before"]
 
     def wants_before(self) -> bool:
@@ -289,6 +295,59 @@ class MetricGuard(BaseModel):
         return self
 
 
+#: The phases `watch` watches: those a rollback can leave (`preparation` has nothing to soak,
+#: `complete` is final).
+WATCHED_PHASES: Final = ("dual_write", "cutover", "cleanup")
+#: Built-in guards `watch` can evaluate besides `[metric_guards]`: they measure a number.
+WATCH_BUILTINS: Final = ("failure_rate_ok", "completion_rate_ok")
+
+
+class Watch(BaseModel):
+    """`[watch]`: the guards `migration-fsm watch` evaluates every `interval_seconds` while a
+    phase soaks, and what it does after `failure_limit` failed (or inconclusive) verdicts of
+    one guard in a row (DESIGN.md section 11, docs/OBSERVABILITY.md "Watch")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Guards watched in every watched phase without an entry in `phases`.
+    guards: list[str] = Field(default_factory=list)
+    #: phase -> its guards (replacing `guards` in that phase; an empty list watches nothing).
+    phases: dict[str, list[str]] = Field(default_factory=dict)
+    interval_seconds: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False)
+    failure_limit: int = Field(default=3, ge=1, le=10_000)
+    on_failure: Literal["pause", "rollback", "notify"] = "pause"
+    on_inconclusive: str = "notify"
+
+    @field_validator("phases")
+    @classmethod
+    def _check_phases(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for phase in value:
+            if phase not in WATCHED_PHASES:
+                raise ValueError(f"'{phase}' is not a phase watch watches ({', '.join(WATCHED_PHASES)})")
+        return value
+
+    @field_validator("on_inconclusive")
+    @classmethod
+    def _check_inconclusive(cls, value: str) -> str:
+        if value == "rollback":
+            raise ValueError("an inconclusive verdict never rolls back: 'pause' or 'notify'")
+        if value not in ("pause", "notify"):
+            raise ValueError(f"'{value}' is not 'pause' or 'notify'")
+        return value
+
+    def guards_for(self, phase: str) -> list[str]:
+        """The guards watched in `phase` (none outside `WATCHED_PHASES`)."""
+        if phase not in WATCHED_PHASES:
+            return []
+        return list(self.phases.get(phase, self.guards))
+
+    @property
+    def named(self) -> list[str]:
+        """Every guard named, once each."""
+        names = [*self.guards, *(g for gs in self.phases.values() for g in gs)]
+        return list(dict.fromkeys(names))
+
+
 def _check_edge_keys(value: dict[str, Any]) -> dict[str, Any]:
     for key in value:
         if key not in EDGES_BY_KEY:
@@ -332,6 +391,8 @@ class Settings(BaseSettings):
     approvals: Approvals = Field(default_factory=Approvals)
     # Metric guards (DESIGN.md section 11), named in [guards] lists like built-in guards.
     metric_guards: dict[str, MetricGuard] = Field(default_factory=dict)
+    # Watching a soaking phase (DESIGN.md section 11); declared after metric_guards, which it names.
+    watch: Watch = Field(default_factory=Watch)
 
     _check_guards = field_validator("guards")(_check_edge_keys)
     _check_steps = field_validator("steps")(_check_edge_keys)
@@ -369,6 +430,23 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{name}: store '{guard.store}' has no database URL to read: configure"
                     f" [stores.{guard.store}] with kind 'sql'"
+                )
+        return value
+
+    @field_validator("watch")
+    @classmethod
+    def _check_watch(cls, value: Watch, info: ValidationInfo) -> Watch:
+        metric = info.data.get("metric_guards", {})  # validated first; absent if bad
+        stores = info.data.get("stores", {})
+        for name in value.named:
+            if name in WATCH_BUILTINS:
+                if "new" not in stores:
+                    raise ValueError(f"'{name}' counts the new side's tasks: configure [stores.new]")
+            elif name not in metric:
+                known = ", ".join([*metric, *WATCH_BUILTINS])
+                raise ValueError(
+                    f"'{name}' is not a metric guard of [metric_guards] nor one of"
+                    f" {', '.join(WATCH_BUILTINS)} (watchable: {known})"
                 )
         return value
 

@@ -46,6 +46,11 @@ class EntryStatus(StrEnum):
     ABORTED = "aborted"
     #: An operator's approval of the edge the row names (`approve`); it changes nothing.
     APPROVED = "approved"
+    #: A hold `watch` placed (`on_failure = "pause"`): `advance` and a ramp up are refused
+    #: while it stands (until a `released` row, or a phase change); it changes nothing else.
+    HELD = "held"
+    #: An operator's release of the standing hold (`watch --release`); it changes nothing else.
+    RELEASED = "released"
 
 
 class StepStatus(StrEnum):

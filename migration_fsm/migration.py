@@ -15,6 +15,7 @@ from typing import Any
 from .config import Settings, StepSpec
 from .exceptions import (
     BadInput,
+    ConcurrentChange,
     JournalCorrupt,
     Refused,
     TransitionInterrupted,
@@ -185,12 +186,21 @@ class Migration:
         return self._single(Trigger.RAMP, reason=reason, force=False, dry_run=dry_run, percent=percent)
 
     def rollback(
-        self, *, reason: str, to: Phase | None = None, dry_run: bool = False
+        self,
+        *,
+        reason: str,
+        to: Phase | None = None,
+        dry_run: bool = False,
+        seen_version: int | None = None,
     ) -> list[TransitionResult]:
-        """Go back one edge, or edge by edge down to `to`."""
+        """Go back one edge, or edge by edge down to `to`. With `seen_version` (`watch`: the
+        version it measured), only if the migration is still at that version (else
+        `ConcurrentChange`, exit 3, nothing written): a phase that changed meanwhile is not
+        rolled back a second time."""
         _require_reason(reason, "rollback")
         with self.store.operator_lock(self.migration, self.holder):
             state = self._writable()
+            _check_seen(state, seen_version, "rollback")
             edges = (
                 [resolve_edge(state.phase, Trigger.ROLLBACK)]
                 if to is None
@@ -246,6 +256,63 @@ class Migration:
             )
         self.log.info("approval", seq=entry.seq, edge=edge_key, actor=self.settings.actor)
         return entry
+
+    def hold(self, *, reason: str, verdicts: list[GuardRecord], seen_version: int) -> JournalEntry | None:
+        """Journal a hold (`watch`'s `on_failure = "pause"`) on the migration as it stood at
+        `seen_version`: `advance` and a ramp up are refused while it stands. None when a hold
+        stands already; `ConcurrentChange` when the migration moved on since it was measured;
+        `TransitionInterrupted` while a transition is in progress (nothing written)."""
+        _require_reason(reason, "hold")
+        with self.store.operator_lock(self.migration, self.holder):
+            state = self._writable()
+            _check_seen(state, seen_version, "hold")
+            edge = resolve_edge(state.phase, Trigger.ADVANCE)
+            entry = self.store.append_hold(
+                state, self._closed_row(edge, state, reason, [v.as_dict() for v in verdicts])
+            )
+        if entry is not None:
+            self.log.info("hold", seq=entry.seq, phase=str(state.phase), actor=self.settings.actor)
+        return entry
+
+    def release(self, *, reason: str) -> JournalEntry:
+        """Journal this operator's release of the standing hold (`watch --release`)."""
+        _require_reason(reason, "release")
+        with self.store.operator_lock(self.migration, self.holder):
+            state = self._writable()
+            held = self.store.standing_hold(state)
+            if held is None:
+                raise BadInput(f"migration '{self.migration}' has no standing hold: nothing to release")
+            edge = EDGES_BY_KEY[f"{held.source}->{held.dest}"]
+            entry = self.store.append_release(state, self._closed_row(edge, state, reason, []))
+        self.log.info("release", seq=entry.seq, held=held.seq, actor=self.settings.actor)
+        return entry
+
+    def _closed_row(
+        self, edge: Edge, state: MigrationState, reason: str, guards: list[dict[str, Any]]
+    ) -> JournalEntry:
+        """A closed row about `edge` that changes nothing but the journal (its seq, status and
+        hash are set when it is appended)."""
+        now = utcnow()
+        return JournalEntry(
+            seq=0,
+            trigger=edge.trigger,
+            source=edge.source,
+            dest=edge.dest,
+            percent=state.percent,
+            status=EntryStatus.HELD,
+            actor=self.settings.actor,
+            reason=reason,
+            forced=False,
+            guards=guards,
+            takeovers=[],
+            started_at=now,
+            finished_at=now,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            error=None,
+            prev_hash=None,
+            hash=None,
+        )
 
     def resume(self, *, steal: bool = False) -> TransitionResult:
         """Finish the interrupted transition from its first unfinished step."""
@@ -367,7 +434,7 @@ class Migration:
             resolve_step(name, f'steps."{edge.key}"')
             if undo:
                 resolve_step(undo, f'steps."{edge.key}"')
-        outcomes = []
+        outcomes = self._held(state, edge, percent)
         if guards:
             self._check_entry_time(state)
         ctx = self._runner.context(state, edge, percent, None, None)
@@ -393,6 +460,26 @@ class Migration:
                 **measured,
             )
         return Plan(percent, outcomes, steps, pause_warnings(self.settings, edge, steps))
+
+    def _held(self, state: MigrationState, edge: Edge, percent: int) -> list[GuardRecord]:
+        """The refusal of `advance` or a ramp up while a hold of `watch` stands (a guard record
+        `watch_hold` that `--force` does not pass); nothing when none stands. A rollback, a
+        ramp down and `abort` are never held."""
+        ramp_up = edge.trigger is Trigger.RAMP and percent > state.percent
+        if not (edge.trigger is Trigger.ADVANCE or ramp_up):
+            return []
+        held = self.store.standing_hold(state)
+        if held is None:
+            return []
+        detail = (
+            f"held by {held.actor} (#{held.seq}): {held.reason}; release it with"
+            " `migration-fsm watch --release --reason TEXT`, or roll back"
+        )
+        record = GuardRecord("watch_hold", False, redact_text(detail), 0, forceable=False)
+        self.log.info(
+            "guard", guard=record.name, edge=edge.key, passed=False, detail=record.detail, duration_ms=0
+        )
+        return [record]
 
     def _check_entry_time(self, state: MigrationState) -> None:
         """Before guards trust `state.phase_entered_at` (outside the hash chain: `min_soak`,
@@ -464,6 +551,8 @@ class Migration:
             unforceable = [g.name for g in refusing if not g.forceable]
             if unforceable == ["approval"]:
                 hint = "an approval cannot be replaced by --force: get one"
+            elif unforceable == ["watch_hold"]:
+                hint = "a hold cannot be forced: release it (watch --release) or roll back"
             elif unforceable:
                 hint = f"{', '.join(unforceable)} cannot be forced; fix the cause first"
             elif edge.trigger is Trigger.ADVANCE:
@@ -593,6 +682,15 @@ def _finished(entry: JournalEntry) -> JournalEntry:
     from dataclasses import replace
 
     return replace(entry, finished_at=utcnow())
+
+
+def _check_seen(state: MigrationState, seen_version: int | None, what: str) -> None:
+    """`ConcurrentChange` unless the migration is still at `seen_version` (when given)."""
+    if seen_version is not None and state.version != seen_version:
+        raise ConcurrentChange(
+            f"migration '{state.name}' changed since it was measured (version {seen_version} ->"
+            f" {state.version}, now {state.phase} at {state.percent}%): no {what}"
+        )
 
 
 def _require_reason(reason: str | None, what: str) -> None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from . import commands
     from .journal import JournalEntry
     from .tools.runs import ValidationRun
+    from .watch import WatchRound
 
 
 def escape(value: object) -> str:
@@ -60,6 +61,15 @@ def status_view(report: commands.Status) -> Table:
         )
         if entry.error:
             table.add_row("[red]error[/red]", escape(entry.error))
+    if report.hold is not None:
+        held = report.hold
+        table.add_row(
+            "[bold red]held[/bold red]",
+            escape(
+                f"by {held.actor} (#{held.seq}): advance and ramp up refused until"
+                f" `watch --release --reason TEXT`; {held.reason}"
+            ),
+        )
     if state.paused_side:
         table.add_row(
             "[yellow]paused[/yellow]", f"{state.paused_side} side's consumers (until the commit or abort)"
@@ -129,6 +139,8 @@ def history_table(migration: str, entries: list[JournalEntry]) -> Table:
         EntryStatus.ABORTED: "magenta",
         EntryStatus.INTENT: "red",
         EntryStatus.APPROVED: "cyan",
+        EntryStatus.HELD: "bold red",
+        EntryStatus.RELEASED: "cyan",
     }
     for e in entries:
         # Text from the database is escaped: a reason like "[drill] go" is not markup.
@@ -235,6 +247,12 @@ def demo_report(data: dict[str, Any]) -> Group:
     table.add_row("crash resumed", str(data["crash_resumed"]))
     table.add_row("validations ok", str(data["validations_ok"]))
     table.add_row("journal verified", str(data["journal_verified"]))
+    rolled = data.get("watch_rollback")
+    if rolled:
+        value = "" if rolled["value"] is None else f" at error rate {rolled['value']:.2%}"
+        table.add_row(
+            "rolled back by watch", escape(f"#{rolled['seq']} {rolled['edge']} by {rolled['actor']}{value}")
+        )
     for side, pool in data.get("workers", {}).items():
         table.add_row(f"{side} workers", f"{pool['threads']} threads, ran {pool['executed']}")
     acknowledged = [
@@ -250,3 +268,26 @@ def demo_report(data: dict[str, Any]) -> Group:
         phases.add_column(phase, justify="right")
     phases.add_row(*(f"{seconds:.1f}" for seconds in data["phases"].values()))
     return Group(table, phases)
+
+
+def watch_round_line(done: WatchRound) -> str:
+    """One round of `watch` as one or two lines (markup-escaped)."""
+    marks = {
+        "passed": "[green]ok[/green]",
+        "failed": "[red]FAIL[/red]",
+        "inconclusive": "[yellow]INCONCLUSIVE[/yellow]",
+    }
+    head = f"{done.at.strftime('%H:%M:%S')} {done.phase} {done.percent}% v{done.version}"
+    parts = []
+    for verdict in done.verdicts:
+        failed, unknown = done.streaks.get(verdict.name, (0, 0))
+        streak = f" [{max(failed, unknown)}]" if failed or unknown else ""
+        dry = " (dry run)" if verdict.dry_run else ""
+        mark = marks[str(verdict.outcome)]
+        parts.append(f"{escape(verdict.name)} {mark}{dry}{streak}: {escape(verdict.detail)}")
+    line = head + (": " + "; ".join(parts) if parts else "")
+    if done.held:
+        line += " [bold red](held)[/bold red]"
+    if done.note:
+        line += f"\n  {'[bold]' if done.acted else ''}{escape(done.note)}{'[/bold]' if done.acted else ''}"
+    return line

@@ -168,6 +168,8 @@ class Report:
     phases: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     journal_verified: bool = False
+    #: `demo --watch`: the rollback `watch` took by itself (seq, edge, actor, reason, value).
+    watch_rollback: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -193,6 +195,7 @@ class Report:
             "journal_verified": self.journal_verified,
             "phases": {phase: round(seconds, 2) for phase, seconds in self.phases.items()},
             "seconds": round(self.seconds, 2),
+            **({} if self.watch_rollback is None else {"watch_rollback": self.watch_rollback}),
         }
 
 
@@ -302,14 +305,24 @@ def run_demo(
     directory: Path | None = None,
     say: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     view: Callable[[dict[str, Any]], None] | None = None,
+    watch: bool = False,
 ) -> Report:
     """Run the whole story and return the report (see `Report`). `workers`: threads per side
     (4: a gated task costs two more commits, the execution ledger's claim and finish, and
-    with 2 threads per side the workers fell seconds behind 100 tasks per second on SQLite)."""
+    with 2 threads per side the workers fell seconds behind 100 tasks per second on SQLite).
+    With `watch`, `migration-fsm watch`'s rounds run in a thread on the demo's own error rate
+    (`demo.watching`), and an error burst in the first cutover makes it roll back by itself."""
     if directory is None:
         with tempfile.TemporaryDirectory(prefix="migration-fsm-demo-") as tmp:
             return run_demo(
-                tasks=tasks, rate=rate, workers=workers, soak=soak, directory=Path(tmp), say=say, view=view
+                tasks=tasks,
+                rate=rate,
+                workers=workers,
+                soak=soak,
+                directory=Path(tmp),
+                say=say,
+                view=view,
+                watch=watch,
             )
     started = time.monotonic()
     report = Report()
@@ -334,8 +347,19 @@ def run_demo(
         say(f"demo: producing {tasks} tasks at {rate:.0f}/s through DualWriter; old workers consume")
         dead = die_holding_a_task(client, world["old_system"], world["settings"])
         say(f"demo: an old worker ({DEAD_WORKER}) took {dead} and died; the first cutover hands it over")
+        watched = None
+        if watch:
+            from .watching import WatchedBurst
+
+            watched = WatchedBurst(world["settings"], MIGRATION, world["log"], say)
+            watched.start()
         walk = OperatorWalk(world["settings"], MIGRATION, report, soak=soak_for, seen=seen, say=say)
-        walk.run(stop_traffic=producer.stop)
+        try:
+            walk.run(stop_traffic=producer.stop, burst=None if watched is None else watched.burst)
+        finally:
+            if watched is not None:
+                watched.close()
+                report.watch_rollback = watched.rollback
         _wait_until_executed(world, producer, timeout=max(30.0, tasks / 50))
         walk.finish()
         report.journal_verified = commands.verify(world["settings"], MIGRATION).rows > 0
@@ -382,8 +406,10 @@ class OperatorWalk:
         self._phase_at = time.monotonic()
         self.doing: tuple[str, float] | None = None
 
-    def run(self, *, stop_traffic: Callable[[], None]) -> None:
-        """Walk every phase; `stop_traffic()` is called before the final `complete`."""
+    def run(self, *, stop_traffic: Callable[[], None], burst: Callable[[], None] | None = None) -> None:
+        """Walk every phase; `stop_traffic()` is called before the final `complete`. With
+        `burst` (`demo --watch`), called at 50% in the first cutover, returning once `watch`
+        has rolled back to dual_write, the walk checks and advances to cutover again."""
         settings, migration, soak, say = self.settings, self.migration, self.soak, self.say
         soak(1)
         self.step("advance: preparation -> dual_write", lambda: commands.advance(settings, migration))
@@ -399,6 +425,12 @@ class OperatorWalk:
         )
         for percent in (10, 50, 100):
             soak(0.5)
+            if percent == 100 and burst is not None:
+                burst()
+                self.report.transitions += 1
+                self._enter(Phase.DUAL_WRITE.value)
+                self.check("after the rollback by watch")
+                self.step("advance: dual_write -> cutover", lambda: commands.advance(settings, migration))
             self.step(f"ramp {percent}%", functools.partial(commands.ramp, settings, migration, percent))
         soak(0.5)
         self.check("before cleanup")

@@ -393,6 +393,14 @@ class ExecutionLog:
             rows = self._conn.execute("SELECT key, count(*) FROM executions GROUP BY key").fetchall()
         return {str(key): int(count) for key, count in rows}
 
+    def times(self, side: str, *, since: float) -> list[float]:
+        """When each execution on `side` at or after `since` (Unix time) happened."""
+        with self._lock:
+            rows = self._conn.execute(
+                self.database.sql("SELECT at FROM executions WHERE side = ? AND at >= ?"), (side, since)
+            ).fetchall()
+        return [float(at) for (at,) in rows]
+
     def by_side(self) -> dict[str, int]:
         with self._lock:
             rows = self._conn.execute("SELECT side, count(*) FROM executions GROUP BY side").fetchall()

@@ -13,9 +13,9 @@ import os
 import socket
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Connection, Engine, insert, select, text, update
+from sqlalchemy import Connection, Engine, and_, insert, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..exceptions import (
@@ -418,10 +418,55 @@ class Journal:
         version stay as they were."""
         return self._append_closed(seen, entry, EntryStatus.APPROVED)
 
-    def _append_closed(self, seen: MigrationState, entry: JournalEntry, status: EntryStatus) -> JournalEntry:
+    def append_hold(self, seen: MigrationState, entry: JournalEntry) -> JournalEntry | None:
+        """Journal a hold (`watch`, `on_failure = "pause"`): `advance` and a ramp up are refused
+        while it stands. None, and nothing written, when a hold stands already (another watch
+        placed it): the check and the append are one transaction."""
+        try:
+            return self._append_closed(seen, entry, EntryStatus.HELD, unless_held=True)
+        except _AlreadyHeld:
+            return None
+
+    def append_release(self, seen: MigrationState, entry: JournalEntry) -> JournalEntry:
+        """Journal an operator's release of the standing hold."""
+        return self._append_closed(seen, entry, EntryStatus.RELEASED)
+
+    def standing_hold(self, migration: MigrationState) -> JournalEntry | None:
+        """The hold row that stands (`held`, with no `released` row and no phase change after
+        it), or None."""
+        with self.transaction(readonly=True) as conn:
+            return self._standing_hold(conn, migration.id)
+
+    def _standing_hold(self, conn: Connection, migration_id: int) -> JournalEntry | None:
+        j = journal_table.c
+        changed_phase = and_(
+            j.status == EntryStatus.COMMITTED.value, or_(j.source.is_(None), j.source != j.dest)
+        )
+        row = (
+            conn.execute(
+                select(journal_table)
+                .where(
+                    j.migration_id == migration_id,
+                    or_(j.status.in_([EntryStatus.HELD.value, EntryStatus.RELEASED.value]), changed_phase),
+                )
+                .order_by(j.seq.desc())
+                .limit(1)
+            )
+            .mappings()
+            .first()
+        )
+        if row is None or row["status"] != EntryStatus.HELD.value:
+            return None
+        return entry_from_row(row, [])
+
+    def _append_closed(
+        self, seen: MigrationState, entry: JournalEntry, status: EntryStatus, *, unless_held: bool = False
+    ) -> JournalEntry:
         """Append a closed row that changes nothing but the journal (a compare-and-set on
         `seen`: no transition in progress, nothing else appended meanwhile)."""
         with self.transaction() as conn:
+            if unless_held and self._standing_hold(conn, seen.id) is not None:
+                raise _AlreadyHeld
             seq = seen.last_seq + 1
             entry = replace(entry, seq=seq, status=status, prev_hash=seen.head_hash)
             digest = chain_hash(seen.head_hash, seen.name, entry)
@@ -440,7 +485,7 @@ class Journal:
             conn.execute(
                 insert(journal_table).values(migration_id=seen.id, **entry_values(entry), hash=digest)
             )
-            emit_known(conn, "approved" if status == EntryStatus.APPROVED else "refused", seen, entry, [])
+            emit_known(conn, _CLOSED_KINDS.get(status, "refused"), seen, entry, [])
         return replace(entry, hash=digest)
 
     def claim(
@@ -558,6 +603,18 @@ class Journal:
             )
             emit(conn, migration.id, "takeover", seq, takeover=_public_takeover(takeover))
         return Lease(self, migration.id, seq, holder, lease_seconds)
+
+
+class _AlreadyHeld(Exception):
+    """A hold stands already: `append_hold` writes nothing."""
+
+
+#: The event of each kind of closed row `_append_closed` writes.
+_CLOSED_KINDS: Final = {
+    EntryStatus.APPROVED: "approved",
+    EntryStatus.HELD: "held",
+    EntryStatus.RELEASED: "released",
+}
 
 
 def _public_takeover(record: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ event < N still to come.
 
 The event's shape is schema version 1 (docs/OBSERVABILITY.md): keys may be added, never
 changed or removed; a new kind of event (watch verdicts, approvals) is a new `event` value.
+`watch` writes `watch_verdict` and `watch_alert` events with no journal row (`seq` null).
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ EVENT_KINDS: Final = (
     "step_undone",
     "committed",
     "aborted",
+    "held",
+    "released",
+    "watch_verdict",
+    "watch_alert",
 )
+#: The kinds `watch` writes every interval: a target receives them only when its `events`
+#: names them (a chat channel is not told every verdict of a 24-hour soak).
+FREQUENT_KINDS: Final = ("watch_verdict",)
 BEFORE: Final = "before"
 
 
@@ -276,3 +284,17 @@ def record_failure(conn: Connection, migration: str, target: str, error: str) ->
         .where(t.migration == migration, t.target == target)
         .values(failures=t.failures + 1, last_error=redact_text(error)[:1000], last_attempt_at=utcnow())
     )
+
+
+def watch_verdict_counts(conn: Connection, migration: str) -> dict[tuple[str, str], int]:
+    """How many `watch_verdict` events of `migration` there are, by (guard, outcome): counted
+    by the database (`serve`'s `mfsm_watch_verdicts_total`)."""
+    e = events_table.c
+    guard = e.event["guard"].as_string()
+    outcome = e.event["outcome"].as_string()
+    rows = conn.execute(
+        select(guard, outcome, func.count())
+        .where(e.migration == migration, e.kind == "watch_verdict")
+        .group_by(guard, outcome)
+    ).all()
+    return {(str(g), str(o)): int(n) for g, o, n in rows}

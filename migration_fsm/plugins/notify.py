@@ -88,6 +88,10 @@ _SUMMARIES: Final = {
     "step_failed": "{head}: {what} {step} FAILED: {step_error}; run resume or abort",
     "committed": "{head} committed{by}: now {where}{reason}",
     "aborted": "{head} aborted{by}: stays {where}{reason}",
+    "held": "migration-fsm '{name}' #{seq} HELD{by}: advance and ramp up refused until released{reason}",
+    "released": "migration-fsm '{name}' #{seq} hold released{by}{reason}",
+    "watch_verdict": "migration-fsm '{name}' watch: {guard} {outcome}: {detail}; {where}",
+    "watch_alert": "migration-fsm '{name}' WATCH ALERT: {where}{reason}",
 }
 
 
@@ -115,6 +119,10 @@ def summary(event: dict[str, Any]) -> str:
         "step": step.get("name"),
         "step_error": step.get("error"),
         "what": "undo of step" if event.get("undo") else "step",
+        "seq": event.get("seq"),
+        "guard": event.get("guard"),
+        "outcome": event.get("outcome"),
+        "detail": event.get("detail"),
     }
     template = _SUMMARIES.get(str(event.get("event")), "{head}: " + str(event.get("event")) + "; {where}")
     return redact_text(" ".join(template.format(**values).split()))

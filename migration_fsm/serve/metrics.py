@@ -9,7 +9,7 @@ carries every one of them.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -67,6 +67,14 @@ METRICS: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
     "mfsm_ledger_tasks": ("gauge", ("state",), "Tasks of the execution ledger by state"),
     "mfsm_ledger_refusals_total": ("counter", ("side",), "Executions the ledger refused, by side"),
     "mfsm_ledger_executed_twice": ("gauge", (), "Tasks the ledger saw executed twice (must stay 0)"),
+    "mfsm_watch_verdicts_total": (
+        "counter",
+        ("guard", "outcome"),
+        "Verdicts of migration-fsm watch by guard and outcome (passed, failed, inconclusive)",
+    ),
+    "mfsm_watch_held": ("gauge", (), "1 while a hold of watch stands (advance and ramp up refused)"),
+    "mfsm_notify_pending": ("gauge", ("target",), "Events a [[notify]] target has still to receive"),
+    "mfsm_notify_failures": ("gauge", ("target",), "Failed deliveries in a row of a [[notify]] target"),
 }
 
 
@@ -79,6 +87,10 @@ class Snapshot:
     backfill: BackfillProgress | None
     validation: ValidationRun | None
     repair_open: int
+    #: (guard, outcome) -> how many `watch_verdict` events.
+    watch_verdicts: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: The seq of the hold of `watch` that stands, or None.
+    held_seq: int | None = None
 
     def details(self) -> dict[str, Any]:
         """What the status page shows besides `status --json` and `history --json`."""
@@ -108,6 +120,7 @@ class Snapshot:
                 **{kind: validation.summary.get(kind) for kind in VALIDATE_KINDS},
             },
             "ledger_error": self.status.ledger_error,
+            "watch_held_seq": self.held_seq,
         }
 
 
@@ -128,7 +141,16 @@ def read_snapshot(settings: Settings, migration: str, store: Journal) -> Snapsho
         backfill=backfill_progress(store, migration),
         validation=latest_validation(store, migration),
         repair_open=open_entries(store, migration),
+        watch_verdicts=_watch_verdicts(store, migration),
+        held_seq=None if (held := store.standing_hold(status.state)) is None else held.seq,
     )
+
+
+def _watch_verdicts(store: Journal, migration: str) -> dict[tuple[str, str], int]:
+    from ..journal.outbox import watch_verdict_counts
+
+    with store.transaction(readonly=True) as conn:
+        return watch_verdict_counts(conn, migration)
 
 
 def backfill_rate(progress: BackfillProgress) -> float:
@@ -165,6 +187,7 @@ class MigrationCollector(Collector):
         yield from self._state(snapshot)
         yield from self._data(snapshot)
         yield from self._workers(snapshot)
+        yield from self._watch(snapshot)
 
     def _state(self, snapshot: Snapshot) -> Iterator[Metric]:
         state = snapshot.status.state
@@ -223,3 +246,17 @@ class MigrationCollector(Collector):
         yield tasks
         yield refusals
         yield self._one("mfsm_ledger_executed_twice", 0 if ledger is None else ledger.executed_twice)
+
+    def _watch(self, snapshot: Snapshot) -> Iterator[Metric]:
+        verdicts = self._family("mfsm_watch_verdicts_total")
+        for (guard, outcome), count in sorted(snapshot.watch_verdicts.items()):
+            verdicts.add_metric([self.migration, guard, outcome], count)
+        yield verdicts
+        yield self._one("mfsm_watch_held", int(snapshot.held_seq is not None))
+        pending = self._family("mfsm_notify_pending")
+        failures = self._family("mfsm_notify_failures")
+        for target in snapshot.status.notify:
+            pending.add_metric([self.migration, target.name], target.pending)
+            failures.add_metric([self.migration, target.name], target.failures)
+        yield pending
+        yield failures

@@ -37,8 +37,8 @@ STATUS_KEYS = {"migration", "phase", "version", "percent", "routing", "interrupt
 #: Added by issue 12 (additive: the keys above keep their meaning): the paused side, the
 #: workers per side and the execution ledger's counts.
 STATUS_KEYS_WORKERS = {"paused", "workers", "ledger"}
-#: Added by issue 14 (additive): each `[[notify]]` target's delivery state.
-STATUS_KEYS_NOTIFY = {"notify"}
+#: Added by issue 14 (additive): each `[[notify]]` target's delivery state, the hold of `watch`.
+STATUS_KEYS_NOTIFY = {"notify", "hold"}
 ROUTING_KEYS = ("write_old", "write_new", "authoritative", "read_from", "read_fallback", "consume_from")
 INTERRUPTED_KEYS = {"seq", "trigger", "source", "dest", "step"}
 HISTORY_KEYS = {

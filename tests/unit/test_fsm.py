@@ -422,8 +422,11 @@ def test_trigger_not_allowed_pickles_with_its_fields() -> None:
 
 def test_status_enums_are_the_stored_strings() -> None:
     """The values are what the journal stores and the JSON shows (DESIGN.md contract)."""
-    # `approved` (DESIGN.md section 11, approvals) is added after the section 4 four.
-    assert ["intent", "committed", "refused", "aborted", "approved"] == [s.value for s in fsm.EntryStatus]
+    # `approved`, `held` and `released` (DESIGN.md section 11, approvals and watch) come after the
+    # section 4 four.
+    assert ["intent", "committed", "refused", "aborted", "approved", "held", "released"] == [
+        s.value for s in fsm.EntryStatus
+    ]
     assert ["pending", "started", "done", "failed", "undone"] == [s.value for s in fsm.StepStatus]
     assert '"committed"' == json.dumps(fsm.EntryStatus.COMMITTED)
     assert "done" == f"{fsm.StepStatus.DONE}"
