@@ -231,29 +231,7 @@ class Migration:
                     f"--edge {edge_key} does not leave the current phase {state.phase}: approve it"
                     f" once the migration is in {edge.source}"
                 )
-            entry = self.store.append_approval(
-                state,
-                JournalEntry(
-                    seq=0,
-                    trigger=edge.trigger,
-                    source=edge.source,
-                    dest=edge.dest,
-                    percent=state.percent,
-                    status=EntryStatus.APPROVED,
-                    actor=self.settings.actor,
-                    reason=reason,
-                    forced=False,
-                    guards=[],
-                    takeovers=[],
-                    started_at=utcnow(),
-                    finished_at=utcnow(),
-                    host=socket.gethostname(),
-                    pid=os.getpid(),
-                    error=None,
-                    prev_hash=None,
-                    hash=None,
-                ),
-            )
+            entry = self.store.append_approval(state, self._closed_row(edge, state, reason, []))
         self.log.info("approval", seq=entry.seq, edge=edge_key, actor=self.settings.actor)
         return entry
 
