@@ -67,6 +67,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
+from migration_fsm.adapters._redis import index_page
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, canonical_json, is_behind, to_utc, utc_text
 
@@ -229,9 +230,7 @@ class CeleryTaskStore:
         with self._redis():
             if after is None:
                 self.sync()
-            low = b"-" if after is None else b"(" + after.encode("utf-8")
-            raw_keys: list[bytes] = list(self.results.zrangebylex(self.index, low, b"+", 0, limit))  # type: ignore[arg-type]
-        keys = [key.decode("utf-8") for key in raw_keys]
+            keys = index_page(self.results, self.index, after, limit)
         found = self.get_many(keys, sync=False)
         return [found[key] for key in keys if key in found]
 

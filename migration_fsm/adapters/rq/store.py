@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
+from migration_fsm.adapters._redis import index_page
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, is_behind, to_utc, utc_text
 
@@ -121,9 +122,7 @@ class RqTaskStore:
         with self._redis():
             if after is None:
                 self.sync()
-            low = b"-" if after is None else b"(" + after.encode("utf-8")
-            raw_keys: list[bytes] = list(self.redis.zrangebylex(self.index, low, b"+", 0, limit))  # type: ignore[arg-type]
-            keys = [key.decode("utf-8") for key in raw_keys]
+            keys = index_page(self.redis, self.index, after, limit)
             found = self.get_many(keys, sync=False)
         return [found[key] for key in keys if key in found]
 
@@ -162,16 +161,14 @@ class RqTaskStore:
         with self._redis():
             self.sync()
             queue = self.queue.name.encode("utf-8")
-            after = b"-"
-            while True:
-                raw_keys: list[bytes] = list(self.redis.zrangebylex(self.index, after, b"+", 0, 1000))  # type: ignore[arg-type]
-                if not raw_keys:
-                    return total
+            after: str | None = None
+            while keys := index_page(self.redis, self.index, after, 1000):
                 pipe = self.redis.pipeline(transaction=False)
-                for raw in raw_keys:
-                    pipe.hget(prefix + raw.decode("utf-8"), "origin")
+                for key in keys:
+                    pipe.hget(prefix + key, "origin")
                 total += sum(origin == queue for origin in pipe.execute())
-                after = b"(" + raw_keys[-1]
+                after = keys[-1]
+            return total
 
     def sync(self) -> int:
         """Index the queue's jobs the index has not seen (found with SCAN); how many."""
