@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -30,7 +31,7 @@ from ..exceptions import (
     UnknownMigration,
 )
 from ..fsm import EntryStatus, Phase, StepStatus, Trigger
-from . import locks
+from . import locks, pgpath
 from .chain import chain_hash
 from .db import make_engine, redact_text, safe_url, scrub, utcnow
 from .lease import Lease, conflict
@@ -55,6 +56,8 @@ from .schema import journal_table, migrations_table, steps_table
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    from sqlalchemy import Select
+
 
 class Journal:
     """The migration database: migrations, journal and steps. Thread-safe."""
@@ -63,6 +66,8 @@ class Journal:
         self.url = url
         self.safe_url = safe_url(url)
         self.engine = engine or make_engine(url)
+        # What `operator_lock` read right after it was granted, for this thread's next `get`.
+        self._found = threading.local()
 
     @classmethod
     def open(cls, url: str, *, readonly: bool = False) -> Journal:
@@ -97,6 +102,16 @@ class Journal:
             f"database {self.safe_url} is unavailable: {scrub(str(exc.orig or exc), self.url)}"
         )
 
+    def driver_error(self, exc: Exception) -> ConcurrentChange | DatabaseUnavailable:
+        """A driver's error (wrapped by SQLAlchemy or psycopg's own, `pgpath`) as `transaction`
+        says it: a broken constraint is a concurrent change, anything else unavailability."""
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(exc, IntegrityError) or str(getattr(orig, "sqlstate", "") or "").startswith("23"):
+            return ConcurrentChange(_CONCURRENT)
+        return DatabaseUnavailable(
+            f"database {self.safe_url} is unavailable: {scrub(str(orig or exc), self.url)}"
+        )
+
     @contextmanager
     def transaction(self, *, readonly: bool = False) -> Iterator[Connection]:
         """One short transaction; driver errors become our errors. On SQLite a write
@@ -108,9 +123,7 @@ class Journal:
                 with conn.begin():
                     yield conn
         except IntegrityError as exc:
-            raise ConcurrentChange(
-                "another operator changed this migration at the same moment: run `status` and retry"
-            ) from exc
+            raise ConcurrentChange(_CONCURRENT) from exc
         except DBAPIError as exc:
             if "locked" in str(exc.orig):
                 raise LeaseHeld(
@@ -189,32 +202,75 @@ class Journal:
         too (`locks`; the command's other statements run in transactions of their own).
         On SQLite the `BEGIN IMMEDIATE` transactions and the lease are enough."""
         if self.dialect != "postgresql":
-            yield
+            self._remember(name)
+            try:
+                yield
+            finally:
+                self._found.__dict__.clear()
             return
+        fast = pgpath.available(self.engine)
         try:
-            # READ COMMITTED: between its statements the transaction holds no snapshot.
-            conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
-            conn.begin()
+            if fast:  # BEGIN, the try-lock and the read in one round trip (`pgpath`)
+                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            else:  # READ COMMITTED: between its statements the transaction holds no snapshot.
+                conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
+                conn.begin()
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc
-        params = locks.lock_params(name)
         try:
-            locks.acquire(conn, name, holder, params, steal=steal)
-        except DBAPIError as exc:
+            self._acquire(conn, name, holder, steal=steal, fast=fast)
+        except Exception as exc:
+            self._found.__dict__.clear()
+            if not isinstance(exc, DBAPIError) and type(exc).__module__.split(".")[0] != "psycopg":
+                conn.close()
+                raise
             conn.invalidate()
             conn.close()
-            raise self._unavailable(exc) from exc
+            raise self.driver_error(exc) from exc
         except BaseException:
+            self._found.__dict__.clear()
+            conn.invalidate()
             conn.close()
             raise
         try:
             yield
         finally:
+            self._found.__dict__.clear()
             try:
                 locks.release(conn)
-            except DBAPIError:
-                conn.invalidate()  # a broken connection's transaction, and its lock, are already gone
+            except Exception:  # noqa: BLE001 - a broken connection's transaction, and its lock, are gone
+                conn.invalidate()
             conn.close()
+
+    def _acquire(self, conn: Connection, name: str, holder: str, *, steal: bool, fast: bool) -> None:
+        """Take migration `name`'s lock on `conn` (`locks.acquire`); on the fast path, try it
+        first together with the read of the migration (`pgpath.lock_and_read`), whose result
+        this thread's next `get` returns."""
+        params = locks.lock_params(name)
+        if fast:
+            try_lock, values = locks.try_lock(holder, params)
+            got, state, held = pgpath.lock_and_read(conn, try_lock, values, name)
+            if got:
+                if state is not None:
+                    self._found.state, self._found.held = state, held
+                return
+        locks.acquire(conn, name, holder, params, steal=steal)
+
+    def _remember(self, name: str) -> None:
+        """SQLite: read migration `name` and whether a hold stands, in one read transaction,
+        for this thread's next `get` (as `pgpath.lock_and_read` does on PostgreSQL)."""
+        self._found.__dict__.clear()
+        with self.transaction(readonly=True) as conn:
+            row = conn.execute(_read_with_hold(name)).mappings().first()
+        if row is None:
+            return
+        values = dict(row)
+        held = values.pop("held")
+        try:
+            self._found.state = migration_from_row(values)
+        except UNDECODABLE:  # `get` reads it again and says what is wrong
+            return
+        self._found.held = None if held is None else bool(held)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -260,7 +316,13 @@ class Journal:
         return state
 
     def get(self, name: str) -> MigrationState:
-        """The migration named `name`, or `UnknownMigration`."""
+        """The migration named `name`, or `UnknownMigration`. The first call inside
+        `operator_lock` returns what the lock read right after it was granted (nothing can
+        change the row between the two but a command holding the same lock)."""
+        found: MigrationState | None = self._found.__dict__.pop("state", None)
+        if found is not None and found.name == name:
+            self._found.seen = found
+            return found
         with self.transaction(readonly=True) as conn:
             return self._get(conn, name)
 
@@ -434,6 +496,8 @@ class Journal:
     def standing_hold(self, migration: MigrationState) -> JournalEntry | None:
         """The hold row that stands (`held`, with no `released` row and no phase change after
         it), or None."""
+        if self._found.__dict__.get("seen") == migration and self._found.__dict__.get("held") is False:
+            return None  # `operator_lock` read that none stands, and the migration is as it read it
         with self.transaction(readonly=True) as conn:
             return self._standing_hold(conn, migration.id)
 
@@ -510,6 +574,14 @@ class Journal:
                 for position, (name, undo) in enumerate(steps)
             ],
         )
+        if pgpath.available(self.engine):
+            claimed = pgpath.claim(
+                self, seen, entry, steps, holder=holder, lease_seconds=lease_seconds, now=now
+            )
+            if not claimed:
+                with self.transaction(readonly=True) as conn:
+                    raise self._conflict(conn, seen)
+            return Lease(self, seen.id, seq, holder, lease_seconds), entry
         with self.transaction() as conn:
             updated = conn.execute(
                 update(migrations_table)
@@ -603,6 +675,26 @@ class Journal:
             )
             emit(conn, migration.id, "takeover", seq, takeover=_public_takeover(takeover))
         return Lease(self, migration.id, seq, holder, lease_seconds)
+
+
+_CONCURRENT: Final = "another operator changed this migration at the same moment: run `status` and retry"
+
+
+def _read_with_hold(name: str) -> Select[Any]:
+    """Migration `name` and `held`: whether a hold stands on it (`Journal._standing_hold`)."""
+    m, j = migrations_table.c, journal_table.c
+    changed_phase = and_(j.status == EntryStatus.COMMITTED.value, or_(j.source.is_(None), j.source != j.dest))
+    newest = (
+        select(j.status == EntryStatus.HELD.value)
+        .where(
+            j.migration_id == m.id,
+            or_(j.status.in_([EntryStatus.HELD.value, EntryStatus.RELEASED.value]), changed_phase),
+        )
+        .order_by(j.seq.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return select(migrations_table, newest.label("held")).where(m.name == name)
 
 
 class _AlreadyHeld(Exception):
