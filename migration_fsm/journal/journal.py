@@ -5,6 +5,11 @@ go through the `Lease` that `claim` and `take_over` return.
 Every change to the migration row is a compare-and-set (`UPDATE ... WHERE version = :seen`
 or `WHERE in_progress_seq = :seq AND lease_holder = :me`) checked by its rowcount.
 Transactions are short: no transaction is held open while a step runs.
+
+Longer than the house's ~500 lines: it is the one object the other layers use for the
+migration database, and splitting its reads from its writes would split each compare-and-set
+from the read that explains why it missed (`_conflict`). The PostgreSQL hot path of a
+transition lives in `pgpath`, the decision of a close in `closing`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from .records import (
     entry_from_row,
     entry_values,
     migration_from_row,
+    read_with_hold,
     replace,
     step_from_row,
     undecodable,
@@ -55,8 +61,6 @@ from .schema import journal_table, migrations_table, steps_table
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
-
-    from sqlalchemy import Select
 
 
 class Journal:
@@ -261,7 +265,7 @@ class Journal:
         for this thread's next `get` (as `pgpath.lock_and_read` does on PostgreSQL)."""
         self._found.__dict__.clear()
         with self.transaction(readonly=True) as conn:
-            row = conn.execute(_read_with_hold(name)).mappings().first()
+            row = conn.execute(read_with_hold(name)).mappings().first()
         if row is None:
             return
         values = dict(row)
@@ -678,23 +682,6 @@ class Journal:
 
 
 _CONCURRENT: Final = "another operator changed this migration at the same moment: run `status` and retry"
-
-
-def _read_with_hold(name: str) -> Select[Any]:
-    """Migration `name` and `held`: whether a hold stands on it (`Journal._standing_hold`)."""
-    m, j = migrations_table.c, journal_table.c
-    changed_phase = and_(j.status == EntryStatus.COMMITTED.value, or_(j.source.is_(None), j.source != j.dest))
-    newest = (
-        select(j.status == EntryStatus.HELD.value)
-        .where(
-            j.migration_id == m.id,
-            or_(j.status.in_([EntryStatus.HELD.value, EntryStatus.RELEASED.value]), changed_phase),
-        )
-        .order_by(j.seq.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    return select(migrations_table, newest.label("held")).where(m.name == name)
 
 
 class _AlreadyHeld(Exception):

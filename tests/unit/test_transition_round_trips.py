@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import event
 
 from migration_fsm.config import Settings
+from migration_fsm.exceptions import Refused
 from migration_fsm.fsm import Phase
 from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
@@ -90,3 +91,18 @@ def test_advance_is_three_transactions_on_sqlite(
         *("BEGIN", "UPDATE", "INSERT", "INSERT"),
         *("BEGIN", "SELECT", "UPDATE", "UPDATE", "INSERT"),
     ] == counted.statements
+
+
+def test_the_read_taken_with_the_lock_sees_a_standing_hold_and_its_release(
+    store: Journal, make_settings: Callable[..., Settings]
+) -> None:
+    """`advance` reads the migration and whether a hold stands together, with the lock: a hold
+    refuses it, and once released the next `advance` goes through (on SQLite and PostgreSQL)."""
+    engine = _engine(store, make_settings)
+    held = engine.hold(reason="error rate up", verdicts=[], seen_version=store.get("default").version)
+    assert held is not None
+    with pytest.raises(Refused, match="watch_hold"):
+        engine.advance()
+    engine.release(reason="looked again")
+    assert "committed" == engine.advance().status
+    assert Phase.DUAL_WRITE == store.get("default").phase
