@@ -5,12 +5,18 @@ go through the `Lease` that `claim` and `take_over` return.
 Every change to the migration row is a compare-and-set (`UPDATE ... WHERE version = :seen`
 or `WHERE in_progress_seq = :seq AND lease_holder = :me`) checked by its rowcount.
 Transactions are short: no transaction is held open while a step runs.
+
+Longer than the house's ~500 lines: it is the one object the other layers use for the
+migration database, and splitting its reads from its writes would split each compare-and-set
+from the read that explains why it missed (`_conflict`). The PostgreSQL hot path of a
+transition lives in `pgpath`, the decision of a close in `closing`.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -30,7 +36,7 @@ from ..exceptions import (
     UnknownMigration,
 )
 from ..fsm import EntryStatus, Phase, StepStatus, Trigger
-from . import locks
+from . import locks, pgpath
 from .chain import chain_hash
 from .db import make_engine, redact_text, safe_url, scrub, utcnow
 from .lease import Lease, conflict
@@ -45,6 +51,7 @@ from .records import (
     entry_from_row,
     entry_values,
     migration_from_row,
+    read_with_hold,
     replace,
     step_from_row,
     undecodable,
@@ -63,6 +70,8 @@ class Journal:
         self.url = url
         self.safe_url = safe_url(url)
         self.engine = engine or make_engine(url)
+        # What `operator_lock` read right after it was granted, for this thread's next `get`.
+        self._found = threading.local()
 
     @classmethod
     def open(cls, url: str, *, readonly: bool = False) -> Journal:
@@ -97,6 +106,16 @@ class Journal:
             f"database {self.safe_url} is unavailable: {scrub(str(exc.orig or exc), self.url)}"
         )
 
+    def driver_error(self, exc: Exception) -> ConcurrentChange | DatabaseUnavailable:
+        """A driver's error (wrapped by SQLAlchemy or psycopg's own, `pgpath`) as `transaction`
+        says it: a broken constraint is a concurrent change, anything else unavailability."""
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        if isinstance(exc, IntegrityError) or str(getattr(orig, "sqlstate", "") or "").startswith("23"):
+            return ConcurrentChange(_CONCURRENT)
+        return DatabaseUnavailable(
+            f"database {self.safe_url} is unavailable: {scrub(str(orig or exc), self.url)}"
+        )
+
     @contextmanager
     def transaction(self, *, readonly: bool = False) -> Iterator[Connection]:
         """One short transaction; driver errors become our errors. On SQLite a write
@@ -108,9 +127,7 @@ class Journal:
                 with conn.begin():
                     yield conn
         except IntegrityError as exc:
-            raise ConcurrentChange(
-                "another operator changed this migration at the same moment: run `status` and retry"
-            ) from exc
+            raise ConcurrentChange(_CONCURRENT) from exc
         except DBAPIError as exc:
             if "locked" in str(exc.orig):
                 raise LeaseHeld(
@@ -189,32 +206,75 @@ class Journal:
         too (`locks`; the command's other statements run in transactions of their own).
         On SQLite the `BEGIN IMMEDIATE` transactions and the lease are enough."""
         if self.dialect != "postgresql":
-            yield
+            self._remember(name)
+            try:
+                yield
+            finally:
+                self._found.__dict__.clear()
             return
+        fast = pgpath.available(self.engine)
         try:
-            # READ COMMITTED: between its statements the transaction holds no snapshot.
-            conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
-            conn.begin()
+            if fast:  # BEGIN, the try-lock and the read in one round trip (`pgpath`)
+                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            else:  # READ COMMITTED: between its statements the transaction holds no snapshot.
+                conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
+                conn.begin()
         except DBAPIError as exc:
             raise self._unavailable(exc) from exc
-        params = locks.lock_params(name)
         try:
-            locks.acquire(conn, name, holder, params, steal=steal)
-        except DBAPIError as exc:
+            self._acquire(conn, name, holder, steal=steal, fast=fast)
+        except Exception as exc:
+            self._found.__dict__.clear()
+            if not isinstance(exc, DBAPIError) and type(exc).__module__.split(".")[0] != "psycopg":
+                conn.close()
+                raise
             conn.invalidate()
             conn.close()
-            raise self._unavailable(exc) from exc
+            raise self.driver_error(exc) from exc
         except BaseException:
+            self._found.__dict__.clear()
+            conn.invalidate()
             conn.close()
             raise
         try:
             yield
         finally:
+            self._found.__dict__.clear()
             try:
                 locks.release(conn)
-            except DBAPIError:
-                conn.invalidate()  # a broken connection's transaction, and its lock, are already gone
+            except Exception:  # noqa: BLE001 - a broken connection's transaction, and its lock, are gone
+                conn.invalidate()
             conn.close()
+
+    def _acquire(self, conn: Connection, name: str, holder: str, *, steal: bool, fast: bool) -> None:
+        """Take migration `name`'s lock on `conn` (`locks.acquire`); on the fast path, try it
+        first together with the read of the migration (`pgpath.lock_and_read`), whose result
+        this thread's next `get` returns."""
+        params = locks.lock_params(name)
+        if fast:
+            try_lock, values = locks.try_lock(holder, params)
+            got, state, held = pgpath.lock_and_read(conn, try_lock, values, name)
+            if got:
+                if state is not None:
+                    self._found.state, self._found.held = state, held
+                return
+        locks.acquire(conn, name, holder, params, steal=steal)
+
+    def _remember(self, name: str) -> None:
+        """SQLite: read migration `name` and whether a hold stands, in one read transaction,
+        for this thread's next `get` (as `pgpath.lock_and_read` does on PostgreSQL)."""
+        self._found.__dict__.clear()
+        with self.transaction(readonly=True) as conn:
+            row = conn.execute(read_with_hold(name)).mappings().first()
+        if row is None:
+            return
+        values = dict(row)
+        held = values.pop("held")
+        try:
+            self._found.state = migration_from_row(values)
+        except UNDECODABLE:  # `get` reads it again and says what is wrong
+            return
+        self._found.held = None if held is None else bool(held)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -260,7 +320,13 @@ class Journal:
         return state
 
     def get(self, name: str) -> MigrationState:
-        """The migration named `name`, or `UnknownMigration`."""
+        """The migration named `name`, or `UnknownMigration`. The first call inside
+        `operator_lock` returns what the lock read right after it was granted (nothing can
+        change the row between the two but a command holding the same lock)."""
+        found: MigrationState | None = self._found.__dict__.pop("state", None)
+        if found is not None and found.name == name:
+            self._found.seen = found
+            return found
         with self.transaction(readonly=True) as conn:
             return self._get(conn, name)
 
@@ -434,6 +500,8 @@ class Journal:
     def standing_hold(self, migration: MigrationState) -> JournalEntry | None:
         """The hold row that stands (`held`, with no `released` row and no phase change after
         it), or None."""
+        if self._found.__dict__.get("seen") == migration and self._found.__dict__.get("held") is False:
+            return None  # `operator_lock` read that none stands, and the migration is as it read it
         with self.transaction(readonly=True) as conn:
             return self._standing_hold(conn, migration.id)
 
@@ -510,6 +578,14 @@ class Journal:
                 for position, (name, undo) in enumerate(steps)
             ],
         )
+        if pgpath.available(self.engine):
+            claimed = pgpath.claim(
+                self, seen, entry, steps, holder=holder, lease_seconds=lease_seconds, now=now
+            )
+            if not claimed:
+                with self.transaction(readonly=True) as conn:
+                    raise self._conflict(conn, seen)
+            return Lease(self, seen.id, seq, holder, lease_seconds), entry
         with self.transaction() as conn:
             updated = conn.execute(
                 update(migrations_table)
@@ -603,6 +679,9 @@ class Journal:
             )
             emit(conn, migration.id, "takeover", seq, takeover=_public_takeover(takeover))
         return Lease(self, migration.id, seq, holder, lease_seconds)
+
+
+_CONCURRENT: Final = "another operator changed this migration at the same moment: run `status` and retry"
 
 
 class _AlreadyHeld(Exception):

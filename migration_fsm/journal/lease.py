@@ -22,23 +22,25 @@ version, journaled on the aborted row).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import exists, select, text, update
+from sqlalchemy import and_, exists, insert, select, text, update
 
 from ..exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
 from ..fsm import EntryStatus, StepStatus
-from .chain import chain_hash
+from . import pgpath
+from .closing import decide_close, notify_payload
 from .db import redact, utcnow
-from .outbox import emit, emit_known
-from .records import MigrationState, entry_from_row, migration_from_row, read_migration, replace
-from .schema import NOTIFY_CHANNEL, journal_table, migrations_table, steps_table
+from .outbox import emit
+from .records import MigrationState, migration_from_row, read_migration
+from .schema import NOTIFY_CHANNEL, events_table, journal_table, migrations_table, steps_table
 
 if TYPE_CHECKING:
-    from sqlalchemy import ColumnElement, Connection
+    from collections.abc import Sequence
+
+    from sqlalchemy import ColumnElement, Connection, Select
 
     from .journal import Journal
 
@@ -69,6 +71,11 @@ class Lease:
 
     def _lost(self, conn: Connection) -> LeaseHeld:
         return lease_lost(read_migration(conn, self.migration_id), self.seq)
+
+    def lost(self) -> LeaseHeld:
+        """The error saying this lease is no longer ours (read in a transaction of its own)."""
+        with self.journal.transaction(readonly=True) as conn:
+            return self._lost(conn)
 
     def heartbeat(self) -> bool:
         """Renew the lease for `lease_seconds` from now; False when it is no longer ours."""
@@ -190,7 +197,7 @@ class Lease:
         conn.execute(
             update(journal_table)
             .where(where)
-            .values(takeovers=[*(takeovers or []), _signal_record(command, side, version, self.holder, now)])
+            .values(takeovers=[*(takeovers or []), signal_record(command, side, version, self.holder, now)])
         )
 
     def release(self, error: str) -> None:
@@ -223,105 +230,85 @@ class Lease:
     def _close(
         self, status: EntryStatus, *, actor: str | None = None, reason: str | None = None
     ) -> MigrationState:
-        """Close the transition as `status`, chain its hash and release the lease, in one
-        transaction that begins with the compare-and-set on the migration row."""
+        """Close the transition as `status`, chain its hash and release the lease: a
+        compare-and-set on the migration row as the close read it (ours, at the version it
+        read), in one transaction with the journal row, the event and the NOTIFY."""
+        if pgpath.available(self.journal.engine):
+            return pgpath.close(self, status, actor=actor, reason=reason)
         now = utcnow()
         with self.journal.transaction() as conn:
-            if (
-                conn.execute(update(migrations_table).where(self._ours()).values(updated_at=now)).rowcount
-                != 1
-            ):
+            query = closing_read(self.migration_id, self.seq, self.holder)
+            if self.journal.dialect == "postgresql":  # SQLite's BEGIN IMMEDIATE holds the lock already
+                query = query.with_for_update(of=migrations_table)
+            rows = conn.execute(query).mappings().all()
+            if not rows:
                 raise self._lost(conn)
-            current = read_migration(conn, self.migration_id)  # locked by the update above
-            row = (
-                conn.execute(
-                    select(journal_table).where(
-                        journal_table.c.migration_id == self.migration_id, journal_table.c.seq == self.seq
-                    )
-                )
-                .mappings()
-                .one()
+            current, row, steps = closing_rows(rows)
+            done = decide_close(
+                current, row, steps, status, holder=self.holder, now=now, actor=actor, reason=reason
             )
-            entry = entry_from_row(row, [])
-            lifted = status != EntryStatus.COMMITTED and current.paused_side is not None
-            if lifted:  # an abort lifts the pause: one more version, journaled on this row
-                entry = replace(
-                    entry,
-                    takeovers=[
-                        *entry.takeovers,
-                        _signal_record("lift", None, current.version + 1, self.holder, now),
-                    ],
-                )
-            if actor is not None:
-                entry = replace(entry, actor=actor)
-            if reason is not None:
-                entry = replace(entry, reason=reason)
-            entry = replace(
-                entry,
-                status=status,
-                finished_at=now,
-                prev_hash=current.head_hash,
-                error=None if status == EntryStatus.COMMITTED else row["error"],
-            )
-            digest = chain_hash(current.head_hash, current.name, entry)
-            after = replace(
-                current,
-                in_progress_seq=None,
-                lease_holder=None,
-                lease_expires_at=None,
-                head_hash=digest,
-                updated_at=now,
-                paused_side=None,
-                version=current.version + 1 if lifted else current.version,
-            )
-            if status == EntryStatus.COMMITTED:
-                after = replace(
-                    after,
-                    phase=entry.dest,
-                    percent=entry.percent,
-                    version=current.version + 1,
-                    phase_entered_at=now if entry.dest is not current.phase else current.phase_entered_at,
-                )
             conn.execute(
                 update(migrations_table)
                 .where(migrations_table.c.id == self.migration_id)
-                .values(
-                    phase=after.phase.value,
-                    percent=after.percent,
-                    version=after.version,
-                    phase_entered_at=after.phase_entered_at,
-                    in_progress_seq=None,
-                    lease_holder=None,
-                    lease_expires_at=None,
-                    head_hash=digest,
-                    updated_at=now,
-                    paused_side=None,
-                )
+                .values(**done.migration_values())
             )
             conn.execute(
                 update(journal_table)
                 .where(journal_table.c.migration_id == self.migration_id, journal_table.c.seq == self.seq)
-                .values(
-                    status=status,
-                    finished_at=now,
-                    prev_hash=current.head_hash,
-                    hash=digest,
-                    error=entry.error,
-                    takeovers=entry.takeovers,
-                    actor=entry.actor,
-                    reason=entry.reason,
+                .values(**done.journal_values())
+            )
+            conn.execute(
+                insert(events_table).values(
+                    migration=current.name,
+                    seq=self.seq,
+                    kind=done.event["event"],
+                    created_at=now,
+                    event=done.event,
                 )
             )
-            kind = "committed" if status == EntryStatus.COMMITTED else "aborted"
-            emit_known(conn, kind, after, entry, None, lifted=lifted)
-            if status == EntryStatus.COMMITTED or lifted:
-                _notify(self.journal, conn, after)
-            return after
+            if done.notify is not None and self.journal.dialect == "postgresql":
+                conn.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": NOTIFY_CHANNEL, "payload": done.notify},
+                )
+            return done.after
 
 
-def _signal_record(
-    command: str, side: str | None, version: int, holder: str, now: datetime
-) -> dict[str, Any]:
+def closing_read(migration_id: int, seq: int, holder: str) -> Select[Any]:
+    """The migration row (while transition `seq` is ours), its journal row and its steps, in
+    one query: one row per step (one with no step columns when it has none), steps in order."""
+    m, j, s = migrations_table.c, journal_table.c, steps_table.c
+    steps = and_(s.migration_id == m.id, s.seq == seq)
+    return (
+        select(
+            *[c.label(f"m_{c.name}") for c in m],
+            *[c.label(f"j_{c.name}") for c in j],
+            *[s[name].label(f"s_{name}") for name in ("name", "status", "attempts", "error")],
+        )
+        .select_from(
+            migrations_table.join(journal_table, and_(j.migration_id == m.id, j.seq == seq)).outerjoin(
+                steps_table, steps
+            )
+        )
+        .where(m.id == migration_id, m.in_progress_seq == seq, m.lease_holder == holder)
+        .order_by(s.position)
+    )
+
+
+def closing_rows(rows: Sequence[Any]) -> tuple[MigrationState, dict[str, Any], list[dict[str, Any]]]:
+    """(the migration, its journal row, its steps) from the rows of `closing_read`."""
+    first = rows[0]
+    current = migration_from_row({k[2:]: v for k, v in first.items() if k.startswith("m_")})
+    row = {k[2:]: v for k, v in first.items() if k.startswith("j_")}
+    steps = [
+        {name: r[f"s_{name}"] for name in ("name", "status", "attempts", "error")}
+        for r in rows
+        if r["s_name"] is not None
+    ]
+    return current, row, steps
+
+
+def signal_record(command: str, side: str | None, version: int, holder: str, now: datetime) -> dict[str, Any]:
     """The `takeovers` entry of a pause or lift."""
     record: dict[str, Any] = {
         "command": command,
@@ -339,15 +326,7 @@ def _notify(journal: Journal, conn: Connection, after: MigrationState) -> None:
     apply it without a query."""
     if journal.dialect != "postgresql":
         return
-    payload = json.dumps(
-        {
-            "migration": after.name,
-            "phase": after.phase.value,
-            "percent": after.percent,
-            "version": after.version,
-            "paused": after.paused_side,
-        }
-    )
+    payload = notify_payload(after)
     conn.execute(
         text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": payload}
     )

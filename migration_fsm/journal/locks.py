@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import zlib
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import Connection, text
 
@@ -33,6 +33,12 @@ def lease_holder_name(actor: str) -> str:
 def lock_params(name: str) -> dict[str, int]:
     """The two keys of migration `name`'s advisory lock."""
     return {"c": LOCK_CLASS, "k": zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF}
+
+
+def try_lock(holder: str, params: dict[str, int]) -> tuple[str, dict[str, Any]]:
+    """The try-lock of `acquire` for psycopg (`pgpath.lock_and_read`): its SQL and values."""
+    sql = "SELECT pg_try_advisory_xact_lock(%(c)s, %(k)s), set_config('application_name', %(n)s, true)"
+    return sql, {**params, "n": f"migration-fsm {holder}"[:63]}
 
 
 def acquire(conn: Connection, name: str, holder: str, params: dict[str, int], *, steal: bool) -> None:
@@ -74,4 +80,9 @@ def acquire(conn: Connection, name: str, holder: str, params: dict[str, int], *,
 
 def release(conn: Connection) -> None:
     """End the lock's transaction on `conn`: the lock and the application name go with it."""
-    conn.rollback()
+    if conn.in_transaction():
+        conn.rollback()
+    else:  # in AUTOCOMMIT, the transaction `pgpath.lock_and_read` began: the driver ends it
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.rollback()

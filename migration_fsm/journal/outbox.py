@@ -134,7 +134,31 @@ def emit_known(
     (`state`, whose row the transaction has changed, so it holds the row's lock), the journal
     row (`row`) and its steps (`steps`; None: read them). One `INSERT` on the hot path of a
     transition (the claim, the commit, a refusal)."""
+    if row is not None and steps is None:
+        seq = row["seq"] if isinstance(row, dict) else row.seq
+        steps = _steps(conn, state.id, seq)
     now = utcnow()
+    event = event_of(kind, state, row, steps or [], now, step=step, **extra)
+    conn.execute(
+        insert(events_table).values(
+            migration=state.name, seq=event["seq"], kind=kind, created_at=now, event=event
+        )
+    )
+
+
+def event_of(
+    kind: str,
+    state: MigrationState,
+    row: JournalEntry | dict[str, Any] | None,
+    steps: Sequence[StepRecord | dict[str, Any]],
+    now: datetime,
+    *,
+    step: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The event of kind `kind` (schema 1) about journal row `row` and its `steps`, with
+    the migration as `state` (what its transaction leaves): built in Python, no I/O, so a
+    caller can write it in the same statement as the change it reports."""
     event: dict[str, Any] = {
         "schema": EVENT_SCHEMA,
         "event": kind,
@@ -147,16 +171,10 @@ def emit_known(
     if row is not None:
         fields = row if isinstance(row, dict) else _entry_fields(row)
         event["seq"] = fields["seq"]
-        if steps is None:
-            steps = _steps(conn, state.id, fields["seq"])
         event.update(_row_fields(fields, [_step_fields(x) for x in steps], step))
     event.update(extra)
     event["state"] = state_fields(state.phase.value, state.percent, state.version, state.paused_side)
-    conn.execute(
-        insert(events_table).values(
-            migration=state.name, seq=event["seq"], kind=kind, created_at=now, event=event
-        )
-    )
+    return event
 
 
 def _entry_fields(entry: JournalEntry) -> dict[str, Any]:

@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from ..exceptions import JournalCorrupt
 from ..fsm import EntryStatus, Phase, StepStatus, Trigger
 from .db import utcnow
-from .schema import migrations_table
+from .schema import journal_table, migrations_table
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from sqlalchemy import Column, ColumnElement, Connection, Table
+    from sqlalchemy import Column, ColumnElement, Connection, Select, Table
 
 _Record = TypeVar("_Record", "JournalEntry", "MigrationState")
 _Decoded = TypeVar("_Decoded")
@@ -299,3 +299,21 @@ def read_migration(conn: Connection, migration_id: int) -> MigrationState:
     """The migration row `migration_id`, read inside the caller's transaction."""
     row = conn.execute(select(migrations_table).where(migrations_table.c.id == migration_id)).mappings().one()
     return migration_from_row(row)
+
+
+def read_with_hold(name: str) -> Select[Any]:
+    """Migration `name` and `held`: whether a hold stands on it (as `Journal._standing_hold`
+    decides it)."""
+    m, j = migrations_table.c, journal_table.c
+    changed_phase = and_(j.status == EntryStatus.COMMITTED.value, or_(j.source.is_(None), j.source != j.dest))
+    newest = (
+        select(j.status == EntryStatus.HELD.value)
+        .where(
+            j.migration_id == m.id,
+            or_(j.status.in_([EntryStatus.HELD.value, EntryStatus.RELEASED.value]), changed_phase),
+        )
+        .order_by(j.seq.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return select(migrations_table, newest.label("held")).where(m.name == name)

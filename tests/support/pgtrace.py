@@ -1,5 +1,5 @@
-"""Count what the ledger's hot path sends to PostgreSQL: libpq's protocol trace of its next raw
-connection (`Ledger._pg`), read back as statements, round trips and commits."""
+"""Count what the ledger's hot path, or a journal's engine, sends to PostgreSQL: libpq's
+protocol trace of its connections, read back as statements, round trips and commits."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from psycopg.pq import Trace
+from sqlalchemy import event
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import psycopg
+    from sqlalchemy import Engine
 
     from migration_fsm.journal.ledger import Ledger
 
@@ -59,6 +61,24 @@ class PgTrace:
     def round_trips(self) -> int:
         return sum(1 for message, _ in self.messages if message in ("Sync", "Query"))
 
+    @property
+    def completed(self) -> list[str]:
+        """The first word of the tag of each statement the server completed (`CommandComplete`:
+        `SELECT`, `UPDATE`, `BEGIN`, `COMMIT`, ...), however the client sent them (several
+        statements in one simple Query each complete)."""
+        words = []
+        for line in self.lines:
+            parts = line.split("\t")
+            if len(parts) >= 4 and parts[0] == "B" and parts[2] == "CommandComplete":
+                words.append(parts[3].strip().strip('"').split()[0].upper())
+        return words
+
+    @property
+    def waits(self) -> int:
+        """Round trips as the server ends them: each `ReadyForQuery` ends one wait of the client
+        (one per simple Query, one per Sync), in every mode."""
+        return sum(1 for line in self.lines if line.split("\t")[2:3] == ["ReadyForQuery"])
+
 
 def next_connection(ledger: Ledger) -> psycopg.Connection[Any]:
     """The raw connection the ledger's next call on this thread takes (the top of its idle
@@ -67,6 +87,28 @@ def next_connection(ledger: Ledger) -> psycopg.Connection[Any]:
     conn = ledger._pg._take()
     ledger._pg._give(conn)
     return conn
+
+
+@contextmanager
+def engine_trace(engine: Engine) -> Iterator[PgTrace]:
+    """Trace every connection `engine` (psycopg 3) uses during the block: its pool is emptied
+    first, so each is opened, and traced, inside the block."""
+    trace = PgTrace()
+    engine.dispose()
+    with tempfile.TemporaryFile("w+") as f:
+
+        def _trace(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.pgconn.trace(f.fileno())
+            dbapi_connection.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+
+        event.listen(engine, "connect", _trace)
+        try:
+            yield trace
+        finally:
+            event.remove(engine, "connect", _trace)
+            engine.dispose()  # closes the traced connections: nothing writes to `f` any more
+            f.seek(0)
+            trace.lines = f.read().splitlines()
 
 
 @contextmanager
