@@ -13,9 +13,10 @@ batch is never written after the phase left `dual_write` (a task the new workers
 would go back to pending and run twice).
 
 Between two SQL stores of one kind of database the batches are copied as rows (`RowCopy`):
-the source database reads each field in the target column's form and checks it, so no
-record is decoded and encoded again; a batch with a row that needs converting goes the
-record path.
+the source database reads each field in the target column's form (text timestamps and
+epoch counts converted in SQL) and checks it, so no record is decoded and encoded again; a
+row that fails a check goes the record path alone, its batch's other rows stay rows.
+`BackfillResult` counts the rows of each path (`backfill --json`'s `paths`).
 
 A backfill never carries a hand-over marker onto the side that owns the task
 (`ownership.py`): while a key the ledger gives to the new side, unfinished there, lies ahead
@@ -39,6 +40,7 @@ from ..tasks.capabilities import Count
 from ..tasks.scan import page
 from ..tasks.sides import open_sides, shares_migration_file
 from ..tasks.sql import RowCopy
+from ..tasks.sql.rowcopy import CopiedBatch
 from . import runs
 from .ownership import OwnedKeys, open_ledger
 from .progress import NoProgress, Progress
@@ -61,6 +63,8 @@ class BackfillResult:
     seconds: float
     rows_per_second: float
     resumed_from: str | None  # the checkpoint key this run started after; None for a fresh start
+    fast: int = 0  # of `copied`, rows copied as rows (`RowCopy`), never decoded
+    records: int = 0  # of `copied`, rows copied as records (decoded and encoded again)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +73,7 @@ class BackfillResult:
             "seconds": self.seconds,
             "rows_per_second": self.rows_per_second,
             "resumed_from": self.resumed_from,
+            "paths": {"fast": self.fast, "records": self.records},
         }
 
 
@@ -109,15 +114,17 @@ def copy_tasks(
     started = time.monotonic()
     progress.start(total_of(old), done_before)
     rows = RowCopy.between(old, new)
-    copied = 0
+    copied = fast = 0
     cursor = after
     try:
         while True:
             with fenced():
-                written, last = _copy_batch(old, new, rows, cursor, batch_size, owned)
+                batch = _copy_batch(old, new, rows, cursor, batch_size, owned)
+            written, last = batch.count, batch.last
             if last is None:
                 break
             copied += written
+            fast += batch.fast
             cursor = last
             if checkpoint is not None:
                 checkpoint(cursor, copied)
@@ -137,6 +144,8 @@ def copy_tasks(
         seconds=round(seconds, 3),
         rows_per_second=round(copied / seconds, 1) if seconds > 0 else 0.0,
         resumed_from=after,
+        fast=fast,
+        records=copied - fast,
     )
 
 
@@ -147,10 +156,10 @@ def _copy_batch(  # noqa: PLR0917 - both stores, the row copy, the page, the own
     after: str | None,
     batch_size: int,
     owned: OwnedKeys | None = None,
-) -> tuple[int, str | None]:
+) -> CopiedBatch:
     """Copy the next batch after `after`: as rows when the two stores allow it and no owned
-    key lies ahead, else as records. Returns (tasks copied, the batch's last key or None when
-    there was none)."""
+    key lies ahead (a row that fails a check goes as its record, alone), else as records.
+    Returns how many went which way and the batch's last key (None when there was none)."""
     guarded = owned is not None and owned.any_after(after)
     if rows is not None and not guarded:
         copied = rows.copy_batch(after, batch_size)
@@ -158,7 +167,7 @@ def _copy_batch(  # noqa: PLR0917 - both stores, the row copy, the page, the own
             return copied
     records = page(old, batch_size, after)  # also the rows' fallback: it converts or names the bad row
     new.put_many(owned.without_markers(records, new) if owned is not None and guarded else records)
-    return len(records), records[-1].key if records else None
+    return CopiedBatch(0, len(records), records[-1].key if records else None)
 
 
 def backfill_migration(
