@@ -17,6 +17,7 @@ from migration_fsm.exceptions import DataError
 from migration_fsm.journal import make_engine
 from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
 from migration_fsm.tasks.sql.layouts import Layout, layout_named
+from migration_fsm.tools import backfill
 from migration_fsm.tools.backfill import copy_tasks
 from tests.support.datatools import create_task_table, everything
 from tests.unit.test_fast_paths import RecordsOnly
@@ -149,4 +150,35 @@ def test_a_bad_row_stops_the_copy_alone_and_its_batch_writes_nothing(
             conn.execute(text(f"UPDATE old_tasks SET {fixed} WHERE key = 'task-000000100'"))
         result = copy_tasks(old, new, batch_size=64, after="task-000000063")
         assert (ROWS - 64 - 1, 1) == (result.fast, result.records)
+        assert everything(old) == everything(new)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])
+def test_a_checkpoint_is_saved_only_after_a_durable_commit(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row copies that do not wait for the disk get no checkpoint; the last batch is copied
+    once more, durably, before the run's one checkpoint; with a checkpoint in the target's
+    own log, or a durable commit each time, every batch gets one."""
+    layout = layout_named("default")
+    with source_and_targets(backend, request, tmp_path, layout, one_file=False) as (old, new, _, _, raw):
+        if backend == "sqlite":
+            with raw.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+        saved: list[tuple[str, int]] = []
+
+        def checkpoint(cursor: str, copied: int) -> None:
+            saved.append((cursor, copied))
+
+        monkeypatch.setattr(backfill, "DURABLE_EVERY_SECONDS", 3600.0)
+        result = copy_tasks(old, new, batch_size=40, checkpoint=checkpoint)
+        assert [(key_of(layout, ROWS - 1), ROWS)] == saved
+        assert (ROWS, ROWS) == (result.fast, result.total)
+        saved.clear()
+        copy_tasks(old, new, batch_size=40, checkpoint=checkpoint, checkpoint_in_same_log=True)
+        assert [40, 80, 120, 150] == [copied for _, copied in saved]
+        saved.clear()
+        monkeypatch.setattr(backfill, "DURABLE_EVERY_SECONDS", 0.0)
+        copy_tasks(old, new, batch_size=40, checkpoint=checkpoint)
+        assert [40, 80, 120, 150] == [copied for _, copied in saved]
         assert everything(old) == everything(new)

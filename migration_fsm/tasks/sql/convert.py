@@ -9,8 +9,8 @@ the condition admits, and a value it still refuses (a 30th of February) fails th
 whose batch then goes the record path as a whole.
 
 SQLite: every time becomes the naive UTC text `YYYY-MM-DD HH:MM:SS.ffffff` first (what its
-DATETIME columns hold), checked by a round trip through `strftime`, then takes the target's
-form. PostgreSQL: every time becomes a `timestamptz` first.
+DATETIME columns hold), its form recognised by GLOB patterns and its date checked by `date()`,
+then takes the target's form. PostgreSQL: every time becomes a `timestamptz` first.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ _PG_ISO: Final = (
 _PG_ZONED: Final = r"(Z|[+-]\d\d:\d\d)$"
 
 _Converted = tuple["ColumnElement[Any]", "ColumnElement[bool]"]
+#: SQLite: `YYYY-MM-DD HH:MM:SS` (or with T) as a GLOB pattern.
+_BASE: Final = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][ T][0-9][0-9]:[0-9][0-9]:[0-9][0-9]"
 _TEXT_KINDS: Final = (ColumnKind.SQLITE_DATETIME, ColumnKind.ISO_TEXT)
 
 
@@ -91,22 +93,38 @@ def _sqlite_normal(kind: ColumnKind, column: ColumnElement[Any]) -> _Converted |
     if kind not in _TEXT_KINDS:
         return None
     value = coerce(column, String())
-    suffix = case((value.op("GLOB")("*Z"), 1), (value.op("GLOB")("*+00:00"), 6), else_=0)
-    body = func.substr(value, 1, func.length(value) - suffix)
-    size = func.length(body)
-    base = func.replace(func.substr(body, 1, 19), "T", " ")
-    digits = func.substr(body, 21)
+    # One GLOB per accepted form (cheap, where a round trip through strftime is not): no
+    # fraction, or 3 or 6 digits of it; no zone, Z or +00:00. Other forms go the record path.
+    day, clock = func.substr(value, 1, 10), func.substr(value, 12, 8)
+    fractions = {
+        6: func.substr(value, 21, 6),
+        0: literal("000000"),
+        3: _concat(func.substr(value, 21, 3), "000"),
+    }
+    forms = []
+    for digits, fraction in fractions.items():
+        for suffix in ("", "Z", "+00:00"):
+            pattern = _BASE + ("." + "[0-9]" * digits if digits else "") + suffix
+            matches = value.op("GLOB", return_type=Boolean())(pattern)
+            forms.append((matches, _concat(day, " ", clock, ".", fraction)))
+    normal = case(*forms)
+    if kind is ColumnKind.SQLITE_DATETIME:  # the writer's own text, the common case: as it is
+        exact = value.op("GLOB", return_type=Boolean())(_BASE.replace("[ T]", " ") + "." + "[0-9]" * 6)
+        normal = case((exact, value), else_=normal)
+    # The digits are digits (GLOB): the date must be one (date() moves 02-30 to 03-01), the
+    # time of a 24-hour clock, the year not 0 (which Python has not).
+    month, day_of_month = func.substr(value, 6, 2), func.substr(value, 9, 2)
     valid = and_(
-        func.typeof(column) == "text",
-        func.substr(body, 11, 1).in_([literal(" "), literal("T")]),
-        or_(
-            size == 19,
-            and_(size.between(21, 26), func.substr(body, 20, 1) == ".", ~digits.op("GLOB")("*[^0-9]*")),
-        ),
-        func.strftime("%Y-%m-%d %H:%M:%S", base) == base,  # a real date and time, this exact text
-        func.substr(base, 1, 4) != "0000",
+        normal.is_not(None),
+        month.between("01", "12"),
+        day_of_month >= "01",
+        or_(day_of_month <= "28", func.date(day) == day),  # date() only for the last days of a month
+        func.substr(value, 12, 2) < "24",
+        func.substr(value, 15, 2) < "60",
+        func.substr(value, 18, 2) < "60",
+        func.substr(value, 1, 4) != "0000",
     )
-    return _concat(base, ".", func.substr(_concat(digits, "000000"), 1, 6)), valid
+    return normal, valid
 
 
 def _sqlite_as(kind: ColumnKind, normal: ColumnElement[Any], valid: ColumnElement[bool]) -> _Converted | None:

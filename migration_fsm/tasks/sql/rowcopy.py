@@ -64,6 +64,8 @@ class CopiedBatch:
     fast: int
     records: int
     last: str | None
+    #: Whether its commit was durable (then so is every commit before it on that database).
+    durable: bool = True
 
     @property
     def count(self) -> int:
@@ -108,6 +110,8 @@ class RowCopy:
         self.inserts = inserts
         #: The source's file to attach (SQLite), when it is not the target's.
         self.attach = attach
+        #: Inside SQLite: the keys of a range's rows that fail a check.
+        self.failed: dict[bool, Query] = {}
 
     @classmethod
     def between(cls, source: TaskStore, target: TaskStore) -> RowCopy | None:
@@ -155,16 +159,19 @@ class RowCopy:
             }
             copy = cls(source, target, single, inserts=single)
         else:
-            # Inside SQLite only the verdicts reach Python: each row's key and ok.
-            verdicts = select(values[0], ok).order_by(order).limit(limit)
+            # Inside SQLite only keys reach Python: the page's keys (from the index alone), then
+            # one INSERT ... SELECT of the rows of that range that pass the checks (evaluated
+            # once), and only when it wrote fewer, the keys of those that did not.
+            keys = select(values[0]).order_by(order).limit(limit)
             rows = select(*values).where(order <= bind_text("mfsm_last"), valid).order_by(order)
+            failed = select(values[0]).where(order <= bind_text("mfsm_last"), valid.is_not(True))
             dialect = target.engine.dialect
             inserts = {
                 False: Query.compile(_upsert_from(theirs, rows, constants), dialect),
                 True: Query.compile(_upsert_from(theirs, rows.where(after), constants), dialect),
             }
-            queries = _both(verdicts, after, dialect)
-            copy = cls(source, target, queries, inserts=inserts, attach=inside[1])
+            copy = cls(source, target, _both(keys, after, dialect), inserts=inserts, attach=inside[1])
+            copy.failed = _both(failed.order_by(order), after, dialect)
         try:  # a database without these functions (an old SQLite without JSON): the record path
             copy.probe()
         except MigrationFSMError:
@@ -190,17 +197,19 @@ class RowCopy:
             conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0)).close()
             conn.exec_driver_sql(insert.sql, insert.params(mfsm_after="b", mfsm_last="a")).close()
 
-    def copy_batch(self, after: str | None, limit: int) -> CopiedBatch | None:
+    def copy_batch(self, after: str | None, limit: int, *, durable: bool = True) -> CopiedBatch | None:
         """Copy up to `limit` tasks with keys > `after`: the rows that pass every check as
         rows, each other one as its record (a `DataError` naming it, and nothing of the
         batch written, when the record path refuses it). None when the batch must go the
-        record path as a whole (nothing was written then)."""
+        record path as a whole (nothing was written then). Without `durable` the batch's
+        commit may be lost to a power cut (`SqlTaskStore.connect`): the caller saves no
+        checkpoint past it until a later durable commit."""
         try:
             if self.inserts is None:
-                return self._copy_through_python(after, limit)
+                return self._copy_through_python(after, limit, durable)
             if self.in_one_statement:
-                return self._check_and_copy(after, limit)
-            return self._copy_inside(self.inserts, after, limit)
+                return self._check_and_copy(after, limit, durable)
+            return self._copy_inside(self.inserts, after, limit, durable)
         except _PageChanged:
             return None
 
@@ -215,7 +224,7 @@ class RowCopy:
         encode = self.target.mapping.encode
         return found, [encode(records[key]) for key in found]
 
-    def _copy_through_python(self, after: str | None, limit: int) -> CopiedBatch:
+    def _copy_through_python(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
         page = self.checked(after, limit, self._read(after, limit))
         width = self._width
         good = [row for row in page if row[-1]]
@@ -224,8 +233,8 @@ class RowCopy:
         if slow_keys:  # one batch, in key order
             merged = sorted(zip(keys + slow_keys, rows + slow_rows, strict=True), key=first_of)
             keys, rows = [key for key, _ in merged], [row for _, row in merged]
-        self.target.put_rows(keys, rows)
-        return CopiedBatch(len(good), len(slow_keys), page[-1][0] if page else None)
+        self.target.put_rows(keys, rows, durable=durable)
+        return CopiedBatch(len(good), len(slow_keys), page[-1][0] if page else None, durable)
 
     def _read(self, after: str | None, limit: int) -> list[Any]:
         try:
@@ -233,42 +242,47 @@ class RowCopy:
         except MigrationFSMError as exc:  # a value a cast refused (PostgreSQL): records explain it
             raise _PageChanged from exc
 
-    def _copy_inside(self, inserts: dict[bool, Query], after: str | None, limit: int) -> CopiedBatch:
-        """`copy_batch` inside SQLite: the verdicts, the failed rows as records, then one
-        INSERT ... SELECT of the rows that passed, in one transaction of the target store with
-        the source attached; the failed rows' records after it, in a second."""
+    def _copy_inside(
+        self, inserts: dict[bool, Query], after: str | None, limit: int, durable: bool
+    ) -> CopiedBatch:
+        """`copy_batch` inside SQLite, in one transaction of the target store with the source
+        attached: the page's keys, one INSERT ... SELECT of its rows that pass the checks, and
+        when some did not, their keys; those rows' records are read before it commits (a
+        `DataError` undoes the batch) and written after, in a second transaction."""
         target = self.target
         read, insert = self._queries[after is not None], inserts[after is not None]
         for attempt in (1, 2):
             try:
-                with target.connect(attach=self.attach) as conn:
+                with target.connect(attach=self.attach, durable=durable) as conn:
                     found = conn.exec_driver_sql(
                         read.sql, read.params(mfsm_after=after, mfsm_limit=limit + 1)
                     )
                     page = self.checked(after, limit, list(found.cursor.fetchall()))
                     if not page:
-                        return CopiedBatch(0, 0, None)
-                    slow = self._records_of([key for key, ok in page if not ok])
-                    last, fast = page[-1][0], sum(1 for _, ok in page if ok)
-                    written = conn.exec_driver_sql(
-                        insert.sql, insert.params(mfsm_after=after, mfsm_last=last)
-                    )
-                    if written.rowcount != fast:  # rows changed in between: undone, records it is
-                        raise _PageChanged
-                target.put_rows(*slow)
-                return CopiedBatch(fast, len(slow[0]), last)
+                        return CopiedBatch(0, 0, None, durable)
+                    last, params = page[-1][0], {"mfsm_after": after, "mfsm_last": page[-1][0]}
+                    fast = conn.exec_driver_sql(insert.sql, insert.params(**params)).rowcount
+                    slow: tuple[list[str], list[tuple[Any, ...]]] = ([], [])
+                    if fast != len(page):
+                        failed = self.failed[after is not None]
+                        keys = [row[0] for row in conn.exec_driver_sql(failed.sql, failed.params(**params))]
+                        if fast + len(keys) != len(page):  # rows changed in between: undone, records it is
+                            raise _PageChanged
+                        slow = self._records_of(keys)
+                target.put_rows(*slow)  # durable: and so every commit before it
+                return CopiedBatch(fast, len(slow[0]), last, durable or bool(slow[0]))
             except sa_exc.IntegrityError as exc:
                 if attempt == 1:
                     continue  # most likely another writer inserted one of these keys first
                 raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _check_and_copy(self, after: str | None, limit: int) -> CopiedBatch:
+    def _check_and_copy(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
         """PostgreSQL's one statement (`_check_and_copy`, module level); the failed rows'
         records read (a `DataError` undoes the batch) before it commits, written after."""
         statement = self._queries[after is not None]
         try:
-            with self.target.connect() as conn:
+            with self.target.connect(durable=durable) as conn:
                 params = statement.params(mfsm_after=after, mfsm_limit=limit + 1, mfsm_batch=limit)
                 rows = list(conn.exec_driver_sql(statement.sql, params).cursor.fetchall())
                 page = self.checked(after, limit, rows)
@@ -280,8 +294,8 @@ class RowCopy:
             if isinstance(exc, DataError) and "refused the statement" in str(exc):
                 raise _PageChanged from exc  # a value a cast refused: records explain it
             raise
-        self.target.put_rows(*slow)
-        return CopiedBatch(fast, len(slow[0]), page[-1][0] if page else None)
+        self.target.put_rows(*slow)  # durable: and so every commit before it
+        return CopiedBatch(fast, len(slow[0]), page[-1][0] if page else None, durable or bool(slow[0]))
 
     def checked(self, after: str | None, limit: int, rows: list[Any]) -> list[Any]:
         """The first `limit` of `rows` (read with one more row, so that a key repeated just
