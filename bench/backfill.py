@@ -596,12 +596,13 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     common_arguments(parser)
-    parser.set_defaults(repeat=3)
+    parser.set_defaults(repeat=3, batch_size=5000)  # a few thousand rows a batch, as the plain copy
     parser.add_argument("--layouts", default="default", help="all, or layout names separated by commas")
     parser.add_argument("--plain-batch-size", type=int, default=5000, help="rows per batch of the plain copy")
     parser.add_argument("--sample", type=int, default=20_000, help="tasks of the per-task put loop (0: none)")
     parser.add_argument("--target", default="", help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     args = parser.parse_args()
     # Library callers choose their own logging; measure the copy, not a log renderer.
     log.configure(json=True, level=logging.WARNING)
@@ -614,7 +615,10 @@ def main() -> None:
     report["layouts"] = [layout.name for layout in layouts]
     report["plain_batch_size"] = args.plain_batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        report["sqlite"] = measure_sqlite(args, Path(tmp), [x for x in layouts if x in layouts_for("sqlite")])
+        if not args.no_sqlite:
+            report["sqlite"] = measure_sqlite(
+                args, Path(tmp), [x for x in layouts if x in layouts_for("sqlite")]
+            )
         if not args.no_postgres:
             report["postgresql"] = measure_postgres(
                 args, Path(tmp), [x for x in layouts if x in layouts_for("postgresql")]

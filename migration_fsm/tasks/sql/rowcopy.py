@@ -127,7 +127,9 @@ class RowCopy:
             return None
         inside = _inside_source(source, target)
         table = mine.table if inside is None else inside[0]
-        plans = [_copy_field(mine, theirs, field, table) for field in theirs.fields]
+        plans = [
+            _copy_field(mine, theirs, field, table, inside=inside is not None) for field in theirs.fields
+        ]
         if any(plan is None for plan in plans):
             return None
         values = [plan[0] for plan in plans if plan is not None]
@@ -413,12 +415,13 @@ def _inside_source(source: SqlTaskStore, target: SqlTaskStore) -> tuple[Table, s
 
 
 def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
-    source: TableMapping, target: TableMapping, field: MappedField, table: Table
+    source: TableMapping, target: TableMapping, field: MappedField, table: Table, *, inside: bool = False
 ) -> _Plan | None:
     """How the source reads `field` in the target's form: (the value, an SQL condition that
     holds for a row the record path would copy to the same value), or None when the field
     must be converted in Python. Keys are checked by `RowCopy.checked` (text, not empty, ascending).
-    `table` is the source table as the reading connection sees it."""
+    `table` is the source table as the reading connection sees it; `inside`: the copy runs
+    inside the database, in one statement on PostgreSQL."""
     sqlite = source.dialect == "sqlite"
     mine = source.by_name.get(field.name)
     if field.name == "updated_at" and mine is None and source.shared_time:
@@ -452,7 +455,7 @@ def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
         value = column if same else case(stored, value=column)
         return value, column.in_([literal(value) for value in stored])
     if field.name in ("payload", "metadata"):
-        return _copy_json(mine, field, column, sqlite)
+        return _copy_json(mine, field, column, sqlite, inside=inside)
     return _copy_time(mine, field, column, source.dialect, nullable=field.name == "run_at")
 
 
@@ -478,7 +481,7 @@ def _copy_type(
 
 
 def _copy_json(
-    mine: MappedField, field: MappedField, column: ColumnElement[Any], sqlite: bool
+    mine: MappedField, field: MappedField, column: ColumnElement[Any], sqlite: bool, *, inside: bool
 ) -> _Plan | None:
     valid: ColumnElement[bool]
     if not field.kind.holds_json:
@@ -486,9 +489,13 @@ def _copy_json(
     if mine.kind is ColumnKind.JSON_TEXT and sqlite:
         # Valid JSON whose first character is `{` is an object (a BLOB's first byte is no `{`).
         valid = and_(func.json_valid(column, type_=Boolean()), func.substr(column, 1, 1) == "{")
+    elif mine.kind is ColumnKind.JSON_TEXT and field.kind.native_json and inside:
+        # PostgreSQL, into a JSON column inside one database: the value is cast to JSON, and
+        # text that is not JSON fails the cast and the statement (its batch goes the record
+        # path as a whole, which names the row); JSON whose first character is `{` is an object.
+        valid = func.left(column, 1) == "{"
     elif mine.kind is ColumnKind.JSON_TEXT:
-        # PostgreSQL: text that is not JSON fails the cast, and the statement: its batch goes
-        # the record path as a whole, which names the row.
+        # PostgreSQL: text that is not JSON fails the cast, and the statement, as above.
         valid = func.json_typeof(cast(column, JSON())) == "object"
     elif mine.kind.native_json:
         type_of = func.jsonb_typeof if mine.kind is ColumnKind.JSONB else func.json_typeof
