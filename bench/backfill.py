@@ -1,27 +1,28 @@
-"""Tasks per second of `backfill` between two task tables, next to baselines measured in the same run.
+"""Tasks per second of `backfill` on every layout of the matrix, next to baselines measured in the same run.
 
-SQLite to SQLite with N tasks of about 200 bytes of payload (old.db -> new.db, the default
-table layout): `backfill` as the CLI runs it (`backfill_migration`: the configured stores,
-a checkpoint per batch in the migration database), next to
+For each layout (`migration_fsm.tasks.sql.layouts`; `--layouts all` or names), N tasks of
+about 200 bytes of payload are filled into the old table in SQL, and `backfill` runs as the
+CLI runs it (`backfill_migration`: the configured stores, a checkpoint per batch in the
+migration database) into the default layout, the new queue's usual table. Baselines:
 
-- a plain sqlite3 keyset-batch copy between the same two files (SELECT a batch after the
-  last key, executemany INSERT, COMMIT; the practical limit), and
-- a per-task `put` loop through the same stores (`new.put(record)` for each record the old
-  store scans), run on a sample of the tasks and extrapolated to N (it is too slow for all).
-
-PostgreSQL to PostgreSQL (two tables of a database created for the run and dropped at the
-end, key column `COLLATE "C"`): `backfill` next to COPY into the same table (`COPY (SELECT
-... ORDER BY key) TO STDOUT` streamed into `COPY ... FROM STDIN`, one transaction). With
-both tables in one database the batches are copied inside it; the same backfill into a
-table of a second database (the rows through Python) is reported too.
+- SQLite: a plain sqlite3 keyset copy with the settings a person would choose for a bulk
+  copy: SELECT a batch (`--plain-batch-size`, 5,000) after the last key, executemany INSERT
+  into a table of the same layout (no conversion at all) in a WAL file with
+  `synchronous=NORMAL`, COMMIT. The backfill's target file is in WAL mode too. For the
+  default layout also a per-task `put` loop on `--sample` tasks.
+- PostgreSQL (a database created for the run and dropped at the end): COPY of the old
+  table's rows out and into a table of the same layout, one transaction. For the default
+  layout also the backfill into a table of a second database (the rows through Python).
 
 Every measured piece runs in a subprocess of its own, so its peak resident memory (ru_maxrss:
-interpreter, imports and all) is its own; pieces alternate `--repeat` times and the best run
-of each counts (the machine may be shared: the load average is reported, and on SQLite the
-rates per CPU second too, which other processes disturb less). Prints one JSON object.
+interpreter, imports and all) is its own. Backfill and baseline alternate `--repeat` (3)
+rounds; the median of each counts, wall and CPU seconds. The load average is reported: the
+machine may be shared. Prints one JSON object on stdout and the table on stderr.
 
-    .venv/bin/python bench/backfill.py [N] [--batch-size B] [--repeat R] [--sample S]
-        [--postgres URL | --no-postgres]
+    .venv/bin/python bench/backfill.py [N] [--layouts all|NAME,...] [--batch-size B]
+        [--plain-batch-size B] [--repeat R] [--sample S] [--postgres URL | --no-postgres]
+
+(Over 500 lines: the validate benchmark imports its fills and timers from here.)
 """
 
 from __future__ import annotations
@@ -55,13 +56,20 @@ from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, canonical_json
 from migration_fsm.tasks.sql import SqlTaskStore, default_task_table
+from migration_fsm.tasks.sql.layouts import LAYOUTS, Layout, layout_named, layouts_for
 from migration_fsm.tools.backfill import backfill_migration
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 COLUMNS = ("key", "type", "payload", "status", "attempts", "created_at", "updated_at", "metadata")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STATUSES = tuple(TaskStatus)
-GOALS = {"vs_plain_copy": 0.75, "vs_put_loop": 5.0, "vs_copy": 0.5, "peak_rss_mb": 200}
+GOALS = {
+    "vs_plain_copy": 1.0,
+    "vs_plain_copy_floor": 0.75,
+    "vs_put_loop": 5.0,
+    "vs_copy": 0.6,
+    "peak_rss_mb": 200,
+}
 
 
 # -- the tasks --------------------------------------------------------------------------------
@@ -200,53 +208,85 @@ def migration_store(url: str) -> tuple[Journal, str]:
     return store, name
 
 
-def timed_backfill(
-    journal_url: str, old: tuple[str, str], new: tuple[str, str], batch: int, n: int
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def layout_table(url: str, layout: Layout, name: str, *, rows: int = 0, wal: bool = False) -> None:
+    """`layout`'s table `name` at `url` (dropped first), holding rows 0 to `rows` - 1 (filled in
+    SQL); with `wal`, the SQLite file in WAL mode, as a person sets up a bulk copy."""
+    engine = make_engine(url, create=True)
+    try:
+        with engine.begin() as conn:
+            layout.create(conn, name)
+            if rows:
+                layout.fill(conn, name, rows)
+        if wal and engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+        if engine.dialect.name == "postgresql" and rows:
+            with engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(f"ANALYZE {name}")
+    finally:
+        engine.dispose()
+
+
+def timed_layout_backfill(
+    journal_url: str, old: tuple[str, str], new: tuple[str, str], layout: Layout, *, batch: int, n: int
 ) -> dict[str, Any]:
-    """`backfill_migration` from `old` to `new` (url, table), a fresh migration in the journal
-    at `journal_url` (made before the clock starts), timed."""
+    """`backfill_migration` from `old` (a table of `layout`) to `new` (the default layout),
+    a fresh migration in the journal at `journal_url` (made before the clock starts), timed;
+    with how many rows took which path."""
     store, name = migration_store(journal_url)
     stores = {
-        side: {"kind": "sql", "url": url, "table": table}
-        for side, (url, table) in zip(("old", "new"), (old, new), strict=True)
+        "old": layout.store_config(*old),
+        "new": {"kind": "sql", "url": new[0], "table": new[1]},
     }
     settings = load_settings(
         None, database_url=journal_url, actor="bench", stores=stores, backfill_batch_size=batch
     )
+    paths: dict[str, int] = {}
 
     def run() -> int:
         result = backfill_migration(store, settings, name)
         assert (n, n) == (result.copied, result.total), result
+        paths.update(fast=result.fast, records=result.records)
         return result.copied
 
     try:
-        return timed(run)
+        return {**timed(run), "paths": paths}
     finally:
         store.close()
 
 
-def piece_sqlite_backfill(work: Path, n: int, batch: int) -> dict[str, Any]:
-    (work / "new.db").unlink(missing_ok=True)
-    task_table(f"sqlite:///{work / 'new.db'}", "tasks")
-    (work / "mfsm.db").unlink(missing_ok=True)
-    journal = f"sqlite:///{work / 'mfsm.db'}"
-    old, new = (f"sqlite:///{work / 'old.db'}", "tasks"), (f"sqlite:///{work / 'new.db'}", "tasks")
-    return timed_backfill(journal, old, new, batch, n)
+def piece_sqlite_backfill(work: Path, layout: Layout, n: int, batch: int) -> dict[str, Any]:
+    """Old (the layout) -> new.db (the default layout, WAL), the journal in mfsm.db."""
+    for name in ("new.db", "mfsm.db"):
+        for suffix in ("", "-wal", "-shm"):
+            (work / (name + suffix)).unlink(missing_ok=True)
+    layout_table(sqlite_url(work / "new.db"), layout_named("default"), "tasks", wal=True)
+    old, new = (sqlite_url(work / f"old-{layout.name}.db"), "tasks"), (sqlite_url(work / "new.db"), "tasks")
+    return timed_layout_backfill(sqlite_url(work / "mfsm.db"), old, new, layout, batch=batch, n=n)
 
 
-def piece_sqlite_plain(work: Path, n: int, batch: int) -> dict[str, Any]:
-    """The plain copy: keyset batches read from old.db, inserted into plain.db, a commit each."""
+def piece_sqlite_plain(work: Path, layout: Layout, n: int, batch: int) -> dict[str, Any]:
+    """The plain copy, with the best plain settings for a bulk copy: keyset batches of the
+    layout's own columns read from the old file, executemany INSERT into a table of the same
+    layout in a WAL file with synchronous=NORMAL, a commit per batch."""
     target = work / "plain.db"
-    target.unlink(missing_ok=True)
-    task_table(f"sqlite:///{target}", "tasks")
-    names = ", ".join(COLUMNS)
-    read = f"SELECT {names} FROM tasks WHERE key > ? ORDER BY key LIMIT ?"  # noqa: S608
-    write = f"INSERT INTO tasks ({names}) VALUES ({', '.join('?' * len(COLUMNS))})"  # noqa: S608
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    layout_table(sqlite_url(target), layout, "tasks", wal=True)
+    names = [column.name for column in layout.table(MetaData(), "tasks", "sqlite").c]
+    key = names[0]
+    read = f"SELECT {', '.join(names)} FROM tasks WHERE {key} > ? ORDER BY {key} LIMIT ?"  # noqa: S608
+    write = f"INSERT INTO tasks ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608
 
     def run() -> int:
-        source = sqlite3.connect(work / "old.db")
+        source = sqlite3.connect(work / f"old-{layout.name}.db")
         sink = sqlite3.connect(target, isolation_level=None)
-        copied, after = 0, ""
+        sink.execute("PRAGMA synchronous = NORMAL")
+        copied, after = 0, -1 if layout.integer_key else ""
         while rows := source.execute(read, (after, batch)).fetchall():
             sink.execute("BEGIN IMMEDIATE")
             sink.executemany(write, rows)
@@ -265,12 +305,12 @@ def piece_sqlite_put_loop(work: Path, batch: int, sample: int) -> dict[str, Any]
     """The per-task loop: `new.put(record)` for each of the first `sample` records old scans."""
     target = work / "loop.db"
     target.unlink(missing_ok=True)
-    task_table(f"sqlite:///{target}", "tasks")
+    task_table(sqlite_url(target), "tasks")
 
     def run() -> int:
         with (
-            SqlTaskStore(f"sqlite:///{work / 'old.db'}", "tasks", name="old") as old,
-            SqlTaskStore(f"sqlite:///{target}", "tasks", name="new") as new,
+            SqlTaskStore(sqlite_url(work / "old-default.db"), "tasks", name="old") as old,
+            SqlTaskStore(sqlite_url(target), "tasks", name="new") as new,
         ):
             copied, after = 0, None
             while copied < sample and (page := old.scan(after, min(batch, sample - copied))):
@@ -283,19 +323,24 @@ def piece_sqlite_put_loop(work: Path, batch: int, sample: int) -> dict[str, Any]
     return timed(run)
 
 
-def piece_pg_backfill(url: str, n: int, batch: int, target: str = "") -> dict[str, Any]:
-    """Into `new_tasks` of the same database, or of the database at `target`."""
+def piece_pg_backfill(url: str, layout: Layout, n: int, batch: int, target: str = "") -> dict[str, Any]:
+    """old_<layout> -> `new_tasks` (the default layout) of the same database, or of the
+    database at `target`."""
     target = target or url
     task_table(target, "new_tasks")
-    return timed_backfill(url, (url, "old_tasks"), (target, "new_tasks"), batch, n)
+    return timed_layout_backfill(
+        url, (url, f"old_{layout.name}"), (target, "new_tasks"), layout, batch=batch, n=n
+    )
 
 
-def piece_pg_copy(url: str, n: int) -> dict[str, Any]:
-    """COPY into the same table: the old table's rows streamed out and in, one transaction."""
-    task_table(url, "new_tasks")
-    names = ", ".join(COLUMNS)
-    copy_out = f"COPY (SELECT {names} FROM old_tasks ORDER BY key) TO STDOUT"  # noqa: S608
-    copy_in = f"COPY new_tasks ({names}) FROM STDIN"
+def piece_pg_copy(url: str, layout: Layout, n: int) -> dict[str, Any]:
+    """COPY into a table of the same layout: the old table's rows streamed out and in, one
+    transaction."""
+    layout_table(url, layout, "copy_tasks")
+    names = ", ".join(column.name for column in layout.table(MetaData(), "t", "postgresql").c)
+    key = layout.column("key")
+    copy_out = f"COPY (SELECT {names} FROM old_{layout.name} ORDER BY {key}) TO STDOUT"  # noqa: S608
+    copy_in = f"COPY copy_tasks ({names}) FROM STDIN"
 
     def run() -> int:
         with psycopg.connect(libpq(url)) as source, psycopg.connect(libpq(url)) as sink:
@@ -303,7 +348,7 @@ def piece_pg_copy(url: str, n: int) -> dict[str, Any]:
                 for block in out:
                     into.write(block)
             sink.commit()
-            copied = sink.execute("SELECT count(*) FROM new_tasks").fetchone()
+            copied = sink.execute("SELECT count(*) FROM copy_tasks").fetchone()
         assert copied is not None
         assert n == copied[0]
         return n
@@ -313,18 +358,19 @@ def piece_pg_copy(url: str, n: int) -> dict[str, Any]:
 
 def run_piece(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
+    layout = layout_named(args.layout)
     if args.piece == "sqlite-backfill":
-        return piece_sqlite_backfill(work, args.n, args.batch_size)
+        return piece_sqlite_backfill(work, layout, args.n, args.batch_size)
     if args.piece == "sqlite-plain":
-        return piece_sqlite_plain(work, args.n, args.batch_size)
+        return piece_sqlite_plain(work, layout, args.n, args.plain_batch_size)
     if args.piece == "sqlite-put-loop":
         return piece_sqlite_put_loop(work, args.batch_size, args.sample)
     if args.piece == "pg-backfill":
-        return piece_pg_backfill(args.url, args.n, args.batch_size)
+        return piece_pg_backfill(args.url, layout, args.n, args.batch_size)
     if args.piece == "pg-backfill-two-databases":
-        return piece_pg_backfill(args.url, args.n, args.batch_size, args.target)
+        return piece_pg_backfill(args.url, layout, args.n, args.batch_size, args.target)
     if args.piece == "pg-copy":
-        return piece_pg_copy(args.url, args.n)
+        return piece_pg_copy(args.url, layout, args.n)
     raise SystemExit(f"unknown piece {args.piece}")
 
 
@@ -332,14 +378,21 @@ def run_piece(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def spawn(
-    piece: str, args: argparse.Namespace, work: Path, url: str = "", target: str = ""
+    piece: str,
+    args: argparse.Namespace,
+    work: Path,
+    url: str = "",
+    *,
+    target: str = "",
+    layout: str = "default",
 ) -> dict[str, Any]:
     """Run one piece in a fresh interpreter; its JSON line."""
     argv = [sys.executable, __file__, str(args.n), "--piece", piece, "--work", str(work), "--url", url]
     argv += ["--batch-size", str(args.batch_size), "--sample", str(args.sample), "--target", target]
+    argv += ["--layout", layout, "--plain-batch-size", str(getattr(args, "plain_batch_size", 5000))]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"piece {piece} failed:\n{done.stderr}")
+        raise SystemExit(f"piece {piece} ({layout}) failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
@@ -358,45 +411,70 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def versus(ours: dict[str, Any], theirs: dict[str, Any], goal: float, *, cpu: bool) -> dict[str, Any]:
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one piece, summarised by their medians (wall and CPU seconds), every run's
+    seconds, the highest peak resident memory, and (backfill) how its rows went."""
+    tasks = runs[0]["tasks"]
+    wall = statistics.median(r["seconds"] for r in runs)
+    cpu = statistics.median(r["cpu_seconds"] for r in runs)
+    summary = {
+        "tasks_per_second": round(tasks / wall),
+        "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "all_seconds": [r["seconds"] for r in runs],
+        "all_cpu_seconds": [r["cpu_seconds"] for r in runs],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+    }
+    if "paths" in runs[0]:
+        summary["paths"] = runs[0]["paths"]
+    return summary
+
+
+def versus(
+    ours: dict[str, Any], theirs: dict[str, Any], goal: float, *, floor: float | None = None
+) -> dict[str, Any]:
+    """Ours next to the baseline: the ratio of rates (wall), of CPU seconds, and the goal."""
     ratio = ours["tasks_per_second"] / theirs["tasks_per_second"]
     result: dict[str, Any] = {"ratio": round(ratio, 3), "goal": goal, "met": ratio >= goal}
-    if cpu:
-        result["cpu_ratio"] = round(ours["cpu_tasks_per_second"] / theirs["cpu_tasks_per_second"], 3)
+    if floor is not None:
+        result.update(floor=floor, above_floor=ratio >= floor)
+    if ours.get("cpu_seconds") and theirs.get("cpu_seconds"):
+        result["cpu_ratio"] = round(theirs["cpu_seconds"] / ours["cpu_seconds"], 3)
     return result
 
 
-def measure_sqlite(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    fill_sqlite(work / "old.db", args.n)
-    verify(f"sqlite:///{work / 'old.db'}", "tasks", args.n)
-    ours: list[dict[str, Any]] = []
-    plain: list[dict[str, Any]] = []
-    for _ in range(args.repeat):
-        ours.append(spawn("sqlite-backfill", args, work))
-        plain.append(spawn("sqlite-plain", args, work))
-    loop = spawn("sqlite-put-loop", args, work)
-    backfill, copy = best(ours), best(plain)
-    loop_rate = loop["tasks"] / loop["seconds"]
-    put_loop = {
-        "sample": loop["tasks"],
-        "tasks_per_second": round(loop_rate),
-        "cpu_tasks_per_second": round(loop["tasks"] / max(loop["cpu_seconds"], 1e-9)),
-        "extrapolated_seconds_for_n": round(args.n / loop_rate, 1),
-        "note": f"measured on the first {loop['tasks']} tasks, extrapolated linearly to N",
-        "peak_rss_mb": loop["peak_rss_mb"],
-    }
-    return {
-        "backfill": backfill,
-        "plain_sqlite3_copy": copy,
-        "put_loop": put_loop,
-        "vs_plain_copy": versus(backfill, copy, GOALS["vs_plain_copy"], cpu=True),
-        "vs_put_loop": versus(backfill, put_loop, GOALS["vs_put_loop"], cpu=True),
-        "peak_rss": {
-            "mb": backfill["peak_rss_mb"],
-            "goal_mb": GOALS["peak_rss_mb"],
-            "met": backfill["peak_rss_mb"] < GOALS["peak_rss_mb"],
-        },
-    }
+def measure_sqlite(args: argparse.Namespace, work: Path, layouts: list[Layout]) -> dict[str, Any]:
+    """Per SQLite layout: backfill and the plain copy, `--repeat` interleaved rounds each."""
+    report: dict[str, Any] = {}
+    for layout in layouts:
+        layout_table(sqlite_url(work / f"old-{layout.name}.db"), layout, "tasks", rows=args.n)
+        ours: list[dict[str, Any]] = []
+        plain: list[dict[str, Any]] = []
+        for _ in range(args.repeat):
+            ours.append(spawn("sqlite-backfill", args, work, layout=layout.name))
+            plain.append(spawn("sqlite-plain", args, work, layout=layout.name))
+        backfill, copy = median_of(ours), median_of(plain)
+        report[layout.name] = {
+            "backfill": backfill,
+            "plain_sqlite3_copy": copy,
+            "vs_plain_copy": versus(
+                backfill, copy, GOALS["vs_plain_copy"], floor=GOALS["vs_plain_copy_floor"]
+            ),
+            "peak_rss_met": backfill["peak_rss_mb"] < GOALS["peak_rss_mb"],
+        }
+        if layout.name == "default" and args.sample:
+            loop = spawn("sqlite-put-loop", args, work, layout=layout.name)
+            rate = loop["tasks"] / loop["seconds"]
+            report[layout.name]["put_loop"] = {
+                "sample": loop["tasks"],
+                "tasks_per_second": round(rate),
+                "note": f"measured on the first {loop['tasks']} tasks",
+            }
+            report[layout.name]["vs_put_loop"] = versus(
+                backfill, {"tasks_per_second": rate}, GOALS["vs_put_loop"]
+            )
+        (work / f"old-{layout.name}.db").unlink()
+    return report
 
 
 @contextmanager
@@ -414,34 +492,41 @@ def pg_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def measure_postgres(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def measure_postgres(args: argparse.Namespace, work: Path, layouts: list[Layout]) -> dict[str, Any]:
+    """Per PostgreSQL layout: backfill inside one database and COPY, `--repeat` interleaved
+    rounds each; for the default layout also backfill into a second database."""
+    report: dict[str, Any] = {}
     with pg_database(args.postgres) as url, pg_database(args.postgres) as other:
-        fill_postgres(url, "old_tasks", args.n)
-        verify(url, "old_tasks", args.n)
         migration_store(url)[0].close()  # the journal's schema, before any clock starts
-        ours: list[dict[str, Any]] = []
-        copies: list[dict[str, Any]] = []
-        apart: list[dict[str, Any]] = []
-        for _ in range(args.repeat):
-            ours.append(spawn("pg-backfill", args, work, url))
-            copies.append(spawn("pg-copy", args, work, url))
-            apart.append(spawn("pg-backfill-two-databases", args, work, url, other))
-    backfill, copy, two_databases = best(ours), best(copies), best(apart)
-    return {
-        "backfill": backfill,
-        "copy": copy,
-        "vs_copy": versus(backfill, copy, GOALS["vs_copy"], cpu=False),
-        "backfill_between_two_databases": {
-            **two_databases,
-            "vs_copy": round(two_databases["tasks_per_second"] / copy["tasks_per_second"], 3),
-            "note": "old and new in two databases of the server: the rows pass through Python (COPY in)",
-        },
-        "peak_rss": {
-            "mb": backfill["peak_rss_mb"],
-            "goal_mb": GOALS["peak_rss_mb"],
-            "met": backfill["peak_rss_mb"] < GOALS["peak_rss_mb"],
-        },
-    }
+        for layout in layouts:
+            layout_table(url, layout, f"old_{layout.name}", rows=args.n)
+            ours: list[dict[str, Any]] = []
+            copies: list[dict[str, Any]] = []
+            apart: list[dict[str, Any]] = []
+            for _ in range(args.repeat):
+                ours.append(spawn("pg-backfill", args, work, url, layout=layout.name))
+                copies.append(spawn("pg-copy", args, work, url, layout=layout.name))
+                if layout.name == "default":
+                    apart.append(
+                        spawn("pg-backfill-two-databases", args, work, url, target=other, layout=layout.name)
+                    )
+            backfill, copy = median_of(ours), median_of(copies)
+            report[layout.name] = {
+                "backfill": backfill,
+                "copy": copy,
+                "vs_copy": versus(backfill, copy, GOALS["vs_copy"]),
+                "peak_rss_met": backfill["peak_rss_mb"] < GOALS["peak_rss_mb"],
+            }
+            if apart:
+                two = median_of(apart)
+                report[layout.name]["backfill_between_two_databases"] = {
+                    **two,
+                    "vs_copy": round(two["tasks_per_second"] / copy["tasks_per_second"], 3),
+                    "note": "old and new in two databases: the rows pass through Python (COPY in)",
+                }
+            with create_engine(url, isolation_level="AUTOCOMMIT").connect() as conn:
+                conn.execute(text(f"DROP TABLE old_{layout.name}"))
+    return report
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -474,24 +559,73 @@ def report_header(benchmark: str, args: argparse.Namespace, goals: dict[str, flo
     }
 
 
+def chosen_layouts(spec: str) -> list[Layout]:
+    """`--layouts`: all, or names separated by commas (an unknown name: exit 2, naming the known ones)."""
+    if spec == "all":
+        return list(LAYOUTS)
+    try:
+        return [layout_named(name.strip()) for name in spec.split(",") if name.strip()]
+    except KeyError as exc:
+        raise SystemExit(f"--layouts: {exc.args[0]}") from None
+
+
+def table_lines(report: dict[str, Any]) -> list[str]:
+    """The layout matrix as a plain text table: per backend and layout, ours next to the baseline."""
+    lines = [
+        f"{'backend':<10} {'layout':<18} {'backfill/s':>11} {'cpu s':>7} {'baseline/s':>11} {'cpu s':>7}"
+        f" {'ratio':>6} {'goal':>9} {'fast':>9} {'records':>8} {'rss MB':>7}"
+    ]
+    for backend, baseline, against in (
+        ("sqlite", "plain_sqlite3_copy", "vs_plain_copy"),
+        ("postgresql", "copy", "vs_copy"),
+    ):
+        for name, row in report.get(backend, {}).items():
+            ours, theirs, ratio = row["backfill"], row[baseline], row[against]
+            goal = f">={ratio['goal']}" + (
+                "" if ratio["met"] else (" LOW" if ratio.get("above_floor", True) else " NO")
+            )
+            lines.append(
+                f"{backend:<10} {name:<18} {ours['tasks_per_second']:>11,} {ours['cpu_seconds']:>7.2f}"
+                f" {theirs['tasks_per_second']:>11,} {theirs['cpu_seconds']:>7.2f} {ratio['ratio']:>5.2f}x"
+                f" {goal:>9} {ours['paths']['fast']:>9,} {ours['paths']['records']:>8,}"
+                f" {ours['peak_rss_mb']:>7.1f}"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     common_arguments(parser)
-    parser.add_argument("--sample", type=int, default=20_000, help="tasks of the per-task put loop")
+    parser.set_defaults(repeat=3, batch_size=5000)  # a few thousand rows a batch, as the plain copy
+    parser.add_argument("--layouts", default="default", help="all, or layout names separated by commas")
+    parser.add_argument("--plain-batch-size", type=int, default=5000, help="rows per batch of the plain copy")
+    parser.add_argument("--sample", type=int, default=20_000, help="tasks of the per-task put loop (0: none)")
     parser.add_argument("--target", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     args = parser.parse_args()
     # Library callers choose their own logging; measure the copy, not a log renderer.
     log.configure(json=True, level=logging.WARNING)
     if args.piece:
         print(json.dumps(run_piece(args)))
         return
+    layouts = chosen_layouts(args.layouts)
     args.sample = min(args.sample, args.n)
     report = report_header("backfill", args, GOALS)
+    report["layouts"] = [layout.name for layout in layouts]
+    report["plain_batch_size"] = args.plain_batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        report["sqlite"] = measure_sqlite(args, Path(tmp))
+        if not args.no_sqlite:
+            report["sqlite"] = measure_sqlite(
+                args, Path(tmp), [x for x in layouts if x in layouts_for("sqlite")]
+            )
         if not args.no_postgres:
-            report["postgresql"] = measure_postgres(args, Path(tmp))
+            report["postgresql"] = measure_postgres(
+                args, Path(tmp), [x for x in layouts if x in layouts_for("postgresql")]
+            )
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    for line in table_lines(report):
+        print(line, file=sys.stderr)
     print(json.dumps(report, indent=2))
 
 

@@ -13,9 +13,10 @@ batch is never written after the phase left `dual_write` (a task the new workers
 would go back to pending and run twice).
 
 Between two SQL stores of one kind of database the batches are copied as rows (`RowCopy`):
-the source database reads each field in the target column's form and checks it, so no
-record is decoded and encoded again; a batch with a row that needs converting goes the
-record path.
+the source database reads each field in the target column's form (text timestamps and
+epoch counts converted in SQL) and checks it, so no record is decoded and encoded again; a
+row that fails a check goes the record path alone, its batch's other rows stay rows.
+`BackfillResult` counts the rows of each path (`backfill --json`'s `paths`).
 
 A backfill never carries a hand-over marker onto the side that owns the task
 (`ownership.py`): while a key the ledger gives to the new side, unfinished there, lies ahead
@@ -32,6 +33,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import make_url
+
 from ..exceptions import BadInput
 from ..fsm import authoritative_phases, routing_for
 from ..journal.locks import lease_holder_name
@@ -39,9 +42,13 @@ from ..tasks.capabilities import Count
 from ..tasks.scan import page
 from ..tasks.sides import open_sides, shares_migration_file
 from ..tasks.sql import RowCopy
+from ..tasks.sql.rowcopy import CopiedBatch
 from . import runs
 from .ownership import OwnedKeys, open_ledger
 from .progress import NoProgress, Progress
+
+#: How often a backfill's row copy waits for the disk (and saves its checkpoint), at most.
+DURABLE_EVERY_SECONDS = 1.0
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,6 +68,8 @@ class BackfillResult:
     seconds: float
     rows_per_second: float
     resumed_from: str | None  # the checkpoint key this run started after; None for a fresh start
+    fast: int = 0  # of `copied`, rows copied as rows (`RowCopy`), never decoded
+    records: int = 0  # of `copied`, rows copied as records (decoded and encoded again)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +78,7 @@ class BackfillResult:
             "seconds": self.seconds,
             "rows_per_second": self.rows_per_second,
             "resumed_from": self.resumed_from,
+            "paths": {"fast": self.fast, "records": self.records},
         }
 
 
@@ -91,6 +101,7 @@ def copy_tasks(
     done_before: int = 0,
     fence: Callable[[], AbstractContextManager[object]] | None = None,
     owned: OwnedKeys | None = None,
+    checkpoint_in_same_log: bool = False,
 ) -> BackfillResult:
     """Copy the tasks of `old` with keys > `after` into `new`, `batch_size` at a time.
 
@@ -100,7 +111,9 @@ def copy_tasks(
     Each batch is read and written inside `fence()` (`Journal.data_fence`: it raises, and
     the copy stops, when the migration changed since the backfill began). `owned`: the keys
     the ledger gives to the new side, whose new copy no hand-over marker may replace
-    (`OwnedKeys.without_markers`); such a copy counts as copied (it is current)."""
+    (`OwnedKeys.without_markers`); such a copy counts as copied (it is current).
+    `checkpoint_in_same_log`: `checkpoint` writes to the log `new` writes to (one SQLite file,
+    or one PostgreSQL server), after it, so it never outlives the batch: one a batch then."""
     fenced = fence or nullcontext
     progress = progress or NoProgress()
     if max_rate is not None:
@@ -109,17 +122,32 @@ def copy_tasks(
     started = time.monotonic()
     progress.start(total_of(old), done_before)
     rows = RowCopy.between(old, new)
-    copied = 0
+    copied = fast = 0
     cursor = after
+    # Row copies commit without waiting for the disk (SQLite in WAL mode: synchronous=NORMAL;
+    # PostgreSQL: synchronous_commit off), except one a second. A checkpoint is saved only
+    # after a durable commit, and a durable commit makes every earlier one durable too (each
+    # database writes its log in order), so a checkpoint never gets ahead of the rows on disk:
+    # a crash or a power cut can only make the next run repeat the last second's batches,
+    # never skip one. The last batch is made durable before the run ends (or is marked done).
+    synced = time.monotonic()
+    unsynced: str | None = None  # where the first batch not yet durable started; None: none
     try:
         while True:
+            durable = time.monotonic() - synced >= DURABLE_EVERY_SECONDS
             with fenced():
-                written, last = _copy_batch(old, new, rows, cursor, batch_size, owned)
+                batch = _copy_batch(old, new, rows, cursor, batch_size, owned, durable=durable)
+            written, last = batch.count, batch.last
             if last is None:
                 break
+            if unsynced is None and not batch.durable:
+                unsynced = cursor
             copied += written
-            cursor = last
-            if checkpoint is not None:
+            fast += batch.fast
+            previous, cursor = cursor, last
+            if batch.durable:
+                synced, unsynced = time.monotonic(), None
+            if checkpoint is not None and (batch.durable or checkpoint_in_same_log):
                 checkpoint(cursor, copied)
             progress.advance(written, cursor)
             if max_rate is not None:
@@ -128,6 +156,11 @@ def copy_tasks(
                     time.sleep(ahead)
             if written < batch_size:
                 break
+        if unsynced is not None and not checkpoint_in_same_log:  # once more, durably: so is all before it
+            with fenced():
+                _copy_batch(old, new, rows, previous, batch_size, owned, durable=True)
+            if checkpoint is not None and cursor is not None:
+                checkpoint(cursor, copied)
     finally:
         progress.finish()
     seconds = time.monotonic() - started
@@ -137,6 +170,8 @@ def copy_tasks(
         seconds=round(seconds, 3),
         rows_per_second=round(copied / seconds, 1) if seconds > 0 else 0.0,
         resumed_from=after,
+        fast=fast,
+        records=copied - fast,
     )
 
 
@@ -147,18 +182,29 @@ def _copy_batch(  # noqa: PLR0917 - both stores, the row copy, the page, the own
     after: str | None,
     batch_size: int,
     owned: OwnedKeys | None = None,
-) -> tuple[int, str | None]:
+    *,
+    durable: bool = True,
+) -> CopiedBatch:
     """Copy the next batch after `after`: as rows when the two stores allow it and no owned
-    key lies ahead, else as records. Returns (tasks copied, the batch's last key or None when
-    there was none)."""
+    key lies ahead (a row that fails a check goes as its record, alone), else as records.
+    Returns how many went which way and the batch's last key (None when there was none)."""
     guarded = owned is not None and owned.any_after(after)
     if rows is not None and not guarded:
-        copied = rows.copy_batch(after, batch_size)
+        copied = rows.copy_batch(after, batch_size, durable=durable)
         if copied is not None:
             return copied
     records = page(old, batch_size, after)  # also the rows' fallback: it converts or names the bad row
     new.put_many(owned.without_markers(records, new) if owned is not None and guarded else records)
-    return len(records), records[-1].key if records else None
+    return CopiedBatch(0, len(records), records[-1].key if records else None)
+
+
+def same_server(first: str, second: str) -> bool:
+    """Whether two database URLs are on one PostgreSQL server (one write-ahead log)."""
+    a, b = make_url(first), make_url(second)
+    return a.get_backend_name() == b.get_backend_name() == "postgresql" and (a.host, a.port) == (
+        b.host,
+        b.port,
+    )
 
 
 def backfill_migration(
@@ -197,6 +243,12 @@ def backfill_migration(
 
         holder = lease_holder_name(settings.actor)
         hold = not shares_migration_file(settings, "new")
+        new_store = settings.stores.get("new")
+        same_log = not hold or (
+            new_store is not None
+            and new_store.url is not None
+            and same_server(settings.database_url, new_store.url)
+        )
 
         def fence() -> AbstractContextManager[object]:
             return store.data_fence(migration, holder, tool="backfill", version=state.version, hold=hold)
@@ -214,6 +266,7 @@ def backfill_migration(
                 done_before=before,
                 fence=fence,
                 owned=owned,
+                checkpoint_in_same_log=same_log,
             )
         final = runs.backfill_progress(store, migration)
         cursor = final.cursor if final is not None else after

@@ -291,7 +291,8 @@ def test_backfill_killed_at_random_moments_resumes_to_an_identical_copy(
     )
     assert 0 == final.returncode, final.stderr
     doc = json.loads(final.stdout)
-    assert {"copied", "total", "seconds", "rows_per_second", "resumed_from"} == set(doc)
+    assert {"copied", "total", "seconds", "rows_per_second", "resumed_from", "paths"} == set(doc)
+    assert doc["copied"] == doc["paths"]["fast"] + doc["paths"]["records"]
     assert progress.cursor == doc["resumed_from"]
     assert 1200 == doc["total"]
     assert (1200, 1200) == row_counts(upgraded_url, "new_tasks")

@@ -21,7 +21,8 @@ from migration_fsm.journal import make_engine
 from migration_fsm.tasks.capabilities import IdentityScan
 from migration_fsm.tasks.identity import identity_source
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
-from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
+from migration_fsm.tasks.sql import RowCopy, SqlTaskStore, rowcopy
+from migration_fsm.tasks.sql.rowcopy import CopiedBatch
 from migration_fsm.testing import TRICKY_KEYS, changed, make_records
 from migration_fsm.tools.backfill import copy_tasks
 from migration_fsm.tools.validate import validate
@@ -383,11 +384,15 @@ def test_a_batch_refused_after_postgresql_wrote_it_is_undone(
         rows = RowCopy.between(old, new)
         assert rows is not None
         assert rows.inserts is not None
-        monkeypatch.setattr(rows, "checked", lambda after, limit, found: None)
+
+        def out_of_order(after: str | None, limit: int, found: list[Any]) -> list[Any]:
+            raise rowcopy._PageChanged
+
+        monkeypatch.setattr(rows, "checked", out_of_order)
         assert rows.copy_batch(None, 10) is None
         assert [] == everything(new)
         monkeypatch.undo()
-        assert (10, "k009") == rows.copy_batch(None, 10)
+        assert CopiedBatch(10, 0, "k009") == rows.copy_batch(None, 10)
         copy_tasks(old, new, batch_size=10)
         assert everything(old) == everything(new)
 
@@ -421,7 +426,7 @@ def test_a_copy_inside_sqlite_write_locks_the_target_and_not_the_source(
             return checked(after, limit, found)
 
         monkeypatch.setattr(rows, "checked", during)
-        assert (10, "k009") == rows.copy_batch(None, 10)
+        assert CopiedBatch(10, 0, "k009") == rows.copy_batch(None, 10)
         assert {"source": True, "target": False} == seen
 
 

@@ -6,13 +6,11 @@ kinds, status maps, key order and indexes), `connect` and `fetch`.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
-from datetime import datetime
-from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     Integer,
     MetaData,
@@ -33,13 +31,16 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.sqltypes import NullType
 
-from migration_fsm.exceptions import MigrationFSMError
+from migration_fsm.exceptions import DataError, MigrationFSMError
 from migration_fsm.tasks.sql.columns import ColumnKind, bind_text, first_of, keys_in_order
+from migration_fsm.tasks.sql.convert import convert_time
 from migration_fsm.tasks.sql.dialects import ATTACHED, insert_for, sqlite_file
 from migration_fsm.tasks.sql.statements import Query
 from migration_fsm.tasks.sql.store import SqlTaskStore
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.sql.elements import ColumnElement
     from sqlalchemy.sql.selectable import Select
@@ -47,32 +48,50 @@ if TYPE_CHECKING:
     from migration_fsm.tasks.records import TaskStore
     from migration_fsm.tasks.sql.mapping import MappedField, TableMapping
 
-_last: Final = itemgetter(-1)
-_Check = Callable[[list[Any]], bool]
-_Plan = tuple["ColumnElement[Any]", "ColumnElement[bool] | None", "_Check | None"]
+_Plan = tuple["ColumnElement[Any]", "ColumnElement[bool] | None"]
 
 
 class _PageChanged(Exception):
     """Rows of a batch changed between its check and its INSERT ... SELECT."""
 
 
+@dataclass(frozen=True, slots=True)
+class CopiedBatch:
+    """One batch of a row copy: how many rows went as rows (`fast`), how many (each failing a
+    check on its own) went the record path (`records`), and the batch's last key (None when
+    there was none)."""
+
+    fast: int
+    records: int
+    last: str | None
+    #: Whether its commit was durable (then so is every commit before it on that database).
+    durable: bool = True
+
+    @property
+    def count(self) -> int:
+        return self.fast + self.records
+
+
 class RowCopy:
     """Copies tasks from one `SqlTaskStore`'s table into another's as rows, never decoding
     them into records: the source database reads each field in the form the target column
-    takes (a status through both status maps, a default for a field the source lacks) and
-    checks, row by row, that the value is one the record path would write the same way;
-    Python checks what SQL cannot check cheaply (that a timestamp exists).
+    takes (a status through both status maps, a timestamp converted, a default for a field
+    the source lacks) and checks, row by row in SQL, that the value is one the record path
+    would write the same way.
 
     JSON is copied as the source holds it (checked to be a JSON object, not re-encoded): the
     target decodes it to the same records, and the same text on both sides is what lets
-    `validate` compare rows without decoding them. A batch with any row that fails a check
-    is left to the record path (`copy` returns None), which converts it or raises the
-    `DataError` naming the row.
+    `validate` compare rows without decoding them. A row that fails a check goes the record
+    path alone (read as a record from the source, converted, or the `DataError` naming it
+    raised before anything of its batch is written); the rest of its batch stays rows. A
+    batch whose keys are not in order, or that changed under the copy, goes the record path
+    as a whole (`copy_batch` returns None).
 
     Built only between two tables of one kind of database. Between two SQLite files (or two
     tables of one), the target's connection attaches the source and the batch is one
     `INSERT ... SELECT ... ON CONFLICT DO UPDATE`: the rows never reach Python at all. It
-    begins deferred, so the source is locked no more than by any reader. Otherwise the rows
+    begins deferred, so the source is locked no more than by any reader. Inside one
+    PostgreSQL database one statement reads, checks and writes a batch. Otherwise the rows
     pass through Python and `SqlTaskStore.put_rows`."""
 
     def __init__(
@@ -80,19 +99,19 @@ class RowCopy:
         source: SqlTaskStore,
         target: SqlTaskStore,
         queries: dict[bool, Query],
-        checks: list[tuple[int, _Check]],
         *,
         inserts: dict[bool, Query] | None = None,
         attach: str | None = None,
     ) -> None:
         self.source, self.target = source, target
         self._queries = queries
-        self._checks = checks
         self._width = len(target.mapping.fields)
         #: INSERT ... SELECT inside the database; None: rows pass through Python.
         self.inserts = inserts
         #: The source's file to attach (SQLite), when it is not the target's.
         self.attach = attach
+        #: Inside SQLite: the keys of a range's rows that fail a check.
+        self.failed: dict[bool, Query] = {}
 
     @classmethod
     def between(cls, source: TaskStore, target: TaskStore) -> RowCopy | None:
@@ -108,20 +127,19 @@ class RowCopy:
             return None
         inside = _inside_source(source, target)
         table = mine.table if inside is None else inside[0]
-        plans = [_copy_field(mine, theirs, field, table) for field in theirs.fields]
+        plans = [
+            _copy_field(mine, theirs, field, table, inside=inside is not None) for field in theirs.fields
+        ]
         if any(plan is None for plan in plans):
             return None
         values = [plan[0] for plan in plans if plan is not None]
         conditions = [plan[1] for plan in plans if plan is not None and plan[1] is not None]
         if "run_at" in mine.by_name and not theirs.keeps_run_at:
-            # A scheduled time the target cannot hold: that batch goes the record path, which refuses it.
+            # A scheduled time the target cannot hold: that row goes the record path, which refuses it.
             conditions.append(table.c[mine.by_name["run_at"].column.name].is_(None))
         valid = and_(*conditions)
         constants = target.statements.constants
         ok = valid.label("mfsm_ok")
-        checks = [(i, plan[2]) for i, plan in enumerate(plans) if plan is not None and plan[2] is not None]
-        if inside is not None and mine.dialect == "postgresql" and checks:
-            inside = None  # the rows' Python checks would not see what the INSERT reads
         order = mine.key_order
         if inside is not None and mine.dialect == "sqlite":
             order = table.c[mine.key_column.name].collate("BINARY")
@@ -129,10 +147,10 @@ class RowCopy:
         after = order > bind_text("mfsm_after")
         if inside is None:
             read = select(*values, ok).order_by(order).limit(limit)
-            copy = cls(source, target, _both(read, after, source.engine.dialect), checks)
+            copy = cls(source, target, _both(read, after, source.engine.dialect))
         elif mine.dialect == "postgresql":
-            # One statement, so one snapshot: it reads the page, checks it, inserts it when
-            # every row passed, and returns the keys, how many it wrote and each row's verdict.
+            # One statement, so one snapshot: it reads the page, checks it, inserts the rows
+            # that pass, and returns the keys, how many it wrote and each row's verdict.
             native = _native_values(mine, theirs, table, values)
             dialect = target.engine.dialect
             single = {
@@ -141,19 +159,21 @@ class RowCopy:
                 )
                 for with_after in (False, True)
             }
-            copy = cls(source, target, single, [], inserts=single)
+            copy = cls(source, target, single, inserts=single)
         else:
-            # Inside SQLite only the checks reach Python: the key, the checked columns, ok.
-            read = select(values[0], *(values[i] for i, _ in checks), ok).order_by(order).limit(limit)
-            checks = [(1 + n, check) for n, (_, check) in enumerate(checks)]
-            rows = select(*values).where(order <= bind_text("mfsm_last")).order_by(order)
+            # Inside SQLite only keys reach Python: the page's keys (from the index alone), then
+            # one INSERT ... SELECT of the rows of that range that pass the checks (evaluated
+            # once), and only when it wrote fewer, the keys of those that did not.
+            keys = select(values[0]).order_by(order).limit(limit)
+            rows = select(*values).where(order <= bind_text("mfsm_last"), valid).order_by(order)
+            failed = select(values[0]).where(order <= bind_text("mfsm_last"), valid.is_not(True))
             dialect = target.engine.dialect
             inserts = {
                 False: Query.compile(_upsert_from(theirs, rows, constants), dialect),
                 True: Query.compile(_upsert_from(theirs, rows.where(after), constants), dialect),
             }
-            queries = _both(read, after, dialect)
-            copy = cls(source, target, queries, checks, inserts=inserts, attach=inside[1])
+            copy = cls(source, target, _both(keys, after, dialect), inserts=inserts, attach=inside[1])
+            copy.failed = _both(failed.order_by(order), after, dialect)
         try:  # a database without these functions (an old SQLite without JSON): the record path
             copy.probe()
         except MigrationFSMError:
@@ -179,92 +199,115 @@ class RowCopy:
             conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0)).close()
             conn.exec_driver_sql(insert.sql, insert.params(mfsm_after="b", mfsm_last="a")).close()
 
-    def copy_batch(self, after: str | None, limit: int) -> tuple[int, str | None] | None:
-        """Copy up to `limit` tasks with keys > `after`, as one transaction on the target:
-        (how many, the last key or None when there was none), or None when some row needs
-        the record path (nothing was written then)."""
-        if self.inserts is None:
-            found = self.page(after, limit)
-            if found is None:
-                return None
-            keys, rows = found
-            self.target.put_rows(keys, rows)
-            return len(keys), keys[-1] if keys else None
-        return self._copy_inside(self.inserts, after, limit)
+    def copy_batch(self, after: str | None, limit: int, *, durable: bool = True) -> CopiedBatch | None:
+        """Copy up to `limit` tasks with keys > `after`: the rows that pass every check as
+        rows, each other one as its record (a `DataError` naming it, and nothing of the
+        batch written, when the record path refuses it). None when the batch must go the
+        record path as a whole (nothing was written then). Without `durable` the batch's
+        commit may be lost to a power cut (`SqlTaskStore.connect`): the caller saves no
+        checkpoint past it until a later durable commit."""
+        try:
+            if self.inserts is None:
+                return self._copy_through_python(after, limit, durable)
+            if self.in_one_statement:
+                return self._check_and_copy(after, limit, durable)
+            return self._copy_inside(self.inserts, after, limit, durable)
+        except _PageChanged:
+            return None
+
+    def _records_of(self, keys: list[str]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """The rows that failed a check, through the record path: read from the source as
+        records and encoded for the target (keys and rows, ascending; a key gone since is
+        left out). Raises the record path's `DataError` for a row it cannot read or write."""
+        if not keys:
+            return [], []
+        records = self.source.get_many(keys)
+        found = [key for key in keys if key in records]
+        encode = self.target.mapping.encode
+        return found, [encode(records[key]) for key in found]
+
+    def _copy_through_python(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
+        page = self.checked(after, limit, self._read(after, limit))
+        width = self._width
+        good = [row for row in page if row[-1]]
+        slow_keys, slow_rows = self._records_of([row[0] for row in page if not row[-1]])
+        keys, rows = [row[0] for row in good], [row[:width] for row in good]
+        if slow_keys:  # one batch, in key order
+            merged = sorted(zip(keys + slow_keys, rows + slow_rows, strict=True), key=first_of)
+            keys, rows = [key for key, _ in merged], [row for _, row in merged]
+        self.target.put_rows(keys, rows, durable=durable)
+        return CopiedBatch(len(good), len(slow_keys), page[-1][0] if page else None, durable)
+
+    def _read(self, after: str | None, limit: int) -> list[Any]:
+        try:
+            return self.source.fetch(self._queries[after is not None], mfsm_after=after, mfsm_limit=limit + 1)
+        except MigrationFSMError as exc:  # a value a cast refused (PostgreSQL): records explain it
+            raise _PageChanged from exc
 
     def _copy_inside(
-        self, inserts: dict[bool, Query], after: str | None, limit: int
-    ) -> tuple[int, str | None] | None:
-        """`copy_batch` inside the database: check the batch, then one INSERT ... SELECT, in
-        one transaction of the target store, the source attached on SQLite."""
+        self, inserts: dict[bool, Query], after: str | None, limit: int, durable: bool
+    ) -> CopiedBatch:
+        """`copy_batch` inside SQLite, in one transaction of the target store with the source
+        attached: the page's keys, one INSERT ... SELECT of its rows that pass the checks, and
+        when some did not, their keys; those rows' records are read before it commits (a
+        `DataError` undoes the batch) and written after, in a second transaction."""
         target = self.target
         read, insert = self._queries[after is not None], inserts[after is not None]
         for attempt in (1, 2):
             try:
-                if self.in_one_statement:
-                    return self._check_and_copy(read, after, limit)
-                with target.connect(attach=self.attach) as conn:
+                with target.connect(attach=self.attach, durable=durable) as conn:
                     found = conn.exec_driver_sql(
                         read.sql, read.params(mfsm_after=after, mfsm_limit=limit + 1)
                     )
                     page = self.checked(after, limit, list(found.cursor.fetchall()))
                     if not page:
-                        return None if page is None else (0, None)
-                    last = page[-1][0]
-                    written = conn.exec_driver_sql(
-                        insert.sql, insert.params(mfsm_after=after, mfsm_last=last)
-                    )
-                    if written.rowcount != len(page):  # rows changed in between: undone, records it is
-                        raise _PageChanged
-                    return len(page), last
-            except _PageChanged:
-                return None
+                        return CopiedBatch(0, 0, None, durable)
+                    last, params = page[-1][0], {"mfsm_after": after, "mfsm_last": page[-1][0]}
+                    fast = conn.exec_driver_sql(insert.sql, insert.params(**params)).rowcount
+                    slow: tuple[list[str], list[tuple[Any, ...]]] = ([], [])
+                    if fast != len(page):
+                        failed = self.failed[after is not None]
+                        keys = [row[0] for row in conn.exec_driver_sql(failed.sql, failed.params(**params))]
+                        if fast + len(keys) != len(page):  # rows changed in between: undone, records it is
+                            raise _PageChanged
+                        slow = self._records_of(keys)
+                target.put_rows(*slow)  # durable: and so every commit before it
+                return CopiedBatch(fast, len(slow[0]), last, durable or bool(slow[0]))
             except sa_exc.IntegrityError as exc:
                 if attempt == 1:
                     continue  # most likely another writer inserted one of these keys first
                 raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _check_and_copy(
-        self, statement: Query, after: str | None, limit: int
-    ) -> tuple[int, str | None] | None:
-        """PostgreSQL's one statement (`_check_and_copy`, module level): a batch it did not
-        write in full is undone and left to the record path."""
+    def _check_and_copy(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
+        """PostgreSQL's one statement (`_check_and_copy`, module level); the failed rows'
+        records read (a `DataError` undoes the batch) before it commits, written after."""
+        statement = self._queries[after is not None]
         try:
-            with self.target.connect() as conn:
+            with self.target.connect(durable=durable) as conn:
                 params = statement.params(mfsm_after=after, mfsm_limit=limit + 1, mfsm_batch=limit)
                 rows = list(conn.exec_driver_sql(statement.sql, params).cursor.fetchall())
                 page = self.checked(after, limit, rows)
-                if page is None or (page and page[0][1] != len(page)):
+                fast = sum(1 for row in page if row[-1])
+                if page and page[0][1] != fast:
                     raise _PageChanged  # undo whatever it wrote: the record path explains or converts
-                return len(page), page[-1][0] if page else None
-        except _PageChanged:
-            return None
+                slow = self._records_of([row[0] for row in page if not row[-1]])
+        except MigrationFSMError as exc:
+            if isinstance(exc, DataError) and "refused the statement" in str(exc):
+                raise _PageChanged from exc  # a value a cast refused: records explain it
+            raise
+        self.target.put_rows(*slow)  # durable: and so every commit before it
+        return CopiedBatch(fast, len(slow[0]), page[-1][0] if page else None, durable or bool(slow[0]))
 
-    def page(self, after: str | None, limit: int) -> tuple[list[str], list[tuple[Any, ...]]] | None:
-        """Up to `limit` rows with key > `after` in the target's form (keys, rows), or None
-        when some row needs the record path."""
-        rows = self.source.fetch(self._queries[after is not None], mfsm_after=after, mfsm_limit=limit + 1)
-        page = self.checked(after, limit, rows)
-        if page is None:
-            return None
-        width = self._width
-        return list(map(first_of, page)), [row[:width] for row in page]
-
-    def checked(self, after: str | None, limit: int, rows: list[Any]) -> list[Any] | None:
+    def checked(self, after: str | None, limit: int, rows: list[Any]) -> list[Any]:
         """The first `limit` of `rows` (read with one more row, so that a key repeated just
-        past the page shows), or None when any fails a check."""
+        past the page shows); `_PageChanged` when the keys are not text, ascending, above
+        `after`."""
         if not rows:
             return rows
         if not keys_in_order(after, rows):
-            return None
-        page = rows[:limit]
-        if not all(map(_last, page)):
-            return None
-        for index, check in self._checks:
-            if not check(list(map(itemgetter(index), page))):
-                return None
-        return page
+            raise _PageChanged
+        return rows[:limit]
 
 
 def _native_values(
@@ -296,16 +339,15 @@ def _check_and_copy(
     constants: Mapping[Any, ColumnElement[Any]],
 ) -> Select[Any]:
     """PostgreSQL, one statement: the page (`mfsm_limit` rows, one past the batch), inserted
-    when every row of the batch (`mfsm_batch` rows) passes the checks; it returns each row's
-    key, how many rows were written, and its verdict."""
+    of the batch (`mfsm_batch` rows) that pass the checks; it returns each row's key, how many
+    rows were written, and its verdict."""
     labeled = [value.label(f"mfsm_v{i}") for i, value in enumerate(values)]
     numbered = func.row_number().over(order_by=order).label("mfsm_n")
     read = select(*labeled, valid.label("mfsm_ok"), numbered).order_by(order)
     read = read.limit(bindparam("mfsm_limit", type_=Integer()))
     page = (read.where(order > bind_text("mfsm_after")) if with_after else read).cte("mfsm_page")
     in_batch = page.c.mfsm_n <= bindparam("mfsm_batch", type_=Integer())
-    every_row_ok = select(func.bool_and(page.c.mfsm_ok)).where(in_batch).scalar_subquery()
-    batch = select(*(page.c[f"mfsm_v{i}"] for i in range(len(values)))).where(in_batch, every_row_ok)
+    batch = select(*(page.c[f"mfsm_v{i}"] for i in range(len(values)))).where(in_batch, page.c.mfsm_ok)
     columns = [field.column for field in target.fields]
     writes = [_upsert_from(target, batch, constants)]
     if target.key_range_indexed:
@@ -373,13 +415,13 @@ def _inside_source(source: SqlTaskStore, target: SqlTaskStore) -> tuple[Table, s
 
 
 def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
-    source: TableMapping, target: TableMapping, field: MappedField, table: Table
+    source: TableMapping, target: TableMapping, field: MappedField, table: Table, *, inside: bool = False
 ) -> _Plan | None:
     """How the source reads `field` in the target's form: (the value, an SQL condition that
-    holds for a row the record path would copy to the same value, a Python check of the
-    page's column for what SQL does not check cheaply), or None when the field must be
-    converted in Python. Keys are checked by `RowCopy.checked` (text, not empty, ascending).
-    `table` is the source table as the reading connection sees it."""
+    holds for a row the record path would copy to the same value), or None when the field
+    must be converted in Python. Keys are checked by `RowCopy.checked` (text, not empty, ascending).
+    `table` is the source table as the reading connection sees it; `inside`: the copy runs
+    inside the database, in one statement on PostgreSQL."""
     sqlite = source.dialect == "sqlite"
     mine = source.by_name.get(field.name)
     if field.name == "updated_at" and mine is None and source.shared_time:
@@ -388,21 +430,20 @@ def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
         return (
             (null() if isinstance(field.column.type, NullType) else cast(null(), field.column.type)),
             None,
-            None,
         )
     if field.name == "attempts":
         if mine is None:
-            return literal(0, Integer()), None, None
+            return literal(0, Integer()), None
         column = table.c[mine.column.name]
         valid = column >= 0 if not sqlite else and_(func.typeof(column) == "integer", column >= 0)
-        return func.coalesce(column, 0), or_(column.is_(None), valid), None
+        return func.coalesce(column, 0), or_(column.is_(None), valid)
     if field.name == "metadata" and mine is None:
-        return literal("{}", String()), None, None
+        return literal("{}", String()), None
     if mine is None:  # a required field: every store has it
         return None
     column = table.c[mine.column.name]
     if field.name == "key":
-        return column, None, None
+        return column, None
     if field.name == "type":
         return _copy_type(source, target, column, sqlite)
     if field.name == "status":
@@ -412,10 +453,10 @@ def _copy_field(  # noqa: PLR0911 -- one answer per kind of field
             return None
         same = all(type(a) is type(b) and a == b for a, b in stored.items())
         value = column if same else case(stored, value=column)
-        return value, column.in_([literal(value) for value in stored]), None
+        return value, column.in_([literal(value) for value in stored])
     if field.name in ("payload", "metadata"):
-        return _copy_json(mine, field, column, sqlite)
-    return _copy_time(mine, field, column, nullable=field.name == "run_at")
+        return _copy_json(mine, field, column, sqlite, inside=inside)
+    return _copy_time(mine, field, column, source.dialect, nullable=field.name == "run_at")
 
 
 def _copy_type(
@@ -423,7 +464,7 @@ def _copy_type(
 ) -> _Plan | None:
     """The task name through both type maps (stored name -> type -> the target's stored name)."""
     if source.read_type is None and target.write_type is None:
-        return column, func.typeof(column) == "text" if sqlite else column.is_not(None), None
+        return column, func.typeof(column) == "text" if sqlite else column.is_not(None)
     # stored on the source -> the record's type (without a map there, the stored name is it)
     reads = source.read_type if source.read_type is not None else {t: t for t in target.write_type or {}}
     writes = target.write_type
@@ -436,21 +477,26 @@ def _copy_type(
         return None
     same = all(a == b for a, b in names.items())
     value = column if same else case(names, value=column)
-    return value, column.in_([literal(name) for name in names]), None
+    return value, column.in_([literal(name) for name in names])
 
 
 def _copy_json(
-    mine: MappedField, field: MappedField, column: ColumnElement[Any], sqlite: bool
+    mine: MappedField, field: MappedField, column: ColumnElement[Any], sqlite: bool, *, inside: bool
 ) -> _Plan | None:
-    check = None
     valid: ColumnElement[bool]
     if not field.kind.holds_json:
         return None
     if mine.kind is ColumnKind.JSON_TEXT and sqlite:
         # Valid JSON whose first character is `{` is an object (a BLOB's first byte is no `{`).
         valid = and_(func.json_valid(column, type_=Boolean()), func.substr(column, 1, 1) == "{")
+    elif mine.kind is ColumnKind.JSON_TEXT and field.kind.native_json and inside:
+        # PostgreSQL, into a JSON column inside one database: the value is cast to JSON, and
+        # text that is not JSON fails the cast and the statement (its batch goes the record
+        # path as a whole, which names the row); JSON whose first character is `{` is an object.
+        valid = func.left(column, 1) == "{"
     elif mine.kind is ColumnKind.JSON_TEXT:
-        valid, check = column.is_not(None), _json_objects
+        # PostgreSQL: text that is not JSON fails the cast, and the statement, as above.
+        valid = func.json_typeof(cast(column, JSON())) == "object"
     elif mine.kind.native_json:
         type_of = func.jsonb_typeof if mine.kind is ColumnKind.JSONB else func.json_typeof
         valid = type_of(column) == "object"
@@ -458,62 +504,22 @@ def _copy_json(
         return None
     value = cast(column, Text()) if mine.kind.native_json else column
     if field.name == "metadata":  # no metadata reads as {}
-        return func.coalesce(value, "{}"), or_(column.is_(None), valid), check
-    return value, valid, check
+        return func.coalesce(value, "{}"), or_(column.is_(None), valid)
+    return value, valid
 
 
 def _copy_time(
-    mine: MappedField, field: MappedField, column: ColumnElement[Any], *, nullable: bool = False
+    mine: MappedField, field: MappedField, column: ColumnElement[Any], dialect: str, *, nullable: bool = False
 ) -> _Plan | None:
+    """A time in the target's form: as it is between two native columns of one kind (or
+    between two zoned ones), else converted in SQL (`convert.convert_time`)."""
     kind = mine.kind
-    present = None if nullable else column.is_not(None)
-    if kind is not field.kind:
-        if kind.zoned and field.kind.zoned:  # on PostgreSQL; a naive timestamp is UTC
-            return func.timezone("UTC", column), present, None
+    if kind is field.kind and kind.zoned:
+        return column, None if nullable else column.is_not(None)
+    if kind.zoned and field.kind.zoned:  # on PostgreSQL; a naive timestamp is UTC
+        return func.timezone("UTC", column), None if nullable else column.is_not(None)
+    converted = convert_time(dialect, kind, field.kind, column)
+    if converted is None:
         return None
-    shape = kind.text_shape
-    if shape is not None:  # the writer's own text, exactly: copied as it is
-        return column, None, _time_texts(*shape, nullable=nullable)
-    return column, present, None
-
-
-def _time_texts(
-    length: int, separators: dict[int, str], *, nullable: bool = False
-) -> Callable[[list[Any]], bool]:
-    """A check that every value is timestamp text of exactly the writer's shape (`length`
-    characters, these separators at these positions) that `datetime.fromisoformat` reads,
-    so that writing the record would produce the same text (with `nullable`, or None)."""
-    shape = itemgetter(*separators)
-    expected = {tuple(separators.values())}
-
-    def check(values: list[Any]) -> bool:
-        if nullable:
-            values = [value for value in values if value is not None]
-            if not values:
-                return True
-        try:
-            return (
-                {length} == set(map(len, values))
-                and expected == set(map(shape, values))
-                and all(map(datetime.fromisoformat, values))
-            )
-        except (TypeError, ValueError):
-            return False
-
-    return check
-
-
-def _json_objects(values: list[Any]) -> bool:
-    """Whether every value is the text of a JSON object the writer can encode again."""
-    try:
-        return all(type(_STRICT_JSON(value)) is dict for value in values)
-    except (TypeError, ValueError):
-        return False
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-#: `json.loads` without NaN and Infinity, which the writer cannot encode again.
-_STRICT_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant).decode
+    value, valid = converted
+    return value, or_(column.is_(None), valid) if nullable else valid

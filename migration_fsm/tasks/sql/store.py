@@ -16,6 +16,7 @@ retry finds the row and updates it.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cached_property
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -71,7 +72,9 @@ class SqlTaskStore:
     same for task names (stored name -> record type); with one, a stored name or a type it
     does not map is a `DataError`, never a guess. `constants` (column -> value) fills columns
     the record does not carry when a task is inserted (updates leave them as they are); each
-    must exist, be mapped by no field and fit its column's type.
+    must exist, be mapped by no field and fit its column's type. `epoch_units` (time field ->
+    "s" or "ms") says what an integer time column counts: seconds or milliseconds since 1970
+    UTC (required for such a column; a finer part of a time written there is cut off).
     A table or mapped column that does not exist is a `ConfigError`
     (exit 2); a row the store cannot read, or a record it cannot write, is a `DataError`
     (exit 1) naming the store, the column and the key. `engine` shares an engine the caller
@@ -94,6 +97,7 @@ class SqlTaskStore:
         status_map: Mapping[str, str] | None = None,
         type_map: Mapping[str, str] | None = None,
         constants: Mapping[str, Any] | None = None,
+        epoch_units: Mapping[str, str] | None = None,
         schema: str | None = None,
         engine: Engine | None = None,
     ) -> None:
@@ -121,6 +125,7 @@ class SqlTaskStore:
                 status_map=dict(status_map or {}),
                 type_map=dict(type_map or {}),
                 constants=dict(constants or {}),
+                epoch_units=dict(epoch_units or {}),
             )
         except BaseException:
             self.close()
@@ -135,6 +140,7 @@ class SqlTaskStore:
         status_map: dict[str, str],
         type_map: dict[str, str],
         constants: dict[str, Any],
+        epoch_units: dict[str, str],
     ) -> None:
         for field in columns:
             if field not in FIELDS:
@@ -159,6 +165,7 @@ class SqlTaskStore:
                 type_map=type_map,
                 constants=constants,
                 table_name=self.table_name,
+                epoch_units=epoch_units,
             )
             probe_key(conn, self.mapping, dialect)
         if not self.mapping.key_unique_anyhow:
@@ -180,21 +187,32 @@ class SqlTaskStore:
 
     @contextmanager
     def connect(
-        self, *, readonly: bool = False, attach: str | None = None, commit: bool = True
+        self,
+        *,
+        readonly: bool = False,
+        attach: str | None = None,
+        commit: bool = True,
+        durable: bool = True,
     ) -> Iterator[Connection]:
         """One transaction; database errors other than integrity errors become ours. With
         `attach` (SQLite), that database file is attached as `mfsm_source` for the
         transaction, which then begins deferred (`BEGIN IMMEDIATE` would write-lock the
         attached database too; deferred, it is locked as by any reader). Without `commit`
-        (a read of one statement) the transaction is rolled back: nothing to make durable."""
+        (a read of one statement) the transaction is rolled back: nothing to make durable.
+        Without `durable` the commit may be lost to a power cut (never torn): on SQLite in WAL
+        mode `synchronous=NORMAL` (no fsync; any later durable commit makes it durable too,
+        as the WAL is one file written in order), on PostgreSQL `synchronous_commit = off`
+        (the same, for its WAL); elsewhere it is durable anyway. `RowCopy` uses it."""
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect() as conn, self._lazy_commit(conn, durable or readonly or not commit):
                 if readonly or attach is not None:
                     conn.execution_options(mfsm_readonly=True)  # a plain (deferred) BEGIN
                 if not commit:
                     yield conn  # begins on first use; closing the connection rolls it back
                 elif attach is None:
                     with conn.begin():
+                        if not durable and self.dialect == "postgresql":
+                            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
                         yield conn
                 else:
                     with attached(conn, attach, self.dbapi_error, self.wrap), conn.begin():
@@ -213,6 +231,31 @@ class SqlTaskStore:
                 f"store '{self.name}': table '{self.table_name}' in {self.safe_url} refused the"
                 f" statement: {self.scrub(exc)}"
             ) from exc
+
+    @contextmanager
+    def _lazy_commit(self, conn: Connection, durable: bool) -> Iterator[None]:
+        """SQLite in WAL mode, not `durable`: `synchronous=NORMAL` on this connection for the
+        transaction, and back to what it was after (the pool hands the connection on)."""
+        if durable or self.dialect != "sqlite" or not self.in_wal_mode:
+            yield
+            return
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        (was,) = driver.execute("PRAGMA synchronous").fetchone()
+        driver.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            driver.execute(f"PRAGMA synchronous = {int(was)}")
+
+    @cached_property
+    def in_wal_mode(self) -> bool:
+        """SQLite: whether the database file is in WAL mode (asked once)."""
+        if self.dialect != "sqlite":
+            return False
+        with self.engine.connect() as conn:
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+        return str(mode).lower() == "wal"
 
     def fetch(self, query: Query, **values: Any) -> list[Any]:
         """The rows of `query` as the driver returns them: tuples, no result processing."""
@@ -486,18 +529,20 @@ class SqlTaskStore:
         except sa_exc.IntegrityError as exc:  # not the key (ON CONFLICT takes that): a constraint
             raise self.refused_batch(f"task {record.key!r}", exc) from exc
 
-    def put_rows(self, keys: list[str], rows: list[tuple[Any, ...]]) -> int:
+    def put_rows(self, keys: list[str], rows: list[tuple[Any, ...]], *, durable: bool = True) -> int:
         """Insert or replace rows already in this table's form (`RowCopy` makes them), in one
-        transaction; `keys` ascending and unique, `rows` in the same order. Inserts go through
-        COPY on PostgreSQL. Returns how many rows were given."""
+        transaction (`durable`: as `connect` says); `keys` ascending and unique, `rows` in the
+        same order. Inserts go through COPY on PostgreSQL. Returns how many rows were given."""
         if rows:
-            self._write(keys, rows, bulk=True)
+            self._write(keys, rows, bulk=True, durable=durable)
         return len(rows)
 
-    def _write(self, keys: list[str], rows: list[tuple[Any, ...]], *, bulk: bool = False) -> None:
+    def _write(
+        self, keys: list[str], rows: list[tuple[Any, ...]], *, bulk: bool = False, durable: bool = True
+    ) -> None:
         for attempt in (1, 2):
             try:
-                self._upsert(keys, rows, bulk=bulk)
+                self._upsert(keys, rows, bulk=bulk, durable=durable)
             except sa_exc.IntegrityError as exc:
                 if attempt == 1:
                     continue  # most likely another writer inserted one of these keys first
@@ -506,9 +551,11 @@ class SqlTaskStore:
                 ) from exc
             break
 
-    def _upsert(self, keys: list[str], rows: list[tuple[Any, ...]], *, bulk: bool) -> None:
+    def _upsert(
+        self, keys: list[str], rows: list[tuple[Any, ...]], *, bulk: bool, durable: bool = True
+    ) -> None:
         statements = self.statements
-        with self.connect() as conn:
+        with self.connect(durable=durable) as conn:
             existing = self._existing(conn, keys)
             if existing:
                 updates = [row for key, row in zip(keys, rows, strict=True) if key in existing]

@@ -1,0 +1,196 @@
+"""Timestamps converted inside the database, for `RowCopy`: a source column's time in the form
+a target column holds it, with an SQL condition that holds exactly for the rows the record
+path would read and write the same way (`TableMapping`'s readers and writers).
+
+A row whose time fails the condition is not converted here: it goes the record path alone,
+which converts it (another UTC offset, say) or names it in a `DataError`. Nothing here
+raises for a bad value on SQLite; on PostgreSQL a cast is reached only by text of the shape
+the condition admits, and a value it still refuses (a 30th of February) fails the statement,
+whose batch then goes the record path as a whole.
+
+SQLite: every time becomes the naive UTC text `YYYY-MM-DD HH:MM:SS.ffffff` first (what its
+DATETIME columns hold), its form recognised by GLOB patterns and its date checked by `date()`,
+then takes the target's form. PostgreSQL: every time becomes a `timestamptz` first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Integer,
+    String,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    or_,
+    text,
+)
+from sqlalchemy import type_coerce as coerce
+
+from migration_fsm.tasks.sql.columns import ColumnKind
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.elements import ColumnElement
+
+#: Seconds since 1970 of 0001-01-01 and of 10000-01-01 (datetime's range, and Python's).
+FIRST_SECOND: Final = -62_135_596_800
+END_SECOND: Final = 253_402_300_800
+#: PostgreSQL: ISO 8601 text's shapes (every digit 0, T a space, + a -) that
+#: `datetime.fromisoformat` and the casts read alike: 0 to 6 digits of fraction; no zone, Z,
+#: or an offset.
+_PG_SHAPES: Final = tuple(
+    "0000-00-00 00:00:00" + ("." + "0" * digits if digits else "") + suffix
+    for digits in range(7)
+    for suffix in ("", "Z", "-00:00")
+)
+_Converted = tuple["ColumnElement[Any]", "ColumnElement[bool]"]
+#: SQLite: `YYYY-MM-DD HH:MM:SS` (or with T) as a GLOB pattern.
+_BASE: Final = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][ T][0-9][0-9]:[0-9][0-9]:[0-9][0-9]"
+_TEXT_KINDS: Final = (ColumnKind.SQLITE_DATETIME, ColumnKind.ISO_TEXT)
+
+
+def convert_time(
+    dialect: str, source: ColumnKind, target: ColumnKind, column: ColumnElement[Any]
+) -> _Converted | None:
+    """(the value of `column`, of kind `source`, in the form of `target`; the condition for a
+    row whose value the record path writes the same), or None when no conversion is known."""
+    if dialect == "sqlite":
+        normal = _sqlite_normal(source, column)
+        return None if normal is None else _sqlite_as(target, *normal)
+    if dialect == "postgresql":
+        zoned = _pg_zoned(source, column)
+        return None if zoned is None else _pg_as(target, *zoned)
+    return None
+
+
+# -- SQLite -----------------------------------------------------------------------------------
+
+
+def _concat(*parts: Any) -> ColumnElement[Any]:
+    joined: ColumnElement[Any] = coerce(parts[0], String())
+    for part in parts[1:]:
+        joined = joined.concat(part)
+    return joined
+
+
+def _sqlite_normal(kind: ColumnKind, column: ColumnElement[Any]) -> _Converted | None:
+    """`YYYY-MM-DD HH:MM:SS.ffffff` (naive UTC) of the column's value, and its condition."""
+    unit = kind.epoch
+    if unit is not None:
+        ms = kind is ColumnKind.EPOCH_MS
+        scale = 1000 if ms else 1
+        # From 1970 on: SQLite's integer division and remainder truncate toward zero.
+        valid = and_(func.typeof(column) == "integer", column >= 0, column < END_SECOND * scale)
+        seconds = func.strftime("%Y-%m-%d %H:%M:%S", column / 1000 if ms else column, "unixepoch")
+        fraction = _concat(func.printf("%03d", column % 1000), "000") if ms else literal("000000")
+        return _concat(seconds, ".", fraction), valid
+    if kind not in _TEXT_KINDS:
+        return None
+    value = coerce(column, String())
+    # One GLOB per accepted form (cheap, where a round trip through strftime is not): no
+    # fraction, or 3 or 6 digits of it; no zone, Z or +00:00. Other forms go the record path.
+    day, clock = func.substr(value, 1, 10), func.substr(value, 12, 8)
+    fractions = {
+        6: func.substr(value, 21, 6),
+        0: literal("000000"),
+        3: _concat(func.substr(value, 21, 3), "000"),
+    }
+    forms = []
+    for digits, fraction in fractions.items():
+        for suffix in ("", "Z", "+00:00"):
+            pattern = _BASE + ("." + "[0-9]" * digits if digits else "") + suffix
+            matches = value.op("GLOB", return_type=Boolean())(pattern)
+            forms.append((matches, _concat(day, " ", clock, ".", fraction)))
+    normal = case(*forms)
+    if kind is ColumnKind.SQLITE_DATETIME:  # the writer's own text, the common case: as it is
+        exact = value.op("GLOB", return_type=Boolean())(_BASE.replace("[ T]", " ") + "." + "[0-9]" * 6)
+        normal = case((exact, value), else_=normal)
+    # The digits are digits (GLOB): the date must be one (date() moves 02-30 to 03-01), the
+    # time of a 24-hour clock, the year not 0 (which Python has not).
+    month, day_of_month = func.substr(value, 6, 2), func.substr(value, 9, 2)
+    valid = and_(
+        normal.is_not(None),
+        month.between("01", "12"),
+        day_of_month >= "01",
+        or_(day_of_month <= "28", func.date(day) == day),  # date() only for the last days of a month
+        func.substr(value, 12, 2) < "24",
+        func.substr(value, 15, 2) < "60",
+        func.substr(value, 18, 2) < "60",
+        func.substr(value, 1, 4) != "0000",
+    )
+    return normal, valid
+
+
+def _sqlite_as(kind: ColumnKind, normal: ColumnElement[Any], valid: ColumnElement[bool]) -> _Converted | None:
+    if kind is ColumnKind.SQLITE_DATETIME:
+        return normal, valid
+    if kind is ColumnKind.ISO_TEXT:
+        return _concat(func.substr(normal, 1, 10), "T", func.substr(normal, 12), "Z"), valid
+    if kind.epoch is not None:
+        seconds = cast(func.strftime("%s", func.substr(normal, 1, 19)), Integer())
+        if kind is ColumnKind.EPOCH_MS:
+            return seconds * 1000 + cast(func.substr(normal, 21, 3), Integer()), valid
+        return seconds, valid
+    return None
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+def _pg_zoned(kind: ColumnKind, column: ColumnElement[Any]) -> _Converted | None:
+    """The column's value as a `timestamptz`, and its condition (casts only under it)."""
+    zoned_type = DateTime(timezone=True)
+    if kind is ColumnKind.TIMESTAMPTZ:
+        return column, column.is_not(None)
+    if kind is ColumnKind.TIMESTAMP:  # naive is UTC
+        return func.timezone("UTC", column, type_=zoned_type), column.is_not(None)
+    unit = kind.epoch
+    if unit is not None:
+        ms = kind is ColumnKind.EPOCH_MS
+        scale = 1000 if ms else 1
+        valid = and_(column >= FIRST_SECOND * scale, column < END_SECOND * scale)
+        if ms:
+            whole = func.to_timestamp(func.div(column, 1000), type_=zoned_type)
+            moment = whole + func.mod(column, 1000) * text("interval '1 millisecond'")
+        else:
+            moment = func.to_timestamp(column, type_=zoned_type)
+        return case((valid, moment)), valid
+    if kind is ColumnKind.ISO_TEXT:
+        # The text's shape with every digit a 0 (a regex costs ten times as much): one of the
+        # shapes `datetime.fromisoformat` and the casts read alike; a 24-hour clock, seconds
+        # below 60 (the casts take 24:00 and :60). A month 13 or a 30th of February still
+        # passes here and fails the cast, and the statement: records explain it.
+        value = coerce(column, String())
+        shape = func.translate(value, "123456789T+", "000000000 -", type_=String())
+        valid = and_(
+            shape.in_([literal(form) for form in _PG_SHAPES]),
+            func.substr(value, 12, 2) < "24",
+            func.substr(value, 15, 2) < "60",
+            func.substr(value, 18, 2) < "60",
+        )
+        zoned = or_(shape.like("%Z"), shape.like("%-00:00"))
+        naive = func.timezone("UTC", cast(value, DateTime()), type_=zoned_type)
+        moment = case((and_(valid, zoned), cast(value, zoned_type)), (valid, naive))
+        return moment, valid
+    return None
+
+
+def _pg_as(kind: ColumnKind, moment: ColumnElement[Any], valid: ColumnElement[bool]) -> _Converted | None:
+    utc = func.timezone("UTC", moment, type_=DateTime())
+    if kind is ColumnKind.TIMESTAMPTZ:
+        return moment, valid
+    if kind is ColumnKind.TIMESTAMP:
+        return utc, valid
+    if kind is ColumnKind.ISO_TEXT:
+        return func.to_char(utc, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"', type_=String()), valid
+    if kind.epoch is not None:
+        seconds = func.extract("epoch", moment)
+        scaled = seconds * 1000 if kind is ColumnKind.EPOCH_MS else seconds
+        return cast(func.floor(scaled), BigInteger()), valid
+    return None
