@@ -32,6 +32,7 @@ from ..tasks.identity import (
     RUN_AT,
     STATUS,
     TYPE,
+    RecordRows,
     get_many,
     identity_pages,
     identity_source,
@@ -39,6 +40,7 @@ from ..tasks.identity import (
 )
 from ..tasks.records import IDENTITY_FIELDS, PROGRESS_FIELDS, TaskRecord, TaskStatus, same_json
 from ..tasks.sides import open_sides
+from ..tasks.sql.compare import IdentityJoin
 from . import runs
 from .retire import FINISHED, RUNNABLE, ledger_ran_on_new, retirements
 
@@ -55,8 +57,22 @@ EXTRA: Final = "extra"  # on new, not on old
 MISMATCHED: Final = "mismatched"  # on both, identity (key, type, payload, created_at, run_at) differs
 STATUS_DIFFERS: Final = "status_differs"  # same identity, other status or attempts
 
+#: How a task was compared, for `rows_by_path`: equal inside the database (`IdentityJoin`, the
+#: row never reached Python); equal on raw values in Python; raw values differed and decoding
+#: both identities (the checksum) found them equal; compared as records (a store without
+#: identity rows); a possible difference, re-read before it was reported.
+IN_DATABASE: Final = "in_database"
+RAW: Final = "raw"
+DECODED: Final = "decoded"
+RECORDS: Final = "records"
+REREAD: Final = "reread"
+PATHS: Final = (IN_DATABASE, RAW, DECODED, RECORDS, REREAD)
+
 #: How long a difference waits before it is re-read, so that a dual write in flight lands.
 DEFAULT_SETTLE_SECONDS: Final = 0.5
+#: Keys per page of `IdentityJoin`, in batches: equal rows never leave the database, so a page
+#: costs little memory, and larger pages cost fewer statements.
+_JOINED_BATCHES: Final = 20
 #: Rows compared in one slice after a difference; the slice doubles while rows agree.
 _FIRST_RUN: Final = 8
 _status_of_row: Final = itemgetter(STATUS)
@@ -85,6 +101,8 @@ class ValidationReport:
     #: From the execution ledger (None when validate ran without it, or it was unreachable).
     executed_twice: int | None = None
     refused_executions: int | None = None
+    #: How each task was compared (each key once): `PATHS`.
+    paths: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))
 
     @property
     def ok(self) -> bool:
@@ -113,6 +131,7 @@ class ValidationReport:
             "runnable_old_copies": self.runnable_old_copies,
             "executed_twice": self.executed_twice,
             "refused_executions": self.refused_executions,
+            "rows_by_path": dict(self.paths),
         }
 
 
@@ -195,6 +214,8 @@ class _Validation:
     def scan(self, old_rows: IdentityScan, new_rows: IdentityScan, batch_size: int) -> None:
         """Merge both sides' identity rows by key; every possible difference waits in `pending`."""
         self.batch_size = batch_size
+        paths = self.report.paths
+        equal = RECORDS if isinstance(old_rows, RecordRows) or isinstance(new_rows, RecordRows) else RAW
         a = _Side(identity_pages(old_rows, batch_size), self.report.counts_old)
         b = _Side(identity_pages(new_rows, batch_size), self.report.counts_new)
         run = _FIRST_RUN
@@ -216,6 +237,7 @@ class _Validation:
                 rows_a[i : i + span], rows_b[j : j + span]
             ):  # the common case: a run of equal rows
                 a.at, b.at = i + span, j + span
+                paths[equal] += span
                 run *= 2
                 continue
             run = _FIRST_RUN
@@ -223,6 +245,7 @@ class _Validation:
                 (rows_a[i],), (rows_b[j],)
             ):  # stops inside the span
                 i, j = i + 1, j + 1
+                paths[equal] += 1
             row_a, row_b = rows_a[i], rows_b[j]
             if row_a[KEY] < row_b[KEY]:
                 self.differs(row_a, None)
@@ -231,33 +254,64 @@ class _Validation:
                 self.differs(None, row_b)
                 a.at, b.at = i, j + 1
             else:
-                if self.identity_differs(old_rows, new_rows, row_a, row_b) or (
-                    row_a[STATUS] != row_b[STATUS] or row_a[ATTEMPTS] != row_b[ATTEMPTS]
-                ):
-                    self.differs(row_a, row_b)
+                self.pair(old_rows, new_rows, row_a, row_b, equal)
                 a.at, b.at = i + 1, j + 1
         # Rows were counted by status as their pages arrived; re-reads adjusted both counts since.
         self.report.old_count += a.total
         self.report.new_count += b.total
 
-    @staticmethod
-    def identity_differs(
-        old_rows: IdentityScan, new_rows: IdentityScan, row_a: IdentityRow, row_b: IdentityRow
-    ) -> bool:
-        """Whether two rows of one key hold different identities: equal raw values agree at
-        once; other forms of the same value (JSON spacing, a timestamp's zone) agree by checksum."""
-        if (
+    def scan_joined(self, join: IdentityJoin, batch_size: int) -> None:
+        """`scan`, compared inside the database: only the pairs it did not find equal (and
+        the keys on one side only) reach Python, and are settled as `scan` settles them."""
+        self.batch_size = batch_size
+        report, after = self.report, None
+        while True:
+            page, last = join.page(after, batch_size * _JOINED_BATCHES)
+            for side, found, counts in (
+                ("old", page.old_statuses, report.counts_old),
+                ("new", page.new_statuses, report.counts_new),
+            ):
+                for status, n in join.statuses(side, found, after, batch_size * _JOINED_BATCHES).items():
+                    counts[status] += n
+            report.old_count += page.old_count
+            report.new_count += page.new_count
+            for row_a, row_b in page.pairs:
+                if row_a is None or row_b is None:
+                    self.differs(row_a, row_b)
+                else:
+                    self.pair(join.old, join.new, row_a, row_b, IN_DATABASE)
+            report.paths[IN_DATABASE] += page.old_count - sum(1 for a, _ in page.pairs if a is not None)
+            if last is None:
+                return
+            after = last
+
+    def pair(
+        self,
+        old_rows: IdentityScan,
+        new_rows: IdentityScan,
+        row_a: IdentityRow,
+        row_b: IdentityRow,
+        equal: str,
+    ) -> None:
+        """Two rows of one key whose raw values are not all equal: a possible difference, or
+        equal after all (on raw identity values: `equal`'s path; by decoding: `DECODED`)."""
+        same_raw = (
             row_a[TYPE : CREATED_AT + 1] == row_b[TYPE : CREATED_AT + 1]
             and row_a[RUN_AT] == row_b[RUN_AT]
             and _same_payloads((row_a,), (row_b,))
-        ):
-            return False
-        return old_rows.identity_checksum(row_a) != new_rows.identity_checksum(row_b)
+        )
+        if not same_raw and old_rows.identity_checksum(row_a) != new_rows.identity_checksum(row_b):
+            self.differs(row_a, row_b)  # other forms of one value (JSON spacing, a zone) agree by checksum
+        elif row_a[STATUS] != row_b[STATUS] or row_a[ATTEMPTS] != row_b[ATTEMPTS]:
+            self.differs(row_a, row_b)
+        else:
+            self.report.paths[equal if same_raw else DECODED] += 1
 
     def differs(self, old: IdentityRow | None, new: IdentityRow | None) -> None:
         """A possible difference: it waits for its re-read."""
         either = old if old is not None else new
         assert either is not None
+        self.report.paths[REREAD] += 1
         self.pending.append(
             (
                 either[KEY],
@@ -330,15 +384,22 @@ def validate(
     sample_size: int = 20,
     settle: float = DEFAULT_SETTLE_SECONDS,
     fast: bool = True,
+    in_database: bool = True,
 ) -> ValidationReport:
     """Compare the two sides key by key; see the module docstring and docs/VALIDATION.md.
 
-    When both stores offer `IdentityScan` (and `fast`), their raw identity rows are compared;
-    otherwise rows built from their records are. Either way the report is the same."""
+    When both stores offer `IdentityScan` (and `fast`), their raw identity rows are compared:
+    inside the database when one connection reaches both tables (`IdentityJoin`, and
+    `in_database`), else in Python; otherwise rows built from their records are. Whichever
+    path, the report is the same (but for `rows_by_path`, which says which path each row took)."""
     started = time.monotonic()
     run = _Validation(old, new, sample_size, settle)
     both = fast and isinstance(old, IdentityScan) and isinstance(new, IdentityScan)
-    run.scan(identity_source(old, fast=both), identity_source(new, fast=both), batch_size)
+    join = IdentityJoin.between(old, new) if both and in_database else None
+    if join is not None:
+        run.scan_joined(join, batch_size)
+    else:
+        run.scan(identity_source(old, fast=both), identity_source(new, fast=both), batch_size)
     run.recheck()
     run.report.seconds = round(time.monotonic() - started, 3)
     return run.report

@@ -53,7 +53,9 @@ if TYPE_CHECKING:
 KEY_LOOKUP_CHUNK: Final = 500
 #: Keys per `IN (...)` list in `get_many` (well under every driver's parameter limit).
 _GET_MANY_CHUNK: Final = 500
-_status_of: Final = itemgetter(4)  # of an identity row
+_type_of: Final = itemgetter(1)  # of an identity row
+_created_of: Final = itemgetter(3)
+_status_of: Final = itemgetter(4)
 
 
 class SqlTaskStore:
@@ -562,8 +564,8 @@ class SqlTaskStore:
         if rows and not keys_in_order(after, rows):
             self._explain_page(after, limit)
         page = rows[:limit]
-        if None in map(_status_of, page):
-            self._explain_page(after, limit)  # a status the map does not map
+        if None in map(_status_of, page) or None in map(_type_of, page) or None in map(_created_of, page):
+            self._explain_page(after, limit)  # a status or name the maps do not map, no created_at
         return page
 
     def _explain_page(self, after: str | None, limit: int) -> NoReturn:
@@ -577,7 +579,13 @@ class SqlTaskStore:
         """`TaskRecord.checksum()` of the record `row` decodes to (a `DataError` naming the
         key and column when it cannot be decoded)."""
         key, fields = row[0], self.mapping.by_name
-        type_ = fields["type"].read(row[1], key)
+        if row[1] is None or row[3] is None:  # an unmapped task name, an unreadable created_at
+            record = self.get(key)  # raises the DataError `scan` raises, naming the column
+            if record is None:
+                raise DataError(f"store '{self.name}': task {key!r} is gone; run it again")
+            return record.checksum()
+        mapped = self.mapping.read_type is not None  # the name was mapped when it was read
+        type_ = row[1] if mapped else fields["type"].read(row[1], key)
         payload = fields["payload"].read(row[2], key)
         created_at = fields["created_at"].read(row[3], key)
         run_at = fields["run_at"].read(row[6], key) if "run_at" in fields else None
