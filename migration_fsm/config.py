@@ -78,6 +78,8 @@ class StoreConfig(BaseModel):
     type_map: dict[str, str] = Field(default_factory=dict)
     #: column -> value written on insert to a column the record does not carry.
     constants: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: time field -> "s" or "ms": what an integer time column counts since 1970.
+    epoch_units: dict[str, str] = Field(default_factory=dict)
 
     @property
     def is_factory(self) -> bool:
@@ -119,6 +121,12 @@ class StoreConfig(BaseModel):
                 raise ValueError(
                     f"columns: column '{column}' is mapped to {' and '.join(fields)}; only created_at"
                     " and updated_at may share a column"
+                )
+        for field, unit in self.epoch_units.items():
+            if field not in ("created_at", "updated_at", "run_at") or unit not in ("s", "ms"):
+                raise ValueError(
+                    f"epoch_units: {field} = '{unit}': name created_at, updated_at or run_at, and"
+                    " 's' (seconds since 1970) or 'ms' (milliseconds)"
                 )
         for stored, type_ in self.type_map.items():
             if not stored or not type_:

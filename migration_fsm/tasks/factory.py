@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from migration_fsm.config import StoreConfig
 
 #: The keys of a store table that only `kind = "sql"` reads.
-_SQL_KEYS = ("url", "table", "columns", "status_map", "type_map", "constants")
+_SQL_KEYS = ("url", "table", "columns", "status_map", "type_map", "constants", "epoch_units")
 
 
 def build_store(config: StoreConfig, name: str) -> TaskStore:
@@ -43,6 +43,7 @@ def build_store(config: StoreConfig, name: str) -> TaskStore:
             status_map=config.status_map,
             type_map=config.type_map,
             constants=config.constants,
+            epoch_units=config.epoch_units,
         )
     return _from_factory(config, name)
 

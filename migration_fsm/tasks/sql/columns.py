@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from operator import itemgetter, lt
 from typing import TYPE_CHECKING, Any, Final
@@ -32,7 +32,8 @@ first_of: Final = itemgetter(0)
 class ColumnKind(StrEnum):
     """How a column holds its field: text; JSON as text, or PostgreSQL's JSON types; a
     timestamp as SQLite DATETIME text (`2024-05-17 12:30:45.123456`, naive UTC), as ISO text
-    (`2024-05-17T12:30:45.123456Z`), or as a timestamp with or without a time zone."""
+    (`2024-05-17T12:30:45.123456Z`), as a timestamp with or without a time zone, or as an
+    integer count of seconds or milliseconds since 1970-01-01 UTC."""
 
     TEXT = "text"
     JSON_TEXT = "json_text"
@@ -42,6 +43,8 @@ class ColumnKind(StrEnum):
     ISO_TEXT = "iso_text"
     TIMESTAMPTZ = "timestamptz"
     TIMESTAMP = "timestamp"
+    EPOCH_SECONDS = "epoch_seconds"
+    EPOCH_MS = "epoch_ms"
 
     @property
     def native_json(self) -> bool:
@@ -59,6 +62,11 @@ class ColumnKind(StrEnum):
         return self in (ColumnKind.TIMESTAMPTZ, ColumnKind.TIMESTAMP)
 
     @property
+    def epoch(self) -> timedelta | None:
+        """For an integer count since 1970: the unit it counts; None for every other kind."""
+        return _EPOCH_UNITS.get(self)
+
+    @property
     def text_shape(self) -> tuple[int, dict[int, str]] | None:
         """For timestamps held as text: the shape the writers write (length, separators by
         position); None for every other kind."""
@@ -71,6 +79,14 @@ _TIME_TEXT_SHAPES: Final = {
     ColumnKind.ISO_TEXT: (27, {4: "-", 7: "-", 10: "T", 13: ":", 16: ":", 19: ".", 26: "Z"}),
 }
 
+
+#: The `epoch_units` config values, and the kinds they make of an integer time column.
+EPOCH_KINDS: Final = {"s": ColumnKind.EPOCH_SECONDS, "ms": ColumnKind.EPOCH_MS}
+_EPOCH_UNITS: Final = {
+    ColumnKind.EPOCH_SECONDS: timedelta(seconds=1),
+    ColumnKind.EPOCH_MS: timedelta(milliseconds=1),
+}
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 Reader = Callable[[Any, str], Any]
 Writer = Callable[[TaskRecord], Any]
@@ -184,6 +200,26 @@ def sqlite_datetime(value: datetime) -> str:
 def utc_text_fast(value: datetime) -> str:
     """`records.utc_text` (same text), faster than strftime."""
     return to_utc(value).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
+
+
+def epoch_writer(field: str, unit: timedelta) -> Writer:
+    """Writes the field as whole `unit`s since 1970 (a finer part is cut off, toward the past)."""
+
+    def convert(value: datetime) -> int:
+        return (to_utc(value) - EPOCH) // unit
+
+    return time_writer(field, convert)
+
+
+def epoch_time(value: Any, unit: timedelta) -> datetime | None:
+    """The UTC time `value` whole `unit`s after 1970, or None when `value` is not an integer
+    count in the range of `datetime`."""
+    if type(value) is not int:
+        return None
+    try:
+        return EPOCH + value * unit
+    except OverflowError:
+        return None
 
 
 def clip(value: Any, width: int = 60) -> str:

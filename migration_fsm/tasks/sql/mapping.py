@@ -6,7 +6,11 @@ one column), a status mapping translates the stored status vocabulary, a type ma
 stored task names, constants fill columns the record does not carry, and each column's type
 decides its `ColumnKind`: how the field is held there, hence how it is read, written and
 copied as a raw value. An integer key column holds keys that are the decimal text of a
-non-negative integer.
+non-negative integer; an integer time column counts seconds or milliseconds since 1970
+(`epoch_units` says which).
+
+(A little over 500 lines: the mapping's construction and its readers and writers are one
+vocabulary; split, each half would reach into the other's privates.)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from sqlalchemy.sql.sqltypes import NullType
 from migration_fsm.exceptions import ConfigError, DataError
 from migration_fsm.tasks.records import TaskRecord, TaskStatus, to_utc
 from migration_fsm.tasks.sql.columns import (
+    EPOCH_KINDS,
     MAX_INTEGER_KEY,
     ColumnKind,
     Reader,
@@ -40,6 +45,8 @@ from migration_fsm.tasks.sql.columns import (
     attempts_writer,
     bind,
     clip,
+    epoch_time,
+    epoch_writer,
     fits,
     identity_reader,
     integer_key,
@@ -88,7 +95,7 @@ class MappedField:
 class TableMapping:
     """The fields of `TaskRecord` mapped onto `table`'s columns, for a store named `store`.
 
-    `columns`, `status_map`, `type_map` and `constants` are the store's config keys
+    `columns`, `status_map`, `type_map`, `constants` and `epoch_units` are the store's config keys
     (`SqlTaskStore` documents them);
     a field or column that does not fit is a `ConfigError` naming the store and the key.
     `dialect` is the database's dialect name. `key_order` (the key as it sorts in code
@@ -107,12 +114,21 @@ class TableMapping:
         type_map: Mapping[str, str] | None = None,
         constants: Mapping[str, Any] | None = None,
         table_name: str | None = None,
+        epoch_units: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
         self.table = table
         self.table_name = table_name or table.name
         self.dialect = dialect
         columns = dict(columns or {})
+        #: time field -> "s" or "ms": the unit an integer column of that field counts.
+        self.epoch_units = dict(epoch_units or {})
+        for field, unit in self.epoch_units.items():
+            if field not in ("created_at", "updated_at", "run_at") or unit not in EPOCH_KINDS:
+                raise ConfigError(
+                    f"store '{store}': epoch_units.{field} = {unit!r}: name a time field (created_at,"
+                    ' updated_at, run_at) and "s" or "ms" (seconds or milliseconds since 1970)'
+                )
         for field in columns:
             if field not in FIELDS:
                 raise ConfigError(
@@ -249,6 +265,22 @@ class TableMapping:
 
     def _time_access(self, field: str, column: Column[Any], param: str) -> _Access | None:
         kind, read = column.type, self._time_reader(column, nullable=field == "run_at")
+        unit = self.epoch_units.get(field)
+        if isinstance(kind, Integer) and not isinstance(kind, Boolean):
+            if unit is None:
+                raise ConfigError(
+                    f"store '{self.store}': column '{column.name}' (field '{field}') holds integers: say"
+                    f' what they count with epoch_units.{field} = "s" (seconds since 1970) or "ms"'
+                    " (milliseconds)"
+                )
+            how = EPOCH_KINDS[unit]
+            read = self._epoch_reader(column, how, nullable=field == "run_at")
+            return column, bind(param, column), read, epoch_writer(field, how.epoch), how  # type: ignore[arg-type]
+        if unit is not None:
+            raise ConfigError(
+                f"store '{self.store}': epoch_units.{field}: column '{column.name}' has type"
+                f" {column.type!r}, not an integer type; remove the key"
+            )
         if isinstance(kind, DateTime):
             if (
                 self.dialect == "sqlite"
@@ -450,6 +482,20 @@ class TableMapping:
                 " every task needs one"
             )
         return value
+
+    def _epoch_reader(self, column: Column[Any], kind: ColumnKind, *, nullable: bool = False) -> Reader:
+        unit, what = kind.epoch, kind.value.removeprefix("epoch_").replace("ms", "milliseconds")
+        assert unit is not None
+
+        def read(value: Any, key: str) -> datetime | None:
+            if value is None and nullable:
+                return None
+            found = epoch_time(value, unit)
+            if found is None:
+                raise self.bad(key, column, f"holds {value!r}, not a count of {what} since 1970")
+            return found
+
+        return read
 
     def _time_reader(self, column: Column[Any], *, nullable: bool = False) -> Reader:
         def read(value: Any, key: str) -> datetime | None:

@@ -73,7 +73,9 @@ class SqlTaskStore:
     same for task names (stored name -> record type); with one, a stored name or a type it
     does not map is a `DataError`, never a guess. `constants` (column -> value) fills columns
     the record does not carry when a task is inserted (updates leave them as they are); each
-    must exist, be mapped by no field and fit its column's type.
+    must exist, be mapped by no field and fit its column's type. `epoch_units` (time field ->
+    "s" or "ms") says what an integer time column counts: seconds or milliseconds since 1970
+    UTC (required for such a column; a finer part of a time written there is cut off).
     A table or mapped column that does not exist is a `ConfigError`
     (exit 2); a row the store cannot read, or a record it cannot write, is a `DataError`
     (exit 1) naming the store, the column and the key. `engine` shares an engine the caller
@@ -96,6 +98,7 @@ class SqlTaskStore:
         status_map: Mapping[str, str] | None = None,
         type_map: Mapping[str, str] | None = None,
         constants: Mapping[str, Any] | None = None,
+        epoch_units: Mapping[str, str] | None = None,
         schema: str | None = None,
         engine: Engine | None = None,
     ) -> None:
@@ -123,6 +126,7 @@ class SqlTaskStore:
                 status_map=dict(status_map or {}),
                 type_map=dict(type_map or {}),
                 constants=dict(constants or {}),
+                epoch_units=dict(epoch_units or {}),
             )
         except BaseException:
             self.close()
@@ -137,6 +141,7 @@ class SqlTaskStore:
         status_map: dict[str, str],
         type_map: dict[str, str],
         constants: dict[str, Any],
+        epoch_units: dict[str, str],
     ) -> None:
         for field in columns:
             if field not in FIELDS:
@@ -161,6 +166,7 @@ class SqlTaskStore:
                 type_map=type_map,
                 constants=constants,
                 table_name=self.table_name,
+                epoch_units=epoch_units,
             )
             probe_key(conn, self.mapping, dialect)
         if not self.mapping.key_unique_anyhow:
