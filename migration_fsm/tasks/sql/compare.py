@@ -86,7 +86,7 @@ class _Side:
         self.store = store
         mapping = store.mapping
         self.table = table.alias(alias)
-        self.columns = identity_columns(mapping, self.table, store.engine.dialect)  # type: ignore[arg-type]
+        self.columns = identity_columns(mapping, self.table, store.engine.dialect, f"{alias}_")
         key = self.table.c[mapping.key_column.name]
         self.key = key
         self.order: ColumnElement[Any] = key.collate("BINARY") if mapping.dialect == "sqlite" else key
@@ -104,7 +104,7 @@ class _Side:
             parts.append(self.order > bind_text("mfsm_after"))
         if high:
             parts.append(self.order <= bind_text("mfsm_high"))
-        return and_(*parts) if parts else literal(True)  # type: ignore[return-value]
+        return and_(*parts) if parts else literal(True)
 
 
 class IdentityJoin:
@@ -126,19 +126,15 @@ class IdentityJoin:
         if not (isinstance(old, SqlTaskStore) and isinstance(new, SqlTaskStore)):
             return None
         a, b = old.mapping, new.mapping
-        if a.dialect != b.dialect or a.integer_key or b.integer_key:
+        if a.dialect != b.dialect or a.integer_key or b.integer_key:  # integer keys page by ranges
             return None
         if not (a.key_range_indexed and b.key_range_indexed):  # each page would read the whole table
             return None
         try:
             found = _reachable(old, new)
-        except (DatabaseUnavailable, DataError):
-            return None
-        if found is None:
-            return None
-        join = cls(old, new, *found)
-        try:
-            join.page(None, 0)  # the statements run on this database (an old SQLite: they may not)
+            join = None if found is None else cls(old, new, *found)
+            if join is not None:
+                join.page(None, 0)  # its statements run here (an old SQLite may lack a function)
         except (DatabaseUnavailable, DataError):
             return None
         return join
@@ -263,7 +259,8 @@ class IdentityJoin:
             if status is None:
                 store.scan(after, limit)  # raises, naming the key and the column
                 raise DataError(
-                    f"store '{store.name}': the tasks after {after!r} changed while they were read; run it again"
+                    f"store '{store.name}': the tasks after {after!r} changed while they were read;"
+                    " run it again"
                 )
             counts[status] = counts.get(status, 0) + n
         return counts
@@ -287,12 +284,12 @@ class IdentityJoin:
             pairs = self._query("pairs", has_after, high is not None)
             for row in conn.exec_driver_sql(pairs.sql, pairs.params(**values)):
                 new_row = tuple(row[_WIDTH:])
-                found.pairs.append((tuple(row[:_WIDTH]), None if new_row[0] is None else new_row))  # type: ignore[arg-type]
+                found.pairs.append((tuple(row[:_WIDTH]), None if new_row[0] is None else new_row))
             missing = sum(1 for _, new_row in found.pairs if new_row is None)
             if found.new_count > found.old_count - missing:  # some keys are on the new side only
                 only_new = self._query("only_new", has_after, high is not None)
                 for row in conn.exec_driver_sql(only_new.sql, only_new.params(**values)):
-                    found.pairs.append((None, tuple(row)))  # type: ignore[arg-type]
+                    found.pairs.append((None, tuple(row)))
         found.pairs.sort(key=lambda pair: (pair[0] or pair[1])[0])  # type: ignore[index]
         return found, high
 
@@ -317,7 +314,9 @@ def _read_alike(a: TableMapping, b: TableMapping, name: str) -> bool:
     return False
 
 
-def _reachable(old: SqlTaskStore, new: SqlTaskStore) -> tuple[Table, str | None] | None:
+def _reachable(  # noqa: PLR0911 -- one answer per kind of database
+    old: SqlTaskStore, new: SqlTaskStore
+) -> tuple[Table, str | None] | None:
     """The new table as the old store's connection sees it, and (SQLite) the file to attach,
     None when both tables are in one file; None when no one connection reaches both."""
     table = new.mapping.table

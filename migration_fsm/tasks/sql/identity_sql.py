@@ -24,7 +24,7 @@ from sqlalchemy import Integer, String, Text, case, func, literal, literal_colum
 from migration_fsm.tasks.sql.columns import ColumnKind
 
 if TYPE_CHECKING:
-    from sqlalchemy import Table
+    from sqlalchemy import FromClause
     from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.sql.elements import ColumnElement
 
@@ -65,6 +65,37 @@ _PG_NATIVE: Final = (
 )
 
 
+#: The seconds since 1970 that Python's datetime (years 1 to 9999) holds.
+_FIRST_SECOND: Final = -62_135_596_800
+_LAST_SECOND: Final = 253_402_300_799
+_FORMAT: Final = "'YYYY-MM-DD HH24:MI:SS'"
+
+
+def _epoch(ref: str, kind: ColumnKind, dialect: str, otherwise: str) -> str:
+    """An integer count of seconds or milliseconds since 1970 as canonical text (floored, as
+    the store reads it), within Python's years; `otherwise` outside them."""
+    ms = kind is ColumnKind.EPOCH_MS
+    scale = 1000 if ms else 1
+    low, high = _FIRST_SECOND * scale, _LAST_SECOND * scale + scale - 1
+    if dialect == "sqlite":
+        valid = f"typeof({ref}) = 'integer' AND {ref} BETWEEN {low} AND {high}"
+        if not ms:
+            text = f"strftime('%Y-%m-%d %H:%M:%S', {ref}, 'unixepoch') || '.000000'"
+        else:
+            part = f"((({ref}) % 1000 + 1000) % 1000)"
+            whole = f"strftime('%Y-%m-%d %H:%M:%S', ({ref} - {part}) / 1000, 'unixepoch')"
+            text = f"{whole} || '.' || printf('%03d', {part}) || '000'"
+        return f"CASE WHEN {valid} THEN {text} ELSE {otherwise} END"
+    valid = f"{ref} BETWEEN {low} AND {high}"
+    if not ms:
+        text = f"to_char(to_timestamp({ref}) AT TIME ZONE 'UTC', {_FORMAT}) || '.000000'"
+    else:
+        part = f"mod(mod({ref}, 1000) + 1000, 1000)"
+        whole = f"to_char(to_timestamp(({ref} - {part}) / 1000) AT TIME ZONE 'UTC', {_FORMAT})"
+        text = f"{whole} || '.' || lpad(CAST({part} AS TEXT), 3, '0') || '000'"
+    return f"CASE WHEN {valid} THEN {text} ELSE {otherwise} END"
+
+
 def canonical_time(field: MappedField, column: ColumnElement[Any], dialect: Dialect) -> ColumnElement[Any]:
     """`column` (holding `field`, a timestamp) read as canonical text where the kind allows;
     see the module docstring."""
@@ -73,6 +104,11 @@ def canonical_time(field: MappedField, column: ColumnElement[Any], dialect: Dial
     if dialect.name == "sqlite" and kind in (ColumnKind.SQLITE_DATETIME, ColumnKind.ISO_TEXT):
         unzoned = "(" + _SQLITE_UNZONED.format(c=ref) + ")"
         return literal_column("(" + _SQLITE_TEXT.format(c=ref, z=unzoned) + ")", String())
+    if kind.epoch is not None:
+        otherwise = "NULL" if field.name == "created_at" else ref
+        if dialect.name == "postgresql" and field.name != "created_at":
+            otherwise = f"CAST({ref} AS TEXT)"
+        return literal_column("(" + _epoch(ref, kind, dialect.name, otherwise) + ")", String())
     if dialect.name == "postgresql" and kind is ColumnKind.ISO_TEXT:
         return literal_column("(" + _PG_TEXT.format(c=ref) + ")", String())
     if dialect.name == "postgresql" and kind.zoned:
@@ -87,13 +123,16 @@ def canonical_time(field: MappedField, column: ColumnElement[Any], dialect: Dial
     return column
 
 
-def identity_columns(mapping: TableMapping, table: Table, dialect: Dialect) -> list[ColumnElement[Any]]:
+def identity_columns(
+    mapping: TableMapping, table: FromClause, dialect: Dialect, label: str = "mfsm_"
+) -> list[ColumnElement[Any]]:
     """key, type (through the type map; NULL for a name it does not map), payload (JSON text
     as stored; PostgreSQL's JSON types as their text), created_at (canonical text, see the
     module docstring; NULL when a PostgreSQL timestamp is out of Python's range), status (a
     TaskStatus value, NULL when the status map does not map it), attempts (0 for none),
     run_at (canonical text, NULL without a column): the identity row of `mapping`'s table as
-    `table` (that table, or a copy of it seen from another database) holds it."""
+    `table` (that table, or a copy of it seen from another database) holds it, each column
+    labelled `label` + its name."""
     fields = mapping.by_name
 
     def column(name: str) -> ColumnElement[Any]:
@@ -110,7 +149,7 @@ def identity_columns(mapping: TableMapping, table: Table, dialect: Dialect) -> l
     status = case(statuses, value=column("status"))
     attempts = func.coalesce(column("attempts"), 0) if "attempts" in fields else literal(0, Integer())
     run_at = canonical_time(fields["run_at"], column("run_at"), dialect) if "run_at" in fields else null()
-    return [
+    values = [
         table.c[mapping.key_column.name],
         type_,
         payload,
@@ -119,3 +158,5 @@ def identity_columns(mapping: TableMapping, table: Table, dialect: Dialect) -> l
         attempts,
         run_at,
     ]
+    fields_in_order = ("key", "type", "payload", "created_at", "status", "attempts", "run_at")
+    return [value.label(f"{label}{name}") for value, name in zip(values, fields_in_order, strict=True)]

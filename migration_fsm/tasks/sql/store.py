@@ -37,7 +37,7 @@ from migration_fsm.tasks.sql.columns import (
     time_text_like,
 )
 from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
-from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping
+from migration_fsm.tasks.sql.mapping import FIELDS, MappedField, TableMapping
 from migration_fsm.tasks.sql.statements import Query, Statements
 
 if TYPE_CHECKING:
@@ -593,8 +593,8 @@ class SqlTaskStore:
         mapped = self.mapping.read_type is not None  # the name was mapped when it was read
         type_ = row[1] if mapped else fields["type"].read(row[1], key)
         payload = fields["payload"].read(row[2], key)
-        created_at = fields["created_at"].read(row[3], key)
-        run_at = fields["run_at"].read(row[6], key) if "run_at" in fields else None
+        created_at = _time_of(fields["created_at"], row[3], key)
+        run_at = _time_of(fields["run_at"], row[6], key) if "run_at" in fields else None
         return checksum_of(key, type_, payload, created_at, run_at)
 
     def count(self) -> int:
@@ -625,3 +625,11 @@ class SqlTaskStore:
                     )
                 counts[mapped] += count
         return counts
+
+
+def _time_of(field: MappedField, value: Any, key: str) -> Any:
+    """A timestamp of an identity row, decoded: canonical text (`identity_sql`) as it is, for
+    `checksum_of` to parse, from a column whose own reader takes integers; else by the reader."""
+    if isinstance(value, str) and field.kind.epoch is not None:
+        return value
+    return field.read(value, key)
