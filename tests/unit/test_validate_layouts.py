@@ -150,3 +150,31 @@ def test_validate_on_a_layout_pair_reports_what_the_record_path_reports(
     expected = {"in_database": 0, "raw": 0, "decoded": decoded, "records": 0, "reread": sum(DIFFERENCES)}
     assert {**expected, fast: equal - decoded} == in_database["rows_by_path"]
     assert {**expected, "raw": equal - decoded} == in_python["rows_by_path"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])
+def test_the_same_stored_task_name_under_two_type_maps_is_a_mismatch_on_every_path(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """Regression: the fast path compared stored task names, so a name that two type maps read
+    as two types was no difference there, and a mismatch on the record path."""
+    layout = layout_named("default")
+    with (
+        layout_table(backend, request, tmp_path, layout, "old", 20) as (first, _),
+        layout_table(backend, request, tmp_path, layout, "new", 20) as (second, _),
+    ):
+        maps = (
+            {"email.send": "email", "report.build": "report"},
+            {"email.send": "sms", "report.build": "report"},
+        )
+        with (
+            SqlTaskStore(first.url, "tasks", name="old", type_map=maps[0]) as old,
+            SqlTaskStore(second.url, "tasks", name="new", type_map=maps[1]) as new,
+        ):
+            reports = [
+                validate(old, new, settle=0).as_json(),
+                validate(old, new, settle=0, in_database=False).as_json(),
+                validate(RecordsOnly(old), RecordsOnly(new), settle=0).as_json(),
+            ]
+    assert [15] * 3 == [report["mismatched"] for report in reports]  # i % 4 != 0: email.send
+    assert [without_paths(reports[2])] * 3 == [without_paths(report) for report in reports]
