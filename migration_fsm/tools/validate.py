@@ -1,6 +1,6 @@
 """Validation: a streaming merge of the old and the new side by key, reporting every difference.
 
-Neither side is ever loaded whole: one page of each is in memory, plus at most one batch of
+Neither side is ever loaded whole: one page of each is in memory, plus at most two batches of
 differences waiting to be re-read. A difference is re-read once (on both sides, a batch at
 a time through `get_many` where the store has it, a moment later) before it is reported, so
 a write in flight during the scan (landed on one side, about to land on the other) is not
@@ -14,6 +14,7 @@ checksum of both sides, and only a real difference is decoded in full (by its re
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -76,6 +77,7 @@ _JOINED_BATCHES: Final = 20
 #: Rows compared in one slice after a difference; the slice doubles while rows agree.
 _FIRST_RUN: Final = 8
 _status_of_row: Final = itemgetter(STATUS)
+_seen: Final = itemgetter(3)  # of a waiting difference
 
 
 @dataclass(slots=True)
@@ -321,21 +323,34 @@ class _Validation:
             )
         )
         if len(self.pending) >= self.batch_size:
-            self.recheck()
+            self.recheck_settled()
 
-    def recheck(self) -> None:
-        """Re-read every waiting difference on both sides (one `get_many` per side when the
-        store offers it) and report what is still different."""
-        if not self.pending:
+    def recheck_settled(self) -> None:
+        """Re-read the waiting differences whose settle time has passed, when they make half a
+        batch: younger ones wait while the scan goes on (so a scan that meets many differences
+        does not stop for each batch's settle time). At two batches waiting, the oldest batch
+        is re-read, after its settle time: memory stays bounded."""
+        settled = bisect_right(self.pending, time.monotonic() - self.settle, key=_seen)
+        if settled >= max(self.batch_size // 2, 1):
+            self.recheck(settled)
+        elif len(self.pending) >= 2 * self.batch_size:
+            self.recheck(self.batch_size)
+
+    def recheck(self, count: int | None = None) -> None:
+        """Re-read the first `count` waiting differences (all of them by default) on both
+        sides (one `get_many` per side when the store offers it) and report what is still
+        different."""
+        batch = self.pending[:count]
+        if not batch:
             return
         # Every difference waits its whole settle time, the newest too: the scan's tail is where
         # the writes in flight are, and a re-read right behind them would report them missing.
-        wait = self.pending[-1][3] + self.settle - time.monotonic()
+        wait = batch[-1][3] + self.settle - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        keys = [key for key, *_ in self.pending]
+        keys = [key for key, *_ in batch]
         olds, news = get_many(self.old, keys), get_many(self.new, keys)
-        for key, old, new, _ in self.pending:
+        for key, old, new, _ in batch:
             again_old, again_new = olds.get(key), news.get(key)
             # The counts follow the re-read, so they agree with the differences reported.
             self.count(old, new, -1)
@@ -356,7 +371,7 @@ class _Validation:
                 self.report.runnable_old_copies += 1
             if verdict is not None:
                 self.report_difference(key, *verdict)
-        self.pending.clear()
+        del self.pending[: len(batch)]
 
     def report_difference(self, key: str, kind: str, fields: list[str]) -> None:
         report, room = self.report, self.sample_size
