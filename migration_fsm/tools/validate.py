@@ -269,11 +269,8 @@ class _Validation:
         report, after = self.report, None
         while True:
             page, last = join.page(after, batch_size * _JOINED_BATCHES)
-            for side, found, counts in (
-                ("old", page.old_statuses, report.counts_old),
-                ("new", page.new_statuses, report.counts_new),
-            ):
-                for status, n in join.statuses(side, found, after, batch_size * _JOINED_BATCHES).items():
+            for found, counts in ((page.old_counts, report.counts_old), (page.new_counts, report.counts_new)):
+                for status, n in found.items():
                     counts[status] += n
             report.old_count += page.old_count
             report.new_count += page.new_count

@@ -15,9 +15,10 @@ seen at one moment; PostgreSQL: repeatable read), so its counts and its differen
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from sqlalchemy import (
     Integer,
@@ -26,10 +27,12 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     exists,
     func,
     literal,
     not_,
+    null,
     or_,
     select,
     text,
@@ -39,11 +42,12 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from migration_fsm.exceptions import DatabaseUnavailable, DataError
+from migration_fsm.tasks.records import TaskStatus
 from migration_fsm.tasks.sql.columns import ColumnKind, bind_text
 from migration_fsm.tasks.sql.dialects import ATTACHED, attached, sqlite_file
 from migration_fsm.tasks.sql.identity_sql import identity_columns
 from migration_fsm.tasks.sql.statements import Query
-from migration_fsm.tasks.sql.store import SqlTaskStore
+from migration_fsm.tasks.sql.store import KEY_LOOKUP_CHUNK, SqlTaskStore
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -52,7 +56,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
     from migration_fsm.tasks.identity import IdentityRow
-    from migration_fsm.tasks.records import TaskStatus, TaskStore
+    from migration_fsm.tasks.records import TaskStore
     from migration_fsm.tasks.sql.mapping import TableMapping
 
 #: Columns of an identity row (`identity.IdentityRow`).
@@ -63,20 +67,20 @@ _NEW: Final = "n"
 
 @dataclass(slots=True)
 class JoinedPage:
-    """One range of keys: each side's rows by stored status, and the pairs the database did
-    not find equal, (old row or None, new row or None), in key order."""
+    """One range of keys: each side's tasks by status, and the pairs the database did not find
+    equal, (old row or None, new row or None), in key order."""
 
-    old_statuses: dict[Any, int] = field(default_factory=dict)
-    new_statuses: dict[Any, int] = field(default_factory=dict)
+    old_counts: dict[TaskStatus, int] = field(default_factory=dict)
+    new_counts: dict[TaskStatus, int] = field(default_factory=dict)
     pairs: list[tuple[IdentityRow | None, IdentityRow | None]] = field(default_factory=list)
 
     @property
     def old_count(self) -> int:
-        return sum(self.old_statuses.values())
+        return sum(self.old_counts.values())
 
     @property
     def new_count(self) -> int:
-        return sum(self.new_statuses.values())
+        return sum(self.new_counts.values())
 
 
 class _Side:
@@ -146,8 +150,8 @@ class IdentityJoin:
         if cached is None:
             build = {
                 "bound": self._bound,
-                "counts": self._counts,
-                "pairs": self._pairs,
+                "scan": self._scan,
+                "new_count": self._new_count,
                 "only_new": self._only_new,
             }[what]
             stmt = build(after, high)
@@ -170,18 +174,13 @@ class IdentityJoin:
             )
         return union_all(*parts)
 
-    def _counts(self, after: bool, high: bool) -> Any:
-        """Each side's rows in the range by stored status."""
-        parts = [
-            select(literal(tag).label("side"), side.status, func.count())
-            .where(side.in_range(after, high))
-            .group_by(side.status)
-            for tag, side in ((_OLD, self._a), (_NEW, self._b))
-        ]
-        return union_all(*parts)
+    def _new_count(self, after: bool, high: bool) -> Any:
+        """How many rows the new side holds in the range (its key index alone)."""
+        return select(func.count()).select_from(self._b.table).where(self._b.in_range(after, high))
 
-    def _pairs(self, after: bool, high: bool) -> Any:
-        """The pairs of the range whose identity rows are not equal, and the keys on one side."""
+    def _scan(self, after: bool, high: bool) -> Any:
+        """Each old row of the range: its stored status, and its key when the new side has no
+        row of that key or one whose identity row is not equal (else NULL)."""
         a, b = self._a, self._b
         sqlite = self.old.mapping.dialect == "sqlite"
 
@@ -208,10 +207,11 @@ class IdentityJoin:
             readable.append(a.columns[3].is_not(None))  # a timestamp out of Python's range
         equal = and_(*checks, *readable)
         on = a.key == b.key
+        differs = or_(b.key.is_(None), not_(equal))
         return (
-            select(*a.columns, *b.columns)
+            select(a.status, case((differs, a.key), else_=null()))
             .select_from(a.table.outerjoin(b.table, on))
-            .where(a.in_range(after, high), or_(b.key.is_(None), not_(equal)))
+            .where(a.in_range(after, high))
         )
 
     def _only_new(self, after: bool, high: bool) -> Any:
@@ -246,25 +246,6 @@ class IdentityJoin:
                 f" them: {old.scrub(exc)}"
             ) from exc
 
-    def statuses(
-        self, side: str, found: dict[Any, int], after: str | None, limit: int
-    ) -> dict[TaskStatus, int]:
-        """A page's counts by stored status (`side` "old" or "new") as counts by `TaskStatus`;
-        a stored status the store's map does not map raises the `DataError` its scan raises."""
-        store = self.old if side == "old" else self.new
-        read = store.mapping.read_status
-        counts: dict[TaskStatus, int] = {}
-        for stored, n in found.items():
-            status = read.get(stored)
-            if status is None:
-                store.scan(after, limit)  # raises, naming the key and the column
-                raise DataError(
-                    f"store '{store.name}': the tasks after {after!r} changed while they were read;"
-                    " run it again"
-                )
-            counts[status] = counts.get(status, 0) + n
-        return counts
-
     def page(self, after: str | None, limit: int) -> tuple[JoinedPage, str | None]:
         """The page of keys after `after` holding at most `limit` rows of each side, and its
         last key (None when it was the last page)."""
@@ -278,20 +259,70 @@ class IdentityJoin:
                 return found, None
             high = min(bounds) if bounds else None  # no bound: both sides end within the page
             values["mfsm_high"] = high
-            counts = self._query("counts", has_after, high is not None)
-            for side, stored, n in conn.exec_driver_sql(counts.sql, counts.params(**values)):
-                (found.old_statuses if side == _OLD else found.new_statuses)[stored] = n
-            pairs = self._query("pairs", has_after, high is not None)
-            for row in conn.exec_driver_sql(pairs.sql, pairs.params(**values)):
-                new_row = tuple(row[_WIDTH:])
-                found.pairs.append((tuple(row[:_WIDTH]), None if new_row[0] is None else new_row))
-            missing = sum(1 for _, new_row in found.pairs if new_row is None)
-            if found.new_count > found.old_count - missing:  # some keys are on the new side only
-                only_new = self._query("only_new", has_after, high is not None)
-                for row in conn.exec_driver_sql(only_new.sql, only_new.params(**values)):
-                    found.pairs.append((None, tuple(row)))
+            has_high = high is not None
+            scan = self._query("scan", has_after, has_high)
+            seen = Counter(conn.exec_driver_sql(scan.sql, scan.params(**values)).cursor.fetchall())
+            new_count = self._query("new_count", has_after, has_high)
+            new_total = conn.exec_driver_sql(new_count.sql, new_count.params(**values)).scalar_one()
+            equal: Counter[Any] = Counter()
+            stored: Counter[Any] = Counter()
+            differing = []
+            for (status, key), n in seen.items():
+                stored[status] += n
+                if key is None:
+                    equal[status] += n
+                else:
+                    differing.append(key)
+            olds, news = self._rows(conn, self._a, differing), self._rows(conn, self._b, differing)
+            found.pairs = [(olds[key], news.get(key)) for key in differing]
+            if new_total > sum(stored.values()) - (len(differing) - len(news)):  # keys on new only
+                only_new = self._query("only_new", has_after, has_high)
+                extra = conn.exec_driver_sql(only_new.sql, only_new.params(**values))
+                found.pairs += [(None, tuple(row)) for row in extra]
         found.pairs.sort(key=lambda pair: (pair[0] or pair[1])[0])  # type: ignore[index]
+        read = self.old.mapping.read_status
+        found.old_counts = self._mapped(self.old, stored, read, after, limit)
+        # Equal rows are in one status on both sides; the rest say their own.
+        found.new_counts = self._mapped(self.old, equal, read, after, limit)
+        for _, new_row in found.pairs:
+            if new_row is not None:
+                mapped = new_row[4] or self._unmapped(self.new, after, limit)
+                status = TaskStatus(mapped)
+                found.new_counts[status] = found.new_counts.get(status, 0) + 1
         return found, high
+
+    @staticmethod
+    def _rows(conn: Connection, side: _Side, keys: list[str]) -> dict[str, IdentityRow]:
+        """The identity rows of these keys on one side, by key."""
+        rows: dict[str, IdentityRow] = {}
+        for start in range(0, len(keys), KEY_LOOKUP_CHUNK):
+            chunk = keys[start : start + KEY_LOOKUP_CHUNK]
+            for row in conn.execute(select(*side.columns).where(side.key.in_(chunk))):
+                rows[row[0]] = tuple(row)
+        return rows
+
+    def _mapped(
+        self,
+        store: SqlTaskStore,
+        stored: Counter[Any],
+        read: dict[Any, TaskStatus],
+        after: str | None,
+        limit: int,
+    ) -> dict[TaskStatus, int]:
+        """Counts by stored status as counts by `TaskStatus` (an unmapped one: `_unmapped`)."""
+        counts: dict[TaskStatus, int] = {}
+        for value, n in stored.items():
+            status = read.get(value) or self._unmapped(store, after, limit)
+            counts[status] = counts.get(status, 0) + n
+        return counts
+
+    @staticmethod
+    def _unmapped(store: SqlTaskStore, after: str | None, limit: int) -> NoReturn:
+        """Raise the `DataError` the store's scan raises for a stored status its map does not map."""
+        store.scan(after, limit)  # raises, naming the key and the column
+        raise DataError(
+            f"store '{store.name}': the tasks after {after!r} changed while they were read; run it again"
+        )
 
 
 _TEXT_TIMES: Final = frozenset({ColumnKind.SQLITE_DATETIME, ColumnKind.ISO_TEXT})

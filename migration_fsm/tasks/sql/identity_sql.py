@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Integer, String, Text, case, func, literal, literal_column, null
+from sqlalchemy import Integer, String, Text, case, func, literal, literal_column, null, type_coerce
 
 from migration_fsm.tasks.sql.columns import ColumnKind
 
@@ -33,9 +33,24 @@ if TYPE_CHECKING:
 _DATE: Final = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
 _TIME: Final = "[0-9][0-9]:[0-9][0-9]:[0-9][0-9]"
 
-#: SQLite, a timestamp held as text. `{c}` is the column; `{z}` the value without a UTC suffix.
+#: SQLite, a timestamp held as text. `{c}` is the column; `{z}` the value without a UTC
+#: suffix, for the rarer forms. The common forms come first: LIKE checks their shape, and
+#: GLOB that a fraction is digits (else `.1+0000Z` would become `.1+0000`, which parses).
+#: The date and time digits need no check: a value that is not a timestamp stays one that
+#: is not, as the separator between date and time may be any character to Python.
+_D: Final = "____-__-___"  # the date and its separator
+_T: Final = "__:__:__"
+_F: Final = "substr({c}, 21, 6) GLOB '[0-9][0-9][0-9][0-9][0-9][0-9]'"
 _SQLITE_TEXT: Final = (
     "CASE WHEN length({c}) = 26 AND substr({c}, 11, 1) = ' ' THEN {c}"
+    f" WHEN length({{c}}) = 19 AND {{c}} LIKE '{_D}{_T}'"
+    " THEN substr({c}, 1, 10) || ' ' || substr({c}, 12) || '.000000'"
+    f" WHEN length({{c}}) = 27 AND {{c}} LIKE '{_D}{_T}.______Z' AND substr({{c}}, 27) = 'Z' AND {_F}"
+    " THEN substr({c}, 1, 10) || ' ' || substr({c}, 12, 15)"
+    f" WHEN length({{c}}) = 32 AND {{c}} LIKE '{_D}{_T}.______+00:00' AND {_F}"
+    " THEN substr({c}, 1, 10) || ' ' || substr({c}, 12, 15)"
+    f" WHEN length({{c}}) = 26 AND {{c}} LIKE '{_D}{_T}.______' AND {_F}"
+    " THEN substr({c}, 1, 10) || ' ' || substr({c}, 12)"
     f" WHEN {{z}} GLOB '{_DATE}[ T]{_TIME}'"
     " THEN substr({z}, 1, 10) || ' ' || substr({z}, 12) || '.000000'"
     f" WHEN {{z}} GLOB '{_DATE}[ T]{_TIME}.[0-9]*' AND length({{z}}) BETWEEN 21 AND 26"
@@ -44,8 +59,8 @@ _SQLITE_TEXT: Final = (
     " ELSE {c} END"
 )
 _SQLITE_UNZONED: Final = (
-    "CASE WHEN {c} GLOB '*Z' THEN substr({c}, 1, length({c}) - 1)"
-    " WHEN {c} GLOB '*+00:00' THEN substr({c}, 1, length({c}) - 6) ELSE {c} END"
+    "CASE WHEN substr({c}, -1) = 'Z' THEN substr({c}, 1, length({c}) - 1)"
+    " WHEN substr({c}, -6) = '+00:00' THEN substr({c}, 1, length({c}) - 6) ELSE {c} END"
 )
 #: PostgreSQL, a timestamp held as text.
 _PG_TEXT: Final = (
@@ -143,8 +158,8 @@ def identity_columns(
         names = {stored: literal(value, String()) for stored, value in mapping.read_type.items()}
         type_ = case(names, value=type_)
     payload = column("payload")
-    if fields["payload"].kind.native_json:
-        payload = payload.cast(Text())
+    # JSON types as their text; text as it is (SQLAlchemy would decode a SQLite JSON column)
+    payload = payload.cast(Text()) if fields["payload"].kind.native_json else type_coerce(payload, String())
     statuses = {stored: str(value) for stored, value in mapping.read_status.items()}
     status = case(statuses, value=column("status"))
     attempts = func.coalesce(column("attempts"), 0) if "attempts" in fields else literal(0, Integer())

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from sqlalchemy import Engine, MetaData, Table, false, func, select, union_all
+from sqlalchemy import BigInteger, Engine, Integer, MetaData, Table, bindparam, false, func, select, union_all
 from sqlalchemy import exc as sa_exc
 
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
@@ -107,6 +107,7 @@ class SqlTaskStore:
         self.safe_url = safe_url(url)
         self.table_name = table if schema is None else f"{schema}.{table}"
         self._owns_engine = engine is None
+        self._identity_queries: dict[tuple[int, bool], Query] = {}
         if engine is None:
             try:
                 engine = make_engine(url, wal=False)
@@ -559,8 +560,11 @@ class SqlTaskStore:
         if limit <= 0:
             return []
         if self.mapping.integer_key:
-            ranges = self._integer_page(self.statements.identity_select, after, limit + 1)
-            found = self.fetch(Query.compile(ranges, self.engine.dialect))
+            ranges = integer_ranges(after)
+            values = {"mfsm_limit": limit + 1}
+            for i, (low, high) in enumerate(ranges):
+                values[f"mfsm_low{i}"], values[f"mfsm_high{i}"] = low, high
+            found = self.fetch(self._identity_ranges(len(ranges), negative=after is None), **values)
             rows: list[Any] = [(str(row[0]), *row[1:]) for row in self._in_text_order(found, limit + 1)]
             if any(row[0].startswith("-") for row in rows):
                 self._explain_page(after, limit)  # a negative key
@@ -573,6 +577,34 @@ class SqlTaskStore:
         if None in map(_status_of, page) or None in map(_type_of, page) or None in map(_created_of, page):
             self._explain_page(after, limit)  # a status or name the maps do not map, no created_at
         return page
+
+    def _identity_ranges(self, ranges: int, *, negative: bool) -> Query:
+        """`_integer_page` of the identity rows, with its bounds as parameters (`mfsm_lowN`,
+        `mfsm_highN`, `mfsm_limit`): compiled once per number of ranges, not once per page."""
+        cached = self._identity_queries.get((ranges, negative))
+        if cached is None:
+            columns, key = self.statements.identity_select, self.mapping.key_column
+            limit = bindparam("mfsm_limit", type_=Integer())
+            parts = [
+                columns.where(
+                    key.between(
+                        bindparam(f"mfsm_low{i}", type_=BigInteger()),
+                        bindparam(f"mfsm_high{i}", type_=BigInteger()),
+                    )
+                )
+                .order_by(key)
+                .limit(limit)
+                .subquery()
+                .select()
+                for i in range(ranges)
+            ]
+            if negative:  # a negative key sorts first: the first page shows it, and is refused
+                parts.append(columns.where(key < 0).limit(1).subquery().select())
+            stmt: Any = (
+                columns.where(false()) if not parts else parts[0] if len(parts) == 1 else union_all(*parts)
+            )
+            cached = self._identity_queries[ranges, negative] = Query.compile(stmt, self.engine.dialect)
+        return cached
 
     def _explain_page(self, after: str | None, limit: int) -> NoReturn:
         """Raise the `DataError` that `scan` raises for this page (it names the key and column)."""
