@@ -415,7 +415,7 @@ BENCHES = (
     ),
     Bench(
         "validate",
-        lambda a: ["validate.py", str(a.n), "--repeat", "1", "--layouts", a.layouts],
+        lambda a: ["validate.py", str(a.n), "--repeat", "1", "--layouts", a.layouts, "--postgres"],
         validate_rows,
     ),
     Bench(

@@ -22,12 +22,12 @@ hold a value in different forms it counts every row as differing, which costs it
 Each measured piece (`validate` or the baseline, both variants) runs in a process of its own,
 so its peak resident memory is its own; the pieces alternate `--repeat` rounds (default 3)
 and each figure is the median. CPU seconds are reported next to wall seconds: the machine
-may be shared, and the load average is reported too. PostgreSQL: the default layout, both
-tables in one database made for the run (psycopg for the baseline, columns as text);
-reported, no goals. Prints a table on stderr and one JSON object on stdout.
+may be shared, and the load average is reported too. With `--postgres [URL]`, PostgreSQL's
+default layout too, both tables in one database made for the run (psycopg for the baseline,
+columns as text); reported, no goals. Prints a table on stderr and one JSON object on stdout.
 
     .venv/bin/python bench/validate.py [N] [--layouts all|NAME,...] [--batch-size B]
-        [--repeat R] [--postgres URL | --no-postgres]
+        [--repeat R] [--postgres [URL]]
 """
 
 from __future__ import annotations
@@ -488,8 +488,12 @@ def main() -> None:
     parser.add_argument("--layouts", default="all", help="all, or layout names separated by commas")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (the median counts)")
-    parser.add_argument("--postgres", default=os.environ.get("MIGRATION_FSM_TEST_POSTGRES_URL", DEFAULT_PG))
-    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const=DEFAULT_PG,
+        help=f"also PostgreSQL's default layout (default URL {DEFAULT_PG})",
+    )
     for hidden in ("--piece", "--layout", "--work", "--url", "--journal"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -525,7 +529,7 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         report["sqlite"] = measure_sqlite(args, names, Path(tmp))
-        if not args.no_postgres:
+        if args.postgres:
             report["postgresql"] = measure_postgres(args, Path(tmp))
     report["goals_met"] = {
         goal: all(result["goals_met"][goal] for result in report["sqlite"].values()) for goal in GOALS

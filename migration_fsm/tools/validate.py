@@ -371,21 +371,32 @@ class _Validation:
         del self.pending[: len(batch)]
 
     def report_difference(self, key: str, kind: str, fields: list[str]) -> None:
+        """Count a difference; keep its key among the kind's samples when it is one of the
+        first `sample_size` keys in key order (a scan in another order keeps the same ones)."""
         report, room = self.report, self.sample_size
         if kind == MISSING:
             report.missing += 1
-            if len(report.sample_missing) < room:
-                report.sample_missing.append(key)
+            _keep(report.sample_missing, key, room)
         elif kind == EXTRA:
             report.extra += 1
-            if len(report.sample_extra) < room:
-                report.sample_extra.append(key)
+            _keep(report.sample_extra, key, room)
         elif kind == MISMATCHED:
             report.mismatched += 1
-            if len(report.sample_mismatched) < room:
-                report.sample_mismatched.append({"key": key, "fields": fields})
+            keys = [sample["key"] for sample in report.sample_mismatched]
+            at = bisect_right(keys, key)
+            if at < room:
+                report.sample_mismatched.insert(at, {"key": key, "fields": fields})
+                del report.sample_mismatched[room:]
         else:
             report.status_differs += 1
+
+
+def _keep(samples: list[str], key: str, room: int) -> None:
+    """Insert `key` into the sorted `samples`, keeping the first `room`."""
+    at = bisect_right(samples, key)
+    if at < room:
+        samples.insert(at, key)
+        del samples[room:]
 
 
 def validate(

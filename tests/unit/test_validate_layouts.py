@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from migration_fsm.exceptions import DataError
 from migration_fsm.journal import make_engine
 from migration_fsm.tasks.records import TaskStatus
 from migration_fsm.tasks.sql import ColumnKind, SqlTaskStore
@@ -35,7 +36,7 @@ def pairs(backend: str) -> list[Any]:
     themselves (text times, integer times, JSONB)."""
     marks = [PG] if backend == "postgresql" else []
     names = [layout.name for layout in layouts_for(backend)]
-    into_self = [n for n in ("current_timestamp", "epoch_ms", "pg_jsonb") if n in names]
+    into_self = [n for n in ("current_timestamp", "epoch_ms", "pg_jsonb", "integer_key") if n in names]
     found = [(name, "default") for name in names] + [(name, name) for name in into_self]
     return [pytest.param(backend, a, b, id=f"{backend}-{a}-to-{b}", marks=marks) for a, b in found]
 
@@ -111,6 +112,7 @@ def test_validate_on_a_layout_pair_reports_what_the_record_path_reports(
         layout_table(backend, request, tmp_path, old_layout, "old", ROWS) as (old, _),
         layout_table(backend, request, tmp_path, new_layout, "new", 0) as (new, raw),
     ):
+        integer = new.mapping.integer_key
         tasks = everything(old)
         new.put_many(tasks)  # the same tasks, as the new layout holds them
         keys = [task.key for task in tasks]
@@ -123,8 +125,11 @@ def test_validate_on_a_layout_pair_reports_what_the_record_path_reports(
                 changed(tasks[60], status=TaskStatus.FAILED if tasks[60].status != "failed" else "pending"),
                 changed(tasks[70], attempts=tasks[70].attempts + 1),
                 changed(tasks[90], updated_at=first.updated_at),  # neither identity nor progress
-                changed(first, key=keys[10] + "a"),
-                changed(first, key="zz" if not new.mapping.integer_key else "999999"),
+                # On one side only; integer keys whose order as numbers is not their order as text.
+                *(
+                    changed(first, key=key)
+                    for key in (("1000", "999999") if integer else (keys[10] + "a", "zz"))
+                ),
             ]
         )
         set_raw(new, raw, keys[11], "key", None)
@@ -146,7 +151,7 @@ def test_validate_on_a_layout_pair_reports_what_the_record_path_reports(
     if "jsonb" in {old_layout.payload, new_layout.payload} and old_layout.payload != new_layout.payload:
         decoded = equal  # JSONB's text is not JSON text's: every row is decoded
     fast = "in_database" if joined is not None else "raw"
-    assert (joined is None) == (old_layout.integer_key or new_layout.integer_key)
+    assert (joined is None) == (old_layout.integer_key != new_layout.integer_key)  # keys of two kinds
     expected = {"in_database": 0, "raw": 0, "decoded": decoded, "records": 0, "reread": sum(DIFFERENCES)}
     assert {**expected, fast: equal - decoded} == in_database["rows_by_path"]
     assert {**expected, "raw": equal - decoded} == in_python["rows_by_path"]
@@ -178,3 +183,21 @@ def test_the_same_stored_task_name_under_two_type_maps_is_a_mismatch_on_every_pa
             ]
     assert [15] * 3 == [report["mismatched"] for report in reports]  # i % 4 != 0: email.send
     assert [without_paths(reports[2])] * 3 == [without_paths(report) for report in reports]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])
+def test_a_negative_integer_key_is_refused_by_the_comparison_in_the_database(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """As every scan refuses it: the DataError names the key, whichever path validate takes."""
+    layout = layout_named("integer_key")
+    with (
+        layout_table(backend, request, tmp_path, layout, "old", 30) as (old, raw),
+        layout_table(backend, request, tmp_path, layout, "new", 30) as (new, _),
+    ):
+        with raw.begin() as conn:
+            conn.execute(text("UPDATE tasks SET key = -7 WHERE key = 7"))
+        assert IdentityJoin.between(old, new) is not None
+        for in_database in (True, False):
+            with pytest.raises(DataError, match="holds the negative key -7"):
+                validate(old, new, settle=0, in_database=in_database)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from sqlalchemy import (
+    BigInteger,
     Integer,
     MetaData,
     String,
@@ -93,7 +94,10 @@ class _Side:
         self.columns = identity_columns(mapping, self.table, store.engine.dialect, f"{alias}_")
         key = self.table.c[mapping.key_column.name]
         self.key = key
-        self.order: ColumnElement[Any] = key.collate("BINARY") if mapping.dialect == "sqlite" else key
+        self.integer = mapping.integer_key
+        self.order: ColumnElement[Any] = key
+        if mapping.dialect == "sqlite" and not self.integer:
+            self.order = key.collate("BINARY")
         if mapping.dialect == "postgresql" and mapping.key_order is not mapping.key_column:
             self.order = key.collate("C")
         self.status = self.table.c[mapping.status_column.name]
@@ -103,11 +107,16 @@ class _Side:
         return self.table.c[self.store.mapping.by_name[name].column.name]
 
     def in_range(self, after: bool, high: bool) -> ColumnElement[bool]:
+        def bound(name: str) -> ColumnElement[Any]:
+            return bindparam(name, type_=BigInteger()) if self.integer else bind_text(name)
+
         parts = []
         if after:
-            parts.append(self.order > bind_text("mfsm_after"))
+            parts.append(self.order > bound("mfsm_after"))
+        elif self.integer:
+            parts.append(self.order >= 0)  # a negative key: refused by the first page (`page`)
         if high:
-            parts.append(self.order <= bind_text("mfsm_high"))
+            parts.append(self.order <= bound("mfsm_high"))
         return and_(*parts) if parts else literal(True)
 
 
@@ -130,9 +139,10 @@ class IdentityJoin:
         if not (isinstance(old, SqlTaskStore) and isinstance(new, SqlTaskStore)):
             return None
         a, b = old.mapping, new.mapping
-        if a.dialect != b.dialect or a.integer_key or b.integer_key:  # integer keys page by ranges
+        if a.dialect != b.dialect or a.integer_key != b.integer_key:  # keys of two kinds: not joined
             return None
-        if not (a.key_range_indexed and b.key_range_indexed):  # each page would read the whole table
+        # Each page reads a range of an index of the key (integer keys: their unique index).
+        if not all(m.key_unique if m.integer_key else m.key_range_indexed for m in (a, b)):
             return None
         try:
             found = _reachable(old, new)
@@ -246,9 +256,10 @@ class IdentityJoin:
                 f" them: {old.scrub(exc)}"
             ) from exc
 
-    def page(self, after: str | None, limit: int) -> tuple[JoinedPage, str | None]:
+    def page(self, after: Any, limit: int) -> tuple[JoinedPage, Any]:
         """The page of keys after `after` holding at most `limit` rows of each side, and its
-        last key (None when it was the last page)."""
+        last key as stored (None when it was the last page). Integer keys are paged in their
+        own order, not as text: the validation's samples are kept in key order anyway."""
         has_after = after is not None
         values: dict[str, Any] = {"mfsm_after": after, "mfsm_skip": max(limit - 1, 0)}
         found = JoinedPage()
@@ -257,6 +268,8 @@ class IdentityJoin:
             bounds = [row[1] for row in conn.exec_driver_sql(bound.sql, bound.params(**values))]
             if limit <= 0:
                 return found, None
+            if after is None and self._a.integer:
+                self._refuse_negative(conn)
             high = min(bounds) if bounds else None  # no bound: both sides end within the page
             values["mfsm_high"] = high
             has_high = high is not None
@@ -274,11 +287,11 @@ class IdentityJoin:
                 else:
                     differing.append(key)
             olds, news = self._rows(conn, self._a, differing), self._rows(conn, self._b, differing)
-            found.pairs = [(olds[key], news.get(key)) for key in differing]
+            found.pairs = [(olds[str(key)], news.get(str(key))) for key in differing]
             if new_total > sum(stored.values()) - (len(differing) - len(news)):  # keys on new only
                 only_new = self._query("only_new", has_after, has_high)
                 extra = conn.exec_driver_sql(only_new.sql, only_new.params(**values))
-                found.pairs += [(None, tuple(row)) for row in extra]
+                found.pairs += [(None, (str(row[0]), *row[1:])) for row in extra]
         found.pairs.sort(key=lambda pair: (pair[0] or pair[1])[0])  # type: ignore[index]
         read = self.old.mapping.read_status
         found.old_counts = self._mapped(self.old, stored, read, after, limit)
@@ -291,6 +304,15 @@ class IdentityJoin:
                 found.new_counts[status] = found.new_counts.get(status, 0) + 1
         return found, high
 
+    def _refuse_negative(self, conn: Connection) -> None:
+        """Integer keys: a negative one is refused, as the stores' scans refuse it."""
+        for side in (self._a, self._b):
+            if conn.execute(select(side.key).where(side.key < 0).limit(1)).first() is not None:
+                side.store.scan_identities(None, 1)  # raises, naming the key
+                raise DataError(
+                    f"store '{side.store.name}': a negative key appeared while it was read; run it again"
+                )
+
     @staticmethod
     def _rows(conn: Connection, side: _Side, keys: list[str]) -> dict[str, IdentityRow]:
         """The identity rows of these keys on one side, by key."""
@@ -298,7 +320,7 @@ class IdentityJoin:
         for start in range(0, len(keys), KEY_LOOKUP_CHUNK):
             chunk = keys[start : start + KEY_LOOKUP_CHUNK]
             for row in conn.execute(select(*side.columns).where(side.key.in_(chunk))):
-                rows[row[0]] = tuple(row)
+                rows[str(row[0])] = (str(row[0]), *row[1:])  # an integer key as its text
         return rows
 
     def _mapped(
