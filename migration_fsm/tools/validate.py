@@ -24,7 +24,7 @@ from ..exceptions import DatabaseUnavailable
 from ..fsm import routing_for
 from ..journal import utcnow
 from ..journal.ledger import Ledger
-from ..tasks.capabilities import IdentityScan
+from ..tasks.capabilities import IdentityGet, IdentityScan
 from ..tasks.identity import (
     ATTEMPTS,
     CREATED_AT,
@@ -335,8 +335,9 @@ class _Validation:
 
     def recheck(self, count: int | None = None) -> None:
         """Re-read the first `count` waiting differences (all of them by default) on both
-        sides (one `get_many` per side when the store offers it) and report what is still
-        different."""
+        sides and report what is still different: as identity rows where both stores offer
+        them (`identities_of`), decoding only the rows whose raw identities differ (one
+        `get_many` per side when the store offers it)."""
         batch = self.pending[:count]
         if not batch:
             return
@@ -346,24 +347,33 @@ class _Validation:
         if wait > 0:
             time.sleep(wait)
         keys = [key for key, *_ in batch]
-        olds, news = get_many(self.old, keys), get_many(self.new, keys)
+        again: dict[str, _Reread] = {}
+        if isinstance(self.old, IdentityGet) and isinstance(self.new, IdentityGet):
+            rows_a, rows_b = self.old.identities_of(keys), self.new.identities_of(keys)
+            for key in keys:
+                settled = _settled_raw(rows_a.get(key), rows_b.get(key))
+                if settled is not None:
+                    again[key] = settled
+        rest = [key for key in keys if key not in again]  # decoded: the record path's answer
+        if rest:
+            olds, news = get_many(self.old, rest), get_many(self.new, rest)
+            for key in rest:
+                a, b = olds.get(key), news.get(key)
+                again[key] = (
+                    None if a is None else a.status,
+                    None if b is None else b.status,
+                    classify(a, b),
+                )
         for key, old, new, _ in batch:
-            again_old, again_new = olds.get(key), news.get(key)
+            again_old, again_new, verdict = again[key]
             # The counts follow the re-read, so they agree with the differences reported.
             self.count(old, new, -1)
-            self.count(
-                None if again_old is None else again_old.status,
-                None if again_new is None else again_new.status,
-                +1,
-            )
-            verdict = classify(again_old, again_new)
+            self.count(again_old, again_new, +1)
             if (  # the same task, runnable on old although it ran on new
                 verdict is not None
                 and verdict[0] == STATUS_DIFFERS
-                and again_old is not None
-                and again_new is not None
-                and again_old.status in RUNNABLE
-                and again_new.status in FINISHED
+                and again_old in RUNNABLE
+                and again_new in FINISHED
             ):
                 self.report.runnable_old_copies += 1
             if verdict is not None:
@@ -389,6 +399,29 @@ class _Validation:
                 del report.sample_mismatched[room:]
         else:
             report.status_differs += 1
+
+
+#: A difference re-read: (old status, new status, `classify`'s verdict); None for a side
+#: without the task.
+_Reread = tuple["TaskStatus | None", "TaskStatus | None", "tuple[str, list[str]] | None"]
+
+
+def _settled_raw(a: IdentityRow | None, b: IdentityRow | None) -> _Reread | None:
+    """The re-read of two identity rows of one key, when their raw values settle it without
+    decoding: both readable, the same identity on raw values, so at most a progress
+    difference (`classify` would say the same). None otherwise: the rows are decoded."""
+    if (
+        a is None
+        or b is None
+        or None in (a[STATUS], b[STATUS], a[TYPE], b[TYPE], a[CREATED_AT], b[CREATED_AT])
+    ):
+        return None
+    same = a[TYPE : CREATED_AT + 1] == b[TYPE : CREATED_AT + 1] and a[RUN_AT] == b[RUN_AT]
+    if not (same and _same_payloads((a,), (b,))):
+        return None
+    progress = [name for name, at in (("status", STATUS), ("attempts", ATTEMPTS)) if a[at] != b[at]]
+    verdict = (STATUS_DIFFERS, progress) if progress else None
+    return status_of(a[STATUS]), status_of(b[STATUS]), verdict
 
 
 def _keep(samples: list[str], key: str, room: int) -> None:

@@ -354,6 +354,22 @@ class SqlTaskStore:
                     found[record.key] = record
         return found
 
+    def identities_of(self, keys: Sequence[str]) -> dict[str, IdentityRow]:
+        """The identity rows of these keys (absent keys are left out), in a few round trips,
+        read as `scan_identities` reads them (`capabilities.IdentityGet`)."""
+        wanted = sorted(set(self._key_values(keys)))
+        found: dict[str, IdentityRow] = {}
+        key_column, columns = self.mapping.key_column, self.statements.identity_select
+        with self.connect(readonly=True) as conn:
+            for start in range(0, len(wanted), _GET_MANY_CHUNK):
+                chunk = wanted[start : start + _GET_MANY_CHUNK]
+                for row in conn.execute(columns.where(key_column.in_(chunk))):
+                    key = str(row[0])
+                    if key in found:
+                        raise self.mapping.duplicate(key)
+                    found[key] = (key, *row[1:])
+        return found
+
     def put(self, record: TaskRecord) -> None:
         """Insert or replace the record with this key (idempotent)."""
         one_statement = self.statements.forward(None)
