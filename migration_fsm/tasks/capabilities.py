@@ -8,6 +8,7 @@ back to the plain `TaskStore` methods otherwise; they never probe with `getattr`
 | --- | --- | --- | --- |
 | `BulkGet` | `get_many(keys)` | validation re-reading its differences | one `get` per key |
 | `IdentityScan` | `scan_identities`, `identity_checksum` | validation | identity rows from `scan`'s records |
+| `IdentityGet` | `identities_of(keys)` | validation re-reading its differences | records (`BulkGet`) |
 | `ForwardPut` | `put_forward(record)` | `DualWriter`'s writes | `put` |
 | `SetProgress` | `set_progress(...)` | transfer, hand-over, `retire_old` | `get` + `put_forward` |
 | `SetProgressMany` | `set_progress_many(updates)` | the same, a batch at a time | `set_progress` per row |
@@ -16,7 +17,7 @@ back to the plain `TaskStore` methods otherwise; they never probe with `getattr`
 | `SetupCheck` | `check_setup()` | `stores_reachable` (so `advance --dry-run`) | a scan and a count only |
 
 `MemoryTaskStore` offers `BulkGet`, `ForwardPut`, `SetProgress` and `SetProgressMany`;
-`SqlTaskStore` offers all seven but `SetupCheck`; the queue adapters (`migration_fsm.adapters`)
+`SqlTaskStore` offers all eight but `SetupCheck`; the queue adapters (`migration_fsm.adapters`)
 offer `SetupCheck` and what their system allows.
 Pure: this module imports nothing at run time but `typing`.
 """
@@ -55,6 +56,16 @@ class IdentityScan(Protocol):
     def identity_checksum(self, row: IdentityRow) -> str:
         """`TaskRecord.checksum()` of the record this row decodes to (a `DataError` when the
         row cannot be decoded)."""
+        ...
+
+
+@runtime_checkable
+class IdentityGet(Protocol):
+    """Identity rows of given keys, in a few round trips (validation's re-read)."""
+
+    def identities_of(self, keys: Sequence[str]) -> Mapping[str, IdentityRow]:
+        """The identity rows (`scan_identities`' form) of these keys; a key with no task is
+        left out."""
         ...
 
 

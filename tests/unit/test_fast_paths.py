@@ -217,7 +217,7 @@ def test_validate_reports_the_same_with_and_without_the_fast_path(
             conn.execute(update(table).where(key == "k0050").values({payload.name: stored}))
         fast = validate(old, target, batch_size=64, settle=0).as_json()
         slow = validate(RecordsOnly(old), RecordsOnly(target), batch_size=64, settle=0).as_json()
-    assert slow == fast
+    assert {**slow, "rows_by_path": None} == {**fast, "rows_by_path": None}  # the paths differ, by design
     assert (2, 2, 3, 2) == (fast["missing"], fast["extra"], fast["mismatched"], fast["status_differs"])
     assert ["k0010", "k0250"] == fast["samples"]["missing"]
     assert [
@@ -252,7 +252,7 @@ def test_validate_flags_a_run_at_difference_on_both_paths(
                 conn.execute(update(table).where(table.c.key == "k009").values(run_at=base[9].run_at))
         fast = validate(old, target, batch_size=16, settle=0).as_json()
         slow = validate(RecordsOnly(old), RecordsOnly(target), batch_size=16, settle=0).as_json()
-    assert slow == fast
+    assert {**slow, "rows_by_path": None} == {**fast, "rows_by_path": None}  # the paths differ, by design
     assert (0, 0, 3, 0) == (fast["missing"], fast["extra"], fast["mismatched"], fast["status_differs"])
     assert [{"key": key, "fields": ["run_at"]} for key in ("k003", "k004", "k006")] == fast["samples"][
         "mismatched"

@@ -13,15 +13,12 @@ from sqlalchemy import (
     Integer,
     Text,
     bindparam,
-    case,
     cast,
     delete,
     false,
-    func,
     insert,
     literal,
     literal_column,
-    null,
     select,
     update,
 )
@@ -30,6 +27,7 @@ from sqlalchemy.sql.sqltypes import NullType
 from migration_fsm.tasks.records import TaskStatus, is_behind
 from migration_fsm.tasks.sql.columns import bind_text
 from migration_fsm.tasks.sql.dialects import insert_for
+from migration_fsm.tasks.sql.identity_sql import identity_columns
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -214,23 +212,8 @@ class Statements:
         return cached
 
     def _identity_columns(self) -> Select[Any]:
-        """key, type, payload (text), created_at, status (a TaskStatus value, NULL when the
-        status map does not map it), attempts, run_at (NULL without a column): the identity
-        row, read without decoding."""
-        mapping = self.mapping
-        fields = mapping.by_name
-        status = fields["status"].column
-        attempts = fields.get("attempts")
-        run_at = fields.get("run_at")
-        return select(
-            mapping.key_column,
-            fields["type"].column,
-            json_text(fields["payload"]),
-            fields["created_at"].column,
-            case({stored: str(value) for stored, value in mapping.read_status.items()}, value=status),
-            func.coalesce(attempts.column, 0) if attempts is not None else literal(0, Integer()),
-            run_at.column if run_at is not None else null(),
-        )
+        """The identity row (`identity_sql.identity_columns`), read without decoding."""
+        return select(*identity_columns(self.mapping, self.mapping.table, self.dialect))
 
     def _identity_select(self, with_after: bool) -> Select[Any]:
         """The identity rows in key order, `mfsm_limit` of them (after `mfsm_after`)."""

@@ -20,7 +20,7 @@ from functools import cached_property
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from sqlalchemy import Engine, MetaData, Table, false, func, select, union_all
+from sqlalchemy import BigInteger, Engine, Integer, MetaData, Table, bindparam, false, func, select, union_all
 from sqlalchemy import exc as sa_exc
 
 from migration_fsm.exceptions import ConfigError, DatabaseUnavailable, DataError
@@ -38,7 +38,7 @@ from migration_fsm.tasks.sql.columns import (
     time_text_like,
 )
 from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
-from migration_fsm.tasks.sql.mapping import FIELDS, TableMapping
+from migration_fsm.tasks.sql.mapping import FIELDS, MappedField, TableMapping
 from migration_fsm.tasks.sql.statements import Query, Statements
 
 if TYPE_CHECKING:
@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 KEY_LOOKUP_CHUNK: Final = 500
 #: Keys per `IN (...)` list in `get_many` (well under every driver's parameter limit).
 _GET_MANY_CHUNK: Final = 500
-_status_of: Final = itemgetter(4)  # of an identity row
+_type_of: Final = itemgetter(1)  # of an identity row
+_created_of: Final = itemgetter(3)
+_status_of: Final = itemgetter(4)
 
 
 class SqlTaskStore:
@@ -106,6 +108,7 @@ class SqlTaskStore:
         self.safe_url = safe_url(url)
         self.table_name = table if schema is None else f"{schema}.{table}"
         self._owns_engine = engine is None
+        self._identity_queries: dict[tuple[int, bool], Query] = {}
         if engine is None:
             try:
                 engine = make_engine(url, wal=False)
@@ -388,6 +391,22 @@ class SqlTaskStore:
                     found[record.key] = record
         return found
 
+    def identities_of(self, keys: Sequence[str]) -> dict[str, IdentityRow]:
+        """The identity rows of these keys (absent keys are left out), in a few round trips,
+        read as `scan_identities` reads them (`capabilities.IdentityGet`)."""
+        wanted = sorted(set(self._key_values(keys)))
+        found: dict[str, IdentityRow] = {}
+        key_column, columns = self.mapping.key_column, self.statements.identity_select
+        with self.connect(readonly=True) as conn:
+            for start in range(0, len(wanted), _GET_MANY_CHUNK):
+                chunk = wanted[start : start + _GET_MANY_CHUNK]
+                for row in conn.execute(columns.where(key_column.in_(chunk))):
+                    key = str(row[0])
+                    if key in found:
+                        raise self.mapping.duplicate(key)
+                    found[key] = (key, *row[1:])
+        return found
+
     def put(self, record: TaskRecord) -> None:
         """Insert or replace the record with this key (idempotent)."""
         one_statement = self.statements.forward(None)
@@ -598,8 +617,11 @@ class SqlTaskStore:
         if limit <= 0:
             return []
         if self.mapping.integer_key:
-            ranges = self._integer_page(self.statements.identity_select, after, limit + 1)
-            found = self.fetch(Query.compile(ranges, self.engine.dialect))
+            ranges = integer_ranges(after)
+            values = {"mfsm_limit": limit + 1}
+            for i, (low, high) in enumerate(ranges):
+                values[f"mfsm_low{i}"], values[f"mfsm_high{i}"] = low, high
+            found = self.fetch(self._identity_ranges(len(ranges), negative=after is None), **values)
             rows: list[Any] = [(str(row[0]), *row[1:]) for row in self._in_text_order(found, limit + 1)]
             if any(row[0].startswith("-") for row in rows):
                 self._explain_page(after, limit)  # a negative key
@@ -609,9 +631,37 @@ class SqlTaskStore:
         if rows and not keys_in_order(after, rows):
             self._explain_page(after, limit)
         page = rows[:limit]
-        if None in map(_status_of, page):
-            self._explain_page(after, limit)  # a status the map does not map
+        if None in map(_status_of, page) or None in map(_type_of, page) or None in map(_created_of, page):
+            self._explain_page(after, limit)  # a status or name the maps do not map, no created_at
         return page
+
+    def _identity_ranges(self, ranges: int, *, negative: bool) -> Query:
+        """`_integer_page` of the identity rows, with its bounds as parameters (`mfsm_lowN`,
+        `mfsm_highN`, `mfsm_limit`): compiled once per number of ranges, not once per page."""
+        cached = self._identity_queries.get((ranges, negative))
+        if cached is None:
+            columns, key = self.statements.identity_select, self.mapping.key_column
+            limit = bindparam("mfsm_limit", type_=Integer())
+            parts = [
+                columns.where(
+                    key.between(
+                        bindparam(f"mfsm_low{i}", type_=BigInteger()),
+                        bindparam(f"mfsm_high{i}", type_=BigInteger()),
+                    )
+                )
+                .order_by(key)
+                .limit(limit)
+                .subquery()
+                .select()
+                for i in range(ranges)
+            ]
+            if negative:  # a negative key sorts first: the first page shows it, and is refused
+                parts.append(columns.where(key < 0).limit(1).subquery().select())
+            stmt: Any = (
+                columns.where(false()) if not parts else parts[0] if len(parts) == 1 else union_all(*parts)
+            )
+            cached = self._identity_queries[ranges, negative] = Query.compile(stmt, self.engine.dialect)
+        return cached
 
     def _explain_page(self, after: str | None, limit: int) -> NoReturn:
         """Raise the `DataError` that `scan` raises for this page (it names the key and column)."""
@@ -624,10 +674,16 @@ class SqlTaskStore:
         """`TaskRecord.checksum()` of the record `row` decodes to (a `DataError` naming the
         key and column when it cannot be decoded)."""
         key, fields = row[0], self.mapping.by_name
-        type_ = fields["type"].read(row[1], key)
+        if row[1] is None or row[3] is None:  # an unmapped task name, an unreadable created_at
+            record = self.get(key)  # raises the DataError `scan` raises, naming the column
+            if record is None:
+                raise DataError(f"store '{self.name}': task {key!r} is gone; run it again")
+            return record.checksum()
+        mapped = self.mapping.read_type is not None  # the name was mapped when it was read
+        type_ = row[1] if mapped else fields["type"].read(row[1], key)
         payload = fields["payload"].read(row[2], key)
-        created_at = fields["created_at"].read(row[3], key)
-        run_at = fields["run_at"].read(row[6], key) if "run_at" in fields else None
+        created_at = _time_of(fields["created_at"], row[3], key)
+        run_at = _time_of(fields["run_at"], row[6], key) if "run_at" in fields else None
         return checksum_of(key, type_, payload, created_at, run_at)
 
     def count(self) -> int:
@@ -658,3 +714,11 @@ class SqlTaskStore:
                     )
                 counts[mapped] += count
         return counts
+
+
+def _time_of(field: MappedField, value: Any, key: str) -> Any:
+    """A timestamp of an identity row, decoded: canonical text (`identity_sql`) as it is, for
+    `checksum_of` to parse, from a column whose own reader takes integers; else by the reader."""
+    if isinstance(value, str) and field.kind.epoch is not None:
+        return value
+    return field.read(value, key)
