@@ -129,9 +129,10 @@ def copy_tasks(
     # after a durable commit, and a durable commit makes every earlier one durable too (each
     # database writes its log in order), so a checkpoint never gets ahead of the rows on disk:
     # a crash or a power cut can only make the next run repeat the last second's batches,
-    # never skip one. The last batch is made durable before the run ends (or is marked done).
+    # never skip one. The target waits for the disk once more before the run ends (or is marked
+    # done): a durable copy of the last batch again could write nothing, and so wait for nothing.
     synced = time.monotonic()
-    unsynced: str | None = None  # where the first batch not yet durable started; None: none
+    unsynced = False  # whether a batch since the last durable commit did not wait for the disk
     try:
         while True:
             durable = time.monotonic() - synced >= DURABLE_EVERY_SECONDS
@@ -140,13 +141,12 @@ def copy_tasks(
             written, last = batch.count, batch.last
             if last is None:
                 break
-            if unsynced is None and not batch.durable:
-                unsynced = cursor
+            unsynced = unsynced or not batch.durable
             copied += written
             fast += batch.fast
-            previous, cursor = cursor, last
+            cursor = last
             if batch.durable:
-                synced, unsynced = time.monotonic(), None
+                synced, unsynced = time.monotonic(), False
             if checkpoint is not None and (batch.durable or checkpoint_in_same_log):
                 checkpoint(cursor, copied)
             progress.advance(written, cursor)
@@ -156,9 +156,8 @@ def copy_tasks(
                     time.sleep(ahead)
             if written < batch_size:
                 break
-        if unsynced is not None and not checkpoint_in_same_log:  # once more, durably: so is all before it
-            with fenced():
-                _copy_batch(old, new, rows, previous, batch_size, owned, durable=True)
+        if unsynced and not checkpoint_in_same_log and rows is not None:
+            rows.target.make_durable()  # every batch before is on disk now
             if checkpoint is not None and cursor is not None:
                 checkpoint(cursor, copied)
     finally:

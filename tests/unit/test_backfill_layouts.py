@@ -182,3 +182,30 @@ def test_a_checkpoint_is_saved_only_after_a_durable_commit(
         copy_tasks(old, new, batch_size=40, checkpoint=checkpoint)
         assert [40, 80, 120, 150] == [copied for _, copied in saved]
         assert everything(old) == everything(new)
+
+
+@PG
+def test_make_durable_flushes_the_log_past_commits_that_did_not_wait(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The end of a backfill: commits made without waiting for the disk are on it once
+    `make_durable` returns, though the call has no rows to write (PostgreSQL: the log is
+    flushed past the last such commit; SQLite's fsync of the WAL file cannot be seen short
+    of a power cut)."""
+    with database("postgresql", request, tmp_path) as url:
+        create_task_table(url, "tasks")
+        raw = make_engine(url, create=True)
+        try:
+            with SqlTaskStore(url, "tasks", name="new") as store:
+                with store.connect(durable=False) as conn:
+                    conn.exec_driver_sql("SELECT txid_current()")
+                with raw.connect() as conn:
+                    written = conn.execute(text("SELECT pg_current_wal_insert_lsn()::text")).scalar()
+                store.make_durable()
+                with raw.connect() as conn:
+                    flushed = conn.execute(
+                        text("SELECT pg_current_wal_flush_lsn() >= CAST(:lsn AS pg_lsn)"), {"lsn": written}
+                    ).scalar()
+                assert flushed is True
+        finally:
+            raw.dispose()

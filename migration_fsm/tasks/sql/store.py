@@ -15,6 +15,7 @@ retry finds the row and updates it.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from functools import cached_property
 from operator import itemgetter
@@ -37,7 +38,7 @@ from migration_fsm.tasks.sql.columns import (
     keys_in_order,
     time_text_like,
 )
-from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key
+from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key, sqlite_file
 from migration_fsm.tasks.sql.mapping import FIELDS, MappedField, TableMapping
 from migration_fsm.tasks.sql.statements import Query, Statements
 
@@ -250,6 +251,28 @@ class SqlTaskStore:
             yield
         finally:
             driver.execute(f"PRAGMA synchronous = {int(was)}")
+
+    def make_durable(self) -> None:
+        """Wait for the disk: every commit made without `durable` before this call is on disk
+        when it returns. PostgreSQL: a durable commit of a transaction that wrote to the log
+        (a logical message, which no decoder need read: a commit that wrote nothing, even one
+        with a transaction id, does not wait), which flushes the log up to it and so past
+        every earlier commit; SQLite in WAL mode: an fsync
+        of the WAL file, which holds every committed frame in order. A durable commit of the
+        rows themselves may write nothing (the rows gone from the source, or all equal), so
+        `backfill` ends with this instead."""
+        if self.dialect == "postgresql":
+            with self.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_logical_emit_message(true, 'migration_fsm', 'durable')")
+        elif self.in_wal_mode and (path := sqlite_file(self.engine)) is not None:
+            try:
+                fd = os.open(path + "-wal", os.O_RDONLY)
+            except FileNotFoundError:  # no WAL file: every commit is in the database file
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     @cached_property
     def in_wal_mode(self) -> bool:
