@@ -455,6 +455,21 @@ def test_open_checks_the_schema(tmp_path: Path) -> None:
         assert ledger.claim(M, "k", "old", "w").allowed
 
 
+def test_an_opened_ledger_takes_over_from_the_gone_workers_it_is_given(
+    upgraded_url: str, workers: Workers, store: Journal
+) -> None:
+    """`Ledger.open(url, workers=...)` judges goneness with those workers, as `Ledger(...)` does."""
+    workers.register(M, "old", "dead")
+    with Ledger.open(upgraded_url, workers=workers) as ledger:
+        dead = ledger.claim(M, "k", "old", "dead")
+        assert dead.claim is not None
+        _age(store, "old", "dead", 31)
+        taken = ledger.claim(M, "k", "new", "n1")
+        assert ("taken_over", ("old", "dead")) == (taken.reason, taken.holder)
+    with Ledger.open(upgraded_url) as blind:  # no workers: every running claim counts as live
+        assert "running" == blind.claim(M, "k", "old", "o2").reason
+
+
 def test_close_disposes_of_its_own_engine_only(upgraded_url: str) -> None:
     """A ledger given an engine leaves its pooled connections alone; its own are closed."""
     engine = make_engine(upgraded_url)
