@@ -337,6 +337,14 @@ def test_claims_of_reads_many_keys_at_once(ledger: Ledger) -> None:
     } == ledger.claims_of(M, iter(["a", "b", "c"]))
 
 
+def test_claims_of_reads_the_keys_asked_of_one_migration_only(ledger: Ledger) -> None:
+    ledger.claim(M, "a", "old", "w1")
+    ledger.claim(M, "d", "old", "w1")  # not asked for
+    ledger.claim("other", "a", "new", "n1")  # the same key in another migration
+    ledger.claim("other", "c", "new", "n1")
+    assert {"a": ClaimState("old", "w1", 1, "running")} == ledger.claims_of(M, ["a", "c"])
+
+
 def test_owned_keys_pages_between_bounds(ledger: Ledger) -> None:
     for key in ("a", "b", "c", "d", "e"):
         ledger.hand_over(M, key, "old", "new")
