@@ -16,7 +16,7 @@ from sqlalchemy import event, update
 from migration_fsm.exceptions import DatabaseUnavailable, SchemaNotCurrent
 from migration_fsm.journal import Journal, make_engine, utcnow
 from migration_fsm.journal.ledger import Claim, ClaimState, Ledger
-from migration_fsm.journal.schema import workers_table
+from migration_fsm.journal.schema import execution_claims_table, workers_table
 from migration_fsm.journal.workers import Workers
 from tests.support.pgtrace import pg_trace
 
@@ -608,3 +608,46 @@ def test_a_claim_that_moves_under_a_take_over_or_hand_over_is_decided_again(
             assert (False, "succeeded", ("old", "w1")) == (bool(handed), handed.reason, handed.holder)
         assert ClaimState("old", "w1", 1, "succeeded") == ledger.claim_of(M, "k")
         assert [(1, "succeeded")] == [(e.attempt, e.outcome) for e in ledger.executions(M, "k")]
+
+
+class _MovesWhileJudged(Workers):
+    """Workers that say every worker is gone and, each time they are asked, hand the running
+    claim to another worker of its side (as a take-over would): every compare-and-set of a
+    hand-over misses."""
+
+    asked = 0
+
+    def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
+        self.asked += 1
+        c = execution_claims_table.c
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(execution_claims_table)
+                .where(c.migration == migration, c.key == "k")
+                .values(worker_id=f"w{self.asked + 1}")
+            )
+        return True
+
+
+def test_a_hand_over_that_keeps_missing_gives_up_as_contended_after_three_tries(
+    store: Journal, upgraded_url: str
+) -> None:
+    workers = _MovesWhileJudged(store.engine)
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        assert ledger.claim(M, "k", "old", "w1").allowed
+        handed = ledger.hand_over(M, "k", "old", "new")
+        assert (False, "contended", None) == (bool(handed), handed.reason, handed.holder)
+        assert 3 == workers.asked
+        assert ClaimState("old", "w4", 1, "running") == ledger.claim_of(M, "k")
+
+
+def test_a_finish_closes_its_own_execution_only(ledger: Ledger) -> None:
+    mine = ledger.claim(M, "a", "old", "w1").claim
+    assert mine is not None
+    ledger.claim(M, "b", "old", "w1")  # the same attempt of another key
+    ledger.claim("other", "a", "old", "w1")  # the same key and attempt in another migration
+    assert ledger.finish(mine, "succeeded")
+    done = ledger.executions(M, "a")
+    assert [("succeeded", True)] == [(e.outcome, e.finished_at is not None) for e in done]
+    for migration, key in ((M, "b"), ("other", "a")):
+        assert [("running", None)] == [(e.outcome, e.finished_at) for e in ledger.executions(migration, key)]
