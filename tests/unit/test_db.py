@@ -6,6 +6,7 @@ server by `test_fast_paths.py` and the system tests."""
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -329,3 +330,23 @@ def test_a_readonly_engine_waits_timeout_seconds(
     engines.append(make_engine(file_url, readonly=True, timeout_seconds=seconds))
     with engines[0].connect() as conn:
         assert ms == conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+
+
+def test_a_readonly_engine_s_connections_serve_any_thread(file_url: str, engines: list[Engine]) -> None:
+    """A pooled read-only connection opened by one thread is reused by another (a watch round, a
+    PhaseClient's poller)."""
+    with make_engine(file_url, create=True).begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    engines.append(make_engine(file_url, readonly=True))
+    with engines[0].connect() as conn:  # opened here, then back in the pool
+        assert 0 == conn.execute(text("SELECT count(*) FROM t")).scalar_one()
+    counted: list[int] = []
+
+    def count() -> None:
+        with engines[0].connect() as conn:
+            counted.append(conn.execute(text("SELECT count(*) FROM t")).scalar_one())
+
+    reader = threading.Thread(target=count)
+    reader.start()
+    reader.join()
+    assert [0] == counted
