@@ -319,7 +319,7 @@ def test_scrub_keeps_the_first_line_without_secrets() -> None:
     journal_db._SECRETS.clear()
 
 
-@pytest.mark.parametrize(("seconds", "ms"), [(None, 15_000), (0.25, 250)])
+@pytest.mark.parametrize(("seconds", "ms"), [(None, 15_000), (0.25, 250), (0.0001, 1)])
 def test_a_readonly_engine_waits_timeout_seconds(
     file_url: str, engines: list[Engine], seconds: float | None, ms: int
 ) -> None:
