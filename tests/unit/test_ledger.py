@@ -651,3 +651,15 @@ def test_a_finish_closes_its_own_execution_only(ledger: Ledger) -> None:
     assert [("succeeded", True)] == [(e.outcome, e.finished_at is not None) for e in done]
     for migration, key in ((M, "b"), ("other", "a")):
         assert [("running", None)] == [(e.outcome, e.finished_at) for e in ledger.executions(migration, key)]
+
+
+def test_a_take_over_moves_one_key_of_one_migration(ledger: Ledger, workers: Workers, store: Journal) -> None:
+    for migration in (M, "other"):
+        workers.register(migration, "old", "dead")
+    for migration, key in ((M, "k"), (M, "j"), ("other", "k")):
+        assert ledger.claim(migration, key, "old", "dead").allowed
+    _age(store, "old", "dead", 31)
+    assert "taken_over" == ledger.claim(M, "k", "new", "n1").reason
+    assert ClaimState("new", "n1", 2, "running") == ledger.claim_of(M, "k")
+    assert ClaimState("old", "dead", 1, "running") == ledger.claim_of(M, "j")
+    assert ClaimState("old", "dead", 1, "running") == ledger.claim_of("other", "k")
