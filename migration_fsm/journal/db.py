@@ -200,7 +200,7 @@ def make_engine(
     """An engine for `url`. SQLite gets a busy timeout, `BEGIN IMMEDIATE` transactions (so two
     writers queue instead of deadlocking) and, when `wal`, the WAL journal; a missing SQLite
     file is an error unless `create`. `timeout_seconds` bounds how long a statement may wait:
-    SQLite's busy timeout, PostgreSQL's connect, statement and lock timeouts (default: a 30 s
+    SQLite's busy timeout, PostgreSQL's connect, statement and lock timeouts (default: a 15 s
     busy timeout on SQLite, a 5 s connect timeout and no statement limit on PostgreSQL, whose
     connections always get TCP keepalives and `tcp_user_timeout`: `PG_CONNECTION_BOUNDS`).
     `readonly` (SQLite): open the file read-only and write nothing on connect (no WAL pragma),

@@ -6,12 +6,13 @@ server by `test_fast_paths.py` and the system tests."""
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy import Column, MetaData, Table, select, text
+from sqlalchemy import Column, MetaData, Table, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -113,6 +114,89 @@ def test_a_driver_that_is_not_installed_or_unknown_is_a_config_error() -> None:
 def test_a_pg_url_gets_the_psycopg_3_driver(url: str, engines: list[Engine]) -> None:
     engines.append(make_engine(url))
     assert ("postgresql", "psycopg") == (engines[0].dialect.name, engines[0].dialect.driver)
+
+
+class _Connecting(Exception):
+    """Raised instead of connecting: the arguments were what the test wanted."""
+
+
+def _pg_connect_args(url: str, engines: list[Engine], **options: float) -> dict[str, object]:
+    """The keyword arguments `make_engine` gives psycopg for `url`, with no server: caught at
+    SQLAlchemy's `do_connect`, before anything is dialled."""
+    engine = make_engine(url, **options)  # type: ignore[arg-type]
+    engines.append(engine)
+    seen: dict[str, object] = {}
+
+    def capture(dialect: object, record: object, cargs: object, cparams: dict[str, object]) -> None:
+        seen.update(cparams)
+        seen.pop("context", None)  # SQLAlchemy's own type adapters
+        raise _Connecting
+
+    event.listen(engine, "do_connect", capture)
+    with pytest.raises(_Connecting):
+        engine.connect()
+    return seen
+
+
+# A partition must fail a statement instead of hanging it (keepalives, tcp_user_timeout), a
+# pooler must not meet prepared statements, and `timeout_seconds` bounds the connect, each
+# statement and each lock wait (docs/REFERENCE.md, `make_engine`). No server needed: the
+# names avoid the word mutmut's selection leaves out (see above).
+def test_a_pg_connection_is_bounded_and_prepares_nothing(engines: list[Engine]) -> None:
+    assert {
+        "host": "h",
+        "dbname": "db",
+        "user": "u",
+        "connect_timeout": 5,
+        "prepare_threshold": None,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    } == _pg_connect_args("postgresql://u@h/db", engines)
+
+
+def test_a_pg_url_s_own_connection_bounds_win(engines: list[Engine]) -> None:
+    args = _pg_connect_args("postgresql://u@h/db?keepalives_idle=60&tcp_user_timeout=0", engines)
+    assert ("60", "0") == (args["keepalives_idle"], args["tcp_user_timeout"])
+    assert (1, 5, 3, 5) == (
+        args["keepalives"],
+        args["keepalives_interval"],
+        args["keepalives_count"],
+        args["connect_timeout"],
+    )
+    bounded = _pg_connect_args("postgresql://u@h/db?keepalives=0", engines, timeout_seconds=2)
+    assert ("0", 10) == (bounded["keepalives"], bounded["keepalives_idle"])
+
+
+@pytest.mark.parametrize(
+    ("seconds", "ms", "connect"), [(2.5, 2500, 2), (3.7, 3700, 4), (0.0001, 1, 1)], ids=["2.5", "3.7", "tiny"]
+)
+def test_timeout_seconds_bounds_a_pg_connect_statement_and_lock_wait(
+    engines: list[Engine], seconds: float, ms: int, connect: int
+) -> None:
+    assert {
+        "host": "h",
+        "dbname": "db",
+        "user": "u",
+        "connect_timeout": connect,
+        "prepare_threshold": None,
+        "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    } == _pg_connect_args("postgresql+psycopg://u@h/db", engines, timeout_seconds=seconds)
+
+
+def test_timeout_seconds_keeps_the_options_a_pg_url_gives(engines: list[Engine]) -> None:
+    one = _pg_connect_args("postgresql://u@h/db?options=-c%20search_path%3Dx", engines, timeout_seconds=1)
+    assert "-c search_path=x -c statement_timeout=1000 -c lock_timeout=1000" == one["options"]
+    both = "options=-c%20search_path%3Dx&options=-c%20work_mem%3D8MB"
+    two = _pg_connect_args(f"postgresql://u@h/db?{both}", engines, timeout_seconds=1)
+    assert "-c search_path=x -c work_mem=8MB -c statement_timeout=1000 -c lock_timeout=1000" == two["options"]
 
 
 # -- SQLite connections -------------------------------------------------------------------------
@@ -235,7 +319,7 @@ def test_scrub_keeps_the_first_line_without_secrets() -> None:
     journal_db._SECRETS.clear()
 
 
-@pytest.mark.parametrize(("seconds", "ms"), [(None, 15_000), (0.25, 250)])
+@pytest.mark.parametrize(("seconds", "ms"), [(None, 15_000), (0.25, 250), (0.0001, 1)])
 def test_a_readonly_engine_waits_timeout_seconds(
     file_url: str, engines: list[Engine], seconds: float | None, ms: int
 ) -> None:
@@ -246,3 +330,23 @@ def test_a_readonly_engine_waits_timeout_seconds(
     engines.append(make_engine(file_url, readonly=True, timeout_seconds=seconds))
     with engines[0].connect() as conn:
         assert ms == conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+
+
+def test_a_readonly_engine_s_connections_serve_any_thread(file_url: str, engines: list[Engine]) -> None:
+    """A pooled read-only connection opened by one thread is reused by another (a watch round, a
+    PhaseClient's poller)."""
+    with make_engine(file_url, create=True).begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    engines.append(make_engine(file_url, readonly=True))
+    with engines[0].connect() as conn:  # opened here, then back in the pool
+        assert 0 == conn.execute(text("SELECT count(*) FROM t")).scalar_one()
+    counted: list[int] = []
+
+    def count() -> None:
+        with engines[0].connect() as conn:
+            counted.append(conn.execute(text("SELECT count(*) FROM t")).scalar_one())
+
+    reader = threading.Thread(target=count)
+    reader.start()
+    reader.join()
+    assert [0] == counted

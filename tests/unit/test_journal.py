@@ -40,6 +40,7 @@ from migration_fsm.journal import (
     steps_table,
     utcnow,
 )
+from migration_fsm.journal.db import safe_url
 from migration_fsm.journal.locks import lease_holder_name, lock_params
 from migration_fsm.journal.records import replace
 
@@ -185,12 +186,11 @@ def test_names_are_sorted(store: Journal) -> None:
     assert ["a", "b", "c"] == store.names()
 
 
-def test_an_unknown_migration_says_how_to_create_it(store: Journal) -> None:
+def test_an_unknown_migration_says_how_to_create_it(store: Journal, upgraded_url: str) -> None:
     with pytest.raises(UnknownMigration) as info:
         store.get("nope")
-    assert f"no migration named 'nope' in {store.safe_url}: run `migration-fsm init -m nope`" == str(
-        info.value
-    )
+    where = safe_url(upgraded_url)  # the database's URL, not whatever the journal holds
+    assert f"no migration named 'nope' in {where}: run `migration-fsm init -m nope`" == str(info.value)
 
 
 def test_append_refused_chains_a_refused_row_and_moves_only_last_seq(store: Journal) -> None:

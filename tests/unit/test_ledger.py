@@ -16,7 +16,7 @@ from sqlalchemy import event, update
 from migration_fsm.exceptions import DatabaseUnavailable, SchemaNotCurrent
 from migration_fsm.journal import Journal, make_engine, utcnow
 from migration_fsm.journal.ledger import Claim, ClaimState, Ledger
-from migration_fsm.journal.schema import workers_table
+from migration_fsm.journal.schema import execution_claims_table, workers_table
 from migration_fsm.journal.workers import Workers
 from tests.support.pgtrace import pg_trace
 
@@ -337,6 +337,14 @@ def test_claims_of_reads_many_keys_at_once(ledger: Ledger) -> None:
     } == ledger.claims_of(M, iter(["a", "b", "c"]))
 
 
+def test_claims_of_reads_the_keys_asked_of_one_migration_only(ledger: Ledger) -> None:
+    ledger.claim(M, "a", "old", "w1")
+    ledger.claim(M, "d", "old", "w1")  # not asked for
+    ledger.claim("other", "a", "new", "n1")  # the same key in another migration
+    ledger.claim("other", "c", "new", "n1")
+    assert {"a": ClaimState("old", "w1", 1, "running")} == ledger.claims_of(M, ["a", "c"])
+
+
 def test_owned_keys_pages_between_bounds(ledger: Ledger) -> None:
     for key in ("a", "b", "c", "d", "e"):
         ledger.hand_over(M, key, "old", "new")
@@ -453,6 +461,21 @@ def test_open_checks_the_schema(tmp_path: Path) -> None:
     journal.close()
     with Ledger.open(url) as ledger:
         assert ledger.claim(M, "k", "old", "w").allowed
+
+
+def test_an_opened_ledger_takes_over_from_the_gone_workers_it_is_given(
+    upgraded_url: str, workers: Workers, store: Journal
+) -> None:
+    """`Ledger.open(url, workers=...)` judges goneness with those workers, as `Ledger(...)` does."""
+    workers.register(M, "old", "dead")
+    with Ledger.open(upgraded_url, workers=workers) as ledger:
+        dead = ledger.claim(M, "k", "old", "dead")
+        assert dead.claim is not None
+        _age(store, "old", "dead", 31)
+        taken = ledger.claim(M, "k", "new", "n1")
+        assert ("taken_over", ("old", "dead")) == (taken.reason, taken.holder)
+    with Ledger.open(upgraded_url) as blind:  # no workers: every running claim counts as live
+        assert "running" == blind.claim(M, "k", "old", "o2").reason
 
 
 def test_close_disposes_of_its_own_engine_only(upgraded_url: str) -> None:
@@ -585,3 +608,58 @@ def test_a_claim_that_moves_under_a_take_over_or_hand_over_is_decided_again(
             assert (False, "succeeded", ("old", "w1")) == (bool(handed), handed.reason, handed.holder)
         assert ClaimState("old", "w1", 1, "succeeded") == ledger.claim_of(M, "k")
         assert [(1, "succeeded")] == [(e.attempt, e.outcome) for e in ledger.executions(M, "k")]
+
+
+class _MovesWhileJudged(Workers):
+    """Workers that say every worker is gone and, each time they are asked, hand the running
+    claim to another worker of its side (as a take-over would): every compare-and-set of a
+    hand-over misses."""
+
+    asked = 0
+
+    def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
+        self.asked += 1
+        c = execution_claims_table.c
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(execution_claims_table)
+                .where(c.migration == migration, c.key == "k")
+                .values(worker_id=f"w{self.asked + 1}")
+            )
+        return True
+
+
+def test_a_hand_over_that_keeps_missing_gives_up_as_contended_after_three_tries(
+    store: Journal, upgraded_url: str
+) -> None:
+    workers = _MovesWhileJudged(store.engine)
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        assert ledger.claim(M, "k", "old", "w1").allowed
+        handed = ledger.hand_over(M, "k", "old", "new")
+        assert (False, "contended", None) == (bool(handed), handed.reason, handed.holder)
+        assert 3 == workers.asked
+        assert ClaimState("old", "w4", 1, "running") == ledger.claim_of(M, "k")
+
+
+def test_a_finish_closes_its_own_execution_only(ledger: Ledger) -> None:
+    mine = ledger.claim(M, "a", "old", "w1").claim
+    assert mine is not None
+    ledger.claim(M, "b", "old", "w1")  # the same attempt of another key
+    ledger.claim("other", "a", "old", "w1")  # the same key and attempt in another migration
+    assert ledger.finish(mine, "succeeded")
+    done = ledger.executions(M, "a")
+    assert [("succeeded", True)] == [(e.outcome, e.finished_at is not None) for e in done]
+    for migration, key in ((M, "b"), ("other", "a")):
+        assert [("running", None)] == [(e.outcome, e.finished_at) for e in ledger.executions(migration, key)]
+
+
+def test_a_take_over_moves_one_key_of_one_migration(ledger: Ledger, workers: Workers, store: Journal) -> None:
+    for migration in (M, "other"):
+        workers.register(migration, "old", "dead")
+    for migration, key in ((M, "k"), (M, "j"), ("other", "k")):
+        assert ledger.claim(migration, key, "old", "dead").allowed
+    _age(store, "old", "dead", 31)
+    assert "taken_over" == ledger.claim(M, "k", "new", "n1").reason
+    assert ClaimState("new", "n1", 2, "running") == ledger.claim_of(M, "k")
+    assert ClaimState("old", "dead", 1, "running") == ledger.claim_of(M, "j")
+    assert ClaimState("old", "dead", 1, "running") == ledger.claim_of("other", "k")
