@@ -93,32 +93,32 @@ def _sqlite_normal(kind: ColumnKind, column: ColumnElement[Any]) -> _Converted |
     if kind not in _TEXT_KINDS:
         return None
     value = coerce(column, String())
-    # One GLOB per accepted form (cheap, where a round trip through strftime is not): no
-    # fraction, or 3 or 6 digits of it; no zone, Z or +00:00. Other forms go the record path.
-    day, clock = func.substr(value, 1, 10), func.substr(value, 12, 8)
-    fractions = {
-        6: func.substr(value, 21, 6),
-        0: literal("000000"),
-        3: _concat(func.substr(value, 21, 3), "000"),
-    }
-    forms = []
-    for digits, fraction in fractions.items():
+    # Each accepted form (no fraction, or 3 or 6 digits of it; no zone, Z or +00:00) has a
+    # length of its own: one GLOB for the form of the value's length (a GLOB costs about as
+    # much as the rest of the check together), and the value converted by that length's
+    # expression, which the condition guarantees. Other forms go the record path.
+    length = func.length(value)
+    shapes: dict[int, ColumnElement[bool]] = {}
+    normals: dict[int, ColumnElement[Any]] = {}
+    for digits, pad in ((6, ""), (0, ".000000"), (3, "000")):
+        core = 19 + (1 + digits if digits else 0)
         for suffix in ("", "Z", "+00:00"):
             pattern = _BASE + ("." + "[0-9]" * digits if digits else "") + suffix
-            matches = value.op("GLOB", return_type=Boolean())(pattern)
-            forms.append((matches, _concat(day, " ", clock, ".", fraction)))
-    normal = case(*forms)
-    if kind is ColumnKind.SQLITE_DATETIME:  # the writer's own text, the common case: as it is
-        exact = value.op("GLOB", return_type=Boolean())(_BASE.replace("[ T]", " ") + "." + "[0-9]" * 6)
-        normal = case((exact, value), else_=normal)
-    # The digits are digits (GLOB): the date must be one (date() moves 02-30 to 03-01), the
+            shapes[core + len(suffix)] = value.op("GLOB", return_type=Boolean())(pattern)
+            # The GLOB admits a T only between the date and the clock.
+            whole = func.replace(value if not suffix else func.substr(value, 1, core), "T", " ")
+            normals[core + len(suffix)] = _concat(whole, pad) if pad else whole
+    shape = case(shapes, value=length)
+    normal = case(normals, value=length)
+    # The digits are digits (GLOB): the date must be one (date() with a modifier moves 02-30
+    # to 03-02; without one it returns 02-30 as it is, so the modifier is needed), the
     # time of a 24-hour clock, the year not 0 (which Python has not).
-    month, day_of_month = func.substr(value, 6, 2), func.substr(value, 9, 2)
+    day, month, day_of_month = func.substr(value, 1, 10), func.substr(value, 6, 2), func.substr(value, 9, 2)
     valid = and_(
-        normal.is_not(None),
+        shape,
         month.between("01", "12"),
         day_of_month >= "01",
-        or_(day_of_month <= "28", func.date(day) == day),  # date() only for the last days of a month
+        or_(day_of_month <= "28", func.date(day, "+0 days") == day),  # only for the last days of a month
         func.substr(value, 12, 2) < "24",
         func.substr(value, 15, 2) < "60",
         func.substr(value, 18, 2) < "60",

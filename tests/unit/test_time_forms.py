@@ -1,0 +1,130 @@
+"""A row copy inside SQLite converts a text timestamp in SQL only when the record path would
+write the same: every form below, as a DATETIME column's text and as an ISO text column's,
+leaves the row the record path leaves or fails with the record path's error, and the forms
+the SQL admits are copied as rows (`paths.fast`), the others alone through their records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, Text, cast, select, text
+
+from migration_fsm.exceptions import DataError
+from migration_fsm.journal import make_engine
+from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
+from migration_fsm.tasks.sql.layouts import layout_named
+from migration_fsm.tools.backfill import copy_tasks
+from tests.support.datatools import create_task_table
+from tests.unit.test_fast_paths import RecordsOnly
+
+#: Text times in the forms the SQL converts: a space or a T, no fraction or 3 or 6 digits of
+#: it, no zone, Z or +00:00; the last days of months, a leap day, midnight and 23:59:59.
+CONVERTED = [
+    f"{day}{sep}{clock}{fraction}{zone}"
+    for day, clock in (
+        ("2026-01-31", "00:00:00"),
+        ("2024-02-29", "23:59:59"),
+        ("2026-04-30", "12:34:56"),
+        ("0001-01-01", "00:00:00"),
+        ("9999-12-31", "23:59:59"),
+    )
+    for sep in (" ", "T")
+    for fraction in ("", ".123", ".123456")
+    for zone in ("", "Z", "+00:00")
+]
+#: Text the SQL leaves to the record path: other offsets, other fraction lengths, dates and
+#: clocks that are no dates or clocks, the year 0, spaces, a lower-case z, other separators.
+LEFT_TO_RECORDS = [
+    "2026-03-01T12:00:00.5+0200",
+    "2026-03-01T12:00:00+02:00",
+    "2026-03-01 12:00:00-00:00",
+    "2026-03-01 12:00:00.1",
+    "2026-03-01 12:00:00.12345",
+    "2026-03-01 12:00:00.1234567",
+    "2026-03-01 12:00:00.12Z",
+    "2026-02-29 12:00:00",
+    "2026-02-30 12:00:00.000000",
+    "2026-04-31T00:00:00Z",
+    "2026-13-01 00:00:00",
+    "2026-00-10 00:00:00",
+    "2026-01-00 00:00:00",
+    "2026-01-32 00:00:00",
+    "2026-01-01 24:00:00",
+    "2026-01-01 23:60:00",
+    "2026-01-01 23:59:60",
+    "0000-01-01 00:00:00",
+    " 2026-01-01 00:00:00",
+    "2026-01-01 00:00:00 ",
+    "2026-01-01 00:00:00z",
+    "2026-01-01_00:00:00",
+    "2026/01/01 00:00:00",
+    "2026-01-01",
+    "2026-1-01 00:00:00.000",
+    "２０２６-01-01 00:00:00",
+    "",
+]
+
+
+@contextmanager
+def stores(
+    tmp_path: Path, layout_name: str
+) -> Iterator[tuple[SqlTaskStore, SqlTaskStore, SqlTaskStore, Engine]]:
+    """old (one row of `layout_name`), new and a table for the record path's copy, in two files."""
+    layout = layout_named(layout_name)
+    first, second = f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}"
+    source = make_engine(first, create=True)
+    with source.begin() as conn:
+        layout.create(conn, "old_tasks")
+        layout.fill(conn, "old_tasks", 1)
+    for name in ("new_tasks", "record_tasks"):
+        create_task_table(second, name)
+    raw = make_engine(second)
+    try:
+        with (
+            SqlTaskStore(first, "old_tasks", name="old", **layout.store_options()) as old,
+            SqlTaskStore(second, "new_tasks", name="new") as new,
+            SqlTaskStore(second, "record_tasks", name="records") as records,
+        ):
+            yield old, new, records, raw
+    finally:
+        source.dispose()
+        raw.dispose()
+
+
+def outcome(copy: Any, raw: Engine, table: str) -> tuple[str, Any]:
+    """What a copy left: ("rows", the target's rows as text), or ("error", its message)."""
+    with raw.begin() as conn:
+        conn.execute(text(f"DELETE FROM {table}"))
+    try:
+        result = copy()
+    except DataError as exc:
+        return "error", str(exc).replace("store 'records'", "store 'new'")
+    with raw.connect() as conn:
+        rows = conn.execute(select(cast(text("created_at"), Text), text("*")).select_from(text(table)))
+        return "rows", ([tuple(row) for row in rows], result.records)
+
+
+@pytest.mark.parametrize("layout_name", ["default", "iso_z"])
+def test_a_text_time_is_converted_in_sql_only_where_the_record_path_writes_the_same(
+    tmp_path: Path, layout_name: str
+) -> None:
+    with stores(tmp_path, layout_name) as (old, new, records, raw):
+        assert RowCopy.between(old, new) is not None
+        source = make_engine(old.url)
+        for value in CONVERTED + LEFT_TO_RECORDS:
+            with source.begin() as conn:
+                conn.execute(text("UPDATE old_tasks SET created_at = :v"), {"v": value})
+            fast = outcome(lambda: copy_tasks(old, new, batch_size=10), raw, "new_tasks")
+            slow = outcome(lambda: copy_tasks(old, RecordsOnly(records), batch_size=10), raw, "record_tasks")
+            if fast[0] == "rows" and slow[0] == "rows":
+                (fast_rows, through_records), (slow_rows, _) = fast[1], slow[1]
+                assert fast_rows == slow_rows, value
+                assert through_records == (0 if value in CONVERTED else 1), value
+            else:
+                assert fast == slow, value
+                assert value not in CONVERTED, value
+        source.dispose()
