@@ -6,8 +6,9 @@ kinds, status maps, key order and indexes), `connect` and `fetch`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import (
     JSON,
@@ -24,15 +25,24 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     null,
     or_,
     select,
+    union_all,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.exceptions import DataError, MigrationFSMError
-from migration_fsm.tasks.sql.columns import ColumnKind, bind_text, first_of, keys_in_order
+from migration_fsm.tasks.sql.columns import (
+    MAX_KEY_DIGITS,
+    ColumnKind,
+    bind_text,
+    first_of,
+    integer_ranges,
+    keys_in_order,
+)
 from migration_fsm.tasks.sql.convert import convert_time
 from migration_fsm.tasks.sql.dialects import ATTACHED, insert_for, sqlite_file
 from migration_fsm.tasks.sql.statements import Query
@@ -49,6 +59,8 @@ if TYPE_CHECKING:
     from migration_fsm.tasks.sql.mapping import MappedField, TableMapping
 
 _Plan = tuple["ColumnElement[Any]", "ColumnElement[bool] | None"]
+#: A page's number of rows (one more than its batch), bound at run time.
+_LIMIT: Final = bindparam("mfsm_limit", type_=Integer())
 
 
 class _PageChanged(Exception):
@@ -102,6 +114,7 @@ class RowCopy:
         *,
         inserts: dict[bool, Query] | None = None,
         attach: str | None = None,
+        integer_keys: bool = False,
     ) -> None:
         self.source, self.target = source, target
         self._queries = queries
@@ -112,6 +125,8 @@ class RowCopy:
         self.attach = attach
         #: Inside SQLite: the keys of a range's rows that fail a check.
         self.failed: dict[bool, Query] = {}
+        #: Inside SQLite, from an integer key: pages by `_integer_page`, batches by their keys.
+        self.integer_keys = integer_keys
 
     @classmethod
     def between(cls, source: TaskStore, target: TaskStore) -> RowCopy | None:
@@ -123,9 +138,9 @@ class RowCopy:
         mine, theirs = source.mapping, target.mapping
         if mine.dialect != theirs.dialect or mine.dialect not in ("sqlite", "postgresql"):
             return None
-        if mine.integer_key or theirs.integer_key:  # keys to convert, and pages by ranges: records
-            return None
         inside = _inside_source(source, target)
+        if not _keys_copy(mine, theirs, inside=inside is not None):
+            return None
         table = mine.table if inside is None else inside[0]
         plans = [
             _copy_field(mine, theirs, field, table, inside=inside is not None) for field in theirs.fields
@@ -133,51 +148,111 @@ class RowCopy:
         if any(plan is None for plan in plans):
             return None
         values = [plan[0] for plan in plans if plan is not None]
+        if mine.integer_key and not theirs.integer_key:
+            values[0] = cast(values[0], Text())  # the decimal text, as `str` writes it
         conditions = [plan[1] for plan in plans if plan is not None and plan[1] is not None]
         if "run_at" in mine.by_name and not theirs.keeps_run_at:
             # A scheduled time the target cannot hold: that row goes the record path, which refuses it.
             conditions.append(table.c[mine.by_name["run_at"].column.name].is_(None))
         valid = and_(*conditions)
-        constants = target.statements.constants
-        ok = valid.label("mfsm_ok")
-        order = mine.key_order
-        if inside is not None and mine.dialect == "sqlite":
-            order = table.c[mine.key_column.name].collate("BINARY")
-        limit = bindparam("mfsm_limit", type_=Integer())
-        after = order > bind_text("mfsm_after")
         if inside is None:
-            read = select(*values, ok).order_by(order).limit(limit)
-            copy = cls(source, target, _both(read, after, source.engine.dialect))
+            copy = cls._through_python(source, target, values, valid)
         elif mine.dialect == "postgresql":
-            # One statement, so one snapshot: it reads the page, checks it, inserts the rows
-            # that pass, and returns the keys, how many it wrote and each row's verdict.
-            native = _native_values(mine, theirs, table, values)
-            dialect = target.engine.dialect
-            single = {
-                with_after: Query.compile(
-                    _check_and_copy(theirs, native, valid, order, with_after, constants=constants), dialect
-                )
-                for with_after in (False, True)
-            }
-            copy = cls(source, target, single, inserts=single)
+            copy = cls._in_one_statement(source, target, table, values, valid)
+        elif mine.integer_key:
+            copy = cls._inside_sqlite_by_keys(source, target, inside, values, valid)
         else:
-            # Inside SQLite only keys reach Python: the page's keys (from the index alone), then
-            # one INSERT ... SELECT of the rows of that range that pass the checks (evaluated
-            # once), and only when it wrote fewer, the keys of those that did not.
-            keys = select(values[0]).order_by(order).limit(limit)
-            rows = select(*values).where(order <= bind_text("mfsm_last"), valid).order_by(order)
-            failed = select(values[0]).where(order <= bind_text("mfsm_last"), valid.is_not(True))
-            dialect = target.engine.dialect
-            inserts = {
-                False: Query.compile(_upsert_from(theirs, rows, constants), dialect),
-                True: Query.compile(_upsert_from(theirs, rows.where(after), constants), dialect),
-            }
-            copy = cls(source, target, _both(keys, after, dialect), inserts=inserts, attach=inside[1])
-            copy.failed = _both(failed.order_by(order), after, dialect)
+            copy = cls._inside_sqlite(source, target, inside, values, valid)
         try:  # a database without these functions (an old SQLite without JSON): the record path
             copy.probe()
         except MigrationFSMError:
             return None
+        return copy
+
+    @classmethod
+    def _through_python(
+        cls, source: SqlTaskStore, target: SqlTaskStore, values: list[Any], valid: ColumnElement[bool]
+    ) -> RowCopy:
+        """Two databases: the source reads each page's rows in the target's form and a verdict
+        per row; the rows pass through Python (`SqlTaskStore.put_rows`)."""
+        order = source.mapping.key_order
+        read = select(*values, valid.label("mfsm_ok")).order_by(order).limit(_LIMIT)
+        return cls(source, target, _both(read, order > bind_text("mfsm_after"), source.engine.dialect))
+
+    @classmethod
+    def _in_one_statement(
+        cls,
+        source: SqlTaskStore,
+        target: SqlTaskStore,
+        table: Table,
+        values: list[Any],
+        valid: ColumnElement[bool],
+    ) -> RowCopy:
+        """Inside one PostgreSQL database. One statement, so one snapshot: it reads the page,
+        checks it, inserts the rows that pass, and returns the keys, how many it wrote and each
+        row's verdict."""
+        mine, theirs = source.mapping, target.mapping
+        native = _native_values(mine, theirs, table, values)
+        constants, dialect = target.statements.constants, target.engine.dialect
+        single = {
+            with_after: Query.compile(
+                _check_and_copy(theirs, native, valid, mine.key_order, with_after, constants=constants),
+                dialect,
+            )
+            for with_after in (False, True)
+        }
+        return cls(source, target, single, inserts=single)
+
+    @classmethod
+    def _inside_sqlite(
+        cls,
+        source: SqlTaskStore,
+        target: SqlTaskStore,
+        inside: tuple[Table, str | None],
+        values: list[Any],
+        valid: ColumnElement[bool],
+    ) -> RowCopy:
+        """Inside SQLite only keys reach Python: the page's keys (from the index alone), then
+        one INSERT ... SELECT of the rows of that range that pass the checks (evaluated once),
+        and only when it wrote fewer, the keys of those that did not."""
+        table, attach = inside
+        order = table.c[source.mapping.key_column.name].collate("BINARY")
+        after = order > bind_text("mfsm_after")
+        constants, dialect, theirs = target.statements.constants, target.engine.dialect, target.mapping
+        keys = select(values[0]).order_by(order).limit(_LIMIT)
+        rows = select(*values).where(order <= bind_text("mfsm_last"), valid).order_by(order)
+        failed = select(values[0]).where(order <= bind_text("mfsm_last"), valid.is_not(True))
+        inserts = {
+            False: Query.compile(_upsert_from(theirs, rows, constants), dialect),
+            True: Query.compile(_upsert_from(theirs, rows.where(after), constants), dialect),
+        }
+        copy = cls(source, target, _both(keys, after, dialect), inserts=inserts, attach=attach)
+        copy.failed = _both(failed.order_by(order), after, dialect)
+        return copy
+
+    @classmethod
+    def _inside_sqlite_by_keys(
+        cls,
+        source: SqlTaskStore,
+        target: SqlTaskStore,
+        inside: tuple[Table, str | None],
+        values: list[Any],
+        valid: ColumnElement[bool],
+    ) -> RowCopy:
+        """Inside SQLite, from an integer key: the page's keys are read from one range of the
+        key index per digit count and put in text order in Python (`_integer_page`); the
+        INSERT ... SELECT and the failed rows' keys take the batch's keys as a JSON array."""
+        table, attach = inside
+        key = table.c[source.mapping.key_column.name]
+        listed = key.in_(select(literal_column("value")).select_from(func.json_each(bind_text("mfsm_keys"))))
+        constants, dialect = target.statements.constants, target.engine.dialect
+        rows = select(*values).where(listed, valid)
+        insert_rows = Query.compile(_upsert_from(target.mapping, rows, constants), dialect)
+        failed_keys = Query.compile(select(values[0]).where(listed, valid.is_not(True)), dialect)
+        page = Query.compile(_integer_page(key), dialect)
+        copy = cls(source, target, {False: page, True: page}, attach=attach, integer_keys=True)
+        copy.inserts = {False: insert_rows, True: insert_rows}
+        copy.failed = {False: failed_keys, True: failed_keys}
         return copy
 
     @property
@@ -196,8 +271,8 @@ class RowCopy:
             if self.in_one_statement:  # a page of none
                 conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0, mfsm_batch=0)).close()
                 return
-            conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0)).close()
-            conn.exec_driver_sql(insert.sql, insert.params(mfsm_after="b", mfsm_last="a")).close()
+            conn.exec_driver_sql(read.sql, read.params(**self._page_params(None, 0))).close()
+            conn.exec_driver_sql(insert.sql, insert.params(**self._batch_params(None, []))).close()
 
     def copy_batch(self, after: str | None, limit: int, *, durable: bool = True) -> CopiedBatch | None:
         """Copy up to `limit` tasks with keys > `after`: the rows that pass every check as
@@ -256,13 +331,13 @@ class RowCopy:
         for attempt in (1, 2):
             try:
                 with target.connect(attach=self.attach, durable=durable) as conn:
-                    found = conn.exec_driver_sql(
-                        read.sql, read.params(mfsm_after=after, mfsm_limit=limit + 1)
+                    found = conn.exec_driver_sql(read.sql, read.params(**self._page_params(after, limit + 1)))
+                    page = self.checked(
+                        after, limit, self._in_text_order(list(found.cursor.fetchall()), limit + 1)
                     )
-                    page = self.checked(after, limit, list(found.cursor.fetchall()))
                     if not page:
                         return CopiedBatch(0, 0, None, durable)
-                    last, params = page[-1][0], {"mfsm_after": after, "mfsm_last": page[-1][0]}
+                    last, params = page[-1][0], self._batch_params(after, page)
                     fast = conn.exec_driver_sql(insert.sql, insert.params(**params)).rowcount
                     slow: tuple[list[str], list[tuple[Any, ...]]] = ([], [])
                     if fast != len(page):
@@ -278,6 +353,34 @@ class RowCopy:
                     continue  # most likely another writer inserted one of these keys first
                 raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _page_params(self, after: str | None, limit: int) -> dict[str, Any]:
+        """The page query's parameters: the next `limit` keys after `after` (or, from an
+        integer key, the next `limit` of each digit count's range, `_integer_page`)."""
+        if not self.integer_keys:
+            return {"mfsm_after": after, "mfsm_limit": limit}
+        params: dict[str, Any] = {"mfsm_limit": limit, "mfsm_first": int(after is None)}
+        ranges = {len(str(high)): (low, high) for low, high in integer_ranges(after)}
+        for digits in range(1, MAX_KEY_DIGITS + 1):
+            params[f"mfsm_low{digits}"], params[f"mfsm_high{digits}"] = ranges.get(digits, (1, 0))
+        return params
+
+    def _batch_params(self, after: str | None, page: list[Any]) -> dict[str, Any]:
+        """The INSERT ... SELECT's parameters for the batch `page` (its rows' keys first)."""
+        if not self.integer_keys:
+            return {"mfsm_after": after, "mfsm_last": page[-1][0] if page else ""}
+        return {"mfsm_keys": json.dumps([int(row[0]) for row in page])}
+
+    def _in_text_order(self, rows: list[Any], limit: int) -> list[Any]:
+        """The page's rows as read, or, from an integer key, the first `limit` of the ranges'
+        keys in text order, as text (`_PageChanged` for a key that is no integer of 0 or more:
+        the record path refuses or explains it)."""
+        if not self.integer_keys:
+            return rows
+        numbers = [row[0] for row in rows]
+        if not all(type(number) is int and number >= 0 for number in numbers):
+            raise _PageChanged
+        return [(key,) for key in sorted(map(str, numbers))[:limit]]
 
     def _check_and_copy(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
         """PostgreSQL's one statement (`_check_and_copy`, module level); the failed rows'
@@ -385,6 +488,38 @@ def _upsert_from(target: TableMapping, rows: Select[Any], constants: Mapping[Any
         index_elements=[target.key_column],
         set_={f.column.name: insert_rows.excluded[f.column.name] for f in target.fields[1:]},
     )
+
+
+def _keys_copy(source: TableMapping, target: TableMapping, *, inside: bool) -> bool:
+    """Whether the keys can be copied as rows: text into text, or an integer key inside SQLite
+    (a page of an integer key in text order is a merge of one range per digit count,
+    `_integer_page`; elsewhere the record path does it). Text keys into an integer column are
+    converted by the record path."""
+    if not source.integer_key:
+        return not target.integer_key
+    return inside and source.dialect == "sqlite"
+
+
+def _integer_page(key: ColumnElement[Any]) -> Any:
+    """The keys of an integer key column's next page, a few more than the page: for each digit
+    count, the first `mfsm_limit` keys of its range (`mfsm_low<digits>` to `mfsm_high<digits>`,
+    `columns.integer_ranges`), and on the first page one negative key, which the record path
+    refuses. `RowCopy._in_text_order` keeps the first `mfsm_limit` of them in text order."""
+    parts = [
+        select(key)
+        .where(
+            key.between(
+                bindparam(f"mfsm_low{d}", type_=Integer()), bindparam(f"mfsm_high{d}", type_=Integer())
+            )
+        )
+        .order_by(key)
+        .limit(_LIMIT)
+        .subquery()
+        .select()
+        for d in range(1, MAX_KEY_DIGITS + 1)
+    ]
+    negative = select(key).where(key < 0, bindparam("mfsm_first", type_=Integer()) == 1).limit(1)
+    return union_all(*parts, negative.subquery().select())
 
 
 def _both(stmt: Any, after: ColumnElement[bool], dialect: Dialect) -> dict[bool, Query]:

@@ -1,0 +1,136 @@
+"""A backfill from an integer key column inside SQLite copies rows, not records, and leaves
+what the record path leaves: every digit count in text order, resumed from any checkpoint,
+and a key the record path refuses refused the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from migration_fsm.exceptions import DataError
+from migration_fsm.journal import make_engine
+from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
+from migration_fsm.tasks.sql.columns import MAX_INTEGER_KEY
+from migration_fsm.tasks.sql.layouts import layout_named
+from migration_fsm.tools.backfill import copy_tasks
+from tests.support.datatools import create_task_table, everything
+from tests.unit.test_backfill_layouts import stored_rows
+from tests.unit.test_fast_paths import RecordsOnly
+
+LAYOUT = layout_named("integer_key")
+#: Keys of every digit count, the ends of each count's range, and the largest key there is.
+KEYS = sorted(
+    {0, 1, 2, 9, 10, 11, 19, 20, 99, 100, 101, 999, 1000, 4321, 99_999, 100_000, 123_456_789}
+    | {10**d for d in range(6, 19)}
+    | {10**d - 1 for d in range(6, 19)}
+    | {MAX_INTEGER_KEY - 1, MAX_INTEGER_KEY}
+    | set(range(300, 340))
+)
+
+
+@contextmanager
+def stores(
+    tmp_path: Path, keys: list[int]
+) -> Iterator[tuple[SqlTaskStore, SqlTaskStore, SqlTaskStore, Engine]]:
+    """old (the integer-key layout, one row per key), new and a table for the record path's
+    copy (the default layout) in a second file, and raw access to the old file."""
+    first, second = f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}"
+    source = make_engine(first, create=True)
+    with source.begin() as conn:
+        LAYOUT.create(conn, "old_tasks")
+        for i, key in enumerate(keys):  # a task, under `key` (5,000,000 + i is no key of the tests)
+            LAYOUT.fill(conn, "old_tasks", 1, start=5_000_000 + i)
+            conn.execute(
+                text("UPDATE old_tasks SET key = :key WHERE key = :i"), {"key": key, "i": 5_000_000 + i}
+            )
+    for name in ("new_tasks", "record_tasks"):
+        create_task_table(second, name)
+    raw = make_engine(second)
+    try:
+        with (
+            SqlTaskStore(first, "old_tasks", name="old", **LAYOUT.store_options()) as old,
+            SqlTaskStore(second, "new_tasks", name="new") as new,
+            SqlTaskStore(second, "record_tasks", name="records") as records,
+        ):
+            yield old, new, records, source
+    finally:
+        source.dispose()
+        raw.dispose()
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 1000])
+def test_integer_keys_are_copied_as_rows_in_text_order_from_any_checkpoint(
+    tmp_path: Path, batch_size: int
+) -> None:
+    with stores(tmp_path, KEYS) as (old, new, records, _):
+        assert RowCopy.between(old, new) is not None
+        checkpoints: list[str] = []
+        result = copy_tasks(
+            old, new, batch_size=batch_size, checkpoint=lambda key, _: checkpoints.append(key)
+        )
+        copy_tasks(RecordsOnly(old), RecordsOnly(records), batch_size=batch_size)
+        assert (len(KEYS), len(KEYS), 0) == (result.copied, result.fast, result.records)
+        assert checkpoints == sorted(checkpoints)
+        assert sorted(map(str, KEYS)) == [record.key for record in everything(new)]
+        assert everything(old) == everything(new)
+        raw = make_engine(new.url)
+        assert stored_rows(raw, records.table) == stored_rows(raw, new.table)
+        # Resumed after any key, present or not, the copy goes on with the next key in text order.
+        for after in [
+            "0",
+            "1",
+            "10",
+            "100000",
+            "2",
+            "3",
+            "305",
+            "3050",
+            "4",
+            "999999999999",
+            "9223372036854775806",
+        ]:
+            with raw.begin() as conn:
+                conn.execute(text("DELETE FROM new_tasks"))
+            resumed = copy_tasks(old, new, batch_size=batch_size, after=after)
+            expected = [key for key in sorted(map(str, KEYS)) if key > after]
+            assert (len(expected), len(expected)) == (resumed.copied, resumed.fast)
+            assert expected == [record.key for record in everything(new)]
+        raw.dispose()
+
+
+def test_a_negative_key_is_refused_as_the_record_path_refuses_it(tmp_path: Path) -> None:
+    with stores(tmp_path, [5, 40, 300]) as (old, new, records, source):
+        with source.begin() as conn:
+            conn.execute(text("UPDATE old_tasks SET key = -3 WHERE key = 40"))
+        with pytest.raises(DataError) as through_records:
+            copy_tasks(RecordsOnly(old), RecordsOnly(records), batch_size=10)
+        with pytest.raises(DataError) as as_rows:
+            copy_tasks(old, new, batch_size=10)
+        assert str(through_records.value) == str(as_rows.value)
+        assert [] == everything(new)
+
+
+def test_a_row_failing_a_check_goes_the_record_path_alone(tmp_path: Path) -> None:
+    """A status outside the map stops the copy naming its key, and its batch writes nothing;
+    a time in another offset is converted through its record, the rest of its batch as rows."""
+    with stores(tmp_path, list(range(1, 30))) as (old, new, records, source):
+        with source.begin() as conn:
+            conn.execute(text("UPDATE old_tasks SET created_at = '2026-03-01T12:00:00+02:00' WHERE key = 17"))
+        result = copy_tasks(old, new, batch_size=8)
+        copy_tasks(RecordsOnly(old), RecordsOnly(records), batch_size=8)
+        assert (29, 28, 1) == (result.copied, result.fast, result.records)
+        raw = make_engine(new.url)
+        assert stored_rows(raw, records.table) == stored_rows(raw, new.table)
+        with raw.begin() as conn:
+            conn.execute(text("DELETE FROM new_tasks"))
+        raw.dispose()
+        with source.begin() as conn:
+            conn.execute(text("UPDATE old_tasks SET status = 'zombie' WHERE key = 21"))
+        with pytest.raises(DataError, match=r"'21'.*'zombie'"):
+            copy_tasks(old, new, batch_size=8)
+        # Text order: 1, 10, ..., 16 | 17, 18, 19, 2, 20, 21, ...: the batch before 21's was written.
+        assert sorted(map(str, range(1, 30)))[:8] == [r.key for r in everything(new)]
