@@ -332,9 +332,7 @@ class RowCopy:
             try:
                 with target.connect(attach=self.attach, durable=durable) as conn:
                     found = conn.exec_driver_sql(read.sql, read.params(**self._page_params(after, limit + 1)))
-                    page = self.checked(
-                        after, limit, self._in_text_order(list(found.cursor.fetchall()), limit + 1)
-                    )
+                    page = self.checked(after, limit, self._keys_checked(list(found.cursor.fetchall())))
                     if not page:
                         return CopiedBatch(0, 0, None, durable)
                     last, params = page[-1][0], self._batch_params(after, page)
@@ -369,18 +367,17 @@ class RowCopy:
         """The INSERT ... SELECT's parameters for the batch `page` (its rows' keys first)."""
         if not self.integer_keys:
             return {"mfsm_after": after, "mfsm_last": page[-1][0] if page else ""}
-        return {"mfsm_keys": json.dumps([int(row[0]) for row in page])}
+        return {"mfsm_keys": json.dumps([row[1] for row in page])}
 
-    def _in_text_order(self, rows: list[Any], limit: int) -> list[Any]:
-        """The page's rows as read, or, from an integer key, the first `limit` of the ranges'
-        keys in text order, as text (`_PageChanged` for a key that is no integer of 0 or more:
-        the record path refuses or explains it)."""
-        if not self.integer_keys:
-            return rows
-        numbers = [row[0] for row in rows]
-        if not all(type(number) is int and number >= 0 for number in numbers):
-            raise _PageChanged
-        return [(key,) for key in sorted(map(str, numbers))[:limit]]
+    def _keys_checked(self, rows: list[Any]) -> list[Any]:
+        """The page's rows as read; from an integer key (rows of the key's text and the key,
+        in text order), `_PageChanged` for a key that is no integer of 0 or more: the record
+        path refuses or explains it."""
+        if self.integer_keys and rows:
+            numbers = [row[1] for row in rows]
+            if not (set(map(type, numbers)) == {int} and min(numbers) >= 0):
+                raise _PageChanged
+        return rows
 
     def _check_and_copy(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
         """PostgreSQL's one statement (`_check_and_copy`, module level); the failed rows'
@@ -501,12 +498,13 @@ def _keys_copy(source: TableMapping, target: TableMapping, *, inside: bool) -> b
 
 
 def _integer_page(key: ColumnElement[Any]) -> Any:
-    """The keys of an integer key column's next page, a few more than the page: for each digit
-    count, the first `mfsm_limit` keys of its range (`mfsm_low<digits>` to `mfsm_high<digits>`,
-    `columns.integer_ranges`), and on the first page one negative key, which the record path
-    refuses. `RowCopy._in_text_order` keeps the first `mfsm_limit` of them in text order."""
+    """The next page of an integer key column in text order: (the key's text, the key) of the
+    first `mfsm_limit` keys above the page's start. The database sorts, in text order, the
+    first `mfsm_limit` keys of each digit count's range of the key index (`mfsm_low<digits>`
+    to `mfsm_high<digits>`, `columns.integer_ranges`), and on the first page one negative key,
+    which the record path refuses."""
     parts = [
-        select(key)
+        select(key.label("mfsm_key"))
         .where(
             key.between(
                 bindparam(f"mfsm_low{d}", type_=Integer()), bindparam(f"mfsm_high{d}", type_=Integer())
@@ -518,8 +516,12 @@ def _integer_page(key: ColumnElement[Any]) -> Any:
         .select()
         for d in range(1, MAX_KEY_DIGITS + 1)
     ]
-    negative = select(key).where(key < 0, bindparam("mfsm_first", type_=Integer()) == 1).limit(1)
-    return union_all(*parts, negative.subquery().select())
+    negative = (
+        select(key.label("mfsm_key")).where(key < 0, bindparam("mfsm_first", type_=Integer()) == 1).limit(1)
+    )
+    merged = union_all(*parts, negative.subquery().select()).subquery()
+    as_text = cast(merged.c.mfsm_key, Text()).collate("BINARY")
+    return select(as_text, merged.c.mfsm_key).order_by(as_text).limit(_LIMIT)
 
 
 def _both(stmt: Any, after: ColumnElement[bool], dialect: Dialect) -> dict[bool, Query]:
