@@ -1,4 +1,5 @@
-"""A backfill from an integer key column inside SQLite copies rows, not records, and leaves
+"""A backfill from an integer key column inside one database (two SQLite files, or one
+PostgreSQL database) copies rows, not records, and leaves
 what the record path leaves: every digit count in text order, resumed from any checkpoint,
 and a key the record path refuses refused the same way."""
 
@@ -20,6 +21,7 @@ from migration_fsm.tools.backfill import copy_tasks
 from tests.support.datatools import create_task_table, everything
 from tests.unit.test_backfill_layouts import stored_rows
 from tests.unit.test_fast_paths import RecordsOnly
+from tests.unit.test_task_stores import PG, database
 
 LAYOUT = layout_named("integer_key")
 #: Keys of every digit count, the ends of each count's range, and the largest key there is.
@@ -34,39 +36,40 @@ KEYS = sorted(
 
 @contextmanager
 def stores(
-    tmp_path: Path, keys: list[int]
+    request: pytest.FixtureRequest, tmp_path: Path, keys: list[int], backend: str = "sqlite"
 ) -> Iterator[tuple[SqlTaskStore, SqlTaskStore, SqlTaskStore, Engine]]:
     """old (the integer-key layout, one row per key), new and a table for the record path's
-    copy (the default layout) in a second file, and raw access to the old file."""
-    first, second = f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}"
-    source = make_engine(first, create=True)
-    with source.begin() as conn:
-        LAYOUT.create(conn, "old_tasks")
-        for i, key in enumerate(keys):  # a task, under `key` (5,000,000 + i is no key of the tests)
-            LAYOUT.fill(conn, "old_tasks", 1, start=5_000_000 + i)
-            conn.execute(
-                text("UPDATE old_tasks SET key = :key WHERE key = :i"), {"key": key, "i": 5_000_000 + i}
-            )
-    for name in ("new_tasks", "record_tasks"):
-        create_task_table(second, name)
-    raw = make_engine(second)
-    try:
-        with (
-            SqlTaskStore(first, "old_tasks", name="old", **LAYOUT.store_options()) as old,
-            SqlTaskStore(second, "new_tasks", name="new") as new,
-            SqlTaskStore(second, "record_tasks", name="records") as records,
-        ):
-            yield old, new, records, source
-    finally:
-        source.dispose()
-        raw.dispose()
+    copy (the default layout): in a second file on SQLite, in the same database on
+    PostgreSQL; and raw access to the old side."""
+    with database(backend, request, tmp_path) as first, database(backend, request, tmp_path) as other:
+        second = other if backend == "sqlite" else first
+        source = make_engine(first, create=True)
+        with source.begin() as conn:
+            LAYOUT.create(conn, "old_tasks")
+            for i, key in enumerate(keys):  # a task, under `key` (5,000,000 + i is no key of the tests)
+                LAYOUT.fill(conn, "old_tasks", 1, start=5_000_000 + i)
+                conn.execute(
+                    text("UPDATE old_tasks SET key = :key WHERE key = :i"), {"key": key, "i": 5_000_000 + i}
+                )
+        for name in ("new_tasks", "record_tasks"):
+            create_task_table(second, name)
+        try:
+            with (
+                SqlTaskStore(first, "old_tasks", name="old", **LAYOUT.store_options()) as old,
+                SqlTaskStore(second, "new_tasks", name="new") as new,
+                SqlTaskStore(second, "record_tasks", name="records") as records,
+            ):
+                yield old, new, records, source
+        finally:
+            source.dispose()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])
 @pytest.mark.parametrize("batch_size", [1, 7, 64, 1000])
 def test_integer_keys_are_copied_as_rows_in_text_order_from_any_checkpoint(
-    tmp_path: Path, batch_size: int
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, batch_size: int
 ) -> None:
-    with stores(tmp_path, KEYS) as (old, new, records, _):
+    with stores(request, tmp_path, KEYS, backend) as (old, new, records, _):
         assert RowCopy.between(old, new) is not None
         checkpoints: list[str] = []
         result = copy_tasks(
@@ -102,8 +105,11 @@ def test_integer_keys_are_copied_as_rows_in_text_order_from_any_checkpoint(
         raw.dispose()
 
 
-def test_a_negative_key_is_refused_as_the_record_path_refuses_it(tmp_path: Path) -> None:
-    with stores(tmp_path, [5, 40, 300]) as (old, new, records, source):
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])
+def test_a_negative_key_is_refused_as_the_record_path_refuses_it(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    with stores(request, tmp_path, [5, 40, 300], backend) as (old, new, records, source):
         with source.begin() as conn:
             conn.execute(text("UPDATE old_tasks SET key = -3 WHERE key = 40"))
         with pytest.raises(DataError) as through_records:
@@ -114,15 +120,23 @@ def test_a_negative_key_is_refused_as_the_record_path_refuses_it(tmp_path: Path)
         assert [] == everything(new)
 
 
-def test_a_row_failing_a_check_goes_the_record_path_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])
+def test_a_row_failing_a_check_goes_the_record_path_alone(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
     """A status outside the map stops the copy naming its key, and its batch writes nothing;
-    a time in another offset is converted through its record, the rest of its batch as rows."""
-    with stores(tmp_path, list(range(1, 30))) as (old, new, records, source):
-        with source.begin() as conn:
-            conn.execute(text("UPDATE old_tasks SET created_at = '2026-03-01T12:00:00+02:00' WHERE key = 17"))
+    (SQLite) a DATETIME text in another offset is converted through its record, the rest of
+    its batch as rows (PostgreSQL's timestamptz column holds no such thing)."""
+    odd = int(backend == "sqlite")
+    with stores(request, tmp_path, list(range(1, 30)), backend) as (old, new, records, source):
+        if odd:
+            with source.begin() as conn:
+                conn.execute(
+                    text("UPDATE old_tasks SET created_at = '2026-03-01T12:00:00+02:00' WHERE key = 17")
+                )
         result = copy_tasks(old, new, batch_size=8)
         copy_tasks(RecordsOnly(old), RecordsOnly(records), batch_size=8)
-        assert (29, 28, 1) == (result.copied, result.fast, result.records)
+        assert (29, 29 - odd, odd) == (result.copied, result.fast, result.records)
         raw = make_engine(new.url)
         assert stored_rows(raw, records.table) == stored_rows(raw, new.table)
         with raw.begin() as conn:

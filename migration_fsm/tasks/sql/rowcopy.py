@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Integer,
     MetaData,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -32,6 +34,7 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.exceptions import DataError, MigrationFSMError
@@ -157,10 +160,10 @@ class RowCopy:
         valid = and_(*conditions)
         if inside is None:
             copy = cls._through_python(source, target, values, valid)
+        elif mine.integer_key:
+            copy = cls._inside_by_keys(source, target, inside, values, valid)
         elif mine.dialect == "postgresql":
             copy = cls._in_one_statement(source, target, table, values, valid)
-        elif mine.integer_key:
-            copy = cls._inside_sqlite_by_keys(source, target, inside, values, valid)
         else:
             copy = cls._inside_sqlite(source, target, inside, values, valid)
         try:  # a database without these functions (an old SQLite without JSON): the record path
@@ -231,7 +234,7 @@ class RowCopy:
         return copy
 
     @classmethod
-    def _inside_sqlite_by_keys(
+    def _inside_by_keys(
         cls,
         source: SqlTaskStore,
         target: SqlTaskStore,
@@ -239,17 +242,25 @@ class RowCopy:
         values: list[Any],
         valid: ColumnElement[bool],
     ) -> RowCopy:
-        """Inside SQLite, from an integer key: the page's keys are read from one range of the
-        key index per digit count and put in text order in Python (`_integer_page`); the
-        INSERT ... SELECT and the failed rows' keys take the batch's keys as a JSON array."""
+        """Inside one database, from an integer key: the page's keys are read from one range of
+        the key index per digit count and put in text order by the database (`_integer_page`);
+        the INSERT ... SELECT and the failed rows' keys take the batch's keys as one parameter
+        (SQLite: a JSON array; PostgreSQL: an array, so that each key is an index lookup)."""
         table, attach = inside
         key = table.c[source.mapping.key_column.name]
-        listed = key.in_(select(literal_column("value")).select_from(func.json_each(bind_text("mfsm_keys"))))
-        constants, dialect = target.statements.constants, target.engine.dialect
+        dialect = target.engine.dialect
+        if dialect.name == "postgresql":
+            listed = key == any_(cast(bind_text("mfsm_keys"), postgresql.ARRAY(BigInteger())))
+            values = _native_values(source.mapping, target.mapping, table, values)
+        else:
+            listed = key.in_(
+                select(literal_column("value")).select_from(func.json_each(bind_text("mfsm_keys")))
+            )
+        constants = target.statements.constants
         rows = select(*values).where(listed, valid)
         insert_rows = Query.compile(_upsert_from(target.mapping, rows, constants), dialect)
         failed_keys = Query.compile(select(values[0]).where(listed, valid.is_not(True)), dialect)
-        page = Query.compile(_integer_page(key), dialect)
+        page = Query.compile(_integer_page(key, dialect.name), dialect)
         copy = cls(source, target, {False: page, True: page}, attach=attach, integer_keys=True)
         copy.inserts = {False: insert_rows, True: insert_rows}
         copy.failed = {False: failed_keys, True: failed_keys}
@@ -350,6 +361,10 @@ class RowCopy:
                 if attempt == 1:
                     continue  # most likely another writer inserted one of these keys first
                 raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
+            except DataError as exc:
+                if "refused the statement" in str(exc):  # a value a cast refused: records explain it
+                    raise _PageChanged from exc
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _page_params(self, after: str | None, limit: int) -> dict[str, Any]:
@@ -367,6 +382,8 @@ class RowCopy:
         """The INSERT ... SELECT's parameters for the batch `page` (its rows' keys first)."""
         if not self.integer_keys:
             return {"mfsm_after": after, "mfsm_last": page[-1][0] if page else ""}
+        if self.source.dialect == "postgresql":
+            return {"mfsm_keys": "{" + ",".join(str(row[1]) for row in page) + "}"}
         return {"mfsm_keys": json.dumps([row[1] for row in page])}
 
     def _keys_checked(self, rows: list[Any]) -> list[Any]:
@@ -488,16 +505,16 @@ def _upsert_from(target: TableMapping, rows: Select[Any], constants: Mapping[Any
 
 
 def _keys_copy(source: TableMapping, target: TableMapping, *, inside: bool) -> bool:
-    """Whether the keys can be copied as rows: text into text, or an integer key inside SQLite
-    (a page of an integer key in text order is a merge of one range per digit count,
-    `_integer_page`; elsewhere the record path does it). Text keys into an integer column are
-    converted by the record path."""
+    """Whether the keys can be copied as rows: text into text, or an integer key inside one
+    database (a page of an integer key in text order is a merge of one range per digit count,
+    `_integer_page`; between two databases the record path does it). Text keys into an
+    integer column are converted by the record path."""
     if not source.integer_key:
         return not target.integer_key
-    return inside and source.dialect == "sqlite"
+    return inside
 
 
-def _integer_page(key: ColumnElement[Any]) -> Any:
+def _integer_page(key: ColumnElement[Any], dialect: str) -> Any:
     """The next page of an integer key column in text order: (the key's text, the key) of the
     first `mfsm_limit` keys above the page's start. The database sorts, in text order, the
     first `mfsm_limit` keys of each digit count's range of the key index (`mfsm_low<digits>`
@@ -507,7 +524,7 @@ def _integer_page(key: ColumnElement[Any]) -> Any:
         select(key.label("mfsm_key"))
         .where(
             key.between(
-                bindparam(f"mfsm_low{d}", type_=Integer()), bindparam(f"mfsm_high{d}", type_=Integer())
+                bindparam(f"mfsm_low{d}", type_=BigInteger()), bindparam(f"mfsm_high{d}", type_=BigInteger())
             )
         )
         .order_by(key)
@@ -520,7 +537,7 @@ def _integer_page(key: ColumnElement[Any]) -> Any:
         select(key.label("mfsm_key")).where(key < 0, bindparam("mfsm_first", type_=Integer()) == 1).limit(1)
     )
     merged = union_all(*parts, negative.subquery().select()).subquery()
-    as_text = cast(merged.c.mfsm_key, Text()).collate("BINARY")
+    as_text = cast(merged.c.mfsm_key, Text()).collate("C" if dialect == "postgresql" else "BINARY")
     return select(as_text, merged.c.mfsm_key).order_by(as_text).limit(_LIMIT)
 
 
