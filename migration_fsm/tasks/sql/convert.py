@@ -174,9 +174,15 @@ def _pg_zoned(kind: ColumnKind, column: ColumnElement[Any]) -> _Converted | None
             func.substr(value, 15, 2) < "60",
             func.substr(value, 18, 2) < "60",
         )
-        zoned = or_(shape.like("%Z"), shape.like("%-00:00"))
+        # A simple CASE on the shape: the translate runs once (a searched CASE on `valid` ran
+        # it up to five times a value, which cost half the statement). Only text of a shape
+        # above reaches a cast; a clock the condition refuses that a cast still takes (24:00)
+        # gives a value no row that passes is written with.
         naive = func.timezone("UTC", cast(value, DateTime()), type_=zoned_type)
-        moment = case((and_(valid, zoned), cast(value, zoned_type)), (valid, naive))
+        zoned = cast(value, zoned_type)
+        moment = case(
+            {form: zoned if form.endswith(("Z", "-00:00")) else naive for form in _PG_SHAPES}, value=shape
+        )
         return moment, valid
     return None
 
