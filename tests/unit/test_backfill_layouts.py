@@ -48,16 +48,22 @@ def key_of(layout: Layout, i: int) -> str:
 
 @contextmanager
 def source_and_targets(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path, layout: Layout, *, one_file: bool
+    backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    layout: Layout,
+    *,
+    one_file: bool,
+    rows: int = ROWS,
 ) -> Iterator[tuple[SqlTaskStore, SqlTaskStore, SqlTaskStore, Engine, Engine]]:
-    """old (the layout, ROWS rows), new and a table for the record path's copy (the default
+    """old (the layout, `rows` rows), new and a table for the record path's copy (the default
     layout), and raw access to both databases."""
     with database(backend, request, tmp_path) as first, database(backend, request, tmp_path) as second:
         url = first if one_file else second
         source_raw, raw = make_engine(first, create=True), make_engine(url, create=True)
         with source_raw.begin() as conn:
             layout.create(conn, "old_tasks")
-            layout.fill(conn, "old_tasks", ROWS)
+            layout.fill(conn, "old_tasks", rows)
         for name in ("new_tasks", "record_tasks"):
             create_task_table(url, name)
         try:

@@ -18,10 +18,10 @@ from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
 from migration_fsm.tasks.sql.columns import MAX_INTEGER_KEY
 from migration_fsm.tasks.sql.layouts import layout_named
 from migration_fsm.tools.backfill import copy_tasks
-from tests.support.datatools import create_task_table, everything
-from tests.unit.test_backfill_layouts import stored_rows
+from tests.support.datatools import everything
+from tests.unit.test_backfill_layouts import source_and_targets, stored_rows
 from tests.unit.test_fast_paths import RecordsOnly
-from tests.unit.test_task_stores import PG, database
+from tests.unit.test_task_stores import PG
 
 LAYOUT = layout_named("integer_key")
 #: Keys of every digit count, the ends of each count's range, and the largest key there is.
@@ -40,28 +40,16 @@ def stores(
 ) -> Iterator[tuple[SqlTaskStore, SqlTaskStore, SqlTaskStore, Engine]]:
     """old (the integer-key layout, one row per key), new and a table for the record path's
     copy (the default layout): in a second file on SQLite, in the same database on
-    PostgreSQL; and raw access to the old side."""
-    with database(backend, request, tmp_path) as first, database(backend, request, tmp_path) as other:
-        second = other if backend == "sqlite" else first
-        source = make_engine(first, create=True)
+    PostgreSQL (integer keys are copied as rows inside one database); raw access to old."""
+    one_database = backend == "postgresql"
+    with source_and_targets(backend, request, tmp_path, LAYOUT, one_file=one_database, rows=0) as places:
+        old, new, records, source, _ = places
         with source.begin() as conn:
-            LAYOUT.create(conn, "old_tasks")
             for i, key in enumerate(keys):  # a task, under `key` (5,000,000 + i is no key of the tests)
                 LAYOUT.fill(conn, "old_tasks", 1, start=5_000_000 + i)
-                conn.execute(
-                    text("UPDATE old_tasks SET key = :key WHERE key = :i"), {"key": key, "i": 5_000_000 + i}
-                )
-        for name in ("new_tasks", "record_tasks"):
-            create_task_table(second, name)
-        try:
-            with (
-                SqlTaskStore(first, "old_tasks", name="old", **LAYOUT.store_options()) as old,
-                SqlTaskStore(second, "new_tasks", name="new") as new,
-                SqlTaskStore(second, "record_tasks", name="records") as records,
-            ):
-                yield old, new, records, source
-        finally:
-            source.dispose()
+                update = text("UPDATE old_tasks SET key = :key WHERE key = :i")
+                conn.execute(update, {"key": key, "i": 5_000_000 + i})
+        yield old, new, records, source
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])

@@ -5,8 +5,6 @@ the SQL admits are copied as rows (`paths.fast`), the others alone through their
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +13,12 @@ from sqlalchemy import Engine, Text, cast, select, text
 
 from migration_fsm.exceptions import DataError
 from migration_fsm.journal import make_engine
-from migration_fsm.tasks.sql import RowCopy, SqlTaskStore
+from migration_fsm.tasks.sql import RowCopy
 from migration_fsm.tasks.sql.layouts import layout_named
 from migration_fsm.tools.backfill import copy_tasks
-from tests.support.datatools import create_task_table
+from tests.unit.test_backfill_layouts import source_and_targets
 from tests.unit.test_fast_paths import RecordsOnly
-from tests.unit.test_task_stores import PG, database
+from tests.unit.test_task_stores import PG
 
 #: Text times in the forms the SQL converts: a space or a T, no fraction or 3 or 6 digits of
 #: it, no zone, Z or +00:00; the last days of months, a leap day, midnight and 23:59:59.
@@ -70,34 +68,6 @@ LEFT_TO_RECORDS = [
 ]
 
 
-@contextmanager
-def stores(
-    request: pytest.FixtureRequest, tmp_path: Path, layout_name: str, backend: str
-) -> Iterator[tuple[SqlTaskStore, SqlTaskStore, SqlTaskStore, Engine]]:
-    """old (one row of `layout_name`), new and a table for the record path's copy: in two
-    SQLite files, or in one PostgreSQL database (where the copy is one statement)."""
-    layout = layout_named(layout_name)
-    with database(backend, request, tmp_path) as first, database(backend, request, tmp_path) as other:
-        second = other if backend == "sqlite" else first
-        source = make_engine(first, create=True)
-        with source.begin() as conn:
-            layout.create(conn, "old_tasks")
-            layout.fill(conn, "old_tasks", 1)
-        for name in ("new_tasks", "record_tasks"):
-            create_task_table(second, name)
-        raw = make_engine(second)
-        try:
-            with (
-                SqlTaskStore(first, "old_tasks", name="old", **layout.store_options()) as old,
-                SqlTaskStore(second, "new_tasks", name="new") as new,
-                SqlTaskStore(second, "record_tasks", name="records") as records,
-            ):
-                yield old, new, records, raw
-        finally:
-            source.dispose()
-            raw.dispose()
-
-
 def outcome(copy: Any, raw: Engine, table: str) -> tuple[str, Any]:
     """What a copy left: ("rows", the target's rows as text), or ("error", its message)."""
     with raw.begin() as conn:
@@ -118,7 +88,11 @@ def outcome(copy: Any, raw: Engine, table: str) -> tuple[str, Any]:
 def test_a_text_time_is_converted_in_sql_only_where_the_record_path_writes_the_same(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str, layout_name: str
 ) -> None:
-    with stores(request, tmp_path, layout_name, backend) as (old, new, records, raw):
+    one_database = backend == "postgresql"  # one statement copies inside one PostgreSQL database
+    places = source_and_targets(
+        backend, request, tmp_path, layout_named(layout_name), one_file=one_database, rows=1
+    )
+    with places as (old, new, records, _, raw):
         assert RowCopy.between(old, new) is not None
         source = make_engine(old.url)
         for value in CONVERTED + LEFT_TO_RECORDS:
