@@ -3,7 +3,7 @@ their messages, its documented defaults, the heartbeat's schedule (on a test clo
 it registers, what each `Run` says, its counters, and what it does when the workers' table or
 the ledger cannot be used: no task started, one warning per outage and one when it ends, no
 finish lost (a finish the ledger refuses is kept, retried and marks the worker as deferring
-its finishes), and its background thread surviving an unexpected error.
+its finishes, even when the gate closes first), and its threads surviving an unexpected error.
 
 An outage is a table renamed away (every statement on it fails with SQLite's "no such
 table") and put back. Threads are waited for by polling a state with a deadline; nothing
@@ -482,6 +482,65 @@ def test_a_finish_the_ledger_refuses_is_kept_retried_and_marks_the_worker(
     assert [] == Workers(store.engine).records(M)  # every finish written: deregistered
 
 
+def test_a_gate_closed_with_a_finish_unwritten_is_never_taken_over(
+    client: PhaseClient, store: Journal, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gate closed right after a finish failed (no refresh in between) still leaves a row
+    that says it deferred a finish: once it is gone, its running claim (of a task that ran) is
+    refused, not taken over and run a second time."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    gate = _gate(client, "old", "o1")
+    with ExitStack() as outage:
+        with gate.executing("ran") as run:
+            assert run.allowed
+            outage.enter_context(_away(store, "mfsm_executions"))  # after the claim
+        gate.close()
+    closes = "migration-fsm gate o1 closes with 1 finishes not written: its claims stay running"
+    assert closes == _warnings(caplog)[-1]
+    closing = [r for r in caplog.records if r.name == LOGGER][-1]
+    assert (M, "old") == (vars(closing)["migration"], vars(closing)["side"])
+    assert _record(store, "old", "o1").defers_finishes
+    _age(store, "o1", 3600)
+    heir = _gate(client, "old", "heir")
+    try:
+        with heir.executing("ran") as again:
+            assert (False, "running") == (again.allowed, again.reason)
+    finally:
+        heir.close()
+
+
+def test_a_finish_failing_during_a_heartbeat_is_said_at_the_next_refresh(
+    client: PhaseClient, store: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finish fails (on a worker's thread) while a heartbeat is being written (on the
+    gate's thread) with the row's old "no deferred finish": the next refresh writes the
+    deferral at once, not a heartbeat interval later (a crash in between would let the claim
+    of the task that ran be taken over). On a test clock."""
+    clock = FakeClock(1000.0)
+    monkeypatch.setattr(gate_module, "time", clock)
+    gate = _gate(client, "old", "o1")
+    real = gate.workers.heartbeat
+    with ExitStack() as outage:
+
+        def meanwhile(*args: Any, **kwargs: Any) -> None:
+            monkeypatch.setattr(gate.workers, "heartbeat", real)
+            with gate.executing("k") as run:
+                assert run.allowed
+                outage.enter_context(_away(store, "mfsm_executions"))  # its finish fails
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(gate.workers, "heartbeat", meanwhile)
+        try:
+            clock.now = 1010.0  # the heartbeat is due
+            gate.refresh()
+            assert not _record(store, "old", "o1").defers_finishes  # written as it was read
+            gate.refresh()  # the same instant
+            assert _record(store, "old", "o1").defers_finishes
+        finally:
+            outage.close()
+            gate.close()
+
+
 def test_a_finish_ending_while_a_failing_flush_is_in_flight_is_kept(
     client: PhaseClient, store: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -510,6 +569,38 @@ def test_a_finish_ending_while_a_failing_flush_is_in_flight_is_kept(
         }
     finally:
         gate.close()
+
+
+class Interrupt(BaseException):
+    """Ctrl-C (or any interruption no `except Exception` catches) while a finish is written."""
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["one-by-one", "batched"])
+def test_an_interrupted_finish_is_kept_and_written_by_close(
+    client: PhaseClient, store: Journal, monkeypatch: pytest.MonkeyPatch, batching: bool
+) -> None:
+    """A finish whose write is interrupted is not dropped: `close()` writes it before it
+    deregisters, so the task that ran is refused to every other worker, not taken over."""
+    kwargs: dict[str, Any] = {"finish_batch_seconds": 3600, "finish_batch_size": 1} if batching else {}
+    gate = _gate(client, "old", "o1", **kwargs)
+    real = gate.ledger.finish_many
+
+    def interrupted(batch: list[Any]) -> int:
+        monkeypatch.setattr(gate.ledger, "finish_many", real)
+        raise Interrupt
+
+    monkeypatch.setattr(gate.ledger, "finish_many", interrupted)
+    with pytest.raises(Interrupt), gate.executing("ran") as run:
+        assert run.allowed
+    assert 1 == gate.counters()["pending_finishes"]
+    gate.close()
+    assert [] == Workers(store.engine).records(M)
+    heir = _gate(client, "old", "heir")
+    try:
+        with heir.executing("ran") as again:
+            assert Run("ran", False, "succeeded") == again
+    finally:
+        heir.close()
 
 
 # -- the background threads -------------------------------------------------------------------
@@ -562,6 +653,27 @@ def test_the_background_thread_survives_an_unexpected_error(
             phase_client.refresh()
             wait_until(lambda: gate.acknowledged_version == paused, "the thread goes on")
     assert ["migration-fsm gate bg: RuntimeError: boom"] == _warnings(caplog)
+
+
+def test_the_flusher_survives_an_unexpected_error_and_loses_no_finish(
+    client: PhaseClient, store: Journal, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    gate = WorkerGate(client, "old", "o1", finish_batch_seconds=0.01)
+    real = gate.ledger.finish_many
+
+    def broken_once(batch: list[Any]) -> int:
+        monkeypatch.setattr(gate.ledger, "finish_many", real)
+        raise RuntimeError("boom")
+
+    try:
+        monkeypatch.setattr(gate.ledger, "finish_many", broken_once)
+        with gate.executing("k"):
+            pass
+        wait_until(lambda: gate.ledger.counts(M).succeeded == 1, "the next round writes the finish")
+    finally:
+        gate.close()
+    assert ["migration-fsm gate o1: RuntimeError: boom"] == _warnings(caplog)
 
 
 # -- where the ledger is ------------------------------------------------------------------------
