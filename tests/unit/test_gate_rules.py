@@ -542,10 +542,12 @@ def test_a_finish_failing_during_a_heartbeat_is_said_at_the_next_refresh(
 
 
 def test_a_finish_ending_while_a_failing_flush_is_in_flight_is_kept(
-    client: PhaseClient, store: Journal, monkeypatch: pytest.MonkeyPatch
+    client: PhaseClient, store: Journal, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Batched finishes: a task that finishes while a batch is being written, the write then
-    failing, is kept with the batch (none lost), and the next flush writes all of them."""
+    failing, is kept with the batch (none lost), and the next flush writes all of them. The
+    failed flush starts an outage, warned once, and the good one ends it."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     gate = _gate(client, "old", "o1", finish_batch_seconds=3600, finish_batch_size=2)
     real = gate.ledger.finish_many
 
@@ -567,6 +569,10 @@ def test_a_finish_ending_while_a_failing_flush_is_in_flight_is_kept(
         assert {"a": "succeeded", "b": "succeeded", "late": "succeeded"} == {
             key: claim.state for key, claim in claims.items()
         }
+        assert [
+            _ledger_down(gate, "mfsm_executions"),
+            "migration-fsm gate o1 reaches the execution ledger again",
+        ] == _warnings(caplog)
     finally:
         gate.close()
 
@@ -610,9 +616,12 @@ def test_the_flusher_writes_a_full_batch_at_once_and_the_rest_on_time(
     client: PhaseClient, store: Journal
 ) -> None:
     """With a flusher thread, a full batch is written as soon as it is full (not at the next
-    `finish_batch_seconds`); with a short `finish_batch_seconds`, a lone finish is written too."""
-    full = WorkerGate(client, "old", "full", finish_batch_seconds=3600, finish_batch_size=2)
-    timed = WorkerGate(client, "old", "timed", finish_batch_seconds=0.01)
+    `finish_batch_seconds`); with a short `finish_batch_seconds`, a lone finish is written too.
+    (The gates' other thread, which also flushes at each refresh, polls once an hour here.)"""
+    full = WorkerGate(
+        client, "old", "full", poll_seconds=3600, finish_batch_seconds=3600, finish_batch_size=2
+    )
+    timed = WorkerGate(client, "old", "timed", poll_seconds=3600, finish_batch_seconds=0.01)
     try:
         for key in ("a", "b"):
             with full.executing(key):
@@ -659,7 +668,7 @@ def test_the_flusher_survives_an_unexpected_error_and_loses_no_finish(
     client: PhaseClient, store: Journal, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    gate = WorkerGate(client, "old", "o1", finish_batch_seconds=0.01)
+    gate = WorkerGate(client, "old", "o1", poll_seconds=3600, finish_batch_seconds=0.01)  # the flusher writes
     real = gate.ledger.finish_many
 
     def broken_once(batch: list[Any]) -> int:
