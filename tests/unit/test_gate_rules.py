@@ -172,7 +172,8 @@ def test_a_gate_made_with_defaults(client: PhaseClient, store: Journal) -> None:
         host, pid, suffix = gate.worker_id.split(":")
         assert (socket.gethostname(), str(os.getpid())) == (host, pid)
         assert re.fullmatch(r"[0-9a-f]{6}", suffix)
-        assert WorkerGate(client, "old", background=False).worker_id != gate.worker_id
+        with WorkerGate(client, "old", background=False) as second:
+            assert second.worker_id != gate.worker_id  # random per gate, not only per process
         assert Settings.model_fields["worker_ttl_seconds"].default == gate.workers.ttl_seconds
         assert (10.0, 0.05, None, 256) == (
             gate.heartbeat_seconds,
