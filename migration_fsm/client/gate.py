@@ -38,7 +38,8 @@ the worker must not run it (the task stays where it is; `run.reason` says why). 
 exit the execution is finished `succeeded`, on an exception `failed` (and the exception is
 re-raised). When the ledger cannot be reached the task is not started (`run.allowed` False,
 `run.reason == "ledger_unavailable"`: leave it queued and back off); one warning is logged
-per outage. A finish that cannot be written is kept and retried by the background thread.
+per outage. A finish that cannot be written (whatever stopped the write) is kept and retried
+by the background thread.
 
 **Batched finishes (opt-in: `finish_batch_seconds`).** DESIGN.md allows finishes to be
 batched, never claims. By default every finish is written when the task ends, so a task
@@ -305,6 +306,7 @@ class WorkerGate:
         return version
 
     def _beat(self, version: int) -> None:
+        deferred = self._deferred
         try:
             self.workers.heartbeat(
                 self.migration,
@@ -314,7 +316,7 @@ class WorkerGate:
                 exact=True,  # what this gate applied, even lower than before (a restore)
                 host=self._host,
                 pid=self._pid,
-                defers_finishes=self._deferred,
+                defers_finishes=deferred,
             )
         except _UNREACHABLE as exc:
             if self._beat_due >= 0:  # once per outage
@@ -327,7 +329,9 @@ class WorkerGate:
             self._beat_due = -1.0
             return
         self._acked = version
-        self._beat_due = time.monotonic() + self.heartbeat_seconds
+        # A finish that failed during this heartbeat deferred it after we read `_deferred`:
+        # then the next refresh writes that at once, not at the next interval.
+        self._beat_due = time.monotonic() + self.heartbeat_seconds if deferred == self._deferred else 0.0
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -367,8 +371,9 @@ class WorkerGate:
             return
         try:
             self.ledger.finish(run.claim, outcome)
-        except _UNREACHABLE as exc:
-            self._ledger_outage(exc)
+        except BaseException as exc:
+            # Kept whatever stopped the write (an interrupt too: a finish dropped leaves its
+            # claim running, taken over once this worker deregisters: the task would run again).
             with self._state_lock:
                 self._pending.append((run.claim, outcome))  # retried by the background thread
             if not self._deferred:
@@ -376,6 +381,9 @@ class WorkerGate:
                 # over automatically (written with the next heartbeat, in the workers' database).
                 self._deferred = True
                 self._beat_due = 0.0
+            if not isinstance(exc, _UNREACHABLE):
+                raise
+            self._ledger_outage(exc)
 
     def flush(self) -> bool:
         """Write the finishes kept in memory now; True when none is left waiting."""
@@ -390,10 +398,12 @@ class WorkerGate:
             return
         try:
             self.ledger.finish_many(batch)
-        except _UNREACHABLE as exc:
-            self._ledger_outage(exc)
+        except BaseException as exc:
             with self._state_lock:
-                self._pending[:0] = batch
+                self._pending[:0] = batch  # kept (as in `_finish`), before those added meanwhile
+            if not isinstance(exc, _UNREACHABLE):
+                raise
+            self._ledger_outage(exc)
             return
         self._ledger_back()
 
@@ -449,6 +459,9 @@ class WorkerGate:
             with contextlib.suppress(*_UNREACHABLE):
                 self.workers.deregister(self.migration, self.side, self.worker_id)
         else:
+            # The row must say that this worker deferred a finish before it is left behind: a
+            # failed finish says so at the next heartbeat, which this close may come before.
+            self._beat(self._applied.version)
             log.warning(
                 "migration-fsm gate %s closes with %d finishes not written: its claims stay running",
                 self.worker_id,
