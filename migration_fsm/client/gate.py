@@ -218,10 +218,10 @@ class WorkerGate:
         self._counters = {"claimed": 0, "refused": 0, "unavailable": 0, "succeeded": 0, "failed": 0}
         self._stop = threading.Event()
         self._host, self._pid = socket.gethostname(), os.getpid()
-        self.refresh()  # apply the current version and register, on the caller's thread
-        metrics.track(self, "gate", self.migration, side)
         self._thread: threading.Thread | None = None
         self._flusher: threading.Thread | None = None
+        self.refresh()  # apply the current version and register, on the caller's thread
+        metrics.track(self, "gate", self.migration, side)
         if background:
             self._thread = threading.Thread(
                 target=self._run, name=f"migration-fsm-gate-{self.migration}-{side}", daemon=True
@@ -289,8 +289,9 @@ class WorkerGate:
     def refresh(self) -> int:
         """Apply the client's current snapshot if it differs (a newer version, or a lower one
         after a restore; waiting for the dequeues in progress), then acknowledge it,
-        heartbeat and flush pending finishes. Returns the applied version. The background
-        thread calls it; a test or a worker may too (never from inside `dequeuing()`)."""
+        heartbeat and flush pending finishes (unless a flusher thread writes them, every
+        `finish_batch_seconds`). Returns the applied version. The background thread calls it;
+        a test or a worker may too (never from inside `dequeuing()`)."""
         with self._apply_lock:
             snap = self.client.snapshot()
             if _state(snap) != _state(self._applied):
@@ -302,7 +303,8 @@ class WorkerGate:
             version = self._applied.version
             if self._acked != version or self._beat_due <= time.monotonic():
                 self._beat(version)
-        self._flush()
+        if self._flusher is None:  # with a flusher thread, finishes wait for their batch
+            self._flush()
         return version
 
     def _beat(self, version: int) -> None:

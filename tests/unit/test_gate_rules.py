@@ -204,6 +204,20 @@ def test_a_batching_gate_runs_a_flusher_thread_too(client: PhaseClient, store: J
     assert not names & {"migration-fsm-gate-default-new", "migration-fsm-gate-flush-default-new"}
 
 
+def test_a_batching_gate_s_refresh_leaves_its_finishes_to_the_flusher(client: PhaseClient) -> None:
+    """With a flusher thread, finishes are written every `finish_batch_seconds` (or when
+    `finish_batch_size` wait, or on `close()`), not by the refresh every `poll_seconds`."""
+    gate = WorkerGate(client, "old", "o1", finish_batch_seconds=3600)
+    try:
+        with gate.executing("a") as run:
+            assert run.allowed
+        gate.refresh()  # what the background thread runs every poll_seconds
+        assert 1 == gate.counters()["pending_finishes"]
+    finally:
+        gate.close()
+    assert 0 == gate.counters()["pending_finishes"]  # written by close()
+
+
 # -- registration and heartbeat --------------------------------------------------------------------
 
 
