@@ -4,6 +4,7 @@ as `python -m migration_fsm` in a subprocess, as a user runs it."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -82,3 +83,11 @@ def run_cli_in_process(*args: str, env: dict[str, str] | None = None) -> CliResu
             structlog.reset_defaults()
             structlog.configure(**logging_before)
     return result
+
+
+def ctrl_c_interrupts() -> None:
+    """`preexec_fn` for a CLI process a test ends with Ctrl-C (SIGINT): its default action, as
+    in a terminal's foreground job. A suite started as a background job (`make test &`)
+    ignores SIGINT, which every child inherits, and Python then never raises
+    KeyboardInterrupt: the child would go on after the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

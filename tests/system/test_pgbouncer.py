@@ -44,7 +44,7 @@ from migration_fsm.journal.locks import LOCK_CLASS
 from migration_fsm.tasks.factory import build_store
 from migration_fsm.tasks.sql.store import SqlTaskStore
 from tests.support import PG_ADMIN_URL
-from tests.support.cli import CliResult, run_cli
+from tests.support.cli import CliResult, ctrl_c_interrupts, run_cli
 from tests.support.datatools import create_task_table, sql_stores, tasks, write_stores_config
 from tests.support.forkserver import ForkServer
 from tests.support.steps import PROC_DIR_ENV
@@ -378,6 +378,7 @@ def test_status_watch_through_pgbouncer(bouncer: Bouncer, tmp_path: Path) -> Non
             stdout=secondary,
             stderr=stderr,
             env=env,
+            preexec_fn=ctrl_c_interrupts,  # noqa: PLW1509 -- a test's child, no threads of ours in between
         )
         os.close(secondary)
         try:

@@ -18,7 +18,7 @@ import pytest
 from migration_fsm.config import Settings
 from migration_fsm.journal import Journal
 from migration_fsm.migration import Migration
-from tests.support.cli import ROOT, CliResult
+from tests.support.cli import ROOT, CliResult, ctrl_c_interrupts
 
 
 def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
@@ -62,6 +62,7 @@ def test_status_watch_redraws_until_interrupted(engine: Migration, upgraded_url:
         stderr=stderr,
         env=env,
         cwd=ROOT,
+        preexec_fn=ctrl_c_interrupts,  # noqa: PLW1509 -- a test's child, no threads of ours in between
     )
     os.close(secondary)
     try:
