@@ -128,7 +128,7 @@ class RowCopy:
         self.attach = attach
         #: Inside SQLite: the keys of a range's rows that fail a check.
         self.failed: dict[bool, Query] = {}
-        #: Inside SQLite, from an integer key: pages by `_integer_page`, batches by their keys.
+        #: Inside one database, from an integer key: pages by `_integer_page`, batches by keys.
         self.integer_keys = integer_keys
 
     @classmethod
@@ -362,7 +362,7 @@ class RowCopy:
                     continue  # most likely another writer inserted one of these keys first
                 raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
             except DataError as exc:
-                if "refused the statement" in str(exc):  # a value a cast refused: records explain it
+                if _cast_refused(exc):
                     raise _PageChanged from exc
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -409,9 +409,9 @@ class RowCopy:
                 if page and page[0][1] != fast:
                     raise _PageChanged  # undo whatever it wrote: the record path explains or converts
                 slow = self._records_of([row[0] for row in page if not row[-1]])
-        except MigrationFSMError as exc:
-            if isinstance(exc, DataError) and "refused the statement" in str(exc):
-                raise _PageChanged from exc  # a value a cast refused: records explain it
+        except DataError as exc:
+            if _cast_refused(exc):
+                raise _PageChanged from exc
             raise
         self.target.put_rows(*slow)  # durable: and so every commit before it
         return CopiedBatch(fast, len(slow[0]), page[-1][0] if page else None, durable or bool(slow[0]))
@@ -502,6 +502,13 @@ def _upsert_from(target: TableMapping, rows: Select[Any], constants: Mapping[Any
         index_elements=[target.key_column],
         set_={f.column.name: insert_rows.excluded[f.column.name] for f in target.fields[1:]},
     )
+
+
+def _cast_refused(exc: DataError) -> bool:
+    """Whether the database refused a copy's statement (a value a cast could not take, which
+    the condition admits: a 30th of February, text that is not JSON): its batch then goes the
+    record path, which explains or converts each row."""
+    return "refused the statement" in str(exc)
 
 
 def _keys_copy(source: TableMapping, target: TableMapping, *, inside: bool) -> bool:
