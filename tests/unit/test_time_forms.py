@@ -111,3 +111,41 @@ def test_a_text_time_is_converted_in_sql_only_where_the_record_path_writes_the_s
                 assert fast == slow, value
                 assert value not in CONVERTED, value
         source.dispose()
+
+
+def test_a_text_time_s_shape_is_computed_once_a_row_in_one_statement() -> None:
+    """PostgreSQL: the shape of a text time (nine replace() of its digits, most of what its
+    conversion costs) serves the row's check and its value; one statement reads it once, from
+    the page's subquery, and the page's order and bounds move into that subquery."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam
+    from sqlalchemy.dialects import postgresql
+
+    from migration_fsm.tasks.sql.columns import ColumnKind
+    from migration_fsm.tasks.sql.convert import convert_time
+    from migration_fsm.tasks.sql.rowcopy import computed_once
+
+    table = Table("tasks", MetaData(), Column("key", String), Column("made", String), Column("n", Integer))
+    converted = convert_time("postgresql", ColumnKind.ISO_TEXT, ColumnKind.TIMESTAMPTZ, table.c.made)
+    assert converted is not None
+    value, valid = converted
+    after = table.c.key > bindparam("after")
+
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+    def sql(*expressions: Any) -> str:
+        return str(select(*expressions).compile(dialect=dialect))
+
+    # Inline: three times (the check, and which cast the value takes: zoned or naive).
+    assert sql(value, valid).count("replace(") == 27
+    [value_once, valid_once], order, left = computed_once(
+        table, [value, valid], table.c.key, after, bindparam("limit")
+    )
+    assert left is None
+    once = sql(value_once, valid_once)
+    assert once.count("replace(") == 9, once
+    assert once.count("mfsm_source.mfsm_shared_made IN") == 3, once
+    source = "WHERE tasks.key > %(after)s::VARCHAR ORDER BY tasks.key \n LIMIT %(limit)s) AS mfsm_source"
+    assert once.endswith(source), once
+    assert str(order.compile(dialect=dialect)) == "mfsm_source.key"
+    plain = [table.c.n, table.c.key.is_not(None)]
+    assert computed_once(table, plain, table.c.key, after, None) == (plain, table.c.key, after)

@@ -35,6 +35,9 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import Label
+from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.exceptions import DataError, MigrationFSMError
@@ -46,7 +49,7 @@ from migration_fsm.tasks.sql.columns import (
     integer_ranges,
     keys_in_order,
 )
-from migration_fsm.tasks.sql.convert import convert_time
+from migration_fsm.tasks.sql.convert import SHARED, convert_time
 from migration_fsm.tasks.sql.dialects import ATTACHED, insert_for, sqlite_file
 from migration_fsm.tasks.sql.statements import Query
 from migration_fsm.tasks.sql.store import SqlTaskStore
@@ -159,7 +162,7 @@ class RowCopy:
             conditions.append(table.c[mine.by_name["run_at"].column.name].is_(None))
         valid = and_(*conditions)
         if inside is None:
-            copy = cls._through_python(source, target, values, valid)
+            copy = cls._through_python(source, target, table, values, valid)
         elif mine.integer_key:
             copy = cls._inside_by_keys(source, target, inside, values, valid)
         elif mine.dialect == "postgresql":
@@ -174,13 +177,24 @@ class RowCopy:
 
     @classmethod
     def _through_python(
-        cls, source: SqlTaskStore, target: SqlTaskStore, values: list[Any], valid: ColumnElement[bool]
+        cls,
+        source: SqlTaskStore,
+        target: SqlTaskStore,
+        table: Table,
+        values: list[Any],
+        valid: ColumnElement[bool],
     ) -> RowCopy:
         """Two databases: the source reads each page's rows in the target's form and a verdict
         per row; the rows pass through Python (`SqlTaskStore.put_rows`)."""
-        order = source.mapping.key_order
-        read = select(*values, valid.label("mfsm_ok")).order_by(order).limit(_LIMIT)
-        return cls(source, target, _both(read, order > bind_text("mfsm_after"), source.engine.dialect))
+        queries = {}
+        for with_after in (False, True):
+            order = source.mapping.key_order
+            after = order > bind_text("mfsm_after") if with_after else None
+            [*read_values, ok], order, after = computed_once(table, [*values, valid], order, after, _LIMIT)
+            read = select(*read_values, ok.label("mfsm_ok")).order_by(order).limit(_LIMIT)
+            read = read if after is None else read.where(after)
+            queries[with_after] = Query.compile(read, source.engine.dialect)
+        return cls(source, target, queries)
 
     @classmethod
     def _in_one_statement(
@@ -199,7 +213,9 @@ class RowCopy:
         constants, dialect = target.statements.constants, target.engine.dialect
         single = {
             with_after: Query.compile(
-                _check_and_copy(theirs, native, valid, mine.key_order, with_after, constants=constants),
+                _check_and_copy(
+                    theirs, table, native, valid, mine.key_order, with_after, constants=constants
+                ),
                 dialect,
             )
             for with_after in (False, True)
@@ -446,8 +462,9 @@ def _native_values(
     return native
 
 
-def _check_and_copy(
+def _check_and_copy(  # noqa: PLR0917 -- the target, the source and what is read of it
     target: TableMapping,
+    table: Table,
     values: list[ColumnElement[Any]],
     valid: ColumnElement[bool],
     order: ColumnElement[Any],
@@ -458,11 +475,13 @@ def _check_and_copy(
     """PostgreSQL, one statement: the page (`mfsm_limit` rows, one past the batch), inserted
     of the batch (`mfsm_batch` rows) that pass the checks; it returns each row's key, how many
     rows were written, and its verdict."""
+    limit = bindparam("mfsm_limit", type_=Integer())
+    after = order > bind_text("mfsm_after") if with_after else None
+    [*values, valid], order, after = computed_once(table, [*values, valid], order, after, limit)
     labeled = [value.label(f"mfsm_v{i}") for i, value in enumerate(values)]
     numbered = func.row_number().over(order_by=order).label("mfsm_n")
-    read = select(*labeled, valid.label("mfsm_ok"), numbered).order_by(order)
-    read = read.limit(bindparam("mfsm_limit", type_=Integer()))
-    page = (read.where(order > bind_text("mfsm_after")) if with_after else read).cte("mfsm_page")
+    read = select(*labeled, valid.label("mfsm_ok"), numbered).order_by(order).limit(limit)
+    page = (read if after is None else read.where(after)).cte("mfsm_page")
     in_batch = page.c.mfsm_n <= bindparam("mfsm_batch", type_=Integer())
     batch = select(*(page.c[f"mfsm_v{i}"] for i in range(len(values)))).where(in_batch, page.c.mfsm_ok)
     columns = [field.column for field in target.fields]
@@ -490,6 +509,43 @@ def _check_and_copy(
         select(func.count()).select_from(written[0]).scalar_subquery(),
     )
     return select(page.c.mfsm_v0, count.label("mfsm_count"), page.c.mfsm_ok).order_by(page.c.mfsm_n)
+
+
+def computed_once(
+    table: Table,
+    expressions: list[ColumnElement[Any]],
+    order: ColumnElement[Any],
+    after: ColumnElement[bool] | None,
+    limit: Any,
+) -> tuple[list[ColumnElement[Any]], ColumnElement[Any], ColumnElement[bool] | None]:
+    """`expressions` (of `table`'s columns, read in `order` after `after`, `limit` rows) with
+    each `convert.shared` expression computed once a row: the page is read by a subquery that
+    also computes them (its LIMIT keeps PostgreSQL from merging it into the statement, which
+    would copy each expression back into every place that uses it), and the expressions and
+    the order are rewritten to read its columns. Returns (the expressions, the order, the
+    condition still to apply: None, as the subquery applied `after`). Without any shared
+    expression, all as they were."""
+    found: dict[str, Label[Any]] = {}
+    for expression in expressions:
+        for element in visitors.iterate(expression):
+            if isinstance(element, Label) and element.name.startswith(SHARED):
+                found.setdefault(element.name, element)
+    if not found:
+        return expressions, order, after
+    page = select(*table.c, *found.values()).order_by(order).limit(limit)
+    source = (page if after is None else page.where(after)).subquery("mfsm_source")
+
+    def read_from_source(element: visitors.ExternallyTraversible, **_: Any) -> ColumnElement[Any] | None:
+        if isinstance(element, Label) and element.name in found:
+            return source.c[element.name]
+        if isinstance(element, Column) and element.table is table:
+            return source.c[element.name]
+        return None
+
+    def rewrite(expression: ColumnElement[Any]) -> ColumnElement[Any]:
+        return visitors.replacement_traverse(expression, {}, read_from_source)  # type: ignore[no-any-return]
+
+    return [rewrite(expression) for expression in expressions], rewrite(order), None
 
 
 def _upsert_from(target: TableMapping, rows: Select[Any], constants: Mapping[Any, ColumnElement[Any]]) -> Any:
