@@ -11,7 +11,7 @@ from enum import StrEnum
 from operator import itemgetter, lt
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Boolean, Column, Float, Integer, Numeric, String, bindparam
+from sqlalchemy import Boolean, Column, Float, Integer, Numeric, String, bindparam, or_
 from sqlalchemy.sql.sqltypes import NullType
 
 from migration_fsm.tasks.records import TaskRecord, to_utc
@@ -154,26 +154,39 @@ def integer_key(key: str) -> int | None:
     return number if number <= MAX_INTEGER_KEY else None
 
 
-def integer_ranges(after: str | None) -> list[tuple[int, int]]:
+def integer_ranges(after: str | None, end: str | None = None) -> list[tuple[int, int]]:
     """For each number of digits, the range of integers with that many digits whose decimal
-    text is above `after` in Python `str` order (all of them with no `after`), empty ones left
-    out. Digit strings of one length sort as their numbers, so each is one range of the key
-    index, and a scan in text order is the merge of these ranges' scans."""
+    text is above `after` (and not above `end`) in Python `str` order (no bound where None),
+    empty ones left out. Digit strings of one length sort as their numbers, so each is one
+    range of the key index, and a scan in text order is the merge of these ranges' scans."""
     ranges = []
     for digits in range(1, MAX_KEY_DIGITS + 1):
-        low, high = (0 if digits == 1 else 10 ** (digits - 1)), min(10**digits - 1, MAX_INTEGER_KEY)
-        if after is not None:
-            if not str(high) > after:
-                continue
-            while low < high:  # the first number of this length whose text is above `after`
-                middle = (low + high) // 2
-                if str(middle) > after:
-                    high = middle
-                else:
-                    low = middle + 1
-            high = min(10**digits - 1, MAX_INTEGER_KEY)
-        ranges.append((low, high))
+        first, last = (0 if digits == 1 else 10 ** (digits - 1)), min(10**digits - 1, MAX_INTEGER_KEY)
+        low = first if after is None else _first_above(first, last, after)
+        high = last if end is None else _first_above(first, last, end) - 1
+        if low <= high:
+            ranges.append((low, high))
     return ranges
+
+
+def outside_ranges(key: ColumnElement[Any]) -> ColumnElement[bool]:
+    """An integer key column's value that is in no range of `integer_ranges`: a negative one,
+    or (SQLite, which keeps what it is given in a column that is no rowid) a real past the
+    largest key or text, which sort after every number."""
+    return or_(key < 0, key > MAX_INTEGER_KEY)
+
+
+def _first_above(first: int, last: int, text: str) -> int:
+    """The first of the numbers `first` to `last` (of one length) whose text is above `text`;
+    `last` + 1 when none is."""
+    low, high = first, last + 1
+    while low < high:
+        middle = (low + high) // 2
+        if str(middle) > text:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def fits(column: Column[Any], value: Any) -> bool:

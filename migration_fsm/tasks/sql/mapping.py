@@ -476,10 +476,15 @@ class TableMapping:
                     f" {value}; integer keys must be 0 or more"
                 )
             return str(value)
-        if not isinstance(value, str) or not value:
+        if value is None or value == "":
             raise DataError(
                 f"store '{self.store}': column '{self.key_column.name}' holds an empty key ({value!r});"
                 " every task needs one"
+            )
+        if self.integer_key or not isinstance(value, str):
+            raise DataError(
+                f"store '{self.store}': column '{self.key_column.name}' holds the key {value!r}, which is"
+                f" no {'integer of 0 or more' if self.integer_key else 'text'}: fix or remove that row"
             )
         return value
 

@@ -46,8 +46,10 @@ from migration_fsm.tasks.sql.columns import (
     ColumnKind,
     bind_text,
     first_of,
+    integer_key,
     integer_ranges,
     keys_in_order,
+    outside_ranges,
 )
 from migration_fsm.tasks.sql.convert import SHARED, convert_time
 from migration_fsm.tasks.sql.dialects import ATTACHED, insert_for, sqlite_file
@@ -55,7 +57,7 @@ from migration_fsm.tasks.sql.statements import Query
 from migration_fsm.tasks.sql.store import SqlTaskStore
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.sql.elements import ColumnElement
@@ -133,6 +135,9 @@ class RowCopy:
         self.failed: dict[bool, Query] = {}
         #: Inside one database, from an integer key: pages by `_integer_page`, batches by keys.
         self.integer_keys = integer_keys
+        #: Inside SQLite from an integer key: how many rows the batch's ranges hold, and their
+        #: last key in text order (`_inside_by_ranges`); None otherwise.
+        self.ranges: Query | None = None
 
     @classmethod
     def between(cls, source: TaskStore, target: TaskStore) -> RowCopy | None:
@@ -163,6 +168,8 @@ class RowCopy:
         valid = and_(*conditions)
         if inside is None:
             copy = cls._through_python(source, target, table, values, valid)
+        elif mine.integer_key and mine.dialect == "sqlite":
+            copy = cls._inside_by_ranges(source, target, inside, values, valid)
         elif mine.integer_key:
             copy = cls._inside_by_keys(source, target, inside, values, valid)
         elif mine.dialect == "postgresql":
@@ -282,6 +289,49 @@ class RowCopy:
         copy.failed = {False: failed_keys, True: failed_keys}
         return copy
 
+    @classmethod
+    def _inside_by_ranges(
+        cls,
+        source: SqlTaskStore,
+        target: SqlTaskStore,
+        inside: tuple[Table, str | None],
+        values: list[Any],
+        valid: ColumnElement[bool],
+    ) -> RowCopy:
+        """Inside SQLite, from an integer key: a batch is every key whose text lies in (the
+        batch's start, its end], which is one range of the key index per digit count
+        (`columns.integer_ranges`). Its end is the first in text order of each digit count's
+        `limit`-th key after the start (`integer_ends`): no range gives more than `limit` keys
+        and the one that gave the end exactly `limit`. Only those ends reach Python; the count,
+        the INSERT ... SELECT and the failed rows' keys each read the ranges from the index."""
+        table, attach = inside
+        key = table.c[source.mapping.key_column.name]
+        dialect, constants = target.engine.dialect, target.statements.constants
+        # A key SQLite holds as a real or text in an integer column is no key the ranges
+        # convert: that row fails, and its batch goes the record path (`_copy_ranges`).
+        valid = and_(valid, func.typeof(key) == "integer")
+
+        def over_ranges(part: Callable[[ColumnElement[bool]], Select[Any]]) -> Any:
+            return union_all(*(part(in_range) for in_range in digit_ranges(key))).subquery()
+
+        # One OR of the ranges: SQLite reads each from the key index (MULTI-INDEX OR).
+        in_ranges = or_(*digit_ranges(key))
+        insert_rows = _upsert_from(target.mapping, select(*values).where(in_ranges, valid), constants)
+        counted = over_ranges(lambda in_range: select(key).where(in_range))
+        failed = over_ranges(lambda in_range: select(values[0]).where(in_range, valid.is_not(True)))
+        ends = Query.compile(integer_ends(key), dialect)
+        copy = cls(source, target, {False: ends, True: ends}, attach=attach, integer_keys=True)
+        insert_query, failed_query = (
+            Query.compile(insert_rows, dialect),
+            Query.compile(select(*failed.c), dialect),
+        )
+        copy.inserts = {False: insert_query, True: insert_query}
+        copy.failed = {False: failed_query, True: failed_query}
+        as_text = cast(counted.c[0], Text()).collate("BINARY")
+        count_and_last: list[ColumnElement[Any]] = [func.count(), func.max(as_text)]
+        copy.ranges = Query.compile(select(*count_and_last).select_from(counted), dialect)
+        return copy
+
     @property
     def in_one_statement(self) -> bool:
         """PostgreSQL inside one database: one statement reads, checks and writes a batch."""
@@ -295,6 +345,13 @@ class RowCopy:
             return
         with self.target.connect(attach=self.attach) as conn:
             read, insert = self._queries[False], self.inserts[True]
+            if self.ranges is not None:  # ranges that are empty
+                empty = {"mfsm_offset": 0, "mfsm_first": 0}
+                for digits in range(1, MAX_KEY_DIGITS + 1):
+                    empty[f"mfsm_low{digits}"], empty[f"mfsm_high{digits}"] = 1, 0
+                for query in (read, insert, self.ranges, self.failed[False]):
+                    conn.exec_driver_sql(query.sql, query.params(**empty)).close()
+                return
             if self.in_one_statement:  # a page of none
                 conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0, mfsm_batch=0)).close()
                 return
@@ -311,6 +368,8 @@ class RowCopy:
         try:
             if self.inserts is None:
                 return self._copy_through_python(after, limit, durable)
+            if self.ranges is not None:
+                return self._copy_ranges(after, limit, durable)
             if self.in_one_statement:
                 return self._check_and_copy(after, limit, durable)
             return self._copy_inside(self.inserts, after, limit, durable)
@@ -382,6 +441,55 @@ class RowCopy:
                     raise _PageChanged from exc
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _copy_ranges(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
+        """`copy_batch` inside SQLite from an integer key (`_inside_by_ranges`), in one
+        transaction of the target store with the source attached, so every statement reads one
+        snapshot of the source: the batch's end, its count and last key, one INSERT ... SELECT
+        of its rows that pass the checks, and when some did not, their keys; those rows'
+        records are read before it commits (a `DataError` undoes the batch), written after."""
+        assert self.inserts is not None
+        assert self.ranges is not None
+        target, ends, insert, ranges = self.target, self._queries[False], self.inserts[False], self.ranges
+        for attempt in (1, 2):
+            try:
+                with target.connect(attach=self.attach, durable=durable) as conn:
+                    found = conn.exec_driver_sql(ends.sql, ends.params(**self._range_params(after, limit)))
+                    numbers = [row[0] for row in found]
+                    if not all(type(number) is int and number >= 0 for number in numbers):
+                        raise _PageChanged  # a key in no range: the record path refuses it
+                    end = min(map(str, numbers)) if numbers else None
+                    params = self._range_params(after, limit, end)
+                    count, last = conn.exec_driver_sql(ranges.sql, ranges.params(**params)).one()
+                    if not count:
+                        return CopiedBatch(0, 0, None, durable)
+                    fast = conn.exec_driver_sql(insert.sql, insert.params(**params)).rowcount
+                    slow: tuple[list[str], list[tuple[Any, ...]]] = ([], [])
+                    if fast != count:
+                        failed = self.failed[False]
+                        keys = [row[0] for row in conn.exec_driver_sql(failed.sql, failed.params(**params))]
+                        if fast + len(keys) != count or not all(
+                            integer_key(str(key)) is not None for key in keys
+                        ):
+                            raise _PageChanged  # a key that is no integer: the record path explains it
+                        slow = self._records_of([str(key) for key in keys])
+                target.put_rows(*slow)  # durable: and so every commit before it
+                return CopiedBatch(fast, len(slow[0]), last, durable or bool(slow[0]))
+            except sa_exc.IntegrityError as exc:
+                if attempt == 1:
+                    continue  # most likely another writer inserted one of these keys first
+                raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _range_params(self, after: str | None, limit: int, end: str | None = None) -> dict[str, Any]:
+        """The parameters of `_inside_by_ranges`'s statements: each digit count's range of keys
+        whose text is above `after` (and up to `end`), the offset of a range's `limit`-th key,
+        and whether this is the first batch (which also looks for a negative key)."""
+        params: dict[str, Any] = {"mfsm_offset": max(limit - 1, 0), "mfsm_first": int(after is None)}
+        ranges = {len(str(high)): (low, high) for low, high in integer_ranges(after, end)}
+        for digits in range(1, MAX_KEY_DIGITS + 1):
+            params[f"mfsm_low{digits}"], params[f"mfsm_high{digits}"] = ranges.get(digits, (1, 0))
+        return params
 
     def _page_params(self, after: str | None, limit: int) -> dict[str, Any]:
         """The page query's parameters: the next `limit` keys after `after` (or, from an
@@ -602,6 +710,38 @@ def _integer_page(key: ColumnElement[Any], dialect: str) -> Any:
     merged = union_all(*parts, negative.subquery().select()).subquery()
     as_text = cast(merged.c.mfsm_key, Text()).collate("C" if dialect == "postgresql" else "BINARY")
     return select(as_text, merged.c.mfsm_key).order_by(as_text).limit(_LIMIT)
+
+
+def digit_ranges(key: ColumnElement[Any]) -> list[ColumnElement[bool]]:
+    """For each number of digits, `key` in that count's range (`mfsm_low<digits>` to
+    `mfsm_high<digits>`, bound at run time; `columns.integer_ranges`)."""
+    return [
+        key.between(
+            bindparam(f"mfsm_low{d}", type_=BigInteger()), bindparam(f"mfsm_high{d}", type_=BigInteger())
+        )
+        for d in range(1, MAX_KEY_DIGITS + 1)
+    ]
+
+
+def integer_ends(key: ColumnElement[Any]) -> Any:
+    """Each digit count's key at offset `mfsm_offset` of its range (the range's `limit`-th key
+    after the batch's start), and on the first batch (`mfsm_first`) one negative key, which
+    the record path refuses."""
+    offset = bindparam("mfsm_offset", type_=Integer())
+    parts = [
+        select(key.label("mfsm_key"))
+        .where(in_range)
+        .order_by(key)
+        .limit(1)
+        .offset(offset)
+        .subquery()
+        .select()
+        for in_range in digit_ranges(key)
+    ]
+    negative = select(key.label("mfsm_key")).where(
+        outside_ranges(key), bindparam("mfsm_first", type_=Integer()) == 1
+    )
+    return union_all(*parts, negative.limit(1).subquery().select())
 
 
 def _both(stmt: Any, after: ColumnElement[bool], dialect: Dialect) -> dict[bool, Query]:

@@ -36,6 +36,7 @@ from migration_fsm.tasks.sql.columns import (
     integer_key,
     integer_ranges,
     keys_in_order,
+    outside_ranges,
     time_text_like,
 )
 from migration_fsm.tasks.sql.dialects import attached, copy_rows, probe_key, sqlite_file
@@ -342,10 +343,13 @@ class SqlTaskStore:
         with self.connect(readonly=True) as conn:
             rows = conn.execute(stmt).all()
         if mapping.integer_key:
+            for row in rows:  # a key outside every range (it may sort past the page): refused
+                if type(row[0]) is not int or row[0] < 0:
+                    mapping.key_text(row[0])
             rows = self._in_text_order(rows, limit + 1)
         previous = after
         for row in rows:  # one row past the page, so a duplicate of its last key shows
-            key = str(row[0]) if type(row[0]) is int else row[0]
+            key = mapping.key_text(row[0]) if mapping.integer_key else row[0]
             if previous is not None and isinstance(key, str) and not previous < key:
                 column = mapping.key_column.name
                 if previous == key:
@@ -366,8 +370,10 @@ class SqlTaskStore:
             columns.where(key.between(low, high)).order_by(key).limit(limit).subquery().select()
             for low, high in integer_ranges(after)
         ]
-        if after is None:  # a negative key sorts first: the first page shows it, and is refused
-            parts.append(columns.where(key < 0).limit(1).subquery().select())
+        if after is None:
+            # The first page shows one key outside every range (a negative one; on SQLite also
+            # a real past the largest or text, which sort after every integer), and is refused.
+            parts.append(columns.where(outside_ranges(key)).limit(1).subquery().select())
         if not parts:
             return columns.where(false())
         return parts[0] if len(parts) == 1 else union_all(*parts)  # type: ignore[return-value]
