@@ -113,6 +113,53 @@ def test_a_text_time_is_converted_in_sql_only_where_the_record_path_writes_the_s
         source.dispose()
 
 
+#: Epoch times (in the layout's unit) the SQL converts: 1970, fractions of a second at both
+#: ends, a leap day, the last second Python has (9999-12-31 23:59:59).
+EPOCH_CONVERTED = {
+    "epoch_s": [0, 1, 59, 951_782_400, 1_767_225_600, 253_402_300_799],
+    "epoch_ms": [0, 1, 999, 1000, 951_782_400_001, 1_767_225_600_123, 253_402_300_799_999],
+}
+#: ... and what SQLite's SQL leaves to the record path: before 1970 (PostgreSQL's converts
+#: it), past year 9999, a real, text that is no number (SQLite keeps both in an INTEGER column).
+EPOCH_LEFT_TO_RECORDS = {
+    "epoch_s": [-1, 253_402_300_800, 1.5, "soon"],
+    "epoch_ms": [-1, 253_402_300_800_000, 1.5, "soon"],
+}
+
+
+@pytest.mark.parametrize("layout_name", ["epoch_s", "epoch_ms"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=PG)])
+def test_an_epoch_time_is_converted_in_sql_only_where_the_record_path_writes_the_same(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, layout_name: str
+) -> None:
+    one_database = backend == "postgresql"
+    places = source_and_targets(
+        backend, request, tmp_path, layout_named(layout_name), one_file=one_database, rows=1
+    )
+    values = EPOCH_CONVERTED[layout_name] + EPOCH_LEFT_TO_RECORDS[layout_name]
+    if backend == "postgresql":  # a BIGINT column holds integers only
+        values = [v for v in values if type(v) is int]
+    with places as (old, new, records, _, raw):
+        assert RowCopy.between(old, new) is not None
+        source = make_engine(old.url)
+        for value in values:
+            with source.begin() as conn:
+                conn.execute(text("UPDATE old_tasks SET created_at = :v"), {"v": value})
+            fast = outcome(lambda: copy_tasks(old, new, batch_size=10), raw, "new_tasks")
+            slow = outcome(lambda: copy_tasks(old, RecordsOnly(records), batch_size=10), raw, "record_tasks")
+            if fast[0] == "rows" and slow[0] == "rows":
+                (fast_rows, through_records), (slow_rows, _) = fast[1], slow[1]
+                assert fast_rows == slow_rows, value
+                if value in EPOCH_CONVERTED[layout_name]:
+                    assert through_records == 0, value
+                elif backend == "sqlite":
+                    assert through_records == 1, value
+            else:
+                assert fast == slow, value
+                assert value not in EPOCH_CONVERTED[layout_name], value
+        source.dispose()
+
+
 def test_a_text_time_s_shape_is_computed_once_a_row_in_one_statement() -> None:
     """PostgreSQL: the shape of a text time (nine replace() of its digits, most of what its
     conversion costs) serves the row's check and its value; one statement reads it once, from

