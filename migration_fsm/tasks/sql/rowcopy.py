@@ -6,7 +6,6 @@ kinds, status maps, key order and indexes), `connect` and `fetch`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -20,21 +19,18 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    any_,
     bindparam,
     case,
     cast,
     func,
     insert,
     literal,
-    literal_column,
     null,
     or_,
     select,
     union_all,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import Label
 from sqlalchemy.sql.schema import Column
@@ -59,6 +55,7 @@ from migration_fsm.tasks.sql.store import SqlTaskStore
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from sqlalchemy.engine import Connection
     from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.sql.elements import ColumnElement
     from sqlalchemy.sql.selectable import Select
@@ -122,7 +119,6 @@ class RowCopy:
         *,
         inserts: dict[bool, Query] | None = None,
         attach: str | None = None,
-        integer_keys: bool = False,
     ) -> None:
         self.source, self.target = source, target
         self._queries = queries
@@ -133,11 +129,12 @@ class RowCopy:
         self.attach = attach
         #: Inside SQLite: the keys of a range's rows that fail a check.
         self.failed: dict[bool, Query] = {}
-        #: Inside one database, from an integer key: pages by `_integer_page`, batches by keys.
-        self.integer_keys = integer_keys
         #: Inside SQLite from an integer key: how many rows the batch's ranges hold, and their
         #: last key in text order (`_inside_by_ranges`); None otherwise.
         self.ranges: Query | None = None
+        #: Inside one PostgreSQL database from an integer key: each digit count's range's end
+        #: (`integer_ends`), read before the one statement; None otherwise.
+        self.ends: Query | None = None
 
     @classmethod
     def between(cls, source: TaskStore, target: TaskStore) -> RowCopy | None:
@@ -171,7 +168,7 @@ class RowCopy:
         elif mine.integer_key and mine.dialect == "sqlite":
             copy = cls._inside_by_ranges(source, target, inside, values, valid)
         elif mine.integer_key:
-            copy = cls._inside_by_keys(source, target, inside, values, valid)
+            copy = cls._in_one_statement_by_ranges(source, target, table, values, valid)
         elif mine.dialect == "postgresql":
             copy = cls._in_one_statement(source, target, table, values, valid)
         else:
@@ -257,36 +254,41 @@ class RowCopy:
         return copy
 
     @classmethod
-    def _inside_by_keys(
+    def _in_one_statement_by_ranges(
         cls,
         source: SqlTaskStore,
         target: SqlTaskStore,
-        inside: tuple[Table, str | None],
+        table: Table,
         values: list[Any],
         valid: ColumnElement[bool],
     ) -> RowCopy:
-        """Inside one database, from an integer key: the page's keys are read from one range of
-        the key index per digit count and put in text order by the database (`_integer_page`);
-        the INSERT ... SELECT and the failed rows' keys take the batch's keys as one parameter
-        (SQLite: a JSON array; PostgreSQL: an array, so that each key is an index lookup)."""
-        table, attach = inside
-        key = table.c[source.mapping.key_column.name]
-        dialect = target.engine.dialect
-        if dialect.name == "postgresql":
-            listed = key == any_(cast(bind_text("mfsm_keys"), postgresql.ARRAY(BigInteger())))
-            values = _native_values(source.mapping, target.mapping, table, values)
-        else:
-            listed = key.in_(
-                select(literal_column("value")).select_from(func.json_each(bind_text("mfsm_keys")))
+        """Inside one PostgreSQL database, from an integer key: `_in_one_statement`'s statement
+        over a batch of `_inside_by_ranges` (every key whose text lies between the batch's
+        start and its end, the first in text order of each digit count's `limit`-th key:
+        `integer_ends`, read first), in text order."""
+        mine, theirs = source.mapping, target.mapping
+        native = _native_values(mine, theirs, table, values)
+        constants, dialect = target.statements.constants, target.engine.dialect
+        key = table.c[mine.key_column.name]
+        in_ranges, in_text_order = or_(*digit_ranges(key)), cast(key, Text()).collate("C")
+        single = {
+            with_after: Query.compile(
+                _check_and_copy(
+                    theirs,
+                    table,
+                    native,
+                    valid,
+                    in_text_order,
+                    with_after,
+                    constants=constants,
+                    where=in_ranges,
+                ),
+                dialect,
             )
-        constants = target.statements.constants
-        rows = select(*values).where(listed, valid)
-        insert_rows = Query.compile(_upsert_from(target.mapping, rows, constants), dialect)
-        failed_keys = Query.compile(select(values[0]).where(listed, valid.is_not(True)), dialect)
-        page = Query.compile(_integer_page(key, dialect.name), dialect)
-        copy = cls(source, target, {False: page, True: page}, attach=attach, integer_keys=True)
-        copy.inserts = {False: insert_rows, True: insert_rows}
-        copy.failed = {False: failed_keys, True: failed_keys}
+            for with_after in (False, True)
+        }
+        copy = cls(source, target, single, inserts=single)
+        copy.ends = Query.compile(integer_ends(key), dialect)
         return copy
 
     @classmethod
@@ -320,7 +322,7 @@ class RowCopy:
         counted = over_ranges(lambda in_range: select(key).where(in_range))
         failed = over_ranges(lambda in_range: select(values[0]).where(in_range, valid.is_not(True)))
         ends = Query.compile(integer_ends(key), dialect)
-        copy = cls(source, target, {False: ends, True: ends}, attach=attach, integer_keys=True)
+        copy = cls(source, target, {False: ends, True: ends}, attach=attach)
         insert_query, failed_query = (
             Query.compile(insert_rows, dialect),
             Query.compile(select(*failed.c), dialect),
@@ -355,8 +357,8 @@ class RowCopy:
             if self.in_one_statement:  # a page of none
                 conn.exec_driver_sql(read.sql, read.params(mfsm_limit=0, mfsm_batch=0)).close()
                 return
-            conn.exec_driver_sql(read.sql, read.params(**self._page_params(None, 0))).close()
-            conn.exec_driver_sql(insert.sql, insert.params(**self._batch_params(None, []))).close()
+            conn.exec_driver_sql(read.sql, read.params(**self._batch_params(None, 0))).close()
+            conn.exec_driver_sql(insert.sql, insert.params(**self._batch_params(None, 0))).close()
 
     def copy_batch(self, after: str | None, limit: int, *, durable: bool = True) -> CopiedBatch | None:
         """Copy up to `limit` tasks with keys > `after`: the rows that pass every check as
@@ -417,11 +419,14 @@ class RowCopy:
         for attempt in (1, 2):
             try:
                 with target.connect(attach=self.attach, durable=durable) as conn:
-                    found = conn.exec_driver_sql(read.sql, read.params(**self._page_params(after, limit + 1)))
-                    page = self.checked(after, limit, self._keys_checked(list(found.cursor.fetchall())))
+                    found = conn.exec_driver_sql(
+                        read.sql, read.params(**self._batch_params(after, limit + 1))
+                    )
+                    page = self.checked(after, limit, list(found.cursor.fetchall()))
                     if not page:
                         return CopiedBatch(0, 0, None, durable)
-                    last, params = page[-1][0], self._batch_params(after, page)
+                    last = page[-1][0]
+                    params = self._batch_params(after, limit + 1, last)
                     fast = conn.exec_driver_sql(insert.sql, insert.params(**params)).rowcount
                     slow: tuple[list[str], list[tuple[Any, ...]]] = ([], [])
                     if fast != len(page):
@@ -481,6 +486,18 @@ class RowCopy:
                 raise target.refused_batch(f"a batch of tasks after {after!r}", exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _range_ends(self, conn: Connection, ends: Query, after: str | None, limit: int) -> dict[str, Any]:
+        """The ranges of the batch after `after` (`integer_ends` read through `conn`): each
+        digit count's `mfsm_low<digits>` and `mfsm_high<digits>`. `_PageChanged` for a key in
+        no range, which the record path refuses."""
+        found = conn.exec_driver_sql(ends.sql, ends.params(**self._range_params(after, limit)))
+        numbers = [row[0] for row in found]
+        if not all(type(number) is int and number >= 0 for number in numbers):
+            raise _PageChanged
+        end = min(map(str, numbers)) if numbers else None
+        bounds = self._range_params(after, limit, end)
+        return {name: value for name, value in bounds.items() if name.startswith(("mfsm_low", "mfsm_high"))}
+
     def _range_params(self, after: str | None, limit: int, end: str | None = None) -> dict[str, Any]:
         """The parameters of `_inside_by_ranges`'s statements: each digit count's range of keys
         whose text is above `after` (and up to `end`), the offset of a range's `limit`-th key,
@@ -491,34 +508,11 @@ class RowCopy:
             params[f"mfsm_low{digits}"], params[f"mfsm_high{digits}"] = ranges.get(digits, (1, 0))
         return params
 
-    def _page_params(self, after: str | None, limit: int) -> dict[str, Any]:
-        """The page query's parameters: the next `limit` keys after `after` (or, from an
-        integer key, the next `limit` of each digit count's range, `_integer_page`)."""
-        if not self.integer_keys:
-            return {"mfsm_after": after, "mfsm_limit": limit}
-        params: dict[str, Any] = {"mfsm_limit": limit, "mfsm_first": int(after is None)}
-        ranges = {len(str(high)): (low, high) for low, high in integer_ranges(after)}
-        for digits in range(1, MAX_KEY_DIGITS + 1):
-            params[f"mfsm_low{digits}"], params[f"mfsm_high{digits}"] = ranges.get(digits, (1, 0))
-        return params
-
-    def _batch_params(self, after: str | None, page: list[Any]) -> dict[str, Any]:
-        """The INSERT ... SELECT's parameters for the batch `page` (its rows' keys first)."""
-        if not self.integer_keys:
-            return {"mfsm_after": after, "mfsm_last": page[-1][0] if page else ""}
-        if self.source.dialect == "postgresql":
-            return {"mfsm_keys": "{" + ",".join(str(row[1]) for row in page) + "}"}
-        return {"mfsm_keys": json.dumps([row[1] for row in page])}
-
-    def _keys_checked(self, rows: list[Any]) -> list[Any]:
-        """The page's rows as read; from an integer key (rows of the key's text and the key,
-        in text order), `_PageChanged` for a key that is no integer of 0 or more: the record
-        path refuses or explains it."""
-        if self.integer_keys and rows:
-            numbers = [row[1] for row in rows]
-            if not (set(map(type, numbers)) == {int} and min(numbers) >= 0):
-                raise _PageChanged
-        return rows
+    @staticmethod
+    def _batch_params(after: str | None, limit: int, last: str | None = None) -> dict[str, Any]:
+        """Inside SQLite from text keys: the page's parameters (the next `limit` keys after
+        `after`), and the INSERT ... SELECT's, for the batch ending at `last`."""
+        return {"mfsm_after": after, "mfsm_limit": limit, "mfsm_last": last or ""}
 
     def _check_and_copy(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
         """PostgreSQL's one statement (`_check_and_copy`, module level); the failed rows'
@@ -526,7 +520,12 @@ class RowCopy:
         statement = self._queries[after is not None]
         try:
             with self.target.connect(durable=durable) as conn:
-                params = statement.params(mfsm_after=after, mfsm_limit=limit + 1, mfsm_batch=limit)
+                if self.ends is None:
+                    params = statement.params(mfsm_after=after, mfsm_limit=limit + 1, mfsm_batch=limit)
+                else:  # every row of the ranges: no more than `limit` from each
+                    ranges = self._range_ends(conn, self.ends, after, limit)
+                    limit = limit * MAX_KEY_DIGITS + 1
+                    params = statement.params(mfsm_after=after, mfsm_limit=limit, mfsm_batch=limit, **ranges)
                 rows = list(conn.exec_driver_sql(statement.sql, params).cursor.fetchall())
                 page = self.checked(after, limit, rows)
                 fast = sum(1 for row in page if row[-1])
@@ -579,12 +578,15 @@ def _check_and_copy(  # noqa: PLR0917 -- the target, the source and what is read
     with_after: bool,
     *,
     constants: Mapping[Any, ColumnElement[Any]],
+    where: ColumnElement[bool] | None = None,
 ) -> Select[Any]:
     """PostgreSQL, one statement: the page (`mfsm_limit` rows, one past the batch), inserted
     of the batch (`mfsm_batch` rows) that pass the checks; it returns each row's key, how many
-    rows were written, and its verdict."""
+    rows were written, and its verdict. `where`: the source rows of the page, in place of
+    those after `mfsm_after` (which still bounds the target's keys of the batch)."""
     limit = bindparam("mfsm_limit", type_=Integer())
     after = order > bind_text("mfsm_after") if with_after else None
+    after = after if where is None else where
     [*values, valid], order, after = computed_once(table, [*values, valid], order, after, limit)
     labeled = [value.label(f"mfsm_v{i}") for i, value in enumerate(values)]
     numbered = func.row_number().over(order_by=order).label("mfsm_n")
@@ -683,33 +685,6 @@ def _keys_copy(source: TableMapping, target: TableMapping, *, inside: bool) -> b
     if not source.integer_key:
         return not target.integer_key
     return inside
-
-
-def _integer_page(key: ColumnElement[Any], dialect: str) -> Any:
-    """The next page of an integer key column in text order: (the key's text, the key) of the
-    first `mfsm_limit` keys above the page's start. The database sorts, in text order, the
-    first `mfsm_limit` keys of each digit count's range of the key index (`mfsm_low<digits>`
-    to `mfsm_high<digits>`, `columns.integer_ranges`), and on the first page one negative key,
-    which the record path refuses."""
-    parts = [
-        select(key.label("mfsm_key"))
-        .where(
-            key.between(
-                bindparam(f"mfsm_low{d}", type_=BigInteger()), bindparam(f"mfsm_high{d}", type_=BigInteger())
-            )
-        )
-        .order_by(key)
-        .limit(_LIMIT)
-        .subquery()
-        .select()
-        for d in range(1, MAX_KEY_DIGITS + 1)
-    ]
-    negative = (
-        select(key.label("mfsm_key")).where(key < 0, bindparam("mfsm_first", type_=Integer()) == 1).limit(1)
-    )
-    merged = union_all(*parts, negative.subquery().select()).subquery()
-    as_text = cast(merged.c.mfsm_key, Text()).collate("C" if dialect == "postgresql" else "BINARY")
-    return select(as_text, merged.c.mfsm_key).order_by(as_text).limit(_LIMIT)
 
 
 def digit_ranges(key: ColumnElement[Any]) -> list[ColumnElement[bool]]:
