@@ -7,6 +7,7 @@ warning naming the error) and recovered from. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC
@@ -221,3 +222,55 @@ def test_every_restore_is_counted_and_logged(
     assert ("default", "dual_write", high - 2) == tuple(
         vars(records[-1])[k] for k in ("migration", "phase", "version")
     )
+
+
+def test_the_documented_defaults_and_a_ttl_that_is_not_positive(tmp_path: Path) -> None:
+    """A ttl of 0 or less is refused with its reason; the defaults are those documented: a
+    read every second, bounded by 2 s, of migration `default`, in `preparation` until read."""
+    url = f"sqlite:///{tmp_path / 'absent.db'}"
+    for ttl in (0, -1.0):
+        with pytest.raises(ValueError, match=r"^ttl must be positive$"):
+            PhaseClient(url, ttl=ttl)
+    with PhaseClient(url) as client:
+        assert (1.0, 2.0, "default", Phase.PREPARATION) == (
+            client.ttl,
+            client.connect_timeout,
+            client.migration,
+            client.phase,
+        )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_close_waits_for_the_refresher_s_read_in_progress(
+    engine: Migration, upgraded_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`close()` returns only once the refresher has finished the read it was making: nothing
+    reads the database after it (its file may be removed next)."""
+    client = PhaseClient(upgraded_url, ttl=0.01, listen=False)
+    real_read = client._read_sqlite
+    reading, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def held_read() -> tuple[Any, ...] | None:
+        if threading.current_thread() is not client._thread:
+            return real_read()
+        reading.set()
+        release.wait(10)
+        row = real_read()
+        events.append("read")
+        return row
+
+    monkeypatch.setattr(client, "_read_sqlite", held_read)
+    assert reading.wait(10)
+
+    def close() -> None:
+        client.close()
+        events.append("closed")
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    closer.join(0.5)  # close() is waiting for the read (not timed: the order below tells)
+    release.set()
+    closer.join(10)
+    assert ["read", "closed"] == events
+    assert not client._thread.is_alive()
