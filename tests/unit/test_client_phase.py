@@ -224,14 +224,10 @@ def test_every_restore_is_counted_and_logged(
     )
 
 
-def test_the_documented_defaults_and_a_ttl_that_is_not_positive(tmp_path: Path) -> None:
-    """A ttl of 0 or less is refused with its reason; the defaults are those documented: a
-    read every second, bounded by 2 s, of migration `default`, in `preparation` until read."""
-    url = f"sqlite:///{tmp_path / 'absent.db'}"
-    for ttl in (0, -1.0):
-        with pytest.raises(ValueError, match=r"^ttl must be positive$"):
-            PhaseClient(url, ttl=ttl)
-    with PhaseClient(url) as client:
+def test_the_documented_defaults(tmp_path: Path) -> None:
+    """A read every second, bounded by 2 s, of migration `default`, in `preparation` until
+    read (the refusals of a ttl and a URL: `test_client_rules.py`)."""
+    with PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}") as client:
         assert (1.0, 2.0, "default", Phase.PREPARATION) == (
             client.ttl,
             client.connect_timeout,
