@@ -663,3 +663,49 @@ def test_a_take_over_moves_one_key_of_one_migration(ledger: Ledger, workers: Wor
     assert ClaimState("new", "n1", 2, "running") == ledger.claim_of(M, "k")
     assert ClaimState("old", "dead", 1, "running") == ledger.claim_of(M, "j")
     assert ClaimState("old", "dead", 1, "running") == ledger.claim_of("other", "k")
+
+
+def test_a_plain_hand_over_says_handed_over_with_no_holder(ledger: Ledger) -> None:
+    """The hand-overs decided by the upsert alone (a key never claimed, a failed claim of the
+    giving side, one already given: idempotent) say `handed_over`; only the hand-over of a
+    gone worker's running claim names a holder."""
+    failed = ledger.claim(M, "failed", "old", "w1").claim
+    assert failed is not None
+    assert ledger.finish(failed, "failed")
+    for key in ("never", "failed", "never"):
+        handed = ledger.hand_over(M, key, "old", "new")
+        assert (True, "handed_over", None) == (bool(handed), handed.reason, handed.holder), key
+
+
+class _RetriesWhileJudged(Workers):
+    """Workers asked whether the worker of `claim` is gone: the first time, that worker fails
+    its attempt and claims the key again at once (a new attempt, the same side and worker,
+    running) and is said to be gone, as it looked a moment before; from then on it is live."""
+
+    claim: Claim | None = None
+    ledger: Ledger | None = None
+
+    def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
+        if self.claim is None or self.ledger is None:
+            return False
+        assert self.ledger.finish(self.claim, "failed")
+        again = self.ledger.claim(migration, self.claim.key, side, worker_id)
+        assert again.claim is not None
+        assert 2 == again.claim.attempt
+        self.claim = None
+        return True
+
+
+def test_a_hand_over_never_moves_an_attempt_it_did_not_see(store: Journal, upgraded_url: str) -> None:
+    """The compare-and-set of a gone worker's running claim names the attempt it saw: when the
+    worker retried in the meantime (attempt 2, the same side and worker, running), it misses,
+    the hand-over decides again, and the worker, live now, keeps its claim."""
+    workers = _RetriesWhileJudged(store.engine)
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        first = ledger.claim(M, "k", "old", "w1").claim
+        assert first is not None
+        workers.claim, workers.ledger = first, ledger
+        handed = ledger.hand_over(M, "k", "old", "new")
+        assert (False, "live", ("old", "w1")) == (bool(handed), handed.reason, handed.holder)
+        assert ClaimState("old", "w1", 2, "running") == ledger.claim_of(M, "k")
+        assert [(1, "failed"), (2, "running")] == [(e.attempt, e.outcome) for e in ledger.executions(M, "k")]
