@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text, update
 
-from migration_fsm.client import PhaseClient
+from migration_fsm.client import PhaseClient, Snapshot
 from migration_fsm.config import Settings
 from migration_fsm.fsm import Phase, routing_for
 from migration_fsm.journal import Journal, make_engine
@@ -270,3 +270,24 @@ def test_close_waits_for_the_refresher_s_read_in_progress(
     closer.join(10)
     assert ["read", "closed"] == events
     assert not client._thread.is_alive()
+
+
+def test_before_its_first_read_the_client_is_its_default_phase_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the constructor's first read is in progress (a metrics scrape may ask then: the
+    client is tracked before it reads) and after it failed, the snapshot is the default phase
+    at 0 %, stale, of the migration asked for, never read."""
+    default = Snapshot("later", Phase.DUAL_WRITE, 0, 0, routing_for(Phase.DUAL_WRITE, 0), True, None)
+    during: list[tuple[Snapshot, float]] = []
+    real_read = PhaseClient._read_sqlite
+
+    def first_read(self: PhaseClient) -> tuple[Any, ...] | None:
+        during.append((self.snapshot(), self.counters()["stale"]))
+        return real_read(self)
+
+    monkeypatch.setattr(PhaseClient, "_read_sqlite", first_read)
+    url = f"sqlite:///{tmp_path / 'absent.db'}"
+    with PhaseClient(url, "later", ttl=HOUR, default_phase=Phase.DUAL_WRITE) as client:
+        assert [(default, 1.0)] == during
+        assert default == client.snapshot()
