@@ -291,3 +291,23 @@ def test_before_its_first_read_the_client_is_its_default_phase_stale(
     with PhaseClient(url, "later", ttl=HOUR, default_phase=Phase.DUAL_WRITE) as client:
         assert [(default, 1.0)] == during
         assert default == client.snapshot()
+
+
+def test_the_client_s_threads_are_daemons_named_after_its_migration(
+    engine: Migration, upgraded_url: str
+) -> None:
+    """A refresher thread, and on PostgreSQL a watchdog (SQLite's reads are bounded by the
+    busy timeout: no watchdog); daemons, so they never hold the application's exit; both end
+    with `close()`."""
+
+    def ours() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("migration-fsm-client")]
+
+    before = ours()
+    with PhaseClient(upgraded_url, ttl=HOUR, listen=False) as client:
+        threads = [t for t in ours() if t not in before]
+        expected = [("migration-fsm-client-default", True)]
+        if client._backend == "postgresql":
+            expected.append(("migration-fsm-client-watchdog-default", True))
+        assert sorted(expected) == sorted((t.name, t.daemon) for t in threads)
+    assert [] == [t for t in threads if t.is_alive()]
