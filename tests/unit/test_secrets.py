@@ -40,22 +40,41 @@ def _clean(result: CliResult, *secrets: str) -> None:
         assert secret not in result.stdout + result.stderr, (result.code, result.stdout, result.stderr)
 
 
+#: Each case's id leaves out the word "postgresql": these tests need no server, and `make
+#: mutate`'s selection (`-k "not postgresql"`) leaves out every test whose id holds it.
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        (
+        pytest.param(
             f"postgresql+psycopg://postgres@127.0.0.1:1/db?password={SECRET}&application_name=x",
             "postgresql+psycopg://postgres@127.0.0.1:1/db?password=***&application_name=x",
+            id="query-password",
         ),
-        (f"postgresql://u:{SECRET}@h/db?sslpassword={SECRET}", "postgresql://u:***@h/db?sslpassword=***"),
-        (f"postgresql://us:er:{SECRET}@host/db", "postgresql://us:***@host/db"),
-        (f"postgresql://u:p@{SECRET}@host:5432/db", "postgresql://u:***@host:5432/db"),
-        (f"postgresql://u:{SECRET}@host:notaport/db", "postgresql://u:***@host:notaport/db"),
-        (
+        pytest.param(
+            f"postgresql://u:{SECRET}@h/db?sslpassword={SECRET}",
+            "postgresql://u:***@h/db?sslpassword=***",
+            id="user-info-and-sslpassword",
+        ),
+        pytest.param(f"postgresql://us:er:{SECRET}@host/db", "postgresql://us:***@host/db", id="two-colons"),
+        pytest.param(
+            f"postgresql://u:p@{SECRET}@host:5432/db", "postgresql://u:***@host:5432/db", id="two-ats"
+        ),
+        pytest.param(
+            f"postgresql://u:{SECRET}@host:notaport/db", "postgresql://u:***@host:notaport/db", id="bad-port"
+        ),
+        pytest.param(
             f"postgresql://u@h/db?PassFile=/x&api_token={SECRET}",
             "postgresql://u@h/db?PassFile=***&api_token=***",
+            id="passfile-and-token",
         ),
-        ("sqlite:///relative.db?mode=ro", "sqlite:///relative.db?mode=ro"),
+        pytest.param("sqlite:///relative.db?mode=ro", "sqlite:///relative.db?mode=ro", id="sqlite"),
+        pytest.param(f"POSTGRESQL://u:{SECRET}@h/db", "POSTGRESQL://u:***@h/db", id="upper-case-scheme"),
+        pytest.param(f"postgresql://u:{SECRET}@", "postgresql://u:***@", id="no-host-no-path"),
+        pytest.param(
+            "sqlite:////data/backup:2024@host/journal.db",
+            "sqlite:////data/backup:2024@host/journal.db",
+            id="path-with-colon-and-at",  # the path of a file, not a user-info: nothing masked
+        ),
     ],
 )
 def test_safe_url_hides_the_password_and_every_secret_query_parameter(url: str, shown: str) -> None:
@@ -73,14 +92,22 @@ def test_redact_text_hides_urls_conninfo_pairs_and_remembered_secrets() -> None:
     assert SECRET not in scrub(f"could not translate host name '{SECRET}@host'\nDETAIL", url)
 
 
+def test_a_url_with_a_line_break_still_has_its_secret_remembered() -> None:
+    """A URL read from a file with its line break: a driver message about it that quotes its
+    password alone has the password masked (the URL's secrets are remembered whole)."""
+    url = f"postgresql://u:{SECRET}@h/db\n"
+    message = f"authentication failed for the password {SECRET}"
+    assert "authentication failed for the password ***" == scrub(message, url)
+
+
 @pytest.mark.parametrize(
     "url",
     [
-        f"postgresql+psycopg://postgres@127.0.0.1:1/db?password={SECRET}",
-        f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:1/db",
-        f"postgresql://us:er:{SECRET}@127.0.0.1:1/db",
-        f"postgresql://us:er@{SECRET}@127.0.0.1:1/db",
-        f"postgresql://us:{SECRET}@127.0.0.1:notaport/db",
+        pytest.param(f"postgresql+psycopg://postgres@127.0.0.1:1/db?password={SECRET}", id="query-password"),
+        pytest.param(f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:1/db", id="user-info"),
+        pytest.param(f"postgresql://us:er:{SECRET}@127.0.0.1:1/db", id="two-colons"),
+        pytest.param(f"postgresql://us:er@{SECRET}@127.0.0.1:1/db", id="two-ats"),
+        pytest.param(f"postgresql://us:{SECRET}@127.0.0.1:notaport/db", id="bad-port"),
     ],
 )
 def test_an_unreachable_database_never_shows_its_secret(cli: Callable[..., CliResult], url: str) -> None:
