@@ -92,6 +92,30 @@ def test_redact_text_hides_urls_conninfo_pairs_and_remembered_secrets() -> None:
     assert SECRET not in scrub(f"could not translate host name '{SECRET}@host'\nDETAIL", url)
 
 
+@pytest.mark.parametrize(
+    ("url", "quoted", "shown"),
+    [
+        pytest.param("postgresql://user:Pa55:word@h/db", "Pa55:word", "***", id="password-with-a-colon"),
+        pytest.param(f"postgresql://us:er:{SECRET}@host/db", SECRET, "***", id="two-colons"),
+        pytest.param(f"postgresql://u:p@{SECRET}@host/db", f"{SECRET}@host", "***@host", id="two-ats"),
+        pytest.param("postgresql://u:Pa55%40word@h/db", "Pa55@word", "***", id="percent-encoded"),
+        pytest.param("postgresql://u:Pa55%40word@h/db", "Pa55%40word", "***", id="as-written"),
+        pytest.param(
+            f"postgresql://u@h/db?sslpassword={SECRET}&application_name=app1",
+            f"{SECRET} app1",
+            "*** app1",
+            id="query-secret-only",
+        ),
+        pytest.param("postgresql://u:abc@h/db", "abc", "abc", id="too-short-to-search"),
+    ],
+)
+def test_scrub_masks_a_secret_a_driver_quotes_alone(url: str, quoted: str, shown: str) -> None:
+    """A driver message about `url` may quote its password (or a piece of a user-info that
+    does not parse) without its key: `scrub` remembers the URL's secrets, as written and
+    percent-decoded, and masks them (a secret shorter than 4 characters is not searched)."""
+    assert f"FATAL: {shown} rejected" == scrub(f"FATAL: {quoted} rejected\nDETAIL: more", url)
+
+
 def test_a_url_with_a_line_break_still_has_its_secret_remembered() -> None:
     """A URL read from a file with its line break: a driver message about it that quotes its
     password alone has the password masked (the URL's secrets are remembered whole)."""
