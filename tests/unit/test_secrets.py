@@ -106,6 +106,9 @@ def test_redact_text_hides_urls_conninfo_pairs_and_remembered_secrets() -> None:
             "*** app1",
             id="query-secret-only",
         ),
+        pytest.param(
+            "postgresql://u@h/db?password=c2VjcmV0Cg==", "c2VjcmV0Cg==", "***", id="query-value-holding-="
+        ),
         pytest.param("postgresql://u:abc@h/db", "abc", "abc", id="too-short-to-search"),
     ],
 )
