@@ -109,6 +109,8 @@ def test_redact_text_hides_urls_conninfo_pairs_and_remembered_secrets() -> None:
         pytest.param(
             "postgresql://u@h/db?password=c2VjcmV0Cg==", "c2VjcmV0Cg==", "***", id="query-value-holding-="
         ),
+        pytest.param(f"postgresql://u@h/db?SSLPassword={SECRET}", SECRET, "***", id="query-key-in-capitals"),
+        pytest.param("postgresql://u:Ab12@h/db", "Ab12", "***", id="four-characters"),
         pytest.param("postgresql://u:abc@h/db", "abc", "abc", id="too-short-to-search"),
     ],
 )
@@ -117,6 +119,13 @@ def test_scrub_masks_a_secret_a_driver_quotes_alone(url: str, quoted: str, shown
     does not parse) without its key: `scrub` remembers the URL's secrets, as written and
     percent-decoded, and masks them (a secret shorter than 4 characters is not searched)."""
     assert f"FATAL: {shown} rejected" == scrub(f"FATAL: {quoted} rejected\nDETAIL: more", url)
+
+
+def test_a_url_shown_once_has_its_secrets_masked_in_any_later_text() -> None:
+    """`safe_url` remembers the secrets of the URL it renders: a later message that quotes one
+    alone (with no URL to scrub against) has it masked."""
+    assert "postgresql://u:***@h/db" == safe_url(f"postgresql://u:{SECRET}@h/db")
+    assert "the password *** was refused" == redact_text(f"the password {SECRET} was refused")
 
 
 def test_a_url_with_a_line_break_still_has_its_secret_remembered() -> None:
