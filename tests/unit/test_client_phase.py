@@ -7,6 +7,7 @@ warning naming the error) and recovered from. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -311,3 +312,25 @@ def test_the_client_s_threads_are_daemons_named_after_its_migration(
             expected.append(("migration-fsm-client-watchdog-default", True))
         assert sorted(expected) == sorted((t.name, t.daemon) for t in threads)
     assert [] == [t for t in threads if t.is_alive()]
+
+
+def test_a_read_opens_its_file_read_only_as_a_uri_bounded_by_connect_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each SQLite read opens the file by its escaped `file:` URI read-only (never created,
+    whatever the path holds) and waits for a lock `connect_timeout` seconds at most."""
+    opened: list[tuple[str, Any, Any]] = []
+    real_connect = sqlite3.connect
+
+    def connect(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if str(database).endswith("?mode=ro"):
+            opened.append((database, kwargs.get("uri"), kwargs.get("timeout")))
+        conn: sqlite3.Connection = real_connect(database, *args, **kwargs)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    path = tmp_path / "a#b%c.db"
+    with PhaseClient(f"sqlite:///{path}", ttl=HOUR, connect_timeout=0.25) as client:
+        assert client.snapshot().stale
+    assert [(f"{path.absolute().as_uri()}?mode=ro", True, 0.25)] == opened
+    assert not path.exists()
