@@ -69,6 +69,11 @@ def _clean(result: CliResult, *secrets: str) -> None:
         ),
         pytest.param("sqlite:///relative.db?mode=ro", "sqlite:///relative.db?mode=ro", id="sqlite"),
         pytest.param(f"POSTGRESQL://u:{SECRET}@h/db", "POSTGRESQL://u:***@h/db", id="upper-case-scheme"),
+        pytest.param(
+            "postgresql://u@h/db?password=c2VjcmV0Cg==&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=require",
+            id="query-value-holding-=",
+        ),
         pytest.param(f"postgresql://u:{SECRET}@", "postgresql://u:***@", id="no-host-no-path"),
         pytest.param(
             "sqlite:////data/backup:2024@host/journal.db",
