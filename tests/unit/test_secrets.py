@@ -136,6 +136,14 @@ def test_a_url_shown_once_has_its_secrets_masked_in_any_later_text() -> None:
     assert "the password *** was refused" == redact_text(f"the password {SECRET} was refused")
 
 
+def test_redact_passes_none_through_and_redacts_text() -> None:
+    """`redact`, for optional columns (a journaled error, a reason): None stays None."""
+    assert journal_db.redact(None) is None
+    assert "sslpassword=*** at postgresql://u:***@h/db" == journal_db.redact(
+        f"sslpassword={SECRET} at postgresql://u:{SECRET}@h/db"
+    )
+
+
 def test_a_url_with_a_line_break_still_has_its_secret_remembered() -> None:
     """A URL read from a file with its line break: a driver message about it that quotes its
     password alone has the password masked (the URL's secrets are remembered whole)."""
