@@ -709,3 +709,25 @@ def test_a_hand_over_never_moves_an_attempt_it_did_not_see(store: Journal, upgra
         assert (False, "live", ("old", "w1")) == (bool(handed), handed.reason, handed.holder)
         assert ClaimState("old", "w1", 2, "running") == ledger.claim_of(M, "k")
         assert [(1, "failed"), (2, "running")] == [(e.attempt, e.outcome) for e in ledger.executions(M, "k")]
+
+
+def test_succeeded_and_owned_keys_are_one_migration_s_1000_at_a_time_by_default(ledger: Ledger) -> None:
+    """Both page through one migration's keys, in key order, 1000 at a time unless asked."""
+    now = utcnow()
+    rows = [
+        {"migration": M, "key": f"{prefix}{i:04d}", "side": "new", "worker_id": "n1"}
+        | {"attempt": 1, "state": state, "started_at": now}
+        for prefix, state in (("s", "succeeded"), ("h", "handed_over"))
+        for i in range(1001)
+    ]
+    rows += [  # another migration's keys, sorted before them all
+        {"migration": "other", "key": key, "side": "new", "worker_id": "n1"}
+        | {"attempt": 1, "state": state, "started_at": now}
+        for key, state in (("s0", "succeeded"), ("h0", "handed_over"))
+    ]
+    with ledger.engine.begin() as conn:
+        conn.execute(execution_claims_table.insert(), rows)
+    assert [f"s{i:04d}" for i in range(1000)] == ledger.succeeded_keys(M, "new")
+    assert ["s1000"] == ledger.succeeded_keys(M, "new", after="s0999")
+    assert [f"h{i:04d}" for i in range(1000)] == ledger.owned_keys(M, "new", ("handed_over",))
+    assert ["h1000"] == ledger.owned_keys(M, "new", ("handed_over",), after="h0999")
