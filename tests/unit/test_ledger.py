@@ -15,7 +15,7 @@ from sqlalchemy import event, update
 
 from migration_fsm.exceptions import DatabaseUnavailable, SchemaNotCurrent
 from migration_fsm.journal import Journal, make_engine, utcnow
-from migration_fsm.journal.ledger import Claim, ClaimState, Ledger
+from migration_fsm.journal.ledger import Claim, ClaimResult, ClaimState, Ledger, LedgerCounts
 from migration_fsm.journal.schema import execution_claims_table, workers_table
 from migration_fsm.journal.workers import Workers
 from tests.support.pgtrace import pg_trace
@@ -574,10 +574,11 @@ class _FinishesWhileJudged(Workers):
 
     claim: Claim | None = None
     ledger: Ledger | None = None
+    outcome = "succeeded"
 
     def _finish(self) -> None:
         if self.claim is not None and self.ledger is not None:
-            assert self.ledger.finish(self.claim, "succeeded")
+            assert self.ledger.finish(self.claim, self.outcome)
             self.claim = None
 
     def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
@@ -731,3 +732,40 @@ def test_succeeded_and_owned_keys_are_one_migration_s_1000_at_a_time_by_default(
     assert ["s1000"] == ledger.succeeded_keys(M, "new", after="s0999")
     assert [f"h{i:04d}" for i in range(1000)] == ledger.owned_keys(M, "new", ("handed_over",))
     assert ["h1000"] == ledger.owned_keys(M, "new", ("handed_over",), after="h0999")
+
+
+def test_a_claim_decided_again_is_made_for_the_worker_that_asked(store: Journal, upgraded_url: str) -> None:
+    """The gone worker's attempt fails between the read and the take-over: decided again, the
+    key (failed on this side) is claimed, for the worker that asked."""
+    workers = _FinishesWhileJudged(store.engine)
+    workers.outcome = "failed"
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        running = ledger.claim(M, "k", "old", "w1").claim
+        assert running is not None
+        workers.claim, workers.ledger = running, ledger
+        result = ledger.claim(M, "k", "old", "w2")
+        assert ClaimResult(True, "claimed", Claim(M, "k", "old", "w2", 2)) == result
+        assert ClaimState("old", "w2", 2, "running") == ledger.claim_of(M, "k")
+        assert [(1, "w1", "failed"), (2, "w2", "running")] == [
+            (e.attempt, e.worker_id, e.outcome) for e in ledger.executions(M, "k")
+        ]
+
+
+def test_counts_are_one_migration_s_and_zero_when_it_has_nothing(ledger: Ledger) -> None:
+    """Another migration's executions twice, hand-overs and states are not counted; a
+    migration with nothing in the ledger counts zero everywhere."""
+    slow = ledger.claim("other", "k", "old", "dead").claim  # never registered: gone
+    assert slow is not None
+    assert ledger.hand_over("other", "k", "old", "new")
+    again = ledger.claim("other", "k", "new", "n1").claim
+    assert again is not None
+    assert ledger.finish(again, "succeeded")
+    assert not ledger.finish(slow, "succeeded")  # late: executed twice
+    failed = ledger.claim("other", "f", "new", "n1").claim
+    assert failed is not None
+    assert ledger.finish(failed, "failed")
+    assert ledger.claim("other", "h", "old", "dead").allowed
+    assert ledger.hand_over("other", "h", "old", "new")  # its execution stays handed over
+    other = ledger.counts("other")
+    assert (1, 1, 1, 1) == (other.executed_twice, other.handed_over, other.succeeded, other.failed)
+    assert LedgerCounts(0, 0, {"old": 0, "new": 0}, 0, 0, 0, 0) == ledger.counts(M)
