@@ -240,11 +240,27 @@ def test_claim_is_one_statement_under_the_constraint(upgraded_url: str) -> None:
     engine.dispose()  # the ledger leaves an engine it was given alone
 
 
-def test_an_unreachable_ledger_raises_database_unavailable(tmp_path: object) -> None:
-    ledger = Ledger("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
-    with pytest.raises(DatabaseUnavailable, match="ledger database"):
+def test_an_unreachable_ledger_raises_database_unavailable(tmp_path: Path) -> None:
+    """The error names the ledger's database by its URL, with its password masked (the raw
+    connections of the hot path and the engine's alike)."""
+    ledger = Ledger("postgresql+psycopg://postgres:S3cretPlanted@127.0.0.1:1/nowhere")
+    with pytest.raises(DatabaseUnavailable, match="ledger database") as info:
         ledger.claim(M, "k", "old", "w")
     ledger.close()
+    assert str(info.value).startswith(
+        "ledger database postgresql+psycopg://postgres:***@127.0.0.1:1/nowhere is unavailable: "
+    ), info.value
+    assert "S3cretPlanted" not in str(info.value)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    journal = Journal(url, engine=make_engine(url, create=True))
+    journal.upgrade()
+    journal.close()
+    with Ledger(url) as ledger:
+        with ledger.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE mfsm_execution_claims RENAME TO elsewhere")
+        with pytest.raises(DatabaseUnavailable) as info:
+            ledger.claim_of(M, "k")
+    assert f"ledger database {url} is unavailable: no such table: mfsm_execution_claims" == str(info.value)
 
 
 def test_sqlite_has_no_raw_connections(tmp_path: Path) -> None:
