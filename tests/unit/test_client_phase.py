@@ -7,6 +7,8 @@ warning naming the error) and recovered from. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text, update
 
-from migration_fsm.client import PhaseClient
+from migration_fsm.client import PhaseClient, Snapshot
 from migration_fsm.config import Settings
 from migration_fsm.fsm import Phase, routing_for
 from migration_fsm.journal import Journal, make_engine
@@ -221,3 +223,114 @@ def test_every_restore_is_counted_and_logged(
     assert ("default", "dual_write", high - 2) == tuple(
         vars(records[-1])[k] for k in ("migration", "phase", "version")
     )
+
+
+def test_the_documented_defaults(tmp_path: Path) -> None:
+    """A read every second, bounded by 2 s, of migration `default`, in `preparation` until
+    read (the refusals of a ttl and a URL: `test_client_rules.py`)."""
+    with PhaseClient(f"sqlite:///{tmp_path / 'absent.db'}") as client:
+        assert (1.0, 2.0, "default", Phase.PREPARATION) == (
+            client.ttl,
+            client.connect_timeout,
+            client.migration,
+            client.phase,
+        )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_close_waits_for_the_refresher_s_read_in_progress(
+    engine: Migration, upgraded_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`close()` returns only once the refresher has finished the read it was making: nothing
+    reads the database after it (its file may be removed next)."""
+    client = PhaseClient(upgraded_url, ttl=0.01, listen=False)
+    real_read = client._read_sqlite
+    reading, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def held_read() -> tuple[Any, ...] | None:
+        if threading.current_thread() is not client._thread:
+            return real_read()
+        reading.set()
+        release.wait(10)
+        row = real_read()
+        events.append("read")
+        return row
+
+    monkeypatch.setattr(client, "_read_sqlite", held_read)
+    assert reading.wait(10)
+
+    def close() -> None:
+        client.close()
+        events.append("closed")
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    closer.join(0.5)  # close() is waiting for the read (not timed: the order below tells)
+    release.set()
+    closer.join(10)
+    assert ["read", "closed"] == events
+    assert not client._thread.is_alive()
+
+
+def test_before_its_first_read_the_client_is_its_default_phase_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the constructor's first read is in progress (a metrics scrape may ask then: the
+    client is tracked before it reads) and after it failed, the snapshot is the default phase
+    at 0 %, stale, of the migration asked for, never read."""
+    default = Snapshot("later", Phase.DUAL_WRITE, 0, 0, routing_for(Phase.DUAL_WRITE, 0), True, None)
+    during: list[tuple[Snapshot, float]] = []
+    real_read = PhaseClient._read_sqlite
+
+    def first_read(self: PhaseClient) -> tuple[Any, ...] | None:
+        during.append((self.snapshot(), self.counters()["stale"]))
+        return real_read(self)
+
+    monkeypatch.setattr(PhaseClient, "_read_sqlite", first_read)
+    url = f"sqlite:///{tmp_path / 'absent.db'}"
+    with PhaseClient(url, "later", ttl=HOUR, default_phase=Phase.DUAL_WRITE) as client:
+        assert [(default, 1.0)] == during
+        assert default == client.snapshot()
+
+
+def test_the_client_s_threads_are_daemons_named_after_its_migration(
+    engine: Migration, upgraded_url: str
+) -> None:
+    """A refresher thread, and on PostgreSQL a watchdog (SQLite's reads are bounded by the
+    busy timeout: no watchdog); daemons, so they never hold the application's exit; both end
+    with `close()`."""
+
+    def ours() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("migration-fsm-client")]
+
+    before = ours()
+    with PhaseClient(upgraded_url, ttl=HOUR, listen=False) as client:
+        threads = [t for t in ours() if t not in before]
+        expected = [("migration-fsm-client-default", True)]
+        if client._backend == "postgresql":
+            expected.append(("migration-fsm-client-watchdog-default", True))
+        assert sorted(expected) == sorted((t.name, t.daemon) for t in threads)
+    assert [] == [t for t in threads if t.is_alive()]
+
+
+def test_a_read_opens_its_file_read_only_as_a_uri_bounded_by_connect_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each SQLite read opens the file by its escaped `file:` URI read-only (never created,
+    whatever the path holds) and waits for a lock `connect_timeout` seconds at most."""
+    opened: list[tuple[str, Any, Any]] = []
+    real_connect = sqlite3.connect
+
+    def connect(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if str(database).endswith("?mode=ro"):
+            opened.append((database, kwargs.get("uri"), kwargs.get("timeout")))
+        conn: sqlite3.Connection = real_connect(database, *args, **kwargs)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    path = tmp_path / "a#b%c.db"
+    with PhaseClient(f"sqlite:///{path}", ttl=HOUR, connect_timeout=0.25) as client:
+        assert client.snapshot().stale
+    assert [(f"{path.absolute().as_uri()}?mode=ro", True, 0.25)] == opened
+    assert not path.exists()

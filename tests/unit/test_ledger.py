@@ -15,7 +15,7 @@ from sqlalchemy import event, update
 
 from migration_fsm.exceptions import DatabaseUnavailable, SchemaNotCurrent
 from migration_fsm.journal import Journal, make_engine, utcnow
-from migration_fsm.journal.ledger import Claim, ClaimState, Ledger
+from migration_fsm.journal.ledger import Claim, ClaimResult, ClaimState, Ledger, LedgerCounts
 from migration_fsm.journal.schema import execution_claims_table, workers_table
 from migration_fsm.journal.workers import Workers
 from tests.support.pgtrace import pg_trace
@@ -240,11 +240,27 @@ def test_claim_is_one_statement_under_the_constraint(upgraded_url: str) -> None:
     engine.dispose()  # the ledger leaves an engine it was given alone
 
 
-def test_an_unreachable_ledger_raises_database_unavailable(tmp_path: object) -> None:
-    ledger = Ledger("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
-    with pytest.raises(DatabaseUnavailable, match="ledger database"):
+def test_an_unreachable_ledger_raises_database_unavailable(tmp_path: Path) -> None:
+    """The error names the ledger's database by its URL, with its password masked (the raw
+    connections of the hot path and the engine's alike)."""
+    ledger = Ledger("postgresql+psycopg://postgres:S3cretPlanted@127.0.0.1:1/nowhere")
+    with pytest.raises(DatabaseUnavailable, match="ledger database") as info:
         ledger.claim(M, "k", "old", "w")
     ledger.close()
+    assert str(info.value).startswith(
+        "ledger database postgresql+psycopg://postgres:***@127.0.0.1:1/nowhere is unavailable: "
+    ), info.value
+    assert "S3cretPlanted" not in str(info.value)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    journal = Journal(url, engine=make_engine(url, create=True))
+    journal.upgrade()
+    journal.close()
+    with Ledger(url) as ledger:
+        with ledger.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE mfsm_execution_claims RENAME TO elsewhere")
+        with pytest.raises(DatabaseUnavailable) as info:
+            ledger.claim_of(M, "k")
+    assert f"ledger database {url} is unavailable: no such table: mfsm_execution_claims" == str(info.value)
 
 
 def test_sqlite_has_no_raw_connections(tmp_path: Path) -> None:
@@ -574,10 +590,11 @@ class _FinishesWhileJudged(Workers):
 
     claim: Claim | None = None
     ledger: Ledger | None = None
+    outcome = "succeeded"
 
     def _finish(self) -> None:
         if self.claim is not None and self.ledger is not None:
-            assert self.ledger.finish(self.claim, "succeeded")
+            assert self.ledger.finish(self.claim, self.outcome)
             self.claim = None
 
     def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
@@ -663,3 +680,108 @@ def test_a_take_over_moves_one_key_of_one_migration(ledger: Ledger, workers: Wor
     assert ClaimState("new", "n1", 2, "running") == ledger.claim_of(M, "k")
     assert ClaimState("old", "dead", 1, "running") == ledger.claim_of(M, "j")
     assert ClaimState("old", "dead", 1, "running") == ledger.claim_of("other", "k")
+
+
+def test_a_plain_hand_over_says_handed_over_with_no_holder(ledger: Ledger) -> None:
+    """The hand-overs decided by the upsert alone (a key never claimed, a failed claim of the
+    giving side, one already given: idempotent) say `handed_over`; only the hand-over of a
+    gone worker's running claim names a holder."""
+    failed = ledger.claim(M, "failed", "old", "w1").claim
+    assert failed is not None
+    assert ledger.finish(failed, "failed")
+    for key in ("never", "failed", "never"):
+        handed = ledger.hand_over(M, key, "old", "new")
+        assert (True, "handed_over", None) == (bool(handed), handed.reason, handed.holder), key
+
+
+class _RetriesWhileJudged(Workers):
+    """Workers asked whether the worker of `claim` is gone: the first time, that worker fails
+    its attempt and claims the key again at once (a new attempt, the same side and worker,
+    running) and is said to be gone, as it looked a moment before; from then on it is live."""
+
+    claim: Claim | None = None
+    ledger: Ledger | None = None
+
+    def is_gone(self, migration: str, side: str, worker_id: str, *, now: datetime | None = None) -> bool:
+        if self.claim is None or self.ledger is None:
+            return False
+        assert self.ledger.finish(self.claim, "failed")
+        again = self.ledger.claim(migration, self.claim.key, side, worker_id)
+        assert again.claim is not None
+        assert 2 == again.claim.attempt
+        self.claim = None
+        return True
+
+
+def test_a_hand_over_never_moves_an_attempt_it_did_not_see(store: Journal, upgraded_url: str) -> None:
+    """The compare-and-set of a gone worker's running claim names the attempt it saw: when the
+    worker retried in the meantime (attempt 2, the same side and worker, running), it misses,
+    the hand-over decides again, and the worker, live now, keeps its claim."""
+    workers = _RetriesWhileJudged(store.engine)
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        first = ledger.claim(M, "k", "old", "w1").claim
+        assert first is not None
+        workers.claim, workers.ledger = first, ledger
+        handed = ledger.hand_over(M, "k", "old", "new")
+        assert (False, "live", ("old", "w1")) == (bool(handed), handed.reason, handed.holder)
+        assert ClaimState("old", "w1", 2, "running") == ledger.claim_of(M, "k")
+        assert [(1, "failed"), (2, "running")] == [(e.attempt, e.outcome) for e in ledger.executions(M, "k")]
+
+
+def test_succeeded_and_owned_keys_are_one_migration_s_1000_at_a_time_by_default(ledger: Ledger) -> None:
+    """Both page through one migration's keys, in key order, 1000 at a time unless asked."""
+    now = utcnow()
+    rows = [
+        {"migration": M, "key": f"{prefix}{i:04d}", "side": "new", "worker_id": "n1"}
+        | {"attempt": 1, "state": state, "started_at": now}
+        for prefix, state in (("s", "succeeded"), ("h", "handed_over"))
+        for i in range(1001)
+    ]
+    rows += [  # another migration's keys, sorted before them all
+        {"migration": "other", "key": key, "side": "new", "worker_id": "n1"}
+        | {"attempt": 1, "state": state, "started_at": now}
+        for key, state in (("s0", "succeeded"), ("h0", "handed_over"))
+    ]
+    with ledger.engine.begin() as conn:
+        conn.execute(execution_claims_table.insert(), rows)
+    assert [f"s{i:04d}" for i in range(1000)] == ledger.succeeded_keys(M, "new")
+    assert ["s1000"] == ledger.succeeded_keys(M, "new", after="s0999")
+    assert [f"h{i:04d}" for i in range(1000)] == ledger.owned_keys(M, "new", ("handed_over",))
+    assert ["h1000"] == ledger.owned_keys(M, "new", ("handed_over",), after="h0999")
+
+
+def test_a_claim_decided_again_is_made_for_the_worker_that_asked(store: Journal, upgraded_url: str) -> None:
+    """The gone worker's attempt fails between the read and the take-over: decided again, the
+    key (failed on this side) is claimed, for the worker that asked."""
+    workers = _FinishesWhileJudged(store.engine)
+    workers.outcome = "failed"
+    with Ledger(upgraded_url, workers=workers) as ledger:
+        running = ledger.claim(M, "k", "old", "w1").claim
+        assert running is not None
+        workers.claim, workers.ledger = running, ledger
+        result = ledger.claim(M, "k", "old", "w2")
+        assert ClaimResult(True, "claimed", Claim(M, "k", "old", "w2", 2)) == result
+        assert ClaimState("old", "w2", 2, "running") == ledger.claim_of(M, "k")
+        assert [(1, "w1", "failed"), (2, "w2", "running")] == [
+            (e.attempt, e.worker_id, e.outcome) for e in ledger.executions(M, "k")
+        ]
+
+
+def test_counts_are_one_migration_s_and_zero_when_it_has_nothing(ledger: Ledger) -> None:
+    """Another migration's executions twice, hand-overs and states are not counted; a
+    migration with nothing in the ledger counts zero everywhere."""
+    slow = ledger.claim("other", "k", "old", "dead").claim  # never registered: gone
+    assert slow is not None
+    assert ledger.hand_over("other", "k", "old", "new")
+    again = ledger.claim("other", "k", "new", "n1").claim
+    assert again is not None
+    assert ledger.finish(again, "succeeded")
+    assert not ledger.finish(slow, "succeeded")  # late: executed twice
+    failed = ledger.claim("other", "f", "new", "n1").claim
+    assert failed is not None
+    assert ledger.finish(failed, "failed")
+    assert ledger.claim("other", "h", "old", "dead").allowed
+    assert ledger.hand_over("other", "h", "old", "new")  # its execution stays handed over
+    other = ledger.counts("other")
+    assert (1, 1, 1, 1) == (other.executed_twice, other.handed_over, other.succeeded, other.failed)
+    assert LedgerCounts(0, 0, {"old": 0, "new": 0}, 0, 0, 0, 0) == ledger.counts(M)

@@ -40,22 +40,46 @@ def _clean(result: CliResult, *secrets: str) -> None:
         assert secret not in result.stdout + result.stderr, (result.code, result.stdout, result.stderr)
 
 
+#: Each case's id leaves out the word "postgresql": these tests need no server, and `make
+#: mutate`'s selection (`-k "not postgresql"`) leaves out every test whose id holds it.
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        (
+        pytest.param(
             f"postgresql+psycopg://postgres@127.0.0.1:1/db?password={SECRET}&application_name=x",
             "postgresql+psycopg://postgres@127.0.0.1:1/db?password=***&application_name=x",
+            id="query-password",
         ),
-        (f"postgresql://u:{SECRET}@h/db?sslpassword={SECRET}", "postgresql://u:***@h/db?sslpassword=***"),
-        (f"postgresql://us:er:{SECRET}@host/db", "postgresql://us:***@host/db"),
-        (f"postgresql://u:p@{SECRET}@host:5432/db", "postgresql://u:***@host:5432/db"),
-        (f"postgresql://u:{SECRET}@host:notaport/db", "postgresql://u:***@host:notaport/db"),
-        (
+        pytest.param(
+            f"postgresql://u:{SECRET}@h/db?sslpassword={SECRET}",
+            "postgresql://u:***@h/db?sslpassword=***",
+            id="user-info-and-sslpassword",
+        ),
+        pytest.param(f"postgresql://us:er:{SECRET}@host/db", "postgresql://us:***@host/db", id="two-colons"),
+        pytest.param(
+            f"postgresql://u:p@{SECRET}@host:5432/db", "postgresql://u:***@host:5432/db", id="two-ats"
+        ),
+        pytest.param(
+            f"postgresql://u:{SECRET}@host:notaport/db", "postgresql://u:***@host:notaport/db", id="bad-port"
+        ),
+        pytest.param(
             f"postgresql://u@h/db?PassFile=/x&api_token={SECRET}",
             "postgresql://u@h/db?PassFile=***&api_token=***",
+            id="passfile-and-token",
         ),
-        ("sqlite:///relative.db?mode=ro", "sqlite:///relative.db?mode=ro"),
+        pytest.param("sqlite:///relative.db?mode=ro", "sqlite:///relative.db?mode=ro", id="sqlite"),
+        pytest.param(f"POSTGRESQL://u:{SECRET}@h/db", "POSTGRESQL://u:***@h/db", id="upper-case-scheme"),
+        pytest.param(
+            "postgresql://u@h/db?password=c2VjcmV0Cg==&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=require",
+            id="query-value-holding-=",
+        ),
+        pytest.param(f"postgresql://u:{SECRET}@", "postgresql://u:***@", id="no-host-no-path"),
+        pytest.param(
+            "sqlite:////data/backup:2024@host/journal.db",
+            "sqlite:////data/backup:2024@host/journal.db",
+            id="path-with-colon-and-at",  # the path of a file, not a user-info: nothing masked
+        ),
     ],
 )
 def test_safe_url_hides_the_password_and_every_secret_query_parameter(url: str, shown: str) -> None:
@@ -67,20 +91,75 @@ def test_redact_text_hides_urls_conninfo_pairs_and_remembered_secrets() -> None:
         f"connection to postgresql://u:p@{SECRET}@h/db failed: host=h password='{SECRET} x'"
         f" sslpassword={SECRET}; passed=True"
     )
-    assert SECRET not in redact_text(message)
-    assert "passed=True" in redact_text(message)  # not every word with 'pass' in it
+    # The URL rendered by safe_url, each secret pair masked, not every word with 'pass' in it.
+    assert (
+        "connection to postgresql://u:***@h/db failed: host=h password=*** sslpassword=***; passed=True"
+        == redact_text(message)
+    )
     url = f"postgresql://us:er:{SECRET}@host/db"
     assert SECRET not in scrub(f"could not translate host name '{SECRET}@host'\nDETAIL", url)
 
 
 @pytest.mark.parametrize(
+    ("url", "quoted", "shown"),
+    [
+        pytest.param("postgresql://user:Pa55:word@h/db", "Pa55:word", "***", id="password-with-a-colon"),
+        pytest.param(f"postgresql://us:er:{SECRET}@host/db", SECRET, "***", id="two-colons"),
+        pytest.param(f"postgresql://u:p@{SECRET}@host/db", f"{SECRET}@host", "***@host", id="two-ats"),
+        pytest.param("postgresql://u:Pa55%40word@h/db", "Pa55@word", "***", id="percent-encoded"),
+        pytest.param("postgresql://u:Pa55%40word@h/db", "Pa55%40word", "***", id="as-written"),
+        pytest.param(
+            f"postgresql://u@h/db?sslpassword={SECRET}&application_name=app1",
+            f"{SECRET} app1",
+            "*** app1",
+            id="query-secret-only",
+        ),
+        pytest.param(
+            "postgresql://u@h/db?password=c2VjcmV0Cg==", "c2VjcmV0Cg==", "***", id="query-value-holding-="
+        ),
+        pytest.param(f"postgresql://u@h/db?SSLPassword={SECRET}", SECRET, "***", id="query-key-in-capitals"),
+        pytest.param("postgresql://u:Ab12@h/db", "Ab12", "***", id="four-characters"),
+        pytest.param("postgresql://u:abc@h/db", "abc", "abc", id="too-short-to-search"),
+    ],
+)
+def test_scrub_masks_a_secret_a_driver_quotes_alone(url: str, quoted: str, shown: str) -> None:
+    """A driver message about `url` may quote its password (or a piece of a user-info that
+    does not parse) without its key: `scrub` remembers the URL's secrets, as written and
+    percent-decoded, and masks them (a secret shorter than 4 characters is not searched)."""
+    assert f"FATAL: {shown} rejected" == scrub(f"FATAL: {quoted} rejected\nDETAIL: more", url)
+
+
+def test_a_url_shown_once_has_its_secrets_masked_in_any_later_text() -> None:
+    """`safe_url` remembers the secrets of the URL it renders: a later message that quotes one
+    alone (with no URL to scrub against) has it masked."""
+    assert "postgresql://u:***@h/db" == safe_url(f"postgresql://u:{SECRET}@h/db")
+    assert "the password *** was refused" == redact_text(f"the password {SECRET} was refused")
+
+
+def test_redact_passes_none_through_and_redacts_text() -> None:
+    """`redact`, for optional columns (a journaled error, a reason): None stays None."""
+    assert journal_db.redact(None) is None
+    assert "sslpassword=*** at postgresql://u:***@h/db" == journal_db.redact(
+        f"sslpassword={SECRET} at postgresql://u:{SECRET}@h/db"
+    )
+
+
+def test_a_url_with_a_line_break_still_has_its_secret_remembered() -> None:
+    """A URL read from a file with its line break: a driver message about it that quotes its
+    password alone has the password masked (the URL's secrets are remembered whole)."""
+    url = f"postgresql://u:{SECRET}@h/db\n"
+    message = f"authentication failed for the password {SECRET}"
+    assert "authentication failed for the password ***" == scrub(message, url)
+
+
+@pytest.mark.parametrize(
     "url",
     [
-        f"postgresql+psycopg://postgres@127.0.0.1:1/db?password={SECRET}",
-        f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:1/db",
-        f"postgresql://us:er:{SECRET}@127.0.0.1:1/db",
-        f"postgresql://us:er@{SECRET}@127.0.0.1:1/db",
-        f"postgresql://us:{SECRET}@127.0.0.1:notaport/db",
+        pytest.param(f"postgresql+psycopg://postgres@127.0.0.1:1/db?password={SECRET}", id="query-password"),
+        pytest.param(f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:1/db", id="user-info"),
+        pytest.param(f"postgresql://us:er:{SECRET}@127.0.0.1:1/db", id="two-colons"),
+        pytest.param(f"postgresql://us:er@{SECRET}@127.0.0.1:1/db", id="two-ats"),
+        pytest.param(f"postgresql://us:{SECRET}@127.0.0.1:notaport/db", id="bad-port"),
     ],
 )
 def test_an_unreachable_database_never_shows_its_secret(cli: Callable[..., CliResult], url: str) -> None:
