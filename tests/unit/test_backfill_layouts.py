@@ -220,3 +220,41 @@ def test_make_durable_flushes_the_log_past_commits_that_did_not_wait(
                 assert flushed is True
         finally:
             raw.dispose()
+
+
+@PG
+def test_a_batch_in_two_halves_whose_first_half_ends_elsewhere_goes_the_record_path(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside one PostgreSQL database a batch is copied in two halves at once, the second
+    after the key that ended the first when it was read (`RowCopy._middle`). When the first
+    half's statement ends elsewhere (keys came or went in between; here the middle is read two
+    keys too far), nothing of the batch is committed and it goes the record path: no key
+    between the two halves is skipped."""
+    read_middle = RowCopy._middle
+
+    def too_far(copy: RowCopy, conn: Any, after: str | None, half: int) -> str | None:
+        return read_middle(copy, conn, after, half + 2)
+
+    with source_and_targets("postgresql", request, tmp_path, layout_named("iso_z"), one_file=True) as (
+        old,
+        new,
+        through_records,
+        _,
+        raw,
+    ):
+        copy = RowCopy.between(old, new)
+        assert copy is not None
+        assert copy.middle is not None
+        halves = copy_tasks(old, new, batch_size=64)
+        assert (ROWS, ROWS, 0) == (halves.copied, halves.fast, halves.records)
+        with raw.begin() as conn:
+            conn.execute(text("DELETE FROM new_tasks"))
+        monkeypatch.setattr(RowCopy, "_middle", too_far)
+        result = copy_tasks(old, new, batch_size=64)
+        copy_tasks(RecordsOnly(old), RecordsOnly(through_records), batch_size=64)
+        # Batches of 64 of 150 rows: two of them in halves, so through their records; the
+        # last (22 rows, no more than a half) as one statement, as rows.
+        assert (ROWS, ROWS - 128, 128) == (result.copied, result.fast, result.records)
+        assert everything(old) == everything(new)
+        assert stored_rows(raw, through_records.table) == stored_rows(raw, new.table)
