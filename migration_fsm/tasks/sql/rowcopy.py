@@ -6,8 +6,6 @@ kinds, status maps, key order and indexes), `connect` and `fetch`.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -137,9 +135,6 @@ class RowCopy:
         #: Inside one PostgreSQL database from an integer key: each digit count's range's end
         #: (`integer_ends`), read before the one statement; None otherwise.
         self.ends: Query | None = None
-        #: Inside one PostgreSQL database from text keys: the key that ends a batch's first
-        #: half (read at offset `mfsm_offset` after `mfsm_after`); None otherwise.
-        self.middle: dict[bool, Query] | None = None
 
     @classmethod
     def between(cls, source: TaskStore, target: TaskStore) -> RowCopy | None:
@@ -229,11 +224,7 @@ class RowCopy:
             )
             for with_after in (False, True)
         }
-        copy = cls(source, target, single, inserts=single)
-        key, order = table.c[mine.key_column.name], mine.key_order
-        middle = select(key).order_by(order).offset(bindparam("mfsm_offset", type_=Integer())).limit(1)
-        copy.middle = _both(middle, order > bind_text("mfsm_after"), dialect)
-        return copy
+        return cls(source, target, single, inserts=single)
 
     @classmethod
     def _inside_sqlite(
@@ -524,71 +515,29 @@ class RowCopy:
         return {"mfsm_after": after, "mfsm_limit": limit, "mfsm_last": last or ""}
 
     def _check_and_copy(self, after: str | None, limit: int, durable: bool) -> CopiedBatch:
-        """PostgreSQL's one statement (`_check_and_copy`, module level). From text keys the
-        batch goes in two halves at once: each half's statement on a connection and in a
-        transaction of its own, the second half's in a thread (two server processes work, as
-        a COPY out and a COPY in do). The first half must end at the key the second starts
-        after, read just before (`middle`), or the source changed in between: nothing is
-        committed and the batch goes the record path. The failed rows' records are read (a
-        `DataError` undoes the batch) before either half commits, written after both did. A
-        crash between the two commits leaves the first half written and no checkpoint past
-        it: the next run repeats the batch, as after any batch whose checkpoint was not saved.
-        From an integer key the batch is one statement over its ranges (`_range_ends`)."""
-        target = self.target
+        """PostgreSQL's one statement (`_check_and_copy`, module level); the failed rows'
+        records read (a `DataError` undoes the batch) before it commits, written after."""
+        statement = self._queries[after is not None]
         try:
-            with ExitStack() as transactions:
-                first = transactions.enter_context(target.connect(durable=durable))
-                if self.ends is not None:  # every row of the ranges: no more than `limit` from each
-                    ranges = self._range_ends(first, self.ends, after, limit)
-                    page = self._check_and_copy_page(first, after, limit * MAX_KEY_DIGITS + 1, ranges)
-                else:
-                    half = limit // 2
-                    middle = self._middle(first, after, half) if half else None
-                    if middle is None:
-                        page = self._check_and_copy_page(first, after, limit)
-                    else:
-                        second = transactions.enter_context(target.connect(durable=durable))
-                        with ThreadPoolExecutor(1, thread_name_prefix="mfsm-rowcopy") as pool:
-                            later = pool.submit(self._check_and_copy_page, second, middle, limit - half)
-                            try:
-                                page = self._check_and_copy_page(first, after, half)
-                            finally:
-                                wait([later])  # the second connection is not in use past here
-                        if not page or page[-1][0] != middle:
-                            raise _PageChanged  # a key came or went in the first half's range
-                        page += later.result()
+            with self.target.connect(durable=durable) as conn:
+                if self.ends is None:
+                    params = statement.params(mfsm_after=after, mfsm_limit=limit + 1, mfsm_batch=limit)
+                else:  # every row of the ranges: no more than `limit` from each
+                    ranges = self._range_ends(conn, self.ends, after, limit)
+                    limit = limit * MAX_KEY_DIGITS + 1
+                    params = statement.params(mfsm_after=after, mfsm_limit=limit, mfsm_batch=limit, **ranges)
+                rows = list(conn.exec_driver_sql(statement.sql, params).cursor.fetchall())
+                page = self.checked(after, limit, rows)
                 fast = sum(1 for row in page if row[-1])
+                if page and page[0][1] != fast:
+                    raise _PageChanged  # undo whatever it wrote: the record path explains or converts
                 slow = self._records_of([row[0] for row in page if not row[-1]])
         except DataError as exc:
             if _cast_refused(exc):
                 raise _PageChanged from exc
             raise
-        target.put_rows(*slow)  # durable: and so every commit before it
+        self.target.put_rows(*slow)  # durable: and so every commit before it
         return CopiedBatch(fast, len(slow[0]), page[-1][0] if page else None, durable or bool(slow[0]))
-
-    def _middle(self, conn: Connection, after: str | None, half: int) -> str | None:
-        """The `half`-th key after `after`, where the batch's second half starts after; None
-        when there are no more than `half` keys left (the batch is then one statement)."""
-        assert self.middle is not None
-        query = self.middle[after is not None]
-        found = conn.exec_driver_sql(query.sql, query.params(mfsm_after=after, mfsm_offset=half - 1)).first()
-        return None if found is None else str(found[0])
-
-    def _check_and_copy_page(
-        self, conn: Connection, after: str | None, limit: int, ranges: dict[str, Any] | None = None
-    ) -> list[Any]:
-        """One statement of `_check_and_copy` through `conn`: up to `limit` rows after `after`
-        (of the integer key's `ranges`, every one) checked, and those that pass written; the
-        page's rows (key, written, verdict)."""
-        statement = self._queries[after is not None]
-        if ranges is None:
-            params = statement.params(mfsm_after=after, mfsm_limit=limit + 1, mfsm_batch=limit)
-        else:
-            params = statement.params(mfsm_after=after, mfsm_limit=limit, mfsm_batch=limit, **ranges)
-        page = self.checked(after, limit, list(conn.exec_driver_sql(statement.sql, params).cursor.fetchall()))
-        if page and page[0][1] != sum(1 for row in page if row[-1]):
-            raise _PageChanged  # undo whatever it wrote: the record path explains or converts
-        return page
 
     def checked(self, after: str | None, limit: int, rows: list[Any]) -> list[Any]:
         """The first `limit` of `rows` (read with one more row, so that a key repeated just
