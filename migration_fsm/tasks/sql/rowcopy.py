@@ -165,12 +165,10 @@ class RowCopy:
         valid = and_(*conditions)
         if inside is None:
             copy = cls._through_python(source, target, table, values, valid)
-        elif mine.integer_key and mine.dialect == "sqlite":
-            copy = cls._inside_by_ranges(source, target, inside, values, valid)
-        elif mine.integer_key:
-            copy = cls._in_one_statement_by_ranges(source, target, table, values, valid)
         elif mine.dialect == "postgresql":
             copy = cls._in_one_statement(source, target, table, values, valid)
+        elif mine.integer_key:
+            copy = cls._inside_by_ranges(source, target, inside, values, valid)
         else:
             copy = cls._inside_sqlite(source, target, inside, values, valid)
         try:  # a database without these functions (an old SQLite without JSON): the record path
@@ -211,20 +209,29 @@ class RowCopy:
     ) -> RowCopy:
         """Inside one PostgreSQL database. One statement, so one snapshot: it reads the page,
         checks it, inserts the rows that pass, and returns the keys, how many it wrote and each
-        row's verdict."""
+        row's verdict. From an integer key the page is a batch of `_inside_by_ranges` (every
+        key whose text lies between the batch's start and its end, the first in text order of
+        each digit count's `limit`-th key: `integer_ends`, read first), in text order."""
         mine, theirs = source.mapping, target.mapping
         native = _native_values(mine, theirs, table, values)
         constants, dialect = target.statements.constants, target.engine.dialect
+        key = table.c[mine.key_column.name]
+        order, where = mine.key_order, None
+        if mine.integer_key:
+            order, where = cast(key, Text()).collate("C"), or_(*digit_ranges(key))
         single = {
             with_after: Query.compile(
                 _check_and_copy(
-                    theirs, table, native, valid, mine.key_order, with_after, constants=constants
+                    theirs, table, native, valid, order, with_after, constants=constants, where=where
                 ),
                 dialect,
             )
             for with_after in (False, True)
         }
-        return cls(source, target, single, inserts=single)
+        copy = cls(source, target, single, inserts=single)
+        if mine.integer_key:
+            copy.ends = Query.compile(integer_ends(key), dialect)
+        return copy
 
     @classmethod
     def _inside_sqlite(
@@ -251,44 +258,6 @@ class RowCopy:
         }
         copy = cls(source, target, _both(keys, after, dialect), inserts=inserts, attach=attach)
         copy.failed = _both(failed.order_by(order), after, dialect)
-        return copy
-
-    @classmethod
-    def _in_one_statement_by_ranges(
-        cls,
-        source: SqlTaskStore,
-        target: SqlTaskStore,
-        table: Table,
-        values: list[Any],
-        valid: ColumnElement[bool],
-    ) -> RowCopy:
-        """Inside one PostgreSQL database, from an integer key: `_in_one_statement`'s statement
-        over a batch of `_inside_by_ranges` (every key whose text lies between the batch's
-        start and its end, the first in text order of each digit count's `limit`-th key:
-        `integer_ends`, read first), in text order."""
-        mine, theirs = source.mapping, target.mapping
-        native = _native_values(mine, theirs, table, values)
-        constants, dialect = target.statements.constants, target.engine.dialect
-        key = table.c[mine.key_column.name]
-        in_ranges, in_text_order = or_(*digit_ranges(key)), cast(key, Text()).collate("C")
-        single = {
-            with_after: Query.compile(
-                _check_and_copy(
-                    theirs,
-                    table,
-                    native,
-                    valid,
-                    in_text_order,
-                    with_after,
-                    constants=constants,
-                    where=in_ranges,
-                ),
-                dialect,
-            )
-            for with_after in (False, True)
-        }
-        copy = cls(source, target, single, inserts=single)
-        copy.ends = Query.compile(integer_ends(key), dialect)
         return copy
 
     @classmethod
