@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text, update
+from sqlalchemy.engine import make_url
 
 from migration_fsm.client import PhaseClient, Snapshot
 from migration_fsm.config import Settings
@@ -24,7 +25,9 @@ from migration_fsm.fsm import Phase, routing_for
 from migration_fsm.journal import Journal, make_engine
 from migration_fsm.journal.schema import migrations_table
 from migration_fsm.migration import Migration
-from tests.unit.test_client_rules import FakeClock
+from tests.support import PG_ADMIN_URL
+from tests.support.proxy import TcpProxy
+from tests.unit.test_client_rules import FakeClock, wait_for
 
 HOUR = 3600.0
 
@@ -334,3 +337,160 @@ def test_a_read_opens_its_file_read_only_as_a_uri_bounded_by_connect_timeout(
         assert client.snapshot().stale
     assert [(f"{path.absolute().as_uri()}?mode=ro", True, 0.25)] == opened
     assert not path.exists()
+
+
+# -- PostgreSQL only: the watchdog, LISTEN and the connection --------------------------------
+
+pg_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
+def _through(proxy: TcpProxy, url: str) -> str:
+    return make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+
+def _backend_pid(client: PhaseClient) -> int:
+    pid: int = client._conn.info.backend_pid
+    return pid
+
+
+@pg_only
+def test_a_read_that_never_answers_is_cut_after_connect_timeout_and_the_next_one_reconnects(
+    engine: Migration, upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read sent into a partition that drops packets (no error, no reset: it would wait for
+    ever) is cut by the watchdog after `connect_timeout`, well before the stale bound (ttl of
+    an hour): the read fails with a timeout, named in the one warning, and once packets flow
+    the next read reconnects and recovers."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    proxy = TcpProxy(*_server(upgraded_url))
+    try:
+        with PhaseClient(_through(proxy, upgraded_url), ttl=HOUR, connect_timeout=1, listen=False) as client:
+            first = _backend_pid(client)
+            proxy.blackhole()
+            done = threading.Event()
+
+            def read() -> None:
+                client.refresh()
+                done.set()
+
+            threading.Thread(target=read, daemon=True).start()
+            assert done.wait(20), "the read sent into the partition was never cut"
+            counters = client.counters()
+            assert (True, 1, 1) == (client.snapshot().stale, counters["refresh_errors"], counters["outages"])
+            assert client._conn is None
+            proxy.restore()
+            engine.advance()
+            snap = client.refresh()
+            assert (Phase.DUAL_WRITE, False) == (snap.phase, snap.stale)
+            assert first != _backend_pid(client)
+    finally:
+        proxy.close()
+    assert [
+        "migration-fsm client cannot read default, keeping phase preparation (stale):"
+        " TimeoutError: the database did not answer within 1 s",
+        "migration-fsm client recovered: default is dual_write at 0%",
+    ] == _warnings(caplog)
+
+
+def _server(url: str) -> tuple[str, int]:
+    parsed = make_url(url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432
+
+
+@pg_only
+def test_the_watchdog_leaves_a_finished_read_s_connection_alone(engine: Migration, upgraded_url: str) -> None:
+    """The watchdog shuts the socket of the read it found in flight only: when that read has
+    finished meanwhile (another began, or none is in flight), the connection is left as it is
+    and the next read uses it, without an error."""
+    with PhaseClient(upgraded_url, ttl=HOUR, listen=False) as client:
+        pid = _backend_pid(client)
+        client._abort_read(12.5)  # no read in flight
+        with client._conn_lock:
+            client._busy_since = 20.0  # a read in flight, begun at 20.0
+        client._abort_read(10.0)  # the read the watchdog saw at 10.0 finished
+        with client._conn_lock:
+            client._busy_since = None
+        engine.advance()
+        snap = client.refresh()
+        assert (Phase.DUAL_WRITE, False, 0) == (snap.phase, snap.stale, client.counters()["refresh_errors"])
+        assert pid == _backend_pid(client)
+        assert not client._timed_out
+
+
+@pg_only
+def test_the_watchdog_does_not_mark_stale_when_a_read_completed_meanwhile(
+    engine: Migration, upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog decides "overdue" and then reports it: a read that completed between the
+    two wins (nothing marked stale, no warning, no outage)."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    with PhaseClient(upgraded_url, ttl=HOUR, listen=False) as client:
+        client.refresh()
+        client._failed(TimeoutError("no read completed for 60 s"), overdue=60.0)
+        assert (False, 0, 0) == (
+            client.snapshot().stale,
+            client.counters()["outages"],
+            client.counters()["refresh_errors"],
+        )
+    assert [] == _warnings(caplog)
+
+
+@pg_only
+def test_a_listening_connection_that_breaks_is_replaced_at_once(engine: Migration, upgraded_url: str) -> None:
+    """The server ends the client's session while it waits for notifications (a restart, an
+    administrator): the client reconnects and reads at once (ttl of an hour: no poll), one
+    outage, and goes on hearing the transitions."""
+    with PhaseClient(upgraded_url, ttl=HOUR) as client:
+        first = _backend_pid(client)
+        with engine.store.engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+        assert wait_for(lambda: client._conn is not None and _backend_pid(client) != first)
+        assert wait_for(lambda: not client.snapshot().stale)
+        assert (1, 1) == (client.counters()["refresh_errors"], client.counters()["outages"])
+        engine.advance()
+        assert wait_for(lambda: client.phase is Phase.DUAL_WRITE)
+
+
+@pg_only
+def test_where_listen_does_not_work_the_client_says_so_once_and_polls(
+    engine: Migration, upgraded_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The LISTEN probe's NOTIFY is sent from another connection; when it is not heard (here
+    it goes to another database, as a pooler in transaction pooling loses it), the client
+    warns once, naming the server and database without credentials, and polls every ttl."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    real_connect = PhaseClient._connect
+    elsewhere = make_url(PG_ADMIN_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def connect(self: PhaseClient, name: str = "migration-fsm client") -> Any:
+        if "probe" not in name:
+            return real_connect(self, name)
+        import psycopg
+
+        return psycopg.connect(elsewhere, autocommit=True)
+
+    monkeypatch.setattr(PhaseClient, "_connect", connect)
+    host, port = _server(upgraded_url)
+    database = make_url(upgraded_url).database
+    with PhaseClient(upgraded_url, ttl=0.05) as client:
+        assert not client._listen
+        engine.advance()
+        assert wait_for(lambda: client.phase is Phase.DUAL_WRITE)
+        assert 0 == client.counters()["notifications"]
+    assert [
+        f"migration-fsm client: LISTEN does not work through {host}:{port}/{database} (a pooler in"
+        " transaction pooling?): following default by polling every 0.05 s"
+    ] == _warnings(caplog)
+    (record,) = [r for r in caplog.records if r.name == "migration_fsm.client"]
+    assert "default" == vars(record)["migration"]
+
+
+def test_the_server_named_in_a_warning_has_defaults_for_what_the_url_leaves_out() -> None:
+    """`localhost`, port 5432 and no database name, as libpq would take them."""
+    from types import SimpleNamespace
+
+    def target(url: str) -> str:
+        return PhaseClient._safe_target(SimpleNamespace(url=url))  # type: ignore[arg-type]
+
+    assert "localhost:5432/" == target("postgresql+psycopg://")
+    assert "db.example:6432/app" == target("postgresql://u:secret@db.example:6432/app")
