@@ -485,7 +485,7 @@ def test_where_listen_does_not_work_the_client_says_so_once_and_polls(
     assert "default" == vars(record)["migration"]
 
 
-def test_the_server_named_in_a_warning_has_defaults_for_what_the_url_leaves_out() -> None:
+def test_the_postgresql_server_named_in_a_warning_has_defaults_for_what_the_url_leaves_out() -> None:
     """`localhost`, port 5432 and no database name, as libpq would take them."""
     from types import SimpleNamespace
 
@@ -494,3 +494,41 @@ def test_the_server_named_in_a_warning_has_defaults_for_what_the_url_leaves_out(
 
     assert "localhost:5432/" == target("postgresql+psycopg://")
     assert "db.example:6432/app" == target("postgresql://u:secret@db.example:6432/app")
+
+
+def test_a_notification_about_another_migration_is_ignored_and_logged_for_debugging(
+    client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a JSON object naming this client's migration wakes a read (and is counted);
+    anything else is ignored, shown at DEBUG level, cut to 200 characters."""
+    caplog.set_level(logging.DEBUG, logger="migration_fsm.client")
+    long = '{"migration": "other", "pad": "' + "x" * 300 + '"}'
+    assert [False, False, False, True] == [
+        client._wakes(payload) for payload in ('{"migration": "other"}', "[1]", long, '{"migration": "default"}')
+    ]
+    assert 1 == client.counters()["notifications"]
+    assert [
+        'ignored a notification: {"migration": "other"}',
+        "ignored a notification: [1]",
+        f"ignored a notification: {long[:200]}",
+    ] == [r.getMessage() for r in caplog.records if r.name == "migration_fsm.client"]
+
+
+def test_the_postgresql_connection_bounds_follow_ttl_and_connect_timeout() -> None:
+    """Whole seconds (at least 1) for the connect timeout, the keepalives' idle time (`ttl`)
+    and interval (`connect_timeout`), three probes, `tcp_user_timeout` in milliseconds (at
+    least 1000); a parameter the URL sets is left to it."""
+    from migration_fsm.client.phase import _connection_bounds
+
+    def bounds(ttl: float, connect_timeout: float) -> tuple[int, ...]:
+        got = _connection_bounds({}, ttl, connect_timeout)
+        names = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval")
+        assert [*names, "keepalives_count", "tcp_user_timeout"] == list(got)
+        return tuple(got.values())
+
+    assert (3, 1, 7, 3, 3, 3000) == bounds(7, 3)
+    assert (1, 1, 1, 1, 3, 1000) == bounds(0.2, 0.4)
+    assert (2, 1, 3, 2, 3, 2500) == bounds(2.6, 2.5)
+    assert {"keepalives": 1, "keepalives_interval": 3, "keepalives_count": 3, "tcp_user_timeout": 3000} == (
+        _connection_bounds({"connect_timeout": "9", "keepalives_idle": "77"}, 7, 3)
+    )
