@@ -7,6 +7,8 @@ warning naming the error) and recovered from. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -504,7 +506,8 @@ def test_a_notification_about_another_migration_is_ignored_and_logged_for_debugg
     caplog.set_level(logging.DEBUG, logger="migration_fsm.client")
     long = '{"migration": "other", "pad": "' + "x" * 300 + '"}'
     assert [False, False, False, True] == [
-        client._wakes(payload) for payload in ('{"migration": "other"}', "[1]", long, '{"migration": "default"}')
+        client._wakes(payload)
+        for payload in ('{"migration": "other"}', "[1]", long, '{"migration": "default"}')
     ]
     assert 1 == client.counters()["notifications"]
     assert [
@@ -532,3 +535,51 @@ def test_the_postgresql_connection_bounds_follow_ttl_and_connect_timeout() -> No
     assert {"keepalives": 1, "keepalives_interval": 3, "keepalives_count": 3, "tcp_user_timeout": 3000} == (
         _connection_bounds({"connect_timeout": "9", "keepalives_idle": "77"}, 7, 3)
     )
+
+
+_CLOSE, _CLOSE_WAIT = 7, 8  # Linux's TCP states (tcp_states.h), as TCP_INFO gives them
+
+
+def _tcp_state(client: PhaseClient) -> int:
+    with socket.socket(fileno=os.dup(client._conn.fileno())) as sock:
+        state: int = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    return state
+
+
+@pg_only
+def test_cutting_a_read_on_a_connection_the_server_closed_is_quiet(
+    engine: Migration, upgraded_url: str
+) -> None:
+    """The watchdog may cut a read whose connection the server has closed meanwhile (its
+    socket no longer connected): nothing is raised (the watchdog thread must live on), and
+    the next read reconnects."""
+    with PhaseClient(upgraded_url, ttl=HOUR, listen=False) as client:
+        with engine.store.engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": _backend_pid(client)})
+        # The server closed its end (CLOSE_WAIT); the first cut closes ours, the second meets a
+        # socket no longer connected (CLOSE: `shutdown` fails with ENOTCONN).
+        for state in (_CLOSE_WAIT, _CLOSE):
+            assert wait_for(lambda state=state: _tcp_state(client) == state), _tcp_state(client)
+            with client._conn_lock:
+                client._busy_since = 5.0
+            client._abort_read(5.0)
+            assert client._timed_out
+        with client._conn_lock:
+            client._busy_since = None
+        engine.advance()
+        assert client.refresh().stale  # the read on the closed connection fails
+        snap = client.refresh()
+        assert (Phase.DUAL_WRITE, False) == (snap.phase, snap.stale)
+
+
+@pg_only
+def test_a_client_polling_more_often_than_once_a_second_still_listens(
+    engine: Migration, upgraded_url: str
+) -> None:
+    """With a ttl under a second the refresher still waits on LISTEN between its reads: a
+    notification naming the migration is heard (and counted) as it arrives."""
+    with PhaseClient(upgraded_url, ttl=0.5) as client:
+        with engine.store.engine.connect() as conn:
+            conn.execute(text("SELECT pg_notify('migration_fsm', :p)"), {"p": '{"migration": "default"}'})
+            conn.commit()
+        assert wait_for(lambda: client.counters()["notifications"] == 1)
