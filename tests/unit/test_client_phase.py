@@ -6,6 +6,7 @@ warning naming the error) and recovered from. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -546,6 +547,10 @@ def _tcp_state(client: PhaseClient) -> int:
     return state
 
 
+def _tcp_state_is(client: PhaseClient, state: int) -> bool:
+    return _tcp_state(client) == state
+
+
 @pg_only
 def test_cutting_a_read_on_a_connection_the_server_closed_is_quiet(
     engine: Migration, upgraded_url: str
@@ -559,7 +564,7 @@ def test_cutting_a_read_on_a_connection_the_server_closed_is_quiet(
         # The server closed its end (CLOSE_WAIT); the first cut closes ours, the second meets a
         # socket no longer connected (CLOSE: `shutdown` fails with ENOTCONN).
         for state in (_CLOSE_WAIT, _CLOSE):
-            assert wait_for(lambda state=state: _tcp_state(client) == state), _tcp_state(client)
+            assert wait_for(functools.partial(_tcp_state_is, client, state)), _tcp_state(client)
             with client._conn_lock:
                 client._busy_since = 5.0
             client._abort_read(5.0)
@@ -583,3 +588,19 @@ def test_a_client_polling_more_often_than_once_a_second_still_listens(
             conn.execute(text("SELECT pg_notify('migration_fsm', :p)"), {"p": '{"migration": "default"}'})
             conn.commit()
         assert wait_for(lambda: client.counters()["notifications"] == 1)
+
+
+@pg_only
+def test_a_listening_client_reads_only_when_woken_or_after_its_ttl(
+    engine: Migration, upgraded_url: str
+) -> None:
+    """Waiting on LISTEN, the refresher reads the row when a notification of its migration
+    arrives, once, and otherwise not before its ttl (an hour here): a second passes without
+    a read."""
+    with PhaseClient(upgraded_url, ttl=HOUR) as client:
+        with engine.store.engine.connect() as conn:
+            conn.execute(text("SELECT pg_notify('migration_fsm', :p)"), {"p": '{"migration": "default"}'})
+            conn.commit()
+        assert wait_for(lambda: client.counters()["refreshes"] == 2)
+        assert not wait_for(lambda: client.counters()["refreshes"] > 2, timeout=1.0)
+        assert 1 == client.counters()["notifications"]
