@@ -604,3 +604,29 @@ def test_a_listening_client_reads_only_when_woken_or_after_its_ttl(
         assert wait_for(lambda: client.counters()["refreshes"] == 2)
         assert not wait_for(lambda: client.counters()["refreshes"] > 2, timeout=1.0)
         assert 1 == client.counters()["notifications"]
+
+
+@pg_only
+def test_the_postgresql_client_s_connections_name_themselves_and_prepare_nothing(
+    engine: Migration, upgraded_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's connection and its LISTEN probe's say what they are in
+    `application_name` (an administrator's `pg_stat_activity`), run in autocommit and never
+    prepare a statement (a pooler in transaction pooling would lose it)."""
+    opened: list[tuple[str | None, bool, int | None]] = []
+    real_connect = PhaseClient._connect
+
+    def connect(self: PhaseClient, *args: Any, **kwargs: Any) -> Any:
+        conn = real_connect(self, *args, **kwargs)
+        opened.append(
+            (conn.info.parameter_status("application_name"), conn.autocommit, conn.prepare_threshold)
+        )
+        return conn
+
+    monkeypatch.setattr(PhaseClient, "_connect", connect)
+    with PhaseClient(upgraded_url, ttl=HOUR):
+        pass
+    assert [
+        ("migration-fsm client", True, None),
+        ("migration-fsm client (LISTEN probe)", True, None),
+    ] == opened
