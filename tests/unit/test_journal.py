@@ -780,3 +780,21 @@ def test_a_steal_that_cannot_end_the_holder_s_session_gives_up_after_10_seconds(
     assert {0.05} == set(clock.sleeps)
     assert 10.0 <= clock.now - 1000.0 < 10.05
     assert len(clock.sleeps) + 1 == len(tries)
+
+
+@pg_only
+@pytest.mark.parametrize("fast", [True, False], ids=["psycopg-pipeline", "other-drivers"])
+def test_the_lock_s_connection_ends_its_transaction_and_serves_the_next_command(
+    store: Journal, second: Journal, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a command rolls the lock's transaction back (nothing was written in it) and
+    gives its connection back to the pool: the next command's lock is taken on the same
+    server session, not on a new connection."""
+    if not fast:
+        monkeypatch.setattr(pgpath, "available", lambda engine: False)
+    sessions = []
+    for _ in range(2):
+        with second.operator_lock(NAME, "bob [h:2]"):
+            sessions += _lock_holder_pids(store, NAME)
+    assert 2 == len(sessions)
+    assert sessions[0] == sessions[1]
