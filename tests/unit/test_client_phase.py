@@ -439,10 +439,13 @@ def test_the_watchdog_does_not_mark_stale_when_a_read_completed_meanwhile(
 
 
 @pg_only
-def test_a_listening_connection_that_breaks_is_replaced_at_once(engine: Migration, upgraded_url: str) -> None:
+def test_a_listening_connection_that_breaks_is_replaced_at_once(
+    engine: Migration, upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """The server ends the client's session while it waits for notifications (a restart, an
-    administrator): the client reconnects and reads at once (ttl of an hour: no poll), one
-    outage, and goes on hearing the transitions."""
+    administrator): the client says why (the driver's error), reconnects and reads at once
+    (ttl of an hour: no poll), one outage, and goes on hearing the transitions."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
     with PhaseClient(upgraded_url, ttl=HOUR) as client:
         first = _backend_pid(client)
         with engine.store.engine.connect() as conn:
@@ -452,6 +455,11 @@ def test_a_listening_connection_that_breaks_is_replaced_at_once(engine: Migratio
         assert (1, 1) == (client.counters()["refresh_errors"], client.counters()["outages"])
         engine.advance()
         assert wait_for(lambda: client.phase is Phase.DUAL_WRITE)
+    warning, recovered = _warnings(caplog)
+    assert warning.startswith(
+        "migration-fsm client cannot read default, keeping phase preparation (stale): OperationalError: "
+    ), warning
+    assert "migration-fsm client recovered: default is preparation at 0%" == recovered
 
 
 @pg_only
