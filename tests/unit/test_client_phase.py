@@ -638,3 +638,38 @@ def test_the_postgresql_client_s_connections_name_themselves_and_prepare_nothing
         ("migration-fsm client", True, None),
         ("migration-fsm client (LISTEN probe)", True, None),
     ] == opened
+
+
+@pg_only
+def test_the_watchdog_marks_a_refresher_stuck_outside_a_statement_stale_and_warns_once(
+    engine: Migration, upgraded_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read held up where the watchdog cannot cut it (not in a statement: here it waits on
+    an event): once no read has completed for `ttl + connect_timeout`, the watchdog marks the
+    snapshot stale with one warning saying so, counts an outage but no refresh error, and the
+    read that finally completes recovers it."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    release, held = threading.Event(), threading.Event()
+    real_read = PhaseClient._read_postgres
+
+    def read(self: PhaseClient) -> tuple[Any, ...] | None:
+        if threading.current_thread() is self._thread:
+            held.set()
+            release.wait(30)
+        return real_read(self)
+
+    with PhaseClient(upgraded_url, ttl=0.2, connect_timeout=0.3, listen=False) as client:
+        monkeypatch.setattr(PhaseClient, "_read_postgres", read)
+        try:
+            assert held.wait(10)
+            assert wait_for(lambda: client.snapshot().stale)
+            counters = client.counters()
+            assert (1, 0) == (counters["outages"], counters["refresh_errors"])
+        finally:
+            release.set()
+        assert wait_for(lambda: not client.snapshot().stale)
+    assert [
+        "migration-fsm client cannot read default, keeping phase preparation (stale):"
+        " TimeoutError: no read completed for 0.5 s",
+        "migration-fsm client recovered: default is preparation at 0%",
+    ] == _warnings(caplog)[:2]
