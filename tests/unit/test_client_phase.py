@@ -673,3 +673,20 @@ def test_the_watchdog_marks_a_refresher_stuck_outside_a_statement_stale_and_warn
         " TimeoutError: no read completed for 0.5 s",
         "migration-fsm client recovered: default is preparation at 0%",
     ] == _warnings(caplog)[:2]
+
+
+def test_the_postgresql_client_gives_the_driver_the_url_s_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The password of the URL reaches libpq as written (not masked), with a plain
+    `postgresql://` scheme whatever driver the URL names (no server needed)."""
+    import psycopg
+
+    seen: list[str] = []
+
+    def connect(conninfo: str, **kwargs: Any) -> Any:
+        seen.append(conninfo)
+        raise psycopg.OperationalError("no server here")
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    with PhaseClient("postgresql+psycopg://u:s3cret@127.0.0.1:1/db", ttl=HOUR, listen=False) as client:
+        assert client.snapshot().stale
+    assert ["postgresql://u:s3cret@127.0.0.1:1/db"] == seen[:1]
