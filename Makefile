@@ -3,13 +3,14 @@
 # make bench  the benchmarks under bench/
 # make test-fast  the inner loop: lint, types and every test not marked slow (no SIGKILL matrix, no wheel)
 # make mutate  mutation testing of the journal, the machine, the runner, the client and validate
+# make mutate-pg MUTANTS=...  the same for PostgreSQL-only mutants, on the PostgreSQL half of the tests
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench lint typecheck pytest pgbouncer chromium mutate clean
+.PHONY: test test-fast demo bench lint typecheck pytest pgbouncer chromium mutate mutate-pg clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +65,18 @@ mutate: $(STAMP)
 	$(BIN)/mutmut run --max-children 2 $(MUTANTS) || true
 	$(BIN)/mutmut results
 
+# The same over the PostgreSQL half of those tests (the server of MIGRATION_FSM_TEST_POSTGRES_URL),
+# for the code only PostgreSQL runs: in a copy of the tree, .mutants-pg/, whose [tool.mutmut]
+# selection is [tool.migration-fsm.mutmut-postgresql] (tests/support/mutmut_postgresql.py).
+# MUTANTS is required: name the PostgreSQL-only mutants (docs/MUTATION.md), not every one.
+# One child at the lowest priority: every test creates a schema on the server.
+mutate-pg: $(STAMP)
+	@test -n "$(MUTANTS)" || { echo "make mutate-pg MUTANTS='<names or globs>'"; exit 2; }
+	$(BIN)/python -m pip install --quiet 'mutmut>=3.3'
+	$(BIN)/python tests/support/mutmut_postgresql.py .mutants-pg
+	cd .mutants-pg && nice -n 19 ../$(BIN)/mutmut run --max-children 1 $(MUTANTS) || true
+	cd .mutants-pg && ../$(BIN)/mutmut results
+
 # The end-to-end demo on SQLite files in a temporary folder (see `migration-fsm demo --help`).
 demo: $(STAMP)
 	$(BIN)/migration-fsm demo
@@ -73,4 +86,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) mutants .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build
+	rm -rf $(VENV) mutants .mutants-pg .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build

@@ -147,6 +147,7 @@ class PhaseClient:
         self._conn: Any = None
         self._busy_since: float | None = None  # when the read in flight on `_conn` began
         self._timed_out = False  # the watchdog shut `_conn`'s socket: its read did not answer
+        self._wake_watchdog = threading.Event()  # a statement began, or `close()`: look now
         self._query = _QUERY
         self._watchdog: threading.Thread | None = None
         if self._backend == "postgresql":
@@ -203,6 +204,7 @@ class PhaseClient:
         """Stop the refresher and close its connection (idempotent)."""
         metrics.untrack(self)
         self._stop.set()
+        self._wake_watchdog.set()
         with self._conn_lock:
             busy = self._busy_since
         if busy is not None:  # a read that hangs would hold the refresher past the join
@@ -341,6 +343,7 @@ class PhaseClient:
         """Mark a statement in flight on `_conn`, for the watchdog to bound."""
         with self._conn_lock:
             self._busy_since = time.monotonic()
+        self._wake_watchdog.set()  # it may be asleep for up to `ttl`: this read's bound starts now
         try:
             yield
         finally:
@@ -351,10 +354,13 @@ class PhaseClient:
         """The watchdog (PostgreSQL): shuts the socket of a statement that has not answered
         within `connect_timeout` (the blocked read then fails and the refresher reconnects),
         and marks the snapshot stale once no read has completed for `ttl + connect_timeout`
-        (whatever the refresher is stuck in). Wakes about once per `ttl`."""
+        (whatever the refresher is stuck in). Wakes about once per `ttl`, and whenever a
+        statement begins (else a read begun while it slept would be bounded by `ttl`, not by
+        `connect_timeout`)."""
         limit = self.connect_timeout
         overdue = self.ttl + limit
         while True:
+            self._wake_watchdog.clear()  # before reading `_busy_since`: a later `_busy` wakes us
             now = time.monotonic()
             with self._conn_lock:
                 busy = self._busy_since
@@ -372,7 +378,8 @@ class PhaseClient:
                 wake = min(wake, stale_due)
             if busy is not None:
                 wake = min(wake, busy + limit)
-            if self._stop.wait(max(0.01, wake - now)):
+            self._wake_watchdog.wait(max(0.01, wake - now))
+            if self._stop.is_set():
                 return
 
     def _abort_read(self, busy_since: float) -> None:

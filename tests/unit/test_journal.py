@@ -11,11 +11,14 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import insert, text, update
+from sqlalchemy.engine import make_url
 
 from migration_fsm import journal
 from migration_fsm.exceptions import (
@@ -36,6 +39,7 @@ from migration_fsm.journal import (
     head_revisions,
     make_engine,
     migrations_table,
+    pgpath,
     revisions,
     steps_table,
     utcnow,
@@ -613,3 +617,184 @@ def test_the_paused_side_reads_back(store: Journal) -> None:
     assert "old" == store.get(NAME).paused_side
     lease.lift()
     assert store.get(NAME).paused_side is None
+
+
+# -- the PostgreSQL advisory lock (locks.py): who holds it, and `resume --steal` ----------------
+
+pg_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+HELD = (
+    "migration 'orders' is being changed by {} right now (PostgreSQL advisory lock held): wait for"
+    " that command to finish, or if it hangs, run `migration-fsm resume --steal`"
+)
+
+
+@pytest.fixture
+def second(store: Journal, upgraded_url: str) -> Iterator[Journal]:
+    """A second operator's journal on the same database (its own engine and connections)."""
+    store.create(NAME, "alice")
+    with Journal.open(upgraded_url) as other:
+        yield other
+
+
+def _lock_holder_pids(store: Journal, name: str) -> list[int]:
+    params = lock_params(name)
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND classid = :c AND objid = :k AND objsubid = 2"
+            ),
+            params,
+        )
+        return [int(pid) for (pid,) in rows]
+
+
+@pg_only
+@pytest.mark.parametrize("fast", [True, False], ids=["psycopg-pipeline", "other-drivers"])
+def test_a_held_postgresql_operator_lock_names_its_holder_until_released(
+    store: Journal, second: Journal, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While alice's command holds migration `orders`' lock, bob's is refused with her name
+    (the lock's transaction carries it); another migration's lock is free; once her command
+    ends, the lock is gone with its transaction and bob takes it. The same through the
+    pipelined fast path (psycopg 3) and the plain one (other drivers)."""
+    if not fast:
+        monkeypatch.setattr(pgpath, "available", lambda engine: False)
+    with store.operator_lock(NAME, "alice [h:1]"):
+        with pytest.raises(LeaseHeld) as info, second.operator_lock(NAME, "bob [h:2]"):
+            pass
+        assert HELD.format("alice [h:1]") == str(info.value)
+        assert "alice [h:1]" == info.value.holder
+        with second.operator_lock("another", "bob [h:2]"):
+            pass
+        assert 1 == len(_lock_holder_pids(store, NAME))
+    assert [] == _lock_holder_pids(store, NAME)
+    with second.operator_lock(NAME, "bob [h:2]"):
+        assert 1 == len(_lock_holder_pids(store, NAME))
+    with store.engine.connect() as conn:  # the pooled connections hold no transaction
+        idle = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state LIKE 'idle in transaction%'"
+            )
+        ).scalar()
+    assert 0 == idle
+
+
+@pg_only
+def test_a_lock_held_by_a_session_with_no_name_is_another_operator_s(
+    store: Journal, second: Journal, upgraded_url: str
+) -> None:
+    """A session that took the lock without naming itself (by hand, or an older version)."""
+    import psycopg
+
+    conninfo = make_url(upgraded_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, application_name="") as raw:
+        raw.execute("SELECT pg_advisory_xact_lock(%(c)s, %(k)s)", lock_params(NAME))
+        with pytest.raises(LeaseHeld) as info, second.operator_lock(NAME, "bob [h:2]"):
+            pass
+    assert (HELD.format("another operator"), "another operator") == (str(info.value), info.value.holder)
+
+
+@pg_only
+def test_a_holder_s_long_name_is_cut_to_what_postgresql_keeps(store: Journal, second: Journal) -> None:
+    """The lock's transaction names its holder in `application_name` (63 bytes at most, with
+    the prefix `migration-fsm `): a refused operator sees the name cut there."""
+    holder = "a" * 30 + " [" + "h" * 30 + ":1]"
+    with (
+        store.operator_lock(NAME, holder),
+        pytest.raises(LeaseHeld) as info,
+        second.operator_lock(NAME, "bob [h:2]"),
+    ):
+        pass
+    assert holder[:49] == info.value.holder
+
+
+@pg_only
+def test_steal_ends_the_holder_s_session_and_takes_the_lock(store: Journal, second: Journal) -> None:
+    """`resume --steal`: the session that holds the lock (a hung operator) is terminated,
+    which ends its transaction and its lock, and the stealer holds it; the old holder's
+    command ends without an error of its own (its lock is simply gone)."""
+    with store.operator_lock(NAME, "alice [h:1]"):
+        (alice,) = _lock_holder_pids(store, NAME)
+        with second.operator_lock(NAME, "bob [h:2]", steal=True):
+            (bob,) = _lock_holder_pids(second, NAME)
+            assert alice != bob
+            with pytest.raises(LeaseHeld) as info, store.operator_lock(NAME, "carol [h:3]"):
+                pass
+            assert "bob [h:2]" == info.value.holder
+    with store.engine.connect() as conn:
+        gone = conn.execute(
+            text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": alice}
+        ).scalar()
+    assert 0 == gone
+
+
+class _SleepClock:
+    """Stands for `time` in `locks`: `sleep` moves `monotonic` on, and is recorded."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pg_only
+def test_a_steal_that_cannot_end_the_holder_s_session_gives_up_after_10_seconds(
+    store: Journal, second: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When terminating the holder does not free the lock (a session the stealer may not end),
+    the stealer tries again every 50 ms for 10 s (a test clock), then gives up naming who holds
+    it and what to ask for."""
+    from sqlalchemy import event
+
+    from migration_fsm.journal import locks
+
+    clock = _SleepClock()
+    monkeypatch.setattr(locks, "time", clock)
+    tries: list[str] = []
+
+    def no_terminate(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> Any:
+        if "pg_terminate_backend" in statement:
+            statement = "SELECT %(pid)s IS NULL"
+        if "pg_try_advisory_xact_lock" in statement:
+            tries.append(statement)
+        return statement, params
+
+    event.listen(second.engine, "before_cursor_execute", no_terminate, retval=True)
+    with store.operator_lock(NAME, "alice [h:1]"):
+        with pytest.raises(LeaseHeld) as info, second.operator_lock(NAME, "bob [h:2]", steal=True):
+            pass
+        assert 1 == len(_lock_holder_pids(store, NAME))
+    assert (
+        "migration 'orders': could not end the session of alice [h:1] that holds the PostgreSQL"
+        " advisory lock: ask a database administrator to terminate it"
+    ) == str(info.value)
+    assert "alice [h:1]" == info.value.holder
+    assert {0.05} == set(clock.sleeps)
+    assert 10.0 <= clock.now - 1000.0 < 10.05
+    assert len(clock.sleeps) + 1 == len(tries)
+
+
+@pg_only
+@pytest.mark.parametrize("fast", [True, False], ids=["psycopg-pipeline", "other-drivers"])
+def test_the_lock_s_connection_ends_its_transaction_and_serves_the_next_command(
+    store: Journal, second: Journal, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a command rolls the lock's transaction back (nothing was written in it) and
+    gives its connection back to the pool: the next command's lock is taken on the same
+    server session, not on a new connection."""
+    if not fast:
+        monkeypatch.setattr(pgpath, "available", lambda engine: False)
+    sessions = []
+    for _ in range(2):
+        with second.operator_lock(NAME, "bob [h:2]"):
+            sessions += _lock_holder_pids(store, NAME)
+    assert 2 == len(sessions)
+    assert sessions[0] == sessions[1]

@@ -208,6 +208,11 @@ def test_another_postgresql_driver_runs_the_same_statements_through_sqlalchemy(
     ledger._pg = None
     first = ledger.claim(M, "k", "old", "w1")
     assert first.claim is not None
+    assert (True, "claimed", ("old", "w1", 1)) == (
+        first.allowed,
+        first.reason,
+        (first.claim.side, first.claim.worker_id, first.claim.attempt),
+    )
     assert not ledger.claim(M, "k", "new", "n1").allowed
     assert ledger.finish(first.claim, "failed")
     retry = ledger.claim(M, "k", "old", "w2")

@@ -1040,3 +1040,65 @@ def test_a_guard_returning_neither_bool_nor_verdict_refuses_naming_itself(
     assert [f"raised TypeError: guard {HERE}:wrong_guard returned int, not bool or GuardVerdict"] == [
         g["detail"] for g in last_row(engine.store).guards
     ]
+
+
+# -- the PostgreSQL operator lock each verb holds ------------------------------------------------
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("verb", ["init", "advance", "rollback", "abort", "resume"])
+def test_each_verb_holds_its_migration_s_postgresql_lock_under_its_holder_s_name(
+    engine: Migration,
+    upgraded_url: str,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    verb: str,
+) -> None:
+    """While a verb reads or creates its migration, another operator's command on that
+    migration is refused by the advisory lock, naming this operator (`actor [host:pid]`)."""
+    target = Migration(engine.store, make_settings(), "second") if verb == "init" else engine
+    if verb == "rollback":
+        engine.advance()
+    seen: list[str | None] = []
+    with Journal.open(upgraded_url) as other:
+
+        def refused() -> None:
+            try:
+                with other.operator_lock(target.migration, "carol [h:3]"):
+                    seen.append(None)
+            except LeaseHeld as exc:
+                seen.append(exc.holder)
+
+        for name in ("get", "create"):
+            real = getattr(engine.store, name)
+
+            def spy(*args: Any, _real: Callable[..., Any] = real, **kwargs: Any) -> Any:
+                refused()
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(engine.store, name, spy)
+        calls: dict[str, Callable[[], object]] = {
+            "init": target.init,
+            "advance": target.advance,
+            "rollback": lambda: target.rollback(reason="back"),
+            "abort": lambda: target.abort(reason="stop"),  # nothing to abort: refused under the lock
+            "resume": target.resume,  # nothing to resume: refused under the lock
+        }
+        try:
+            calls[verb]()
+        except BadInput:
+            assert verb in ("abort", "resume")
+    assert target.holder in seen
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_resume_steal_ends_the_session_holding_the_postgresql_lock(engine: Migration) -> None:
+    """`resume --steal` while a hung command holds the advisory lock: that session is ended
+    and resume goes on (here to say there is nothing to resume); without `--steal` it is
+    refused, naming the holder."""
+    with engine.store.operator_lock("default", "alice [h:1]"):
+        with pytest.raises(LeaseHeld) as info:
+            engine.resume()
+        assert "alice [h:1]" == info.value.holder
+        with pytest.raises(BadInput, match="has no interrupted transition: nothing to resume"):
+            engine.resume(steal=True)
