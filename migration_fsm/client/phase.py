@@ -414,11 +414,16 @@ class PhaseClient:
         pooler in transaction pooling (PgBouncer) it never does: the LISTEN ran on whichever
         server connection served that one statement. Then say so once and poll every `ttl`."""
         channel = f"mfsm_probe_{secrets.token_hex(8)}"
-        self._conn.execute(f"LISTEN {channel}")
+        # Each statement on `_conn` is bounded by the watchdog, as a read is: on a connection
+        # made just before a partition it would otherwise wait for ever (the wait for the
+        # notification has its own bound, and `other`'s connect has `connect_timeout`).
+        with self._busy():
+            self._conn.execute(f"LISTEN {channel}")
         with self._connect("migration-fsm client (LISTEN probe)") as other:
             other.execute("SELECT pg_notify(%s, '')", (channel,))
         heard = any(True for _ in self._conn.notifies(timeout=_LISTEN_PROBE_SECONDS, stop_after=1))
-        self._conn.execute(f"UNLISTEN {channel}")
+        with self._busy():
+            self._conn.execute(f"UNLISTEN {channel}")
         if not heard:
             log.warning(
                 "migration-fsm client: LISTEN does not work through %s (a pooler in transaction"

@@ -395,6 +395,56 @@ def test_a_read_that_never_answers_is_cut_after_connect_timeout_and_the_next_one
     ] == _warnings(caplog)
 
 
+@pg_only
+def test_a_listen_probe_that_never_answers_is_cut_after_connect_timeout(
+    engine: Migration, upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partition that drops packets begins right after the client's connection is made, so
+    the LISTEN probe's first statement (not a read) is sent into it: the watchdog cuts it after
+    `connect_timeout` as it cuts a read (it waited for ever before), the client starts stale
+    with the one warning, and once packets flow the next read reconnects and listens (its first
+    good read, as any client's, is not announced as a recovery)."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    proxy = TcpProxy(*_server(upgraded_url))
+
+    class PartitionedOnce(PhaseClient):
+        partitioned = False
+
+        def _connect(self, name: str = "migration-fsm client") -> Any:
+            conn = super()._connect(name)
+            if not PartitionedOnce.partitioned:
+                PartitionedOnce.partitioned = True
+                proxy.blackhole()
+            return conn
+
+    made: list[PhaseClient] = []
+    starting = threading.Thread(
+        target=lambda: made.append(
+            PartitionedOnce(_through(proxy, upgraded_url), ttl=HOUR, connect_timeout=1)
+        ),
+        daemon=True,
+    )
+    try:
+        starting.start()
+        starting.join(20)
+        assert made, "the LISTEN probe sent into the partition was never cut"
+        with made[0] as client:  # no read has succeeded yet: an error, not an outage (none began)
+            counters = client.counters()
+            assert (True, 1, 0) == (client.snapshot().stale, counters["refresh_errors"], counters["outages"])
+            assert client._conn is None
+            proxy.restore()
+            engine.advance()
+            snap = client.refresh()
+            assert (Phase.DUAL_WRITE, False) == (snap.phase, snap.stale)
+            assert client._listen
+    finally:
+        proxy.close()
+    assert [
+        "migration-fsm client cannot read default, keeping phase preparation (stale):"
+        " TimeoutError: the database did not answer within 1 s",
+    ] == _warnings(caplog)
+
+
 def _server(url: str) -> tuple[str, int]:
     parsed = make_url(url)
     return parsed.host or "127.0.0.1", parsed.port or 5432
