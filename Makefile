@@ -28,8 +28,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # The tests run in PYTEST_WORKERS processes (pytest-xdist); PYTEST_WORKERS=0 runs them in this one.
-# Three on two cores: many tests wait on processes and servers (make test here: 13 min 11 s with
-# two, 11 min 30 s with three).
+# Three on two cores: many tests wait on processes and servers (make test here, idle, 2026-12-07:
+# 8 min 36 s with three; a fourth did not help). Run one suite at a time against a shared
+# PostgreSQL: one alone peaks at about 90 of its 100 connections.
 PYTEST_WORKERS ?= 3
 
 # tests/system/test_pgbouncer.py runs PgBouncers of its own: the distribution's package.
