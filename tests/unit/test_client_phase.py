@@ -29,8 +29,9 @@ from migration_fsm.journal import Journal, make_engine
 from migration_fsm.journal.schema import migrations_table
 from migration_fsm.migration import Migration
 from tests.support import PG_ADMIN_URL
+from tests.support.clock import FakeClock
 from tests.support.proxy import TcpProxy
-from tests.unit.test_client_rules import FakeClock, wait_for
+from tests.unit.test_client_rules import wait_for
 
 HOUR = 3600.0
 

@@ -31,6 +31,7 @@ from migration_fsm.fsm import ROUTING, Phase, Routing, routing_for
 from migration_fsm.tasks.memory import MemoryTaskStore
 from migration_fsm.tasks.records import TaskRecord, TaskStatus
 from migration_fsm.tools.reconcile import open_entries
+from tests.support.clock import FakeClock
 
 if TYPE_CHECKING:
     from migration_fsm.journal import Journal
@@ -553,16 +554,6 @@ def test_a_hit_on_new_does_not_fall_back(asynchronous: bool) -> None:
     assert newer == _read(asynchronous, reader, "k1")
     assert _read(asynchronous, reader, "k2") is None  # a miss on both: old is read, and misses too
     assert (2, 1) == (reader.counters()["reads"], reader.counters()["fallbacks"])
-
-
-class FakeClock:
-    """Stands for `time` in `migration_fsm.client.phase`: `monotonic()` is whatever we set."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 def test_outages_their_stale_time_and_one_warning_each(

@@ -32,8 +32,8 @@ from migration_fsm.journal import Journal, utcnow, workers_table
 from migration_fsm.journal.ledger import ClaimState, Ledger
 from migration_fsm.journal.workers import WorkerRecord, Workers
 from migration_fsm.migration import Migration
+from tests.support.clock import FakeClock
 from tests.unit.test_client_phase import _set_row
-from tests.unit.test_client_rules import FakeClock
 from tests.unit.test_gate import _gate, _seen, _transition, wait_until
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

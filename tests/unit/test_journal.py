@@ -47,6 +47,7 @@ from migration_fsm.journal import (
 from migration_fsm.journal.db import safe_url
 from migration_fsm.journal.locks import lease_holder_name, lock_params
 from migration_fsm.journal.records import replace
+from tests.support.clock import FakeClock
 
 #: Every public name of the old one-file `store` module (before the journal was split).
 OLD_STORE_NAMES = [
@@ -730,21 +731,6 @@ def test_steal_ends_the_holder_s_session_and_takes_the_lock(store: Journal, seco
     assert 0 == gone
 
 
-class _SleepClock:
-    """Stands for `time` in `locks`: `sleep` moves `monotonic` on, and is recorded."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
 @pg_only
 def test_a_steal_that_cannot_end_the_holder_s_session_gives_up_after_10_seconds(
     store: Journal, second: Journal, monkeypatch: pytest.MonkeyPatch
@@ -756,7 +742,7 @@ def test_a_steal_that_cannot_end_the_holder_s_session_gives_up_after_10_seconds(
 
     from migration_fsm.journal import locks
 
-    clock = _SleepClock()
+    clock = FakeClock()
     monkeypatch.setattr(locks, "time", clock)
     tries: list[str] = []
 
@@ -777,9 +763,9 @@ def test_a_steal_that_cannot_end_the_holder_s_session_gives_up_after_10_seconds(
         " advisory lock: ask a database administrator to terminate it"
     ) == str(info.value)
     assert "alice [h:1]" == info.value.holder
-    assert {0.05} == set(clock.sleeps)
+    assert {0.05} == set(clock.slept)
     assert 10.0 <= clock.now - 1000.0 < 10.05
-    assert len(clock.sleeps) + 1 == len(tries)
+    assert len(clock.slept) + 1 == len(tries)
 
 
 @pg_only

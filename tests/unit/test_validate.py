@@ -26,6 +26,7 @@ from migration_fsm.tasks.sql import SqlTaskStore
 from migration_fsm.tools import runs
 from migration_fsm.tools.validate import classify, validate, validate_migration
 from tests.support.cli import run_cli
+from tests.support.clock import FakeClock
 from tests.support.datatools import (
     MEMORY,
     create_task_table,
@@ -323,21 +324,6 @@ class ScanRecorder(MemoryTaskStore):
     def scan(self, after: str | None, limit: int) -> Sequence[TaskRecord]:
         self.limits.append(limit)
         return super().scan(after, limit)
-
-
-class FakeClock:
-    """`time` for the validate module: `sleep` moves `monotonic` on and is remembered."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture
