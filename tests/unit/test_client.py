@@ -492,6 +492,24 @@ def test_shadow_reads_count_status_lag_apart_and_quietly(
     assert ["shadow read of ahead differs on status, attempts"] == [r.getMessage() for r in caplog.records]
 
 
+def test_a_shadow_copy_behind_in_status_with_as_many_attempts_is_lag(
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new copy still pending after as many attempts as the old one, which finished it:
+    lag (an attempt count written to both sides, the run on old only), not a mismatch."""
+    move_to(engine, client, Phase.DUAL_WRITE)
+    old, new = FlakyStore("old"), FlakyStore("new")
+    done = record("retried").model_copy(update={"status": TaskStatus.COMPLETED, "attempts": 2})
+    old.put(done)
+    new.put(record("retried").model_copy(update={"attempts": 2}))
+    reader = FallbackReader(client, old, new, shadow_sample=1.0)
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    assert done == reader.get("retried")
+    counters = reader.counters()
+    shadow = [counters[name] for name in ("shadow_reads", "shadow_mismatches", "shadow_status_lag")]
+    assert ([1, 0, 1], []) == (shadow, [r.getMessage() for r in caplog.records])
+
+
 def test_client_import_is_light() -> None:
     """Importing migration_fsm.client pulls in neither click, rich nor alembic."""
     code = (

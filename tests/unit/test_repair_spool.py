@@ -7,6 +7,7 @@ for the side that lacks it (sync and async)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -46,15 +47,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
 
 
 class Client:
-    """A stand-in PhaseClient held in dual_write (old authoritative, both written)."""
+    """A stand-in PhaseClient held in one phase: dual_write by default (old authoritative,
+    both written); cutover at 100% makes new authoritative, old still written."""
 
     migration = "default"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, phase: Phase = Phase.DUAL_WRITE, percent: int = 0) -> None:
         self.url = url
+        self.phase, self.percent = phase, percent
 
     def routing(self, key: str | None = None) -> Routing:
-        return routing_for(Phase.DUAL_WRITE, 0, key)
+        return routing_for(self.phase, self.percent, key)
 
 
 class Down(MemoryTaskStore):
@@ -172,14 +175,59 @@ def test_a_full_memory_spool_says_the_task_is_stored(tmp_path: Path) -> None:
     repair.close()
 
 
-def test_a_strict_writer_says_the_task_is_stored(upgraded_url: str) -> None:
-    writer = DualWriter(
-        cast("PhaseClient", Client(upgraded_url)), MemoryTaskStore("old"), Down("new"), strict=True
-    )
-    with pytest.raises(DualWriteError, match=r"the task IS stored on the authoritative side \(old\)"):
+@pytest.mark.parametrize(
+    ("phase", "percent", "authoritative"), [(Phase.DUAL_WRITE, 0, "old"), (Phase.CUTOVER, 100, "new")]
+)
+def test_a_strict_writer_says_the_task_is_stored(
+    upgraded_url: str, phase: Phase, percent: int, authoritative: str
+) -> None:
+    """The strict writer's error names the side that missed the write and the authoritative
+    side that has the task, and says what to do, in full."""
+    missed = "new" if authoritative == "old" else "old"
+    stores = {authoritative: MemoryTaskStore(authoritative), missed: Down(missed)}
+    client = cast("PhaseClient", Client(upgraded_url, phase, percent))
+    writer = DualWriter(client, stores["old"], stores["new"], strict=True)
+    with pytest.raises(DualWriteError) as raised:
         writer.write(record("k"))
     writer.close()
-    assert [("k", "new")] == open_entries(upgraded_url)
+    assert (
+        f"write of k to {missed} failed: ConnectionError: {missed} is down; the task IS stored on the"
+        f" authoritative side ({authoritative}) and a repair entry is kept: do not re-send it, `reconcile`"
+        " copies it"
+    ) == str(raised.value)
+    assert stores[authoritative].get("k") is not None
+    assert [("k", missed)] == open_entries(upgraded_url)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_entry_recorded_while_others_wait_goes_behind_them(
+    upgraded_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the database takes entries again while earlier ones still wait in the spool, a new
+    entry is not written ahead of them: it joins the spool (waking the sender), and the spool
+    goes in order. The outage is logged once, with the database's own error; the wait for a
+    locked database is `timeout_seconds`."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    holder = make_engine(upgraded_url)
+    repair = RepairLog(upgraded_url, "default", timeout_seconds=0.2, retry_seconds=3600)
+    try:
+        engine = repair._get_engine()  # its busy timeout bounds record()'s wait
+        with engine.connect() as conn:
+            assert 200 == conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+        with holder.begin() as conn:
+            conn.exec_driver_sql("UPDATE mfsm_migrations SET name = name")  # the write lock
+            repair.record("k1", "new", "new is down")
+            assert 1 == repair.pending()
+        # The lock is gone; the sender sleeps (retried an hour from now) until an entry wakes it.
+        repair.record("k2", "new", "new is down")
+        assert wait_for(lambda: repair.pending() == 0, timeout=10)
+        assert [("k1", "new"), ("k2", "new")] == open_entries(upgraded_url)
+        outages = [r.getMessage() for r in caplog.records if "does not take entries" in r.getMessage()]
+        assert 1 == len(outages), outages
+        assert "database is locked); 1 spooled" in outages[0]
+    finally:
+        repair.close()
+        holder.dispose()
 
 
 # -- an interrupt or a cancellation at every moment ---------------------------------------------
