@@ -68,6 +68,7 @@ class RepairLog:
         self._engine: Any = None
         self._lock = threading.Lock()  # the engine
         self._spool_lock = threading.Lock()  # the spool, its file and the flusher
+        self._flush_lock = threading.Lock()  # one send at a time: two would send one entry twice
         self._spool: deque[dict[str, Any]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -158,7 +159,13 @@ class RepairLog:
             return len(self._spool)
 
     def flush(self) -> bool:
-        """Send the spooled entries now, in order; True when none is left waiting."""
+        """Send the spooled entries now, in order; True when none is left waiting. One send at a
+        time (the sender thread's, the caller's, `close`'s): each takes what the one before it
+        left."""
+        with self._flush_lock:
+            return self._send_spooled()
+
+    def _send_spooled(self) -> bool:
         with self._spool_lock:
             batch = list(self._spool)
         if not batch:
@@ -225,8 +232,13 @@ class RepairLog:
         flusher = self._flusher
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=self.timeout_seconds + 5)
-        with contextlib.suppress(*_UNREACHABLE):
-            self.flush()
+        # The last try, unless a send still under way holds it (close stays bounded).
+        if self._flush_lock.acquire(timeout=self.timeout_seconds + 5):
+            try:
+                with contextlib.suppress(*_UNREACHABLE):
+                    self._send_spooled()
+            finally:
+                self._flush_lock.release()
         left = self.pending()
         if left and self.spool_path is None:
             log.error(

@@ -7,6 +7,7 @@ for the side that lacks it (sync and async)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.engine import make_url
 
 from migration_fsm.client import AsyncDualWriter, DualWriter, PhaseClient
@@ -228,6 +229,52 @@ def test_an_entry_recorded_while_others_wait_goes_behind_them(
     finally:
         repair.close()
         holder.dispose()
+
+
+def test_two_sends_at_once_send_each_entry_once(upgraded_url: str, tmp_path: Path) -> None:
+    """A caller's `flush()` while another send is under way (the sender thread's, `close`'s)
+    waits for it, then finds nothing left to send: each spooled entry reaches the log once.
+    (Two sends at once both sent it, so the log held it twice, and the one that finished last
+    failed with an `IndexError` on the spool the other had emptied.)"""
+    spool = tmp_path / "repair.spool"
+    entry = {"key": "k1", "side": "new", "error": "new is down", "created_at": AT.isoformat()}
+    spool.write_text(json.dumps(entry) + "\n")  # spooled by an earlier process
+    repair = RepairLog(upgraded_url, "default", timeout_seconds=2, retry_seconds=3600, spool_path=spool)
+    inserting, go_on = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def hold_first_insert(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO MFSM_REPAIR_LOG"):
+            calls.append(threading.current_thread().name)
+            if len(calls) == 1:
+                inserting.set()
+                assert go_on.wait(30)
+
+    results: list[bool | BaseException] = []
+
+    def send() -> None:
+        try:
+            results.append(repair.flush())
+        except BaseException as exc:  # noqa: BLE001 -- reported by the test
+            results.append(exc)
+
+    event.listen(repair._get_engine(), "before_cursor_execute", hold_first_insert)
+    try:
+        first = threading.Thread(target=send, name="first")
+        first.start()
+        assert inserting.wait(10)
+        second = threading.Thread(target=send, name="second")
+        second.start()
+        second.join(2)  # before the fix, the second send was done by now; now it waits
+        go_on.set()
+        first.join(30)
+        second.join(30)
+        assert ([True, True], 0, ["first"]) == (results, repair.pending(), calls)
+        assert [("k1", "new")] == open_entries(upgraded_url)
+        assert not spool.exists()
+    finally:
+        go_on.set()
+        repair.close()
 
 
 # -- an interrupt or a cancellation at every moment ---------------------------------------------
