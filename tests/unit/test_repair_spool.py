@@ -277,6 +277,125 @@ def test_two_sends_at_once_send_each_entry_once(upgraded_url: str, tmp_path: Pat
         repair.close()
 
 
+# -- settings, what the log says, and what close() leaves ----------------------------------------
+
+
+def logged(caplog: pytest.LogCaptureFixture, level: int) -> list[tuple[str, str | None]]:
+    """The repair log's lines at `level`: (message, the `migration` they name)."""
+    return [
+        (r.getMessage(), getattr(r, "migration", None))
+        for r in caplog.records
+        if r.levelno == level and "repair log" in r.getMessage()
+    ]
+
+
+def test_settings_out_of_range_are_refused_and_the_defaults_are_documented(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no-such.db'}"
+    message = "timeout_seconds and retry_seconds must be positive, max_spooled >= 1"
+    for bad in ({"timeout_seconds": 0}, {"retry_seconds": 0}, {"max_spooled": 0}):
+        with pytest.raises(ValueError, match="must be positive") as caught:
+            RepairLog(url, "default", **bad)  # type: ignore[arg-type]
+        assert message == str(caught.value), bad
+    smallest = RepairLog(url, "default", timeout_seconds=0.001, retry_seconds=0.001, max_spooled=1)
+    assert (0.001, 0.001, 1) == (smallest.timeout_seconds, smallest.retry_seconds, smallest.max_spooled)
+    default = RepairLog(url, "default")
+    assert (2.0, 1.0, 100_000) == (default.timeout_seconds, default.retry_seconds, default.max_spooled)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_outage_and_each_recovery_are_said_once_naming_the_migration(
+    upgraded_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries an earlier process spooled are announced with their file; a send refused by the
+    database says why (once per outage), a send after it says the database is back and how
+    many went; a second outage is said again. `flush` answers whether none is left waiting."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    spool = tmp_path / "repair.spool"
+    entries = [
+        {"key": key, "side": "new", "error": "new is down", "created_at": AT.isoformat()}
+        for key in ("k1", "k2")
+    ]
+    spool.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    holder = make_engine(upgraded_url)
+    repair = RepairLog(upgraded_url, "default", timeout_seconds=0.2, retry_seconds=3600, spool_path=spool)
+    try:
+        assert [
+            (
+                f"migration-fsm repair log: 2 entries spooled in {spool} by an earlier process are sent now",
+                "default",
+            )
+        ] == logged(caplog, logging.WARNING)
+        caplog.clear()
+        for outage in (1, 2):
+            with holder.begin() as conn:
+                conn.exec_driver_sql("UPDATE mfsm_migrations SET name = name")  # the write lock
+                if outage == 2:
+                    repair.record("k3", "old", "old is down")
+                assert repair.flush() is False
+            assert repair.flush() is True
+            sent = 2 if outage == 1 else 1
+            said = logged(caplog, logging.WARNING)
+            assert 2 == len(said), said
+            (down, down_names), back = said
+            assert "default" == down_names
+            assert down.startswith("migration-fsm repair log: the migration database does not take entries (")
+            assert down.endswith(f"database is locked); {sent} spooled, retried every 3600 s"), down
+            assert (
+                f"migration-fsm repair log: the migration database takes entries again ({sent} sent)",
+                "default",
+            ) == back
+            caplog.clear()
+        assert repair.flush() is True  # nothing waits
+        assert [("k1", "new"), ("k2", "new"), ("k3", "old")] == open_entries(upgraded_url)
+        assert not spool.exists()
+    finally:
+        repair.close()
+        holder.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("file_spool", [False, True])
+def test_close_says_what_it_leaves_and_where(
+    upgraded_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, file_spool: bool
+) -> None:
+    """A log closed while the database still refuses its entries says how many it leaves: lost
+    with the process (an error saying what to run) or kept in the spool file (a warning naming
+    it). A log that sent everything closes without a word."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    spool = tmp_path / "repair.spool" if file_spool else None
+    holder = make_engine(upgraded_url)
+    repair = RepairLog(upgraded_url, "default", timeout_seconds=0.2, retry_seconds=3600, spool_path=spool)
+    try:
+        repair.record("quiet", "new", "new is down")
+        repair.close()  # sent: nothing to say
+        assert [] == logged(caplog, logging.ERROR)
+        assert [] == [m for m, _ in logged(caplog, logging.WARNING) if "closes" in m]
+        with holder.begin() as conn:
+            conn.exec_driver_sql("UPDATE mfsm_migrations SET name = name")  # the write lock
+            repair.record("k1", "new", "new is down")
+            repair.record("k2", "new", "new is down")
+            caplog.clear()
+            repair.close()
+    finally:
+        holder.dispose()
+    if spool is None:
+        assert [
+            (
+                "migration-fsm repair log closes with 2 entries the migration database never took: run"
+                " `migration-fsm reconcile`, and `validate` to find the tasks (set a spool_path to keep them"
+                " across a restart)",
+                "default",
+            )
+        ] == logged(caplog, logging.ERROR)
+    else:
+        assert [] == logged(caplog, logging.ERROR)
+        assert [
+            (f"migration-fsm repair log closes with 2 entries kept in {spool} for the next start", "default")
+        ] == [line for line in logged(caplog, logging.WARNING) if "closes" in line[0]]
+        assert 2 == len(spool.read_text(encoding="utf-8").splitlines())
+    assert [("quiet", "new")] == open_entries(upgraded_url)
+
+
 # -- an interrupt or a cancellation at every moment ---------------------------------------------
 
 
