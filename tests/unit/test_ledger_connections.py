@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -283,6 +284,49 @@ def test_a_ledger_dropped_without_close_closes_its_idle_connections(upgraded_url
     del ledger
     gc.collect()
     assert conn.closed
+
+
+def test_a_connection_left_in_a_transaction_is_closed_not_reused(ledger: Ledger) -> None:
+    """A block that leaves its connection inside a transaction (no error) does not give it
+    back: it is closed, and the next call connects afresh."""
+    assert ledger._pg is not None
+    with ledger._pg.cursor() as cur:
+        cur.execute("BEGIN")
+        left = cur.connection
+    assert left.closed
+    assert ledger._pg._idle == []
+    assert ledger.claim(M, "k", "new", "w").allowed
+    assert next_connection(ledger) is not left
+
+
+def test_a_forked_child_opens_its_own_connection_and_reuses_it(ledger: Ledger) -> None:
+    """The parent's idle connections are not the child's: a forked child connects once and
+    reuses that connection for its next calls; the parent's is still there, and works, after
+    the child has ended."""
+    assert ledger.claim(M, "before", "new", "w").allowed
+    parent = _backend_pid(ledger)
+    assert ledger._pg is not None
+    pg = ledger._pg
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report the backends of its two calls, then leave at once
+        try:
+            pids = []
+            for _ in range(2):
+                with pg.cursor() as cur:
+                    row = cur.execute("SELECT pg_backend_pid()").fetchone()
+                    assert row is not None
+                    pids.append(int(row[0]))
+            os.write(write, f"{pids[0]} {pids[1]} {len(pg._idle)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as report:
+        first, second, idle = (int(word) for word in report.read().split())
+    os.waitpid(child, 0)
+    assert (first == second, first != parent, idle) == (True, True, 1)
+    assert _backend_pid(ledger) == parent
+    assert ledger.claim(M, "after", "new", "w").allowed
 
 
 @pytest.fixture
