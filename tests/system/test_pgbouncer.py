@@ -12,14 +12,11 @@ server (PgBouncer passes no `options`, so a per-test schema cannot be chosen thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import pty
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +44,7 @@ from tests.support import PG_ADMIN_URL
 from tests.support.cli import CliResult, ctrl_c_interrupts, run_cli
 from tests.support.datatools import create_task_table, sql_stores, tasks, write_stores_config
 from tests.support.forkserver import ForkServer
+from tests.support.pgbouncer import start_pgbouncer
 from tests.support.steps import PROC_DIR_ENV
 from tests.system.test_processes import (
     HOLD,
@@ -69,12 +67,6 @@ pytestmark = pytest.mark.slow
 
 #: Clients that churn the pool while a test runs, each looping over short transactions.
 CHURNERS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -101,42 +93,6 @@ def conninfo(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def start_pgbouncer(folder: Path, server: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Start `pgbouncer` in the foreground with a config of its own in `folder`."""
-    target = make_url(server)
-    port = free_port()
-    (folder / "userlist.txt").write_text(f'"{target.username or "postgres"}" ""\n', encoding="utf-8")
-    lines = [
-        "[databases]",
-        f"* = host={target.host or '127.0.0.1'} port={target.port or 5432}",
-        "[pgbouncer]",
-        "listen_addr = 127.0.0.1",
-        f"listen_port = {port}",
-        "unix_socket_dir =",
-        "auth_type = trust",
-        f"auth_file = {folder / 'userlist.txt'}",
-        "pool_mode = transaction",
-        "default_pool_size = 2",
-        "max_client_conn = 500",
-        "ignore_startup_parameters = extra_float_digits",
-    ]
-    if os.geteuid() == 0:  # pgbouncer refuses to run as root; it drops to this user
-        lines.append("user = postgres")
-    config = folder / "pgbouncer.ini"
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    log = (folder / "pgbouncer.log").open("wb")
-    proc = subprocess.Popen(["pgbouncer", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    log.close()
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return proc, port
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"pgbouncer did not start: {(folder / 'pgbouncer.log').read_text()}")
-        time.sleep(0.05)
-
-
 def churn(url: str, stop: threading.Event) -> None:
     """Short transactions through the pool until `stop`, so server connections change hands."""
     while not stop.is_set():
@@ -154,8 +110,6 @@ def churn(url: str, stop: threading.Event) -> None:
 def bouncer(tmp_path: Path) -> Iterator[Bouncer]:
     """A database of its own on the shared server, a PgBouncer in front of it, and clients
     churning that PgBouncer's pool."""
-    if shutil.which("pgbouncer") is None:  # a failure, never a skip counted as a pass
-        pytest.fail("pgbouncer is not installed: `make test` installs it (apt-get install -y pgbouncer)")
     name = f"mfsm_bouncer_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
     try:

@@ -237,6 +237,20 @@ def test_a_ledger_connection_killed_by_the_server_starts_no_task_then_recovers(
     gate.close()
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize(("given", "threshold"), [({}, 5), ({"ledger_prepared_statements": False}, None)])
+def test_the_gate_s_ledger_prepares_its_statements_unless_told_not_to(
+    client: PhaseClient, given: dict[str, bool], threshold: int | None
+) -> None:
+    """By default the ledger's raw connections prepare a statement after psycopg's threshold
+    (5 runs); `ledger_prepared_statements=False` (PgBouncer in transaction pooling): never."""
+    gate = _gate(client, "old", "o1", **given)
+    try:
+        assert next_connection(gate.ledger).prepare_threshold == threshold
+    finally:
+        gate.close()
+
+
 def test_the_background_thread_applies_and_acknowledges(
     upgraded_url: str, engine: Migration, store: Journal
 ) -> None:

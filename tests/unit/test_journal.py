@@ -10,6 +10,7 @@ import importlib.resources
 import os
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -45,7 +46,7 @@ from migration_fsm.journal import (
     utcnow,
 )
 from migration_fsm.journal.db import safe_url
-from migration_fsm.journal.locks import lease_holder_name, lock_params
+from migration_fsm.journal.locks import LOCK_CLASS, lease_holder_name, lock_params
 from migration_fsm.journal.records import replace
 from tests.support.clock import FakeClock
 
@@ -648,6 +649,41 @@ def _lock_holder_pids(store: Journal, name: str) -> list[int]:
             params,
         )
         return [int(pid) for (pid,) in rows]
+
+
+@pg_only
+def test_an_upgrade_waits_while_another_holds_the_upgrade_lock(db_url: str) -> None:
+    """Two `db upgrade`s at once queue up on PostgreSQL: while another transaction holds the
+    upgrade's advisory lock (the database's, key 0 of our class), an upgrade waits for it, and
+    it runs once that transaction ends."""
+    store = Journal(db_url, engine=make_engine(db_url, create=True))
+    done = threading.Event()
+    results: list[tuple[set[str], set[str]]] = []
+
+    def upgrade() -> None:
+        try:
+            results.append(store.upgrade())
+        finally:
+            done.set()
+
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    waiting += " AND classid = :c AND objid = 0 AND objsubid = 2"
+    with store.engine.connect() as holder, store.engine.connect() as watcher:
+        holder.execute(text("SELECT pg_advisory_xact_lock(:c, 0)"), {"c": LOCK_CLASS})
+        thread = threading.Thread(target=upgrade)
+        thread.start()
+        seen = 0
+        for _ in range(4000):  # until the upgrade waits or ends (bounded: a bug fails, never hangs)
+            seen = watcher.execute(text(waiting), {"c": LOCK_CLASS}).scalar_one()
+            watcher.rollback()
+            if seen or done.wait(0.005):
+                break
+        assert seen == 1, "the upgrade did not wait for the lock"
+        assert not done.is_set()
+        holder.rollback()  # the lock goes with its transaction
+        thread.join(timeout=60)
+    assert results == [(set(), head_revisions())]
+    store.close()
 
 
 @pg_only

@@ -7,13 +7,16 @@ a stolen lease, a heartbeat that does nothing, two take-overs at once.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.engine import make_url
 
 from migration_fsm.exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
 from migration_fsm.fsm import Phase, Trigger
@@ -502,3 +505,23 @@ def test_step_writes_stamp_and_touch_their_own_migration_only(store: Journal) ->
     lease.mark_step(0, "done")
     other = store.entry(store.get("other"), 2).steps[0]
     assert ("pending", 0, None, None) == (other.status, other.attempts, other.started_at, other.finished_at)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_pause_and_a_lift_notify_the_new_state_at_commit(store: Journal, upgraded_url: str) -> None:
+    """On PostgreSQL a pause or a lift sends the migration's new state on the NOTIFY channel
+    (what PhaseClients and WorkerGates apply without a query); one that changes nothing does
+    not."""
+    state, lease = _claim(store)
+    conninfo = make_url(upgraded_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as listener:
+        listener.execute("LISTEN migration_fsm")
+        paused = lease.pause("old")
+        assert lease.pause("old") == paused  # already paused: nothing to say
+        lifted = lease.lift()
+        heard = [(n.channel, json.loads(n.payload)) for n in listener.notifies(timeout=10, stop_after=2)]
+    now = {"migration": NAME, "phase": state.phase.value, "percent": state.percent}
+    assert heard == [
+        ("migration_fsm", {**now, "version": paused, "paused": "old"}),
+        ("migration_fsm", {**now, "version": lifted, "paused": None}),
+    ]

@@ -6,9 +6,13 @@ On SQLite the ledger has no raw connections (every path is SQLAlchemy's)."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 import threading
 from typing import TYPE_CHECKING
 
+import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -16,11 +20,13 @@ from sqlalchemy.engine import make_url
 from migration_fsm.exceptions import DatabaseUnavailable
 from migration_fsm.journal.ledger import Ledger
 from migration_fsm.journal.workers import Workers
-from tests.support.pgtrace import next_connection, pg_trace
+from tests.support.pgbouncer import start_pgbouncer
+from tests.support.pgtrace import engine_trace, next_connection, pg_trace
 from tests.support.proxy import TcpProxy
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from migration_fsm.journal import Journal
 
@@ -222,3 +228,191 @@ def test_another_postgresql_driver_runs_the_same_statements_through_sqlalchemy(
     assert other is not None
     assert ledger.finish_many([(retry.claim, "succeeded"), (other, "succeeded")]) == 2
     assert [e.outcome for e in ledger.executions(M, "k")] == ["failed", "succeeded"]
+
+
+def test_another_postgresql_driver_commits_each_call_by_itself_and_a_batch_in_one_transaction(
+    ledger: Ledger, store: Journal
+) -> None:
+    """Without psycopg 3 (`_pg` None) the engine sends what the raw connections send: a claim,
+    the read of a lost one and a single finish are one statement each, committed by itself (no
+    BEGIN); a batch of finishes is one transaction, so a batch that fails half-way writes
+    nothing."""
+    Workers(store.engine, ttl_seconds=30).register(M, "old", "w1")
+    ledger._pg = None
+    with engine_trace(ledger.engine) as claim_trace:
+        first = ledger.claim(M, "k", "old", "w1").claim
+    assert first is not None
+    with engine_trace(ledger.engine) as lost_trace:
+        assert ledger.claim(M, "k", "new", "n1").reason == "running"
+    with engine_trace(ledger.engine) as finish_trace:
+        assert ledger.finish(first, "succeeded")
+    batch = [ledger.claim(M, f"b{i}", "old", "w1").claim for i in range(2)]
+    with engine_trace(ledger.engine) as batch_trace:
+        assert ledger.finish_many([(c, "succeeded") for c in batch if c is not None]) == 2
+    assert claim_trace.statements == ["WITH"]
+    assert finish_trace.statements == ["WITH"]
+    # The read is a statement of its own; the refusal is counted in a transaction after it.
+    assert lost_trace.statements[:3] == ["WITH", "SELECT", "BEGIN"]
+    assert batch_trace.statements == ["BEGIN", "WITH", "WITH", "COMMIT"]
+
+
+def test_the_raw_connections_get_the_engine_s_timeout_and_keepalives_unless_the_url_sets_them(
+    upgraded_url: str,
+) -> None:
+    """As `make_engine`'s: a 5 s connect timeout, TCP keepalives and `tcp_user_timeout`; a
+    value the URL gives is kept."""
+    given = f"{upgraded_url}&connect_timeout=3&keepalives_idle=7"
+    for url, timeout, idle in ((upgraded_url, "5", "10"), (given, "3", "7")):
+        with Ledger(url) as ledger:
+            dsn = dict(part.split("=", 1) for part in next_connection(ledger).info.dsn.split())
+        expected = {
+            "connect_timeout": timeout,
+            "keepalives": "1",
+            "keepalives_idle": idle,
+            "keepalives_interval": "5",
+            "keepalives_count": "3",
+            "tcp_user_timeout": "30000",
+        }
+        assert {name: dsn.get(name) for name in expected} == expected
+
+
+def test_a_ledger_dropped_without_close_closes_its_idle_connections(upgraded_url: str) -> None:
+    ledger = Ledger(upgraded_url)
+    assert ledger.claim(M, "k", "new", "w").allowed
+    conn = next_connection(ledger)
+    assert not conn.closed
+    del ledger
+    gc.collect()
+    assert conn.closed
+
+
+def test_a_connection_left_in_a_transaction_is_closed_not_reused(ledger: Ledger) -> None:
+    """A block that leaves its connection inside a transaction (no error) does not give it
+    back: it is closed, and the next call connects afresh."""
+    assert ledger._pg is not None
+    with ledger._pg.cursor() as cur:
+        cur.execute("BEGIN")
+        left = cur.connection
+    assert left.closed
+    assert ledger._pg._idle == []
+    assert ledger.claim(M, "k", "new", "w").allowed
+    assert next_connection(ledger) is not left
+
+
+def test_a_forked_child_opens_its_own_connection_and_reuses_it(ledger: Ledger) -> None:
+    """The parent's idle connections are not the child's: a forked child connects once and
+    reuses that connection for its next calls; the parent's is still there, and works, after
+    the child has ended."""
+    assert ledger.claim(M, "before", "new", "w").allowed
+    parent = _backend_pid(ledger)
+    assert ledger._pg is not None
+    pg = ledger._pg
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report the backends of its two calls, then leave at once
+        try:
+            pids = []
+            for _ in range(2):
+                with pg.cursor() as cur:
+                    row = cur.execute("SELECT pg_backend_pid()").fetchone()
+                    assert row is not None
+                    pids.append(int(row[0]))
+            os.write(write, f"{pids[0]} {pids[1]} {len(pg._idle)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as report:
+        first, second, idle = (int(word) for word in report.read().split())
+    os.waitpid(child, 0)
+    assert (first == second, first != parent, idle) == (True, True, 1)
+    assert _backend_pid(ledger) == parent
+    assert ledger.claim(M, "after", "new", "w").allowed
+
+
+@pytest.fixture
+def pooled(upgraded_url: str, tmp_path: Path) -> Iterator[str]:
+    """The test's schema through a private PgBouncer in transaction pooling with one server
+    connection: every client's statements run on it, so a statement one client prepares there
+    is met by the others (the search_path is PgBouncer's `connect_query`: it passes no
+    `options`). Stopped by its pid."""
+    url = make_url(upgraded_url)
+    options = url.query["options"]
+    assert isinstance(options, str)
+    schema = options.removeprefix("-csearch_path=")
+    folder = tmp_path / "pgbouncer"
+    folder.mkdir()
+    database = f"dbname={url.database} connect_query='SET search_path = {schema}'"
+    proc, port = start_pgbouncer(folder, upgraded_url, pool_size=1, databases={"mfsm": database})
+    try:
+        yield url.set(host="127.0.0.1", port=port, database="mfsm", query={}).render_as_string(
+            hide_password=False
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _other_client(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    """Another client of the pool, in autocommit, preparing nothing by itself."""
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(conninfo, autocommit=True, prepare_threshold=None)
+
+
+def _turned_off(ledger: Ledger, caplog: pytest.LogCaptureFixture) -> list[str]:
+    prefix = f"ledger database {ledger.safe_url}: "
+    suffix = (
+        "; prepared statements are off for this ledger (behind a pooler in transaction pooling,"
+        " pass prepared_statements=False)"
+    )
+    said = [r.getMessage() for r in caplog.records if r.name == "migration_fsm.ledger"]
+    assert all(m.startswith(prefix) and m.endswith(suffix) for m in said), said
+    return [m.removeprefix(prefix).removesuffix(suffix) for m in said]
+
+
+def test_a_prepared_statement_taken_on_the_pooler_s_server_connection_turns_them_off_once(
+    pooled: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a pooler in transaction pooling, psycopg's first prepared statement's name is
+    already taken on the server connection (another client prepared it there): the call is
+    made again without preparing, said once, and no later call prepares."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.ledger")
+    with _other_client(pooled) as other, Ledger(pooled) as ledger:
+        other.execute("PREPARE _pg3_0 AS SELECT 1")  # psycopg's first name on any connection
+        for i in range(12):  # psycopg prepares a statement on its 6th run on a connection
+            result = ledger.claim(M, f"k{i}", "new", "w")
+            assert result.claim is not None, result
+            assert ledger.finish(result.claim, "succeeded")
+        counts = ledger.counts(M)
+        assert (12, 0, 0) == (counts.succeeded, counts.running, counts.executed_twice)
+        assert [e.attempt for e in ledger.executions(M, "k5")] == [1]
+        # Only the other client's statement was ever prepared on the one server connection.
+        assert other.execute("SELECT name FROM pg_prepared_statements").fetchall() == [("_pg3_0",)]
+    assert _turned_off(ledger, caplog) == ['prepared statement "_pg3_0" already exists']
+
+
+def test_a_prepared_statement_lost_on_the_pooler_s_server_connection_turns_them_off_once(
+    pooled: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ledger's prepared statements vanish from the server connection (another client of
+    the pool ran DEALLOCATE ALL there): a batch of finishes fails on the first one, its
+    transaction rolls back, and it runs once more without preparing; said once."""
+    caplog.set_level(logging.WARNING, logger="migration_fsm.ledger")
+    with _other_client(pooled) as other, Ledger(pooled) as ledger:
+        for i in range(7):  # the claim and the finish statements are prepared now
+            result = ledger.claim(M, f"k{i}", "new", "w")
+            assert result.claim is not None, result
+            assert ledger.finish(result.claim, "succeeded")
+        names = other.execute("SELECT name FROM pg_prepared_statements ORDER BY name").fetchall()
+        assert names == [("_pg3_0",), ("_pg3_1",)]
+        held = [ledger.claim(M, f"b{i}", "new", "w").claim for i in range(3)]
+        other.execute("DEALLOCATE ALL")
+        assert ledger.finish_many([(c, "succeeded") for c in held if c is not None]) == 3
+        for i in range(7):
+            result = ledger.claim(M, f"c{i}", "new", "w")
+            assert result.claim is not None, result
+            assert ledger.finish(result.claim, "failed")
+        counts = ledger.counts(M)
+        assert (10, 7, 0, 0) == (counts.succeeded, counts.failed, counts.running, counts.executed_twice)
+        assert [e.outcome for e in ledger.executions(M, "b0")] == ["succeeded"]
+        assert other.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+    assert _turned_off(ledger, caplog) == ['prepared statement "_pg3_1" does not exist']

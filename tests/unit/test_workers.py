@@ -228,6 +228,27 @@ def test_records_are_ordered_by_side_then_worker(workers: Workers) -> None:
     assert [r.worker_id for r in workers.records(M, "old")] == ["a", "b"]
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_records_are_in_worker_order_when_postgresql_sorts_them_itself(
+    store: Journal, workers: Workers
+) -> None:
+    """With many workers and the table analysed (as autovacuum would), PostgreSQL reads the
+    rows without the primary key's index and sorts them: the order within a side is the
+    query's, not the index's."""
+    names = [f"w{i:03d}" for i in range(300)]
+    for name in reversed(names):
+        workers.register(M, "old", name)
+        workers.register(M, "new", name)
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE mfsm_workers")
+        conn.commit()
+    assert [(r.side, r.worker_id) for r in workers.records(M)] == [
+        *(("new", name) for name in names),
+        *(("old", name) for name in names),
+    ]
+    assert [r.worker_id for r in workers.records(M, "old")] == names
+
+
 def test_one_worker_id_in_another_side_or_migration_is_another_worker(workers: Workers) -> None:
     """`is_gone`, `may_take_over` and `deregister` name one row: (migration, side, worker)."""
     workers.register(M, "new", "w")
