@@ -471,3 +471,36 @@ def test_validate_reads_1000_rows_at_a_time_and_samples_20_keys_by_default() -> 
     old.put_many(tasks(25))
     report = validate(old, MemoryTaskStore("new"), settle=0)
     assert ({1000}, 25, 20) == (set(old.limits), report.missing, len(report.sample_missing))
+
+
+def test_waiting_differences_are_re_read_once_half_a_batch_settled_or_two_batches_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`recheck_settled`: the differences whose settle time has passed are re-read when they
+    make half a batch (rounded down, at least one); otherwise, at two batches waiting, the
+    oldest batch is (after its settle time). On a test clock: "settled" is seen more than
+    `settle` seconds ago."""
+    from migration_fsm.tools import validate as validate_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(validate_module, "time", clock)
+
+    def rechecked(batch_size: int, settled: int, young: int) -> list[int | None]:
+        validation = validate_module._Validation(MemoryTaskStore(), MemoryTaskStore(), 1, settle=10.0)
+        validation.batch_size = batch_size
+        validation.pending = [
+            (f"k{i:03}", None, TaskStatus.PENDING, clock.now - (10.5 if i < settled else 9.5))
+            for i in range(settled + young)
+        ]
+        counts: list[int | None] = []
+        monkeypatch.setattr(validation, "recheck", counts.append)
+        validation.recheck_settled()
+        return counts
+
+    assert [] == rechecked(7, 2, 11)  # under half of 7 settled, under two batches waiting
+    assert [3] == rechecked(7, 3, 10)  # half of 7, rounded down: those 3
+    assert [5] == rechecked(7, 5, 0)
+    assert [7] == rechecked(7, 0, 14)  # two batches waiting, none settled: the oldest 7
+    assert [] == rechecked(7, 0, 13)
+    assert [1] == rechecked(3, 1, 0)  # half of 3 is 1
+    assert [1] == rechecked(1, 1, 0)  # half of 1 rounds to 0: at least one
