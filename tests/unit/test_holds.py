@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from migration_fsm.config import Settings
 from migration_fsm.exceptions import BadInput, ConcurrentChange, Refused
 from migration_fsm.fsm import EntryStatus, Phase, Trigger
-from migration_fsm.journal import Journal, JournalEntry
+from migration_fsm.journal import Journal, JournalEntry, outbox
 from migration_fsm.migration import GuardRecord, Migration
 
 VERDICT = GuardRecord("error_rate", False, "3.0% > 1.0%", 12, value=3.0)
@@ -232,3 +232,23 @@ def test_hold_release_and_rollback_refusals(store: Journal, make_settings: Calla
     assert journaled == rows(store)
     [back] = engine.rollback(reason="measured now", seen_version=now.version)
     assert (Phase.CUTOVER, Phase.DUAL_WRITE, "committed") == (back.edge.source, back.edge.dest, back.status)
+
+
+def test_each_closed_row_leaves_its_event(store: Journal, make_settings: Callable[..., Settings]) -> None:
+    """A hold, the refusal it causes and its release each leave an event of their own kind
+    about their row (the outbox `notify` delivers)."""
+    engine = make(store, make_settings)
+    with store.transaction(readonly=True) as conn:
+        after = outbox.last_event_id(conn, "default")
+    held = hold(engine)
+    with pytest.raises(Refused):
+        engine.advance()
+    released = engine.release(reason="fixed")
+    with store.transaction(readonly=True) as conn:
+        found = outbox.pending_events(conn, "default", after, None, 10)
+    assert held is not None
+    assert [
+        ("held", held.seq, "held", "watcher"),
+        ("refused", held.seq + 1, "refused", "watcher"),
+        ("released", released.seq, "released", "watcher"),
+    ] == [(e["event"], e["seq"], e["status"], e["actor"]) for e in found]

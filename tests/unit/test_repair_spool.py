@@ -362,6 +362,32 @@ def test_a_cancellation_during_the_first_async_write_is_described_in_the_repair_
     assert [("k", "new", "cancelled during the write to old")] == repair.errors
 
 
+def test_a_second_cancellation_while_a_plain_store_s_write_is_waited_for_is_absorbed() -> None:
+    """The writer waits for a plain store's write (in a thread) to end even when cancelled
+    again meanwhile: the task ends cancelled, with the repair entry, once the write ended."""
+    old, new = Tripwire("old", "before"), Tripwire("new")
+    repair = ErrorRepair()
+    writer = AsyncDualWriter(cast("PhaseClient", Client("sqlite://")), old, new, repair=repair)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(writer.write(record("k")))
+        while not old.reached.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.sleep(0)  # the task takes the cancellation and waits for the write
+        task.cancel()
+        await asyncio.sleep(0)
+        assert not task.done()  # still waiting for the write, which has not landed
+        assert old.get("k") is None
+        old.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert old.get("k") is not None
+
+    asyncio.run(scenario())
+    assert [("k", "new", "cancelled during the write to old")] == repair.errors
+
+
 @pytest.mark.parametrize(("side", "moment"), MOMENTS, ids=[f"{s}-{m}" for s, m in MOMENTS])
 @pytest.mark.parametrize("kind", ["thread", "async"])
 def test_an_async_cancellation_at_any_moment_leaves_a_consistent_task(

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from migration_fsm.cli import cli
 from migration_fsm.config import Settings, load_settings
@@ -504,3 +505,50 @@ def test_waiting_differences_are_re_read_once_half_a_batch_settled_or_two_batche
     assert [] == rechecked(7, 0, 13)
     assert [1] == rechecked(3, 1, 0)  # half of 3 is 1
     assert [1] == rechecked(1, 1, 0)  # half of 1 rounds to 0: at least one
+
+
+def test_the_comparison_in_the_database_pages_and_counts_as_one_page_does(upgraded_url: str) -> None:
+    """`scan_joined` reads the join `batch_size * 20` rows at a time: with 65 tasks and a batch
+    of 1 (four pages) the report is the one of a single page, whole (counts, samples, paths);
+    a payload in another key order is equal by its checksum (decoded)."""
+    create_task_table(upgraded_url, "old_tasks")
+    create_task_table(upgraded_url, "new_tasks")
+    records = tasks(65, mixed=True)
+    ran = records[50].model_copy(update={"status": TaskStatus.RUNNING, "attempts": records[50].attempts + 1})
+    with (
+        SqlTaskStore(upgraded_url, "old_tasks", name="old") as old,
+        SqlTaskStore(upgraded_url, "new_tasks", name="new") as new,
+    ):
+        old.put_many(records)
+        new.put_many(
+            [r for r in records if r.key not in ("t0000005", "t0000030", "t0000050")]
+            + [task(999), records[7].model_copy(update={"type": "sms"}), ran]
+        )
+        new.put(records[40].model_copy(update={"metadata": {"other": 1}}))  # neither is compared
+        new.put(records[60].model_copy(update={"run_at": records[60].created_at}))  # a run_at difference
+        new.put(records[41].model_copy(update={"updated_at": records[41].updated_at + timedelta(seconds=1)}))
+        reordered = json.dumps({"tags": ["a", "b"], "n": 21, "to": "user21@example.com"})
+        engine = make_engine(upgraded_url)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE new_tasks SET payload = :p WHERE key = 't0000021'"), {"p": reordered})
+        engine.dispose()
+        paged = validate(old, new, batch_size=1, settle=0).as_json()
+        whole = validate(old, new, batch_size=1000, settle=0).as_json()
+    assert whole == paged
+    assert (65, 64, 2, 1, 2, 1) == (
+        paged["old_count"],
+        paged["new_count"],
+        paged["missing"],
+        paged["extra"],
+        paged["mismatched"],
+        paged["status_differs"],
+    )
+    assert {"in_database": 59, "raw": 0, "decoded": 1, "records": 0, "reread": 6} == paged["rows_by_path"]
+    on_new = [r for r in records if r.key not in ("t0000005", "t0000030", "t0000050")] + [task(999), ran]
+    assert {
+        "old": dict(Counter(str(r.status) for r in records)),
+        "new": dict(Counter(str(r.status) for r in on_new)),
+    } == paged["counts_by_status"]
+    assert [{"key": "t0000007", "fields": ["type"]}, {"key": "t0000060", "fields": ["run_at"]}] == paged[
+        "samples"
+    ]["mismatched"]
