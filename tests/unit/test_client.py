@@ -493,7 +493,7 @@ def test_a_store_without_put_forward_is_warned_about_and_never_counted_behind(
         "the {} store has no put_forward: a re-sent task that already ran is put back to its sent"
         " status there, and may run again"
     )
-    plain = PutOnlyStore()
+    plain: Any = PutOnlyStore()  # not a `TaskStore`: no `put_forward`
     with DualWriter(client, MemoryTaskStore("old"), plain) as writer:
         assert [(warning.format("new"), "default", "new")] == [
             (r.getMessage(), getattr(r, "migration", None), getattr(r, "side", None)) for r in caplog.records
@@ -503,7 +503,8 @@ def test_a_store_without_put_forward_is_warned_about_and_never_counted_behind(
         counters = writer.counters()
         assert (1, 1, 0) == (counters["writes"], counters["second_writes"], counters["second_writes_behind"])
     caplog.clear()
-    DualWriter(client, PutOnlyStore(), MemoryTaskStore("new")).close()
+    bare: Any = PutOnlyStore()
+    DualWriter(client, bare, MemoryTaskStore("new")).close()
     assert [warning.format("old")] == [r.getMessage() for r in caplog.records]
     new = MemoryTaskStore("new")
     new.put(record("ran", TaskStatus.COMPLETED, attempts=1))
