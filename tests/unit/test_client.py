@@ -468,6 +468,70 @@ def test_shadow_reads_count_mismatches_and_never_raise(
     assert any("payload" in r.getMessage() for r in caplog.records)
 
 
+class PutOnlyStore:
+    """A store with `put` and `get` only (no `put_forward`)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, TaskRecord] = {}
+
+    def put(self, rec: TaskRecord) -> None:
+        self.records[rec.key] = rec
+
+    def get(self, key: str) -> TaskRecord | None:
+        return self.records.get(key)
+
+
+def test_a_store_without_put_forward_is_warned_about_and_never_counted_behind(
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store without `put_forward` gets `put`: the writer says so once per such side when it
+    is made, and its writes (which cannot say whether they wrote) are never counted as
+    `second_writes_behind`; a `put_forward` store's are when it kept a later state."""
+    move_to(engine, client, Phase.DUAL_WRITE)
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    warning = (
+        "the {} store has no put_forward: a re-sent task that already ran is put back to its sent"
+        " status there, and may run again"
+    )
+    plain: Any = PutOnlyStore()  # not a `TaskStore`: no `put_forward`
+    with DualWriter(client, MemoryTaskStore("old"), plain) as writer:
+        assert [(warning.format("new"), "default", "new")] == [
+            (r.getMessage(), getattr(r, "migration", None), getattr(r, "side", None)) for r in caplog.records
+        ]
+        plain.put(record("k1", TaskStatus.COMPLETED, attempts=1))
+        writer.write(record("k1"))
+        counters = writer.counters()
+        assert (1, 1, 0) == (counters["writes"], counters["second_writes"], counters["second_writes_behind"])
+    caplog.clear()
+    bare: Any = PutOnlyStore()
+    DualWriter(client, bare, MemoryTaskStore("new")).close()
+    assert [warning.format("old")] == [r.getMessage() for r in caplog.records]
+    new = MemoryTaskStore("new")
+    new.put(record("ran", TaskStatus.COMPLETED, attempts=1))
+    with DualWriter(client, MemoryTaskStore("old"), new) as writer:
+        for key in ("a", "ran", "b"):
+            writer.write(record(key))
+        counters = writer.counters()
+        assert (3, 1) == (counters["second_writes"], counters["second_writes_behind"])
+
+
+def test_a_reader_makes_no_shadow_read_unless_asked(
+    engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`shadow_sample` is 0 by default: in dual_write a read goes to old alone, and a new copy
+    that differs is neither read nor reported."""
+    move_to(engine, client, Phase.DUAL_WRITE)
+    old, new = FlakyStore("old"), FlakyStore("new")
+    old.put(record("diff"))
+    new.put(record("diff", payload={"to": "someone-else"}))
+    reader = FallbackReader(client, old, new)
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    assert record("diff") == reader.get("diff")
+    counters = reader.counters()
+    shadow = [counters[name] for name in ("reads", "shadow_reads", "shadow_mismatches")]
+    assert ([1, 0, 0], []) == (shadow, [r.getMessage() for r in caplog.records])
+
+
 def test_shadow_reads_count_status_lag_apart_and_quietly(
     engine: Migration, client: PhaseClient, caplog: pytest.LogCaptureFixture
 ) -> None:

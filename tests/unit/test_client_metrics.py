@@ -6,6 +6,7 @@ migration and side, and drops an object once it is closed."""
 from __future__ import annotations
 
 import gc
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from migration_fsm import commands
-from migration_fsm.client import DualWriter, FallbackReader, PhaseClient, WorkerGate
+from migration_fsm.client import DualWriter, FallbackReader, PhaseClient, WorkerGate, metrics
 from migration_fsm.client.metrics import GAUGES, metric_name
 from migration_fsm.config import Settings
 from migration_fsm.tasks.memory import MemoryTaskStore
@@ -95,3 +96,34 @@ def test_every_counter_of_every_client_object_is_scraped(make_settings: Callable
     assert not any(
         name.startswith(("mfsm_client_gate", "mfsm_client_phase")) for name, _ in scrape(migration)
     )
+
+
+class _Counted:
+    """A tracked object whose `counters()` answers `values`, or raises them."""
+
+    def __init__(self, values: dict[str, int] | Exception) -> None:
+        self.values = values
+
+    def counters(self) -> dict[str, int]:
+        if isinstance(self.values, Exception):
+            raise self.values
+        return self.values
+
+
+def test_an_object_whose_counters_fail_is_left_out_with_a_warning_and_the_rest_scraped(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    migration = f"broken-{uuid.uuid4().hex[:8]}"
+    broken = _Counted(RuntimeError("store closed"))
+    good = _Counted({"writes": 3})
+    metrics.track(broken, "writer", migration, "old")  # scraped before `good`
+    metrics.track(good, "writer", migration, "new")
+    caplog.set_level(logging.WARNING, logger="migration_fsm.client")
+    try:
+        assert {(sample_name("writer", "writes"), "new"): 3.0} == scrape(migration)
+    finally:
+        metrics.untrack(broken)
+        metrics.untrack(good)
+    assert ["migration-fsm writer counters could not be read: store closed"] == [
+        r.getMessage() for r in caplog.records if "store closed" in r.getMessage()
+    ]

@@ -466,6 +466,42 @@ def test_tables_without_a_revision_are_refused(upgraded_url: str) -> None:
         assert tables == sorted(tables)
 
 
+def test_a_database_at_two_unknown_revisions_names_both(upgraded_url: str) -> None:
+    with Journal(upgraded_url) as store:
+        with store.transaction() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+            conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('9998')"))
+        with pytest.raises(SchemaNotCurrent) as info:
+            store.check_schema()
+        assert str(info.value).startswith(f"database {store.safe_url} is at revision 9998, 9999, which this")
+
+
+def test_tables_without_a_revision_are_refused_while_another_command_holds_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """The check reads the tables' names without taking SQLite's write lock: another
+    command's write transaction does not turn the refusal into "database is locked"."""
+    import sqlite3
+
+    path = tmp_path / "lost.db"
+    url = f"sqlite:///{path}"
+    with Journal(url, engine=make_engine(url, create=True)) as store:
+        store.upgrade()
+        with store.transaction() as conn:
+            conn.execute(text("DROP TABLE alembic_version"))
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        with (
+            Journal(url, engine=make_engine(url, timeout_seconds=0.05)) as other,
+            pytest.raises(SchemaNotCurrent, match="holds migration-fsm tables"),
+        ):
+            other.check_schema()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 def test_a_readonly_journal_writes_nothing(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ro.db'}"
     with Journal(url, engine=make_engine(url, create=True)) as store:

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
 from migration_fsm.exceptions import ConcurrentChange, Conflict, LeaseHeld, TransitionInterrupted
@@ -31,6 +31,7 @@ from migration_fsm.journal import (
     steps_table,
     utcnow,
 )
+from migration_fsm.journal.schema import events_table
 
 NAME = "leased"
 STEPS = [("tests.support.steps:step_a", None), ("tests.support.steps:step_b", "tests.support.steps:undo_b")]
@@ -167,6 +168,28 @@ def test_lease_writes_steps_checkpoints_and_commits(store: Journal) -> None:
     assert final == store.get(NAME)
     row = store.entry(final, 2)
     assert ("committed", final.head_hash) == (row.status, row.hash)
+
+
+def test_workers_gone_saves_the_checkpoint_and_journals_its_event(store: Journal) -> None:
+    """The step's checkpoint, and one `workers_gone` event naming the side, the workers and
+    the step (the outbox row `notify` delivers)."""
+    _, lease = _claim(store)
+    lease.start_step(0)
+    with store.transaction(readonly=True) as conn:
+        last = conn.execute(select(func.max(events_table.c.id))).scalar()
+    lease.workers_gone(0, {"side": "old", "gone": ["w1"]}, "old", ["w1", "w2"])
+    assert {"side": "old", "gone": ["w1"]} == store.entry(store.get(NAME), 2).steps[0].checkpoint
+    e = events_table.c
+    with store.transaction(readonly=True) as conn:
+        found = conn.execute(select(e.migration, e.seq, e.kind, e.event).where(e.id > last)).all()
+    [(migration, seq, kind, event)] = found
+    assert (NAME, 2, "workers_gone") == (migration, seq, kind)
+    assert ("workers_gone", "old", ["w1", "w2"], 0) == (
+        event["event"],
+        event["side"],
+        event["workers"],
+        event["step"]["position"],
+    )
 
 
 def test_release_keeps_the_transition_interrupted(store: Journal) -> None:

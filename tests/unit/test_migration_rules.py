@@ -14,7 +14,7 @@ import re
 import socket
 import types
 from collections.abc import Callable, Iterator, MutableMapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -32,7 +32,7 @@ from migration_fsm.exceptions import (
     StepFailed,
     TransitionInterrupted,
 )
-from migration_fsm.fsm import EDGES_BY_KEY, Phase, Trigger, resolve_edge
+from migration_fsm.fsm import EDGES_BY_KEY, Phase, Trigger, resolve_edge, routing_for
 from migration_fsm.journal import Journal, JournalEntry, migrations_table, utcnow
 from migration_fsm.migration import GuardRecord, Migration, Plan, edge_guards, edge_steps, pause_warnings
 from migration_fsm.plugins.context import Context, GuardVerdict
@@ -1102,3 +1102,69 @@ def test_resume_steal_ends_the_session_holding_the_postgresql_lock(engine: Migra
         assert "alice [h:1]" == info.value.holder
         with pytest.raises(BadInput, match="has no interrupted transition: nothing to resume"):
             engine.resume(steal=True)
+
+
+# -- the `before` event ----------------------------------------------------------------------
+
+
+def test_the_before_event_is_the_edge_about_to_be_taken_whole(
+    store: Journal, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`before_event` (sent to `before` command targets, docs/OBSERVABILITY.md): every field,
+    its time to the microsecond (a whole second too), the reason redacted, `forced` only when
+    a failing guard is forced, the migration as it stands (not as the edge leaves it)."""
+    engine = make(store, make_settings)
+    engine.init()
+    engine.advance()
+    state = store.get("default")
+    at = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
+    monkeypatch.setattr(migration_module, "utcnow", lambda: at)
+    edge = EDGES_BY_KEY["dual_write->cutover"]
+    guards = [
+        GuardRecord("flag", True, "set", 3),
+        GuardRecord("soak", False, "2 h < 24 h", 4, forceable=True),
+    ]
+    plan = Plan(100, guards, [(STEP_A, UNDO_A), (STEP_C, None)])
+    reason = "go postgresql://admin:hunter2@db.example/app"
+    event = migration_module.before_event(state, edge, plan, actor="carol", reason=reason, force=True)
+    assert {
+        "schema": 1,
+        "id": None,
+        "event": "before",
+        "migration": "default",
+        "seq": state.last_seq + 1,
+        "at": "2026-12-07T12:00:00.000000+00:00",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "trigger": "advance",
+        "edge": "dual_write->cutover",
+        "source": "dual_write",
+        "dest": "cutover",
+        "status": None,
+        "actor": "carol",
+        "reason": "go postgresql://admin:***@db.example/app",
+        "forced": True,
+        "error": None,
+        "percent": 100,
+        "guards": [
+            {"name": "flag", "passed": True, "detail": "set"},
+            {"name": "soak", "passed": False, "detail": "2 h < 24 h"},
+        ],
+        "steps": [
+            {"name": STEP_A, "status": "pending", "attempts": 0, "error": None},
+            {"name": STEP_C, "status": "pending", "attempts": 0, "error": None},
+        ],
+        "state": {
+            "phase": "dual_write",
+            "percent": 0,
+            "version": state.version,
+            "paused": None,
+            "routing": routing_for(Phase.DUAL_WRITE, 0).as_dict(),
+        },
+    } == event
+    passing = Plan(100, guards[:1], [])
+    assert (False, False, None) == (
+        migration_module.before_event(state, edge, passing, actor="carol", reason=None, force=True)["forced"],
+        migration_module.before_event(state, edge, plan, actor="carol", reason=None, force=False)["forced"],
+        migration_module.before_event(state, edge, plan, actor="carol", reason=None, force=False)["reason"],
+    )

@@ -476,6 +476,84 @@ def test_a_sync_interrupt_at_any_moment_leaves_a_consistent_task(
     assert consistent(old, new, repair), (old.get("k"), new.get("k"), repair.entries)
 
 
+class ErrorRepair(ListRepair):
+    """`ListRepair` that keeps each entry's error too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[tuple[str, str, str]] = []
+
+    def record(self, key: str, side: str, error: str) -> None:
+        self.errors.append((key, side, error))
+
+
+@pytest.mark.parametrize(
+    ("crash", "said"),
+    [
+        (KeyboardInterrupt(), "interrupted"),
+        (Interrupted("hard timeout\nat line 3"), "interrupted (Interrupted: hard timeout)"),
+    ],
+    ids=["KeyboardInterrupt", "crash"],
+)
+def test_an_interrupt_during_the_first_write_is_described_in_the_repair_entry(
+    crash: BaseException, said: str
+) -> None:
+    """The authoritative write may have landed: the entry names the other side, and says
+    what cut the write and where."""
+    old, new = Tripwire("old", "after", crash), Tripwire("new")
+    repair = ErrorRepair()
+    writer = DualWriter(cast("PhaseClient", Client("sqlite://")), old, new, repair=repair)
+    with pytest.raises(type(crash)):
+        writer.write(record("k"))
+    assert [("k", "new", f"{said} during the write to old")] == repair.errors
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_cancellation_during_the_first_async_write_is_described_in_the_repair_entry(kind: str) -> None:
+    make: Any = Tripwire if kind == "thread" else AsyncTripwire
+    old, new = make("old", "after"), make("new")
+    repair = ErrorRepair()
+    writer = AsyncDualWriter(cast("PhaseClient", Client("sqlite://")), old, new, repair=repair)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(writer.write(record("k")))
+        while not old.reached.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        old.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert [("k", "new", "cancelled during the write to old")] == repair.errors
+
+
+def test_a_second_cancellation_while_a_plain_store_s_write_is_waited_for_is_absorbed() -> None:
+    """The writer waits for a plain store's write (in a thread) to end even when cancelled
+    again meanwhile: the task ends cancelled, with the repair entry, once the write ended."""
+    old, new = Tripwire("old", "before"), Tripwire("new")
+    repair = ErrorRepair()
+    writer = AsyncDualWriter(cast("PhaseClient", Client("sqlite://")), old, new, repair=repair)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(writer.write(record("k")))
+        while not old.reached.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.sleep(0)  # the task takes the cancellation and waits for the write
+        task.cancel()
+        await asyncio.sleep(0)
+        assert not task.done()  # still waiting for the write, which has not landed
+        assert old.get("k") is None
+        old.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert old.get("k") is not None
+
+    asyncio.run(scenario())
+    assert [("k", "new", "cancelled during the write to old")] == repair.errors
+
+
 @pytest.mark.parametrize(("side", "moment"), MOMENTS, ids=[f"{s}-{m}" for s, m in MOMENTS])
 @pytest.mark.parametrize("kind", ["thread", "async"])
 def test_an_async_cancellation_at_any_moment_leaves_a_consistent_task(

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from migration_fsm.cli import cli
 from migration_fsm.config import Settings, load_settings
@@ -471,3 +472,83 @@ def test_validate_reads_1000_rows_at_a_time_and_samples_20_keys_by_default() -> 
     old.put_many(tasks(25))
     report = validate(old, MemoryTaskStore("new"), settle=0)
     assert ({1000}, 25, 20) == (set(old.limits), report.missing, len(report.sample_missing))
+
+
+def test_waiting_differences_are_re_read_once_half_a_batch_settled_or_two_batches_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`recheck_settled`: the differences whose settle time has passed are re-read when they
+    make half a batch (rounded down, at least one); otherwise, at two batches waiting, the
+    oldest batch is (after its settle time). On a test clock: "settled" is seen more than
+    `settle` seconds ago."""
+    from migration_fsm.tools import validate as validate_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(validate_module, "time", clock)
+
+    def rechecked(batch_size: int, settled: int, young: int) -> list[int | None]:
+        validation = validate_module._Validation(MemoryTaskStore(), MemoryTaskStore(), 1, settle=10.0)
+        validation.batch_size = batch_size
+        validation.pending = [
+            (f"k{i:03}", None, TaskStatus.PENDING, clock.now - (10.5 if i < settled else 9.5))
+            for i in range(settled + young)
+        ]
+        counts: list[int | None] = []
+        monkeypatch.setattr(validation, "recheck", counts.append)
+        validation.recheck_settled()
+        return counts
+
+    assert [] == rechecked(7, 2, 11)  # under half of 7 settled, under two batches waiting
+    assert [3] == rechecked(7, 3, 10)  # half of 7, rounded down: those 3
+    assert [5] == rechecked(7, 5, 0)
+    assert [7] == rechecked(7, 0, 14)  # two batches waiting, none settled: the oldest 7
+    assert [] == rechecked(7, 0, 13)
+    assert [1] == rechecked(3, 1, 0)  # half of 3 is 1
+    assert [1] == rechecked(1, 1, 0)  # half of 1 rounds to 0: at least one
+
+
+def test_the_comparison_in_the_database_pages_and_counts_as_one_page_does(upgraded_url: str) -> None:
+    """`scan_joined` reads the join `batch_size * 20` rows at a time: with 65 tasks and a batch
+    of 1 (four pages) the report is the one of a single page, whole (counts, samples, paths);
+    a payload in another key order is equal by its checksum (decoded)."""
+    create_task_table(upgraded_url, "old_tasks")
+    create_task_table(upgraded_url, "new_tasks")
+    records = tasks(65, mixed=True)
+    ran = records[50].model_copy(update={"status": TaskStatus.RUNNING, "attempts": records[50].attempts + 1})
+    with (
+        SqlTaskStore(upgraded_url, "old_tasks", name="old") as old,
+        SqlTaskStore(upgraded_url, "new_tasks", name="new") as new,
+    ):
+        old.put_many(records)
+        new.put_many(
+            [r for r in records if r.key not in ("t0000005", "t0000030", "t0000050")]
+            + [task(999), records[7].model_copy(update={"type": "sms"}), ran]
+        )
+        new.put(records[40].model_copy(update={"metadata": {"other": 1}}))  # neither is compared
+        new.put(records[60].model_copy(update={"run_at": records[60].created_at}))  # a run_at difference
+        new.put(records[41].model_copy(update={"updated_at": records[41].updated_at + timedelta(seconds=1)}))
+        reordered = json.dumps({"tags": ["a", "b"], "n": 21, "to": "user21@example.com"})
+        engine = make_engine(upgraded_url)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE new_tasks SET payload = :p WHERE key = 't0000021'"), {"p": reordered})
+        engine.dispose()
+        paged = validate(old, new, batch_size=1, settle=0).as_json()
+        whole = validate(old, new, batch_size=1000, settle=0).as_json()
+    assert whole == paged
+    assert (65, 64, 2, 1, 2, 1) == (
+        paged["old_count"],
+        paged["new_count"],
+        paged["missing"],
+        paged["extra"],
+        paged["mismatched"],
+        paged["status_differs"],
+    )
+    assert {"in_database": 59, "raw": 0, "decoded": 1, "records": 0, "reread": 6} == paged["rows_by_path"]
+    on_new = [r for r in records if r.key not in ("t0000005", "t0000030", "t0000050")] + [task(999), ran]
+    assert {
+        "old": dict(Counter(str(r.status) for r in records)),
+        "new": dict(Counter(str(r.status) for r in on_new)),
+    } == paged["counts_by_status"]
+    assert [{"key": "t0000007", "fields": ["type"]}, {"key": "t0000060", "fields": ["run_at"]}] == paged[
+        "samples"
+    ]["mismatched"]
