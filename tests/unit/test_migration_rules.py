@@ -9,6 +9,7 @@ known exactly (no wall-clock time is read), and a factor or a rounding off by on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -1116,7 +1117,7 @@ def test_the_before_event_is_the_edge_about_to_be_taken_whole(
     engine = make(store, make_settings)
     engine.init()
     engine.advance()
-    state = store.get("default")
+    state = dataclasses.replace(store.get("default"), paused_side="old")  # as a pause step leaves it
     at = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
     monkeypatch.setattr(migration_module, "utcnow", lambda: at)
     edge = EDGES_BY_KEY["dual_write->cutover"]
@@ -1158,7 +1159,7 @@ def test_the_before_event_is_the_edge_about_to_be_taken_whole(
             "phase": "dual_write",
             "percent": 0,
             "version": state.version,
-            "paused": None,
+            "paused": "old",
             "routing": routing_for(Phase.DUAL_WRITE, 0).as_dict(),
         },
     } == event
