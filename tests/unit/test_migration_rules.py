@@ -1207,9 +1207,11 @@ def test_an_abort_s_takeover_event_shows_its_reason_redacted(
     expire_the_lease(store)
     with store.transaction(readonly=True) as conn:
         after = outbox.last_event_id(conn, "default")
+    interrupted = store.get("default").in_progress_seq
     eng.abort(reason="db at postgresql://admin:hunter2@db.example/app gone")
     with store.transaction(readonly=True) as conn:
         [event] = outbox.pending_events(conn, "default", after, ["takeover"], 10)
+    assert interrupted == event["seq"]
     takeover = event["takeover"]
     assert ("abort", "db at postgresql://admin:***@db.example/app gone", "tester") == (
         takeover["command"],
