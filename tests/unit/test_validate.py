@@ -583,3 +583,16 @@ def test_a_difference_gone_at_its_re_read_is_not_reported(upgraded_url: str) -> 
         report.status_differs,
         report.paths["reread"],
     )
+
+
+def test_equal_raw_rows_compared_in_python_count_as_raw(upgraded_url: str) -> None:
+    create_task_table(upgraded_url, "old_tasks")
+    create_task_table(upgraded_url, "new_tasks")
+    with (
+        SqlTaskStore(upgraded_url, "old_tasks", name="old") as old,
+        SqlTaskStore(upgraded_url, "new_tasks", name="new") as new,
+    ):
+        old.put_many(tasks(4))
+        new.put_many(tasks(4))
+        paths = validate(old, new, settle=0, in_database=False).paths
+    assert (4, 0) == (paths["raw"], paths["records"])
