@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import update
+from structlog.testing import capture_logs
 
 from migration_fsm import commands
 from migration_fsm.config import Settings
@@ -174,3 +175,31 @@ def test_approvals_config_names_advance_and_rollback_edges_only(
         make_settings(approvals={"edges": ["cutover->cutover"]})
     with pytest.raises(Exception, match="'up->down' is not an advance or rollback edge"):
         make_settings(approvals={"edges": ["up->down"]})
+
+
+def test_an_edge_that_needs_no_approval_is_refused_naming_those_that_do(
+    make_settings: Callable[..., Settings], store: Journal
+) -> None:
+    two = make_settings(actor="bob", approvals={"edges": [EDGE, "cleanup->complete"]})
+    none = make_settings(actor="bob")
+    commands.init(two, "default")
+    with pytest.raises(BadInput) as refused:
+        commands.approve(two, "default", edge="cutover->cleanup", reason="x")
+    assert (
+        "--edge 'cutover->cleanup' needs no approval (edges that do: dual_write->cutover, cleanup->complete)"
+        == str(refused.value)
+    )
+    with pytest.raises(BadInput) as refused:
+        commands.approve(none, "default", edge=EDGE, reason="x")
+    assert (
+        "--edge 'dual_write->cutover' needs no approval (edges that do: none: [approvals] lists no edge)"
+        == str(refused.value)
+    )
+    commands.advance(two, "default")
+    with capture_logs() as logs:
+        entry = commands.approve(two, "default", edge=EDGE, reason="soaked")
+    assert [{"migration": "default", "seq": entry.seq, "edge": EDGE, "actor": "bob"}] == [
+        {k: v for k, v in line.items() if k not in ("event", "log_level")}
+        for line in logs
+        if line["event"] == "approval"
+    ]

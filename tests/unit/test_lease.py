@@ -192,6 +192,22 @@ def test_workers_gone_saves_the_checkpoint_and_journals_its_event(store: Journal
     )
 
 
+def test_a_pause_and_its_lift_journal_their_events(store: Journal) -> None:
+    """`pause` and `lift` each leave one event about the transition's row, naming the side
+    paused (None for the lift)."""
+    _, lease = _claim(store)
+    with store.transaction(readonly=True) as conn:
+        last = conn.execute(select(func.max(events_table.c.id))).scalar()
+    lease.pause("old")
+    lease.lift()
+    e = events_table.c
+    with store.transaction(readonly=True) as conn:
+        found = conn.execute(select(e.seq, e.kind, e.event).where(e.id > last).order_by(e.id)).all()
+    assert [(2, "pause", "old", 2), (2, "lift", None, 2)] == [
+        (seq, kind, event["side"], event["seq"]) for seq, kind, event in found
+    ]
+
+
 def test_release_keeps_the_transition_interrupted(store: Journal) -> None:
     _, lease = _claim(store)
     lease.release("step x failed: boom")

@@ -9,6 +9,7 @@ known exactly (no wall-clock time is read), and a factor or a rounding off by on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -33,7 +34,7 @@ from migration_fsm.exceptions import (
     TransitionInterrupted,
 )
 from migration_fsm.fsm import EDGES_BY_KEY, Phase, Trigger, resolve_edge, routing_for
-from migration_fsm.journal import Journal, JournalEntry, migrations_table, utcnow
+from migration_fsm.journal import Journal, JournalEntry, migrations_table, outbox, utcnow
 from migration_fsm.migration import GuardRecord, Migration, Plan, edge_guards, edge_steps, pause_warnings
 from migration_fsm.plugins.context import Context, GuardVerdict
 from tests.support import steps as engsteps
@@ -1116,7 +1117,7 @@ def test_the_before_event_is_the_edge_about_to_be_taken_whole(
     engine = make(store, make_settings)
     engine.init()
     engine.advance()
-    state = store.get("default")
+    state = dataclasses.replace(store.get("default"), paused_side="old")  # as a pause step leaves it
     at = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
     monkeypatch.setattr(migration_module, "utcnow", lambda: at)
     edge = EDGES_BY_KEY["dual_write->cutover"]
@@ -1158,7 +1159,7 @@ def test_the_before_event_is_the_edge_about_to_be_taken_whole(
             "phase": "dual_write",
             "percent": 0,
             "version": state.version,
-            "paused": None,
+            "paused": "old",
             "routing": routing_for(Phase.DUAL_WRITE, 0).as_dict(),
         },
     } == event
@@ -1167,4 +1168,53 @@ def test_the_before_event_is_the_edge_about_to_be_taken_whole(
         migration_module.before_event(state, edge, passing, actor="carol", reason=None, force=True)["forced"],
         migration_module.before_event(state, edge, plan, actor="carol", reason=None, force=False)["forced"],
         migration_module.before_event(state, edge, plan, actor="carol", reason=None, force=False)["reason"],
+    )
+
+
+def measured_guard(ctx: Context) -> GuardVerdict:
+    return GuardVerdict(True, "measured", 2.5)
+
+
+def flag_valued_guard(ctx: Context) -> GuardVerdict:
+    return GuardVerdict(True, "a flag is no measurement", True)
+
+
+def nan_guard(ctx: Context) -> GuardVerdict:
+    return GuardVerdict(True, "no number", float("nan"))
+
+
+def test_a_guard_s_finite_number_is_journaled_as_its_value_and_nothing_else(
+    store: Journal, make_settings: Callable[..., Settings]
+) -> None:
+    names = [f"{HERE}:measured_guard", f"{HERE}:flag_valued_guard", f"{HERE}:nan_guard"]
+    eng = make(store, make_settings, guards={"preparation->dual_write": names})
+    eng.init()
+    eng.advance()
+    assert [("measured", 2.5), ("a flag is no measurement", None), ("no number", None)] == [
+        (g["detail"], g.get("value", None)) for g in last_row(store).guards
+    ]
+    assert [True, False, False] == ["value" in g for g in last_row(store).guards]
+
+
+def test_an_abort_s_takeover_event_shows_its_reason_redacted(
+    store: Journal, make_settings: Callable[..., Settings]
+) -> None:
+    """The `takeover` event (the outbox `notify` delivers) carries the takeover record with
+    its free text redacted, the rest as journaled."""
+    eng = make(store, make_settings)
+    eng.init()
+    eng = interrupted_at_step_b(eng, make_settings)
+    expire_the_lease(store)
+    with store.transaction(readonly=True) as conn:
+        after = outbox.last_event_id(conn, "default")
+    interrupted = store.get("default").in_progress_seq
+    eng.abort(reason="db at postgresql://admin:hunter2@db.example/app gone")
+    with store.transaction(readonly=True) as conn:
+        [event] = outbox.pending_events(conn, "default", after, ["takeover"], 10)
+    assert interrupted == event["seq"]
+    takeover = event["takeover"]
+    assert ("abort", "db at postgresql://admin:***@db.example/app gone", "tester") == (
+        takeover["command"],
+        takeover["reason"],
+        takeover["actor"],
     )

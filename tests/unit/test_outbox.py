@@ -5,7 +5,7 @@ what `serve` counts (`watch_verdict_counts`), each scoped to its migration."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -89,12 +89,14 @@ def test_a_new_target_starts_after_the_newest_event_and_a_known_one_keeps_its_pl
 
 
 def test_a_delivery_moves_the_cursor_forward_only_and_clears_the_failures(
-    store: Journal, at: datetime
+    store: Journal, at: datetime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with store.transaction() as conn:
         outbox.register_targets(conn, "a", ["hook", "other"])
         outbox.register_targets(conn, "b", ["hook"])
         outbox.record_failure(conn, "a", "hook", "refused")
+        later = at + timedelta(seconds=7)
+        monkeypatch.setattr(outbox, "utcnow", lambda: later)
         outbox.record_delivered(conn, "a", "hook", 5)
         outbox.record_delivered(conn, "a", "hook", 3)  # never back
         states = outbox.target_states(conn, "a")
@@ -105,8 +107,8 @@ def test_a_delivery_moves_the_cursor_forward_only_and_clears_the_failures(
         "cursor": 5,
         "failures": 0,
         "last_error": None,
-        "last_attempt_at": at,
-        "last_delivered_at": at,
+        "last_attempt_at": later,
+        "last_delivered_at": later,
     } == states["hook"]
     assert [(0, 0, None)] * 2 == [(s["cursor"], s["failures"], s["last_delivered_at"]) for s in others]
 
