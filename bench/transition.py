@@ -22,9 +22,8 @@ import json
 import logging
 import os
 import shutil
-import socket
 import statistics
-import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,11 +36,14 @@ from typing import Any, Final
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support
+
 from migration_fsm import log
 from migration_fsm.config import load_settings
 from migration_fsm.journal import Journal, make_engine
 from migration_fsm.migration import Migration
 from migration_fsm.plugins import notify
+from tests.support.pgbouncer import start_pgbouncer
 
 DEFAULT_PG: Final = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 #: The goal of issue 15: an `advance` costs at most this many UPDATE+COMMITs of the same run.
@@ -168,41 +170,9 @@ def pg_database(admin_url: str) -> Iterator[str]:
 def pgbouncer(server_url: str, folder: Path) -> Iterator[str]:
     """A private `pgbouncer` in transaction pooling in front of `server_url`'s server, on a
     free port, stopped by its pid at the end: `server_url` through it."""
-    target = make_url(server_url)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    (folder / "userlist.txt").write_text(f'"{target.username or "postgres"}" ""\n', encoding="utf-8")
-    lines = [
-        "[databases]",
-        f"* = host={target.host or '127.0.0.1'} port={target.port or 5432}",
-        "[pgbouncer]",
-        "listen_addr = 127.0.0.1",
-        f"listen_port = {port}",
-        "unix_socket_dir =",
-        "auth_type = trust",
-        f"auth_file = {folder / 'userlist.txt'}",
-        "pool_mode = transaction",
-        "default_pool_size = 4",
-        "max_client_conn = 100",
-        "ignore_startup_parameters = extra_float_digits",
-    ]
-    if os.geteuid() == 0:  # pgbouncer refuses to run as root; it drops to this user
-        lines.append("user = postgres")
-    (folder / "pgbouncer.ini").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with (folder / "pgbouncer.log").open("wb") as out:
-        proc = subprocess.Popen(
-            ["pgbouncer", str(folder / "pgbouncer.ini")], stdout=out, stderr=out, stdin=subprocess.DEVNULL
-        )
+    proc, port = start_pgbouncer(folder, server_url, pool_size=4)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"pgbouncer did not start: {(folder / 'pgbouncer.log').read_text()}")
-            time.sleep(0.05)
-        yield target.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+        yield make_url(server_url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
