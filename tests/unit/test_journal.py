@@ -674,13 +674,17 @@ def second(store: Journal, upgraded_url: str) -> Iterator[Journal]:
         yield other
 
 
+# Advisory locks are per database: the other test workers' databases hold locks of the same keys.
+_THIS_DATABASE = " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+
+
 def _lock_holder_pids(store: Journal, name: str) -> list[int]:
     params = lock_params(name)
     with store.engine.connect() as conn:
         rows = conn.execute(
             text(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND classid = :c AND objid = :k AND objsubid = 2"
+                " AND classid = :c AND objid = :k AND objsubid = 2" + _THIS_DATABASE
             ),
             params,
         )
@@ -703,7 +707,7 @@ def test_an_upgrade_waits_while_another_holds_the_upgrade_lock(db_url: str) -> N
             done.set()
 
     waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-    waiting += " AND classid = :c AND objid = 0 AND objsubid = 2"
+    waiting += " AND classid = :c AND objid = 0 AND objsubid = 2" + _THIS_DATABASE
     with store.engine.connect() as holder, store.engine.connect() as watcher:
         holder.execute(text("SELECT pg_advisory_xact_lock(:c, 0)"), {"c": LOCK_CLASS})
         thread = threading.Thread(target=upgrade)
