@@ -59,7 +59,7 @@ def write_config(path: Path, url: str, **watch: Any) -> Path:
         f'url = "{url}"',
         f"query = '{QUERY}'",
         "max = 0.01",
-        "timeout_seconds = 1",
+        "timeout_seconds = 10",  # a loaded machine answers late; an inconclusive round fails tests
         "",
         "[watch]",
         *(f"{k} = {json.dumps(v)}" for k, v in values.items()),
@@ -82,9 +82,24 @@ def soaking(make_settings: Callable[..., Settings]) -> Settings:
     return settings
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_watch_left_running() -> Iterator[None]:
+    """A test that fails before it stops its watch processes does not leave them running
+    (and their pipes open) for the next test of this worker to trip over."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 def start_watch(config: Path, db: str, *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATION_FSM_")}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -104,6 +119,8 @@ def start_watch(config: Path, db: str, *extra: str) -> subprocess.Popen[str]:
         text=True,
         stdin=subprocess.DEVNULL,
     )
+    _STARTED.append(proc)
+    return proc
 
 
 def stop(proc: subprocess.Popen[str]) -> tuple[list[dict[str, Any]], str]:
