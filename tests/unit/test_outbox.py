@@ -429,3 +429,30 @@ def test_an_event_about_the_first_row_has_no_source_and_shows_the_paused_side() 
     assert {"phase": "dual_write", "percent": 0, "version": 3, "paused": "old"} == {
         k: v for k, v in event["state"].items() if k != "routing"
     }
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_emit_holds_the_migration_row_until_its_transaction_ends(store: Journal) -> None:
+    """On PostgreSQL `emit` locks its migration's row (`FOR UPDATE`) before it inserts, so a
+    second write of that migration (each changes the row first) waits for the first's commit
+    and one migration's event ids grow in commit order: a target that has received event N has
+    no event < N still to come. Here the second write gives up after 200 ms instead."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from migration_fsm.journal.schema import migrations_table
+
+    store.create("a", "alice")
+    migration_id = store.get("a").id
+    with store.transaction() as conn:
+        outbox.emit(conn, migration_id, "watch_alert", None, guard="lag")
+        with store.engine.connect() as other:
+            other.execute(text("SET lock_timeout = '200ms'"))
+            touch = update(migrations_table).where(migrations_table.c.id == migration_id)
+            with pytest.raises(OperationalError, match="lock timeout"):
+                other.execute(touch.values(version=migrations_table.c.version))
+            other.rollback()
+    with store.engine.connect() as other:  # once the first has committed, the row is free
+        other.execute(text("SET lock_timeout = '200ms'"))
+        other.execute(update(migrations_table).where(migrations_table.c.id == migration_id).values(version=1))
+        other.rollback()
