@@ -356,3 +356,20 @@ def test_only_postgresql_through_psycopg_3_takes_the_fast_path(
     seen = store.create(NAME, "alice")
     lease, _ = store.claim(seen, _intent(seen), STEPS, HOLDER, 90)
     assert Phase.DUAL_WRITE == lease.commit().phase
+
+
+def test_a_fast_claim_with_no_source_phase_writes_none(
+    store: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An intent row without a source phase (the API allows it, though every transition the
+    machine makes has one) is written with none on both paths, and reads back the same."""
+    written = []
+    for fast in (False, True):
+        with monkeypatch.context() as patched:
+            if not fast:
+                patched.setattr(pgpath, "available", lambda _engine: False)
+            seen = store.create(f"{NAME}-{fast}", "alice")
+            _, entry = store.claim(seen, replace(_intent(seen), source=None), STEPS, HOLDER, 90)
+            written.append(store.entry(store.get(seen.name), 2))
+        assert entry.source is None
+    assert [None, None] == [row.source for row in written]
