@@ -78,8 +78,9 @@ mutate: $(STAMP)
 # for the code only PostgreSQL runs: in a copy of the tree, .mutants-pg/, whose [tool.mutmut]
 # selection is [tool.migration-fsm.mutmut-postgresql] (tests/support/mutmut_postgresql.py).
 # MUTANTS is required: name the PostgreSQL-only mutants (docs/MUTATION.md), not every one.
-# One child at the lowest priority: every test creates a schema on the server.
-mutate-pg: $(STAMP)
+# One child at the lowest priority: every test creates a schema on the server. The ledger's
+# PgBouncer test is in that selection: without `pgbouncer` mutmut's stats run fails.
+mutate-pg: $(STAMP) pgbouncer
 	@test -n "$(MUTANTS)" || { echo "make mutate-pg MUTANTS='<names or globs>'"; exit 2; }
 	$(BIN)/python -m pip install --quiet 'mutmut>=3.3'
 	$(BIN)/python tests/support/mutmut_postgresql.py .mutants-pg
