@@ -47,20 +47,12 @@ chromium:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
 
-# The tests' files (their SQLite databases, logs, exports) go in a tmpfs where the machine has
-# one: a SQLite commit there costs no fsync (measured here: 0.04 ms a WAL commit next to 3 ms on
-# the disk, 0.07 ms next to 17 ms with a rollback journal). What the tests check does not change:
-# a SIGKILLed process leaves its writes in the page cache either way, and no test cuts the
-# power. TEST_TMPDIR= (empty) keeps the system's temporary directory.
-TEST_TMPDIR ?= $(shell test -d /dev/shm && test -w /dev/shm && echo /dev/shm)
-PYTEST := $(if $(TEST_TMPDIR),TMPDIR=$(TEST_TMPDIR) )$(BIN)/pytest
-
 # --dist loadgroup: tests marked with one xdist_group run on one worker, one after the other.
 pytest: $(STAMP) pgbouncer chromium
-	$(PYTEST) -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: lint typecheck
-	$(PYTEST) -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 # Mutation testing (mutmut, configured under [tool.mutmut] in pyproject.toml) of the journal, the
 # machine, the transition runner, the client and validate: every mutant must be killed by the tests
