@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -505,19 +504,7 @@ def _claim_again(store: Journal) -> tuple[MigrationState, Lease]:
     return state, lease
 
 
-@pytest.fixture
-def local_time_far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The process's local time zone set to UTC+05:30 (the test machines run in UTC)."""
-    import time
-
-    monkeypatch.setenv("TZ", "Asia/Kolkata")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
-@pytest.mark.usefixtures("local_time_far_from_utc")
+@pytest.mark.usefixtures("local_time_zone")
 def test_the_lease_expiry_is_shown_in_utc_whatever_the_local_time_zone(store: Journal) -> None:
     from migration_fsm.journal import lease_held_error
     from migration_fsm.journal.records import replace

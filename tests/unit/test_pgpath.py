@@ -60,18 +60,6 @@ def _intent(seen: MigrationState, reason: str = "go") -> JournalEntry:
 
 
 @pytest.fixture
-def local_time_far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The process's local time zone set to UTC+05:30 (the test machines run in UTC)."""
-    import time
-
-    monkeypatch.setenv("TZ", "Asia/Kolkata")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
-@pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     """The journal's clock (`utcnow` where the claim, the close, the pause and the outbox read it) set by
     the test: `clock(n)` makes it T0 + n seconds."""
@@ -174,10 +162,11 @@ def test_the_fast_claim_and_close_write_the_rows_events_and_notifications_of_the
     assert [p["version"] for p in notified] == ([2, 3] if pause else [])
 
 
-def _bump(url: str, *, holder_at: int | None = None) -> Callable[..., None]:
-    """A `commit` listener for the journal's engine: before each of the close's writes is sent,
-    another session touches the migration row (`updated_at`, the lease kept); at write
-    `holder_at` it also takes the lease over as carol."""
+@contextmanager
+def _bumping(store: Journal, url: str, *, holder_at: int | None = None) -> Iterator[None]:
+    """While open, a `commit` listener on the journal's engine: before each of the close's
+    writes is sent, another session touches the migration row (`updated_at`, the lease kept);
+    at write `holder_at` it also takes the lease over as carol."""
     calls = [0]
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
@@ -190,7 +179,11 @@ def _bump(url: str, *, holder_at: int | None = None) -> Callable[..., None]:
             if calls[0] == holder_at:
                 other.execute("UPDATE mfsm_migrations SET lease_holder = 'carol [h:3]'")
 
-    return touch
+    event.listen(store.engine, "commit", touch)
+    try:
+        yield
+    finally:
+        event.remove(store.engine, "commit", touch)
 
 
 def test_a_close_whose_compare_and_set_misses_three_times_is_a_concurrent_change(
@@ -201,13 +194,8 @@ def test_a_close_whose_compare_and_set_misses_three_times_is_a_concurrent_change
     migration and the transition, and writes nothing: the transition is still in progress."""
     seen = store.create(NAME, "alice")
     lease, _ = store.claim(seen, _intent(seen), STEPS, HOLDER, 90)
-    touch = _bump(upgraded_url)
-    event.listen(store.engine, "commit", touch)
-    try:
-        with pytest.raises(ConcurrentChange) as info:
-            lease.commit()
-    finally:
-        event.remove(store.engine, "commit", touch)
+    with _bumping(store, upgraded_url), pytest.raises(ConcurrentChange) as info:
+        lease.commit()
     assert (
         f"migration '{NAME}' changed 3 times while transition #2 was being closed: run"
         " `migration-fsm status`, then `resume`"
@@ -229,13 +217,8 @@ def test_a_close_that_keeps_missing_and_then_loses_its_lease_says_who_took_it(
     transition, another holder), the close says the lease was lost, naming the new holder."""
     seen = store.create(NAME, "alice")
     lease, _ = store.claim(seen, _intent(seen), STEPS, HOLDER, 90)
-    touch = _bump(upgraded_url, holder_at=3)
-    event.listen(store.engine, "commit", touch)
-    try:
-        with pytest.raises(LeaseHeld) as info:
-            lease.commit()
-    finally:
-        event.remove(store.engine, "commit", touch)
+    with _bumping(store, upgraded_url, holder_at=3), pytest.raises(LeaseHeld) as info:
+        lease.commit()
     assert (
         f"the lease on transition #2 of migration '{NAME}' was taken over by carol [h:3]: this command"
         " stops here"
@@ -318,7 +301,7 @@ def test_a_lost_lease_s_fast_close_says_who_holds_it(store: Journal) -> None:
         Lease(store, lease.migration_id, lease.seq, HOLDER, 90).commit()
 
 
-@pytest.mark.usefixtures("local_time_far_from_utc")
+@pytest.mark.usefixtures("local_time_zone")
 def test_what_the_fast_path_reads_is_in_utc_whatever_the_session_s_and_the_process_s_time_zone(
     store: Journal, upgraded_url: str
 ) -> None:
